@@ -1,0 +1,68 @@
+//! Micro-guests: small programs the monitor ships that run in guest user mode
+//! (CPL 3, long mode) on page tables the monitor builds. They are the
+//! workloads of tests and benchmarks.
+//!
+//! * [`layout`]: the guest-physical memory layout and the per-vCPU parameter
+//!   block (the ABI between monitor and guest code).
+//! * [`programs`]: the guest code, assembled at run time with iced-x86.
+//! * [`model`]: the same computations on the host, giving the checksum each
+//!   vCPU must return.
+
+pub mod layout;
+pub mod model;
+pub mod programs;
+
+use serde::Serialize;
+
+/// What a micro-guest does. Chosen per VM in the config.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Workload {
+    /// Fill each vCPU's private slice from `seed` (identical content in every
+    /// VM with the same seed and layout); checksum of all words written.
+    Fill { seed: u64 },
+    /// Fill, then `passes` sequential read-modify-write sweeps of the slice.
+    Sweep { seed: u64, passes: u32 },
+    /// Fill, then `touches` read-modify-writes of pseudo-random words.
+    Random { seed: u64, touches: u64 },
+    /// vCPU 0 fills a `table_pages` shared table from `seed`; every vCPU then
+    /// does `lookups` pseudo-random reads of it (read-mostly shared data).
+    TableScan { seed: u64, table_pages: u32, lookups: u64 },
+    /// Every vCPU does `increments` locked increments over `counters`
+    /// write-shared counters (one per cache line), then a barrier, then sums.
+    Counters { counters: u32, increments: u64 },
+    /// Test workload: touches an unmapped address (the guest triple-faults).
+    Crash,
+    /// Test workload: loops forever (stopped by the time limit).
+    Spin,
+    /// Test workload: writes to an I/O port the monitor does not know.
+    BadIo,
+}
+
+impl Workload {
+    /// Short name, as written in the config (`kind = "..."`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Workload::Fill { .. } => "fill",
+            Workload::Sweep { .. } => "sweep",
+            Workload::Random { .. } => "random",
+            Workload::TableScan { .. } => "table_scan",
+            Workload::Counters { .. } => "counters",
+            Workload::Crash => "crash",
+            Workload::Spin => "spin",
+            Workload::BadIo => "bad_io",
+        }
+    }
+
+    /// All workload names the config accepts.
+    pub const NAMES: &'static [&'static str] = &[
+        "fill",
+        "sweep",
+        "random",
+        "table_scan",
+        "counters",
+        "crash",
+        "spin",
+        "bad_io",
+    ];
+}

@@ -1,0 +1,17 @@
+//! disco: a NUMA-aware, Disco-style virtual machine monitor on Linux KVM.
+//!
+//! The crate is a library (so tests and benchmarks drive the real monitor) plus
+//! the `disco` binary in `main.rs`. See ARCHITECTURE.md for the map.
+
+pub mod config;
+pub mod guest;
+pub mod kvm_check;
+pub mod memory;
+pub mod monitor;
+pub mod report;
+pub mod topology;
+pub mod vm;
+
+/// Size of a guest page and of a machine page. Everything the monitor maps is
+/// managed at this granularity.
+pub const PAGE_SIZE: usize = 4096;
