@@ -1,1 +1,576 @@
-//! (being written)
+//! The TOML configuration: host topology, VMs, policy.
+//!
+//! Parsing walks the TOML tree by hand instead of deriving `Deserialize`, so
+//! that every error names the file, the full key (`vm[2].workload.seed`) and
+//! what is allowed, and so that unknown keys are errors rather than silently
+//! ignored. `disco check FILE` runs exactly this code.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::guest::{layout, Workload};
+use crate::topology::Topology;
+
+/// The embedded default scenario `disco run` uses without an argument.
+pub const DEFAULT_CONFIG: &str = include_str!("../configs/demo.toml");
+/// Policies shipped in `policies/`, embedded so they work from any directory.
+pub const SHIPPED_POLICIES: &[(&str, &str)] = &[
+    ("disco", include_str!("../policies/disco.toml")),
+    ("static", include_str!("../policies/static.toml")),
+];
+
+pub const MAX_VCPUS: u64 = 64;
+pub const MAX_MEMORY_MIB: u64 = 64 * 1024;
+pub const MAX_COUNT: u64 = 1024;
+
+/// A configuration error: which file, which key, what is wrong and allowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(f, "{}: key `{}`: {}", self.file, self.key, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+type Result<T> = std::result::Result<T, ConfigError>;
+
+/// Where the host topology comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TopologyChoice {
+    /// The real machine, read through hwloc.
+    Host,
+    /// A fixture shipped in `topology-fixtures/`, by name.
+    Fixture(String),
+    /// Any hwloc XML file.
+    File(PathBuf),
+}
+
+impl TopologyChoice {
+    pub fn load(&self) -> anyhow::Result<Topology> {
+        match self {
+            TopologyChoice::Host => Topology::host(),
+            TopologyChoice::Fixture(name) => Topology::from_fixture_name(name),
+            TopologyChoice::File(path) => Topology::from_xml_file(path),
+        }
+    }
+}
+
+/// Page sharing knobs. Parsed and reported; the sharing engine is a later
+/// piece of work (see the issue tracker), so `disco run` says it is inactive.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SharingPolicy {
+    pub enabled: bool,
+    pub pages_per_second: u64,
+}
+
+/// NUMA placement knobs, parsed and reported like [`SharingPolicy`].
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct NumaPolicy {
+    pub migrate: bool,
+    pub replicate: bool,
+    pub epoch_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Policy {
+    pub name: String,
+    /// Where it was read from: a file path, `shipped:<name>` or `inline`.
+    pub source: String,
+    pub description: String,
+    pub sharing: SharingPolicy,
+    pub numa: NumaPolicy,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct VmConfig {
+    pub name: String,
+    /// Node of each vCPU.
+    pub vcpu_nodes: Vec<usize>,
+    pub memory_mib: u64,
+    /// Node whose pool backs the VM's memory at start.
+    pub memory_node: usize,
+    pub workload: Workload,
+    pub time_limit: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Config {
+    /// File the config came from, or `<embedded default>`.
+    pub source: String,
+    pub topology: TopologyChoice,
+    #[serde(skip)]
+    pub topology_loaded: Option<Topology>,
+    pub policy: Policy,
+    pub vms: Vec<VmConfig>,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            key: String::new(),
+            message: format!("cannot read the file: {e}"),
+        })?;
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Config::parse(&text, &file, &dir)
+    }
+
+    /// The embedded default scenario.
+    pub fn embedded_default() -> Config {
+        Config::parse(DEFAULT_CONFIG, "<embedded default>", Path::new("."))
+            .expect("the embedded default config is valid")
+    }
+
+    /// Parses config text; `file` names it in errors, relative paths inside
+    /// are resolved against `dir`.
+    pub fn parse(text: &str, file: &str, dir: &Path) -> Result<Config> {
+        let root: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
+            file: file.to_string(),
+            key: String::new(),
+            message: format!("not valid TOML: {}", e.to_string().trim_end()),
+        })?;
+        let top = Fields::new(file, "", &root);
+
+        let (topology, topology_loaded) = match top.opt_table("host")? {
+            Some(host) => {
+                let choice = match host.opt_str("topology")? {
+                    None | Some("host") => TopologyChoice::Host,
+                    Some(name) if Topology::fixture_names().contains(&name) => {
+                        TopologyChoice::Fixture(name.to_string())
+                    }
+                    Some(p) if p.ends_with(".xml") => TopologyChoice::File(dir.join(p)),
+                    Some(other) => {
+                        return Err(host.error(
+                            "topology",
+                            format!(
+                                "`{other}` is not a topology; allowed: \"host\", a shipped fixture ({}), or a path to an hwloc XML file ending in .xml",
+                                Topology::fixture_names().join(", ")
+                            ),
+                        ))
+                    }
+                };
+                host.finish()?;
+                let loaded = choice
+                    .load()
+                    .map_err(|e| host.error("topology", format!("cannot load it: {e:#}")))?;
+                (choice, loaded)
+            }
+            None => {
+                let loaded = Topology::host()
+                    .map_err(|e| top.error("host", format!("cannot read the host topology: {e:#}")))?;
+                (TopologyChoice::Host, loaded)
+            }
+        };
+        let nodes = topology_loaded.node_count();
+
+        let policy = match root.get("policy") {
+            None => parse_policy_text(SHIPPED_POLICIES[0].1, "shipped:disco", "disco")?,
+            Some(toml::Value::String(s)) => {
+                top.used("policy");
+                if let Some((name, text)) = SHIPPED_POLICIES.iter().find(|(n, _)| n == s) {
+                    parse_policy_text(text, &format!("shipped:{name}"), name)?
+                } else if s.ends_with(".toml") {
+                    let path = dir.join(s);
+                    let text = std::fs::read_to_string(&path).map_err(|e| {
+                        top.error("policy", format!("cannot read policy file {}: {e}", path.display()))
+                    })?;
+                    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("policy");
+                    parse_policy_text(&text, &path.display().to_string(), stem)?
+                } else {
+                    let names: Vec<&str> = SHIPPED_POLICIES.iter().map(|(n, _)| *n).collect();
+                    return Err(top.error(
+                        "policy",
+                        format!(
+                            "`{s}` is not a policy; allowed: a shipped policy ({}), a path to a .toml file, or an inline [policy] table",
+                            names.join(", ")
+                        ),
+                    ));
+                }
+            }
+            Some(toml::Value::Table(_)) => {
+                let t = top.opt_table("policy")?.unwrap();
+                parse_policy(&t, "inline", "inline")?
+            }
+            Some(other) => {
+                return Err(top.error(
+                    "policy",
+                    format!("expected a policy name, a file path or a table, found a {}", other.type_str()),
+                ))
+            }
+        };
+
+        let vm_tables = top.req_table_array("vm")?;
+        if vm_tables.is_empty() {
+            return Err(top.error("vm", "at least one [[vm]] is required".into()));
+        }
+        let mut vms = Vec::new();
+        let mut names = BTreeSet::new();
+        for t in &vm_tables {
+            for vm in parse_vm(t, nodes)? {
+                if !names.insert(vm.name.clone()) {
+                    return Err(t.error("name", format!("VM name `{}` is used twice; names must be unique", vm.name)));
+                }
+                vms.push(vm);
+            }
+        }
+        top.finish()?;
+        Ok(Config {
+            source: file.to_string(),
+            topology,
+            topology_loaded: Some(topology_loaded),
+            policy,
+            vms,
+        })
+    }
+
+    /// The topology this config runs on (loaded while parsing).
+    pub fn topology(&self) -> anyhow::Result<Topology> {
+        match &self.topology_loaded {
+            Some(t) => Ok(t.clone()),
+            None => self.topology.load(),
+        }
+    }
+}
+
+fn parse_policy_text(text: &str, source: &str, default_name: &str) -> Result<Policy> {
+    let root: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
+        file: source.to_string(),
+        key: String::new(),
+        message: format!("not valid TOML: {}", e.to_string().trim_end()),
+    })?;
+    parse_policy(&Fields::new(source, "", &root), source, default_name)
+}
+
+fn parse_policy(t: &Fields, source: &str, default_name: &str) -> Result<Policy> {
+    let name = t.opt_str("name")?.unwrap_or(default_name).to_string();
+    let description = t.opt_str("description")?.unwrap_or("").to_string();
+    let sharing = match t.opt_table("sharing")? {
+        Some(s) => {
+            let p = SharingPolicy {
+                enabled: s.opt_bool("enabled")?.unwrap_or(true),
+                pages_per_second: s.opt_u64("pages_per_second", 1, 100_000_000)?.unwrap_or(100_000),
+            };
+            s.finish()?;
+            p
+        }
+        None => SharingPolicy {
+            enabled: false,
+            pages_per_second: 100_000,
+        },
+    };
+    let numa = match t.opt_table("numa")? {
+        Some(s) => {
+            let p = NumaPolicy {
+                migrate: s.opt_bool("migrate")?.unwrap_or(false),
+                replicate: s.opt_bool("replicate")?.unwrap_or(false),
+                epoch_ms: s.opt_u64("epoch_ms", 1, 60_000)?.unwrap_or(100),
+            };
+            s.finish()?;
+            p
+        }
+        None => NumaPolicy {
+            migrate: false,
+            replicate: false,
+            epoch_ms: 100,
+        },
+    };
+    t.finish()?;
+    Ok(Policy {
+        name,
+        source: source.to_string(),
+        description,
+        sharing,
+        numa,
+    })
+}
+
+fn parse_vm(t: &Fields, nodes: usize) -> Result<Vec<VmConfig>> {
+    let name = t.req_str("name")?.to_string();
+    if name.is_empty()
+        || name.len() > 40
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(t.error(
+            "name",
+            format!("`{name}` is not a valid VM name; allowed: 1 to 40 characters from a-z, A-Z, 0-9, '-' and '_'"),
+        ));
+    }
+    let max_node = nodes as u64 - 1;
+    let node_range = format!("0 to {max_node} (the topology has {nodes} nodes)");
+    let home = t.opt_u64_msg("node", 0, max_node, &node_range)?;
+    let vcpu_nodes: Vec<usize> = match t.opt_u64_array("vcpu_nodes", 0, max_node, &node_range)? {
+        Some(list) => {
+            if home.is_some() {
+                return Err(t.error(
+                    "vcpu_nodes",
+                    "give either `node` (all vCPUs on one node) or `vcpu_nodes` (one node per vCPU), not both".into(),
+                ));
+            }
+            t.used("vcpus");
+            if t.has("vcpus") && t.opt_u64("vcpus", 1, MAX_VCPUS)? != Some(list.len() as u64) {
+                return Err(t.error(
+                    "vcpus",
+                    format!("is {} but `vcpu_nodes` lists {} nodes; they must agree", t.opt_u64("vcpus", 1, MAX_VCPUS)?.unwrap(), list.len()),
+                ));
+            }
+            if list.is_empty() || list.len() as u64 > MAX_VCPUS {
+                return Err(t.error("vcpu_nodes", format!("must list 1 to {MAX_VCPUS} nodes, one per vCPU")));
+            }
+            list.into_iter().map(|n| n as usize).collect()
+        }
+        None => {
+            let vcpus = t.opt_u64("vcpus", 1, MAX_VCPUS)?.unwrap_or(1);
+            vec![home.unwrap_or(0) as usize; vcpus as usize]
+        }
+    };
+    let memory_node = t
+        .opt_u64_msg("memory_node", 0, max_node, &node_range)?
+        .map(|n| n as usize)
+        .unwrap_or(vcpu_nodes[0]);
+    let memory_mib = t.opt_u64("memory_mib", 2, MAX_MEMORY_MIB)?.unwrap_or(16);
+    let time_limit = match t.opt_f64("time_limit_s", 0.1, 86_400.0)? {
+        Some(s) => Duration::from_secs_f64(s),
+        None => Duration::from_secs(60),
+    };
+    let count = t.opt_u64("count", 1, MAX_COUNT)?.unwrap_or(1);
+    let workload = match t.opt_table("workload")? {
+        Some(w) => parse_workload(&w)?,
+        None => Workload::Fill { seed: 1 },
+    };
+    let need = layout::min_ram_bytes(&workload, vcpu_nodes.len());
+    if memory_mib * 1024 * 1024 < need {
+        return Err(t.error(
+            "memory_mib",
+            format!(
+                "{memory_mib} MiB is too small for workload `{}` with {} vCPUs; allowed: at least {} MiB",
+                workload.name(),
+                vcpu_nodes.len(),
+                need.div_ceil(1024 * 1024)
+            ),
+        ));
+    }
+    t.finish()?;
+    let make = |name: String| VmConfig {
+        name,
+        vcpu_nodes: vcpu_nodes.clone(),
+        memory_mib,
+        memory_node,
+        workload: workload.clone(),
+        time_limit,
+    };
+    Ok(if count == 1 {
+        vec![make(name)]
+    } else {
+        (0..count).map(|i| make(format!("{name}-{i}"))).collect()
+    })
+}
+
+fn parse_workload(w: &Fields) -> Result<Workload> {
+    let kind = w.req_str("kind")?;
+    let seed = || w.opt_u64("seed", 0, u64::MAX).map(|s| s.unwrap_or(1));
+    let workload = match kind {
+        "fill" => Workload::Fill { seed: seed()? },
+        "sweep" => Workload::Sweep {
+            seed: seed()?,
+            passes: w.opt_u64("passes", 1, 10_000)?.unwrap_or(4) as u32,
+        },
+        "random" => Workload::Random {
+            seed: seed()?,
+            touches: w.opt_u64("touches", 1, 1 << 40)?.unwrap_or(1_000_000),
+        },
+        "table_scan" => Workload::TableScan {
+            seed: seed()?,
+            table_pages: w.opt_u64("table_pages", 1, 1 << 20)?.unwrap_or(64) as u32,
+            lookups: w.opt_u64("lookups", 1, 1 << 40)?.unwrap_or(1_000_000),
+        },
+        "counters" => Workload::Counters {
+            counters: w.opt_u64("counters", 1, 4096)?.unwrap_or(16) as u32,
+            increments: w.opt_u64("increments", 1, 1 << 40)?.unwrap_or(100_000),
+        },
+        "crash" => Workload::Crash,
+        "spin" => Workload::Spin,
+        "bad_io" => Workload::BadIo,
+        other => {
+            return Err(w.error(
+                "kind",
+                format!("`{other}` is not a workload; allowed: {}", Workload::NAMES.join(", ")),
+            ))
+        }
+    };
+    w.finish()?;
+    Ok(workload)
+}
+
+/// A TOML table being read, with its key path for error messages and the set
+/// of keys read so far (the rest are reported as unknown by [`Fields::finish`]).
+struct Fields<'a> {
+    file: &'a str,
+    path: String,
+    table: &'a toml::Table,
+    seen: std::cell::RefCell<BTreeSet<String>>,
+}
+
+impl<'a> Fields<'a> {
+    fn new(file: &'a str, path: &str, table: &'a toml::Table) -> Fields<'a> {
+        Fields {
+            file,
+            path: path.to_string(),
+            table,
+            seen: Default::default(),
+        }
+    }
+
+    fn key(&self, key: &str) -> String {
+        if self.path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.path)
+        }
+    }
+
+    fn error(&self, key: &str, message: String) -> ConfigError {
+        ConfigError {
+            file: self.file.to_string(),
+            key: self.key(key),
+            message,
+        }
+    }
+
+    fn used(&self, key: &str) {
+        self.seen.borrow_mut().insert(key.to_string());
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.table.contains_key(key)
+    }
+
+    fn get(&self, key: &str) -> Option<&'a toml::Value> {
+        self.used(key);
+        self.table.get(key)
+    }
+
+    fn type_error(&self, key: &str, expected: &str, found: &toml::Value) -> ConfigError {
+        self.error(key, format!("expected {expected}, found a {}", found.type_str()))
+    }
+
+    fn opt_str(&self, key: &str) -> Result<Option<&'a str>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(toml::Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(self.type_error(key, "a string", v)),
+        }
+    }
+
+    fn req_str(&self, key: &str) -> Result<&'a str> {
+        self.opt_str(key)?
+            .ok_or_else(|| self.error(key, "is required (a string)".into()))
+    }
+
+    fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(toml::Value::Boolean(b)) => Ok(Some(*b)),
+            Some(v) => Err(self.type_error(key, "true or false", v)),
+        }
+    }
+
+    fn opt_u64(&self, key: &str, min: u64, max: u64) -> Result<Option<u64>> {
+        self.opt_u64_msg(key, min, max, &format!("{min} to {max}"))
+    }
+
+    fn check_int(&self, key: &str, v: &toml::Value, min: u64, max: u64, allowed: &str) -> Result<u64> {
+        match v {
+            toml::Value::Integer(i) if *i >= 0 && (*i as u64) >= min && (*i as u64) <= max => Ok(*i as u64),
+            toml::Value::Integer(i) => Err(self.error(key, format!("{i} is out of range; allowed: {allowed}"))),
+            v => Err(self.type_error(key, &format!("an integer ({allowed})"), v)),
+        }
+    }
+
+    fn opt_u64_msg(&self, key: &str, min: u64, max: u64, allowed: &str) -> Result<Option<u64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => self.check_int(key, v, min, max, allowed).map(Some),
+        }
+    }
+
+    fn opt_u64_array(&self, key: &str, min: u64, max: u64, allowed: &str) -> Result<Option<Vec<u64>>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(toml::Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| self.check_int(&format!("{key}[{i}]"), v, min, max, allowed))
+                .collect::<Result<Vec<_>>>()
+                .map(Some),
+            Some(v) => Err(self.type_error(key, "an array of integers", v)),
+        }
+    }
+
+    fn opt_f64(&self, key: &str, min: f64, max: f64) -> Result<Option<f64>> {
+        let value = match self.get(key) {
+            None => return Ok(None),
+            Some(toml::Value::Float(f)) => *f,
+            Some(toml::Value::Integer(i)) => *i as f64,
+            Some(v) => return Err(self.type_error(key, "a number", v)),
+        };
+        if !(min..=max).contains(&value) {
+            return Err(self.error(key, format!("{value} is out of range; allowed: {min} to {max}")));
+        }
+        Ok(Some(value))
+    }
+
+    fn opt_table(&self, key: &str) -> Result<Option<Fields<'a>>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(toml::Value::Table(t)) => Ok(Some(Fields::new(self.file, &self.key(key), t))),
+            Some(v) => Err(self.type_error(key, "a table", v)),
+        }
+    }
+
+    fn req_table_array(&self, key: &str) -> Result<Vec<Fields<'a>>> {
+        match self.get(key) {
+            None => Err(self.error(key, "is required: add at least one [[vm]] table".into())),
+            Some(toml::Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    toml::Value::Table(t) => Ok(Fields::new(self.file, &format!("{}[{i}]", self.key(key)), t)),
+                    v => Err(self.type_error(&format!("{key}[{i}]"), "a table", v)),
+                })
+                .collect(),
+            Some(v) => Err(self.type_error(key, "an array of tables ([[vm]])", v)),
+        }
+    }
+
+    /// Fails on the first key that was never read: unknown keys are errors.
+    fn finish(&self) -> Result<()> {
+        let seen = self.seen.borrow();
+        if let Some(unknown) = self.table.keys().find(|k| !seen.contains(k.as_str())) {
+            let mut allowed: Vec<&str> = seen.iter().map(String::as_str).collect();
+            allowed.sort_unstable();
+            return Err(self.error(
+                unknown,
+                format!("unknown key; allowed here: {}", allowed.join(", ")),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,1 +1,269 @@
-//! (being written)
+//! The monitor: owns the topology, machine memory and the VMs of one run.
+//!
+//! `run` builds every VM's guest space through the mapper, starts its vCPU
+//! threads, shows progress while they run, checks the memory invariants
+//! before, during and after, and gathers the report. A VM that fails is
+//! stopped and reported by its own runner; the others carry on.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::config::Config;
+use crate::memory::{Memory, VmId};
+use crate::report::{PolicySummary, RunReport, TopologySummary, VcpuReport, VmReport};
+use crate::topology::Topology;
+use crate::vm::{GuestRam, MicroVm, MicroVmSpec, VcpuOutcome, VcpuPlacement};
+use crate::PAGE_SIZE;
+
+/// How `run` behaves; the defaults suit the command line.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Draw a live progress line on stderr.
+    pub progress: bool,
+    /// How often to run `Memory::verify` while guests run.
+    pub verify_every: Duration,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            progress: true,
+            verify_every: Duration::from_millis(500),
+        }
+    }
+}
+
+/// A VM of the run: its guest space and its runner (None if creating it failed).
+struct RunningVm {
+    index: usize,
+    space: Option<VmId>,
+    vm: Option<MicroVm>,
+    error: Option<String>,
+}
+
+/// What the monitor does with the policy's sections in this build.
+fn policy_status(config: &Config) -> String {
+    let p = &config.policy;
+    let mut parts = Vec::new();
+    if p.sharing.enabled {
+        parts.push("sharing requested but not implemented yet (no pages are merged)");
+    }
+    if p.numa.migrate || p.numa.replicate {
+        parts.push("migration/replication requested but not implemented yet (pages stay where placed)");
+    }
+    if parts.is_empty() {
+        "static placement; nothing requested beyond it".to_string()
+    } else {
+        parts.join("; ")
+    }
+}
+
+/// Runs every VM of `config` to completion and reports.
+pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
+    let started = Instant::now();
+    let topology = config.topology()?;
+    let kvm = kvm_ioctls::Kvm::new().context(
+        "cannot open /dev/kvm: disco needs KVM (run as root or in group kvm on a host with KVM)",
+    )?;
+    let memory = Arc::new(Memory::for_topology(&topology)?);
+
+    let mut vms = Vec::new();
+    for index in 0..config.vms.len() {
+        vms.push(create_vm(&kvm, &memory, &topology, index, config));
+    }
+    let create_ms = started.elapsed().as_secs_f64() * 1e3;
+
+    let mut verify_runs = 0;
+    let mut verify_errors = Vec::new();
+    let mut check = |when: &str| {
+        verify_runs += 1;
+        if let Err(e) = memory.verify() {
+            verify_errors.push(format!("{when}: {e:#}"));
+        }
+    };
+    check("before start");
+
+    for rv in vms.iter_mut() {
+        if let Some(vm) = rv.vm.as_mut() {
+            if let Err(e) = vm.start() {
+                rv.error = Some(format!("cannot start: {e:#}"));
+                rv.vm = None;
+            }
+        }
+    }
+
+    let bar = if options.progress {
+        let bar = ProgressBar::new(1);
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {percent:>3}% {msg}")
+                .unwrap(),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut last_verify = Instant::now();
+    loop {
+        let running: Vec<&MicroVm> = vms.iter().filter_map(|v| v.vm.as_ref()).collect();
+        let (done, total) = running.iter().fold((0, 0), |(d, t), vm| {
+            let (a, b) = vm.progress();
+            (d + a.min(b), t + b)
+        });
+        let finished = running.iter().filter(|v| v.is_finished()).count();
+        bar.set_length(total.max(1));
+        bar.set_position(done);
+        bar.set_message(format!("{finished}/{} VMs finished", running.len()));
+        if finished == running.len() {
+            break;
+        }
+        if last_verify.elapsed() >= options.verify_every {
+            check("while running");
+            last_verify = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bar.finish_and_clear();
+
+    let mut reports = Vec::new();
+    for rv in vms.iter_mut() {
+        let vc = &config.vms[rv.index];
+        let outcome = rv.vm.take().map(MicroVm::wait);
+        let pages_per_node = rv
+            .space
+            .and_then(|s| memory.space_stats(s).ok())
+            .map(|s| s.pages_per_node)
+            .unwrap_or_default();
+        let vcpus = vc
+            .vcpu_nodes
+            .iter()
+            .enumerate()
+            .map(|(i, &node)| VcpuReport {
+                index: i,
+                node,
+                host_cpus: topology.nodes[node].host_cpus.clone(),
+                outcome: match &outcome {
+                    Some(o) => o.vcpus[i].clone(),
+                    None => VcpuOutcome::NotRun,
+                },
+            })
+            .collect::<Vec<_>>();
+        let failures: Vec<String> = vcpus
+            .iter()
+            .filter_map(|v| match &v.outcome {
+                VcpuOutcome::Failed { reason, .. } => Some(format!("vcpu{}: {reason}", v.index)),
+                _ => None,
+            })
+            .collect();
+        let all_match = vcpus.iter().all(|v| v.outcome.checksum_ok());
+        let (status, error) = if let Some(e) = rv.error.take() {
+            ("failed", Some(e))
+        } else if !failures.is_empty() {
+            ("failed", Some(failures.join("; ")))
+        } else if !all_match {
+            ("wrong-checksum", Some("a vCPU returned a checksum the host model does not predict".to_string()))
+        } else {
+            ("ok", None)
+        };
+        reports.push(VmReport {
+            name: vc.name.clone(),
+            workload: vc.workload.clone(),
+            memory_mib: vc.memory_mib,
+            pages_per_node,
+            vcpus,
+            status: status.to_string(),
+            error,
+            run_ms: outcome.as_ref().map(|o| o.run_time.as_secs_f64() * 1e3).unwrap_or(0.0),
+            log: outcome.map(|o| o.log).unwrap_or_default(),
+        });
+    }
+    check("after the guests stopped");
+    let pools = memory.pool_stats();
+    for rv in &vms {
+        if let Some(space) = rv.space {
+            memory.destroy_space(space)?;
+        }
+    }
+    check("after tearing down");
+    let leaked: u32 = memory.pool_stats().iter().map(|p| p.used_pages).sum();
+    if leaked != 0 {
+        verify_errors.push(format!("{leaked} machine pages still in use after every VM was destroyed"));
+    }
+
+    Ok(RunReport {
+        config: config.source.clone(),
+        topology: TopologySummary {
+            name: topology.name.clone(),
+            nodes: topology.node_count(),
+            emulated: topology.is_emulated(),
+            host_nodes: topology.host_nodes,
+        },
+        policy: PolicySummary {
+            policy: config.policy.clone(),
+            status: policy_status(config),
+        },
+        vms: reports,
+        pools,
+        verify_runs,
+        verify_ok: verify_errors.is_empty(),
+        verify_errors,
+        create_ms,
+        total_ms: started.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
+/// Builds one VM: its guest space in the memory node's pool, then its KVM VM.
+fn create_vm(
+    kvm: &kvm_ioctls::Kvm,
+    memory: &Memory,
+    topology: &Topology,
+    index: usize,
+    config: &Config,
+) -> RunningVm {
+    let vc = &config.vms[index];
+    let frames = vc.memory_mib * 1024 * 1024 / PAGE_SIZE as u64;
+    let (space, base) = match memory.create_space(&vc.name, frames, vc.memory_node) {
+        Ok(s) => s,
+        Err(e) => {
+            return RunningVm {
+                index,
+                space: None,
+                vm: None,
+                error: Some(format!("cannot build guest memory: {e:#}")),
+            }
+        }
+    };
+    let spec = MicroVmSpec {
+        name: vc.name.clone(),
+        vcpus: vc
+            .vcpu_nodes
+            .iter()
+            .map(|&node| VcpuPlacement {
+                node,
+                host_cpus: topology.nodes[node].host_cpus.clone(),
+            })
+            .collect(),
+        workload: vc.workload.clone(),
+        time_limit: vc.time_limit,
+    };
+    let ram = GuestRam {
+        host_addr: base,
+        size: frames as usize * PAGE_SIZE,
+    };
+    match MicroVm::create(kvm, spec, ram) {
+        Ok(vm) => RunningVm {
+            index,
+            space: Some(space),
+            vm: Some(vm),
+            error: None,
+        },
+        Err(e) => RunningVm {
+            index,
+            space: Some(space),
+            vm: None,
+            error: Some(format!("cannot create the VM: {e:#}")),
+        },
+    }
+}

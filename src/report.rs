@@ -1,1 +1,165 @@
-//! (being written)
+//! The run report: what `disco run` prints at the end, as text or JSON.
+
+use serde::Serialize;
+
+use crate::config::Policy;
+use crate::guest::Workload;
+use crate::memory::PoolStats;
+use crate::vm::VcpuOutcome;
+use crate::PAGE_SIZE;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RunReport {
+    pub config: String,
+    pub topology: TopologySummary,
+    pub policy: PolicySummary,
+    pub vms: Vec<VmReport>,
+    pub pools: Vec<PoolStats>,
+    /// How many times `Memory::verify` ran during the run, and whether all passed.
+    pub verify_runs: u32,
+    pub verify_ok: bool,
+    pub verify_errors: Vec<String>,
+    /// Wall time to create all VMs (memory + KVM + guest image), in ms.
+    pub create_ms: f64,
+    pub total_ms: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TopologySummary {
+    pub name: String,
+    pub nodes: usize,
+    pub emulated: bool,
+    pub host_nodes: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PolicySummary {
+    #[serde(flatten)]
+    pub policy: Policy,
+    /// What the monitor does with the policy in this build.
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct VcpuReport {
+    pub index: usize,
+    pub node: usize,
+    pub host_cpus: Vec<usize>,
+    pub outcome: VcpuOutcome,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct VmReport {
+    pub name: String,
+    pub workload: Workload,
+    pub memory_mib: u64,
+    /// Guest pages backed by each node's pool at the end of the run.
+    pub pages_per_node: Vec<u64>,
+    pub vcpus: Vec<VcpuReport>,
+    /// "ok": every vCPU returned the checksum the host computed;
+    /// "wrong-checksum"; "failed": stopped by the monitor (see `error`).
+    pub status: String,
+    pub error: Option<String>,
+    pub run_ms: f64,
+    pub log: Vec<String>,
+}
+
+impl VmReport {
+    pub fn ok(&self) -> bool {
+        self.status == "ok"
+    }
+}
+
+impl RunReport {
+    /// True when every VM finished with a verified checksum and every
+    /// invariant check passed.
+    pub fn all_ok(&self) -> bool {
+        self.verify_ok && self.vms.iter().all(VmReport::ok)
+    }
+
+    pub fn render_text(&self) -> String {
+        let mut out = String::new();
+        let t = &self.topology;
+        out += &format!(
+            "disco run: {} | topology {} ({} nodes{}) | policy {} ({})\n",
+            self.config,
+            t.name,
+            t.nodes,
+            if t.emulated {
+                format!(", emulated on {} host node(s)", t.host_nodes)
+            } else {
+                String::new()
+            },
+            self.policy.policy.name,
+            self.policy.policy.source
+        );
+        out += &format!("policy status: {}\n\n", self.policy.status);
+        out += &format!(
+            "{:<14} {:<11} {:>5} {:<12} {:>7} {:<18} {:>9} {}\n",
+            "VM", "workload", "vCPUs", "vCPU nodes", "MiB", "pages per node", "run ms", "result"
+        );
+        for vm in &self.vms {
+            let nodes: Vec<String> = vm.vcpus.iter().map(|v| v.node.to_string()).collect();
+            let per_node: Vec<String> = vm
+                .pages_per_node
+                .iter()
+                .enumerate()
+                .filter(|(_, &p)| p > 0)
+                .map(|(n, p)| format!("n{n}:{p}"))
+                .collect();
+            let result = match vm.status.as_str() {
+                "ok" => "ok, checksums verified".to_string(),
+                s => format!("{s}: {}", vm.error.as_deref().unwrap_or("")),
+            };
+            out += &format!(
+                "{:<14} {:<11} {:>5} {:<12} {:>7} {:<18} {:>9.1} {}\n",
+                vm.name,
+                vm.workload.name(),
+                vm.vcpus.len(),
+                nodes.join(","),
+                vm.memory_mib,
+                per_node.join(" "),
+                vm.run_ms,
+                result
+            );
+            for v in &vm.vcpus {
+                if let VcpuOutcome::Failed { reason, regs } = &v.outcome {
+                    out += &format!("    vcpu{} (node {}): {reason}\n      {regs}\n", v.index, v.node);
+                }
+            }
+            for line in &vm.log {
+                out += &format!("    log: {line}\n");
+            }
+        }
+        out += &format!(
+            "\n{:<6} {:>9} {:>12} {:>12} {:>12} {:>14}\n",
+            "pool", "host node", "capacity MiB", "used pages", "used MiB", "resident MiB"
+        );
+        let mib = |pages: u64| pages as f64 * PAGE_SIZE as f64 / (1024.0 * 1024.0);
+        for p in &self.pools {
+            out += &format!(
+                "node {:<1} {:>9} {:>12.0} {:>12} {:>12.1} {:>14.1}\n",
+                p.node,
+                p.host_node,
+                mib(p.capacity_pages as u64),
+                p.used_pages,
+                mib(p.used_pages as u64),
+                p.resident_bytes as f64 / (1024.0 * 1024.0)
+            );
+        }
+        let ok = self.vms.iter().filter(|v| v.ok()).count();
+        out += &format!(
+            "\n{} of {} VMs ok; memory invariants checked {} times: {}; VMs created in {:.1} ms; total {:.1} ms\n",
+            ok,
+            self.vms.len(),
+            self.verify_runs,
+            if self.verify_ok { "all held" } else { "VIOLATED" },
+            self.create_ms,
+            self.total_ms
+        );
+        for e in &self.verify_errors {
+            out += &format!("  invariant violation: {e}\n");
+        }
+        out
+    }
+}

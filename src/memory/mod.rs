@@ -1,1 +1,54 @@
-//! (being written)
+//! Machine memory: who owns every page the guests use.
+//!
+//! Disco's central idea is an explicit physical-to-machine indirection. Here:
+//!
+//! * a **pool** per (fixture) NUMA node is a memfd whose pages are allocated
+//!   under that node's memory policy; a **machine page** is `(node, index)`,
+//!   the page at `index * PAGE_SIZE` in that node's memfd ([`pool`]);
+//! * each VM has a **pmap**: guest frame number -> machine page + flags
+//!   ([`pmap`]);
+//! * one global **memmap**: machine page -> refcount and owners `(vm, gfn)`
+//!   ([`memmap`]);
+//! * guest RAM is a host virtual range made of `MAP_SHARED` mappings of pool
+//!   pages; KVM follows changes to it through its MMU notifiers. The
+//!   **mapper** ([`mapper`]) is the only code that changes those mappings, and
+//!   it updates pmap, memmap and the host mapping together under one lock.
+//!
+//! [`Memory::verify`] checks that all of them agree with what the kernel
+//! really maps (read back from `/proc/self/maps`).
+
+pub mod mapper;
+pub mod memmap;
+pub mod numa;
+pub mod pmap;
+pub mod pool;
+
+pub use mapper::{GuestSpaceStats, Memory, PoolStats};
+
+use serde::Serialize;
+
+/// Index of a NUMA node of the (possibly emulated) topology.
+pub type NodeId = usize;
+/// Guest frame number: guest-physical address / PAGE_SIZE.
+pub type Gfn = u64;
+/// Identifies one VM's guest space inside [`Memory`].
+pub type VmId = u32;
+
+/// A page of machine memory: page `index` of node `node`'s pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct MachinePage {
+    pub node: u16,
+    pub index: u32,
+}
+
+impl MachinePage {
+    pub fn node(self) -> NodeId {
+        self.node as NodeId
+    }
+}
+
+impl std::fmt::Display for MachinePage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "n{}:{:#x}", self.node, self.index)
+    }
+}
