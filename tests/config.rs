@@ -1,0 +1,245 @@
+//! Config validation: every mistake names the file, the key and what is
+//! allowed. No KVM needed.
+
+use std::path::PathBuf;
+
+use disco::config::Config;
+
+fn write_temp(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("disco-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+const GOOD_VM: &str = r#"
+[host]
+topology = "4-node"
+
+[[vm]]
+name = "a"
+vcpus = 2
+node = 1
+memory_mib = 8
+workload = { kind = "sweep", seed = 3, passes = 2 }
+"#;
+
+/// Loads `text` from a file called `name` and returns the error message,
+/// checking that it starts with the file's path.
+fn error_of(name: &str, text: &str) -> String {
+    let path = write_temp(name, text);
+    let err = Config::load(&path).expect_err("config should be rejected").to_string();
+    assert!(
+        err.starts_with(&path.display().to_string()),
+        "error must name the file {}: {err}",
+        path.display()
+    );
+    err
+}
+
+fn assert_contains(err: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(err.contains(p), "expected `{p}` in error: {err}");
+    }
+}
+
+#[test]
+fn a_good_config_parses() {
+    let path = write_temp("good.toml", GOOD_VM);
+    let c = Config::load(&path).unwrap();
+    assert_eq!(c.vms.len(), 1);
+    assert_eq!(c.vms[0].vcpu_nodes, vec![1, 1]);
+    assert_eq!(c.vms[0].memory_node, 1);
+    assert_eq!(c.policy.name, "disco", "the default policy is policies/disco.toml");
+}
+
+#[test]
+fn the_embedded_default_and_every_shipped_config_and_policy_parse() {
+    let c = Config::embedded_default();
+    assert!(c.vms.len() >= 4, "the demo runs several VMs");
+    assert!(c.topology().unwrap().node_count() > 1, "the demo runs on a multi-node topology");
+    for dir in ["configs", "policies"] {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+                continue;
+            }
+            let text = if dir == "policies" {
+                // A policy file is used from a config that names it.
+                format!(
+                    "policy = \"{}\"\n{GOOD_VM}",
+                    std::fs::canonicalize(&path).unwrap().display()
+                )
+            } else {
+                std::fs::read_to_string(&path).unwrap()
+            };
+            Config::parse(&text, &path.display().to_string(), std::path::Path::new("."))
+                .unwrap_or_else(|e| panic!("{} does not parse: {e}", path.display()));
+        }
+    }
+}
+
+#[test]
+fn count_makes_numbered_vms() {
+    let c = Config::parse(
+        &GOOD_VM.replace("name = \"a\"", "name = \"a\"\ncount = 3"),
+        "x.toml",
+        std::path::Path::new("."),
+    )
+    .unwrap();
+    let names: Vec<_> = c.vms.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["a-0", "a-1", "a-2"]);
+}
+
+#[test]
+fn invalid_toml() {
+    let err = error_of("syntax.toml", "[[vm]\nname = ");
+    assert_contains(&err, &["not valid TOML"]);
+}
+
+#[test]
+fn unknown_top_level_key() {
+    let err = error_of("unknown.toml", &format!("vms = 3\n{GOOD_VM}"));
+    assert_contains(&err, &["key `vms`", "unknown key", "allowed here:", "vm"]);
+}
+
+#[test]
+fn unknown_vm_key_is_an_error_not_ignored() {
+    let err = error_of("typo.toml", &GOOD_VM.replace("vcpus = 2", "vcpu = 2"));
+    assert_contains(&err, &["key `vm[0].vcpu`", "unknown key", "vcpus"]);
+}
+
+#[test]
+fn no_vms() {
+    let err = error_of("novm.toml", "[host]\ntopology = \"host\"\n");
+    assert_contains(&err, &["key `vm`", "at least one [[vm]]"]);
+}
+
+#[test]
+fn zero_vcpus() {
+    let err = error_of("vcpus.toml", &GOOD_VM.replace("vcpus = 2", "vcpus = 0"));
+    assert_contains(&err, &["key `vm[0].vcpus`", "0 is out of range", "allowed: 1 to 64"]);
+}
+
+#[test]
+fn node_outside_the_topology() {
+    let err = error_of("node.toml", &GOOD_VM.replace("node = 1", "node = 7"));
+    assert_contains(&err, &["key `vm[0].node`", "7 is out of range", "0 to 3", "4 nodes"]);
+}
+
+#[test]
+fn vcpu_node_outside_the_topology() {
+    let err = error_of(
+        "vcpunodes.toml",
+        &GOOD_VM.replace("vcpus = 2\nnode = 1", "vcpu_nodes = [0, 9]"),
+    );
+    assert_contains(&err, &["key `vm[0].vcpu_nodes[1]`", "9 is out of range"]);
+}
+
+#[test]
+fn unknown_workload() {
+    let err = error_of("kind.toml", &GOOD_VM.replace("kind = \"sweep\"", "kind = \"mine\""));
+    assert_contains(&err, &["key `vm[0].workload.kind`", "`mine` is not a workload", "fill", "table_scan"]);
+}
+
+#[test]
+fn parameter_of_another_workload() {
+    let err = error_of("param.toml", &GOOD_VM.replace("kind = \"sweep\"", "kind = \"fill\""));
+    assert_contains(&err, &["key `vm[0].workload.passes`", "unknown key", "allowed here: kind, seed"]);
+}
+
+#[test]
+fn memory_too_small_for_the_workload() {
+    let err = error_of(
+        "small.toml",
+        &GOOD_VM.replace(
+            "kind = \"sweep\", seed = 3, passes = 2",
+            "kind = \"table_scan\", table_pages = 4096",
+        ),
+    );
+    assert_contains(&err, &["key `vm[0].memory_mib`", "too small", "at least"]);
+}
+
+#[test]
+fn duplicate_vm_names() {
+    let err = error_of("dup.toml", &format!("{GOOD_VM}\n[[vm]]\nname = \"a\"\n"));
+    assert_contains(&err, &["key `vm[1].name`", "used twice"]);
+}
+
+#[test]
+fn node_and_vcpu_nodes_together() {
+    let err = error_of("both.toml", &GOOD_VM.replace("node = 1", "node = 1\nvcpu_nodes = [0, 1]"));
+    assert_contains(&err, &["key `vm[0].vcpu_nodes`", "either `node`", "not both"]);
+}
+
+#[test]
+fn vcpus_disagree_with_vcpu_nodes() {
+    let err = error_of(
+        "disagree.toml",
+        &GOOD_VM.replace("vcpus = 2\nnode = 1", "vcpus = 3\nvcpu_nodes = [0, 1]"),
+    );
+    assert_contains(&err, &["key `vm[0].vcpus`", "must agree"]);
+}
+
+#[test]
+fn wrong_type() {
+    let err = error_of("type.toml", &GOOD_VM.replace("vcpus = 2", "vcpus = \"two\""));
+    assert_contains(&err, &["key `vm[0].vcpus`", "expected an integer", "found a string"]);
+}
+
+#[test]
+fn unknown_topology() {
+    let err = error_of("topo.toml", &GOOD_VM.replace("\"4-node\"", "\"moon\""));
+    assert_contains(&err, &["key `host.topology`", "`moon` is not a topology", "4-node"]);
+}
+
+#[test]
+fn missing_topology_file() {
+    let err = error_of("topofile.toml", &GOOD_VM.replace("\"4-node\"", "\"nowhere.xml\""));
+    assert_contains(&err, &["key `host.topology`", "cannot load it", "nowhere.xml"]);
+}
+
+#[test]
+fn bad_policy_value() {
+    let err = error_of(
+        "policy.toml",
+        &format!("[policy]\nname = \"p\"\n[policy.sharing]\nenabled = \"yes\"\n{GOOD_VM}"),
+    );
+    assert_contains(&err, &["key `policy.sharing.enabled`", "expected true or false"]);
+}
+
+#[test]
+fn unknown_policy_name() {
+    let err = error_of("policyname.toml", &format!("policy = \"fastest\"\n{GOOD_VM}"));
+    assert_contains(&err, &["key `policy`", "`fastest` is not a policy", "disco", "static"]);
+}
+
+#[test]
+fn bad_value_inside_a_policy_file_names_that_file() {
+    let policy = write_temp("badpolicy.toml", "[numa]\nepoch_ms = 0\n");
+    let path = write_temp(
+        "usespolicy.toml",
+        &format!("policy = \"{}\"\n{GOOD_VM}", policy.display()),
+    );
+    let err = Config::load(&path).unwrap_err().to_string();
+    assert_contains(&err, &[&policy.display().to_string(), "key `numa.epoch_ms`", "0 is out of range", "1 to 60000"]);
+}
+
+#[test]
+fn bad_vm_name() {
+    let err = error_of("name.toml", &GOOD_VM.replace("name = \"a\"", "name = \"my vm\""));
+    assert_contains(&err, &["key `vm[0].name`", "not a valid VM name"]);
+}
+
+#[test]
+fn time_limit_out_of_range() {
+    let err = error_of("time.toml", &GOOD_VM.replace("memory_mib = 8", "memory_mib = 8\ntime_limit_s = 0"));
+    assert_contains(&err, &["key `vm[0].time_limit_s`", "out of range", "allowed"]);
+}
+
+#[test]
+fn missing_file() {
+    let err = Config::load(std::path::Path::new("/nonexistent/disco.toml")).unwrap_err().to_string();
+    assert_contains(&err, &["/nonexistent/disco.toml", "cannot read the file"]);
+}
