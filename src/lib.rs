@@ -7,8 +7,8 @@ pub mod config;
 pub mod guest;
 pub mod kvm_check;
 pub mod memory;
-// pub mod monitor; (temporarily off)
-// pub mod report; (temporarily off)
+pub mod monitor;
+pub mod report;
 pub mod topology;
 pub mod vm;
 
