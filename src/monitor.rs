@@ -61,6 +61,8 @@ fn policy_status(config: &Config) -> String {
     }
 }
 
+const WHILE_RUNNING: &str = "while running";
+
 /// Runs every VM of `config` to completion and reports.
 pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
     let started = Instant::now();
@@ -77,9 +79,13 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
     let create_ms = started.elapsed().as_secs_f64() * 1e3;
 
     let mut verify_runs = 0;
+    let mut verify_while_running = 0;
     let mut verify_errors = Vec::new();
     let mut check = |when: &str| {
         verify_runs += 1;
+        if when == WHILE_RUNNING {
+            verify_while_running += 1;
+        }
         if let Err(e) = memory.verify() {
             verify_errors.push(format!("{when}: {e:#}"));
         }
@@ -105,7 +111,7 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
     } else {
         ProgressBar::hidden()
     };
-    let mut last_verify = Instant::now();
+    let mut last_verify: Option<Instant> = None;
     loop {
         let running: Vec<&MicroVm> = vms.iter().filter_map(|v| v.vm.as_ref()).collect();
         let (done, total) = running.iter().fold((0, 0), |(d, t), vm| {
@@ -119,9 +125,9 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
         if finished == running.len() {
             break;
         }
-        if last_verify.elapsed() >= options.verify_every {
-            check("while running");
-            last_verify = Instant::now();
+        if last_verify.is_none_or(|t| t.elapsed() >= options.verify_every) {
+            check(WHILE_RUNNING);
+            last_verify = Some(Instant::now());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -207,6 +213,7 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
         vms: reports,
         pools,
         verify_runs,
+        verify_while_running,
         verify_ok: verify_errors.is_empty(),
         verify_errors,
         create_ms,

@@ -17,6 +17,8 @@ pub struct RunReport {
     pub pools: Vec<PoolStats>,
     /// How many times `Memory::verify` ran during the run, and whether all passed.
     pub verify_runs: u32,
+    /// Of those, how many ran while guests were running.
+    pub verify_while_running: u32,
     pub verify_ok: bool,
     pub verify_errors: Vec<String>,
     /// Wall time to create all VMs (memory + KVM + guest image), in ms.

@@ -1,1 +1,333 @@
-//! (being written)
+//! KVM micro-VMs: one KVM VM running a micro-guest (`crate::guest`) on
+//! caller-owned RAM, one pinned host thread per vCPU, Firecracker-style.
+//!
+//! * [`ram`]: access to guest RAM through the caller's mapping;
+//! * [`cpu_setup`]: page tables, GDT and vCPU registers for long mode at CPL 3;
+//! * [`hypercall`]: the port-I/O hypercalls (WHOAMI, DONE, LOG);
+//! * [`control`]: stop flag and the signal that kicks vCPUs out of `KVM_RUN`;
+//! * [`vcpu`]: the vCPU thread and its exit handling.
+//!
+//! Life cycle: [`MicroVm::create`] makes the VM, registers the RAM as memory
+//! slot 0 at guest-physical 0, writes page tables, parameters and code, and
+//! creates the vCPUs; [`MicroVm::start`] spawns the vCPU threads and a
+//! watchdog that enforces the time limit; [`MicroVm::progress`] reads the
+//! guests' progress counters from RAM (no exits); [`MicroVm::wait`] joins and
+//! reports. A failing vCPU stops its own VM only.
+
+pub mod control;
+pub mod cpu_setup;
+pub mod hypercall;
+pub mod ram;
+pub mod vcpu;
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use serde::Serialize;
+
+use crate::guest::layout::{self, VcpuParams, CODE_ADDR, CODE_MAX, PAGE, PARAMS_ADDR, SYNC_ADDR};
+use crate::guest::{model, programs, Workload};
+use control::VmControl;
+pub use ram::GuestRam;
+use vcpu::VcpuThread;
+pub use vcpu::{RegisterDump, VcpuOutcome};
+
+/// Where a vCPU runs: its thread is pinned to `host_cpus` (no pinning when
+/// empty); `node` is the NUMA node they belong to, for reports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VcpuPlacement {
+    pub node: usize,
+    pub host_cpus: Vec<usize>,
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct MicroVmSpec {
+    pub name: String,
+    pub vcpus: Vec<VcpuPlacement>,
+    pub workload: Workload,
+    /// The VM is stopped (and its running vCPUs reported as failed) when it
+    /// runs longer than this after `start`.
+    pub time_limit: Duration,
+}
+
+/// How a VM ended.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmOutcome {
+    pub name: String,
+    pub vcpus: Vec<VcpuOutcome>,
+    /// From `start` until the last vCPU thread exited.
+    pub run_time: Duration,
+    /// The lines the guest logged, `vcpu<i>: <text>`.
+    pub log: Vec<String>,
+}
+
+impl VmOutcome {
+    /// Every vCPU is done with the model's result.
+    pub fn checksum_ok(&self) -> bool {
+        !self.vcpus.is_empty() && self.vcpus.iter().all(VcpuOutcome::checksum_ok)
+    }
+
+    /// The failed vCPUs: (index, reason, registers).
+    pub fn failures(&self) -> impl Iterator<Item = (usize, &str, &RegisterDump)> {
+        self.vcpus.iter().enumerate().filter_map(|(i, v)| match v {
+            VcpuOutcome::Failed { reason, regs } => Some((i, reason.as_str(), regs)),
+            VcpuOutcome::Done { .. } | VcpuOutcome::NotRun => None,
+        })
+    }
+}
+
+/// A running (or ready) micro-VM.
+pub struct MicroVm {
+    spec: MicroVmSpec,
+    ram: GuestRam,
+    vm: VmFd,
+    params: Vec<VcpuParams>,
+    /// Per vCPU, the progress value it reaches when done.
+    totals: Vec<u64>,
+    control: Arc<VmControl>,
+    log: Arc<parking_lot::Mutex<Vec<String>>>,
+    /// The vCPUs until `start` moves them into their threads.
+    vcpus: Vec<VcpuFd>,
+    threads: Vec<JoinHandle<VcpuOutcome>>,
+    watchdog: Option<JoinHandle<()>>,
+    started_at: Option<Instant>,
+}
+
+impl MicroVm {
+    /// Creates the VM: plans the layout, registers `ram` (which the caller
+    /// keeps mapped until this VM is dropped or waited for) as slot 0, writes
+    /// page tables, GDT, parameter blocks and code, and creates the vCPUs.
+    pub fn create(kvm: &Kvm, spec: MicroVmSpec, ram: GuestRam) -> anyhow::Result<MicroVm> {
+        let name = spec.name.clone();
+        let ctx = || format!("creating micro-VM {name}");
+        if !ram.host_addr.is_multiple_of(PAGE as usize) {
+            bail!(
+                "{}: guest RAM at {:#x} is not page-aligned",
+                ctx(),
+                ram.host_addr
+            );
+        }
+        let params = layout::plan(&spec.workload, ram.size as u64, spec.vcpus.len())
+            .map_err(anyhow::Error::msg)
+            .with_context(ctx)?;
+        let code = programs::assemble(&spec.workload)
+            .map_err(|e| anyhow::anyhow!("assembling the {} program: {e}", spec.workload.name()))
+            .with_context(ctx)?;
+        if code.len() as u64 > CODE_MAX {
+            bail!(
+                "{}: program of {} bytes exceeds {CODE_MAX}",
+                ctx(),
+                code.len()
+            );
+        }
+        control::install_kick_handler()?;
+
+        cpu_setup::write_tables(&ram, ram.size as u64);
+        ram.zero(PARAMS_ADDR, PAGE);
+        for p in &params {
+            ram.write_words(p.block_addr(), &p.block());
+        }
+        ram.zero(SYNC_ADDR, PAGE);
+        ram.write(CODE_ADDR, &code);
+        if let Some(p) = params.first() {
+            ram.zero(p.shared_base, p.base - p.shared_base);
+        }
+
+        let vm = kvm.create_vm().context("KVM_CREATE_VM").with_context(ctx)?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: ram.size as u64,
+            userspace_addr: ram.host_addr as u64,
+        };
+        // SAFETY: the region is the caller's mapping, which it keeps valid
+        // for the VM's life (documented on `GuestRam`).
+        unsafe { vm.set_user_memory_region(region) }
+            .context("registering guest RAM as memory slot 0")
+            .with_context(ctx)?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .context("KVM_GET_SUPPORTED_CPUID")
+            .with_context(ctx)?;
+        let vcpus = (0..params.len())
+            .map(|i| {
+                let vcpu = vm
+                    .create_vcpu(i as u64)
+                    .with_context(|| format!("creating vCPU {i}"))?;
+                cpu_setup::setup_vcpu(&vcpu, &cpuid, i)
+                    .with_context(|| format!("setting up vCPU {i}"))?;
+                Ok(vcpu)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+            .with_context(ctx)?;
+
+        let totals = params
+            .iter()
+            .map(|p| model::progress_total(&spec.workload, p))
+            .collect();
+        Ok(MicroVm {
+            control: Arc::new(VmControl::new(params.len())),
+            log: Arc::default(),
+            spec,
+            ram,
+            vm,
+            params,
+            totals,
+            vcpus,
+            threads: Vec::new(),
+            watchdog: None,
+            started_at: None,
+        })
+    }
+
+    /// Spawns one thread per vCPU (`disco-<vm>-vcpu<i>`, pinned to its
+    /// placement's CPUs) and the time-limit watchdog.
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        if self.started_at.is_some() {
+            bail!("micro-VM {} is already started", self.spec.name);
+        }
+        self.started_at = Some(Instant::now());
+        let vcpus = std::mem::take(&mut self.vcpus);
+        for (index, vcpu) in vcpus.into_iter().enumerate() {
+            let thread = VcpuThread {
+                index,
+                vcpu,
+                placement: self.spec.vcpus[index].clone(),
+                ram: self.ram,
+                control: self.control.clone(),
+                log: self.log.clone(),
+                vm_name: self.spec.name.clone(),
+            };
+            let spawned = std::thread::Builder::new()
+                .name(format!("disco-{}-vcpu{index}", self.spec.name))
+                .spawn(move || thread.run());
+            match spawned {
+                Ok(handle) => self.threads.push(handle),
+                Err(e) => {
+                    // The threads already started must not run unsupervised.
+                    self.control
+                        .request_stop(format!("spawning vCPU {index}'s thread failed: {e}"));
+                    for never in index..self.params.len() {
+                        self.control.unregister(never);
+                    }
+                    bail!(
+                        "micro-VM {}: spawning vCPU {index}'s thread: {e}",
+                        self.spec.name
+                    );
+                }
+            }
+        }
+        let control = self.control.clone();
+        let deadline = Instant::now() + self.spec.time_limit;
+        let limit = self.spec.time_limit;
+        self.watchdog = Some(
+            std::thread::Builder::new()
+                .name(format!("disco-{}-watchdog", self.spec.name))
+                .spawn(move || {
+                    if !control.wait_exited(deadline) {
+                        control.request_stop(format!("time limit of {limit:?} exceeded"));
+                    }
+                })
+                .with_context(|| format!("micro-VM {}: spawning the watchdog", self.spec.name))?,
+        );
+        Ok(())
+    }
+
+    /// (done, total) progress summed over the vCPUs, read from their
+    /// parameter blocks in guest RAM.
+    pub fn progress(&self) -> (u64, u64) {
+        let done = self
+            .params
+            .iter()
+            .map(|p| self.ram.read_u64(p.progress_addr()).unwrap_or(0))
+            .sum();
+        (done, self.totals.iter().sum())
+    }
+
+    /// Whether every vCPU thread has exited.
+    pub fn is_finished(&self) -> bool {
+        self.started_at.is_some() && self.control.all_exited()
+    }
+
+    /// Asks all vCPUs to stop; they are kicked out of `KVM_RUN` and report
+    /// their state as failures. Returns at once; `wait` collects them.
+    pub fn stop(&self) {
+        self.control.request_stop("stop requested".into());
+    }
+
+    /// Joins the vCPU threads and reports, with each result checked against
+    /// the model. A VM never started reports every vCPU as not run.
+    pub fn wait(mut self) -> VmOutcome {
+        let expected = model::expected_results(&self.spec.workload, &self.params);
+        let mut vcpus: Vec<VcpuOutcome> = if self.started_at.is_none() {
+            vec![VcpuOutcome::NotRun; self.params.len()]
+        } else {
+            self.join()
+        };
+        for (outcome, want) in vcpus.iter_mut().zip(expected) {
+            if let VcpuOutcome::Done { expected, .. } = outcome {
+                *expected = want;
+            }
+        }
+        let run_time = match (self.started_at, self.control.finished_at()) {
+            (Some(start), Some(end)) => end.saturating_duration_since(start),
+            _ => Duration::ZERO,
+        };
+        VmOutcome {
+            name: self.spec.name.clone(),
+            vcpus,
+            run_time,
+            log: std::mem::take(&mut *self.log.lock()),
+        }
+    }
+
+    /// Joins the vCPU threads and the watchdog.
+    fn join(&mut self) -> Vec<VcpuOutcome> {
+        let outcomes = std::mem::take(&mut self.threads)
+            .into_iter()
+            .map(|t| {
+                t.join().unwrap_or_else(|_| VcpuOutcome::Failed {
+                    reason: "vCPU thread panicked outside its run loop".into(),
+                    regs: RegisterDump::default(),
+                })
+            })
+            .collect();
+        if let Some(w) = self.watchdog.take() {
+            let _ = w.join();
+        }
+        outcomes
+    }
+
+    /// The vCPUs' parameters, in vCPU order.
+    pub fn params(&self) -> &[VcpuParams] {
+        &self.params
+    }
+
+    /// The KVM VM (for dirty logging and the like).
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// The guest RAM this VM runs on (memory slot 0, e.g. to re-register it
+    /// with dirty logging).
+    pub fn ram(&self) -> GuestRam {
+        self.ram
+    }
+}
+
+impl Drop for MicroVm {
+    /// A VM dropped without `wait` is stopped and joined, so no vCPU thread
+    /// outlives the caller's RAM mapping.
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.control.request_stop("the VM was dropped".into());
+            self.join();
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! Stopping a VM: a VM-wide stop flag plus a signal that kicks each vCPU
+//! thread out of `KVM_RUN`.
+//!
+//! A guest spinning at CPL 3 never exits on its own, so a stop needs a signal:
+//! a pending signal makes `KVM_RUN` return `EINTR`. The signal handler also
+//! sets `immediate_exit` in the thread's `kvm_run`, so a kick that lands just
+//! before the thread enters `KVM_RUN` is not lost: that entry returns `EINTR`
+//! at once. Protocol: the stopper sets the flag, then signals every live vCPU
+//! thread; a vCPU thread checks the flag before every entry and after every
+//! `EINTR`.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use kvm_bindings::kvm_run;
+use parking_lot::{Condvar, Mutex};
+
+/// The kick signal is `SIGRTMIN() + KICK_SIGNAL_OFFSET`; the rest of the
+/// process must leave that signal alone.
+pub const KICK_SIGNAL_OFFSET: libc::c_int = 0;
+
+/// The signal that kicks vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN() + KICK_SIGNAL_OFFSET
+}
+
+thread_local! {
+    /// The `kvm_run` of the vCPU this thread runs, for the signal handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only a thread-local read and a byte store: async-signal-safe.
+    let _ = KVM_RUN.try_with(|run| {
+        let run = run.get();
+        if !run.is_null() {
+            // SAFETY: set by `KickTarget::install` to the mapped kvm_run of
+            // this thread's vCPU and cleared before that mapping goes away.
+            unsafe { std::ptr::write_volatile(&raw mut (*run).immediate_exit, 1) };
+        }
+    });
+}
+
+/// Installs the kick handler once per process.
+pub(crate) fn install_kick_handler() -> anyhow::Result<()> {
+    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+                .map_err(|e| format!("cannot install the vCPU kick signal handler: {e}"))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// Makes the calling thread kickable while it runs `run`'s vCPU: unblocks the
+/// kick signal and points the handler at `run`. Dropping it detaches.
+pub(crate) struct KickTarget;
+
+impl KickTarget {
+    pub fn install(run: &mut kvm_run) -> anyhow::Result<KickTarget> {
+        KVM_RUN.with(|c| c.set(run));
+        vmm_sys_util::signal::unblock_signal(kick_signal())
+            .map_err(|e| anyhow::anyhow!("cannot unblock the kick signal: {e}"))?;
+        Ok(KickTarget)
+    }
+}
+
+impl Drop for KickTarget {
+    fn drop(&mut self) {
+        KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+    }
+}
+
+/// Book-keeping of the vCPU threads shared by a VM and its threads.
+struct Threads {
+    /// Live vCPU threads (None before start and after exit).
+    live: Vec<Option<libc::pthread_t>>,
+    /// vCPU threads not yet exited.
+    running: usize,
+    /// When the last vCPU thread exited.
+    finished_at: Option<Instant>,
+}
+
+/// Shared control state of one VM.
+pub(crate) struct VmControl {
+    stop: AtomicBool,
+    reason: Mutex<Option<String>>,
+    threads: Mutex<Threads>,
+    exited: Condvar,
+}
+
+impl VmControl {
+    pub fn new(nvcpus: usize) -> VmControl {
+        VmControl {
+            stop: AtomicBool::new(false),
+            reason: Mutex::new(None),
+            threads: Mutex::new(Threads {
+                live: vec![None; nvcpus],
+                running: nvcpus,
+                finished_at: None,
+            }),
+            exited: Condvar::new(),
+        }
+    }
+
+    /// Whether a stop was requested.
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// The first stop reason given.
+    pub fn reason(&self) -> Option<String> {
+        self.reason.lock().clone()
+    }
+
+    /// Asks every vCPU to stop: the first reason is kept, the flag is set,
+    /// every live vCPU thread is kicked.
+    pub fn request_stop(&self, reason: String) {
+        self.reason.lock().get_or_insert(reason);
+        self.stop.store(true, Ordering::SeqCst);
+        let threads = self.threads.lock();
+        for thread in threads.live.iter().flatten() {
+            // SAFETY: a live thread is registered until it unregisters under
+            // this lock, and is joined only after that; the handle is valid.
+            unsafe { libc::pthread_kill(*thread, kick_signal()) };
+        }
+    }
+
+    /// Registers the calling thread as vCPU `index`'s.
+    pub fn register(&self, index: usize) {
+        // SAFETY: pthread_self has no preconditions.
+        self.threads.lock().live[index] = Some(unsafe { libc::pthread_self() });
+    }
+
+    /// Marks vCPU `index`'s thread as exited (it must not be kicked anymore),
+    /// or as never started.
+    pub fn unregister(&self, index: usize) {
+        let mut threads = self.threads.lock();
+        threads.live[index] = None;
+        threads.running -= 1;
+        if threads.running == 0 {
+            threads.finished_at = Some(Instant::now());
+            self.exited.notify_all();
+        }
+    }
+
+    /// Whether every vCPU thread has exited.
+    pub fn all_exited(&self) -> bool {
+        self.threads.lock().running == 0
+    }
+
+    /// When the last vCPU thread exited.
+    pub fn finished_at(&self) -> Option<Instant> {
+        self.threads.lock().finished_at
+    }
+
+    /// Waits until every vCPU thread has exited or `deadline` passes; returns
+    /// whether they all exited.
+    pub fn wait_exited(&self, deadline: Instant) -> bool {
+        let mut threads = self.threads.lock();
+        while threads.running > 0 {
+            if self.exited.wait_until(&mut threads, deadline).timed_out() {
+                return threads.running == 0;
+            }
+        }
+        true
+    }
+}

@@ -1,0 +1,387 @@
+//! A vCPU thread: pins itself to its host CPUs, runs `KVM_RUN` in a loop,
+//! answers hypercalls and turns every other exit into a failure that stops
+//! the whole VM (its sibling vCPUs are kicked; other VMs are unaffected).
+//!
+//! The thread never panics the process: the run loop reports errors as a
+//! [`VcpuOutcome::Failed`], and a panic inside it is caught and reported the
+//! same way.
+
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use serde::Serialize;
+
+use super::control::{KickTarget, VmControl};
+use super::hypercall::{read_log_line, Hypercall};
+use super::ram::GuestRam;
+use super::VcpuPlacement;
+
+/// How one vCPU ended.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one outcome per vCPU, made once: size is irrelevant, plain fields are easier to match"
+)]
+pub enum VcpuOutcome {
+    /// The guest made the DONE hypercall. `expected` is the host model's
+    /// result (`guest::model`), `None` when the model has none.
+    Done { result: u64, expected: Option<u64> },
+    /// The vCPU failed, or was stopped because the VM was (time limit,
+    /// another vCPU's failure, `MicroVm::stop`); `regs` is its state then.
+    Failed { reason: String, regs: RegisterDump },
+    /// The vCPU never ran: its VM was not created or never started.
+    NotRun,
+}
+
+impl VcpuOutcome {
+    /// Done with the result the model expects (a result the model cannot
+    /// check is not ok).
+    pub fn checksum_ok(&self) -> bool {
+        matches!(self, VcpuOutcome::Done { result, expected: Some(e) } if result == e)
+    }
+}
+
+/// A vCPU's registers at the time it stopped, with the instruction at RIP.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RegisterDump {
+    pub rip: u64,
+    pub rsp: u64,
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+    pub rflags: u64,
+    pub cr0: u64,
+    pub cr2: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+    pub cs: u16,
+    pub ss: u16,
+    /// Up to 16 bytes of guest memory at RIP (empty when unreadable).
+    pub code: Vec<u8>,
+    /// The instruction at RIP, Intel syntax, when it decodes.
+    pub instruction: Option<String>,
+    /// Why the registers could not be read, if they could not.
+    pub error: Option<String>,
+}
+
+impl RegisterDump {
+    /// Reads `vcpu`'s state. Never fails: what cannot be read is noted.
+    pub fn capture(vcpu: &VcpuFd, ram: &GuestRam) -> RegisterDump {
+        let (regs, sregs) = match (vcpu.get_regs(), vcpu.get_sregs()) {
+            (Ok(r), Ok(s)) => (r, s),
+            (Err(e), _) | (_, Err(e)) => {
+                return RegisterDump {
+                    error: Some(format!("cannot read vCPU registers: {e}")),
+                    ..RegisterDump::default()
+                }
+            }
+        };
+        // Guest virtual == guest physical (identity map); ask KVM anyway,
+        // the guest may have broken its page tables.
+        let gpa = match vcpu.translate_gva(regs.rip) {
+            Ok(t) if t.valid != 0 => t.physical_address,
+            _ => regs.rip,
+        };
+        let code = (0..=16usize)
+            .rev()
+            .find_map(|len| ram.read(gpa, len))
+            .unwrap_or_default();
+        let mut decoder = Decoder::with_ip(64, &code, regs.rip, DecoderOptions::NONE);
+        let instruction = (!code.is_empty()).then(|| decoder.decode()).and_then(|i| {
+            (!i.is_invalid()).then(|| {
+                let mut text = String::new();
+                IntelFormatter::new().format(&i, &mut text);
+                text
+            })
+        });
+        RegisterDump {
+            rip: regs.rip,
+            rsp: regs.rsp,
+            rax: regs.rax,
+            rbx: regs.rbx,
+            rcx: regs.rcx,
+            rdx: regs.rdx,
+            rsi: regs.rsi,
+            rdi: regs.rdi,
+            rbp: regs.rbp,
+            r8: regs.r8,
+            r9: regs.r9,
+            r10: regs.r10,
+            r11: regs.r11,
+            r12: regs.r12,
+            r13: regs.r13,
+            r14: regs.r14,
+            r15: regs.r15,
+            rflags: regs.rflags,
+            cr0: sregs.cr0,
+            cr2: sregs.cr2,
+            cr3: sregs.cr3,
+            cr4: sregs.cr4,
+            efer: sregs.efer,
+            cs: sregs.cs.selector,
+            ss: sregs.ss.selector,
+            code,
+            instruction,
+            error: None,
+        }
+    }
+}
+
+impl fmt::Display for RegisterDump {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(e) = &self.error {
+            return write!(f, "<{e}>");
+        }
+        write!(f, "rip={:#x} ", self.rip)?;
+        match &self.instruction {
+            Some(i) => write!(f, "[{i}]")?,
+            None => write!(f, "[?]")?,
+        }
+        if !self.code.is_empty() {
+            write!(f, " code=")?;
+            for b in &self.code {
+                write!(f, "{b:02x}")?;
+            }
+        }
+        writeln!(
+            f,
+            "\n  rsp={:#x} rflags={:#x} cs={:#x} ss={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+            self.rsp, self.rflags, self.cs, self.ss, self.cr0, self.cr2, self.cr3, self.cr4, self.efer
+        )?;
+        let gprs = [
+            ("rax", self.rax),
+            ("rbx", self.rbx),
+            ("rcx", self.rcx),
+            ("rdx", self.rdx),
+            ("rsi", self.rsi),
+            ("rdi", self.rdi),
+            ("rbp", self.rbp),
+            ("r8", self.r8),
+            ("r9", self.r9),
+            ("r10", self.r10),
+            ("r11", self.r11),
+            ("r12", self.r12),
+            ("r13", self.r13),
+            ("r14", self.r14),
+            ("r15", self.r15),
+        ];
+        for (row, chunk) in gprs.chunks(5).enumerate() {
+            if row > 0 {
+                writeln!(f)?;
+            }
+            write!(f, " ")?;
+            for (name, v) in chunk {
+                write!(f, " {name}={v:#x}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Everything a vCPU thread owns.
+pub(crate) struct VcpuThread {
+    pub index: usize,
+    pub vcpu: VcpuFd,
+    pub placement: VcpuPlacement,
+    pub ram: GuestRam,
+    pub control: Arc<VmControl>,
+    /// The VM's log, shared by its vCPUs.
+    pub log: Arc<parking_lot::Mutex<Vec<String>>>,
+    pub vm_name: String,
+}
+
+/// How the run loop ended.
+enum Ended {
+    Done(u64),
+    Failed(String),
+    Stopped,
+}
+
+impl VcpuThread {
+    /// The thread body: registers for kicks, runs, reports. A failure stops
+    /// the VM.
+    pub fn run(mut self) -> VcpuOutcome {
+        self.control.register(self.index);
+        let ended = catch_unwind(AssertUnwindSafe(|| self.run_loop())).unwrap_or_else(|panic| {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Ended::Failed(format!("vCPU thread panicked: {msg}"))
+        });
+        let outcome = match ended {
+            Ended::Done(result) => VcpuOutcome::Done {
+                result,
+                expected: None,
+            },
+            Ended::Failed(reason) => {
+                self.control
+                    .request_stop(format!("vCPU {} failed: {reason}", self.index));
+                VcpuOutcome::Failed {
+                    reason,
+                    regs: RegisterDump::capture(&self.vcpu, &self.ram),
+                }
+            }
+            Ended::Stopped => VcpuOutcome::Failed {
+                reason: format!(
+                    "stopped: {}",
+                    self.control
+                        .reason()
+                        .unwrap_or_else(|| "stop requested".into())
+                ),
+                regs: RegisterDump::capture(&self.vcpu, &self.ram),
+            },
+        };
+        self.control.unregister(self.index);
+        outcome
+    }
+
+    fn pin(&self) -> Result<(), String> {
+        if self.placement.host_cpus.is_empty() {
+            return Ok(());
+        }
+        let mut set = nix::sched::CpuSet::new();
+        for &cpu in &self.placement.host_cpus {
+            set.set(cpu)
+                .map_err(|e| format!("host CPU {cpu} cannot be pinned to: {e}"))?;
+        }
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(|e| {
+            format!(
+                "cannot pin to host CPUs {:?} (node {}): {e}",
+                self.placement.host_cpus, self.placement.node
+            )
+        })
+    }
+
+    fn run_loop(&mut self) -> Ended {
+        if let Err(e) = self.pin() {
+            return Ended::Failed(e);
+        }
+        let _kick = match KickTarget::install(self.vcpu.get_kvm_run()) {
+            Ok(k) => k,
+            Err(e) => return Ended::Failed(e.to_string()),
+        };
+        loop {
+            if self.control.stopping() {
+                return Ended::Stopped;
+            }
+            match self.step() {
+                Ok(None) => {}
+                Ok(Some(ended)) => return ended,
+                Err(e) => return Ended::Failed(e),
+            }
+        }
+    }
+
+    /// One `KVM_RUN` and the handling of its exit: `None` to continue.
+    fn step(&mut self) -> Result<Option<Ended>, String> {
+        let index = self.index;
+        let exit = match self.vcpu.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // A kick (or another signal); the caller checks the flag.
+                self.vcpu.set_kvm_immediate_exit(0);
+                return Ok(None);
+            }
+            Err(e) if e.errno() == libc::EFAULT => {
+                return Err(format!(
+                    "KVM_RUN failed with EFAULT: guest access to host memory that is not \
+                     mapped or not writable ({e})"
+                ))
+            }
+            Err(e) => return Err(format!("KVM_RUN failed: {e}")),
+        };
+        match exit {
+            VcpuExit::IoIn(port, data) => match Hypercall::decode(port, true) {
+                Some(Hypercall::WhoAmI) => {
+                    let bytes = (index as u32).to_le_bytes();
+                    let n = data.len().min(bytes.len());
+                    data[..n].copy_from_slice(&bytes[..n]);
+                    Ok(None)
+                }
+                _ => Err(format!("read from unknown I/O port {port:#x}")),
+            },
+            VcpuExit::IoOut(port, data) => match Hypercall::decode(port, false) {
+                Some(Hypercall::Done) => Ok(Some(Ended::Done(self.regs()?.rdi))),
+                Some(Hypercall::Log) => {
+                    let regs = self.regs()?;
+                    let text = read_log_line(&self.ram, regs.rdi, regs.rsi)?;
+                    let line = format!("vcpu{index}: {text}");
+                    tracing::info!(vm = %self.vm_name, "{line}");
+                    self.log.lock().push(line);
+                    Ok(None)
+                }
+                _ => Err(format!(
+                    "write of {data:02x?} to unknown I/O port {port:#x}"
+                )),
+            },
+            VcpuExit::MmioRead(addr, data) => Err(format!(
+                "{}-byte MMIO read at guest-physical {addr:#x} (outside RAM)",
+                data.len()
+            )),
+            VcpuExit::MmioWrite(addr, data) => Err(format!(
+                "MMIO write of {data:02x?} at guest-physical {addr:#x} (outside RAM)"
+            )),
+            VcpuExit::Shutdown => {
+                Err("triple fault (KVM_EXIT_SHUTDOWN): an exception with no IDT".into())
+            }
+            VcpuExit::FailEntry(reason, cpu) => Err(format!(
+                "VM entry failed (KVM_EXIT_FAIL_ENTRY): hardware reason {reason:#x} on host CPU {cpu}"
+            )),
+            VcpuExit::InternalError => Err(self.internal_error()),
+            VcpuExit::MemoryFault { flags, gpa, size } => Err(format!(
+                "memory fault at guest-physical {gpa:#x}+{size:#x} (flags {flags:#x})"
+            )),
+            VcpuExit::Hlt => Err("guest halted".into()),
+            VcpuExit::Intr => {
+                self.vcpu.set_kvm_immediate_exit(0);
+                Ok(None)
+            }
+            other => Err(format!("unexpected exit: {other:?}")),
+        }
+    }
+
+    fn regs(&self) -> Result<kvm_bindings::kvm_regs, String> {
+        self.vcpu
+            .get_regs()
+            .map_err(|e| format!("KVM_GET_REGS failed: {e}"))
+    }
+
+    /// Describes a `KVM_EXIT_INTERNAL_ERROR` from the `kvm_run` data.
+    fn internal_error(&mut self) -> String {
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal`
+        // is the active member of the union.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        let what = match internal.suberror {
+            kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => "emulation failure",
+            kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => "exception while delivering an exception",
+            kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => "event delivery failed",
+            _ => "internal error",
+        };
+        format!(
+            "KVM internal error (KVM_EXIT_INTERNAL_ERROR): {what}, suberror {}, data {:x?}",
+            internal.suberror,
+            &internal.data[..n]
+        )
+    }
+}
