@@ -174,8 +174,9 @@ impl Config {
                 (choice, loaded)
             }
             None => {
-                let loaded = Topology::host()
-                    .map_err(|e| top.error("host", format!("cannot read the host topology: {e:#}")))?;
+                let loaded = Topology::host().map_err(|e| {
+                    top.error("host", format!("cannot read the host topology: {e:#}"))
+                })?;
                 (TopologyChoice::Host, loaded)
             }
         };
@@ -190,9 +191,15 @@ impl Config {
                 } else if s.ends_with(".toml") {
                     let path = dir.join(s);
                     let text = std::fs::read_to_string(&path).map_err(|e| {
-                        top.error("policy", format!("cannot read policy file {}: {e}", path.display()))
+                        top.error(
+                            "policy",
+                            format!("cannot read policy file {}: {e}", path.display()),
+                        )
                     })?;
-                    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("policy");
+                    let stem = path
+                        .file_stem()
+                        .and_then(|s| s.to_str())
+                        .unwrap_or("policy");
                     parse_policy_text(&text, &path.display().to_string(), stem)?
                 } else {
                     let names: Vec<&str> = SHIPPED_POLICIES.iter().map(|(n, _)| *n).collect();
@@ -212,7 +219,10 @@ impl Config {
             Some(other) => {
                 return Err(top.error(
                     "policy",
-                    format!("expected a policy name, a file path or a table, found a {}", other.type_str()),
+                    format!(
+                        "expected a policy name, a file path or a table, found a {}",
+                        other.type_str()
+                    ),
                 ))
             }
         };
@@ -226,7 +236,10 @@ impl Config {
         for t in &vm_tables {
             for vm in parse_vm(t, nodes)? {
                 if !names.insert(vm.name.clone()) {
-                    return Err(t.error("name", format!("VM name `{}` is used twice; names must be unique", vm.name)));
+                    return Err(t.error(
+                        "name",
+                        format!("VM name `{}` is used twice; names must be unique", vm.name),
+                    ));
                 }
                 vms.push(vm);
             }
@@ -266,7 +279,9 @@ fn parse_policy(t: &Fields, source: &str, default_name: &str) -> Result<Policy> 
         Some(s) => {
             let p = SharingPolicy {
                 enabled: s.opt_bool("enabled")?.unwrap_or(true),
-                pages_per_second: s.opt_u64("pages_per_second", 1, 100_000_000)?.unwrap_or(100_000),
+                pages_per_second: s
+                    .opt_u64("pages_per_second", 1, 100_000_000)?
+                    .unwrap_or(100_000),
             };
             s.finish()?;
             p
@@ -306,7 +321,9 @@ fn parse_vm(t: &Fields, nodes: usize) -> Result<Vec<VmConfig>> {
     let name = t.req_str("name")?.to_string();
     if name.is_empty()
         || name.len() > 40
-        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     {
         return Err(t.error(
             "name",
@@ -328,11 +345,18 @@ fn parse_vm(t: &Fields, nodes: usize) -> Result<Vec<VmConfig>> {
             if t.has("vcpus") && t.opt_u64("vcpus", 1, MAX_VCPUS)? != Some(list.len() as u64) {
                 return Err(t.error(
                     "vcpus",
-                    format!("is {} but `vcpu_nodes` lists {} nodes; they must agree", t.opt_u64("vcpus", 1, MAX_VCPUS)?.unwrap(), list.len()),
+                    format!(
+                        "is {} but `vcpu_nodes` lists {} nodes; they must agree",
+                        t.opt_u64("vcpus", 1, MAX_VCPUS)?.unwrap(),
+                        list.len()
+                    ),
                 ));
             }
             if list.is_empty() || list.len() as u64 > MAX_VCPUS {
-                return Err(t.error("vcpu_nodes", format!("must list 1 to {MAX_VCPUS} nodes, one per vCPU")));
+                return Err(t.error(
+                    "vcpu_nodes",
+                    format!("must list 1 to {MAX_VCPUS} nodes, one per vCPU"),
+                ));
             }
             list.into_iter().map(|n| n as usize).collect()
         }
@@ -411,7 +435,10 @@ fn parse_workload(w: &Fields) -> Result<Workload> {
         other => {
             return Err(w.error(
                 "kind",
-                format!("`{other}` is not a workload; allowed: {}", Workload::NAMES.join(", ")),
+                format!(
+                    "`{other}` is not a workload; allowed: {}",
+                    Workload::NAMES.join(", ")
+                ),
             ))
         }
     };
@@ -468,7 +495,10 @@ impl<'a> Fields<'a> {
     }
 
     fn type_error(&self, key: &str, expected: &str, found: &toml::Value) -> ConfigError {
-        self.error(key, format!("expected {expected}, found a {}", found.type_str()))
+        self.error(
+            key,
+            format!("expected {expected}, found a {}", found.type_str()),
+        )
     }
 
     fn opt_str(&self, key: &str) -> Result<Option<&'a str>> {
@@ -496,10 +526,21 @@ impl<'a> Fields<'a> {
         self.opt_u64_msg(key, min, max, &format!("{min} to {max}"))
     }
 
-    fn check_int(&self, key: &str, v: &toml::Value, min: u64, max: u64, allowed: &str) -> Result<u64> {
+    fn check_int(
+        &self,
+        key: &str,
+        v: &toml::Value,
+        min: u64,
+        max: u64,
+        allowed: &str,
+    ) -> Result<u64> {
         match v {
-            toml::Value::Integer(i) if *i >= 0 && (*i as u64) >= min && (*i as u64) <= max => Ok(*i as u64),
-            toml::Value::Integer(i) => Err(self.error(key, format!("{i} is out of range; allowed: {allowed}"))),
+            toml::Value::Integer(i) if *i >= 0 && (*i as u64) >= min && (*i as u64) <= max => {
+                Ok(*i as u64)
+            }
+            toml::Value::Integer(i) => {
+                Err(self.error(key, format!("{i} is out of range; allowed: {allowed}")))
+            }
             v => Err(self.type_error(key, &format!("an integer ({allowed})"), v)),
         }
     }
@@ -511,7 +552,13 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn opt_u64_array(&self, key: &str, min: u64, max: u64, allowed: &str) -> Result<Option<Vec<u64>>> {
+    fn opt_u64_array(
+        &self,
+        key: &str,
+        min: u64,
+        max: u64,
+        allowed: &str,
+    ) -> Result<Option<Vec<u64>>> {
         match self.get(key) {
             None => Ok(None),
             Some(toml::Value::Array(items)) => items
@@ -532,7 +579,10 @@ impl<'a> Fields<'a> {
             Some(v) => return Err(self.type_error(key, "a number", v)),
         };
         if !(min..=max).contains(&value) {
-            return Err(self.error(key, format!("{value} is out of range; allowed: {min} to {max}")));
+            return Err(self.error(
+                key,
+                format!("{value} is out of range; allowed: {min} to {max}"),
+            ));
         }
         Ok(Some(value))
     }
@@ -552,7 +602,11 @@ impl<'a> Fields<'a> {
                 .iter()
                 .enumerate()
                 .map(|(i, v)| match v {
-                    toml::Value::Table(t) => Ok(Fields::new(self.file, &format!("{}[{i}]", self.key(key)), t)),
+                    toml::Value::Table(t) => Ok(Fields::new(
+                        self.file,
+                        &format!("{}[{i}]", self.key(key)),
+                        t,
+                    )),
                     v => Err(self.type_error(&format!("{key}[{i}]"), "a table", v)),
                 })
                 .collect(),

@@ -10,7 +10,11 @@ use disco::monitor::{self, RunOptions};
 use disco::topology::Topology;
 
 #[derive(Parser)]
-#[command(name = "disco", version, about = "A NUMA-aware, Disco-style virtual machine monitor on KVM")]
+#[command(
+    name = "disco",
+    version,
+    about = "A NUMA-aware, Disco-style virtual machine monitor on KVM"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,9 +34,7 @@ enum Command {
         quiet: bool,
     },
     /// Validate a config file and summarise it, without running anything.
-    Check {
-        config: PathBuf,
-    },
+    Check { config: PathBuf },
     /// Print a NUMA topology: the host's, or a fixture's and how it maps onto the host.
     Topo {
         /// A shipped fixture name (1-node, 2-socket, 4-node, 8-node) or an hwloc XML file.
@@ -70,7 +72,11 @@ fn load_config(path: &Option<PathBuf>) -> anyhow::Result<Config> {
 
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { config, json, quiet } => {
+        Command::Run {
+            config,
+            json,
+            quiet,
+        } => {
             let config = load_config(&config)?;
             let options = RunOptions {
                 progress: !quiet && !json,
@@ -117,7 +123,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Topo { fixture } => {
             let topo = match fixture {
                 None => Topology::host()?,
-                Some(f) if f.ends_with(".xml") => Topology::from_xml_file(std::path::Path::new(&f))?,
+                Some(f) if f.ends_with(".xml") => {
+                    Topology::from_xml_file(std::path::Path::new(&f))?
+                }
                 Some(name) => Topology::from_fixture_name(&name)?,
             };
             print!("{}", topo.render_text());

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::config::Config;
+use crate::config::{Config, VmConfig};
 use crate::memory::{Memory, VmId};
 use crate::report::{PolicySummary, RunReport, TopologySummary, VcpuReport, VmReport};
 use crate::topology::Topology;
@@ -52,7 +52,9 @@ fn policy_status(config: &Config) -> String {
         parts.push("sharing requested but not implemented yet (no pages are merged)");
     }
     if p.numa.migrate || p.numa.replicate {
-        parts.push("migration/replication requested but not implemented yet (pages stay where placed)");
+        parts.push(
+            "migration/replication requested but not implemented yet (pages stay where placed)",
+        );
     }
     if parts.is_empty() {
         "static placement; nothing requested beyond it".to_string()
@@ -74,7 +76,20 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
 
     let mut vms = Vec::new();
     for index in 0..config.vms.len() {
-        vms.push(create_vm(&kvm, &memory, &topology, index, config));
+        vms.push(match build_vm(&kvm, &memory, &topology, &config.vms[index]) {
+            Ok((space, vm)) => RunningVm {
+                index,
+                space: Some(space),
+                vm: Some(vm),
+                error: None,
+            },
+            Err(e) => RunningVm {
+                index,
+                space: None,
+                vm: None,
+                error: Some(format!("{e:#}")),
+            },
+        });
     }
     let create_ms = started.elapsed().as_secs_f64() * 1e3;
 
@@ -104,8 +119,10 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
     let bar = if options.progress {
         let bar = ProgressBar::new(1);
         bar.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {percent:>3}% {msg}")
-                .unwrap(),
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:40} {percent:>3}% {msg}",
+            )
+            .unwrap(),
         );
         bar
     } else {
@@ -169,7 +186,10 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
         } else if !failures.is_empty() {
             ("failed", Some(failures.join("; ")))
         } else if !all_match {
-            ("wrong-checksum", Some("a vCPU returned a checksum the host model does not predict".to_string()))
+            (
+                "wrong-checksum",
+                Some("a vCPU returned a checksum the host model does not predict".to_string()),
+            )
         } else {
             ("ok", None)
         };
@@ -181,7 +201,10 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
             vcpus,
             status: status.to_string(),
             error,
-            run_ms: outcome.as_ref().map(|o| o.run_time.as_secs_f64() * 1e3).unwrap_or(0.0),
+            run_ms: outcome
+                .as_ref()
+                .map(|o| o.run_time.as_secs_f64() * 1e3)
+                .unwrap_or(0.0),
             log: outcome.map(|o| o.log).unwrap_or_default(),
         });
     }
@@ -195,7 +218,9 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
     check("after tearing down");
     let leaked: u32 = memory.pool_stats().iter().map(|p| p.used_pages).sum();
     if leaked != 0 {
-        verify_errors.push(format!("{leaked} machine pages still in use after every VM was destroyed"));
+        verify_errors.push(format!(
+            "{leaked} machine pages still in use after every VM was destroyed"
+        ));
     }
 
     Ok(RunReport {
@@ -221,27 +246,18 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
     })
 }
 
-/// Builds one VM: its guest space in the memory node's pool, then its KVM VM.
-fn create_vm(
+/// Builds one VM: its guest space in the memory node's pool, then its KVM
+/// VM on that space. On failure nothing is left behind.
+pub fn build_vm(
     kvm: &kvm_ioctls::Kvm,
     memory: &Memory,
     topology: &Topology,
-    index: usize,
-    config: &Config,
-) -> RunningVm {
-    let vc = &config.vms[index];
+    vc: &VmConfig,
+) -> Result<(VmId, MicroVm)> {
     let frames = vc.memory_mib * 1024 * 1024 / PAGE_SIZE as u64;
-    let (space, base) = match memory.create_space(&vc.name, frames, vc.memory_node) {
-        Ok(s) => s,
-        Err(e) => {
-            return RunningVm {
-                index,
-                space: None,
-                vm: None,
-                error: Some(format!("cannot build guest memory: {e:#}")),
-            }
-        }
-    };
+    let (space, base) = memory
+        .create_space(&vc.name, frames, vc.memory_node)
+        .context("cannot build guest memory")?;
     let spec = MicroVmSpec {
         name: vc.name.clone(),
         vcpus: vc
@@ -260,17 +276,10 @@ fn create_vm(
         size: frames as usize * PAGE_SIZE,
     };
     match MicroVm::create(kvm, spec, ram) {
-        Ok(vm) => RunningVm {
-            index,
-            space: Some(space),
-            vm: Some(vm),
-            error: None,
-        },
-        Err(e) => RunningVm {
-            index,
-            space: Some(space),
-            vm: None,
-            error: Some(format!("cannot create the VM: {e:#}")),
-        },
+        Ok(vm) => Ok((space, vm)),
+        Err(e) => {
+            memory.destroy_space(space)?;
+            Err(e.context("cannot create the VM"))
+        }
     }
 }

@@ -126,7 +126,10 @@ impl RunReport {
             );
             for v in &vm.vcpus {
                 if let VcpuOutcome::Failed { reason, regs } = &v.outcome {
-                    out += &format!("    vcpu{} (node {}): {reason}\n      {regs}\n", v.index, v.node);
+                    out += &format!(
+                        "    vcpu{} (node {}): {reason}\n      {regs}\n",
+                        v.index, v.node
+                    );
                 }
             }
             for line in &vm.log {

@@ -29,7 +29,9 @@ workload = { kind = "sweep", seed = 3, passes = 2 }
 /// checking that it starts with the file's path.
 fn error_of(name: &str, text: &str) -> String {
     let path = write_temp(name, text);
-    let err = Config::load(&path).expect_err("config should be rejected").to_string();
+    let err = Config::load(&path)
+        .expect_err("config should be rejected")
+        .to_string();
     assert!(
         err.starts_with(&path.display().to_string()),
         "error must name the file {}: {err}",
@@ -51,14 +53,20 @@ fn a_good_config_parses() {
     assert_eq!(c.vms.len(), 1);
     assert_eq!(c.vms[0].vcpu_nodes, vec![1, 1]);
     assert_eq!(c.vms[0].memory_node, 1);
-    assert_eq!(c.policy.name, "disco", "the default policy is policies/disco.toml");
+    assert_eq!(
+        c.policy.name, "disco",
+        "the default policy is policies/disco.toml"
+    );
 }
 
 #[test]
 fn the_embedded_default_and_every_shipped_config_and_policy_parse() {
     let c = Config::embedded_default();
     assert!(c.vms.len() >= 4, "the demo runs several VMs");
-    assert!(c.topology().unwrap().node_count() > 1, "the demo runs on a multi-node topology");
+    assert!(
+        c.topology().unwrap().node_count() > 1,
+        "the demo runs on a multi-node topology"
+    );
     for dir in ["configs", "policies"] {
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
@@ -74,8 +82,12 @@ fn the_embedded_default_and_every_shipped_config_and_policy_parse() {
             } else {
                 std::fs::read_to_string(&path).unwrap()
             };
-            Config::parse(&text, &path.display().to_string(), std::path::Path::new("."))
-                .unwrap_or_else(|e| panic!("{} does not parse: {e}", path.display()));
+            Config::parse(
+                &text,
+                &path.display().to_string(),
+                std::path::Path::new("."),
+            )
+            .unwrap_or_else(|e| panic!("{} does not parse: {e}", path.display()));
         }
     }
 }
@@ -119,13 +131,19 @@ fn no_vms() {
 #[test]
 fn zero_vcpus() {
     let err = error_of("vcpus.toml", &GOOD_VM.replace("vcpus = 2", "vcpus = 0"));
-    assert_contains(&err, &["key `vm[0].vcpus`", "0 is out of range", "allowed: 1 to 64"]);
+    assert_contains(
+        &err,
+        &["key `vm[0].vcpus`", "0 is out of range", "allowed: 1 to 64"],
+    );
 }
 
 #[test]
 fn node_outside_the_topology() {
     let err = error_of("node.toml", &GOOD_VM.replace("node = 1", "node = 7"));
-    assert_contains(&err, &["key `vm[0].node`", "7 is out of range", "0 to 3", "4 nodes"]);
+    assert_contains(
+        &err,
+        &["key `vm[0].node`", "7 is out of range", "0 to 3", "4 nodes"],
+    );
 }
 
 #[test]
@@ -139,14 +157,35 @@ fn vcpu_node_outside_the_topology() {
 
 #[test]
 fn unknown_workload() {
-    let err = error_of("kind.toml", &GOOD_VM.replace("kind = \"sweep\"", "kind = \"mine\""));
-    assert_contains(&err, &["key `vm[0].workload.kind`", "`mine` is not a workload", "fill", "table_scan"]);
+    let err = error_of(
+        "kind.toml",
+        &GOOD_VM.replace("kind = \"sweep\"", "kind = \"mine\""),
+    );
+    assert_contains(
+        &err,
+        &[
+            "key `vm[0].workload.kind`",
+            "`mine` is not a workload",
+            "fill",
+            "table_scan",
+        ],
+    );
 }
 
 #[test]
 fn parameter_of_another_workload() {
-    let err = error_of("param.toml", &GOOD_VM.replace("kind = \"sweep\"", "kind = \"fill\""));
-    assert_contains(&err, &["key `vm[0].workload.passes`", "unknown key", "allowed here: kind, seed"]);
+    let err = error_of(
+        "param.toml",
+        &GOOD_VM.replace("kind = \"sweep\"", "kind = \"fill\""),
+    );
+    assert_contains(
+        &err,
+        &[
+            "key `vm[0].workload.passes`",
+            "unknown key",
+            "allowed here: kind, seed",
+        ],
+    );
 }
 
 #[test]
@@ -169,8 +208,14 @@ fn duplicate_vm_names() {
 
 #[test]
 fn node_and_vcpu_nodes_together() {
-    let err = error_of("both.toml", &GOOD_VM.replace("node = 1", "node = 1\nvcpu_nodes = [0, 1]"));
-    assert_contains(&err, &["key `vm[0].vcpu_nodes`", "either `node`", "not both"]);
+    let err = error_of(
+        "both.toml",
+        &GOOD_VM.replace("node = 1", "node = 1\nvcpu_nodes = [0, 1]"),
+    );
+    assert_contains(
+        &err,
+        &["key `vm[0].vcpu_nodes`", "either `node`", "not both"],
+    );
 }
 
 #[test]
@@ -184,20 +229,35 @@ fn vcpus_disagree_with_vcpu_nodes() {
 
 #[test]
 fn wrong_type() {
-    let err = error_of("type.toml", &GOOD_VM.replace("vcpus = 2", "vcpus = \"two\""));
-    assert_contains(&err, &["key `vm[0].vcpus`", "expected an integer", "found a string"]);
+    let err = error_of(
+        "type.toml",
+        &GOOD_VM.replace("vcpus = 2", "vcpus = \"two\""),
+    );
+    assert_contains(
+        &err,
+        &["key `vm[0].vcpus`", "expected an integer", "found a string"],
+    );
 }
 
 #[test]
 fn unknown_topology() {
     let err = error_of("topo.toml", &GOOD_VM.replace("\"4-node\"", "\"moon\""));
-    assert_contains(&err, &["key `host.topology`", "`moon` is not a topology", "4-node"]);
+    assert_contains(
+        &err,
+        &["key `host.topology`", "`moon` is not a topology", "4-node"],
+    );
 }
 
 #[test]
 fn missing_topology_file() {
-    let err = error_of("topofile.toml", &GOOD_VM.replace("\"4-node\"", "\"nowhere.xml\""));
-    assert_contains(&err, &["key `host.topology`", "cannot load it", "nowhere.xml"]);
+    let err = error_of(
+        "topofile.toml",
+        &GOOD_VM.replace("\"4-node\"", "\"nowhere.xml\""),
+    );
+    assert_contains(
+        &err,
+        &["key `host.topology`", "cannot load it", "nowhere.xml"],
+    );
 }
 
 #[test]
@@ -206,13 +266,27 @@ fn bad_policy_value() {
         "policy.toml",
         &format!("[policy]\nname = \"p\"\n[policy.sharing]\nenabled = \"yes\"\n{GOOD_VM}"),
     );
-    assert_contains(&err, &["key `policy.sharing.enabled`", "expected true or false"]);
+    assert_contains(
+        &err,
+        &["key `policy.sharing.enabled`", "expected true or false"],
+    );
 }
 
 #[test]
 fn unknown_policy_name() {
-    let err = error_of("policyname.toml", &format!("policy = \"fastest\"\n{GOOD_VM}"));
-    assert_contains(&err, &["key `policy`", "`fastest` is not a policy", "disco", "static"]);
+    let err = error_of(
+        "policyname.toml",
+        &format!("policy = \"fastest\"\n{GOOD_VM}"),
+    );
+    assert_contains(
+        &err,
+        &[
+            "key `policy`",
+            "`fastest` is not a policy",
+            "disco",
+            "static",
+        ],
+    );
 }
 
 #[test]
@@ -223,23 +297,42 @@ fn bad_value_inside_a_policy_file_names_that_file() {
         &format!("policy = \"{}\"\n{GOOD_VM}", policy.display()),
     );
     let err = Config::load(&path).unwrap_err().to_string();
-    assert_contains(&err, &[&policy.display().to_string(), "key `numa.epoch_ms`", "0 is out of range", "1 to 60000"]);
+    assert_contains(
+        &err,
+        &[
+            &policy.display().to_string(),
+            "key `numa.epoch_ms`",
+            "0 is out of range",
+            "1 to 60000",
+        ],
+    );
 }
 
 #[test]
 fn bad_vm_name() {
-    let err = error_of("name.toml", &GOOD_VM.replace("name = \"a\"", "name = \"my vm\""));
+    let err = error_of(
+        "name.toml",
+        &GOOD_VM.replace("name = \"a\"", "name = \"my vm\""),
+    );
     assert_contains(&err, &["key `vm[0].name`", "not a valid VM name"]);
 }
 
 #[test]
 fn time_limit_out_of_range() {
-    let err = error_of("time.toml", &GOOD_VM.replace("memory_mib = 8", "memory_mib = 8\ntime_limit_s = 0"));
-    assert_contains(&err, &["key `vm[0].time_limit_s`", "out of range", "allowed"]);
+    let err = error_of(
+        "time.toml",
+        &GOOD_VM.replace("memory_mib = 8", "memory_mib = 8\ntime_limit_s = 0"),
+    );
+    assert_contains(
+        &err,
+        &["key `vm[0].time_limit_s`", "out of range", "allowed"],
+    );
 }
 
 #[test]
 fn missing_file() {
-    let err = Config::load(std::path::Path::new("/nonexistent/disco.toml")).unwrap_err().to_string();
+    let err = Config::load(std::path::Path::new("/nonexistent/disco.toml"))
+        .unwrap_err()
+        .to_string();
     assert_contains(&err, &["/nonexistent/disco.toml", "cannot read the file"]);
 }

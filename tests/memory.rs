@@ -16,12 +16,35 @@ const NODES: usize = 2;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write { vm: usize, gfn: u64, byte: u8 },
-    Map { vm: usize, gfn: u64, node: usize },
-    Unmap { vm: usize, gfn: u64 },
-    Move { vm: usize, gfn: u64, node: usize },
-    Share { src: usize, sgfn: u64, dst: usize, dgfn: u64 },
-    Rebuild { vm: usize, node: usize },
+    Write {
+        vm: usize,
+        gfn: u64,
+        byte: u8,
+    },
+    Map {
+        vm: usize,
+        gfn: u64,
+        node: usize,
+    },
+    Unmap {
+        vm: usize,
+        gfn: u64,
+    },
+    Move {
+        vm: usize,
+        gfn: u64,
+        node: usize,
+    },
+    Share {
+        src: usize,
+        sgfn: u64,
+        dst: usize,
+        dgfn: u64,
+    },
+    Rebuild {
+        vm: usize,
+        node: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -66,7 +89,9 @@ fn check(memory: &Memory, ids: &[VmId], model: &Model) {
 }
 
 fn fresh_model_vm() -> BTreeMap<u64, Option<Vec<u8>>> {
-    (0..FRAMES).map(|g| (g, Some(vec![0u8; PAGE_SIZE]))).collect()
+    (0..FRAMES)
+        .map(|g| (g, Some(vec![0u8; PAGE_SIZE])))
+        .collect()
 }
 
 proptest! {
@@ -169,7 +194,10 @@ fn verify_catches_a_mapping_changed_behind_the_mappers_back() {
     };
     assert_ne!(ret, libc::MAP_FAILED);
     let err = memory.verify().unwrap_err().to_string();
-    assert!(err.contains("gfn 0x2"), "verify names the broken frame: {err}");
+    assert!(
+        err.contains("gfn 0x2"),
+        "verify names the broken frame: {err}"
+    );
     memory.destroy_space(vm).unwrap();
 }
 
@@ -178,15 +206,28 @@ fn freed_pages_go_back_to_the_host_and_read_as_zero() {
     let memory = Memory::new(&[(0, 0, 64)]).unwrap();
     let (vm, _) = memory.create_space("a", 8, 0).unwrap();
     for gfn in 0..8 {
-        memory.write_guest_page(vm, gfn, &vec![0xab; PAGE_SIZE]).unwrap();
+        memory
+            .write_guest_page(vm, gfn, &vec![0xab; PAGE_SIZE])
+            .unwrap();
     }
     let resident = memory.pool_stats()[0].resident_bytes;
-    assert!(resident >= 8 * PAGE_SIZE as u64, "written pages are resident: {resident}");
+    assert!(
+        resident >= 8 * PAGE_SIZE as u64,
+        "written pages are resident: {resident}"
+    );
     memory.destroy_space(vm).unwrap();
-    assert_eq!(memory.pool_stats()[0].resident_bytes, 0, "holes punched on free");
+    assert_eq!(
+        memory.pool_stats()[0].resident_bytes,
+        0,
+        "holes punched on free"
+    );
     let (vm, _) = memory.create_space("b", 8, 0).unwrap();
     for gfn in 0..8 {
-        assert!(memory.read_guest_page(vm, gfn).unwrap().iter().all(|&b| b == 0));
+        assert!(memory
+            .read_guest_page(vm, gfn)
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0));
     }
     memory.verify().unwrap();
 }

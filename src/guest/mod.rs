@@ -27,7 +27,11 @@ pub enum Workload {
     Random { seed: u64, touches: u64 },
     /// vCPU 0 fills a `table_pages` shared table from `seed`; every vCPU then
     /// does `lookups` pseudo-random reads of it (read-mostly shared data).
-    TableScan { seed: u64, table_pages: u32, lookups: u64 },
+    TableScan {
+        seed: u64,
+        table_pages: u32,
+        lookups: u64,
+    },
     /// Every vCPU does `increments` locked increments over `counters`
     /// write-shared counters (one per cache line), then a barrier, then sums.
     Counters { counters: u32, increments: u64 },

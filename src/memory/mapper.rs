@@ -147,7 +147,10 @@ impl Memory {
     pub fn new(pools: &[(NodeId, u32, u32)]) -> Result<Memory> {
         let mut built = Vec::new();
         for (i, &(node, host_node, capacity)) in pools.iter().enumerate() {
-            ensure!(node == i, "memory pools must be given for nodes 0..n in order");
+            ensure!(
+                node == i,
+                "memory pools must be given for nodes 0..n in order"
+            );
             built.push(Pool::new(node, host_node, capacity)?);
         }
         Ok(Memory {
@@ -340,7 +343,9 @@ impl Memory {
             "frame {gfn:#x} of vm {vm} is write-protected"
         );
         // SAFETY: the frame is mapped writable (checked under the lock).
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), space.addr(gfn) as *mut u8, PAGE_SIZE) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), space.addr(gfn) as *mut u8, PAGE_SIZE)
+        };
         Ok(())
     }
 
@@ -402,11 +407,8 @@ impl Memory {
         let inner = self.inner.lock();
         let maps = read_proc_maps()?;
         let mut errors = Vec::new();
-        let pool_by_inode: BTreeMap<u64, usize> = inner
-            .pools
-            .iter()
-            .map(|p| (p.inode(), p.node()))
-            .collect();
+        let pool_by_inode: BTreeMap<u64, usize> =
+            inner.pools.iter().map(|p| (p.inode(), p.node())).collect();
 
         for (&vm, space) in &inner.spaces {
             let end = space.base + space.frames() as usize * PAGE_SIZE;
@@ -472,7 +474,10 @@ impl Memory {
                     )),
                 }
                 if inner.pools[e.page.node()].is_free(e.page.index) {
-                    errors.push(format!("vm {vm} gfn {gfn:#x} maps {} which is free", e.page));
+                    errors.push(format!(
+                        "vm {vm} gfn {gfn:#x} maps {} which is free",
+                        e.page
+                    ));
                 }
             }
         }
@@ -491,10 +496,19 @@ impl Memory {
                     errors.push(format!("{page}: owner ({vm}, {gfn:#x}) does not map it"));
                 }
             }
-            if info.owners.len() > 1 && info.owners.iter().any(|&(vm, gfn)| {
-                inner.spaces.get(&vm).and_then(|s| s.pmap.get(gfn)).is_some_and(|e| !e.flags.write_protected)
-            }) {
-                errors.push(format!("{page}: shared by {} owners but writable by one", info.owners.len()));
+            if info.owners.len() > 1
+                && info.owners.iter().any(|&(vm, gfn)| {
+                    inner
+                        .spaces
+                        .get(&vm)
+                        .and_then(|s| s.pmap.get(gfn))
+                        .is_some_and(|e| !e.flags.write_protected)
+                })
+            {
+                errors.push(format!(
+                    "{page}: shared by {} owners but writable by one",
+                    info.owners.len()
+                ));
             }
         }
         for pool in &inner.pools {
@@ -508,7 +522,9 @@ impl Memory {
                 let free = pool.is_free(index);
                 match (in_use, free) {
                     (true, true) => errors.push(format!("{page} is both free and in use")),
-                    (false, false) => errors.push(format!("{page} is allocated but nobody owns it (leak)")),
+                    (false, false) => {
+                        errors.push(format!("{page} is allocated but nobody owns it (leak)"))
+                    }
                     (true, false) => used += 1,
                     (false, true) => {}
                 }
@@ -521,11 +537,9 @@ impl Memory {
                 ));
             }
         }
-        if let Some((page, _)) = inner
-            .memmap
-            .iter()
-            .find(|(p, _)| p.node() >= inner.pools.len() || p.index >= inner.pools[p.node()].high_water())
-        {
+        if let Some((page, _)) = inner.memmap.iter().find(|(p, _)| {
+            p.node() >= inner.pools.len() || p.index >= inner.pools[p.node()].high_water()
+        }) {
             errors.push(format!("{page} is in the memmap but was never allocated"));
         }
         if errors.is_empty() {
@@ -570,7 +584,9 @@ impl Inner {
             while i + run < pages.len() && pages[i + run] == pages[i] + run as u32 {
                 run += 1;
             }
-            if let Err(e) = map_pool_run(base + i * PAGE_SIZE, &self.pools[node], pages[i], run, true) {
+            if let Err(e) =
+                map_pool_run(base + i * PAGE_SIZE, &self.pools[node], pages[i], run, true)
+            {
                 // Give back what is not mapped yet; mapped frames are recorded below.
                 for &p in &pages[i..] {
                     self.pools[node].free(p)?;
@@ -623,7 +639,12 @@ impl Inner {
             .remove(&vm)
             .with_context(|| format!("no guest space with id {vm}"))?;
         // SAFETY: unmapping the range this module reserved for the space.
-        unsafe { libc::munmap(space.base as *mut libc::c_void, space.frames() as usize * PAGE_SIZE) };
+        unsafe {
+            libc::munmap(
+                space.base as *mut libc::c_void,
+                space.frames() as usize * PAGE_SIZE,
+            )
+        };
         for (gfn, e) in space.pmap.iter() {
             self.drop_owner(e.page, vm, gfn)?;
         }
@@ -657,7 +678,10 @@ impl HostMapping {
         if self.inode == 0 {
             format!("anonymous {}", self.perms)
         } else {
-            format!("inode {} offset {:#x} {}", self.inode, self.offset, self.perms)
+            format!(
+                "inode {} offset {:#x} {}",
+                self.inode, self.offset, self.perms
+            )
         }
     }
 }
@@ -705,11 +729,9 @@ fn ensure_map_count(needed: u64) -> Result<()> {
     // Leave room to grow so that this does not happen on every VM.
     let target = needed.max(current) * 2;
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        if std::fs::write(PATH, target.to_string()).is_ok() {
-            tracing::info!("raised vm.max_map_count from {current} to {target} for guest RAM mappings");
-            return Ok(());
-        }
+    if unsafe { libc::geteuid() } == 0 && std::fs::write(PATH, target.to_string()).is_ok() {
+        tracing::info!("raised vm.max_map_count from {current} to {target} for guest RAM mappings");
+        return Ok(());
     }
     bail!(
         "guest RAM may need up to {needed} memory mappings but vm.max_map_count is {current}; \

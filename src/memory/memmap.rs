@@ -35,10 +35,9 @@ impl Memmap {
     /// Removes `(vm, gfn)` from `page`'s owners. Returns `true` when that was
     /// the last owner (the caller must then free the page).
     pub fn remove_owner(&mut self, page: MachinePage, vm: VmId, gfn: Gfn) -> bool {
-        let info = self
-            .pages
-            .get_mut(&page)
-            .unwrap_or_else(|| panic!("memmap: {page} has no owners, cannot remove ({vm}, {gfn:#x})"));
+        let info = self.pages.get_mut(&page).unwrap_or_else(|| {
+            panic!("memmap: {page} has no owners, cannot remove ({vm}, {gfn:#x})")
+        });
         let pos = info
             .owners
             .iter()

@@ -74,7 +74,7 @@ impl Pool {
         if view == libc::MAP_FAILED {
             return Err(io::Error::last_os_error()).context("mapping a memory pool");
         }
-        if let Err(e) = numa::bind_to_node(view, bytes, host_node) {
+        if let Err(e) = numa::bind_to_node(view as usize, bytes, host_node) {
             // SAFETY: unmapping what we just mapped.
             unsafe { libc::munmap(view, bytes) };
             bail!("cannot bind the node {node} pool to host NUMA node {host_node}: {e}");
@@ -203,6 +203,11 @@ impl Pool {
 impl Drop for Pool {
     fn drop(&mut self) {
         // SAFETY: unmapping our own view; the fd closes with OwnedFd.
-        unsafe { libc::munmap(self.view as *mut libc::c_void, self.capacity as usize * PAGE_SIZE) };
+        unsafe {
+            libc::munmap(
+                self.view as *mut libc::c_void,
+                self.capacity as usize * PAGE_SIZE,
+            )
+        };
     }
 }

@@ -325,7 +325,7 @@ impl VcpuThread {
                     let regs = self.regs()?;
                     let text = read_log_line(&self.ram, regs.rdi, regs.rsi)?;
                     let line = format!("vcpu{index}: {text}");
-                    tracing::info!(vm = %self.vm_name, "{line}");
+                    tracing::debug!(vm = %self.vm_name, "{line}");
                     self.log.lock().push(line);
                     Ok(None)
                 }
