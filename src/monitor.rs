@@ -76,20 +76,22 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
 
     let mut vms = Vec::new();
     for index in 0..config.vms.len() {
-        vms.push(match build_vm(&kvm, &memory, &topology, &config.vms[index]) {
-            Ok((space, vm)) => RunningVm {
-                index,
-                space: Some(space),
-                vm: Some(vm),
-                error: None,
+        vms.push(
+            match build_vm(&kvm, &memory, &topology, &config.vms[index]) {
+                Ok((space, vm)) => RunningVm {
+                    index,
+                    space: Some(space),
+                    vm: Some(vm),
+                    error: None,
+                },
+                Err(e) => RunningVm {
+                    index,
+                    space: None,
+                    vm: None,
+                    error: Some(format!("{e:#}")),
+                },
             },
-            Err(e) => RunningVm {
-                index,
-                space: None,
-                vm: None,
-                error: Some(format!("{e:#}")),
-            },
-        });
+        );
     }
     let create_ms = started.elapsed().as_secs_f64() * 1e3;
 

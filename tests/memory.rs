@@ -95,7 +95,7 @@ fn fresh_model_vm() -> BTreeMap<u64, Option<Vec<u8>>> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
     #[test]
     fn mapper_keeps_invariants_and_contents(ops in proptest::collection::vec(op(), 1..60)) {

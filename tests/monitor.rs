@@ -1,0 +1,218 @@
+//! The whole monitor on real KVM: configs in, guests run on pool-backed
+//! memory, checksums checked against the host model, invariants verified
+//! before, during and after the run.
+
+use std::path::Path;
+
+use disco::config::Config;
+use disco::kvm_check::require_kvm;
+use disco::monitor::{run, RunOptions};
+use disco::report::RunReport;
+use disco::vm::VcpuOutcome;
+
+fn run_config(text: &str) -> RunReport {
+    let config = Config::parse(text, "<test>", Path::new(".")).expect("test config is valid");
+    let options = RunOptions {
+        progress: false,
+        verify_every: std::time::Duration::from_millis(20),
+    };
+    run(&config, &options).expect("the monitor runs")
+}
+
+/// Four VMs with two vCPUs each, one per node of the 4-node fixture, with
+/// memory on a different node than the vCPUs for half of them.
+fn four_vms(workload: &str) -> String {
+    let mut text = String::from("policy = \"static\"\n[host]\ntopology = \"4-node\"\n");
+    for i in 0..4 {
+        text += &format!(
+            "[[vm]]\nname = \"vm{i}\"\nvcpu_nodes = [{i}, {}]\nmemory_node = {}\nmemory_mib = 24\ntime_limit_s = 120\nworkload = {workload}\n",
+            (i + 1) % 4,
+            (i + i % 2) % 4
+        );
+    }
+    text
+}
+
+fn assert_all_verified(report: &RunReport) {
+    assert!(report.verify_ok, "invariants: {:?}", report.verify_errors);
+    assert!(
+        report.verify_runs >= 3,
+        "verify ran before, during and after"
+    );
+    assert!(
+        report.verify_while_running >= 1,
+        "verify ran while guests ran"
+    );
+    for vm in &report.vms {
+        assert_eq!(vm.status, "ok", "{}: {:?}", vm.name, vm.error);
+        for v in &vm.vcpus {
+            match &v.outcome {
+                VcpuOutcome::Done { result, expected } => {
+                    assert_eq!(Some(*result), *expected, "{} vcpu{}", vm.name, v.index)
+                }
+                other => panic!("{} vcpu{} did not finish: {other:?}", vm.name, v.index),
+            }
+        }
+        assert_eq!(
+            vm.pages_per_node.iter().sum::<u64>(),
+            vm.memory_mib * 256,
+            "every guest page is backed by a pool page"
+        );
+    }
+    assert!(
+        report
+            .pools
+            .iter()
+            .all(|p| p.used_pages as u64 <= p.capacity_pages as u64),
+        "pool usage within capacity"
+    );
+    let json = serde_json::to_string(report).unwrap();
+    assert!(serde_json::from_str::<serde_json::Value>(&json).is_ok());
+}
+
+#[test]
+fn four_vms_fill() {
+    if !require_kvm("four_vms_fill") {
+        return;
+    }
+    assert_all_verified(&run_config(&four_vms("{ kind = \"fill\", seed = 5 }")));
+}
+
+#[test]
+fn four_vms_sweep() {
+    if !require_kvm("four_vms_sweep") {
+        return;
+    }
+    assert_all_verified(&run_config(&four_vms(
+        "{ kind = \"sweep\", seed = 6, passes = 6 }",
+    )));
+}
+
+#[test]
+fn four_vms_random() {
+    if !require_kvm("four_vms_random") {
+        return;
+    }
+    assert_all_verified(&run_config(&four_vms(
+        "{ kind = \"random\", seed = 7, touches = 3000000 }",
+    )));
+}
+
+#[test]
+fn four_vms_table_scan() {
+    if !require_kvm("four_vms_table_scan") {
+        return;
+    }
+    assert_all_verified(&run_config(&four_vms(
+        "{ kind = \"table_scan\", seed = 8, table_pages = 512, lookups = 3000000 }",
+    )));
+}
+
+#[test]
+fn four_vms_counters() {
+    if !require_kvm("four_vms_counters") {
+        return;
+    }
+    assert_all_verified(&run_config(&four_vms(
+        "{ kind = \"counters\", counters = 16, increments = 1000000 }",
+    )));
+}
+
+#[test]
+fn memory_is_placed_on_the_configured_node() {
+    if !require_kvm("memory_is_placed_on_the_configured_node") {
+        return;
+    }
+    let report = run_config(&four_vms("{ kind = \"fill\", seed = 9 }"));
+    for (i, vm) in report.vms.iter().enumerate() {
+        let node = (i + i % 2) % 4;
+        assert_eq!(vm.pages_per_node[node], vm.memory_mib * 256, "{}", vm.name);
+        assert_eq!(vm.vcpus[0].node, i);
+    }
+    let used: Vec<u32> = report.pools.iter().map(|p| p.used_pages).collect();
+    assert_eq!(used, vec![2 * 24 * 256, 0, 2 * 24 * 256, 0]);
+}
+
+#[test]
+fn crashing_and_looping_guests_are_reported_while_others_finish() {
+    if !require_kvm("crashing_and_looping_guests_are_reported_while_others_finish") {
+        return;
+    }
+    let report = run_config(
+        r#"
+policy = "static"
+[host]
+topology = "2-socket"
+
+[[vm]]
+name = "crasher"
+node = 0
+memory_mib = 4
+workload = { kind = "crash" }
+
+[[vm]]
+name = "looper"
+vcpus = 2
+node = 1
+memory_mib = 4
+time_limit_s = 2
+workload = { kind = "spin" }
+
+[[vm]]
+name = "stranger"
+node = 1
+memory_mib = 4
+workload = { kind = "bad_io" }
+
+[[vm]]
+name = "good-fill"
+vcpus = 2
+node = 0
+memory_mib = 16
+workload = { kind = "fill", seed = 3 }
+
+[[vm]]
+name = "good-sweep"
+vcpus = 2
+node = 1
+memory_mib = 16
+workload = { kind = "sweep", seed = 4, passes = 20 }
+
+[[vm]]
+name = "good-counters"
+vcpus = 2
+node = 0
+memory_mib = 4
+workload = { kind = "counters", counters = 4, increments = 2000000 }
+"#,
+    );
+    assert!(report.verify_ok, "invariants: {:?}", report.verify_errors);
+    let vm = |name: &str| report.vms.iter().find(|v| v.name == name).unwrap();
+    let failed_reason = |name: &str| match &vm(name).vcpus[0].outcome {
+        VcpuOutcome::Failed { reason, regs } => {
+            assert!(regs.rip != 0, "{name}: registers are reported");
+            reason.clone()
+        }
+        other => panic!("{name} should have failed: {other:?}"),
+    };
+    assert_eq!(vm("crasher").status, "failed");
+    let crash = failed_reason("crasher");
+    assert!(
+        crash.contains("triple fault") || crash.contains("SHUTDOWN"),
+        "{crash}"
+    );
+    assert_eq!(vm("looper").status, "failed");
+    assert!(failed_reason("looper").contains("time limit"));
+    assert_eq!(vm("stranger").status, "failed");
+    assert!(failed_reason("stranger").contains("unknown I/O port"));
+    for good in ["good-fill", "good-sweep", "good-counters"] {
+        assert_eq!(vm(good).status, "ok", "{good}: {:?}", vm(good).error);
+    }
+    assert!(!report.all_ok());
+    let text = report.render_text();
+    assert!(text.contains("3 of 6 VMs ok"), "{text}");
+    assert!(
+        text.contains("rip"),
+        "register dump in the text report: {text}"
+    );
+}
