@@ -150,7 +150,7 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    bar.finish_and_clear();
+    bar.set_message("guests done; checking their results against the host model");
 
     let mut reports = Vec::new();
     for rv in vms.iter_mut() {
@@ -210,6 +210,7 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
             log: outcome.map(|o| o.log).unwrap_or_default(),
         });
     }
+    bar.finish_and_clear();
     check("after the guests stopped");
     let pools = memory.pool_stats();
     for rv in &vms {

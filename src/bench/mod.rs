@@ -1,0 +1,173 @@
+//! Benchmarks of the monitor on real KVM with real guests: the scenarios
+//! behind `disco bench` and the criterion benches in `benches/`.
+//!
+//! * [`bare`]: the baseline, a minimal bare-KVM runner on anonymous memory
+//!   (same micro-VM and guest image, no monitor);
+//! * [`overhead`]: the same workload run alternately by `disco` and by the
+//!   bare runner in one process run; medians and their ratio;
+//! * [`density`]: create and start many micro-VMs through the monitor's
+//!   memory; VMs per second and host memory per VM beyond guest RAM;
+//! * [`procmem`]: the `/proc` counters the density scenario reads.
+//!
+//! Every scenario checks the guests' checksums: a run with a wrong checksum
+//! is an error, never a figure. Results are serde structs (JSON) with a
+//! Markdown table renderer. Speed is measured here, never in timed tests.
+
+pub mod bare;
+pub mod density;
+pub mod overhead;
+pub mod procmem;
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+
+/// Summary of repeated measurements of one quantity.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Number of measurements.
+    pub n: usize,
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    /// Every measurement, in the order taken.
+    pub samples: Vec<f64>,
+}
+
+impl Stats {
+    /// Summarises `samples` (at least one). The median of an even count is
+    /// the mean of the two middle values.
+    pub fn of(samples: &[f64]) -> Stats {
+        assert!(!samples.is_empty(), "Stats::of needs at least one sample");
+        let mut sorted = samples.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let n = sorted.len();
+        let median = if n % 2 == 1 {
+            sorted[n / 2]
+        } else {
+            (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+        };
+        Stats {
+            n,
+            median,
+            min: sorted[0],
+            max: sorted[n - 1],
+            samples: samples.to_vec(),
+        }
+    }
+
+    /// `median (min-max)` with `decimals` decimals.
+    pub fn show(&self, decimals: usize) -> String {
+        format!(
+            "{:.d$} ({:.d$}-{:.d$})",
+            self.median,
+            self.min,
+            self.max,
+            d = decimals
+        )
+    }
+}
+
+/// The machine a result was measured on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HostInfo {
+    /// `uname -r`.
+    pub kernel: String,
+    /// Online CPUs.
+    pub cpus: usize,
+    pub mem_total_mib: u64,
+    /// `/sys/kernel/mm/transparent_hugepage/enabled` (the selected value):
+    /// with `always`, the bare runner's anonymous memory may get huge pages.
+    pub transparent_hugepages: String,
+}
+
+impl HostInfo {
+    pub fn detect() -> HostInfo {
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into());
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .ok()
+            .and_then(|s| {
+                s.split_whitespace()
+                    .find(|w| w.starts_with('['))
+                    .map(|w| w.trim_matches(['[', ']']).to_string())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let mem_total_mib = procmem::MemInfo::read()
+            .map(|m| m.mem_total_kib / 1024)
+            .unwrap_or(0);
+        HostInfo {
+            kernel,
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            mem_total_mib,
+            transparent_hugepages: thp,
+        }
+    }
+
+    /// One line for table footers.
+    pub fn describe(&self) -> String {
+        format!(
+            "Linux {}, {} CPUs, {} MiB RAM, THP {}",
+            self.kernel, self.cpus, self.mem_total_mib, self.transparent_hugepages
+        )
+    }
+}
+
+/// A config from TOML text, as `disco run` would read it from a file.
+pub fn config_from_toml(text: &str) -> Result<Config> {
+    Config::parse(text, "<bench>", Path::new(".")).context("a benchmark config is invalid")
+}
+
+/// A Markdown table.
+pub(crate) fn markdown_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut out = format!("| {} |\n", headers.join(" | "));
+    out += &format!(
+        "|{}\n",
+        headers
+            .iter()
+            .enumerate()
+            .map(|(i, _)| if i == 0 { "---|" } else { "---:|" })
+            .collect::<String>()
+    );
+    for row in rows {
+        out += &format!("| {} |\n", row.join(" | "));
+    }
+    out
+}
+
+/// A progress bar on stderr, or a hidden one.
+pub(crate) fn progress_bar(len: u64, show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+            .unwrap(),
+    );
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_median_min_max() {
+        let s = Stats::of(&[3.0, 1.0, 2.0]);
+        assert_eq!((s.n, s.median, s.min, s.max), (3, 2.0, 1.0, 3.0));
+        assert_eq!(Stats::of(&[4.0, 1.0, 2.0, 3.0]).median, 2.5);
+        assert_eq!(s.samples, vec![3.0, 1.0, 2.0]);
+    }
+
+    #[test]
+    fn markdown_table_shape() {
+        let t = markdown_table(&["a", "b"], &[vec!["1".into(), "2".into()]]);
+        assert_eq!(t, "| a | b |\n|---|---:|\n| 1 | 2 |\n");
+    }
+}
