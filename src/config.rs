@@ -77,6 +77,8 @@ impl TopologyChoice {
 pub struct SharingPolicy {
     pub enabled: bool,
     pub pages_per_second: u64,
+    /// Sharing domains whose VMs are scanned; empty means every domain.
+    pub domains: Vec<String>,
 }
 
 /// NUMA placement knobs, parsed and reported like [`SharingPolicy`].
@@ -107,6 +109,9 @@ pub struct VmConfig {
     pub memory_node: usize,
     pub workload: Workload,
     pub time_limit: Duration,
+    /// Pages are only ever shared between VMs of the same sharing domain
+    /// (tenant): shared pages are a timing side channel.
+    pub sharing_domain: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -282,6 +287,7 @@ fn parse_policy(t: &Fields, source: &str, default_name: &str) -> Result<Policy> 
                 pages_per_second: s
                     .opt_u64("pages_per_second", 1, 100_000_000)?
                     .unwrap_or(100_000),
+                domains: s.opt_str_array("domains")?.unwrap_or_default(),
             };
             s.finish()?;
             p
@@ -289,6 +295,7 @@ fn parse_policy(t: &Fields, source: &str, default_name: &str) -> Result<Policy> 
         None => SharingPolicy {
             enabled: false,
             pages_per_second: 100_000,
+            domains: Vec::new(),
         },
     };
     let numa = match t.opt_table("numa")? {
@@ -317,17 +324,22 @@ fn parse_policy(t: &Fields, source: &str, default_name: &str) -> Result<Policy> 
     })
 }
 
-fn parse_vm(t: &Fields, nodes: usize) -> Result<Vec<VmConfig>> {
-    let name = t.req_str("name")?.to_string();
-    if name.is_empty()
-        || name.len() > 40
-        || !name
+const NAME_RULE: &str = "1 to 40 characters from a-z, A-Z, 0-9, '-' and '_'";
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 40
+        && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
+}
+
+fn parse_vm(t: &Fields, nodes: usize) -> Result<Vec<VmConfig>> {
+    let name = t.req_str("name")?.to_string();
+    if !valid_name(&name) {
         return Err(t.error(
             "name",
-            format!("`{name}` is not a valid VM name; allowed: 1 to 40 characters from a-z, A-Z, 0-9, '-' and '_'"),
+            format!("`{name}` is not a valid VM name; allowed: {NAME_RULE}"),
         ));
     }
     let max_node = nodes as u64 - 1;
@@ -375,9 +387,23 @@ fn parse_vm(t: &Fields, nodes: usize) -> Result<Vec<VmConfig>> {
         None => Duration::from_secs(60),
     };
     let count = t.opt_u64("count", 1, MAX_COUNT)?.unwrap_or(1);
+    let sharing_domain = t
+        .opt_str("sharing_domain")?
+        .unwrap_or("default")
+        .to_string();
+    if !valid_name(&sharing_domain) {
+        return Err(t.error(
+            "sharing_domain",
+            format!("`{sharing_domain}` is not a valid domain name; allowed: {NAME_RULE}"),
+        ));
+    }
     let workload = match t.opt_table("workload")? {
         Some(w) => parse_workload(&w)?,
-        None => Workload::Fill { seed: 1 },
+        None => Workload::Fill {
+            seed: 1,
+            private_seed: 1,
+            shared_percent: 100,
+        },
     };
     let need = layout::min_ram_bytes(&workload, vcpu_nodes.len());
     if memory_mib * 1024 * 1024 < need {
@@ -399,6 +425,7 @@ fn parse_vm(t: &Fields, nodes: usize) -> Result<Vec<VmConfig>> {
         memory_node,
         workload: workload.clone(),
         time_limit,
+        sharing_domain: sharing_domain.clone(),
     };
     Ok(if count == 1 {
         vec![make(name)]
@@ -411,7 +438,14 @@ fn parse_workload(w: &Fields) -> Result<Workload> {
     let kind = w.req_str("kind")?;
     let seed = || w.opt_u64("seed", 0, u64::MAX).map(|s| s.unwrap_or(1));
     let workload = match kind {
-        "fill" => Workload::Fill { seed: seed()? },
+        "fill" => {
+            let seed = seed()?;
+            Workload::Fill {
+                seed,
+                private_seed: w.opt_u64("private_seed", 0, u64::MAX)?.unwrap_or(seed),
+                shared_percent: w.opt_u64("shared_percent", 0, 100)?.unwrap_or(100) as u8,
+            }
+        }
         "sweep" => Workload::Sweep {
             seed: seed()?,
             passes: w.opt_u64("passes", 1, 10_000)?.unwrap_or(4) as u32,
@@ -568,6 +602,22 @@ impl<'a> Fields<'a> {
                 .collect::<Result<Vec<_>>>()
                 .map(Some),
             Some(v) => Err(self.type_error(key, "an array of integers", v)),
+        }
+    }
+
+    fn opt_str_array(&self, key: &str) -> Result<Option<Vec<String>>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(toml::Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    toml::Value::String(s) => Ok(s.clone()),
+                    v => Err(self.type_error(&format!("{key}[{i}]"), "a string", v)),
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(Some),
+            Some(v) => Err(self.type_error(key, "an array of strings", v)),
         }
     }
 

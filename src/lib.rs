@@ -3,12 +3,15 @@
 //! The crate is a library (so tests and benchmarks drive the real monitor) plus
 //! the `disco` binary in `main.rs`. See ARCHITECTURE.md for the map.
 
+pub mod bench;
 pub mod config;
+pub mod faults;
 pub mod guest;
 pub mod kvm_check;
 pub mod memory;
 pub mod monitor;
 pub mod report;
+pub mod sharing;
 pub mod topology;
 pub mod vm;
 

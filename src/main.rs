@@ -43,6 +43,51 @@ enum Command {
     },
     /// Print the embedded default config (a starting point for your own).
     DefaultConfig,
+    /// Benchmarks on real KVM: VM density, disco vs a bare-KVM runner, page
+    /// sharing vs Linux KSM.
+    Bench {
+        #[arg(value_enum)]
+        scenario: BenchScenario,
+        /// Print the result as JSON on stdout instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Fewer repetitions (a quick look, not a figure to publish).
+        #[arg(long)]
+        quick: bool,
+        /// Repetitions (default: density 3, overhead 10; with --quick 1 and 3;
+        /// sharing: sweep runs 5 and copy-on-write rewrites 3, with --quick 3 and 2).
+        #[arg(long)]
+        reps: Option<usize>,
+        /// density: number of VMs (default 100); sharing: (default 8).
+        #[arg(long)]
+        vms: Option<usize>,
+        /// density: guest RAM per VM in MiB (default 4); sharing: (default 32).
+        #[arg(long)]
+        mib: Option<u64>,
+        /// sharing: directory for sharing.json, sharing.md and
+        /// sharing-savings.svg.
+        #[arg(long, value_name = "DIR", default_value = "bench-results")]
+        out: PathBuf,
+        /// sharing: disco's scanner rate (default 100000, the policy default).
+        #[arg(long, value_name = "PAGES")]
+        pages_per_second: Option<u64>,
+        /// overhead: the shipped policy disco runs with (repeatable; default
+        /// static, i.e. the monitor without sharing; `disco` is the default
+        /// policy of `disco run`, with sharing).
+        #[arg(long = "policy", value_name = "POLICY")]
+        policies: Vec<String>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BenchScenario {
+    /// Create and start many micro-VMs: VMs per second, memory per VM beyond guest RAM.
+    Density,
+    /// The same workloads run by disco and by a bare-KVM runner on anonymous memory.
+    Overhead,
+    /// disco's page sharing vs Linux KSM on the same guests: time, CPU, savings,
+    /// copy-on-write latency, guest slowdown (needs root; restores KSM's settings).
+    Sharing,
 }
 
 fn main() -> ExitCode {
@@ -133,6 +178,89 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::DefaultConfig => {
             print!("{}", disco::config::DEFAULT_CONFIG);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            scenario,
+            json,
+            quick,
+            reps,
+            vms,
+            mib,
+            out,
+            pages_per_second,
+            policies,
+        } => {
+            use disco::bench::{density, overhead, sharing};
+            let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            if pages_per_second.is_some() && !matches!(scenario, BenchScenario::Sharing) {
+                anyhow::bail!("--pages-per-second applies to the sharing scenario only");
+            }
+            let (table, json_text) = match scenario {
+                BenchScenario::Density => {
+                    if !policies.is_empty() {
+                        anyhow::bail!("--policy applies to the overhead scenario only");
+                    }
+                    let mut options = density::DensityOptions::standard(quick);
+                    options.reps = reps.unwrap_or(options.reps);
+                    options.vms = vms.unwrap_or(options.vms);
+                    options.memory_mib = mib.unwrap_or(options.memory_mib);
+                    options.progress = progress;
+                    let result = density::run(&options)?;
+                    (
+                        result.render_table(),
+                        serde_json::to_string_pretty(&result)?,
+                    )
+                }
+                BenchScenario::Overhead => {
+                    if vms.is_some() || mib.is_some() {
+                        anyhow::bail!(
+                            "--vms and --mib apply to the density and sharing scenarios only"
+                        );
+                    }
+                    let policies: Vec<&str> = if policies.is_empty() {
+                        vec![overhead::STATIC]
+                    } else {
+                        policies.iter().map(String::as_str).collect()
+                    };
+                    let mut options = overhead::OverheadOptions::with_policies(quick, &policies);
+                    options.reps = reps.unwrap_or(options.reps);
+                    options.progress = progress;
+                    let result = overhead::run(&options)?;
+                    (
+                        result.render_table(),
+                        serde_json::to_string_pretty(&result)?,
+                    )
+                }
+                BenchScenario::Sharing => {
+                    if !policies.is_empty() {
+                        anyhow::bail!("--policy applies to the overhead scenario only");
+                    }
+                    let mut options = sharing::SharingOptions::standard(quick);
+                    if let Some(reps) = reps {
+                        options.sweep.reps = reps;
+                        options.cow_reps = reps;
+                    }
+                    options.vms = vms.unwrap_or(options.vms);
+                    options.mib_per_vm = mib.unwrap_or(options.mib_per_vm);
+                    options.pages_per_second = pages_per_second.unwrap_or(options.pages_per_second);
+                    options.progress = progress;
+                    let result = sharing::run(&options)?;
+                    let files = result.write_outputs(&out)?;
+                    let names: Vec<String> =
+                        files.iter().map(|f| f.display().to_string()).collect();
+                    eprintln!("disco bench sharing: wrote {}", names.join(", "));
+                    (
+                        result.render_table(),
+                        serde_json::to_string_pretty(&result)?,
+                    )
+                }
+            };
+            if json {
+                println!("{json_text}");
+            } else {
+                print!("{table}");
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -12,8 +12,13 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::{Config, VmConfig};
+use crate::faults::FaultHandler;
+use crate::guest::layout;
 use crate::memory::{Memory, VmId};
-use crate::report::{PolicySummary, RunReport, TopologySummary, VcpuReport, VmReport};
+use crate::report::{
+    PolicySummary, RunReport, SharingReport, TopologySummary, VcpuReport, VmReport,
+};
+use crate::sharing::{Scanner, ScannerConfig};
 use crate::topology::Topology;
 use crate::vm::{GuestRam, MicroVm, MicroVmSpec, VcpuOutcome, VcpuPlacement};
 use crate::PAGE_SIZE;
@@ -49,7 +54,7 @@ fn policy_status(config: &Config) -> String {
     let p = &config.policy;
     let mut parts = Vec::new();
     if p.sharing.enabled {
-        parts.push("sharing requested but not implemented yet (no pages are merged)");
+        parts.push("sharing active (copy-on-write, scanner running)");
     }
     if p.numa.migrate || p.numa.replicate {
         parts.push(
@@ -64,6 +69,8 @@ fn policy_status(config: &Config) -> String {
 }
 
 const WHILE_RUNNING: &str = "while running";
+/// Longest wait for the scanner's final passes after the guests are done.
+const SETTLE_LIMIT: Duration = Duration::from_secs(30);
 
 /// Runs every VM of `config` to completion and reports.
 pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
@@ -109,6 +116,20 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
     };
     check("before start");
 
+    // Copy-on-write sharing: the fault handler must run before any page is
+    // shared, the scanner once the guests run.
+    let sharing = &config.policy.sharing;
+    let _fault_handler = if sharing.enabled {
+        Some(FaultHandler::start(memory.clone()).with_context(|| {
+            format!(
+                "policy {} turns sharing on, which needs userfaultfd (run as root, or set                  [sharing] enabled = false)",
+                config.policy.name
+            )
+        })?)
+    } else {
+        None
+    };
+
     for rv in vms.iter_mut() {
         if let Some(vm) = rv.vm.as_mut() {
             if let Err(e) = vm.start() {
@@ -117,6 +138,18 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
             }
         }
     }
+
+    let scanner = if sharing.enabled {
+        Some(Scanner::start(
+            memory.clone(),
+            ScannerConfig {
+                pages_per_second: sharing.pages_per_second,
+                domains: sharing.domains.clone(),
+            },
+        )?)
+    } else {
+        None
+    };
 
     let bar = if options.progress {
         let bar = ProgressBar::new(1);
@@ -140,7 +173,14 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
         let finished = running.iter().filter(|v| v.is_finished()).count();
         bar.set_length(total.max(1));
         bar.set_position(done);
-        bar.set_message(format!("{finished}/{} VMs finished", running.len()));
+        let shared = match &scanner {
+            Some(_) => format!(
+                ", {:.1} MiB saved by sharing",
+                memory.sharing_stats().saved_bytes as f64 / (1024.0 * 1024.0)
+            ),
+            None => String::new(),
+        };
+        bar.set_message(format!("{finished}/{} VMs finished{shared}", running.len()));
         if finished == running.len() {
             break;
         }
@@ -150,17 +190,30 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Let the scanner see the guests' final memory: two more full passes
+    // (the first may have started before the guests' last writes).
+    let scan_stats = scanner.map(|scanner| {
+        bar.set_message("guests done; sharing scanner finishing its passes");
+        let target = scanner.stats().full_scans + 2;
+        let deadline = Instant::now() + SETTLE_LIMIT;
+        while scanner.stats().full_scans < target && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let settled = scanner.stats().full_scans >= target;
+        (scanner.stop(), settled)
+    });
     bar.set_message("guests done; checking their results against the host model");
 
     let mut reports = Vec::new();
     for rv in vms.iter_mut() {
         let vc = &config.vms[rv.index];
         let outcome = rv.vm.take().map(MicroVm::wait);
-        let pages_per_node = rv
-            .space
-            .and_then(|s| memory.space_stats(s).ok())
-            .map(|s| s.pages_per_node)
+        let space_stats = rv.space.and_then(|s| memory.space_stats(s).ok());
+        let pages_per_node = space_stats
+            .as_ref()
+            .map(|s| s.pages_per_node.clone())
             .unwrap_or_default();
+        let shared_pages = space_stats.as_ref().map_or(0, |s| s.shared_pages);
         let vcpus = vc
             .vcpu_nodes
             .iter()
@@ -200,6 +253,8 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
             workload: vc.workload.clone(),
             memory_mib: vc.memory_mib,
             pages_per_node,
+            shared_pages,
+            sharing_domain: vc.sharing_domain.clone(),
             vcpus,
             status: status.to_string(),
             error,
@@ -213,6 +268,11 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
     bar.finish_and_clear();
     check("after the guests stopped");
     let pools = memory.pool_stats();
+    let sharing_report = scan_stats.map(|(scanner, settled)| SharingReport {
+        scanner,
+        settled,
+        memory: memory.sharing_stats(),
+    });
     for rv in &vms {
         if let Some(space) = rv.space {
             memory.destroy_space(space)?;
@@ -239,6 +299,7 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
             status: policy_status(config),
         },
         vms: reports,
+        sharing: sharing_report,
         pools,
         verify_runs,
         verify_while_running,
@@ -259,7 +320,7 @@ pub fn build_vm(
 ) -> Result<(VmId, MicroVm)> {
     let frames = vc.memory_mib * 1024 * 1024 / PAGE_SIZE as u64;
     let (space, base) = memory
-        .create_space(&vc.name, frames, vc.memory_node)
+        .create_space_in(&vc.name, frames, vc.memory_node, &vc.sharing_domain)
         .context("cannot build guest memory")?;
     let spec = MicroVmSpec {
         name: vc.name.clone(),
@@ -278,6 +339,12 @@ pub fn build_vm(
         host_addr: base,
         size: frames as usize * PAGE_SIZE,
     };
+    // The micro-guest's system area (page tables, GDT, parameter blocks,
+    // code, stacks: the first MiB) stays out of sharing: on the build hosts'
+    // KVM (kvm_pvm), merging those pages while the vCPUs run occasionally
+    // makes a port-I/O hypercall fault (#GP, a triple fault). Measured in
+    // ARCHITECTURE.md. The data area, where the workloads live, is shared.
+    memory.exclude_from_sharing(space, 0..layout::DATA_ADDR / layout::PAGE)?;
     match MicroVm::create(kvm, spec, ram) {
         Ok(vm) => Ok((space, vm)),
         Err(e) => {

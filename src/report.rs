@@ -4,7 +4,8 @@ use serde::Serialize;
 
 use crate::config::Policy;
 use crate::guest::Workload;
-use crate::memory::PoolStats;
+use crate::memory::{PoolStats, SharingStats};
+use crate::sharing::ScannerStats;
 use crate::vm::VcpuOutcome;
 use crate::PAGE_SIZE;
 
@@ -14,6 +15,8 @@ pub struct RunReport {
     pub topology: TopologySummary,
     pub policy: PolicySummary,
     pub vms: Vec<VmReport>,
+    /// Present when the policy turned sharing on.
+    pub sharing: Option<SharingReport>,
     pub pools: Vec<PoolStats>,
     /// How many times `Memory::verify` ran during the run, and whether all passed.
     pub verify_runs: u32,
@@ -24,6 +27,14 @@ pub struct RunReport {
     /// Wall time to create all VMs (memory + KVM + guest image), in ms.
     pub create_ms: f64,
     pub total_ms: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SharingReport {
+    pub scanner: ScannerStats,
+    /// The scanner completed its final passes over the guests' final memory.
+    pub settled: bool,
+    pub memory: SharingStats,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -57,6 +68,9 @@ pub struct VmReport {
     pub memory_mib: u64,
     /// Guest pages backed by each node's pool at the end of the run.
     pub pages_per_node: Vec<u64>,
+    /// Guest pages backed by a machine page shared with other frames.
+    pub shared_pages: u64,
+    pub sharing_domain: String,
     pub vcpus: Vec<VcpuReport>,
     /// "ok": every vCPU returned the checksum the host computed;
     /// "wrong-checksum"; "failed": stopped by the monitor (see `error`).
@@ -97,8 +111,16 @@ impl RunReport {
         );
         out += &format!("policy status: {}\n\n", self.policy.status);
         out += &format!(
-            "{:<14} {:<11} {:>5} {:<12} {:>7} {:<18} {:>9} {}\n",
-            "VM", "workload", "vCPUs", "vCPU nodes", "MiB", "pages per node", "run ms", "result"
+            "{:<14} {:<11} {:>5} {:<12} {:>7} {:<18} {:>10} {:>9} {}\n",
+            "VM",
+            "workload",
+            "vCPUs",
+            "vCPU nodes",
+            "MiB",
+            "pages per node",
+            "shared MiB",
+            "run ms",
+            "result"
         );
         for vm in &self.vms {
             let nodes: Vec<String> = vm.vcpus.iter().map(|v| v.node.to_string()).collect();
@@ -114,13 +136,14 @@ impl RunReport {
                 s => format!("{s}: {}", vm.error.as_deref().unwrap_or("")),
             };
             out += &format!(
-                "{:<14} {:<11} {:>5} {:<12} {:>7} {:<18} {:>9.1} {}\n",
+                "{:<14} {:<11} {:>5} {:<12} {:>7} {:<18} {:>10.1} {:>9.1} {}\n",
                 vm.name,
                 vm.workload.name(),
                 vm.vcpus.len(),
                 nodes.join(","),
                 vm.memory_mib,
                 per_node.join(" "),
+                vm.shared_pages as f64 * PAGE_SIZE as f64 / (1024.0 * 1024.0),
                 vm.run_ms,
                 result
             );
@@ -135,6 +158,32 @@ impl RunReport {
             for line in &vm.log {
                 out += &format!("    log: {line}\n");
             }
+        }
+        if let Some(sh) = &self.sharing {
+            let m = &sh.memory;
+            let guest_pages: u64 = self.vms.iter().map(|v| v.memory_mib * 256).sum();
+            out += &format!(
+                "\nsharing: {:.1} MiB saved ({:.1}% of {} MiB guest memory); {} machine pages back {} guest pages\n",
+                m.saved_bytes as f64 / (1024.0 * 1024.0),
+                100.0 * m.saved_pages as f64 / guest_pages.max(1) as f64,
+                guest_pages / 256,
+                m.shared_machine_pages,
+                m.sharing_frames
+            );
+            out += &format!(
+                "  scanner: {} pages scanned in {} full passes{}, {} merges ({} onto zero pages), {} compare failures, {:.0} ms CPU\n",
+                sh.scanner.pages_scanned,
+                sh.scanner.full_scans,
+                if sh.settled { "" } else { " (final passes not completed)" },
+                sh.scanner.merges,
+                sh.scanner.zero_merges,
+                sh.scanner.compare_failures,
+                sh.scanner.cpu_ms
+            );
+            out += &format!(
+                "  copy-on-write: {} breaks, handler time median {:.1} us, p99 {:.1} us\n",
+                m.cow_breaks, m.cow_break_median_us, m.cow_break_p99_us
+            );
         }
         out += &format!(
             "\n{:<6} {:>9} {:>12} {:>12} {:>12} {:>14}\n",

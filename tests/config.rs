@@ -183,7 +183,7 @@ fn parameter_of_another_workload() {
         &[
             "key `vm[0].workload.passes`",
             "unknown key",
-            "allowed here: kind, seed",
+            "allowed here: kind, private_seed, seed, shared_percent",
         ],
     );
 }

@@ -216,3 +216,49 @@ workload = { kind = "counters", counters = 4, increments = 2000000 }
         "register dump in the text report: {text}"
     );
 }
+
+#[test]
+fn the_disco_policy_shares_identical_guests_and_reports_it() {
+    if !require_kvm("the_disco_policy_shares_identical_guests_and_reports_it") {
+        return;
+    }
+    let report = run_config(
+        r#"
+policy = "disco"
+[host]
+topology = "2-socket"
+
+[[vm]]
+name = "twin"
+count = 2
+vcpus = 2
+node = 0
+memory_mib = 8
+workload = { kind = "fill", seed = 21 }
+
+[[vm]]
+name = "tenant"
+vcpus = 1
+node = 1
+memory_mib = 8
+sharing_domain = "other"
+workload = { kind = "fill", seed = 21 }
+"#,
+    );
+    assert!(report.all_ok(), "{}", report.render_text());
+    let sharing = report.sharing.as_ref().expect("sharing report");
+    assert!(sharing.settled, "the scanner finished its passes");
+    // The twins' data areas (everything past the first MiB) are identical.
+    let data_pages = 7 * 256;
+    assert!(
+        sharing.memory.saved_pages >= data_pages,
+        "saved {} pages, expected at least {data_pages}",
+        sharing.memory.saved_pages
+    );
+    let vm = |name: &str| report.vms.iter().find(|v| v.name == name).unwrap();
+    assert!(vm("twin-0").shared_pages >= data_pages);
+    // The other tenant holds the same content but shares only within itself
+    // (its zero pages), never with the twins.
+    assert!(vm("tenant").shared_pages < data_pages);
+    assert!(report.render_text().contains("MiB saved"));
+}

@@ -1,6 +1,7 @@
 //! Micro-VMs on real KVM: every workload's result against the host model,
 //! the failure reports (triple fault, time limit, unknown port), isolation of
-//! a failing VM from a healthy one, and the fill content in RAM.
+//! a failing VM from a healthy one, and the fill content in RAM, including
+//! fills that split their pages between a shared and a private seed.
 //!
 //! Guest RAM is a memfd mapped `MAP_SHARED`, as the monitor's memory manager
 //! provides it.
@@ -8,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use disco::guest::layout::{self, PAGE};
-use disco::guest::model::{page_content, progress_total};
+use disco::guest::model::{expected_page, page_content, page_is_shared, progress_total};
 use disco::guest::Workload;
 use disco::kvm_check::require_kvm;
 use disco::vm::{GuestRam, MicroVm, MicroVmSpec, VcpuOutcome, VcpuPlacement, VmOutcome};
@@ -142,6 +143,109 @@ fn assert_all_failed(out: &VmOutcome, reason_part: &str) {
 
 const LIMIT: Duration = Duration::from_secs(30);
 
+/// Today's fill: every data page from `seed`.
+fn fill(seed: u64) -> Workload {
+    split_fill(seed, seed, 100)
+}
+
+fn split_fill(seed: u64, private_seed: u64, shared_percent: u8) -> Workload {
+    Workload::Fill {
+        seed,
+        private_seed,
+        shared_percent,
+    }
+}
+
+/// Runs two 2-vCPU fills with `seed` and the private seeds 0xA and 0xB
+/// concurrently on 16 MiB each; checks their checksums against the model and
+/// every data page of both against `expected_page`, and that exactly the
+/// pages `page_is_shared` selects are identical across the two VMs. Returns
+/// the number of identical data pages and of data pages.
+fn split_fill_pair(seed: u64, shared_percent: u8) -> (usize, usize) {
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let ram: Vec<SharedRam> = (0..2).map(|_| SharedRam::new(16 << 20)).collect();
+    let workloads = [
+        split_fill(seed, 0xA, shared_percent),
+        split_fill(seed, 0xB, shared_percent),
+    ];
+    let mut vms: Vec<MicroVm> = ram
+        .iter()
+        .zip(&workloads)
+        .enumerate()
+        .map(|(i, (r, w))| {
+            let name = format!("split{shared_percent}-{i}");
+            MicroVm::create(&kvm, spec(&name, w.clone(), 2, LIMIT), r.guest()).unwrap()
+        })
+        .collect();
+    for vm in &mut vms {
+        vm.start().unwrap();
+    }
+    let params = vms[0].params().to_vec();
+    let slices = |vm: &MicroVm| -> Vec<(u64, u64)> {
+        vm.params().iter().map(|p| (p.base, p.words)).collect()
+    };
+    assert_eq!(slices(&vms[0]), slices(&vms[1]), "same layout");
+    for vm in vms {
+        let out = vm.wait();
+        eprintln!("{}: {:?}", out.name, out.run_time);
+        assert_checksums(&out);
+    }
+    let (mut same, mut total) = (0, 0);
+    for p in &params {
+        let first = p.base / PAGE;
+        for gfn in first..first + p.pages() {
+            let pages = [ram[0].page(gfn), ram[1].page(gfn)];
+            for (page, w) in pages.iter().zip(&workloads) {
+                assert_eq!(
+                    *page,
+                    expected_page(w, gfn).unwrap().to_vec(),
+                    "page {gfn:#x} of {w:?}"
+                );
+            }
+            let shared = page_is_shared(gfn, shared_percent);
+            if shared {
+                assert_eq!(pages[0], page_content(seed, gfn).to_vec(), "{gfn:#x}");
+            }
+            assert_eq!(
+                pages[0] == pages[1],
+                shared,
+                "page {gfn:#x}: identical across the VMs iff page_is_shared"
+            );
+            same += shared as usize;
+            total += 1;
+        }
+    }
+    eprintln!("{shared_percent} % shared: {same} of {total} data pages identical");
+    (same, total)
+}
+
+#[test]
+fn split_fill_shares_the_chosen_half_of_the_pages_across_vms() {
+    if !require_kvm("split_fill_shares_the_chosen_half_of_the_pages_across_vms") {
+        return;
+    }
+    let (same, total) = split_fill_pair(0x5eed, 50);
+    assert!(total > 3000, "{total} data pages");
+    let fraction = same as f64 / total as f64;
+    assert!(
+        (fraction - 0.5).abs() < 0.02,
+        "{same} of {total} data pages shared"
+    );
+}
+
+#[test]
+fn split_fill_at_100_and_0_percent() {
+    if !require_kvm("split_fill_at_100_and_0_percent") {
+        return;
+    }
+    // 100 %: today's fill whatever the private seed; every data page shared.
+    let (same, total) = split_fill_pair(0x5eed, 100);
+    assert_eq!(same, total);
+    // 0 %: every page from the private seed; none shared.
+    let (same, total) = split_fill_pair(0x5eed, 0);
+    assert_eq!((same, total > 0), (0, true));
+}
+
 #[test]
 fn fill_returns_model_checksum_and_writes_page_content() {
     if !require_kvm("fill_returns_model_checksum_and_writes_page_content") {
@@ -149,7 +253,7 @@ fn fill_returns_model_checksum_and_writes_page_content() {
     }
     let seed = 0x5eed;
     let ram = SharedRam::new(64 << 20);
-    let spec = spec("fill", Workload::Fill { seed }, 2, LIMIT);
+    let spec = spec("fill", fill(seed), 2, LIMIT);
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     let started = Instant::now();
     let mut vm = MicroVm::create(&kvm, spec, ram.guest()).unwrap();
@@ -175,7 +279,7 @@ fn fill_returns_model_checksum_and_writes_page_content() {
         total,
         params
             .iter()
-            .map(|p| progress_total(&Workload::Fill { seed }, p))
+            .map(|p| progress_total(&fill(seed), p))
             .sum::<u64>()
     );
     let out = vm.wait();
@@ -214,9 +318,9 @@ fn fill_of_more_than_one_gib_and_of_odd_sized_ram() {
     for size in [(1 << 30) + (64 << 20), (5 << 20) + 3 * PAGE as usize] {
         let seed = size as u64;
         let ram = SharedRam::new(size);
-        let out = run_on(&ram, spec("big", Workload::Fill { seed }, 2, LIMIT));
+        let out = run_on(&ram, spec("big", fill(seed), 2, LIMIT));
         assert_checksums(&out);
-        let params = layout::plan(&Workload::Fill { seed }, size as u64, 2).unwrap();
+        let params = layout::plan(&fill(seed), size as u64, 2).unwrap();
         let last = &params[1];
         let end = last.base / PAGE + last.pages();
         assert!(
@@ -242,13 +346,9 @@ fn create_rejects_ram_too_small() {
     }
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     let ram = SharedRam::new(1 << 20);
-    let err = MicroVm::create(
-        &kvm,
-        spec("small", Workload::Fill { seed: 1 }, 2, LIMIT),
-        ram.guest(),
-    )
-    .err()
-    .expect("1 MiB is too small");
+    let err = MicroVm::create(&kvm, spec("small", fill(1), 2, LIMIT), ram.guest())
+        .err()
+        .expect("1 MiB is too small");
     assert!(format!("{err:#}").contains("too small"), "{err:#}");
 }
 
@@ -338,7 +438,7 @@ fn pinned_vcpus_run() {
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let ram = SharedRam::new(4 << 20);
-    let mut s = spec("pinned", Workload::Fill { seed: 1 }, 2, LIMIT);
+    let mut s = spec("pinned", fill(1), 2, LIMIT);
     for (i, v) in s.vcpus.iter_mut().enumerate() {
         v.host_cpus = vec![i % cpus];
     }

@@ -15,8 +15,11 @@
 
 pub mod bare;
 pub mod density;
+pub mod ksm;
 pub mod overhead;
 pub mod procmem;
+pub mod sharing;
+pub mod svg;
 
 use std::path::Path;
 
@@ -123,15 +126,23 @@ pub fn config_from_toml(text: &str) -> Result<Config> {
     Config::parse(text, "<bench>", Path::new(".")).context("a benchmark config is invalid")
 }
 
-/// A Markdown table.
+/// A Markdown table: the first column left-aligned, the others right-aligned.
 pub(crate) fn markdown_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    markdown_table_aligned(headers, 1, rows)
+}
+
+/// A Markdown table; the first `text_columns` columns are left-aligned,
+/// the others (figures) right-aligned.
+pub(crate) fn markdown_table_aligned(
+    headers: &[&str],
+    text_columns: usize,
+    rows: &[Vec<String>],
+) -> String {
     let mut out = format!("| {} |\n", headers.join(" | "));
     out += &format!(
         "|{}\n",
-        headers
-            .iter()
-            .enumerate()
-            .map(|(i, _)| if i == 0 { "---|" } else { "---:|" })
+        (0..headers.len())
+            .map(|i| if i < text_columns { "---|" } else { "---:|" })
             .collect::<String>()
     );
     for row in rows {

@@ -93,8 +93,11 @@ pub mod field {
 }
 
 /// The parameters of one vCPU, as planned by [`plan`]. The monitor writes all
-/// but `index` into the vCPU's parameter block (the guest learns its index
-/// with the WHOAMI hypercall); the progress word starts at 0.
+/// but `index`, `private_seed` and `shared_percent` into the vCPU's parameter
+/// block (the guest learns its index with the WHOAMI hypercall); the progress
+/// word starts at 0. The block is full, so the fill's private seed and shared
+/// percent, the same for every vCPU, are assembled into the program as
+/// immediates instead (see `super::programs`).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct VcpuParams {
     /// The vCPU's index in its VM.
@@ -103,8 +106,16 @@ pub struct VcpuParams {
     pub base: u64,
     /// Number of u64 words in the private slice (a whole number of pages).
     pub words: u64,
-    /// Content seed (0 for workloads without generated content).
+    /// Content seed (0 for workloads without generated content); the seed
+    /// of the fill's shared pages.
     pub seed: u64,
+    /// Seed of the fill's private pages (`seed` unless the workload is a
+    /// fill with its own private seed).
+    pub private_seed: u64,
+    /// Percentage of the fill's data pages that get `seed`'s content rather
+    /// than `private_seed`'s (see `super::model::page_is_shared`); 100 unless
+    /// the workload is a fill that says otherwise.
+    pub shared_percent: u8,
     /// Workload iterations: sweep passes, random touches, table lookups or
     /// counter increments (0 otherwise).
     pub iterations: u64,
@@ -232,6 +243,11 @@ pub fn plan(workload: &Workload, ram_bytes: u64, nvcpus: usize) -> Result<Vec<Vc
             return Err("table_scan needs table_pages >= 1".into())
         }
         Workload::Counters { counters: 0, .. } => return Err("counters needs counters >= 1".into()),
+        Workload::Fill { shared_percent, .. } if shared_percent > 100 => {
+            return Err(format!(
+                "fill needs shared_percent from 0 to 100, not {shared_percent}"
+            ))
+        }
         _ => {}
     }
     let min = min_ram_bytes(workload, nvcpus);
@@ -247,12 +263,20 @@ pub fn plan(workload: &Workload, ram_bytes: u64, nvcpus: usize) -> Result<Vec<Vc
     let private_base = shared_base + shared_pages(workload) * PAGE;
     let slice_pages = (ram_bytes - private_base) / PAGE / nvcpus as u64;
     let (seed, iterations) = match *workload {
-        Workload::Fill { seed } => (seed, 0),
+        Workload::Fill { seed, .. } => (seed, 0),
         Workload::Sweep { seed, passes } => (seed, passes as u64),
         Workload::Random { seed, touches } => (seed, touches),
         Workload::TableScan { seed, lookups, .. } => (seed, lookups),
         Workload::Counters { increments, .. } => (0, increments),
         Workload::Crash | Workload::Spin | Workload::BadIo => (0, 0),
+    };
+    let (private_seed, shared_percent) = match *workload {
+        Workload::Fill {
+            private_seed,
+            shared_percent,
+            ..
+        } => (private_seed, shared_percent),
+        _ => (seed, 100),
     };
     Ok((0..nvcpus)
         .map(|index| VcpuParams {
@@ -260,6 +284,8 @@ pub fn plan(workload: &Workload, ram_bytes: u64, nvcpus: usize) -> Result<Vec<Vc
             base: private_base + index as u64 * slice_pages * PAGE,
             words: slice_pages * WORDS_PER_PAGE,
             seed,
+            private_seed,
+            shared_percent,
             iterations,
             shared_base,
             shared_words: shared_words(workload),
@@ -294,12 +320,22 @@ mod tests {
 
     #[test]
     fn errors_are_clear() {
-        let w = Workload::Fill { seed: 1 };
+        let w = Workload::Fill {
+            seed: 1,
+            private_seed: 1,
+            shared_percent: 100,
+        };
         assert!(plan(&w, 1 << 20, 1).unwrap_err().contains("too small"));
         assert!(plan(&w, 8 << 20, 65).unwrap_err().contains("at most 64"));
         assert!(plan(&w, (8 << 20) + 1, 1).unwrap_err().contains("multiple"));
         assert!(plan(&w, 8 << 30, 1).unwrap_err().contains("maximum"));
         assert!(plan(&w, min_ram_bytes(&w, 4), 4).is_ok());
         assert!(plan(&w, min_ram_bytes(&w, 4) - PAGE, 4).is_err());
+        let w = Workload::Fill {
+            seed: 1,
+            private_seed: 2,
+            shared_percent: 101,
+        };
+        assert!(plan(&w, 8 << 20, 1).unwrap_err().contains("0 to 100"));
     }
 }

@@ -18,9 +18,18 @@ use serde::Serialize;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Workload {
-    /// Fill each vCPU's private slice from `seed` (identical content in every
-    /// VM with the same seed and layout); checksum of all words written.
-    Fill { seed: u64 },
+    /// Fill each vCPU's private slice; checksum of all words written. Data
+    /// page `gfn` gets the content of `seed` when
+    /// [`model::page_is_shared`]`(gfn, shared_percent)` and of `private_seed`
+    /// otherwise, so VMs with the same seed and layout hold identical content
+    /// in the shared pages (all of them at 100 %, whatever `private_seed`)
+    /// and, given different private seeds, different content in the others.
+    Fill {
+        seed: u64,
+        private_seed: u64,
+        /// 0 to 100.
+        shared_percent: u8,
+    },
     /// Fill, then `passes` sequential read-modify-write sweeps of the slice.
     Sweep { seed: u64, passes: u32 },
     /// Fill, then `touches` read-modify-writes of pseudo-random words.

@@ -7,7 +7,10 @@
 //! guest page `g` is the `w+1`-th xorshift64 step from
 //! `seed ^ g * GOLDEN` (replaced by `NONZERO` when that is 0). Two VMs with
 //! the same seed and layout therefore hold identical data pages, which is
-//! what content-based sharing finds.
+//! what content-based sharing finds. A fill may give a chosen share of its
+//! pages a second, private seed instead ([`page_is_shared`],
+//! [`fill_seed`]): VMs with the same seed and different private seeds then
+//! share exactly the other pages.
 
 use super::layout::{VcpuParams, PAGE, WORDS_PER_PAGE};
 use super::Workload;
@@ -50,6 +53,52 @@ pub fn page_content(seed: u64, gfn: u64) -> [u64; 512] {
         *word = x;
     }
     page
+}
+
+/// Whether data page `gfn` of a fill with `shared_percent` (0 to 100) gets
+/// the content of the shared seed rather than of the private one:
+/// `pick(gfn * GOLDEN, 100) < shared_percent`. It depends on the frame only,
+/// so every VM agrees on which pages are shared; `gfn * GOLDEN` is a Weyl
+/// sequence, so any run of frames has very nearly `shared_percent` % shared
+/// pages. Always true at 100, never at 0. The guest's fill routine computes
+/// the same (`super::programs`).
+pub fn page_is_shared(gfn: u64, shared_percent: u8) -> bool {
+    pick(gfn.wrapping_mul(GOLDEN), 100) < shared_percent as u64
+}
+
+/// The seed whose [`page_content`] a fill writes into data page `gfn`.
+pub fn fill_seed(seed: u64, private_seed: u64, shared_percent: u8, gfn: u64) -> u64 {
+    if page_is_shared(gfn, shared_percent) {
+        seed
+    } else {
+        private_seed
+    }
+}
+
+/// The content of data page `gfn` (a page of a vCPU's private slice) after
+/// the fill of `workload`, or `None` when the workload is not a fill (sweeps
+/// and random touches change the filled content; the other workloads have
+/// no private data).
+pub fn expected_page(workload: &Workload, gfn: u64) -> Option<[u64; 512]> {
+    match *workload {
+        Workload::Fill {
+            seed,
+            private_seed,
+            shared_percent,
+        } => Some(page_content(
+            fill_seed(seed, private_seed, shared_percent, gfn),
+            gfn,
+        )),
+        _ => None,
+    }
+}
+
+/// The content the fill of `p`'s private slice writes into its page `gfn`.
+fn slice_page(p: &VcpuParams, gfn: u64) -> [u64; 512] {
+    page_content(
+        fill_seed(p.seed, p.private_seed, p.shared_percent, gfn),
+        gfn,
+    )
 }
 
 /// The checksum step: every value the guest writes or reads is folded in.
@@ -155,7 +204,7 @@ fn fill_words(seed: u64, base: u64, pages: u64) -> Vec<u64> {
 fn fill_checksum(p: &VcpuParams) -> u64 {
     let first = p.base / PAGE;
     (first..first + p.pages())
-        .flat_map(|gfn| page_content(p.seed, gfn))
+        .flat_map(|gfn| slice_page(p, gfn))
         .fold(0, fold)
 }
 
@@ -170,7 +219,7 @@ fn sweep_checksum(p: &VcpuParams, passes: u32) -> u64 {
         a = a.wrapping_mul(LCG_A);
         c = c.wrapping_mul(LCG_A).wrapping_add(LCG_C);
         for gfn in first..first + p.pages() {
-            for v in page_content(p.seed, gfn) {
+            for v in slice_page(p, gfn) {
                 acc = fold(acc, v.wrapping_mul(a).wrapping_add(c));
             }
         }
@@ -191,8 +240,8 @@ fn random_checksum(p: &VcpuParams, touches: u64) -> u64 {
         s = lcg(s);
         let i = pick(s, p.words);
         let page = (i / WORDS_PER_PAGE) as usize;
-        let words = slice[page]
-            .get_or_insert_with(|| Box::new(page_content(p.seed, p.base / PAGE + page as u64)));
+        let words =
+            slice[page].get_or_insert_with(|| Box::new(slice_page(p, p.base / PAGE + page as u64)));
         let word = &mut words[(i % WORDS_PER_PAGE) as usize];
         *word = word.rotate_left(1) ^ s;
         acc = fold(acc, *word);
@@ -239,10 +288,76 @@ mod tests {
         assert!(r.iter().all(|x| *x == r[0] && x.is_some()));
     }
 
+    fn fill(seed: u64, private_seed: u64, shared_percent: u8) -> Workload {
+        Workload::Fill {
+            seed,
+            private_seed,
+            shared_percent,
+        }
+    }
+
     #[test]
     fn sweep_without_passes_is_fill() {
-        let p = plan(&Workload::Fill { seed: 3 }, 2 << 20, 2).unwrap();
+        let p = plan(&fill(3, 3, 100), 2 << 20, 2).unwrap();
         assert_eq!(sweep_checksum(&p[1], 0), fill_checksum(&p[1]));
         assert_eq!(random_checksum(&p[1], 0), fill_checksum(&p[1]));
+    }
+
+    #[test]
+    fn shared_pages_are_chosen_by_frame_in_the_given_proportion() {
+        for gfn in 0..1000 {
+            assert!(page_is_shared(gfn, 100));
+            assert!(!page_is_shared(gfn, 0));
+            // Monotonic in the percentage: a page shared at p is shared above.
+            assert!(!page_is_shared(gfn, 30) || page_is_shared(gfn, 31));
+        }
+        for percent in [1, 10, 25, 50, 75, 99] {
+            let shared = (256..256 + 10_000)
+                .filter(|&g| page_is_shared(g, percent))
+                .count();
+            let want = 100 * percent as usize;
+            assert!(shared.abs_diff(want) <= 20, "{percent} %: {shared}/10000");
+        }
+    }
+
+    #[test]
+    fn fill_at_100_percent_ignores_the_private_seed_and_at_0_uses_only_it() {
+        // Checksums alone cannot tell seeds apart (the content is GF(2)-linear
+        // in the seed, the fold is too, and its rotation over a page is a
+        // multiple of 64, so an even number of pages from one seed cancels
+        // out): compare the pages.
+        let slice = |w: &Workload| {
+            let p = plan(w, 4 << 20, 2).unwrap();
+            let first = p[1].base / PAGE;
+            (first..first + p[1].pages())
+                .map(|g| {
+                    let page = slice_page(&p[1], g);
+                    assert_eq!(Some(page), expected_page(w, g));
+                    page
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(slice(&fill(5, 9, 100)), slice(&fill(5, 5, 100)));
+        assert_eq!(slice(&fill(5, 9, 0)), slice(&fill(9, 9, 100)));
+        assert_eq!(slice(&fill(5, 5, 40)), slice(&fill(5, 5, 100)));
+        let (split, seed, private) = (
+            slice(&fill(5, 9, 50)),
+            slice(&fill(5, 5, 100)),
+            slice(&fill(9, 9, 100)),
+        );
+        let first = plan(&fill(5, 9, 50), 4 << 20, 2).unwrap()[1].base / PAGE;
+        for (k, page) in split.iter().enumerate() {
+            let gfn = first + k as u64;
+            let want = if page_is_shared(gfn, 50) {
+                &seed
+            } else {
+                &private
+            };
+            assert_eq!(page, &want[k], "page {gfn:#x}");
+        }
+        assert_eq!(
+            expected_page(&Workload::Sweep { seed: 5, passes: 1 }, 300),
+            None
+        );
     }
 }

@@ -17,6 +17,10 @@
 //! Register use in the work: `r15` vCPU index, `r14` parameter block, `rbx`
 //! progress counter, `r8` checksum, `r10`/`r11` LCG multiplier/increment.
 //! The algorithms are those of `super::model`, which uses the same constants.
+//!
+//! A program is assembled for one workload, so values the parameter block
+//! has no room for are immediates: the log line's name, and the private seed
+//! and shared percentage of a fill that splits its pages between two seeds.
 
 use iced_x86::code_asm::*;
 use iced_x86::IcedError;
@@ -39,9 +43,21 @@ const PROGRESS_MASK: i32 = 511;
 /// Assembles the program of `workload`, to be loaded and entered at
 /// [`CODE_ADDR`].
 pub fn assemble(workload: &Workload) -> Result<Vec<u8>, IcedError> {
+    let split = match *workload {
+        Workload::Fill {
+            seed,
+            private_seed,
+            shared_percent,
+        } if shared_percent < 100 && private_seed != seed => Some(Split {
+            private_seed,
+            shared_percent,
+        }),
+        _ => None,
+    };
     let mut g = Gen {
         a: CodeAssembler::new(64)?,
         fill: None,
+        split,
     };
     g.prologue(workload.name())?;
     // Test workloads end in `ud2` instead of DONE: they must never complete.
@@ -100,6 +116,18 @@ struct Gen {
     a: CodeAssembler,
     /// Set when the main code calls the fill subroutine.
     fill: Option<CodeLabel>,
+    /// How the fill subroutine splits pages between the seed in `rsi` and a
+    /// private seed; `None` writes every page from `rsi` (today's fill, and
+    /// the only fill of sweeps, random touches and table scans).
+    split: Option<Split>,
+}
+
+/// A fill's per-page seed choice, `super::model::fill_seed`.
+#[derive(Clone, Copy)]
+struct Split {
+    private_seed: u64,
+    /// Below 100.
+    shared_percent: u8,
 }
 
 impl Gen {
@@ -383,8 +411,10 @@ impl Gen {
             return Ok(());
         };
         // fill: rdi = first page, rcx = pages, rsi = seed. Writes
-        // `super::model::page_content` into each page, folds every word into
-        // r8 and counts pages in rbx. Clobbers rax, rdx, r9, rdi, rcx.
+        // `super::model::page_content` into each page (of `rsi`, or with a
+        // split of `model::fill_seed`), folds every word into r8 and counts
+        // pages in rbx. Clobbers rax, rdx, r9, rdi, rcx.
+        let split = self.split;
         let a = &mut self.a;
         let mut ret = a.create_label();
         let mut page = a.create_label();
@@ -398,7 +428,20 @@ impl Gen {
         a.shr(rax, 12)?;
         a.mov(r9, GOLDEN)?;
         a.imul_2(rax, r9)?;
-        a.xor(rax, rsi)?;
+        if let Some(split) = split {
+            // r9 = page_is_shared(gfn) ? rsi : private seed, where
+            // page_is_shared is `pick(gfn * GOLDEN, 100) < shared_percent`.
+            a.mov(rdx, rax)?;
+            a.shr(rdx, 32)?;
+            a.imul_3(rdx, rdx, 100)?;
+            a.shr(rdx, 32)?;
+            a.mov(r9, split.private_seed)?;
+            a.cmp(edx, split.shared_percent as i32)?;
+            a.cmovb(r9, rsi)?;
+            a.xor(rax, r9)?;
+        } else {
+            a.xor(rax, rsi)?;
+        }
         a.jnz(nonzero)?;
         a.mov(rax, NONZERO)?;
         a.set_label(&mut nonzero)?;
@@ -436,7 +479,16 @@ mod tests {
     #[test]
     fn every_program_assembles_and_fits() {
         let all = [
-            Workload::Fill { seed: 1 },
+            Workload::Fill {
+                seed: 1,
+                private_seed: 1,
+                shared_percent: 100,
+            },
+            Workload::Fill {
+                seed: 1,
+                private_seed: 2,
+                shared_percent: 50,
+            },
             Workload::Sweep { seed: 1, passes: 2 },
             Workload::Random {
                 seed: 1,
@@ -463,5 +515,21 @@ mod tests {
                 w.name()
             );
         }
+    }
+
+    #[test]
+    fn fill_code_splits_only_when_the_private_seed_can_show() {
+        let fill = |private_seed, shared_percent| {
+            assemble(&Workload::Fill {
+                seed: 7,
+                private_seed,
+                shared_percent,
+            })
+            .unwrap()
+        };
+        // 100 % (or one seed) is today's program, whatever the private seed.
+        assert_eq!(fill(9, 100), fill(7, 100));
+        assert_eq!(fill(7, 30), fill(7, 100));
+        assert_ne!(fill(9, 30), fill(7, 100));
     }
 }

@@ -9,6 +9,14 @@
 //!
 //! Policies (sharing, migration, replication) decide *what* to change and
 //! call the mapper; they never touch a mapping themselves.
+//!
+//! Write protection: every pool page is mapped read-write, and a page that
+//! several owners share is write-protected with userfaultfd (not with
+//! `mprotect`: a guest write to a read-only host mapping makes `KVM_RUN`
+//! fail with `EFAULT` and no address, see FACTS.md). The rule the mapper
+//! keeps is `write_protected == shared == (refcount > 1)`. Because a
+//! `mmap(MAP_FIXED)` drops the userfaultfd registration of the range it
+//! replaces, every pool mapping is registered again right after it is made.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -17,43 +25,63 @@ use anyhow::{bail, ensure, Context, Result};
 use parking_lot::Mutex;
 use serde::Serialize;
 
+use super::cow::CowCounters;
 use super::memmap::Memmap;
 use super::pmap::{PageFlags, Pmap, PmapEntry};
 use super::pool::Pool;
 use super::{Gfn, MachinePage, NodeId, VmId};
+use crate::faults::uffd::Userfault;
 use crate::topology::Topology;
 use crate::PAGE_SIZE;
+use std::sync::Arc;
 
 /// Process-wide budget of memory mappings (`vm.max_map_count`) reserved for
 /// things other than guest RAM (libraries, thread stacks, pool views).
 const MAP_COUNT_MARGIN: u64 = 4096;
 
 /// One VM's guest-physical space: a host virtual range and its pmap.
-struct GuestSpace {
-    name: String,
-    base: usize,
-    pmap: Pmap,
+pub(super) struct GuestSpace {
+    pub(super) name: String,
+    /// Pages are only shared between spaces of the same domain.
+    pub(super) domain: String,
+    /// Node that receives this VM's copy-on-write copies.
+    pub(super) home_node: NodeId,
+    pub(super) base: usize,
+    pub(super) pmap: Pmap,
+    /// Frames never merged (see `Memory::exclude_from_sharing`).
+    pub(super) unmergeable: Vec<std::ops::Range<Gfn>>,
 }
 
 impl GuestSpace {
-    fn frames(&self) -> u64 {
+    pub(super) fn frames(&self) -> u64 {
         self.pmap.frames()
     }
-    fn addr(&self, gfn: Gfn) -> usize {
+    pub(super) fn mergeable(&self, gfn: Gfn) -> bool {
+        !self.unmergeable.iter().any(|r| r.contains(&gfn))
+    }
+    pub(super) fn addr(&self, gfn: Gfn) -> usize {
         self.base + gfn as usize * PAGE_SIZE
     }
 }
 
-struct Inner {
-    pools: Vec<Pool>,
-    memmap: Memmap,
-    spaces: BTreeMap<VmId, GuestSpace>,
+pub(super) struct Inner {
+    pub(super) pools: Vec<Pool>,
+    pub(super) memmap: Memmap,
+    pub(super) spaces: BTreeMap<VmId, GuestSpace>,
     next_vm: VmId,
+    /// Write-protection of shared pages; `None` when userfaultfd could not
+    /// be opened (then sharing is refused with `uffd_error`).
+    pub(super) uffd: Option<Arc<Userfault>>,
+    pub(super) uffd_error: String,
+    pub(super) cow: CowCounters,
 }
 
 /// All machine memory of one monitor, behind one lock.
 pub struct Memory {
-    inner: Mutex<Inner>,
+    pub(super) inner: Mutex<Inner>,
+    /// The same userfaultfd as in `Inner`, reachable without the lock so a
+    /// fault handler can wait for events while the mapper works.
+    uffd: Option<Arc<Userfault>>,
 }
 
 /// Pages of one pool, for reports.
@@ -77,7 +105,9 @@ pub struct GuestSpaceStats {
     pub mapped_pages: u64,
     /// Mapped pages per node, indexed by node.
     pub pages_per_node: Vec<u64>,
+    /// Frames whose machine page is shared with other frames.
     pub shared_pages: u64,
+    pub domain: String,
 }
 
 fn check_mmap(ret: *mut libc::c_void, what: &str) -> Result<()> {
@@ -103,13 +133,10 @@ fn map_hole(addr: usize, len: usize) -> Result<()> {
     check_mmap(ret, "unmapping guest pages")
 }
 
-/// Maps `pages` consecutive pool pages starting at `index` at `addr`.
-fn map_pool_run(addr: usize, pool: &Pool, index: u32, pages: usize, writable: bool) -> Result<()> {
-    let prot = if writable {
-        libc::PROT_READ | libc::PROT_WRITE
-    } else {
-        libc::PROT_READ
-    };
+/// Maps `pages` consecutive pool pages starting at `index` at `addr`,
+/// read-write (write protection is userfaultfd's job).
+fn map_pool_run(addr: usize, pool: &Pool, index: u32, pages: usize) -> Result<()> {
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
     // SAFETY: addr lies inside a guest range this module reserved; the pool
     // fd is valid and the run is inside its capacity.
     let ret = unsafe {
@@ -153,12 +180,20 @@ impl Memory {
             );
             built.push(Pool::new(node, host_node, capacity)?);
         }
+        let (uffd, uffd_error) = match Userfault::new() {
+            Ok(u) => (Some(Arc::new(u)), String::new()),
+            Err(e) => (None, e.to_string()),
+        };
         Ok(Memory {
+            uffd: uffd.clone(),
             inner: Mutex::new(Inner {
                 pools: built,
                 memmap: Memmap::default(),
                 spaces: BTreeMap::new(),
                 next_vm: 0,
+                uffd,
+                uffd_error,
+                cow: CowCounters::default(),
             }),
         })
     }
@@ -167,10 +202,27 @@ impl Memory {
         self.inner.lock().pools.len()
     }
 
+    /// The userfaultfd that write-protects shared pages, if one could be
+    /// opened (it needs root or `vm.unprivileged_userfaultfd=1`).
+    pub fn userfault(&self) -> Option<&Arc<Userfault>> {
+        self.uffd.as_ref()
+    }
+
     /// Creates a guest space of `frames` pages, every page backed by a fresh
     /// (zeroed) machine page of `node`. Returns its id and the host address
     /// of guest-physical 0.
     pub fn create_space(&self, name: &str, frames: u64, node: NodeId) -> Result<(VmId, usize)> {
+        self.create_space_in(name, frames, node, "default")
+    }
+
+    /// Like [`Memory::create_space`], in sharing domain `domain`.
+    pub fn create_space_in(
+        &self,
+        name: &str,
+        frames: u64,
+        node: NodeId,
+        domain: &str,
+    ) -> Result<(VmId, usize)> {
         ensure!(frames > 0, "a guest space needs at least one page");
         let mut inner = self.inner.lock();
         ensure!(
@@ -203,8 +255,11 @@ impl Memory {
             vm,
             GuestSpace {
                 name: name.to_string(),
+                domain: domain.to_string(),
+                home_node: node,
                 base,
                 pmap: Pmap::new(frames),
+                unmergeable: Vec::new(),
             },
         );
         let result = inner.map_fresh(vm, 0, frames, node);
@@ -213,6 +268,13 @@ impl Memory {
             return Err(e.context(format!("building guest RAM of {name}")));
         }
         Ok((vm, base))
+    }
+
+    /// Keeps frames `gfns` of `vm` out of page sharing: they are never
+    /// merged, neither as duplicate nor as the kept page.
+    pub fn exclude_from_sharing(&self, vm: VmId, gfns: std::ops::Range<Gfn>) -> Result<()> {
+        self.inner.lock().space_mut(vm)?.unmergeable.push(gfns);
+        Ok(())
     }
 
     /// Removes a guest space: unmaps its RAM and frees every machine page it
@@ -253,32 +315,11 @@ impl Memory {
         let Some(old) = inner.space(vm)?.pmap.get(gfn) else {
             bail!("frame {gfn:#x} of vm {vm} is not mapped");
         };
-        ensure!(node < inner.pools.len(), "node {node} does not exist");
-        let index = inner.pools[node].alloc(1)?[0];
-        let new = MachinePage {
-            node: node as u16,
-            index,
-        };
-        inner.copy_page(old.page, new);
-        let addr = inner.space(vm)?.addr(gfn);
-        let writable = !old.flags.write_protected;
-        if let Err(e) = map_pool_run(addr, &inner.pools[node], index, 1, writable) {
-            inner.pools[node].free(index)?;
-            return Err(e);
-        }
-        inner.space_mut(vm)?.pmap.set(
-            gfn,
-            Some(PmapEntry {
-                page: new,
-                flags: PageFlags {
-                    shared: false,
-                    ..old.flags
-                },
-            }),
+        ensure!(
+            !old.flags.shared,
+            "frame {gfn:#x} of vm {vm} is shared; shared pages are not migrated"
         );
-        inner.memmap.add_owner(new, vm, gfn);
-        inner.drop_owner(old.page, vm, gfn)?;
-        Ok(new)
+        inner.replace_with_copy(vm, gfn, node)
     }
 
     /// Makes `(dst_vm, dst_gfn)` map the machine page behind
@@ -297,20 +338,9 @@ impl Memory {
         if dst_old.map(|e| e.page) == Some(src.page) {
             return Ok(());
         }
-        let flags = PageFlags {
-            shared: true,
-            write_protected: true,
-        };
-        let page = src.page;
-        for (vm, gfn) in [(src_vm, src_gfn), (dst_vm, dst_gfn)] {
-            let addr = inner.space(vm)?.addr(gfn);
-            map_pool_run(addr, &inner.pools[page.node()], page.index, 1, false)?;
-            inner
-                .space_mut(vm)?
-                .pmap
-                .set(gfn, Some(PmapEntry { page, flags }));
-        }
-        inner.memmap.add_owner(page, dst_vm, dst_gfn);
+        inner.require_uffd()?;
+        inner.protect_frame(src_vm, src_gfn)?;
+        inner.map_onto(dst_vm, dst_gfn, src.page)?;
         if let Some(old) = dst_old {
             inner.drop_owner(old.page, dst_vm, dst_gfn)?;
         }
@@ -388,180 +418,18 @@ impl Memory {
             mapped_pages: mapped,
             pages_per_node: per_node,
             shared_pages: shared,
+            domain: space.domain.clone(),
         })
-    }
-
-    /// Checks every invariant of machine memory against the kernel's view:
-    ///
-    /// 1. every pmap entry maps, in the host range, exactly the pool page it
-    ///    names (same memfd inode and offset, `MAP_SHARED`), writable unless
-    ///    write-protected; every unmapped frame is an inaccessible hole;
-    /// 2. every memmap page's refcount equals its number of owners, and each
-    ///    owner's pmap entry names that page; every pmap entry is listed as an
-    ///    owner (so a page is never used without being accounted);
-    /// 3. no page is both free in its pool and used in the memmap, every page
-    ///    handed out by a pool is used (no leak), and pool counters agree.
-    ///
-    /// Returns every violation found, not just the first.
-    pub fn verify(&self) -> Result<()> {
-        let inner = self.inner.lock();
-        let maps = read_proc_maps()?;
-        let mut errors = Vec::new();
-        let pool_by_inode: BTreeMap<u64, usize> =
-            inner.pools.iter().map(|p| (p.inode(), p.node())).collect();
-
-        for (&vm, space) in &inner.spaces {
-            let end = space.base + space.frames() as usize * PAGE_SIZE;
-            let mut covered = space.base;
-            for m in maps.iter().filter(|m| m.end > space.base && m.start < end) {
-                // Neighbouring spaces' holes may merge into one VMA, so a
-                // mapping can start before this space and end after it.
-                if m.start.max(space.base) != covered {
-                    errors.push(format!(
-                        "vm {vm}: host range {covered:#x}..{:#x} is not mapped at all",
-                        m.start
-                    ));
-                }
-                covered = m.end.min(end);
-                let mut addr = m.start.max(space.base);
-                while addr < m.end.min(end) {
-                    let gfn = ((addr - space.base) / PAGE_SIZE) as Gfn;
-                    let entry = space.pmap.get(gfn);
-                    let seen = match pool_by_inode.get(&m.inode) {
-                        Some(&node) if m.inode != 0 => Some(MachinePage {
-                            node: node as u16,
-                            index: ((m.offset + (addr - m.start) as u64) / PAGE_SIZE as u64) as u32,
-                        }),
-                        _ => None,
-                    };
-                    match entry {
-                        Some(e) => {
-                            if seen != Some(e.page) || !m.shared {
-                                errors.push(format!(
-                                    "vm {vm} gfn {gfn:#x}: pmap says {} but the host maps {}",
-                                    e.page,
-                                    m.describe()
-                                ));
-                            }
-                            if m.writable == e.flags.write_protected || !m.readable {
-                                errors.push(format!(
-                                    "vm {vm} gfn {gfn:#x}: write_protected={} but host permissions are {}",
-                                    e.flags.write_protected, m.perms
-                                ));
-                            }
-                        }
-                        None => {
-                            if seen.is_some() || m.readable || m.writable {
-                                errors.push(format!(
-                                    "vm {vm} gfn {gfn:#x}: unmapped in the pmap but the host maps {}",
-                                    m.describe()
-                                ));
-                            }
-                        }
-                    }
-                    addr += PAGE_SIZE;
-                }
-            }
-            if covered != end {
-                errors.push(format!("vm {vm}: host range ends unmapped at {covered:#x}"));
-            }
-            for (gfn, e) in space.pmap.iter() {
-                match inner.memmap.get(e.page) {
-                    Some(info) if info.owners.contains(&(vm, gfn)) => {}
-                    _ => errors.push(format!(
-                        "vm {vm} gfn {gfn:#x} maps {} but the memmap does not list it as an owner",
-                        e.page
-                    )),
-                }
-                if inner.pools[e.page.node()].is_free(e.page.index) {
-                    errors.push(format!(
-                        "vm {vm} gfn {gfn:#x} maps {} which is free",
-                        e.page
-                    ));
-                }
-            }
-        }
-
-        for (page, info) in inner.memmap.iter() {
-            if info.refcount as usize != info.owners.len() || info.refcount == 0 {
-                errors.push(format!(
-                    "{page}: refcount {} but {} owners",
-                    info.refcount,
-                    info.owners.len()
-                ));
-            }
-            for &(vm, gfn) in &info.owners {
-                let actual = inner.spaces.get(&vm).and_then(|s| s.pmap.get(gfn));
-                if actual.map(|e| e.page) != Some(*page) {
-                    errors.push(format!("{page}: owner ({vm}, {gfn:#x}) does not map it"));
-                }
-            }
-            if info.owners.len() > 1
-                && info.owners.iter().any(|&(vm, gfn)| {
-                    inner
-                        .spaces
-                        .get(&vm)
-                        .and_then(|s| s.pmap.get(gfn))
-                        .is_some_and(|e| !e.flags.write_protected)
-                })
-            {
-                errors.push(format!(
-                    "{page}: shared by {} owners but writable by one",
-                    info.owners.len()
-                ));
-            }
-        }
-        for pool in &inner.pools {
-            let mut used = 0u32;
-            for index in 0..pool.high_water() {
-                let page = MachinePage {
-                    node: pool.node() as u16,
-                    index,
-                };
-                let in_use = inner.memmap.get(page).is_some();
-                let free = pool.is_free(index);
-                match (in_use, free) {
-                    (true, true) => errors.push(format!("{page} is both free and in use")),
-                    (false, false) => {
-                        errors.push(format!("{page} is allocated but nobody owns it (leak)"))
-                    }
-                    (true, false) => used += 1,
-                    (false, true) => {}
-                }
-            }
-            if used != pool.used() {
-                errors.push(format!(
-                    "pool of node {}: counts {} used pages, memmap has {used}",
-                    pool.node(),
-                    pool.used()
-                ));
-            }
-        }
-        if let Some((page, _)) = inner.memmap.iter().find(|(p, _)| {
-            p.node() >= inner.pools.len() || p.index >= inner.pools[p.node()].high_water()
-        }) {
-            errors.push(format!("{page} is in the memmap but was never allocated"));
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            let shown = errors.len().min(20);
-            bail!(
-                "memory invariants violated ({} problems):\n  {}",
-                errors.len(),
-                errors[..shown].join("\n  ")
-            )
-        }
     }
 }
 
 impl Inner {
-    fn space(&self, vm: VmId) -> Result<&GuestSpace> {
+    pub(super) fn space(&self, vm: VmId) -> Result<&GuestSpace> {
         self.spaces
             .get(&vm)
             .with_context(|| format!("no guest space with id {vm}"))
     }
-    fn space_mut(&mut self, vm: VmId) -> Result<&mut GuestSpace> {
+    pub(super) fn space_mut(&mut self, vm: VmId) -> Result<&mut GuestSpace> {
         self.spaces
             .get_mut(&vm)
             .with_context(|| format!("no guest space with id {vm}"))
@@ -584,9 +452,7 @@ impl Inner {
             while i + run < pages.len() && pages[i + run] == pages[i] + run as u32 {
                 run += 1;
             }
-            if let Err(e) =
-                map_pool_run(base + i * PAGE_SIZE, &self.pools[node], pages[i], run, true)
-            {
+            if let Err(e) = self.map_run(base + i * PAGE_SIZE, node, pages[i], run) {
                 // Give back what is not mapped yet; mapped frames are recorded below.
                 for &p in &pages[i..] {
                     self.pools[node].free(p)?;
@@ -618,15 +484,153 @@ impl Inner {
         }
     }
 
-    /// Removes one owner from a page and frees the page when none is left.
-    fn drop_owner(&mut self, page: MachinePage, vm: VmId, gfn: Gfn) -> Result<()> {
-        if self.memmap.remove_owner(page, vm, gfn) {
-            self.pools[page.node()].free(page.index)?;
+    /// Maps a run of pool pages read-write and registers it for
+    /// write-protect faults (the mmap dropped any earlier registration).
+    fn map_run(&self, addr: usize, node: NodeId, index: u32, pages: usize) -> Result<()> {
+        map_pool_run(addr, &self.pools[node], index, pages)?;
+        if let Some(uffd) = &self.uffd {
+            uffd.register_wp(addr, pages * PAGE_SIZE)
+                .context("registering guest pages with userfaultfd")?;
         }
         Ok(())
     }
 
-    fn copy_page(&self, from: MachinePage, to: MachinePage) {
+    pub(super) fn require_uffd(&self) -> Result<&Arc<Userfault>> {
+        match &self.uffd {
+            Some(u) => Ok(u),
+            None => bail!(
+                "page sharing needs userfaultfd write-protection, which is unavailable: {}",
+                self.uffd_error
+            ),
+        }
+    }
+
+    /// Write-protects one frame (if it is not already) and marks it shared.
+    pub(super) fn protect_frame(&mut self, vm: VmId, gfn: Gfn) -> Result<()> {
+        let space = self.space(vm)?;
+        let Some(entry) = space.pmap.get(gfn) else {
+            bail!("frame {gfn:#x} of vm {vm} is not mapped");
+        };
+        if !entry.flags.write_protected {
+            let addr = space.addr(gfn);
+            self.require_uffd()?
+                .write_protect(addr, PAGE_SIZE, true)
+                .context("write-protecting a guest page")?;
+        }
+        self.space_mut(vm)?.pmap.set(
+            gfn,
+            Some(PmapEntry {
+                page: entry.page,
+                flags: PageFlags {
+                    shared: true,
+                    write_protected: true,
+                },
+            }),
+        );
+        Ok(())
+    }
+
+    /// Lifts write protection from one frame and marks it private.
+    pub(super) fn unprotect_frame(&mut self, vm: VmId, gfn: Gfn) -> Result<()> {
+        let space = self.space(vm)?;
+        let Some(entry) = space.pmap.get(gfn) else {
+            bail!("frame {gfn:#x} of vm {vm} is not mapped");
+        };
+        if entry.flags.write_protected {
+            let addr = space.addr(gfn);
+            self.require_uffd()?
+                .write_protect(addr, PAGE_SIZE, false)
+                .context("lifting write protection from a guest page")?;
+        }
+        self.space_mut(vm)?.pmap.set(
+            gfn,
+            Some(PmapEntry {
+                page: entry.page,
+                flags: PageFlags::default(),
+            }),
+        );
+        Ok(())
+    }
+
+    /// Maps `page` (already owned by someone) at `(vm, gfn)`, write-protected
+    /// and shared, and records the new owner. The caller drops the frame's
+    /// previous page.
+    pub(super) fn map_onto(&mut self, vm: VmId, gfn: Gfn, page: MachinePage) -> Result<()> {
+        let addr = self.space(vm)?.addr(gfn);
+        self.map_run(addr, page.node(), page.index, 1)?;
+        self.require_uffd()?
+            .write_protect(addr, PAGE_SIZE, true)
+            .context("write-protecting a shared guest page")?;
+        self.space_mut(vm)?.pmap.set(
+            gfn,
+            Some(PmapEntry {
+                page,
+                flags: PageFlags {
+                    shared: true,
+                    write_protected: true,
+                },
+            }),
+        );
+        self.memmap.add_owner(page, vm, gfn);
+        Ok(())
+    }
+
+    /// Gives `(vm, gfn)` a private writable copy of its page on `node`,
+    /// and drops its ownership of the old page.
+    pub(super) fn replace_with_copy(
+        &mut self,
+        vm: VmId,
+        gfn: Gfn,
+        node: NodeId,
+    ) -> Result<MachinePage> {
+        let Some(old) = self.space(vm)?.pmap.get(gfn) else {
+            bail!("frame {gfn:#x} of vm {vm} is not mapped");
+        };
+        ensure!(node < self.pools.len(), "node {node} does not exist");
+        let index = self.pools[node].alloc(1)?[0];
+        let new = MachinePage {
+            node: node as u16,
+            index,
+        };
+        self.copy_page(old.page, new);
+        let addr = self.space(vm)?.addr(gfn);
+        if let Err(e) = self.map_run(addr, node, index, 1) {
+            self.pools[node].free(index)?;
+            return Err(e);
+        }
+        self.space_mut(vm)?.pmap.set(
+            gfn,
+            Some(PmapEntry {
+                page: new,
+                flags: PageFlags::default(),
+            }),
+        );
+        self.memmap.add_owner(new, vm, gfn);
+        self.drop_owner(old.page, vm, gfn)?;
+        Ok(new)
+    }
+
+    /// Removes one owner from a page; frees the page when none is left, and
+    /// makes the last owner private again when one is left.
+    pub(super) fn drop_owner(&mut self, page: MachinePage, vm: VmId, gfn: Gfn) -> Result<()> {
+        if self.memmap.remove_owner(page, vm, gfn) {
+            self.pools[page.node()].free(page.index)?;
+        } else if let Some(info) = self.memmap.get(page) {
+            let (last_vm, last_gfn) = info.owners[0];
+            // A frame whose pmap entry is already gone belongs to a space
+            // being destroyed: it will drop its own ownership next.
+            let live = self
+                .spaces
+                .get(&last_vm)
+                .is_some_and(|s| s.pmap.get(last_gfn).is_some());
+            if info.owners.len() == 1 && live {
+                self.unprotect_frame(last_vm, last_gfn)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn copy_page(&self, from: MachinePage, to: MachinePage) {
         let src = self.pools[from.node()].page_ptr(from.index);
         let dst = self.pools[to.node()].page_ptr(to.index);
         // SAFETY: two distinct in-bounds pages of pool views.
@@ -634,20 +638,21 @@ impl Inner {
     }
 
     fn destroy(&mut self, vm: VmId) -> Result<()> {
-        let space = self
-            .spaces
-            .remove(&vm)
-            .with_context(|| format!("no guest space with id {vm}"))?;
-        // SAFETY: unmapping the range this module reserved for the space.
-        unsafe {
-            libc::munmap(
-                space.base as *mut libc::c_void,
-                space.frames() as usize * PAGE_SIZE,
-            )
-        };
-        for (gfn, e) in space.pmap.iter() {
-            self.drop_owner(e.page, vm, gfn)?;
+        let space = self.space_mut(vm)?;
+        let (base, len) = (space.base, space.frames() as usize * PAGE_SIZE);
+        let owned: Vec<(Gfn, MachinePage)> = space.pmap.iter().map(|(g, e)| (g, e.page)).collect();
+        // Empty the pmap and unmap first, so no access reaches pages being
+        // freed; then drop ownership (which can make a frame of another
+        // space the private last owner of its page).
+        for &(gfn, _) in &owned {
+            space.pmap.set(gfn, None);
         }
+        // SAFETY: unmapping the range this module reserved for the space.
+        unsafe { libc::munmap(base as *mut libc::c_void, len) };
+        for (gfn, page) in owned {
+            self.drop_owner(page, vm, gfn)?;
+        }
+        self.spaces.remove(&vm);
         Ok(())
     }
 }
@@ -659,59 +664,6 @@ impl Drop for Memory {
             let _ = self.inner.get_mut().destroy(vm);
         }
     }
-}
-
-/// One line of `/proc/self/maps`.
-struct HostMapping {
-    start: usize,
-    end: usize,
-    perms: String,
-    readable: bool,
-    writable: bool,
-    shared: bool,
-    offset: u64,
-    inode: u64,
-}
-
-impl HostMapping {
-    fn describe(&self) -> String {
-        if self.inode == 0 {
-            format!("anonymous {}", self.perms)
-        } else {
-            format!(
-                "inode {} offset {:#x} {}",
-                self.inode, self.offset, self.perms
-            )
-        }
-    }
-}
-
-fn read_proc_maps() -> Result<Vec<HostMapping>> {
-    let text = std::fs::read_to_string("/proc/self/maps").context("reading /proc/self/maps")?;
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let mut f = line.split_whitespace();
-        let (Some(range), Some(perms), Some(offset), Some(_dev), Some(inode)) =
-            (f.next(), f.next(), f.next(), f.next(), f.next())
-        else {
-            continue;
-        };
-        let Some((s, e)) = range.split_once('-') else {
-            continue;
-        };
-        let b = perms.as_bytes();
-        out.push(HostMapping {
-            start: usize::from_str_radix(s, 16)?,
-            end: usize::from_str_radix(e, 16)?,
-            perms: perms.to_string(),
-            readable: b.first() == Some(&b'r'),
-            writable: b.get(1) == Some(&b'w'),
-            shared: b.get(3) == Some(&b's'),
-            offset: u64::from_str_radix(offset, 16)?,
-            inode: inode.parse()?,
-        });
-    }
-    Ok(out)
 }
 
 /// Makes sure the process may hold `needed` memory mappings: raises

@@ -17,12 +17,15 @@
 //! [`Memory::verify`] checks that all of them agree with what the kernel
 //! really maps (read back from `/proc/self/maps`).
 
+pub mod cow;
 pub mod mapper;
 pub mod memmap;
 pub mod numa;
 pub mod pmap;
 pub mod pool;
+mod verify;
 
+pub use cow::{FaultOutcome, MergeOutcome, PageScan, SharingStats};
 pub use mapper::{GuestSpaceStats, Memory, PoolStats};
 
 use serde::Serialize;

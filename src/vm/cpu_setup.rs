@@ -27,6 +27,8 @@ use crate::guest::layout::{
 const PTE_PRESENT: u64 = 1 << 0;
 const PTE_WRITABLE: u64 = 1 << 1;
 const PTE_USER: u64 = 1 << 2;
+const PTE_ACCESSED: u64 = 1 << 5;
+const PTE_DIRTY: u64 = 1 << 6;
 const PTE_LARGE: u64 = 1 << 7;
 
 const CR0_PE: u64 = 1 << 0;
@@ -59,8 +61,15 @@ pub const USER_DS: u16 = 0x20 | 3;
 
 /// Writes the identity map of `0..ram_bytes` with 2 MiB pages (user,
 /// writable) and the GDT. `ram_bytes` is at most `layout::MAX_RAM`.
+///
+/// Every entry is written with its accessed (and, for the 2 MiB leaves,
+/// dirty) bit already set, so the CPU never writes to the page tables. That
+/// matters because identical page tables are shared copy-on-write across
+/// VMs: an A/D-bit update by KVM's page walker is a kernel-mode write to a
+/// write-protected page, which fails instead of taking the copy-on-write
+/// fault path, and the guest would see a page fault (a triple fault here).
 pub fn write_tables(ram: &GuestRam, ram_bytes: u64) {
-    let flags = PTE_PRESENT | PTE_WRITABLE | PTE_USER;
+    let flags = PTE_PRESENT | PTE_WRITABLE | PTE_USER | PTE_ACCESSED;
     let large_pages = ram_bytes.div_ceil(LARGE_PAGE);
     let gibs = large_pages.div_ceil(512);
     ram.zero(PML4_ADDR, PAGE);
@@ -70,7 +79,7 @@ pub fn write_tables(ram: &GuestRam, ram_bytes: u64) {
     ram.write_words(PDPT_ADDR, &pdpt);
     ram.zero(PD_ADDR, gibs * PAGE);
     let pds: Vec<u64> = (0..large_pages)
-        .map(|i| (i * LARGE_PAGE) | flags | PTE_LARGE)
+        .map(|i| (i * LARGE_PAGE) | flags | PTE_DIRTY | PTE_LARGE)
         .collect();
     ram.write_words(PD_ADDR, &pds);
     ram.write_words(GDT_ADDR, &GDT);

@@ -1,0 +1,153 @@
+//! Page sharing's hot paths, one at a time:
+//!
+//! * `page_hash`: xxh3 of a 4 KiB page (`disco::memory::cow::page_hash`);
+//! * `page_compare`: comparing two identical 4 KiB pages (what a merge does
+//!   under write protection);
+//! * `merge`: `Memory::merge` of two frames with identical content
+//!   (protect both, compare, remap the duplicate, free its page); the
+//!   frames are split again between iterations, untimed, by a write;
+//! * `cow_break`: a host thread's store into a shared page through the real
+//!   fault path (userfaultfd write-protect fault, the `FaultHandler` thread
+//!   copies and remaps, wake, the store retries): the whole round trip as the
+//!   writer sees it; re-merged between iterations, untimed;
+//! * `scan_page`: `Memory::scan_page` (lock, pmap lookup, hash, zero check).
+//!
+//! `disco bench sharing` measures the whole scanner against KSM. Needs root
+//! (userfaultfd) for `merge` and `cow_break`.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+use disco::faults::FaultHandler;
+use disco::guest::model::page_content;
+use disco::memory::cow::page_hash;
+use disco::memory::{Memory, MergeOutcome, VmId};
+use disco::PAGE_SIZE;
+
+fn page_bytes(seed: u64) -> Vec<u8> {
+    page_content(seed, 1)
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect()
+}
+
+fn hash_and_compare(c: &mut Criterion) {
+    let mut group = c.benchmark_group("sharing");
+    group.throughput(Throughput::Bytes(PAGE_SIZE as u64));
+    let page = page_bytes(7);
+    group.bench_function("page_hash", |b| b.iter(|| page_hash(black_box(&page))));
+    let twin = page.clone();
+    group.bench_function("page_compare", |b| {
+        b.iter(|| black_box(&page[..]) == black_box(&twin[..]))
+    });
+    group.finish();
+}
+
+/// Two one-frame guest spaces holding the same content, and a fault handler.
+struct Pair {
+    memory: Arc<Memory>,
+    _handler: FaultHandler,
+    a: (VmId, usize),
+    b: (VmId, usize),
+}
+
+impl Pair {
+    fn new() -> Option<Pair> {
+        let memory = Arc::new(Memory::new(&[(0, 0, 256)]).expect("monitor memory"));
+        if memory.userfault().is_none() {
+            eprintln!("benches/sharing: merge and cow_break need userfaultfd (root); skipped");
+            return None;
+        }
+        let handler = FaultHandler::start(memory.clone()).expect("fault handler");
+        let a = memory.create_space("a", 1, 0).unwrap();
+        let b = memory.create_space("b", 1, 0).unwrap();
+        let page = page_bytes(9);
+        memory.write_guest_page(a.0, 0, &page).unwrap();
+        memory.write_guest_page(b.0, 0, &page).unwrap();
+        Some(Pair {
+            memory,
+            _handler: handler,
+            a,
+            b,
+        })
+    }
+
+    fn page(&self, vm: VmId) -> disco::memory::MachinePage {
+        self.memory.lookup(vm, 0).unwrap().unwrap().page
+    }
+
+    fn shared(&self) -> bool {
+        self.page(self.a.0) == self.page(self.b.0)
+    }
+
+    fn merge(&self) -> MergeOutcome {
+        let (a, b) = (self.a.0, self.b.0);
+        self.memory
+            .merge((b, 0, self.page(b)), (a, 0, self.page(a)))
+            .unwrap()
+    }
+
+    /// A store of the byte already there into b's frame, through its guest
+    /// mapping: on a shared page it blocks until the fault handler has given
+    /// b a private copy; the content stays the same.
+    fn store_b(&self) {
+        let addr = self.b.1 as *mut u8;
+        // SAFETY: frame 0 of b is mapped read-write for the space's life.
+        unsafe { std::ptr::write_volatile(addr, std::ptr::read_volatile(addr)) };
+    }
+}
+
+fn merge_and_break(c: &mut Criterion) {
+    let Some(pair) = Pair::new() else {
+        return;
+    };
+    let mut group = c.benchmark_group("sharing");
+    group.measurement_time(Duration::from_secs(5));
+    group.bench_function("merge", |bench| {
+        bench.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                if pair.shared() {
+                    pair.store_b();
+                }
+                let t = Instant::now();
+                let outcome = pair.merge();
+                total += t.elapsed();
+                assert_eq!(outcome, MergeOutcome::Merged);
+            }
+            total
+        })
+    });
+    group.bench_function("cow_break", |bench| {
+        bench.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                if !pair.shared() {
+                    assert_eq!(pair.merge(), MergeOutcome::Merged);
+                }
+                let t = Instant::now();
+                pair.store_b();
+                total += t.elapsed();
+            }
+            total
+        })
+    });
+    group.bench_function("scan_page", |bench| {
+        bench.iter(|| pair.memory.scan_page(black_box(pair.a.0), 0).unwrap())
+    });
+    group.finish();
+    let stats = pair.memory.sharing_stats();
+    eprintln!(
+        "benches/sharing: {} merges, {} copy-on-write breaks, handler time median {:.1} µs, p99 {:.1} µs",
+        stats.merges, stats.cow_breaks, stats.cow_break_median_us, stats.cow_break_p99_us
+    );
+    pair.memory
+        .verify()
+        .expect("memory invariants after the benches");
+}
+
+criterion_group!(benches, hash_and_compare, merge_and_break);
+criterion_main!(benches);

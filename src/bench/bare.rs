@@ -1,0 +1,174 @@
+//! The baseline of the overhead benchmark: a minimal bare-KVM runner.
+//!
+//! It runs the VMs of a config the plainest way KVM allows, with no monitor:
+//!
+//! * **included** (identical to `disco`): opening `/dev/kvm`, one KVM VM per
+//!   guest with its RAM as memory slot 0, the same guest image (page tables,
+//!   GDT, parameter blocks, code assembled with iced-x86), the same vCPU setup
+//!   and placement (pinned to the same host CPUs), one thread per vCPU running
+//!   the same exit loop, the time-limit watchdog, and the checksum check
+//!   against the host model (computed on the host after the guests exit, in
+//!   both). All of that is [`MicroVm`], which takes
+//!   caller-owned RAM, so the guest work is the same instructions on the same
+//!   layout.
+//! * **excluded** (what `disco` adds and the comparison measures): guest RAM
+//!   comes from one plain `mmap(MAP_PRIVATE | MAP_ANONYMOUS)` per VM instead
+//!   of memfd pool pages mapped `MAP_SHARED` by the mapper; no pools, pmap or
+//!   memmap, no `mbind`, no `vm.max_map_count` budget; no monitor loop (it
+//!   checks every 1 ms whether the vCPU threads exited, where the monitor
+//!   polls progress every 50 ms; no `Memory::verify` before, during or after
+//!   the run, no report); teardown is one `munmap` instead of freeing pool pages
+//!   (punching holes in the memfd).
+//!
+//! Anonymous memory follows the host's transparent huge page setting
+//! (`HostInfo::transparent_hugepages`); the runner does not `madvise` it.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::config::{Config, VmConfig};
+use crate::topology::Topology;
+use crate::vm::{GuestRam, MicroVm, MicroVmSpec, VcpuPlacement, VmOutcome};
+
+/// Guest RAM from plain anonymous memory; unmapped on drop.
+pub struct AnonRam {
+    addr: usize,
+    size: usize,
+}
+
+impl AnonRam {
+    /// `size` bytes (a multiple of the page size) of private anonymous memory.
+    pub fn new(size: usize) -> Result<AnonRam> {
+        // SAFETY: a fresh private mapping; nothing else refers to it.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("mmap of {size} bytes of anonymous guest RAM"));
+        }
+        Ok(AnonRam {
+            addr: addr as usize,
+            size,
+        })
+    }
+
+    pub fn guest(&self) -> GuestRam {
+        GuestRam {
+            host_addr: self.addr,
+            size: self.size,
+        }
+    }
+}
+
+impl Drop for AnonRam {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping; the VM on it was waited for or dropped
+        // first (`run` keeps that order).
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.size) };
+    }
+}
+
+/// The micro-VM spec the monitor's `build_vm` makes for `vc`: same name,
+/// vCPU placement (host CPUs of each vCPU's node), workload and time limit.
+pub fn spec_for(vc: &VmConfig, topology: &Topology) -> MicroVmSpec {
+    MicroVmSpec {
+        name: vc.name.clone(),
+        vcpus: vc
+            .vcpu_nodes
+            .iter()
+            .map(|&node| VcpuPlacement {
+                node,
+                host_cpus: topology.nodes[node].host_cpus.clone(),
+            })
+            .collect(),
+        workload: vc.workload.clone(),
+        time_limit: vc.time_limit,
+    }
+}
+
+/// What a bare run produced.
+#[derive(Debug)]
+pub struct BareRun {
+    pub outcomes: Vec<VmOutcome>,
+    /// Opening KVM, mapping RAM and creating every VM.
+    pub create: Duration,
+}
+
+impl BareRun {
+    /// Every vCPU of every VM returned the model's checksum.
+    pub fn all_ok(&self) -> bool {
+        self.outcomes.iter().all(VmOutcome::checksum_ok)
+    }
+
+    /// Longest guest run time (start to last vCPU exit) over the VMs.
+    pub fn guest_run(&self) -> Duration {
+        self.outcomes
+            .iter()
+            .map(|o| o.run_time)
+            .max()
+            .unwrap_or_default()
+    }
+}
+
+/// How often the bare runner looks whether its guests are done.
+pub const POLL: Duration = Duration::from_millis(1);
+
+/// Runs every VM of `config` on the bare runner: for each VM anonymous RAM
+/// and a micro-VM on it; then start them all, wait until every vCPU thread
+/// has exited (checking every [`POLL`]), collect the outcomes
+/// (`MicroVm::wait`: the host model's checksums, then joining the threads),
+/// and unmap. Waiting for the exits first keeps the host model from
+/// competing with running guests for CPUs, as in `monitor::run`.
+/// The topology only gives the vCPUs' host CPUs (as for `disco`).
+pub fn run(config: &Config, topology: &Topology) -> Result<BareRun> {
+    let t = Instant::now();
+    let kvm = kvm_ioctls::Kvm::new().context("cannot open /dev/kvm")?;
+    let mut rams = Vec::with_capacity(config.vms.len());
+    let mut vms = Vec::with_capacity(config.vms.len());
+    for vc in &config.vms {
+        let ram = AnonRam::new(vc.memory_mib as usize * 1024 * 1024)?;
+        let vm = MicroVm::create(&kvm, spec_for(vc, topology), ram.guest())
+            .with_context(|| format!("bare runner: creating {}", vc.name))?;
+        rams.push(ram);
+        vms.push(vm);
+    }
+    let create = t.elapsed();
+    for vm in vms.iter_mut() {
+        vm.start()?;
+    }
+    // Each VM's watchdog ends it at its time limit, so this terminates.
+    while !vms.iter().all(MicroVm::is_finished) {
+        std::thread::sleep(POLL);
+    }
+    let outcomes: Vec<VmOutcome> = vms.into_iter().map(MicroVm::wait).collect();
+    // Every VM is joined: now the RAM may go.
+    drop(rams);
+    Ok(BareRun { outcomes, create })
+}
+
+/// Like [`run`], but an error unless every checksum matches the model.
+pub fn run_checked(config: &Config, topology: &Topology) -> Result<BareRun> {
+    let run = run(config, topology)?;
+    if !run.all_ok() {
+        let why: Vec<String> = run
+            .outcomes
+            .iter()
+            .filter(|o| !o.checksum_ok())
+            .map(|o| format!("{}: {:?}", o.name, o.vcpus))
+            .collect();
+        bail!(
+            "bare runner: a guest did not return the model's checksum: {}",
+            why.join("; ")
+        );
+    }
+    Ok(run)
+}

@@ -1,0 +1,531 @@
+//! The density scenario: create and start many micro-VMs through the
+//! monitor's memory (`Memory` pools + `monitor::build_vm` + `MicroVm::start`),
+//! as `monitor::run` does (build every VM, then start every VM), and measure
+//!
+//! * how long creating and starting them takes (VMs per second), and how long
+//!   until every guest finished;
+//! * host memory per VM beyond guest RAM, at three points: all VMs created
+//!   (not started), all started, all finished (before teardown).
+//!
+//! Every guest's checksum is checked and `Memory::verify` runs after they
+//! finished (outside the timings); a wrong checksum or a violated invariant
+//! is an error. Each repetition uses a fresh `Memory`.
+//!
+//! What the memory figures count (deltas from a snapshot taken after the
+//! pools exist and before the first VM, divided by the number of VMs):
+//!
+//! * process: `RssAnon` (monitor heap: pmap, memmap, VM structures; thread
+//!   stacks; the allocator's free memory is given back to the kernel before
+//!   each baseline, so a repetition does not silently reuse the previous
+//!   one's), with the heap bytes in use (`mallinfo2`) shown apart, and `RssFile` (file-backed pages: code first run, the vCPUs'
+//!   mapped `kvm_run` pages) of `/proc/self/status`. Guest RAM is memfd pool
+//!   pages, i.e. shmem, so it is in neither.
+//! * kernel, from `/proc/meminfo` (system-wide, so other processes' activity
+//!   is in it too: noisy): unreclaimable slab, kernel stacks, page tables
+//!   (including this process's page tables mapping guest RAM), secondary
+//!   page tables, vmalloc, per-CPU.
+//! * guest RAM itself, reported but not counted: the pools' resident bytes
+//!   (and `RssShmem` as a cross-check).
+//!
+//! `MemAvailable` / `MemFree` are not used: on the build hosts touching
+//! 300 MiB of memfd pages lowered them by only about 204 MiB (the host gives
+//! memory back elsewhere meanwhile), so their deltas say nothing per VM.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::procmem::{release_free_heap, MemInfo, ProcessMem};
+use super::{config_from_toml, markdown_table, progress_bar, HostInfo, Stats};
+use crate::config::Config;
+use crate::memory::{Memory, VmId};
+use crate::monitor::build_vm;
+use crate::topology::Topology;
+use crate::vm::{MicroVm, VmOutcome};
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct DensityOptions {
+    pub vms: usize,
+    /// Guest RAM per VM.
+    pub memory_mib: u64,
+    /// Fresh monitor memory and `vms` VMs per repetition.
+    pub reps: usize,
+    /// Progress bar on stderr.
+    pub progress: bool,
+}
+
+impl DensityOptions {
+    /// `disco bench density`: 100 VMs of 1 vCPU and 4 MiB filling their
+    /// memory, 3 repetitions (1 with `quick`).
+    pub fn standard(quick: bool) -> DensityOptions {
+        DensityOptions {
+            vms: 100,
+            memory_mib: 4,
+            reps: if quick { 1 } else { 3 },
+            progress: false,
+        }
+    }
+
+    /// A small configuration for tests: 10 VMs of 2 MiB, 1 repetition.
+    pub fn tiny() -> DensityOptions {
+        DensityOptions {
+            vms: 10,
+            memory_mib: 2,
+            reps: 1,
+            progress: false,
+        }
+    }
+
+    /// The config the scenario runs: `vms` VMs `d-0`.. of 1 vCPU filling
+    /// their `memory_mib`.
+    pub fn config_text(&self) -> String {
+        format!(
+            "policy = \"static\"\n\n[[vm]]\nname = \"d\"\ncount = {}\nvcpus = 1\nmemory_mib = {}\ntime_limit_s = 120\n\
+             workload = {{ kind = \"fill\", seed = 7 }}\n",
+            self.vms, self.memory_mib
+        )
+    }
+}
+
+/// Per-VM memory at one point of the scenario, KiB per VM, over repetitions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemoryPerVm {
+    /// "created", "started" or "finished".
+    pub when: String,
+    pub process_anon_kib: Stats,
+    /// Allocator bytes in use (glibc `mallinfo2`): the monitor's heap data
+    /// (pmap, memmap, VM structures), part of `process_anon_kib`.
+    pub process_heap_kib: Stats,
+    pub process_file_kib: Stats,
+    pub kernel_slab_unreclaimable_kib: Stats,
+    pub kernel_stack_kib: Stats,
+    pub kernel_page_tables_kib: Stats,
+    pub kernel_sec_page_tables_kib: Stats,
+    pub kernel_vmalloc_kib: Stats,
+    pub kernel_percpu_kib: Stats,
+    /// Sum of the kernel counters above (system-wide).
+    pub kernel_total_kib: Stats,
+    /// process anon + process file + kernel total: the monitor's memory
+    /// per VM beyond guest RAM.
+    pub total_beyond_guest_ram_kib: Stats,
+    /// Guest RAM resident in the pools (not counted above).
+    pub guest_ram_resident_kib: Stats,
+    /// `RssShmem` growth: the guest RAM this process maps.
+    pub process_shmem_kib: Stats,
+    /// Extra threads in the process (per VM).
+    pub threads: Stats,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DensityResult {
+    pub host: HostInfo,
+    pub vms: usize,
+    pub vcpus_per_vm: usize,
+    pub memory_mib: u64,
+    pub workload: String,
+    pub reps: usize,
+    /// `build_vm` of every VM (guest space in the pool, KVM VM, guest image), ms.
+    pub create_ms: Stats,
+    /// `MicroVm::start` of every VM (vCPU and watchdog threads), ms.
+    pub start_ms: Stats,
+    pub create_start_ms: Stats,
+    /// vms / (create + start) seconds.
+    pub vms_per_second: Stats,
+    /// vms / create seconds (building only; starting shares the CPUs with
+    /// the guests already running).
+    pub create_vms_per_second: Stats,
+    /// From the first create until every guest finished, ms.
+    pub all_finished_ms: Stats,
+    /// VMs whose guest had not finished when the last VM was started.
+    pub running_after_start: Stats,
+    /// At "created", "started", "finished".
+    pub memory: Vec<MemoryPerVm>,
+    /// `vm.max_map_count` after the run (disco raises it as root).
+    pub max_map_count: u64,
+}
+
+/// Counters at one point.
+#[derive(Clone, Copy, Debug)]
+struct Snapshot {
+    process: ProcessMem,
+    system: MemInfo,
+    guest_resident: u64,
+}
+
+impl Snapshot {
+    fn take(memory: &Memory) -> Result<Snapshot> {
+        Ok(Snapshot {
+            process: ProcessMem::read()?,
+            system: MemInfo::read()?,
+            guest_resident: memory.pool_stats().iter().map(|p| p.resident_bytes).sum(),
+        })
+    }
+}
+
+/// Per-VM deltas of one repetition at one point, KiB.
+#[derive(Clone, Copy, Debug, Default)]
+struct Deltas {
+    anon: f64,
+    heap: f64,
+    file: f64,
+    slab: f64,
+    kstack: f64,
+    pt: f64,
+    sec_pt: f64,
+    vmalloc: f64,
+    percpu: f64,
+    kernel: f64,
+    total: f64,
+    guest: f64,
+    shmem: f64,
+    threads: f64,
+}
+
+impl Deltas {
+    fn between(base: &Snapshot, now: &Snapshot, vms: usize) -> Deltas {
+        let n = vms as f64;
+        let d = |a: u64, b: u64| (b as f64 - a as f64) / n;
+        let (p0, p1) = (&base.process, &now.process);
+        let (s0, s1) = (&base.system, &now.system);
+        let guest = d(base.guest_resident, now.guest_resident) / 1024.0;
+        let anon = d(p0.rss_anon_kib, p1.rss_anon_kib);
+        let file = d(p0.rss_file_kib, p1.rss_file_kib);
+        let kernel = d(s0.kernel_kib(), s1.kernel_kib());
+        Deltas {
+            anon,
+            heap: d(p0.heap_in_use_kib, p1.heap_in_use_kib),
+            file,
+            slab: d(s0.slab_unreclaimable_kib, s1.slab_unreclaimable_kib),
+            kstack: d(s0.kernel_stack_kib, s1.kernel_stack_kib),
+            pt: d(s0.page_tables_kib, s1.page_tables_kib),
+            sec_pt: d(s0.sec_page_tables_kib, s1.sec_page_tables_kib),
+            vmalloc: d(s0.vmalloc_used_kib, s1.vmalloc_used_kib),
+            percpu: d(s0.percpu_kib, s1.percpu_kib),
+            kernel,
+            total: anon + file + kernel,
+            guest,
+            shmem: d(p0.rss_shmem_kib, p1.rss_shmem_kib),
+            threads: d(p0.threads, p1.threads),
+        }
+    }
+}
+
+fn memory_per_vm(when: &str, reps: &[Deltas]) -> MemoryPerVm {
+    let s = |f: fn(&Deltas) -> f64| Stats::of(&reps.iter().map(f).collect::<Vec<_>>());
+    MemoryPerVm {
+        when: when.to_string(),
+        process_anon_kib: s(|d| d.anon),
+        process_heap_kib: s(|d| d.heap),
+        process_file_kib: s(|d| d.file),
+        kernel_slab_unreclaimable_kib: s(|d| d.slab),
+        kernel_stack_kib: s(|d| d.kstack),
+        kernel_page_tables_kib: s(|d| d.pt),
+        kernel_sec_page_tables_kib: s(|d| d.sec_pt),
+        kernel_vmalloc_kib: s(|d| d.vmalloc),
+        kernel_percpu_kib: s(|d| d.percpu),
+        kernel_total_kib: s(|d| d.kernel),
+        total_beyond_guest_ram_kib: s(|d| d.total),
+        guest_ram_resident_kib: s(|d| d.guest),
+        process_shmem_kib: s(|d| d.shmem),
+        threads: s(|d| d.threads),
+    }
+}
+
+/// One repetition's figures.
+struct Rep {
+    create: Duration,
+    start: Duration,
+    all_finished: Duration,
+    running_after_start: usize,
+    /// created, started, finished.
+    deltas: [Deltas; 3],
+}
+
+/// Runs the scenario.
+pub fn run(options: &DensityOptions) -> Result<DensityResult> {
+    ensure!(
+        options.vms > 0,
+        "the density scenario needs at least one VM"
+    );
+    ensure!(
+        options.reps > 0,
+        "the density scenario needs at least one repetition"
+    );
+    let config = config_from_toml(&options.config_text())?;
+    let topology = config.topology()?;
+    let kvm = kvm_ioctls::Kvm::new().context("cannot open /dev/kvm")?;
+    let bar = progress_bar((options.vms * options.reps) as u64, options.progress);
+    let mut reps = Vec::new();
+    for rep in 0..options.reps {
+        bar.set_message(format!("repetition {}/{}", rep + 1, options.reps));
+        let memory = Memory::for_topology(&topology)?;
+        // Let the kernel finish freeing the previous repetition's VMs, and
+        // give freed heap back so this repetition's growth is its own.
+        std::thread::sleep(Duration::from_millis(200));
+        release_free_heap();
+        let base = Snapshot::take(&memory)?;
+
+        let t0 = Instant::now();
+        let mut vms: Vec<(VmId, MicroVm)> = Vec::with_capacity(options.vms);
+        let mut spaces = Vec::with_capacity(options.vms);
+        let built = (|| -> Result<()> {
+            for vc in &config.vms {
+                let (space, vm) = build_vm(&kvm, &memory, &topology, vc)
+                    .with_context(|| format!("creating {}", vc.name))?;
+                spaces.push(space);
+                vms.push((space, vm));
+                bar.inc(1);
+            }
+            Ok(())
+        })();
+        let create = t0.elapsed();
+        let result = built.and_then(|()| measure_rep(&memory, &mut vms, &base, create, t0));
+        // Tear down whatever exists, also after an error.
+        let torn_down = tear_down(&memory, vms, spaces);
+        let rep_result = result?;
+        torn_down?;
+        memory
+            .verify()
+            .context("memory invariants after teardown")?;
+        reps.push(rep_result);
+    }
+    bar.finish_and_clear();
+
+    let stat = |f: &dyn Fn(&Rep) -> f64| Stats::of(&reps.iter().map(f).collect::<Vec<_>>());
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let vms = options.vms as f64;
+    let memory = ["created", "started", "finished"]
+        .iter()
+        .enumerate()
+        .map(|(i, when)| memory_per_vm(when, &reps.iter().map(|r| r.deltas[i]).collect::<Vec<_>>()))
+        .collect();
+    Ok(DensityResult {
+        host: HostInfo::detect(),
+        vms: options.vms,
+        vcpus_per_vm: 1,
+        memory_mib: options.memory_mib,
+        workload: "fill (seed 7): every page of the VM's data slice written once".into(),
+        reps: options.reps,
+        create_ms: stat(&|r| ms(r.create)),
+        start_ms: stat(&|r| ms(r.start)),
+        create_start_ms: stat(&|r| ms(r.create + r.start)),
+        vms_per_second: stat(&|r| vms / (r.create + r.start).as_secs_f64()),
+        create_vms_per_second: stat(&|r| vms / r.create.as_secs_f64()),
+        all_finished_ms: stat(&|r| ms(r.all_finished)),
+        running_after_start: stat(&|r| r.running_after_start as f64),
+        memory,
+        max_map_count: std::fs::read_to_string("/proc/sys/vm/max_map_count")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0),
+    })
+}
+
+/// Waits for (joins) every VM, destroys every guest space, then checks
+/// that every guest returned the model's checksum and no pool page leaked.
+fn tear_down(memory: &Memory, vms: Vec<(VmId, MicroVm)>, spaces: Vec<VmId>) -> Result<()> {
+    let outcomes: Vec<VmOutcome> = vms.into_iter().map(|(_, vm)| vm.wait()).collect();
+    for space in spaces {
+        memory.destroy_space(space)?;
+    }
+    let bad: Vec<String> = outcomes
+        .iter()
+        .filter(|o| !o.checksum_ok())
+        .map(|o| format!("{}: {:?}", o.name, o.vcpus))
+        .collect();
+    if !bad.is_empty() {
+        bail!(
+            "{} of {} VMs did not return the model's checksum: {}",
+            bad.len(),
+            outcomes.len(),
+            bad.join("; ")
+        );
+    }
+    let leaked: u32 = memory.pool_stats().iter().map(|p| p.used_pages).sum();
+    ensure!(
+        leaked == 0,
+        "{leaked} pool pages still in use after every VM was destroyed"
+    );
+    Ok(())
+}
+
+/// One batch as the criterion bench times it: build every VM of `config`
+/// in `memory` (`build_vm`), start them all, wait until every guest
+/// finished (checking every 1 ms), join them, destroy their guest spaces,
+/// and check every checksum. No snapshots, no `verify`.
+pub fn run_batch(
+    kvm: &kvm_ioctls::Kvm,
+    memory: &Memory,
+    topology: &Topology,
+    config: &Config,
+) -> Result<()> {
+    let mut vms = Vec::with_capacity(config.vms.len());
+    let mut spaces = Vec::with_capacity(config.vms.len());
+    let run = (|| -> Result<()> {
+        for vc in &config.vms {
+            let (space, vm) = build_vm(kvm, memory, topology, vc)
+                .with_context(|| format!("creating {}", vc.name))?;
+            spaces.push(space);
+            vms.push((space, vm));
+        }
+        for (_, vm) in vms.iter_mut() {
+            vm.start()?;
+        }
+        while !vms.iter().all(|(_, vm)| vm.is_finished()) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    })();
+    let torn_down = tear_down(memory, vms, spaces);
+    run?;
+    torn_down
+}
+
+/// After every VM is built: snapshot, start all, snapshot, wait until all
+/// finished, snapshot, verify.
+fn measure_rep(
+    memory: &Memory,
+    vms: &mut [(VmId, MicroVm)],
+    base: &Snapshot,
+    create: Duration,
+    t0: Instant,
+) -> Result<Rep> {
+    let n = vms.len();
+    let created = Snapshot::take(memory)?;
+    let t1 = Instant::now();
+    for (_, vm) in vms.iter_mut() {
+        vm.start()?;
+    }
+    let start = t1.elapsed();
+    let running_after_start = vms.iter().filter(|(_, vm)| !vm.is_finished()).count();
+    let started = Snapshot::take(memory)?;
+    // The watchdogs end every VM at its time limit, so this terminates.
+    while !vms.iter().all(|(_, vm)| vm.is_finished()) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let all_finished = t0.elapsed();
+    let finished = Snapshot::take(memory)?;
+    memory
+        .verify()
+        .context("memory invariants after the guests finished")?;
+    Ok(Rep {
+        create,
+        start,
+        all_finished,
+        running_after_start,
+        deltas: [
+            Deltas::between(base, &created, n),
+            Deltas::between(base, &started, n),
+            Deltas::between(base, &finished, n),
+        ],
+    })
+}
+
+impl DensityResult {
+    /// Markdown: timings, then memory per VM at each point.
+    pub fn render_table(&self) -> String {
+        let mut out = format!(
+            "{} micro-VMs ({} vCPU, {} MiB, workload {}), created through the monitor's memory \
+             and started; {} repetition(s), median (min-max)\n\n",
+            self.vms, self.vcpus_per_vm, self.memory_mib, self.workload, self.reps
+        );
+        let n = self.vms;
+        let rows = vec![
+            vec![format!("create {n} VMs (ms)"), self.create_ms.show(1)],
+            vec![format!("start {n} VMs (ms)"), self.start_ms.show(1)],
+            vec![
+                format!("create + start {n} VMs (ms)"),
+                self.create_start_ms.show(1),
+            ],
+            vec![
+                "VMs per second (create + start)".into(),
+                self.vms_per_second.show(0),
+            ],
+            vec![
+                "VMs per second (create only)".into(),
+                self.create_vms_per_second.show(0),
+            ],
+            vec![
+                format!("all {n} guests finished, from the first create (ms)"),
+                self.all_finished_ms.show(1),
+            ],
+            vec![
+                "guests still running when the last VM was started".into(),
+                self.running_after_start.show(0),
+            ],
+        ];
+        out += &markdown_table(&["figure", "value"], &rows);
+        out += "\nStarting a VM spawns its vCPU and watchdog threads; the guests started first \
+                run meanwhile and share the host CPUs with the thread starting the others, so on \
+                a small host the start figure includes the guests' own work.\n";
+
+        out +=
+            "\nHost memory per VM beyond guest RAM, KiB per VM (deltas from before the first VM, \
+                divided by the number of VMs), median (min-max):\n\n";
+        type Get = fn(&MemoryPerVm) -> &Stats;
+        let lines: [(&str, Get); 14] = [
+            ("process: anonymous (RssAnon)", |m| &m.process_anon_kib),
+            ("  of which heap in use (malloc)", |m| &m.process_heap_kib),
+            ("process: file-backed (RssFile)", |m| &m.process_file_kib),
+            ("kernel: unreclaimable slab", |m| {
+                &m.kernel_slab_unreclaimable_kib
+            }),
+            ("kernel: stacks", |m| &m.kernel_stack_kib),
+            ("kernel: page tables (incl. guest RAM mappings)", |m| {
+                &m.kernel_page_tables_kib
+            }),
+            ("kernel: secondary page tables", |m| {
+                &m.kernel_sec_page_tables_kib
+            }),
+            ("kernel: vmalloc", |m| &m.kernel_vmalloc_kib),
+            ("kernel: per-CPU", |m| &m.kernel_percpu_kib),
+            ("kernel: total (system-wide, noisy)", |m| {
+                &m.kernel_total_kib
+            }),
+            ("**total beyond guest RAM** (process + kernel)", |m| {
+                &m.total_beyond_guest_ram_kib
+            }),
+            ("guest RAM resident in the pools (not counted above)", |m| {
+                &m.guest_ram_resident_kib
+            }),
+            ("process: RssShmem (guest RAM mapped)", |m| {
+                &m.process_shmem_kib
+            }),
+            ("process: threads per VM", |m| &m.threads),
+        ];
+        let rows: Vec<Vec<String>> = lines
+            .iter()
+            .map(|(name, get)| {
+                let mut row = vec![name.to_string()];
+                row.extend(self.memory.iter().map(|m| get(m).show(1)));
+                row
+            })
+            .collect();
+        let mut headers = vec!["counted"];
+        let whens: Vec<String> = self
+            .memory
+            .iter()
+            .map(|m| match m.when.as_str() {
+                "created" => "all created, not started".to_string(),
+                "started" => "all started".to_string(),
+                "finished" => "all finished, before teardown".to_string(),
+                other => other.to_string(),
+            })
+            .collect();
+        headers.extend(whens.iter().map(String::as_str));
+        out += &markdown_table(&headers, &rows);
+        out += &format!(
+            "\nKernel figures are system-wide counters of /proc/meminfo (other processes move them \
+             too); `MemAvailable` is not used (unreliable on these hosts). On Linux 6.13 and later \
+             KVM runs one `kvm-nx-lpage-recovery` worker thread per VM in the VMM process, started \
+             with the VM's first vCPU run: that is the thread per VM (and its 16 KiB kernel stack) \
+             left when the guests finished. vm.max_map_count after the run: {} (disco raises it \
+             as root to budget one mapping per guest page). Host: {}.\n",
+            self.max_map_count,
+            self.host.describe()
+        );
+        out
+    }
+}

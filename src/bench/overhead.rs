@@ -1,0 +1,436 @@
+//! The overhead scenario: one workload run by `disco` (the real monitor,
+//! `monitor::run`) and by the bare-KVM runner on anonymous memory
+//! ([`super::bare`]), alternately, in one process run.
+//!
+//! Per case: one untimed warm-up run of each, then `reps` repetitions of
+//! the pair, the order alternating (disco first on even repetitions, bare
+//! first on odd ones) so that slow drift of a noisy host hits both alike.
+//! Each run is timed from the caller's side, wall clock:
+//!
+//! * disco: `monitor::run` (topology, pools, building the VMs, `verify`
+//!   before/during/after, the progress-polling loop, teardown) plus dropping
+//!   its pools; with the `static` policy this is the monitor itself, with
+//!   the default `disco` policy the sharing scanner and copy-on-write
+//!   handler run too;
+//! * bare: opening KVM, `mmap`, creating, starting, checking every 1 ms
+//!   whether the vCPUs exited, joining, `munmap`;
+//!
+//! both compute the host model's checksums once per run, after the guests
+//! exit (`MicroVm::wait`). Next to the wall time each run records its create
+//! time and its guest run time (start to last vCPU exit,
+//! `VmOutcome::run_time`, the same definition on both sides); the checksum
+//! model is also timed on its own once per repetition, because for sweeps it
+//! costs as much as the guest and is the same on both sides. The ratios are
+//! of medians, disco / bare. A wrong checksum on either side is an error.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+use super::{bare, config_from_toml, markdown_table_aligned, progress_bar, HostInfo, Stats};
+use crate::config::Config;
+use crate::guest::{layout, model};
+use crate::monitor::{self, RunOptions};
+use crate::report::RunReport;
+
+/// The policy of the cases that measure the monitor itself: memory stays
+/// where it was placed, no sharing scanner, no copy-on-write.
+pub const STATIC: &str = "static";
+/// The default policy of `disco run` (sharing on: the scanner and the
+/// userfaultfd copy-on-write handler run with the guests).
+pub const DEFAULT_POLICY: &str = "disco";
+
+/// One workload of the scenario: a config, as `disco run` reads it. The bare
+/// runner runs the same `[[vm]]`s; the policy applies to disco only.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OverheadCase {
+    /// Short name (table rows, criterion ids): workload/policy.
+    pub name: String,
+    /// What runs, in words.
+    pub description: String,
+    /// The shipped policy disco runs with.
+    pub policy: String,
+    /// The config text (policy, `[[vm]]` tables; host topology).
+    pub config: String,
+}
+
+impl OverheadCase {
+    fn new(name: String, description: String, policy: &str, vm: String) -> OverheadCase {
+        OverheadCase {
+            name: format!("{name}/{policy}"),
+            description,
+            policy: policy.to_string(),
+            config: format!("policy = \"{policy}\"\n\n{vm}"),
+        }
+    }
+
+    /// One VM sweeping its memory: fill, then `passes` read-modify-write
+    /// sweeps (steady-state guest memory access).
+    pub fn sweep(memory_mib: u64, vcpus: u32, passes: u32, policy: &str) -> OverheadCase {
+        OverheadCase::new(
+            format!("sweep-{memory_mib}MiB-{vcpus}vcpu-{passes}passes"),
+            format!(
+                "1 VM, {vcpus} vCPUs, {memory_mib} MiB: fill, then {passes} read-modify-write \
+                 passes; disco policy {policy}"
+            ),
+            policy,
+            format!(
+                "[[vm]]\nname = \"sweep\"\nvcpus = {vcpus}\nmemory_mib = {memory_mib}\n\
+                 time_limit_s = 600\nworkload = {{ kind = \"sweep\", seed = 11, passes = {passes} }}\n"
+            ),
+        )
+    }
+
+    /// One VM filling its memory once (first touch of every page: dominated
+    /// by the host's page faults).
+    pub fn fill(memory_mib: u64, vcpus: u32, policy: &str) -> OverheadCase {
+        OverheadCase::new(
+            format!("fill-{memory_mib}MiB-{vcpus}vcpu"),
+            format!(
+                "1 VM, {vcpus} vCPUs, {memory_mib} MiB: fill every page once (first touch); \
+                 disco policy {policy}"
+            ),
+            policy,
+            format!(
+                "[[vm]]\nname = \"fill\"\nvcpus = {vcpus}\nmemory_mib = {memory_mib}\n\
+                 time_limit_s = 600\nworkload = {{ kind = \"fill\", seed = 7 }}\n"
+            ),
+        )
+    }
+
+    pub fn parse(&self) -> Result<Config> {
+        config_from_toml(&self.config)
+    }
+}
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct OverheadOptions {
+    pub cases: Vec<OverheadCase>,
+    /// Timed repetitions of each side per case.
+    pub reps: usize,
+    /// One untimed run of each side per case first.
+    pub warmup: bool,
+    /// Progress bar on stderr.
+    pub progress: bool,
+}
+
+impl OverheadOptions {
+    /// `disco bench overhead`: a 64 MiB, 2-vCPU sweep (16 passes) and fill
+    /// with disco on the `static` policy (the monitor itself); 10
+    /// repetitions (3 with `quick`).
+    pub fn standard(quick: bool) -> OverheadOptions {
+        OverheadOptions::with_policies(quick, &[STATIC])
+    }
+
+    /// The standard workloads once per disco policy in `policies` (shipped
+    /// policy names, e.g. [`STATIC`] and [`DEFAULT_POLICY`]).
+    pub fn with_policies(quick: bool, policies: &[&str]) -> OverheadOptions {
+        OverheadOptions {
+            cases: policies
+                .iter()
+                .flat_map(|p| {
+                    [
+                        OverheadCase::sweep(64, 2, 16, p),
+                        OverheadCase::fill(64, 2, p),
+                    ]
+                })
+                .collect(),
+            reps: if quick { 3 } else { 10 },
+            warmup: true,
+            progress: false,
+        }
+    }
+
+    /// A small configuration for tests: 4 MiB, 1 vCPU, static policy, 2
+    /// repetitions.
+    pub fn tiny() -> OverheadOptions {
+        OverheadOptions {
+            cases: vec![
+                OverheadCase::sweep(4, 1, 2, STATIC),
+                OverheadCase::fill(4, 1, STATIC),
+            ],
+            reps: 2,
+            warmup: false,
+            progress: false,
+        }
+    }
+}
+
+/// One run of one side, ms.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Measured {
+    /// The whole run, seen by the caller.
+    pub wall: f64,
+    /// Up to every VM created (disco: the report's `create_ms`, which also
+    /// covers building the pools).
+    pub create: f64,
+    /// Start to last vCPU exit (longest over the VMs).
+    pub guest_run: f64,
+}
+
+/// One side (disco or bare) of one case.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SideResult {
+    /// Whole run, wall clock, ms.
+    pub wall_ms: Stats,
+    /// Opening KVM, (disco: pools,) guest memory, creating the VMs, ms.
+    pub create_ms: Stats,
+    /// Guest run time (start to last vCPU exit), ms.
+    pub guest_run_ms: Stats,
+    /// Wall minus create minus guest run, per run, ms: starting, noticing
+    /// the end, the checksum model, joining, (disco: verify, report,)
+    /// teardown.
+    pub rest_ms: Stats,
+}
+
+impl SideResult {
+    fn of(runs: &[Measured]) -> SideResult {
+        let s = |f: fn(&Measured) -> f64| Stats::of(&runs.iter().map(f).collect::<Vec<_>>());
+        SideResult {
+            wall_ms: s(|m| m.wall),
+            create_ms: s(|m| m.create),
+            guest_run_ms: s(|m| m.guest_run),
+            rest_ms: s(|m| m.wall - m.create - m.guest_run),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CaseResult {
+    pub case: OverheadCase,
+    pub disco: SideResult,
+    pub bare: SideResult,
+    /// The host model's checksums for the case, timed on their own (once
+    /// per repetition), ms. Both sides compute them once per run, inside
+    /// their wall time.
+    pub checksum_model_ms: Stats,
+    /// disco wall median / bare wall median.
+    pub ratio_wall: f64,
+    /// (disco wall median - model median) / (bare wall median - model median).
+    pub ratio_wall_without_model: f64,
+    /// disco guest-run median / bare guest-run median.
+    pub ratio_guest_run: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OverheadResult {
+    pub host: HostInfo,
+    pub reps: usize,
+    pub warmup: bool,
+    pub cases: Vec<CaseResult>,
+}
+
+/// One disco run. An error unless every VM is ok and every invariant check
+/// held.
+pub fn run_disco(config: &Config) -> Result<Measured> {
+    let options = RunOptions {
+        progress: false,
+        ..RunOptions::default()
+    };
+    let t = Instant::now();
+    let report = monitor::run(config, &options)?;
+    let wall = t.elapsed().as_secs_f64() * 1e3;
+    check_report(&report)?;
+    Ok(Measured {
+        wall,
+        create: report.create_ms,
+        guest_run: report.vms.iter().map(|v| v.run_ms).fold(0.0, f64::max),
+    })
+}
+
+fn check_report(report: &RunReport) -> Result<()> {
+    if report.all_ok() {
+        return Ok(());
+    }
+    let why: Vec<String> = report
+        .vms
+        .iter()
+        .filter(|v| !v.ok())
+        .map(|v| {
+            format!(
+                "{}: {} {}",
+                v.name,
+                v.status,
+                v.error.as_deref().unwrap_or("")
+            )
+        })
+        .chain(report.verify_errors.iter().cloned())
+        .collect();
+    bail!("disco: the run is not ok: {}", why.join("; "))
+}
+
+/// One bare run. An error unless every checksum matches.
+pub fn run_bare(config: &Config) -> Result<Measured> {
+    let topology = config.topology()?;
+    let t = Instant::now();
+    let run = bare::run_checked(config, &topology)?;
+    let wall = t.elapsed().as_secs_f64() * 1e3;
+    Ok(Measured {
+        wall,
+        create: run.create.as_secs_f64() * 1e3,
+        guest_run: run.guest_run().as_secs_f64() * 1e3,
+    })
+}
+
+/// Times the host model's checksums of every VM of `config` (what
+/// `MicroVm::wait` computes), ms.
+pub fn time_checksum_model(config: &Config) -> Result<f64> {
+    let t = Instant::now();
+    for vc in &config.vms {
+        let params = layout::plan(
+            &vc.workload,
+            vc.memory_mib * 1024 * 1024,
+            vc.vcpu_nodes.len(),
+        )
+        .map_err(anyhow::Error::msg)?;
+        std::hint::black_box(model::expected_results(&vc.workload, &params));
+    }
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// Runs the scenario.
+pub fn run(options: &OverheadOptions) -> Result<OverheadResult> {
+    if options.reps == 0 {
+        bail!("the overhead scenario needs at least one repetition");
+    }
+    let per_case = options.reps * 2 + if options.warmup { 2 } else { 0 };
+    let bar = progress_bar((per_case * options.cases.len()) as u64, options.progress);
+    let mut cases = Vec::new();
+    for case in &options.cases {
+        let config = case.parse()?;
+        if options.warmup {
+            bar.set_message(format!("{}: warm-up", case.name));
+            run_disco(&config)?;
+            bar.inc(1);
+            run_bare(&config)?;
+            bar.inc(1);
+        }
+        let mut disco = Vec::new();
+        let mut bare = Vec::new();
+        let mut model = Vec::new();
+        for rep in 0..options.reps {
+            bar.set_message(format!(
+                "{}: repetition {}/{}",
+                case.name,
+                rep + 1,
+                options.reps
+            ));
+            if rep % 2 == 0 {
+                disco.push(run_disco(&config)?);
+                bar.inc(1);
+                bare.push(run_bare(&config)?);
+            } else {
+                bare.push(run_bare(&config)?);
+                bar.inc(1);
+                disco.push(run_disco(&config)?);
+            }
+            bar.inc(1);
+            model.push(time_checksum_model(&config)?);
+        }
+        let disco = SideResult::of(&disco);
+        let bare = SideResult::of(&bare);
+        let model = Stats::of(&model);
+        cases.push(CaseResult {
+            case: case.clone(),
+            ratio_wall: disco.wall_ms.median / bare.wall_ms.median,
+            ratio_wall_without_model: (disco.wall_ms.median - model.median)
+                / (bare.wall_ms.median - model.median),
+            ratio_guest_run: disco.guest_run_ms.median / bare.guest_run_ms.median,
+            checksum_model_ms: model,
+            disco,
+            bare,
+        });
+    }
+    bar.finish_and_clear();
+    Ok(OverheadResult {
+        host: HostInfo::detect(),
+        reps: options.reps,
+        warmup: options.warmup,
+        cases,
+    })
+}
+
+impl OverheadResult {
+    /// Markdown: one row per case and side, then the ratios.
+    pub fn render_table(&self) -> String {
+        let mut out = format!(
+            "disco vs bare KVM on anonymous memory: {} repetitions each, interleaved in one run{}; \
+             median (min-max), ms\n\n",
+            self.reps,
+            if self.warmup {
+                ", after one warm-up run each"
+            } else {
+                ""
+            }
+        );
+        let mut rows = Vec::new();
+        for c in &self.cases {
+            for (side, r) in [("disco", &c.disco), ("bare", &c.bare)] {
+                rows.push(vec![
+                    c.case.name.clone(),
+                    side.to_string(),
+                    r.wall_ms.show(1),
+                    r.create_ms.show(1),
+                    r.guest_run_ms.show(1),
+                    r.rest_ms.show(1),
+                ]);
+            }
+            rows.push(vec![
+                c.case.name.clone(),
+                "(checksum model alone)".into(),
+                String::new(),
+                String::new(),
+                String::new(),
+                c.checksum_model_ms.show(1),
+            ]);
+        }
+        out += &markdown_table_aligned(
+            &[
+                "workload",
+                "runner",
+                "wall",
+                "create",
+                "guest run",
+                "rest (incl. checksum model)",
+            ],
+            2,
+            &rows,
+        );
+        out += "\n";
+        let rows: Vec<Vec<String>> = self
+            .cases
+            .iter()
+            .map(|c| {
+                vec![
+                    c.case.name.clone(),
+                    c.case.description.clone(),
+                    format!("{:.2}", c.ratio_wall),
+                    format!("{:.2}", c.ratio_wall_without_model),
+                    format!("{:.2}", c.ratio_guest_run),
+                ]
+            })
+            .collect();
+        out += &markdown_table_aligned(
+            &[
+                "workload",
+                "what runs",
+                "disco/bare wall",
+                "disco/bare wall without the checksum model",
+                "disco/bare guest run",
+            ],
+            2,
+            &rows,
+        );
+        out += &format!(
+            "\nRatios are of medians. Wall: the whole run seen by the caller (disco: `monitor::run`: \
+             pools, VM build, verify before/during/after, 50 ms progress polling, report, teardown; \
+             bare: mmap, create, start, 1 ms exit polling, join, munmap); both compute the host \
+             model's checksums once per run after the guests exit. Guest run: start to last vCPU \
+             exit. Host: {}.\n",
+            self.host.describe()
+        );
+        out
+    }
+}

@@ -1,0 +1,79 @@
+//! The copy-on-write fault handler thread.
+//!
+//! One thread per monitor waits on the memory's userfaultfd. A guest write
+//! to a write-protected (shared) page blocks the writing vCPU thread in the
+//! kernel and queues a message here; the handler asks the mapper to give
+//! the writer a private copy (`Memory::resolve_write_fault`) and wakes it.
+//! The handler never holds the memory lock while waiting, so a merge in
+//! progress delays a break but never deadlocks with it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::memory::Memory;
+
+/// How often the handler looks at its stop flag while no fault arrives.
+const POLL: Duration = Duration::from_millis(50);
+
+pub struct FaultHandler {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FaultHandler {
+    /// Starts the handler thread for `memory`'s userfaultfd.
+    pub fn start(memory: Arc<Memory>) -> Result<FaultHandler> {
+        let uffd = memory
+            .userfault()
+            .cloned()
+            .context("copy-on-write needs userfaultfd, which could not be opened")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("disco-cow-faults".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    match uffd.read_event(Some(POLL)) {
+                        Ok(Some(event)) if event.wp => {
+                            if let Err(e) = memory.resolve_write_fault(event.address) {
+                                // Never leave a vCPU blocked: wake it; if the
+                                // page is still protected it faults again.
+                                tracing::error!(
+                                    "copy-on-write fault at {:#x}: {e:#}",
+                                    event.address
+                                );
+                                let _ = uffd.wake(event.address, crate::PAGE_SIZE);
+                            }
+                        }
+                        Ok(Some(event)) => {
+                            tracing::warn!("unexpected userfault at {:#x}, waking", event.address);
+                            let _ = uffd.wake(event.address, crate::PAGE_SIZE);
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::error!("reading userfaultfd: {e}");
+                            std::thread::sleep(POLL);
+                        }
+                    }
+                }
+            })
+            .context("spawning the copy-on-write fault handler")?;
+        Ok(FaultHandler {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for FaultHandler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! Transparent page sharing: the scanner that finds identical pages across
+//! VMs and asks the mapper to merge them copy-on-write.
+//!
+//! ## Order of the scan
+//! The scanner walks every guest space in turn and every frame of a space in
+//! ascending order, then starts over (one *full scan*). This order reaches
+//! every page once per pass, so a pass takes exactly `frames / rate` and the
+//! time to find any duplicate is bounded by one pass; walking a space in
+//! order also reads each pool sequentially. (VMware ESX picks pages at
+//! random to avoid pathological patterns; KSM walks each process linearly
+//! like this; with a bounded pass time the linear walk is the simpler
+//! guarantee.) Spaces created during a pass join at the next one.
+//!
+//! ## Finding duplicates
+//! Each page is hashed with xxh3 (through the monitor's pool view) and
+//! looked up in a table keyed by (sharing domain, hash); zero pages are keyed
+//! by (domain, node) instead, so all-zero pages collapse onto one shared
+//! zero page per node and domain. A hit is only a candidate: the mapper
+//! write-protects both frames and compares the bytes before merging
+//! (`Memory::merge`). Pages are merged on first sight (KSM waits for a
+//! page's checksum to be stable over two passes); a page that changes soon
+//! after costs one copy-on-write break.
+//!
+//! ## Rate
+//! `pages_per_second` pages are hashed per second, host-wide, in ticks of
+//! 10 ms; the scanner thread's own CPU time is measured and reported.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::memory::{Gfn, MachinePage, Memory, MergeOutcome, NodeId, VmId};
+
+/// What the scanner does; from the policy's `[sharing]` section.
+#[derive(Clone, Debug)]
+pub struct ScannerConfig {
+    pub pages_per_second: u64,
+    /// Sharing domains to scan; empty means all.
+    pub domains: Vec<String>,
+}
+
+/// Scanner figures, for reports.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ScannerStats {
+    pub pages_scanned: u64,
+    /// Completed passes over every frame.
+    pub full_scans: u64,
+    pub merges: u64,
+    /// Of `merges`, those onto a shared zero page.
+    pub zero_merges: u64,
+    /// Candidates whose bytes turned out to differ.
+    pub compare_failures: u64,
+    /// Candidates that had changed mapping since they were seen.
+    pub stale_candidates: u64,
+    /// CPU time of the scanner thread.
+    pub cpu_ms: f64,
+    pub errors: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Key {
+    Content { domain: usize, hash: u64 },
+    Zero { domain: usize, node: NodeId },
+}
+
+/// The scanner's state, separate from its thread so tests can drive it
+/// step by step.
+pub struct ScanState {
+    config: ScannerConfig,
+    candidates: HashMap<Key, (VmId, Gfn, MachinePage)>,
+    domains: Vec<String>,
+    /// Position: index into the current list of spaces, and frame.
+    space_index: usize,
+    gfn: Gfn,
+    pub stats: ScannerStats,
+}
+
+impl ScanState {
+    pub fn new(config: ScannerConfig) -> ScanState {
+        ScanState {
+            config,
+            candidates: HashMap::new(),
+            domains: Vec::new(),
+            space_index: 0,
+            gfn: 0,
+            stats: ScannerStats::default(),
+        }
+    }
+
+    fn domain_id(&mut self, name: &str) -> usize {
+        match self.domains.iter().position(|d| d == name) {
+            Some(i) => i,
+            None => {
+                self.domains.push(name.to_string());
+                self.domains.len() - 1
+            }
+        }
+    }
+
+    /// Scans up to `budget` frames, continuing where the last call stopped.
+    pub fn step(&mut self, memory: &Memory, budget: u64) {
+        let spaces: Vec<(VmId, u64, String)> = memory
+            .spaces()
+            .into_iter()
+            .filter(|(_, _, d)| self.config.domains.is_empty() || self.config.domains.contains(d))
+            .collect();
+        if spaces.is_empty() {
+            return;
+        }
+        for _ in 0..budget {
+            if self.space_index >= spaces.len() {
+                self.space_index = 0;
+                self.gfn = 0;
+                self.stats.full_scans += 1;
+            }
+            let (vm, frames, domain) = &spaces[self.space_index];
+            let (vm, gfn) = (*vm, self.gfn);
+            self.gfn += 1;
+            if self.gfn >= *frames {
+                self.space_index += 1;
+                self.gfn = 0;
+            }
+            let domain = self.domain_id(domain);
+            self.scan_one(memory, vm, gfn, domain);
+        }
+    }
+
+    fn scan_one(&mut self, memory: &Memory, vm: VmId, gfn: Gfn, domain: usize) {
+        self.stats.pages_scanned += 1;
+        let scan = match memory.scan_page(vm, gfn) {
+            Ok(Some(s)) => s,
+            Ok(None) => return,
+            Err(_) => return, // the space went away during the pass
+        };
+        let key = if scan.zero {
+            Key::Zero {
+                domain,
+                node: scan.page.node(),
+            }
+        } else {
+            Key::Content {
+                domain,
+                hash: scan.hash,
+            }
+        };
+        let me = (vm, gfn, scan.page);
+        let Some(&candidate) = self.candidates.get(&key) else {
+            self.candidates.insert(key, me);
+            return;
+        };
+        if candidate.2 == scan.page {
+            return;
+        }
+        match memory.merge(me, candidate) {
+            Ok(MergeOutcome::Merged) => {
+                self.stats.merges += 1;
+                if scan.zero {
+                    self.stats.zero_merges += 1;
+                }
+            }
+            Ok(MergeOutcome::Differ) => {
+                self.stats.compare_failures += 1;
+                self.candidates.insert(key, me);
+            }
+            Ok(MergeOutcome::Stale) => {
+                self.stats.stale_candidates += 1;
+                self.candidates.insert(key, me);
+            }
+            Err(e) => {
+                self.stats.errors += 1;
+                tracing::warn!("merging vm {vm} frame {gfn:#x}: {e:#}");
+            }
+        }
+    }
+}
+
+/// The scanner thread.
+pub struct Scanner {
+    stop: Arc<AtomicBool>,
+    state: Arc<Mutex<ScannerStats>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+const TICK: Duration = Duration::from_millis(10);
+/// Most pages scanned between two looks at the stop flag.
+const MAX_BATCH: u64 = 16384;
+
+fn thread_cpu_ms() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6
+}
+
+impl Scanner {
+    pub fn start(memory: Arc<Memory>, config: ScannerConfig) -> std::io::Result<Scanner> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Mutex::new(ScannerStats::default()));
+        let (flag, out) = (stop.clone(), shared.clone());
+        let thread = std::thread::Builder::new()
+            .name("disco-scanner".into())
+            .spawn(move || {
+                let rate = config.pages_per_second as f64;
+                let mut state = ScanState::new(config);
+                let mut budget = 0.0f64;
+                let mut last = Instant::now();
+                while !flag.load(Ordering::Relaxed) {
+                    let now = Instant::now();
+                    // At most one second's worth after a stall, no bursts.
+                    budget = (budget + rate * (now - last).as_secs_f64()).min(rate.max(1.0));
+                    last = now;
+                    // Bounded batches keep the stop flag and the stats fresh
+                    // even at an unlimited rate.
+                    let pages = budget.floor().min(MAX_BATCH as f64);
+                    budget -= pages;
+                    state.step(&memory, pages as u64);
+                    state.stats.cpu_ms = thread_cpu_ms();
+                    *out.lock() = state.stats.clone();
+                    let spent = now.elapsed();
+                    if spent < TICK && budget < 1.0 {
+                        std::thread::sleep(TICK - spent);
+                    }
+                }
+            })?;
+        Ok(Scanner {
+            stop,
+            state: shared,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn stats(&self) -> ScannerStats {
+        self.state.lock().clone()
+    }
+
+    /// Stops the thread and returns the final figures.
+    pub fn stop(mut self) -> ScannerStats {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.stats()
+    }
+}
+
+impl Drop for Scanner {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! The benchmark scenarios behind `disco bench`, on tiny configurations and
+//! real KVM: every figure is present, finite and positive where it must be,
+//! the tables name every figure, and the JSON round-trips. Speed is not
+//! checked here (benchmarks measure it; tests never time anything).
+
+use disco::bench::density::{self, DensityOptions, DensityResult};
+use disco::bench::overhead::{self, OverheadOptions, OverheadResult};
+use disco::bench::Stats;
+use disco::kvm_check::require_kvm;
+use serde_json::Value;
+
+/// The scenarios read process-wide and system-wide memory counters: run
+/// them one at a time so that one test's VMs are not in another's deltas.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn assert_stats(name: &str, s: &Stats, n: usize, positive: bool) {
+    assert_eq!(s.n, n, "{name}: {s:?}");
+    assert_eq!(s.samples.len(), n, "{name}: {s:?}");
+    for v in s.samples.iter().chain([&s.median, &s.min, &s.max]) {
+        assert!(v.is_finite(), "{name} is not finite: {s:?}");
+        if positive {
+            assert!(*v > 0.0, "{name} must be positive: {s:?}");
+        }
+    }
+    assert!(s.min <= s.median && s.median <= s.max, "{name}: {s:?}");
+}
+
+/// Equal JSON trees, numbers within a relative 1e-12 (serde_json's float
+/// parsing may differ from the printed value in the last bit).
+fn assert_json_eq(path: &str, a: &Value, b: &Value) {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= 1e-12 * x.abs().max(y.abs()),
+                "{path}: {x} != {y}"
+            );
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            assert_eq!(x.len(), y.len(), "{path}");
+            for (i, (x, y)) in x.iter().zip(y).enumerate() {
+                assert_json_eq(&format!("{path}[{i}]"), x, y);
+            }
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            assert_eq!(
+                x.keys().collect::<Vec<_>>(),
+                y.keys().collect::<Vec<_>>(),
+                "{path}"
+            );
+            for (k, v) in x {
+                assert_json_eq(&format!("{path}.{k}"), v, &y[k]);
+            }
+        }
+        _ => assert_eq!(a, b, "{path}"),
+    }
+}
+
+/// Serialises, parses back into the result type, serialises again.
+fn round_trip<T: serde::Serialize + serde::de::DeserializeOwned>(result: &T) {
+    let json = serde_json::to_string_pretty(result).unwrap();
+    let back: T = serde_json::from_str(&json).expect("the JSON parses back");
+    let first: Value = serde_json::from_str(&json).unwrap();
+    let second = serde_json::to_value(&back).unwrap();
+    assert_json_eq("$", &first, &second);
+}
+
+#[test]
+fn density_scenario_reports_every_figure() {
+    if !require_kvm("density_scenario_reports_every_figure") {
+        return;
+    }
+    let _serial = serial();
+    let options = DensityOptions::tiny();
+    let r: DensityResult = density::run(&options).expect("the density scenario runs");
+    assert_eq!((r.vms, r.reps, r.vcpus_per_vm), (10, 1, 1));
+    for (name, s) in [
+        ("create_ms", &r.create_ms),
+        ("start_ms", &r.start_ms),
+        ("create_start_ms", &r.create_start_ms),
+        ("vms_per_second", &r.vms_per_second),
+        ("create_vms_per_second", &r.create_vms_per_second),
+        ("all_finished_ms", &r.all_finished_ms),
+    ] {
+        assert_stats(name, s, 1, true);
+    }
+    assert_stats("running_after_start", &r.running_after_start, 1, false);
+    assert!(r.running_after_start.max <= 10.0);
+    assert!(r.all_finished_ms.median >= r.create_ms.median);
+    assert!(r.max_map_count > 0);
+
+    let whens: Vec<&str> = r.memory.iter().map(|m| m.when.as_str()).collect();
+    assert_eq!(whens, ["created", "started", "finished"]);
+    for m in &r.memory {
+        // Guest RAM the monitor or the guests wrote must have grown. The
+        // other figures are deltas of counters that other activity moves
+        // too (the allocator may reuse memory an earlier test freed; the
+        // system-wide ones follow other processes), so they need only be
+        // present and finite.
+        assert_stats("guest_ram_resident_kib", &m.guest_ram_resident_kib, 1, true);
+        assert_stats("process_shmem_kib", &m.process_shmem_kib, 1, true);
+        for (name, s) in [
+            ("process_anon_kib", &m.process_anon_kib),
+            ("process_file_kib", &m.process_file_kib),
+            ("kernel_slab", &m.kernel_slab_unreclaimable_kib),
+            ("kernel_stack", &m.kernel_stack_kib),
+            ("kernel_page_tables", &m.kernel_page_tables_kib),
+            ("kernel_sec_page_tables", &m.kernel_sec_page_tables_kib),
+            ("kernel_vmalloc", &m.kernel_vmalloc_kib),
+            ("kernel_percpu", &m.kernel_percpu_kib),
+            ("kernel_total", &m.kernel_total_kib),
+            ("total", &m.total_beyond_guest_ram_kib),
+            ("process_heap_kib", &m.process_heap_kib),
+            ("threads", &m.threads),
+        ] {
+            assert_stats(name, s, 1, false);
+        }
+    }
+    // Guest RAM is written by the guests: more is resident once they ran.
+    assert!(r.memory[2].guest_ram_resident_kib.median > r.memory[0].guest_ram_resident_kib.median);
+
+    let table = r.render_table();
+    for needle in [
+        "VMs per second",
+        "create + start 10 VMs",
+        "total beyond guest RAM",
+        "guest RAM resident",
+        "all finished, before teardown",
+    ] {
+        assert!(table.contains(needle), "table lacks {needle:?}:\n{table}");
+    }
+    round_trip(&r);
+}
+
+#[test]
+fn overhead_scenario_reports_every_figure() {
+    if !require_kvm("overhead_scenario_reports_every_figure") {
+        return;
+    }
+    let _serial = serial();
+    let options = OverheadOptions::tiny();
+    let r: OverheadResult = overhead::run(&options).expect("the overhead scenario runs");
+    assert_eq!(r.reps, 2);
+    assert_eq!(r.cases.len(), options.cases.len());
+    for c in &r.cases {
+        for (side, s) in [("disco", &c.disco), ("bare", &c.bare)] {
+            assert_stats(&format!("{side} wall_ms"), &s.wall_ms, 2, true);
+            assert_stats(&format!("{side} create_ms"), &s.create_ms, 2, true);
+            assert_stats(&format!("{side} guest_run_ms"), &s.guest_run_ms, 2, true);
+            assert_stats(&format!("{side} rest_ms"), &s.rest_ms, 2, false);
+            assert!(s.wall_ms.min >= s.guest_run_ms.min, "{side}: {s:?}");
+        }
+        assert_stats("checksum_model_ms", &c.checksum_model_ms, 2, true);
+        for (name, v) in [
+            ("ratio_wall", c.ratio_wall),
+            ("ratio_wall_without_model", c.ratio_wall_without_model),
+            ("ratio_guest_run", c.ratio_guest_run),
+        ] {
+            assert!(v.is_finite() && v > 0.0, "{}: {name} = {v}", c.case.name);
+        }
+    }
+    let table = r.render_table();
+    for c in &r.cases {
+        assert!(table.contains(&c.case.name), "table lacks {}", c.case.name);
+    }
+    assert!(table.contains("disco/bare wall"));
+    round_trip(&r);
+}
+
+#[test]
+fn bare_runner_checks_checksums_on_anonymous_memory() {
+    if !require_kvm("bare_runner_checks_checksums_on_anonymous_memory") {
+        return;
+    }
+    let _serial = serial();
+    let config = disco::bench::config_from_toml(
+        "[[vm]]\nname = \"a\"\ncount = 2\nvcpus = 2\nmemory_mib = 4\n\
+         workload = { kind = \"sweep\", seed = 3, passes = 2 }\n",
+    )
+    .unwrap();
+    let topology = config.topology().unwrap();
+    let run = disco::bench::bare::run_checked(&config, &topology).expect("bare run");
+    assert_eq!(run.outcomes.len(), 2);
+    assert!(run.all_ok());
+    assert!(run.outcomes.iter().all(|o| o.vcpus.len() == 2));
+}

@@ -1,0 +1,349 @@
+//! Copy-on-write page sharing across real KVM guests: real guests write the
+//! memory, the scanner merges identical pages (really remapping them), guest
+//! writes break the sharing through userfaultfd, and every guest keeps
+//! reading exactly what it wrote.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use disco::faults::FaultHandler;
+use disco::guest::{layout, Workload};
+use disco::kvm_check::require_kvm;
+use disco::memory::{Memory, VmId};
+use disco::sharing::{ScanState, ScannerConfig};
+use disco::vm::{GuestRam, MicroVm, MicroVmSpec, VcpuPlacement, VmOutcome};
+use disco::PAGE_SIZE;
+
+const FRAMES: u64 = 1024; // 4 MiB guests
+/// The micro-guest's system area (page tables, parameters, code, stacks) is
+/// kept out of sharing, as the monitor does (see ARCHITECTURE.md).
+const SYSTEM: u64 = layout::DATA_ADDR / layout::PAGE;
+
+fn new_space(memory: &Memory, name: &str, domain: &str) -> (VmId, usize) {
+    let (id, base) = memory.create_space_in(name, FRAMES, 0, domain).unwrap();
+    memory.exclude_from_sharing(id, 0..SYSTEM).unwrap();
+    (id, base)
+}
+
+fn run_guest(
+    kvm: &kvm_ioctls::Kvm,
+    memory: &Memory,
+    vm: VmId,
+    base: usize,
+    workload: Workload,
+) -> VmOutcome {
+    let spec = MicroVmSpec {
+        name: format!("vm{vm}"),
+        vcpus: (0..2)
+            .map(|_| VcpuPlacement {
+                node: 0,
+                host_cpus: vec![],
+            })
+            .collect(),
+        workload,
+        time_limit: Duration::from_secs(60),
+    };
+    let ram = GuestRam {
+        host_addr: base,
+        size: FRAMES as usize * PAGE_SIZE,
+    };
+    let mut micro = MicroVm::create(kvm, spec, ram).expect("create VM");
+    micro.start().expect("start VM");
+    let out = micro.wait();
+    assert!(out.checksum_ok(), "guest results: {out:?}");
+    memory.verify().expect("invariants after a guest run");
+    out
+}
+
+fn snapshot(memory: &Memory, vm: VmId) -> Vec<Vec<u8>> {
+    (0..FRAMES)
+        .map(|g| memory.read_guest_page(vm, g).unwrap())
+        .collect()
+}
+
+/// Machine pages the content predicts can be saved: data frames minus
+/// distinct contents (all-zero pages count as one group: one node, one
+/// domain).
+fn predicted_saving(contents: &[&Vec<Vec<u8>>]) -> u64 {
+    let mut groups: HashMap<&[u8], u64> = HashMap::new();
+    let mut frames = 0;
+    for vm in contents {
+        for page in vm.iter().skip(SYSTEM as usize) {
+            *groups.entry(page.as_slice()).or_default() += 1;
+            frames += 1;
+        }
+    }
+    frames - groups.len() as u64
+}
+
+fn scan_fully(memory: &Memory, state: &mut ScanState) {
+    let before = state.stats.full_scans;
+    while state.stats.full_scans < before + 2 {
+        state.step(memory, 4096);
+    }
+}
+
+fn all_domains() -> ScannerConfig {
+    ScannerConfig {
+        pages_per_second: u64::MAX,
+        domains: vec![],
+    }
+}
+
+#[test]
+fn identical_guests_share_what_the_content_predicts_and_writes_stay_private() {
+    if !require_kvm("identical_guests_share_what_the_content_predicts_and_writes_stay_private") {
+        return;
+    }
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let memory = Arc::new(Memory::new(&[(0, 0, 8192)]).unwrap());
+    let _handler = FaultHandler::start(memory.clone()).unwrap();
+    let (a, base_a) = new_space(&memory, "a", "default");
+    let (b, base_b) = new_space(&memory, "b", "default");
+    // A shared table and untouched (zero) private slices.
+    let twin = Workload::TableScan {
+        seed: 42,
+        table_pages: 128,
+        lookups: 100_000,
+    };
+    run_guest(&kvm, &memory, a, base_a, twin.clone());
+    run_guest(&kvm, &memory, b, base_b, twin.clone());
+
+    let (snap_a, snap_b) = (snapshot(&memory, a), snapshot(&memory, b));
+    assert_eq!(snap_a, snap_b, "same seed and layout: identical guests");
+    let predicted = predicted_saving(&[&snap_a, &snap_b]);
+    assert!(
+        predicted >= FRAMES - SYSTEM,
+        "at least every data page of one VM is a duplicate"
+    );
+
+    let mut scanner = ScanState::new(all_domains());
+    scan_fully(&memory, &mut scanner);
+    memory.verify().unwrap();
+    let stats = memory.sharing_stats();
+    assert_eq!(stats.saved_pages, predicted, "saved pages: {stats:?}");
+    assert_eq!(
+        memory.pool_stats()[0].used_pages as u64,
+        2 * FRAMES - predicted
+    );
+    assert!(
+        scanner.stats.zero_merges > 0,
+        "untouched pages share a zero page"
+    );
+    assert_eq!(snapshot(&memory, a), snap_a, "merging changed no content");
+
+    // VM a rewrites its memory with another seed, through copy-on-write.
+    run_guest(
+        &kvm,
+        &memory,
+        a,
+        base_a,
+        Workload::Sweep { seed: 7, passes: 2 },
+    );
+    assert_eq!(snapshot(&memory, b), snap_b, "b never sees a's writes");
+    let after = memory.sharing_stats();
+    assert!(after.cow_breaks > 0, "a's writes broke sharing: {after:?}");
+    assert!(after.cow_break_median_us > 0.0);
+    memory.verify().unwrap();
+
+    // b still computes the same results on its (partly shared) memory.
+    run_guest(&kvm, &memory, b, base_b, twin);
+    memory.destroy_space(a).unwrap();
+    memory.destroy_space(b).unwrap();
+    memory.verify().unwrap();
+    assert_eq!(
+        memory.pool_stats()[0].used_pages,
+        0,
+        "no machine page leaked"
+    );
+}
+
+#[test]
+fn different_sharing_domains_share_nothing() {
+    if !require_kvm("different_sharing_domains_share_nothing") {
+        return;
+    }
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let memory = Arc::new(Memory::new(&[(0, 0, 8192)]).unwrap());
+    let _handler = FaultHandler::start(memory.clone()).unwrap();
+    let (a, base_a) = new_space(&memory, "a", "tenant-a");
+    let (b, base_b) = new_space(&memory, "b", "tenant-b");
+    let twin = Workload::Sweep {
+        seed: 42,
+        passes: 1,
+    };
+    run_guest(&kvm, &memory, a, base_a, twin.clone());
+    run_guest(&kvm, &memory, b, base_b, twin);
+    let mut scanner = ScanState::new(all_domains());
+    scan_fully(&memory, &mut scanner);
+    memory.verify().unwrap();
+    // Each domain shares within itself (zero pages, repeated page tables)...
+    let within: u64 = [&snapshot(&memory, a)]
+        .iter()
+        .map(|s| predicted_saving(&[s]))
+        .sum::<u64>()
+        * 2;
+    let stats = memory.sharing_stats();
+    assert_eq!(
+        stats.saved_pages, within,
+        "only within-domain sharing: {stats:?}"
+    );
+    // ...but no machine page is mapped by both.
+    let pages_a: Vec<_> = (0..FRAMES)
+        .map(|g| memory.lookup(a, g).unwrap().unwrap().page)
+        .collect();
+    for g in 0..FRAMES {
+        let pb = memory.lookup(b, g).unwrap().unwrap().page;
+        assert!(!pages_a.contains(&pb), "frame {g} of b maps a page of a");
+    }
+}
+
+/// Guests that write all the time while the scanner merges as fast as it
+/// can: the write-shared counters and lockstep sweeps of identical VMs must
+/// still produce exactly the model's results (no write lost), while merges
+/// and copy-on-write breaks really happen.
+#[test]
+fn constant_writers_never_lose_a_write_while_pages_merge() {
+    if !require_kvm("constant_writers_never_lose_a_write_while_pages_merge") {
+        return;
+    }
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let memory = Arc::new(Memory::new(&[(0, 0, 8192)]).unwrap());
+    let _handler = FaultHandler::start(memory.clone()).unwrap();
+    let scanner = disco::sharing::Scanner::start(memory.clone(), all_domains()).unwrap();
+    let workloads = [
+        Workload::Counters {
+            counters: 4,
+            increments: 3_000_000,
+        },
+        Workload::Counters {
+            counters: 4,
+            increments: 3_000_000,
+        },
+        Workload::Sweep {
+            seed: 9,
+            passes: 300,
+        },
+        Workload::Sweep {
+            seed: 9,
+            passes: 300,
+        },
+    ];
+    let mut vms = Vec::new();
+    for (i, w) in workloads.into_iter().enumerate() {
+        let (id, base) = new_space(&memory, &format!("w{i}"), "default");
+        let spec = MicroVmSpec {
+            name: format!("w{i}"),
+            vcpus: (0..2)
+                .map(|_| VcpuPlacement {
+                    node: 0,
+                    host_cpus: vec![],
+                })
+                .collect(),
+            workload: w,
+            time_limit: Duration::from_secs(120),
+        };
+        let ram = GuestRam {
+            host_addr: base,
+            size: FRAMES as usize * PAGE_SIZE,
+        };
+        let mut vm = MicroVm::create(&kvm, spec, ram).unwrap();
+        vm.start().unwrap();
+        vms.push((id, vm));
+    }
+    let mut checks = 0;
+    while vms.iter().any(|(_, vm)| !vm.is_finished()) {
+        memory
+            .verify()
+            .expect("invariants while guests write and pages merge");
+        checks += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let scan = scanner.stop();
+    for (_, vm) in vms {
+        let out = vm.wait();
+        assert!(out.checksum_ok(), "a write was lost: {out:?}");
+    }
+    let stats = memory.sharing_stats();
+    assert!(
+        scan.merges > 0 && stats.cow_breaks > 0,
+        "the race was exercised: {scan:?} {stats:?}"
+    );
+    assert!(checks > 0);
+    memory.verify().unwrap();
+}
+
+/// Random sequences of writes (through the guest mapping and the real
+/// fault path), merges and VM rebuilds: every frame always reads what was
+/// last written to it, and `verify()` holds after every step.
+#[test]
+fn random_writes_merges_and_rebuilds_keep_contents() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+
+    const VMS: usize = 3;
+    const SMALL: u64 = 16;
+    #[derive(Clone, Debug)]
+    enum Op {
+        Write { vm: usize, gfn: u64, value: u8 },
+        Scan { pages: u64 },
+        Rebuild { vm: usize },
+    }
+    let op = prop_oneof![
+        4 => (0..VMS, 0..SMALL, 0u8..3).prop_map(|(vm, gfn, value)| Op::Write { vm, gfn, value }),
+        3 => (1..40u64).prop_map(|pages| Op::Scan { pages }),
+        1 => (0..VMS).prop_map(|vm| Op::Rebuild { vm }),
+    ];
+    let mut runner = TestRunner::new(Config {
+        cases: 64,
+        ..Config::default()
+    });
+    runner
+        .run(&proptest::collection::vec(op, 1..80), |ops| {
+            let memory = Arc::new(Memory::new(&[(0, 0, 1024)]).unwrap());
+            let handler = FaultHandler::start(memory.clone()).unwrap();
+            let mut spaces: Vec<(VmId, usize)> = (0..VMS)
+                .map(|v| memory.create_space(&format!("p{v}"), SMALL, 0).unwrap())
+                .collect();
+            // Model: last value written to each frame (pages are filled with it).
+            let mut model: Vec<BTreeMap<u64, u8>> = vec![BTreeMap::new(); VMS];
+            let mut scanner = ScanState::new(all_domains());
+            for op in ops {
+                match op {
+                    Op::Write { vm, gfn, value } => {
+                        // A plain store through the guest's mapping, like a
+                        // guest write: blocks on a shared page until the
+                        // handler thread gives this frame a private copy.
+                        let addr = spaces[vm].1 + gfn as usize * PAGE_SIZE;
+                        // SAFETY: the frame is mapped read-write for the
+                        // whole life of the space.
+                        unsafe { std::ptr::write_bytes(addr as *mut u8, value, PAGE_SIZE) };
+                        model[vm].insert(gfn, value);
+                    }
+                    Op::Scan { pages } => scanner.step(&memory, pages),
+                    Op::Rebuild { vm } => {
+                        memory.destroy_space(spaces[vm].0).unwrap();
+                        spaces[vm] = memory.create_space("again", SMALL, 0).unwrap();
+                        model[vm].clear();
+                    }
+                }
+                memory
+                    .verify()
+                    .map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
+                for (v, (id, _)) in spaces.iter().enumerate() {
+                    for gfn in 0..SMALL {
+                        let want = model[v].get(&gfn).copied().unwrap_or(0);
+                        let page = memory.read_guest_page(*id, gfn).unwrap();
+                        prop_assert!(
+                            page.iter().all(|&x| x == want),
+                            "vm {v} frame {gfn} lost its content"
+                        );
+                    }
+                }
+            }
+            drop(handler);
+            Ok(())
+        })
+        .unwrap();
+}
