@@ -188,7 +188,7 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
             check(WHILE_RUNNING);
             last_verify = Some(Instant::now());
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(10));
     }
     // Let the scanner see the guests' final memory: two more full passes
     // (the first may have started before the guests' last writes).

@@ -16,7 +16,7 @@
 //!   of memfd pool pages mapped `MAP_SHARED` by the mapper; no pools, pmap or
 //!   memmap, no `mbind`, no `vm.max_map_count` budget; no monitor loop (it
 //!   checks every 1 ms whether the vCPU threads exited, where the monitor
-//!   polls progress every 50 ms; no `Memory::verify` before, during or after
+//!   polls progress every 10 ms; no `Memory::verify` before, during or after
 //!   the run, no report); teardown is one `munmap` instead of freeing pool pages
 //!   (punching holes in the memfd).
 //!

@@ -93,6 +93,11 @@ const PAGE: usize = 4096;
 const ADVISOR_MODE: &str = "advisor_mode";
 const RUN: &str = "run";
 
+/// `/proc/self/pagemap`: page present, and the page frame number (shown to
+/// root only, 0 otherwise).
+const PM_PRESENT: u64 = 1 << 63;
+const PM_PFN: u64 = (1 << 55) - 1;
+
 /// Name of the lock and state files in the state directory.
 const LOCK_FILE: &str = "disco-ksm.lock";
 const STATE_FILE: &str = "disco-ksm.saved.json";
@@ -857,16 +862,23 @@ impl MergeableRegion {
         self.size / PAGE
     }
 
-    /// Which pages are resident (`mincore`), without touching any.
-    fn resident(&self) -> Result<Vec<bool>> {
-        let mut vec = vec![0u8; self.pages()];
-        // SAFETY: our mapping; `vec` has one byte per page.
-        if unsafe { libc::mincore(self.addr as *mut libc::c_void, self.size, vec.as_mut_ptr()) }
-            != 0
-        {
-            return Err(std::io::Error::last_os_error()).context("mincore");
-        }
-        Ok(vec.into_iter().map(|b| b & 1 != 0).collect())
+    /// Which pages hold a page of their own (present in `/proc/self/pagemap`
+    /// and not the kernel's shared zero page, which a read fault of an
+    /// untouched page maps and which KSM ignores), without touching any.
+    fn resident(&self, zero_pfn: Option<u64>) -> Result<Vec<bool>> {
+        use std::os::unix::fs::FileExt;
+        let pagemap = File::open("/proc/self/pagemap").context("opening /proc/self/pagemap")?;
+        let mut raw = vec![0u8; self.pages() * 8];
+        pagemap
+            .read_exact_at(&mut raw, (self.addr / PAGE * 8) as u64)
+            .context("reading /proc/self/pagemap")?;
+        Ok(raw
+            .chunks_exact(8)
+            .map(|b| {
+                let e = u64::from_le_bytes(b.try_into().unwrap());
+                e & PM_PRESENT != 0 && zero_pfn.is_none_or(|z| e & PM_PFN != z)
+            })
+            .collect())
     }
 
     /// Page `i` as words. Only for resident pages (reading an untouched page
@@ -944,11 +956,38 @@ fn hash_page(words: &[u64]) -> u64 {
     h.finish()
 }
 
-fn hash_regions(regions: &[MergeableRegion]) -> Result<PageHashes> {
+/// The page frame of the kernel's shared zero page, found by read-faulting
+/// a fresh anonymous page; `None` when pagemap hides frame numbers (not root).
+fn zero_pfn() -> Result<Option<u64>> {
+    let probe = MergeableRegion::new(PAGE, false)?;
+    // SAFETY: a read of our own fresh mapping maps the zero page.
+    let _ = unsafe { std::ptr::read_volatile(probe.addr as *const u64) };
+    use std::os::unix::fs::FileExt;
+    let pagemap = File::open("/proc/self/pagemap").context("opening /proc/self/pagemap")?;
+    let mut b = [0u8; 8];
+    pagemap
+        .read_exact_at(&mut b, (probe.addr / PAGE * 8) as u64)
+        .context("reading /proc/self/pagemap")?;
+    let e = u64::from_le_bytes(b);
+    Ok((e & PM_PRESENT != 0 && e & PM_PFN != 0).then_some(e & PM_PFN))
+}
+
+/// Hashes every page with a page of its own (`previous == None`), or
+/// exactly the pages hashed in `previous` (after merging, when KSM may have
+/// mapped zero pages to the zero page).
+fn hash_regions(
+    regions: &[MergeableRegion],
+    previous: Option<&PageHashes>,
+    zero_pfn: Option<u64>,
+) -> Result<PageHashes> {
     regions
         .iter()
-        .map(|r| {
-            let resident = r.resident()?;
+        .enumerate()
+        .map(|(v, r)| {
+            let resident = match previous {
+                Some(p) => p[v].iter().map(Option::is_some).collect(),
+                None => r.resident(zero_pfn)?,
+            };
             Ok((0..r.pages())
                 .map(|i| {
                     resident[i].then(|| {
@@ -1241,6 +1280,47 @@ pub fn fastest(results: &[KsmResult]) -> Option<usize> {
     })
 }
 
+fn debug_unmerged(regions: &[MergeableRegion], hashes: &PageHashes, cfg: &KsmBenchConfig) {
+    use std::os::unix::fs::FileExt;
+    let mut counts: HashMap<u64, u64> = HashMap::new();
+    for h in hashes.iter().flatten().flatten() {
+        *counts.entry(*h).or_default() += 1;
+    }
+    let pagemap = File::open("/proc/self/pagemap").unwrap();
+    let flags = File::open("/proc/kpageflags").unwrap();
+    let l = cfg.layout();
+    for (v, r) in regions.iter().enumerate() {
+        for i in 0..r.pages() {
+            let Some(h) = hashes[v][i] else { continue };
+            if counts[&h] < 2 {
+                continue;
+            }
+            let mut b = [0u8; 8];
+            pagemap
+                .read_exact_at(&mut b, ((r.addr / PAGE + i) * 8) as u64)
+                .unwrap();
+            let e = u64::from_le_bytes(b);
+            let pfn = e & ((1 << 55) - 1);
+            flags.read_exact_at(&mut b, pfn * 8).unwrap();
+            let f = u64::from_le_bytes(b);
+            if f & (1 << 21) == 0 {
+                let part = if i < l.shared_pages {
+                    ("shared", i)
+                } else {
+                    ("unique", i - l.shared_pages)
+                };
+                eprintln!(
+                    "unmerged: vm {v} page {i} ({} +{}) group {} zero {} entry {e:#x} flags {f:#x}",
+                    part.0,
+                    part.1,
+                    counts[&h],
+                    h == 0
+                );
+            }
+        }
+    }
+}
+
 fn read_process_merging_pages() -> Option<u64> {
     std::fs::read_to_string("/proc/self/ksm_merging_pages")
         .ok()?
@@ -1310,7 +1390,8 @@ fn measure(
     let fill_ms = t_fill.elapsed().as_secs_f64() * 1e3;
 
     progress(KsmEvent::Phase("census"));
-    let before = hash_regions(&guests.regions)?;
+    let zero_pfn = zero_pfn()?;
+    let before = hash_regions(&guests.regions, None, zero_pfn)?;
     let census = census(&before, use_zero_pages, max_page_sharing);
     let target = census.expected_saved_pages();
 
@@ -1362,9 +1443,12 @@ fn measure(
         }
     }
     let process_merging_pages = read_process_merging_pages();
+    if steady.is_none() {
+        debug_unmerged(&guests.regions, &before, cfg);
+    }
 
     progress(KsmEvent::Phase("checking content"));
-    let after = hash_regions(&guests.regions)?;
+    let after = hash_regions(&guests.regions, Some(&before), zero_pfn)?;
     let content_unchanged = before == after;
 
     let mut slowdown = None;

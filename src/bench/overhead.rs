@@ -425,7 +425,7 @@ impl OverheadResult {
         );
         out += &format!(
             "\nRatios are of medians. Wall: the whole run seen by the caller (disco: `monitor::run`: \
-             pools, VM build, verify before/during/after, 50 ms progress polling, report, teardown; \
+             pools, VM build, verify before/during/after, 10 ms progress polling, report, teardown; \
              bare: mmap, create, start, 1 ms exit polling, join, munmap); both compute the host \
              model's checksums once per run after the guests exit. Guest run: start to last vCPU \
              exit. Host: {}.\n",

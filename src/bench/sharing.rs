@@ -25,7 +25,7 @@
 //!   scanner running at its rate (over the N VMs and the sweep VM itself)
 //!   and without, interleaved repetitions. The scanner has finished one pass
 //!   over the (merged) VMs when the sweep VM is created, so the guest runs
-//!   under steady operation; the default sweep (150 passes) outlasts a full
+//!   under steady operation; the default sweep (400 passes) outlasts a full
 //!   scanner pass, so the scanner also hashes the guest's own pages while it
 //!   writes them.
 //! * **KSM**: [`crate::bench::ksm::run_ksm_side`] with the same N, M,
@@ -122,7 +122,7 @@ impl SharingOptions {
             cow_reps: 3,
             sweep: SweepOptions {
                 mib: 32,
-                passes: 150,
+                passes: 400,
                 reps: 5,
             },
             sample_interval: Duration::from_millis(20),
@@ -138,7 +138,7 @@ impl SharingOptions {
                 cow_reps: 2,
                 sweep: SweepOptions {
                     mib: 16,
-                    passes: 60,
+                    passes: 400,
                     reps: 3,
                 },
                 timeout: Duration::from_secs(60),

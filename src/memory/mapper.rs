@@ -614,8 +614,16 @@ impl Inner {
     /// makes the last owner private again when one is left.
     pub(super) fn drop_owner(&mut self, page: MachinePage, vm: VmId, gfn: Gfn) -> Result<()> {
         if self.memmap.remove_owner(page, vm, gfn) {
-            self.pools[page.node()].free(page.index)?;
-        } else if let Some(info) = self.memmap.get(page) {
+            self.pools[page.node()].free(page.index)
+        } else {
+            self.after_owner_removed(page)
+        }
+    }
+
+    /// After an owner left a page that still has owners: a single remaining
+    /// owner becomes private again.
+    fn after_owner_removed(&mut self, page: MachinePage) -> Result<()> {
+        if let Some(info) = self.memmap.get(page) {
             let (last_vm, last_gfn) = info.owners[0];
             // A frame whose pmap entry is already gone belongs to a space
             // being destroyed: it will drop its own ownership next.
@@ -649,8 +657,18 @@ impl Inner {
         }
         // SAFETY: unmapping the range this module reserved for the space.
         unsafe { libc::munmap(base as *mut libc::c_void, len) };
+        // Pages this space was the last owner of are freed per pool in one
+        // batch (one hole per run).
+        let mut to_free: Vec<Vec<u32>> = vec![Vec::new(); self.pools.len()];
         for (gfn, page) in owned {
-            self.drop_owner(page, vm, gfn)?;
+            if self.memmap.remove_owner(page, vm, gfn) {
+                to_free[page.node()].push(page.index);
+            } else {
+                self.after_owner_removed(page)?;
+            }
+        }
+        for (node, mut pages) in to_free.into_iter().enumerate() {
+            self.pools[node].free_many(&mut pages)?;
         }
         self.spaces.remove(&vm);
         Ok(())

@@ -162,23 +162,49 @@ impl Pool {
 
     /// Returns a page to the pool and its memory to the host.
     pub fn free(&mut self, index: u32) -> Result<()> {
-        if self.is_free(index) {
+        self.free_many(&mut [index])
+    }
+
+    /// Returns pages to the pool, punching one hole per run of consecutive
+    /// pages (tearing down a VM frees whole runs at once).
+    pub fn free_many(&mut self, indices: &mut [u32]) -> Result<()> {
+        indices.sort_unstable();
+        for w in indices.windows(2) {
+            if w[0] == w[1] {
+                bail!("double free of machine page n{}:{:#x}", self.node, w[0]);
+            }
+        }
+        if let Some(&index) = indices.iter().find(|&&i| self.is_free(i)) {
             bail!("double free of machine page n{}:{index:#x}", self.node);
         }
+        let mut i = 0;
+        while i < indices.len() {
+            let mut run = 1;
+            while i + run < indices.len() && indices[i + run] == indices[i] + run as u32 {
+                run += 1;
+            }
+            self.punch(indices[i], run as u32)?;
+            i += run;
+        }
+        self.free.extend(indices.iter().copied());
+        Ok(())
+    }
+
+    fn punch(&self, index: u32, pages: u32) -> Result<()> {
         let off = index as libc::off_t * PAGE_SIZE as libc::off_t;
+        let len = pages as libc::off_t * PAGE_SIZE as libc::off_t;
         // SAFETY: punching a hole in a file we own.
         let rc = unsafe {
             libc::fallocate(
                 self.fd.as_raw_fd(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 off,
-                PAGE_SIZE as libc::off_t,
+                len,
             )
         };
         if rc != 0 {
             return Err(io::Error::last_os_error()).context("punching a hole in a memory pool");
         }
-        self.free.insert(index);
         Ok(())
     }
 

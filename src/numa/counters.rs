@@ -1,0 +1,405 @@
+//! Counter sources: where the policy engine's access samples come from.
+//!
+//! Every source yields [`AccessSample`]s (which VM touched which guest frame,
+//! from which node, reading or writing) through one trait,
+//! [`CounterSource`], and says in [`CounterSource::describe`] which source it
+//! is and why it was chosen, so the monitor's report can state the source in
+//! force. The sources:
+//!
+//! 1. **hardware perf events** (cache misses per vCPU, on a host with a PMU).
+//!    [`probe_hardware_pmu`] opens a hardware cache-miss event with the raw
+//!    `perf_event_open` syscall and, when there is no PMU (as on the build
+//!    machines, see FACTS.md: the open fails with `ENOENT`), returns the
+//!    reason, which [`choose_source`] turns into a fallback;
+//! 2. **page-level samples** (hinting faults on a sample of pages), which work
+//!    everywhere; the source lives with the fault handlers;
+//! 3. **a replayed trace file** ([`super::trace::TraceSource`]), for
+//!    deterministic tests and for researchers.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+/// One observed access: a vCPU of VM `vm`, running on node `node`, touched
+/// guest frame `gfn`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct AccessSample {
+    pub vm: u32,
+    pub gfn: u64,
+    /// Node of the accessing vCPU.
+    pub node: usize,
+    pub write: bool,
+    pub vcpu: usize,
+}
+
+impl AccessSample {
+    pub fn read(vm: u32, gfn: u64, node: usize) -> AccessSample {
+        AccessSample {
+            vm,
+            gfn,
+            node,
+            write: false,
+            vcpu: 0,
+        }
+    }
+
+    pub fn write(vm: u32, gfn: u64, node: usize) -> AccessSample {
+        AccessSample {
+            write: true,
+            ..AccessSample::read(vm, gfn, node)
+        }
+    }
+}
+
+/// A source of access samples, polled once per policy epoch.
+pub trait CounterSource: Send {
+    /// Short name: `hardware`, `page-faults`, `trace`, ...
+    fn name(&self) -> &str;
+    /// Which source this is and why it is the one in use (e.g. the reason
+    /// the hardware source was not available), for the run report.
+    fn describe(&self) -> String;
+    /// Appends the samples gathered since the last poll to `out`.
+    fn poll(&mut self, out: &mut Vec<AccessSample>) -> anyhow::Result<()>;
+}
+
+/// The `sampling` knob of a policy's `[numa]` section.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Sampling {
+    /// Hardware counters when the host has a PMU, else page-fault samples.
+    #[default]
+    Auto,
+    /// Hardware counters only; an error without a PMU.
+    Hardware,
+    /// Page-level samples from hinting faults.
+    PageFaults,
+    /// A replayed trace file (`trace_file`).
+    Trace,
+}
+
+impl Sampling {
+    /// The spellings accepted in a policy file, in order.
+    pub const NAMES: &'static [&'static str] = &["auto", "hardware", "page-faults", "trace"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sampling::Auto => "auto",
+            Sampling::Hardware => "hardware",
+            Sampling::PageFaults => "page-faults",
+            Sampling::Trace => "trace",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Sampling> {
+        match name {
+            "auto" => Some(Sampling::Auto),
+            "hardware" => Some(Sampling::Hardware),
+            "page-faults" => Some(Sampling::PageFaults),
+            "trace" => Some(Sampling::Trace),
+            _ => None,
+        }
+    }
+}
+
+/// Which source to build, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SourceChoice {
+    pub kind: SourceKind,
+    /// One sentence for the report: what was asked for and what is used.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceKind {
+    Hardware,
+    PageFaults,
+    Trace(PathBuf),
+}
+
+/// Resolves the policy's `sampling` knob against what the host offers.
+/// `pmu` is the outcome of [`probe_hardware_pmu`] (passed in so this stays
+/// pure and testable). `auto` falls back to page-fault sampling with the
+/// PMU's failure as the stated reason; an explicit `hardware` without a PMU
+/// is an error, since an experiment asking for it should not silently
+/// measure something else.
+pub fn choose_source(
+    sampling: Sampling,
+    trace_file: Option<&Path>,
+    pmu: Result<(), String>,
+) -> Result<SourceChoice, String> {
+    match sampling {
+        Sampling::Trace => {
+            let path = trace_file.ok_or_else(|| {
+                "sampling = \"trace\" needs `trace_file` (the trace to replay)".to_string()
+            })?;
+            Ok(SourceChoice {
+                kind: SourceKind::Trace(path.to_path_buf()),
+                reason: format!("replaying trace file {} (sampling = \"trace\")", path.display()),
+            })
+        }
+        Sampling::PageFaults => Ok(SourceChoice {
+            kind: SourceKind::PageFaults,
+            reason: "page-level samples from hinting faults (sampling = \"page-faults\")".into(),
+        }),
+        Sampling::Hardware => match pmu {
+            Ok(()) => Ok(SourceChoice {
+                kind: SourceKind::Hardware,
+                reason: "hardware cache-miss counters (sampling = \"hardware\")".into(),
+            }),
+            Err(why) => Err(format!(
+                "sampling = \"hardware\" but the hardware counters are unusable: {why}; \
+                 use sampling = \"auto\" to fall back to page-fault samples"
+            )),
+        },
+        Sampling::Auto => Ok(match pmu {
+            Ok(()) => SourceChoice {
+                kind: SourceKind::Hardware,
+                reason: "hardware cache-miss counters (sampling = \"auto\", PMU present)".into(),
+            },
+            Err(why) => SourceChoice {
+                kind: SourceKind::PageFaults,
+                reason: format!(
+                    "page-level samples from hinting faults (sampling = \"auto\"; \
+                     hardware counters unusable: {why})"
+                ),
+            },
+        }),
+    }
+}
+
+/// `struct perf_event_attr` as of `PERF_ATTR_SIZE_VER0` (64 bytes); the
+/// kernel accepts this first version of the structure, and it has every
+/// field a counting event needs. libc does not define it.
+#[repr(C)]
+#[derive(Default)]
+struct PerfEventAttrV0 {
+    type_: u32,
+    size: u32,
+    config: u64,
+    sample_period: u64,
+    sample_type: u64,
+    read_format: u64,
+    /// Bit field: disabled (0), inherit (1), pinned (2), exclusive (3),
+    /// exclude_user (4), exclude_kernel (5), exclude_hv (6), ...
+    flags: u64,
+    wakeup_events: u32,
+    bp_type: u32,
+    config1: u64,
+}
+
+const PERF_ATTR_SIZE_VER0: u32 = 64;
+const PERF_TYPE_HARDWARE: u32 = 0;
+const PERF_COUNT_HW_CACHE_MISSES: u64 = 3;
+const ATTR_DISABLED: u64 = 1 << 0;
+const ATTR_EXCLUDE_KERNEL: u64 = 1 << 5;
+const ATTR_EXCLUDE_HV: u64 = 1 << 6;
+const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
+
+/// Tries to open a hardware cache-miss counter for the calling thread (and
+/// closes it again). `Err` carries a sentence saying why hardware counters
+/// cannot be used here.
+pub fn probe_hardware_pmu() -> Result<(), String> {
+    const _: () = assert!(std::mem::size_of::<PerfEventAttrV0>() == PERF_ATTR_SIZE_VER0 as usize);
+    let attr = PerfEventAttrV0 {
+        type_: PERF_TYPE_HARDWARE,
+        size: PERF_ATTR_SIZE_VER0,
+        config: PERF_COUNT_HW_CACHE_MISSES,
+        flags: ATTR_DISABLED | ATTR_EXCLUDE_KERNEL | ATTR_EXCLUDE_HV,
+        ..Default::default()
+    };
+    // SAFETY: perf_event_open reads `size` bytes of `attr`, which is a live,
+    // correctly sized structure; the other arguments are plain integers.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_perf_event_open,
+            &attr as *const PerfEventAttrV0,
+            0 as libc::pid_t,  // this thread
+            -1 as libc::c_int, // any CPU
+            -1 as libc::c_int, // no group
+            PERF_FLAG_FD_CLOEXEC,
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: fd was just returned by the kernel and is owned here.
+        unsafe { libc::close(fd as libc::c_int) };
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    Err(explain_perf_error(
+        err.raw_os_error().unwrap_or(0),
+        perf_event_paranoid(),
+    ))
+}
+
+fn perf_event_paranoid() -> Option<i64> {
+    std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// The sentence for a failed hardware-event open (separate so it is tested).
+fn explain_perf_error(errno: i32, paranoid: Option<i64>) -> String {
+    let call = "perf_event_open(PERF_TYPE_HARDWARE, cache-misses)";
+    match errno {
+        libc::ENOENT | libc::EOPNOTSUPP => format!(
+            "no hardware PMU: {call} failed with {} (the CPU or hypervisor exposes no \
+             hardware cache-miss event, e.g. a VM without a virtual PMU)",
+            errno_name(errno)
+        ),
+        libc::ENODEV => format!(
+            "no hardware PMU: {call} failed with ENODEV (no PMU driver for this CPU)"
+        ),
+        libc::ENOSYS => {
+            format!("{call} failed with ENOSYS: the kernel is built without perf events")
+        }
+        libc::EACCES | libc::EPERM => format!(
+            "{call} is not permitted ({}; kernel.perf_event_paranoid = {}): run as root \
+             or lower kernel.perf_event_paranoid",
+            errno_name(errno),
+            paranoid.map_or("unknown".to_string(), |p| p.to_string())
+        ),
+        libc::EMFILE => format!("{call} failed with EMFILE: too many open files"),
+        other => format!(
+            "{call} failed: {}",
+            std::io::Error::from_raw_os_error(other)
+        ),
+    }
+}
+
+fn errno_name(errno: i32) -> &'static str {
+    match errno {
+        libc::ENOENT => "ENOENT",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::EACCES => "EACCES",
+        libc::EPERM => "EPERM",
+        _ => "an error",
+    }
+}
+
+/// A source that replays samples held in memory, one batch per poll; after
+/// the last batch it yields nothing. For tests and for feeding the engine
+/// from code.
+pub struct ReplaySource {
+    name: String,
+    description: String,
+    epochs: std::collections::VecDeque<Vec<AccessSample>>,
+}
+
+impl ReplaySource {
+    pub fn new(description: &str, epochs: Vec<Vec<AccessSample>>) -> ReplaySource {
+        ReplaySource {
+            name: "replay".into(),
+            description: description.into(),
+            epochs: epochs.into(),
+        }
+    }
+
+    /// Batches not yet polled.
+    pub fn remaining(&self) -> usize {
+        self.epochs.len()
+    }
+}
+
+impl CounterSource for ReplaySource {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+
+    fn poll(&mut self, out: &mut Vec<AccessSample>) -> anyhow::Result<()> {
+        if let Some(batch) = self.epochs.pop_front() {
+            out.extend(batch);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_reports_a_reason_or_succeeds() {
+        match probe_hardware_pmu() {
+            Ok(()) => {}
+            Err(why) => {
+                assert!(why.contains("perf_event_open"), "{why}");
+                // FACTS.md: the build machines have no PMU and fail with ENOENT.
+                if std::path::Path::new("/sys/bus/event_source/devices/cpu").exists() {
+                    return;
+                }
+                assert!(why.contains("no hardware PMU"), "{why}");
+            }
+        }
+    }
+
+    #[test]
+    fn errors_are_explained() {
+        assert!(explain_perf_error(libc::ENOENT, None).contains("ENOENT"));
+        assert!(explain_perf_error(libc::ENOENT, None).contains("no hardware PMU"));
+        let e = explain_perf_error(libc::EACCES, Some(3));
+        assert!(e.contains("perf_event_paranoid = 3") && e.contains("root"), "{e}");
+        assert!(explain_perf_error(libc::ENOSYS, None).contains("without perf events"));
+        assert!(explain_perf_error(libc::EINVAL, None).contains("failed"));
+    }
+
+    #[test]
+    fn auto_falls_back_with_the_reason() {
+        let c = choose_source(Sampling::Auto, None, Err("no hardware PMU: X".into())).unwrap();
+        assert_eq!(c.kind, SourceKind::PageFaults);
+        assert!(c.reason.contains("no hardware PMU: X"), "{}", c.reason);
+        let c = choose_source(Sampling::Auto, None, Ok(())).unwrap();
+        assert_eq!(c.kind, SourceKind::Hardware);
+    }
+
+    #[test]
+    fn explicit_hardware_without_pmu_is_an_error() {
+        let e = choose_source(Sampling::Hardware, None, Err("no PMU".into())).unwrap_err();
+        assert!(e.contains("no PMU") && e.contains("auto"), "{e}");
+        assert_eq!(
+            choose_source(Sampling::Hardware, None, Ok(())).unwrap().kind,
+            SourceKind::Hardware
+        );
+    }
+
+    #[test]
+    fn trace_needs_a_file() {
+        assert!(choose_source(Sampling::Trace, None, Ok(())).is_err());
+        let c = choose_source(Sampling::Trace, Some(Path::new("t.trace")), Ok(())).unwrap();
+        assert_eq!(c.kind, SourceKind::Trace("t.trace".into()));
+        assert_eq!(
+            choose_source(Sampling::PageFaults, None, Ok(()))
+                .unwrap()
+                .kind,
+            SourceKind::PageFaults
+        );
+    }
+
+    #[test]
+    fn sampling_names_round_trip() {
+        for name in Sampling::NAMES {
+            assert_eq!(Sampling::from_name(name).unwrap().as_str(), *name);
+        }
+        assert_eq!(Sampling::from_name("pmu"), None);
+    }
+
+    #[test]
+    fn replay_source_yields_one_batch_per_poll() {
+        let mut s = ReplaySource::new(
+            "test",
+            vec![vec![AccessSample::read(1, 2, 3)], vec![]],
+        );
+        let mut out = Vec::new();
+        s.poll(&mut out).unwrap();
+        assert_eq!(out, vec![AccessSample::read(1, 2, 3)]);
+        s.poll(&mut out).unwrap();
+        s.poll(&mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(s.remaining(), 0);
+        assert_eq!(s.name(), "replay");
+    }
+}

@@ -1,0 +1,28 @@
+//! NUMA placement: where access samples come from and what to do about them.
+//!
+//! - [`counters`]: the [`CounterSource`] trait every sample source
+//!   implements, the hardware PMU probe and the choice of source (with the
+//!   reason the report states);
+//! - [`trace`]: a line-oriented trace format of access samples, its parser,
+//!   writer, replaying source and recorder;
+//! - [`policy`]: the [`PolicyEngine`], Disco's rules (migrate, replicate,
+//!   leave write-shared pages alone, freeze ping-pong pages, copy budget)
+//!   over decayed per-page per-node counts. Pure logic: the monitor feeds it
+//!   samples, answers [`PageFacts`] from the pmap, and carries out the
+//!   [`Decision`]s through the mapper.
+//!
+//! Every knob comes from the `[numa]` section of the policy file
+//! ([`crate::config::NumaPolicy`]; `policies/*.toml` explain each one).
+
+pub mod counters;
+pub mod policy;
+pub mod trace;
+
+pub use counters::{
+    choose_source, probe_hardware_pmu, AccessSample, CounterSource, ReplaySource, Sampling,
+    SourceChoice, SourceKind,
+};
+pub use policy::{
+    Decision, EpochStats, PageCounts, PageFacts, PageKey, PageLocation, PolicyEngine,
+};
+pub use trace::{Recorder, Trace, TraceError, TraceSource, TraceWriter};
