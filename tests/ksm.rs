@@ -8,11 +8,20 @@
 //! Measurements are serialised by the module's lock, so the tests may run in
 //! parallel with each other (and with `disco bench`).
 
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use disco::bench::ksm::{
     run_ksm_side, FillMode, Ksm, KsmBenchConfig, KsmEvent, KsmSetting, KsmSettings,
 };
+
+/// The tests compare KSM's settings before and after a run, so they run one
+/// at a time (the module's own lock serialises only the runs).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// The host's KSM, or a panic saying why the test cannot run.
 fn require_ksm(test: &str) -> Ksm {
@@ -36,6 +45,7 @@ fn small(fill: FillMode) -> KsmBenchConfig {
 /// Runs `cfg` and checks the result against the prediction and the settings
 /// against the snapshot taken before.
 fn check_run(test: &str, cfg: &KsmBenchConfig) {
+    let _serial = serial();
     let ksm = require_ksm(test);
     let before: KsmSettings = ksm.settings().expect("KSM settings parse");
     let mut samples = 0;
@@ -111,6 +121,7 @@ fn ksm_merges_host_filled_memory_and_restores_settings() {
 
 #[test]
 fn ksm_stats_and_settings_parse() {
+    let _serial = serial();
     let ksm = require_ksm("ksm_stats_and_settings_parse");
     let s = ksm.settings().unwrap();
     for knob in ["run", "pages_to_scan", "sleep_millisecs"] {
@@ -130,6 +141,7 @@ fn ksm_stats_and_settings_parse() {
 
 #[test]
 fn a_failing_run_restores_settings() {
+    let _serial = serial();
     let ksm = require_ksm("a_failing_run_restores_settings");
     // Taking the guard waits for any other measurement; compare after it.
     let before = {
@@ -166,6 +178,7 @@ fn a_failing_run_restores_settings() {
 #[test]
 #[ignore = "a measurement, run by hand"]
 fn survey_ksm_settings() {
+    let _serial = serial();
     require_ksm("survey_ksm_settings");
     let (vms, mib, frac) = std::env::var("DISCO_KSM_SURVEY")
         .ok()
