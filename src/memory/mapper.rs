@@ -307,9 +307,14 @@ impl Memory {
         inner.drop_owner(entry.page, vm, gfn)
     }
 
-    /// Moves a frame's content to a fresh page on `node`: copy, remap, free
-    /// the old page if this was its last owner. The caller makes sure the
-    /// guest does not write the page meanwhile (quiesced or write-protected).
+    /// Migrates a private frame to a fresh page on `node` while its guest
+    /// may be running: write-protect, copy, remap, free the old page.
+    ///
+    /// A guest write during the copy faults on the protection and waits for
+    /// the fault handler, which needs the lock held here; when it gets it,
+    /// the frame maps the new, unprotected page, so the handler only wakes
+    /// the writer, whose write then lands in the new page. Without
+    /// userfaultfd the caller must keep the guest from writing the page.
     pub fn move_page(&self, vm: VmId, gfn: Gfn, node: NodeId) -> Result<MachinePage> {
         let mut inner = self.inner.lock();
         let Some(old) = inner.space(vm)?.pmap.get(gfn) else {
@@ -319,6 +324,11 @@ impl Memory {
             !old.flags.shared,
             "frame {gfn:#x} of vm {vm} is shared; shared pages are not migrated"
         );
+        if let Some(uffd) = &inner.uffd {
+            let addr = inner.space(vm)?.addr(gfn);
+            uffd.write_protect(addr, PAGE_SIZE, true)
+                .context("write-protecting a page to migrate")?;
+        }
         inner.replace_with_copy(vm, gfn, node)
     }
 
