@@ -21,6 +21,14 @@ pub const DEFAULT_CONFIG: &str = include_str!("../configs/demo.toml");
 pub const SHIPPED_POLICIES: &[(&str, &str)] = &[
     ("disco", include_str!("../policies/disco.toml")),
     ("static", include_str!("../policies/static.toml")),
+    (
+        "migrate-only",
+        include_str!("../policies/migrate-only.toml"),
+    ),
+    (
+        "replicate-only",
+        include_str!("../policies/replicate-only.toml"),
+    ),
 ];
 
 pub const MAX_VCPUS: u64 = 64;
@@ -81,12 +89,66 @@ pub struct SharingPolicy {
     pub domains: Vec<String>,
 }
 
-/// NUMA placement knobs, parsed and reported like [`SharingPolicy`].
+/// NUMA placement knobs: the `[numa]` section, read by the policy engine
+/// (`crate::numa::PolicyEngine`, whose docs give the rules). Counts are
+/// decayed access samples (see `decay`). `policies/*.toml` explain each knob.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct NumaPolicy {
+    /// Move a hot page used mostly from one node to that node.
     pub migrate: bool,
+    /// Replicate hot read-only pages shared across VMs on their reader nodes.
     pub replicate: bool,
+    /// Length of a policy epoch, in milliseconds.
     pub epoch_ms: u64,
+    /// A page is hot when its count (all nodes, reads and writes) reaches
+    /// this many decayed samples.
+    pub hot_threshold: f64,
+    /// "Used mostly by one node": that node's fraction of the page's count
+    /// (0.5 to 1).
+    pub dominant_share: f64,
+    /// A node uses (reads) a page when its count reaches this many decayed
+    /// samples; replicas on nodes below it are collapsed.
+    pub reader_threshold: f64,
+    /// Fewest nodes that must use a page for it to be replicated.
+    pub replicate_min_nodes: u64,
+    /// Factor applied to every count at the end of each epoch (0 to 0.99).
+    pub decay: f64,
+    /// Most pages copied (migrations + new replicas) per epoch.
+    pub copy_budget_pages: u64,
+    /// Moves within `freeze_window_epochs` after which a page is frozen
+    /// instead of moved again; 0 never freezes.
+    pub freeze_after_moves: u64,
+    pub freeze_window_epochs: u64,
+    /// How long a frozen page is left alone, in epochs.
+    pub freeze_epochs: u64,
+    /// Where access samples come from.
+    pub sampling: crate::numa::counters::Sampling,
+    /// The trace replayed when `sampling = "trace"` (as written in the file;
+    /// a relative path is relative to the directory `disco` runs in).
+    pub trace_file: Option<PathBuf>,
+}
+
+impl Default for NumaPolicy {
+    /// The engine's defaults with migration and replication off (what a
+    /// policy without a `[numa]` section gets).
+    fn default() -> NumaPolicy {
+        NumaPolicy {
+            migrate: false,
+            replicate: false,
+            epoch_ms: 100,
+            hot_threshold: 8.0,
+            dominant_share: 0.75,
+            reader_threshold: 2.0,
+            replicate_min_nodes: 2,
+            decay: 0.5,
+            copy_budget_pages: 512,
+            freeze_after_moves: 3,
+            freeze_window_epochs: 20,
+            freeze_epochs: 100,
+            sampling: crate::numa::counters::Sampling::Auto,
+            trace_file: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -300,19 +362,88 @@ fn parse_policy(t: &Fields, source: &str, default_name: &str) -> Result<Policy> 
     };
     let numa = match t.opt_table("numa")? {
         Some(s) => {
-            let p = NumaPolicy {
-                migrate: s.opt_bool("migrate")?.unwrap_or(false),
-                replicate: s.opt_bool("replicate")?.unwrap_or(false),
-                epoch_ms: s.opt_u64("epoch_ms", 1, 60_000)?.unwrap_or(100),
+            use crate::numa::counters::Sampling;
+            let d = NumaPolicy::default();
+            let sampling = match s.opt_str("sampling")? {
+                None => d.sampling,
+                Some(name) => Sampling::from_name(name).ok_or_else(|| {
+                    s.error(
+                        "sampling",
+                        format!(
+                            "`{name}` is not a sample source; allowed: {}",
+                            Sampling::NAMES.join(", ")
+                        ),
+                    )
+                })?,
             };
+            let trace_file = s.opt_str("trace_file")?.map(PathBuf::from);
+            match (sampling, &trace_file) {
+                (Sampling::Trace, None) => {
+                    return Err(s.error(
+                        "trace_file",
+                        "is required when sampling = \"trace\" (the path of the trace to replay)"
+                            .into(),
+                    ))
+                }
+                (Sampling::Trace, Some(p)) if p.as_os_str().is_empty() => {
+                    return Err(s.error("trace_file", "is empty; give a path".into()))
+                }
+                (other, Some(_)) if other != Sampling::Trace => {
+                    return Err(s.error(
+                        "trace_file",
+                        format!(
+                            "is only used with sampling = \"trace\" (sampling is \"{}\"); remove it or set sampling = \"trace\"",
+                            other.as_str()
+                        ),
+                    ))
+                }
+                _ => {}
+            }
+            let p = NumaPolicy {
+                migrate: s.opt_bool("migrate")?.unwrap_or(d.migrate),
+                replicate: s.opt_bool("replicate")?.unwrap_or(d.replicate),
+                epoch_ms: s.opt_u64("epoch_ms", 1, 60_000)?.unwrap_or(d.epoch_ms),
+                hot_threshold: s
+                    .opt_f64("hot_threshold", 0.01, 1e9)?
+                    .unwrap_or(d.hot_threshold),
+                dominant_share: s
+                    .opt_f64("dominant_share", 0.5, 1.0)?
+                    .unwrap_or(d.dominant_share),
+                reader_threshold: s
+                    .opt_f64("reader_threshold", 0.01, 1e9)?
+                    .unwrap_or(d.reader_threshold),
+                replicate_min_nodes: s
+                    .opt_u64("replicate_min_nodes", 2, 4096)?
+                    .unwrap_or(d.replicate_min_nodes),
+                decay: s.opt_f64("decay", 0.0, 0.99)?.unwrap_or(d.decay),
+                copy_budget_pages: s
+                    .opt_u64("copy_budget_pages", 0, 100_000_000)?
+                    .unwrap_or(d.copy_budget_pages),
+                freeze_after_moves: s
+                    .opt_u64("freeze_after_moves", 0, 1000)?
+                    .unwrap_or(d.freeze_after_moves),
+                freeze_window_epochs: s
+                    .opt_u64("freeze_window_epochs", 1, 1_000_000)?
+                    .unwrap_or(d.freeze_window_epochs),
+                freeze_epochs: s
+                    .opt_u64("freeze_epochs", 1, 1_000_000)?
+                    .unwrap_or(d.freeze_epochs),
+                sampling,
+                trace_file,
+            };
+            if p.reader_threshold > p.hot_threshold {
+                return Err(s.error(
+                    "reader_threshold",
+                    format!(
+                        "{} is above hot_threshold ({}); allowed: 0.01 to hot_threshold (a node's count cannot need more samples than the whole page's)",
+                        p.reader_threshold, p.hot_threshold
+                    ),
+                ));
+            }
             s.finish()?;
             p
         }
-        None => NumaPolicy {
-            migrate: false,
-            replicate: false,
-            epoch_ms: 100,
-        },
+        None => NumaPolicy::default(),
     };
     t.finish()?;
     Ok(Policy {

@@ -10,6 +10,7 @@ pub mod guest;
 pub mod kvm_check;
 pub mod memory;
 pub mod monitor;
+pub mod numa;
 pub mod report;
 pub mod sharing;
 pub mod topology;

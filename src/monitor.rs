@@ -58,7 +58,7 @@ fn policy_status(config: &Config) -> String {
     }
     if p.numa.migrate || p.numa.replicate {
         parts.push(
-            "migration/replication requested but not implemented yet (pages stay where placed)",
+            "migration/replication requested, but the NUMA engine does not drive runs yet (pages stay where placed)",
         );
     }
     if parts.is_empty() {

@@ -1194,6 +1194,10 @@ pub struct KsmResult {
     pub process_merging_pages: Option<u64>,
     /// The last sample's savings reached the prediction.
     pub reached_steady: bool,
+    /// When the prediction was not reached: pages of duplicate content KSM
+    /// left unmerged (from `/proc/kpageflags`), and up to 10 of them.
+    pub unmerged_duplicate_pages: Option<u64>,
+    pub unmerged_examples: Vec<String>,
     /// Every page still held its content after merging (re-hashed).
     pub content_unchanged: bool,
     /// Every fill guest returned the model's checksum (`None`: host fill).
@@ -1280,45 +1284,63 @@ pub fn fastest(results: &[KsmResult]) -> Option<usize> {
     })
 }
 
-fn debug_unmerged(regions: &[MergeableRegion], hashes: &PageHashes, cfg: &KsmBenchConfig) {
+/// Pages of duplicate content that KSM has not merged (their frame is not a
+/// KSM page in `/proc/kpageflags`, nor the zero page for zero content with
+/// `use_zero_pages`): the count and up to 10 examples. `None` when the
+/// frames cannot be read (not root).
+fn unmerged_duplicates(
+    regions: &[MergeableRegion],
+    hashes: &PageHashes,
+    layout: &RegionLayout,
+    zero_pfn: Option<u64>,
+) -> Option<(u64, Vec<String>)> {
     use std::os::unix::fs::FileExt;
+    const KPF_KSM: u64 = 1 << 21;
     let mut counts: HashMap<u64, u64> = HashMap::new();
     for h in hashes.iter().flatten().flatten() {
         *counts.entry(*h).or_default() += 1;
     }
-    let pagemap = File::open("/proc/self/pagemap").unwrap();
-    let flags = File::open("/proc/kpageflags").unwrap();
-    let l = cfg.layout();
+    let pagemap = File::open("/proc/self/pagemap").ok()?;
+    let flags = File::open("/proc/kpageflags").ok()?;
+    let (mut n, mut examples) = (0, Vec::new());
     for (v, r) in regions.iter().enumerate() {
-        for i in 0..r.pages() {
-            let Some(h) = hashes[v][i] else { continue };
-            if counts[&h] < 2 {
+        for (i, h) in hashes[v].iter().enumerate() {
+            let Some(h) = h else { continue };
+            if counts[h] < 2 {
                 continue;
             }
             let mut b = [0u8; 8];
             pagemap
                 .read_exact_at(&mut b, ((r.addr / PAGE + i) * 8) as u64)
-                .unwrap();
-            let e = u64::from_le_bytes(b);
-            let pfn = e & ((1 << 55) - 1);
-            flags.read_exact_at(&mut b, pfn * 8).unwrap();
-            let f = u64::from_le_bytes(b);
-            if f & (1 << 21) == 0 {
-                let part = if i < l.shared_pages {
-                    ("shared", i)
-                } else {
-                    ("unique", i - l.shared_pages)
-                };
-                eprintln!(
-                    "unmerged: vm {v} page {i} ({} +{}) group {} zero {} entry {e:#x} flags {f:#x}",
-                    part.0,
-                    part.1,
-                    counts[&h],
-                    h == 0
-                );
+                .ok()?;
+            let pfn = u64::from_le_bytes(b) & PM_PFN;
+            if pfn == 0 {
+                return None;
+            }
+            if *h == 0 && Some(pfn) == zero_pfn {
+                continue;
+            }
+            flags.read_exact_at(&mut b, pfn * 8).ok()?;
+            if u64::from_le_bytes(b) & KPF_KSM == 0 {
+                n += 1;
+                if examples.len() < 10 {
+                    let part = if i < layout.shared_pages {
+                        "shared"
+                    } else if i < layout.shared_pages + layout.unique_pages {
+                        "unique"
+                    } else {
+                        "zero"
+                    };
+                    examples.push(format!(
+                        "VM {v} page {i} ({part} part, {} copies{})",
+                        counts[h],
+                        if *h == 0 { ", zero-filled" } else { "" }
+                    ));
+                }
             }
         }
     }
+    Some((n, examples))
 }
 
 fn read_process_merging_pages() -> Option<u64> {
@@ -1443,9 +1465,11 @@ fn measure(
         }
     }
     let process_merging_pages = read_process_merging_pages();
-    if steady.is_none() {
-        debug_unmerged(&guests.regions, &before, cfg);
-    }
+    let unmerged = if steady.is_none() {
+        unmerged_duplicates(&guests.regions, &before, &cfg.layout(), zero_pfn)
+    } else {
+        None
+    };
 
     progress(KsmEvent::Phase("checking content"));
     let after = hash_regions(&guests.regions, Some(&before), zero_pfn)?;
@@ -1504,6 +1528,8 @@ fn measure(
         general_profit: last.general_profit,
         process_merging_pages,
         reached_steady: steady.is_some(),
+        unmerged_duplicate_pages: unmerged.as_ref().map(|u| u.0),
+        unmerged_examples: unmerged.map(|u| u.1).unwrap_or_default(),
         content_unchanged,
         guests_ok,
         final_stats: last,
@@ -1649,6 +1675,18 @@ impl KsmResult {
             self.census.resident_pages,
             self.census.duplicate_groups
         );
+        if let Some(n) = self.unmerged_duplicate_pages {
+            out += &format!(
+                "Not reached within {:?}: {n} pages of duplicate content left unmerged{}{}.\n",
+                c.timeout,
+                if self.unmerged_examples.is_empty() {
+                    ""
+                } else {
+                    ", e.g. "
+                },
+                self.unmerged_examples.join("; ")
+            );
+        }
         out
     }
 }

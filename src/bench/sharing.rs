@@ -425,6 +425,10 @@ pub struct Comparison {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SharingResult {
     pub host: HostInfo,
+    /// `/proc/loadavg` before and after the run (the host is shared: other
+    /// load shows up in every figure).
+    pub load_before: String,
+    pub load_after: String,
     pub options: SharingOptions,
     pub disco: DiscoSide,
     pub ksm: KsmResult,
@@ -598,6 +602,13 @@ fn census(hashes: &FrameHashes) -> DiscoCensus {
         }
     }
     c
+}
+
+/// The first three fields of `/proc/loadavg`.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn resident(memory: &Memory) -> u64 {
@@ -1033,6 +1044,7 @@ impl Comparison {
 /// restored before this returns).
 pub fn run(options: &SharingOptions) -> Result<SharingResult> {
     options.validate()?;
+    let load_before = load_average();
     let ksm_config = options.ksm_config();
     // Hold the KSM lock while disco measures, so no other process's KSM
     // measurement (ksmd at full speed) runs meanwhile. Released (settings
@@ -1064,6 +1076,8 @@ pub fn run(options: &SharingOptions) -> Result<SharingResult> {
     let comparison = Comparison::of(&disco, &ksm);
     Ok(SharingResult {
         host: HostInfo::detect(),
+        load_before,
+        load_after: load_average(),
         options: options.clone(),
         disco,
         ksm,
@@ -1088,11 +1102,12 @@ fn times(v: Option<f64>) -> String {
 }
 
 /// `series` (ms, value) up to `end_ms`, ending with a point at `end_ms`
-/// holding the last value seen by then.
+/// holding the last value seen by then (disco's series ends at its steady
+/// state; the savings stay).
 fn clip(series: &[(f64, f64)], end_ms: f64) -> Vec<(f64, f64)> {
     let mut out: Vec<(f64, f64)> = series.iter().copied().filter(|p| p.0 <= end_ms).collect();
     if let Some(&(t, v)) = out.last() {
-        if t < end_ms && series.len() > out.len() {
+        if t < end_ms {
             out.push((end_ms, v));
         }
     }
@@ -1264,8 +1279,11 @@ impl SharingResult {
                 times(c.cpu_ratio_steady),
             ],
             vec![
-                "full scans to steady state".into(),
-                d.full_scans_to_steady.map_or("-".into(), |v| v.to_string()),
+                "scan passes to steady state (disco: pages hashed / frames; KSM: full_scans)"
+                    .into(),
+                d.pages_scanned_to_steady.map_or("-".into(), |v| {
+                    format!("{:.2}", v as f64 / d.census.frames.max(1) as f64)
+                }),
                 ksm_steady(k).map_or("-".into(), |s| s.full_scans.to_string()),
                 String::new(),
             ],
@@ -1373,7 +1391,8 @@ impl SharingResult {
              minus at steady state): {} MiB. disco's CPU: {}; the benchmark's own sampling \
              (`sharing_stats`, every {} ms) is not counted. KSM samples every {} ms, so its \
              times are rounded up to that; ksmd CPU from {}. {} KSM's settings were restored \
-             after the run. {} fill guests took {:.0} ms. Host: {}.\n",
+             after the run. {} fill guests took {:.0} ms. Host: {}; load average before / \
+             after the run: {} / {}.\n",
             mib(d.host_freed_bytes as f64),
             d.cpu_source,
             o.sample_interval.as_millis(),
@@ -1394,7 +1413,9 @@ impl SharingResult {
             },
             o.vms,
             d.fill_ms,
-            self.host.describe()
+            self.host.describe(),
+            self.load_before,
+            self.load_after
         );
         out
     }

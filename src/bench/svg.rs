@@ -310,8 +310,24 @@ impl LinePlot {
                 escape(&se.name)
             );
         }
-        // Legend, top left inside the plot area.
+        // Legend, top left inside the plot area, on a white box.
         let lx = left + 12.0;
+        if !self.series.is_empty() {
+            let longest = self
+                .series
+                .iter()
+                .map(|se| se.name.chars().count())
+                .max()
+                .unwrap_or(0);
+            let _ = writeln!(
+                s,
+                r##"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="white" fill-opacity="0.85" stroke="#cccccc"/>"##,
+                lx - 6.0,
+                top + 4.0,
+                36.0 + longest as f64 * 7.0,
+                self.series.len() as f64 * 18.0 + 4.0
+            );
+        }
         for (i, (se, color)) in self.series.iter().zip(&colors).enumerate() {
             let ly = top + 14.0 + i as f64 * 18.0;
             let _ = writeln!(

@@ -135,7 +135,10 @@ pub fn choose_source(
             })?;
             Ok(SourceChoice {
                 kind: SourceKind::Trace(path.to_path_buf()),
-                reason: format!("replaying trace file {} (sampling = \"trace\")", path.display()),
+                reason: format!(
+                    "replaying trace file {} (sampling = \"trace\")",
+                    path.display()
+                ),
             })
         }
         Sampling::PageFaults => Ok(SourceChoice {
@@ -247,9 +250,9 @@ fn explain_perf_error(errno: i32, paranoid: Option<i64>) -> String {
              hardware cache-miss event, e.g. a VM without a virtual PMU)",
             errno_name(errno)
         ),
-        libc::ENODEV => format!(
-            "no hardware PMU: {call} failed with ENODEV (no PMU driver for this CPU)"
-        ),
+        libc::ENODEV => {
+            format!("no hardware PMU: {call} failed with ENODEV (no PMU driver for this CPU)")
+        }
         libc::ENOSYS => {
             format!("{call} failed with ENOSYS: the kernel is built without perf events")
         }
@@ -342,7 +345,10 @@ mod tests {
         assert!(explain_perf_error(libc::ENOENT, None).contains("ENOENT"));
         assert!(explain_perf_error(libc::ENOENT, None).contains("no hardware PMU"));
         let e = explain_perf_error(libc::EACCES, Some(3));
-        assert!(e.contains("perf_event_paranoid = 3") && e.contains("root"), "{e}");
+        assert!(
+            e.contains("perf_event_paranoid = 3") && e.contains("root"),
+            "{e}"
+        );
         assert!(explain_perf_error(libc::ENOSYS, None).contains("without perf events"));
         assert!(explain_perf_error(libc::EINVAL, None).contains("failed"));
     }
@@ -361,7 +367,9 @@ mod tests {
         let e = choose_source(Sampling::Hardware, None, Err("no PMU".into())).unwrap_err();
         assert!(e.contains("no PMU") && e.contains("auto"), "{e}");
         assert_eq!(
-            choose_source(Sampling::Hardware, None, Ok(())).unwrap().kind,
+            choose_source(Sampling::Hardware, None, Ok(()))
+                .unwrap()
+                .kind,
             SourceKind::Hardware
         );
     }
@@ -389,10 +397,7 @@ mod tests {
 
     #[test]
     fn replay_source_yields_one_batch_per_poll() {
-        let mut s = ReplaySource::new(
-            "test",
-            vec![vec![AccessSample::read(1, 2, 3)], vec![]],
-        );
+        let mut s = ReplaySource::new("test", vec![vec![AccessSample::read(1, 2, 3)], vec![]]);
         let mut out = Vec::new();
         s.poll(&mut out).unwrap();
         assert_eq!(out, vec![AccessSample::read(1, 2, 3)]);

@@ -137,7 +137,11 @@ pub enum Decision {
     Migrate { vm: u32, gfn: u64, to: usize },
     /// Give the page a replica on each of `nodes` (ascending; none of them
     /// holds a copy yet).
-    Replicate { vm: u32, gfn: u64, nodes: Vec<usize> },
+    Replicate {
+        vm: u32,
+        gfn: u64,
+        nodes: Vec<usize>,
+    },
     /// Keep only the copies on `keep` (ascending, non-empty, a strict subset
     /// of the current copies); free the others.
     Collapse { vm: u32, gfn: u64, keep: Vec<usize> },
@@ -669,7 +673,7 @@ mod tests {
     }
 
     /// A pmap stand-in that carries out decisions.
-    #[derive(Default, Clone)]
+    #[derive(Default, Clone, Debug)]
     struct Sim(BTreeMap<PageKey, PageLocation>);
 
     impl PageFacts for Sim {
@@ -741,11 +745,22 @@ mod tests {
     #[test]
     fn hot_private_page_migrates_to_its_user() {
         let mut e = PolicyEngine::new(params(), 4);
-        let sim = Sim([((1, 10), PageLocation::private(0)), ((1, 11), PageLocation::private(0))].into());
+        let sim = Sim([
+            ((1, 10), PageLocation::private(0)),
+            ((1, 11), PageLocation::private(0)),
+        ]
+        .into());
         let mut s = reads(1, 10, 2, 10);
         s.extend(reads(1, 11, 2, 3)); // cold: below hot_threshold
         let d = one_epoch(&mut e, &sim, &s);
-        assert_eq!(d, vec![Decision::Migrate { vm: 1, gfn: 10, to: 2 }]);
+        assert_eq!(
+            d,
+            vec![Decision::Migrate {
+                vm: 1,
+                gfn: 10,
+                to: 2
+            }]
+        );
         assert_eq!(e.last_epoch().hot_pages, 1);
         assert_eq!(e.last_epoch().migrations, 1);
     }
@@ -774,14 +789,19 @@ mod tests {
         assert_eq!(e.counts(1, 10).unwrap().reads[2], 3.0);
         one_epoch(&mut e, &sim, &reads(1, 10, 2, 6));
         assert_eq!(e.counts(1, 10).unwrap().reads[2], 4.5);
-        // 6 per epoch settles at 12 (>= 8: hot) before decay; a page of node
-        // 0 sampled 5 times per epoch becomes hot in its second epoch.
+        // 6 per epoch settles at 12 (>= 8: hot) before decay: a page on node
+        // 0 sampled 6 times per epoch from node 3 is cold in its first epoch
+        // (6) and hot in its second (3 + 6).
         let sim = Sim([((1, 11), PageLocation::private(0))].into());
         let mut e = PolicyEngine::new(params(), 4);
-        assert!(one_epoch(&mut e, &sim, &reads(1, 11, 3, 5)).is_empty());
+        assert!(one_epoch(&mut e, &sim, &reads(1, 11, 3, 6)).is_empty());
         assert_eq!(
-            one_epoch(&mut e, &sim, &reads(1, 11, 3, 5)),
-            vec![Decision::Migrate { vm: 1, gfn: 11, to: 3 }]
+            one_epoch(&mut e, &sim, &reads(1, 11, 3, 6)),
+            vec![Decision::Migrate {
+                vm: 1,
+                gfn: 11,
+                to: 3
+            }]
         );
         // Unsampled pages are forgotten.
         let mut e = PolicyEngine::new(params(), 4);
@@ -801,7 +821,14 @@ mod tests {
             s.extend(reads(1, 10, n, 3 + n));
         }
         let d = one_epoch(&mut e, &sim, &s);
-        assert_eq!(d, vec![Decision::Replicate { vm: 1, gfn: 10, nodes: vec![1, 2, 3] }]);
+        assert_eq!(
+            d,
+            vec![Decision::Replicate {
+                vm: 1,
+                gfn: 10,
+                nodes: vec![1, 2, 3]
+            }]
+        );
         assert_eq!(e.last_epoch().replicas_made, 3);
     }
 
@@ -833,7 +860,11 @@ mod tests {
         let mut e = PolicyEngine::new(params(), 4);
         assert_eq!(
             one_epoch(&mut e, &sim, &writes(1, 10, 2, 40)),
-            vec![Decision::Migrate { vm: 1, gfn: 10, to: 2 }]
+            vec![Decision::Migrate {
+                vm: 1,
+                gfn: 10,
+                to: 2
+            }]
         );
     }
 
@@ -848,7 +879,11 @@ mod tests {
         s.extend(reads(1, 10, 3, 6));
         assert_eq!(
             one_epoch(&mut e, &sim, &s),
-            vec![Decision::Collapse { vm: 1, gfn: 10, keep: vec![1, 3] }]
+            vec![Decision::Collapse {
+                vm: 1,
+                gfn: 10,
+                keep: vec![1, 3]
+            }]
         );
         // A write collapses to the copy of the heaviest user.
         let mut e = PolicyEngine::new(params(), 4);
@@ -858,7 +893,11 @@ mod tests {
         s.push(AccessSample::write(1, 10, 0));
         assert_eq!(
             one_epoch(&mut e, &sim, &s),
-            vec![Decision::Collapse { vm: 1, gfn: 10, keep: vec![3] }]
+            vec![Decision::Collapse {
+                vm: 1,
+                gfn: 10,
+                keep: vec![3]
+            }]
         );
     }
 
@@ -871,12 +910,20 @@ mod tests {
         let s: Vec<_> = [0, 2].iter().flat_map(|&n| reads(1, 10, n, 8)).collect();
         assert!(one_epoch(&mut e, &sim, &s).is_empty());
         let mut got = Vec::new();
-        for _ in 0..10 {
+        // The move history keeps the page tracked for freeze_window_epochs.
+        for _ in 0..30 {
             let d = one_epoch(&mut e, &sim, &[]);
             sim.apply(&d);
             got.extend(d);
         }
-        assert_eq!(got, vec![Decision::Collapse { vm: 1, gfn: 10, keep: vec![2] }]);
+        assert_eq!(
+            got,
+            vec![Decision::Collapse {
+                vm: 1,
+                gfn: 10,
+                keep: vec![2]
+            }]
+        );
         assert_eq!(e.tracked(), 0, "a collapsed, cold page is forgotten");
     }
 
@@ -889,7 +936,11 @@ mod tests {
         let s: Vec<_> = [0, 1, 3].iter().flat_map(|&n| reads(1, 10, n, 4)).collect();
         assert_eq!(
             one_epoch(&mut e, &sim, &s),
-            vec![Decision::Replicate { vm: 1, gfn: 10, nodes: vec![3] }]
+            vec![Decision::Replicate {
+                vm: 1,
+                gfn: 10,
+                nodes: vec![3]
+            }]
         );
     }
 
@@ -907,33 +958,58 @@ mod tests {
         let mut e = PolicyEngine::new(params(), 4);
         assert_eq!(
             one_epoch(&mut e, &sim, &s),
-            vec![Decision::Replicate { vm: 1, gfn: 10, nodes: vec![2] }]
+            vec![Decision::Replicate {
+                vm: 1,
+                gfn: 10,
+                nodes: vec![2]
+            }]
         );
         // Without grouping the VM on node 2 would pull the page over.
-        let sim = Sim([((1, 10), PageLocation::shared(0)), ((2, 40), PageLocation::shared(0))].into());
+        let sim = Sim([
+            ((1, 10), PageLocation::shared(0)),
+            ((2, 40), PageLocation::shared(0)),
+        ]
+        .into());
         let mut e = PolicyEngine::new(params(), 4);
         assert_eq!(
             one_epoch(&mut e, &sim, &s),
-            vec![Decision::Migrate { vm: 2, gfn: 40, to: 2 }]
+            vec![Decision::Migrate {
+                vm: 2,
+                gfn: 40,
+                to: 2
+            }]
         );
     }
 
     #[test]
     fn ping_pong_page_is_frozen() {
-        let mut e = PolicyEngine::new(params(), 4);
+        // decay 0: only the last epoch counts, so the latest user dominates.
+        let mut p = params();
+        p.decay = 0.0;
+        let mut e = PolicyEngine::new(p, 4);
         let mut sim = Sim([((1, 10), PageLocation::private(0))].into());
         let mut all = Vec::new();
         for i in 0..12 {
-            // The user alternates between node 1 and node 2 every epoch, with
-            // a heavy burst so that the latest node always dominates.
+            // The user alternates between node 1 and node 2 every epoch.
             let node = 1 + i % 2;
-            let d = one_epoch(&mut e, &sim, &reads(1, 10, node, 100 * (i + 1)));
+            let d = one_epoch(&mut e, &sim, &reads(1, 10, node, 20));
             sim.apply(&d);
             all.push(d);
         }
-        let moves: usize = all.iter().flatten().filter(|d| matches!(d, Decision::Migrate { .. })).count();
+        let moves: usize = all
+            .iter()
+            .flatten()
+            .filter(|d| matches!(d, Decision::Migrate { .. }))
+            .count();
         assert_eq!(moves, 3, "{all:?}");
-        assert_eq!(all[3], vec![Decision::Freeze { vm: 1, gfn: 10, epochs: 10 }]);
+        assert_eq!(
+            all[3],
+            vec![Decision::Freeze {
+                vm: 1,
+                gfn: 10,
+                epochs: 10
+            }]
+        );
         assert!(all[4..].iter().take(10).all(|d| d.is_empty()), "{all:?}");
         assert_eq!(e.totals().freezes, 1);
         assert!(e.totals().frozen_pages >= 8);
@@ -944,12 +1020,13 @@ mod tests {
         let mut p = params();
         p.freeze_epochs = 2;
         p.freeze_after_moves = 1;
+        p.decay = 0.0;
         let mut e = PolicyEngine::new(p, 4);
         let mut sim = Sim([((1, 10), PageLocation::private(0))].into());
         let mut kinds = Vec::new();
-        for i in 0..6 {
+        for i in 0..7 {
             let node = 1 + i % 2;
-            let d = one_epoch(&mut e, &sim, &reads(1, 10, node, 100 * (i + 1)));
+            let d = one_epoch(&mut e, &sim, &reads(1, 10, node, 20));
             sim.apply(&d);
             kinds.push(d.first().map(|d| match d {
                 Decision::Migrate { .. } => 'm',
@@ -957,8 +1034,12 @@ mod tests {
                 _ => '?',
             }));
         }
-        // move, freeze, frozen x2, move again, freeze.
-        assert_eq!(kinds, vec![Some('m'), Some('f'), None, None, Some('m'), Some('f')]);
+        // move, freeze, frozen x2, already on node 1 at epoch 4, then move
+        // again (the history restarted) and freeze.
+        assert_eq!(
+            kinds,
+            vec![Some('m'), Some('f'), None, None, None, Some('m'), Some('f')]
+        );
     }
 
     #[test]
@@ -967,14 +1048,28 @@ mod tests {
         p.copy_budget_pages = 3;
         let mut e = PolicyEngine::new(p, 4);
         let sim = Sim((0..6).map(|g| ((1, g), PageLocation::private(0))).collect());
-        let s: Vec<_> = (0..6).flat_map(|g| reads(1, g, 2, 10 + g as usize)).collect();
+        let s: Vec<_> = (0..6)
+            .flat_map(|g| reads(1, g, 2, 10 + g as usize))
+            .collect();
         let d = one_epoch(&mut e, &sim, &s);
         assert_eq!(
             d,
             vec![
-                Decision::Migrate { vm: 1, gfn: 5, to: 2 },
-                Decision::Migrate { vm: 1, gfn: 4, to: 2 },
-                Decision::Migrate { vm: 1, gfn: 3, to: 2 },
+                Decision::Migrate {
+                    vm: 1,
+                    gfn: 5,
+                    to: 2
+                },
+                Decision::Migrate {
+                    vm: 1,
+                    gfn: 4,
+                    to: 2
+                },
+                Decision::Migrate {
+                    vm: 1,
+                    gfn: 3,
+                    to: 2
+                },
             ]
         );
         assert_eq!(e.last_epoch().deferred, 3);
@@ -992,7 +1087,11 @@ mod tests {
         s.extend(reads(1, 10, 3, 4));
         assert_eq!(
             one_epoch(&mut e, &sim, &s),
-            vec![Decision::Replicate { vm: 1, gfn: 10, nodes: vec![2, 3] }]
+            vec![Decision::Replicate {
+                vm: 1,
+                gfn: 10,
+                nodes: vec![2, 3]
+            }]
         );
         assert_eq!(e.last_epoch().deferred, 1);
     }
@@ -1012,20 +1111,35 @@ mod tests {
     #[test]
     fn migrate_only_and_replicate_only() {
         let shared_many: Vec<_> = (0..4).flat_map(|n| reads(1, 10, n, 4)).collect();
-        let sim = Sim([((1, 10), PageLocation::shared(0)), ((1, 11), PageLocation::shared(0))].into());
+        let sim = Sim([
+            ((1, 10), PageLocation::shared(0)),
+            ((1, 11), PageLocation::shared(0)),
+        ]
+        .into());
         let mut s = shared_many.clone();
         s.extend(reads(1, 11, 3, 20));
         let mut p = params();
         p.replicate = false;
         let mut e = PolicyEngine::new(p, 4);
-        assert_eq!(one_epoch(&mut e, &sim, &s), vec![Decision::Migrate { vm: 1, gfn: 11, to: 3 }]);
+        assert_eq!(
+            one_epoch(&mut e, &sim, &s),
+            vec![Decision::Migrate {
+                vm: 1,
+                gfn: 11,
+                to: 3
+            }]
+        );
         let mut p = params();
         p.migrate = false;
         let mut e = PolicyEngine::new(p, 4);
         // Page 11 is read only from node 3: one user, below replicate_min_nodes.
         assert_eq!(
             one_epoch(&mut e, &sim, &s),
-            vec![Decision::Replicate { vm: 1, gfn: 10, nodes: vec![1, 2, 3] }]
+            vec![Decision::Replicate {
+                vm: 1,
+                gfn: 10,
+                nodes: vec![1, 2, 3]
+            }]
         );
     }
 
@@ -1045,47 +1159,89 @@ mod tests {
             1u64..6,
             1u64..5,
         )
-            .prop_map(|(m, r, hot, dom, reader, min, decay, budget, fam, few, fe)| NumaPolicy {
-                migrate: m,
-                replicate: r,
-                hot_threshold: hot,
-                dominant_share: dom,
-                reader_threshold: reader.min(hot),
-                replicate_min_nodes: min,
-                decay,
-                copy_budget_pages: budget,
-                freeze_after_moves: fam,
-                freeze_window_epochs: few,
-                freeze_epochs: fe,
-                ..params()
-            })
+            .prop_map(
+                |(m, r, hot, dom, reader, min, decay, budget, fam, few, fe)| NumaPolicy {
+                    migrate: m,
+                    replicate: r,
+                    hot_threshold: hot,
+                    dominant_share: dom,
+                    reader_threshold: reader.min(hot),
+                    replicate_min_nodes: min,
+                    decay,
+                    copy_budget_pages: budget,
+                    freeze_after_moves: fam,
+                    freeze_window_epochs: few,
+                    freeze_epochs: fe,
+                    ..params()
+                },
+            )
     }
 
     /// Pages (vm 0..2, gfn 0..4) with random homes and sharing; epochs of
     /// random samples.
     fn arb_world() -> impl Strategy<Value = (Sim, Vec<Vec<AccessSample>>)> {
-        let loc = (0usize..4, any::<bool>(), proptest::option::of(0u64..2)).prop_map(|(node, shared, group)| {
-            PageLocation {
-                node,
-                shared_across_vms: shared || group.is_some(),
-                replicas: vec![],
-                group,
-            }
-        });
-        let sample = (0u32..2, 0u64..4, 0usize..4, proptest::bool::weighted(0.2), 1usize..8)
-            .prop_map(|(vm, gfn, node, write, n)| vec![AccessSample { vm, gfn, node, write, vcpu: 0 }; n]);
+        // (node, replica mask) of a page's content; a group's members share it.
+        let place = (0usize..4, proptest::bool::weighted(0.3), 0u8..16);
+        let loc = (place.clone(), any::<bool>(), proptest::option::of(0u64..2));
+        let sample = (
+            0u32..2,
+            0u64..4,
+            0usize..4,
+            proptest::bool::weighted(0.2),
+            1usize..8,
+        )
+            .prop_map(|(vm, gfn, node, write, n)| {
+                vec![
+                    AccessSample {
+                        vm,
+                        gfn,
+                        node,
+                        write,
+                        vcpu: 0
+                    };
+                    n
+                ]
+            });
         (
             proptest::collection::vec(loc, 8),
+            proptest::collection::vec(place, 2),
             proptest::collection::vec(proptest::collection::vec(sample, 0..10), 1..14),
         )
-            .prop_map(|(locs, epochs)| {
-                let sim = Sim(
-                    locs.into_iter()
-                        .enumerate()
-                        .map(|(i, l)| (((i / 4) as u32, (i % 4) as u64), l))
-                        .collect(),
-                );
-                let epochs = epochs.into_iter().map(|e| e.into_iter().flatten().collect()).collect();
+            .prop_map(|(locs, group_places, epochs)| {
+                let make = |(node, replicated, mask): (usize, bool, u8), shared: bool| {
+                    let mut copies: BTreeSet<usize> =
+                        (0..4).filter(|b| mask & (1 << b) != 0).collect();
+                    copies.insert(node);
+                    PageLocation {
+                        node,
+                        shared_across_vms: shared,
+                        // Only shared pages have replicas.
+                        replicas: if replicated && shared && copies.len() > 1 {
+                            copies.into_iter().collect()
+                        } else {
+                            vec![]
+                        },
+                        group: None,
+                    }
+                };
+                let sim = Sim(locs
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (place, shared, group))| {
+                        let loc = match group {
+                            Some(g) => PageLocation {
+                                group: Some(g),
+                                ..make(group_places[g as usize], true)
+                            },
+                            None => make(place, shared),
+                        };
+                        (((i / 4) as u32, (i % 4) as u64), loc)
+                    })
+                    .collect());
+                let epochs = epochs
+                    .into_iter()
+                    .map(|e| e.into_iter().flatten().collect())
+                    .collect();
                 (sim, epochs)
             })
     }

@@ -102,20 +102,15 @@ impl Trace {
                 None => continue,
                 Some(&"nodes") => {
                     if fields.len() != 2 {
-                        return Err(err(
-                            "expected `nodes <count>` (one decimal number)".into(),
-                        ));
+                        return Err(err("expected `nodes <count>` (one decimal number)".into()));
                     }
                     if trace.nodes.is_some() {
                         return Err(err("a second `nodes` line; give it once".into()));
                     }
                     if !trace.epochs.is_empty() {
-                        return Err(err(
-                            "`nodes` must come before the first `epoch` line".into(),
-                        ));
+                        return Err(err("`nodes` must come before the first `epoch` line".into()));
                     }
-                    let n = parse_dec(fields[1], "node count")
-                        .map_err(&err)?;
+                    let n = parse_dec(fields[1], "node count").map_err(&err)?;
                     if n == 0 || n > MAX_TRACE_NODES as u64 {
                         return Err(err(format!(
                             "node count {n} is out of range; allowed: 1 to {MAX_TRACE_NODES}"
@@ -125,9 +120,7 @@ impl Trace {
                 }
                 Some(&"epoch") => {
                     if fields.len() != 2 {
-                        return Err(err(
-                            "expected `epoch <number>` (one decimal number)".into(),
-                        ));
+                        return Err(err("expected `epoch <number>` (one decimal number)".into()));
                     }
                     let n = parse_dec(fields[1], "epoch number").map_err(&err)?;
                     if let Some(last) = trace.epochs.last() {
@@ -149,7 +142,7 @@ impl Trace {
                         Some(e) => e.samples.push(sample),
                         None => {
                             return Err(err(
-                                "a sample before the first `epoch <number>` line".into(),
+                                "a sample before the first `epoch <number>` line".into()
                             ))
                         }
                     }
@@ -162,7 +155,8 @@ impl Trace {
     /// The trace as text in the format above (what [`TraceWriter`] writes).
     pub fn to_text(&self) -> String {
         let mut out = Vec::new();
-        self.write_to(&mut out).expect("writing to a Vec cannot fail");
+        self.write_to(&mut out)
+            .expect("writing to a Vec cannot fail");
         String::from_utf8(out).expect("the trace format is ASCII")
     }
 
@@ -206,9 +200,13 @@ fn parse_sample(fields: &[&str], nodes: Option<usize>) -> Result<AccessSample, S
             if fields.len() == 1 { "" } else { "s" }
         ));
     }
-    let vm = fields[0]
-        .parse::<u32>()
-        .map_err(|_| format!("`{}` is not a valid VM id (a decimal number up to {})", fields[0], u32::MAX))?;
+    let vm = fields[0].parse::<u32>().map_err(|_| {
+        format!(
+            "`{}` is not a valid VM id (a decimal number up to {})",
+            fields[0],
+            u32::MAX
+        )
+    })?;
     let hex = fields[1]
         .strip_prefix("0x")
         .or_else(|| fields[1].strip_prefix("0X"))
@@ -226,14 +224,24 @@ fn parse_sample(fields: &[&str], nodes: Option<usize>) -> Result<AccessSample, S
     let limit = nodes.unwrap_or(MAX_TRACE_NODES);
     if node >= limit {
         return Err(match nodes {
-            Some(n) => format!("node {node} is out of range; the trace declares `nodes {n}` (0 to {})", n - 1),
-            None => format!("node {node} is out of range; allowed: 0 to {}", MAX_TRACE_NODES - 1),
+            Some(n) => format!(
+                "node {node} is out of range; the trace declares `nodes {n}` (0 to {})",
+                n - 1
+            ),
+            None => format!(
+                "node {node} is out of range; allowed: 0 to {}",
+                MAX_TRACE_NODES - 1
+            ),
         });
     }
     let write = match fields[3] {
         "r" => false,
         "w" => true,
-        other => return Err(format!("`{other}` is not an access kind; allowed: r (read) or w (write)")),
+        other => {
+            return Err(format!(
+                "`{other}` is not an access kind; allowed: r (read) or w (write)"
+            ))
+        }
     };
     let vcpu = match fields.get(4) {
         Some(v) => parse_dec(v, "vCPU index")? as usize,
@@ -332,7 +340,10 @@ pub struct TraceSource {
 
 impl TraceSource {
     pub fn open(path: &Path) -> Result<TraceSource, TraceError> {
-        Ok(TraceSource::new(&path.display().to_string(), Trace::load(path)?))
+        Ok(TraceSource::new(
+            &path.display().to_string(),
+            Trace::load(path)?,
+        ))
     }
 
     /// A source over an already parsed trace; `file` names it in
@@ -487,7 +498,9 @@ mod tests {
         assert!(err_of("1 0x10 0 r\n").starts_with("t.trace:1: a sample before"));
         assert!(err_of("epoch 1\nepoch 1\n").starts_with("t.trace:2: epoch 1 after epoch 1"));
         assert!(err_of("nodes 2\nepoch 0\n0 0 2 r\n").contains("t.trace:3: node 2 is out of range"));
-        assert!(err_of("epoch 0\n0 zz 0 r\n").contains("t.trace:2: `zz` is not a valid guest frame"));
+        assert!(
+            err_of("epoch 0\n0 zz 0 r\n").contains("t.trace:2: `zz` is not a valid guest frame")
+        );
         assert!(err_of("epoch 0\n0 0x 0 r\n").contains("`0x` is not a valid guest frame"));
         assert!(err_of("epoch 0\n-1 0 0 r\n").contains("not a valid VM id"));
         assert!(err_of("epoch 0\n0 0 0 r 1 2\n").contains("found 6 fields"));
@@ -500,7 +513,11 @@ mod tests {
     #[test]
     fn missing_file_names_it() {
         let e = Trace::load(Path::new("/nonexistent/x.trace")).unwrap_err();
-        assert!(e.to_string().starts_with("/nonexistent/x.trace: cannot read"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("/nonexistent/x.trace: cannot read"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -515,7 +532,11 @@ mod tests {
         }
         assert_eq!(polls, vec![0, 1, 0, 1, 0]);
         assert!(s.finished());
-        assert!(s.describe().contains("4 epochs, 2 samples"), "{}", s.describe());
+        assert!(
+            s.describe().contains("4 epochs, 2 samples"),
+            "{}",
+            s.describe()
+        );
         assert!(s.check_nodes(2).is_ok());
         assert!(s.check_nodes(1).unwrap_err().to_string().contains("node 1"));
     }
@@ -524,7 +545,11 @@ mod tests {
     fn recorder_writes_what_it_passes_on() {
         let inner = crate::numa::counters::ReplaySource::new(
             "mem",
-            vec![vec![AccessSample::read(1, 0xabc, 1)], vec![], vec![AccessSample::write(2, 5, 0)]],
+            vec![
+                vec![AccessSample::read(1, 0xabc, 1)],
+                vec![],
+                vec![AccessSample::write(2, 5, 0)],
+            ],
         );
         let mut r = Recorder::new(inner, Vec::new(), Some(2)).unwrap();
         let mut all = Vec::new();
@@ -548,15 +573,20 @@ mod tests {
     }
 
     fn arb_trace() -> impl Strategy<Value = Trace> {
-        let sample = (any::<u32>(), any::<u64>(), 0usize..8, any::<bool>(), 0usize..64).prop_map(
-            |(vm, gfn, node, write, vcpu)| AccessSample {
+        let sample = (
+            any::<u32>(),
+            any::<u64>(),
+            0usize..8,
+            any::<bool>(),
+            0usize..64,
+        )
+            .prop_map(|(vm, gfn, node, write, vcpu)| AccessSample {
                 vm,
                 gfn,
                 node,
                 write,
                 vcpu,
-            },
-        );
+            });
         (
             proptest::option::of(8usize..16),
             proptest::collection::vec((1u64..4, proptest::collection::vec(sample, 0..6)), 0..6),
