@@ -15,6 +15,8 @@ use crate::config::{Config, VmConfig};
 use crate::faults::FaultHandler;
 use crate::guest::layout;
 use crate::memory::{Memory, VmId};
+use crate::numa::runner::NumaRunner;
+use crate::numa::{choose_source, probe_hardware_pmu, CounterSource, SourceKind, TraceSource};
 use crate::report::{
     PolicySummary, RunReport, SharingReport, TopologySummary, VcpuReport, VmReport,
 };
@@ -50,22 +52,63 @@ struct RunningVm {
 }
 
 /// What the monitor does with the policy's sections in this build.
-fn policy_status(config: &Config) -> String {
+fn policy_status(config: &Config, numa: &NumaPlan) -> String {
     let p = &config.policy;
     let mut parts = Vec::new();
     if p.sharing.enabled {
-        parts.push("sharing active (copy-on-write, scanner running)");
+        parts.push("sharing active (copy-on-write, scanner running)".to_string());
     }
-    if p.numa.migrate || p.numa.replicate {
-        parts.push(
-            "migration/replication requested, but the NUMA engine does not drive runs yet (pages stay where placed)",
-        );
+    match numa {
+        NumaPlan::Off => {}
+        NumaPlan::Run(_, reason) => parts.push(format!(
+            "NUMA engine active ({reason}); migration carried out, replication not yet (counted as skipped)"
+        )),
+        NumaPlan::Unavailable(why) => parts.push(format!(
+            "migration/replication requested but the NUMA engine is idle: {why}"
+        )),
     }
     if parts.is_empty() {
         "static placement; nothing requested beyond it".to_string()
     } else {
         parts.join("; ")
     }
+}
+
+/// Whether and how the NUMA engine runs.
+enum NumaPlan {
+    Off,
+    Run(Box<dyn CounterSource>, String),
+    Unavailable(String),
+}
+
+fn numa_plan(config: &Config, topology: &Topology) -> Result<NumaPlan> {
+    let numa = &config.policy.numa;
+    if !numa.migrate && !numa.replicate {
+        return Ok(NumaPlan::Off);
+    }
+    let choice = choose_source(
+        numa.sampling,
+        numa.trace_file.as_deref(),
+        probe_hardware_pmu(),
+    )
+    .map_err(|e| anyhow::anyhow!("policy {}: {e}", config.policy.name))?;
+    Ok(match choice.kind {
+        SourceKind::Trace(path) => {
+            let source = TraceSource::open(&path)?;
+            source
+                .check_nodes(topology.node_count())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            NumaPlan::Run(Box::new(source), choice.reason)
+        }
+        SourceKind::PageFaults => NumaPlan::Unavailable(format!(
+            "{}, but the page-fault sampler is not wired into runs yet (use sampling = \"trace\")",
+            choice.reason
+        )),
+        SourceKind::Hardware => NumaPlan::Unavailable(format!(
+            "{}, but the hardware-counter source is not implemented yet",
+            choice.reason
+        )),
+    })
 }
 
 const WHILE_RUNNING: &str = "while running";
@@ -139,6 +182,19 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
         }
     }
 
+    let numa_plan = numa_plan(config, &topology)?;
+    let status = policy_status(config, &numa_plan);
+    let numa_runner = match numa_plan {
+        NumaPlan::Run(source, _) => Some(NumaRunner::start(
+            memory.clone(),
+            &topology,
+            config.policy.numa.clone(),
+            source,
+            config.vms.len(),
+        )?),
+        _ => None,
+    };
+
     let scanner = if sharing.enabled {
         Some(Scanner::start(
             memory.clone(),
@@ -190,6 +246,7 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    let numa_stats = numa_runner.map(NumaRunner::stop);
     // Let the scanner see the guests' final memory: two more full passes
     // (the first may have started before the guests' last writes).
     let scan_stats = scanner.map(|scanner| {
@@ -296,10 +353,11 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
         },
         policy: PolicySummary {
             policy: config.policy.clone(),
-            status: policy_status(config),
+            status,
         },
         vms: reports,
         sharing: sharing_report,
+        numa: numa_stats,
         pools,
         verify_runs,
         verify_while_running,

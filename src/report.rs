@@ -5,6 +5,7 @@ use serde::Serialize;
 use crate::config::Policy;
 use crate::guest::Workload;
 use crate::memory::{PoolStats, SharingStats};
+use crate::numa::runner::NumaStats;
 use crate::sharing::ScannerStats;
 use crate::vm::VcpuOutcome;
 use crate::PAGE_SIZE;
@@ -17,6 +18,8 @@ pub struct RunReport {
     pub vms: Vec<VmReport>,
     /// Present when the policy turned sharing on.
     pub sharing: Option<SharingReport>,
+    /// Present when the NUMA engine ran.
+    pub numa: Option<NumaStats>,
     pub pools: Vec<PoolStats>,
     /// How many times `Memory::verify` ran during the run, and whether all passed.
     pub verify_runs: u32,
@@ -184,6 +187,30 @@ impl RunReport {
                 "  copy-on-write: {} breaks, handler time median {:.1} us, p99 {:.1} us\n",
                 m.cow_breaks, m.cow_break_median_us, m.cow_break_p99_us
             );
+        }
+        if let Some(n) = &self.numa {
+            let first = n.series.iter().find(|e| e.samples > 0);
+            let last = n.series.iter().rev().find(|e| e.samples > 0);
+            out += &format!(
+                "\nnuma: {}\n  {} epochs, {} samples, {} migrations ({} failed), {} replications and {} collapses skipped (no mechanism yet), {} freezes\n",
+                n.source,
+                n.epochs,
+                n.samples,
+                n.migrations,
+                n.migration_failures,
+                n.replications_skipped,
+                n.collapses_skipped,
+                n.freezes
+            );
+            if let (Some(f), Some(l)) = (first, last) {
+                out += &format!(
+                    "  local accesses {:.0}% -> {:.0}%, modelled cost {:.2} -> {:.2} (first -> last epoch with samples)\n",
+                    100.0 * f.local_fraction,
+                    100.0 * l.local_fraction,
+                    f.modelled_cost,
+                    l.modelled_cost
+                );
+            }
         }
         out += &format!(
             "\n{:<6} {:>9} {:>12} {:>12} {:>12} {:>14}\n",

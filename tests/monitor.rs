@@ -262,3 +262,66 @@ workload = { kind = "fill", seed = 21 }
     assert!(vm("tenant").shared_pages < data_pages);
     assert!(report.render_text().contains("MiB saved"));
 }
+
+/// The NUMA engine in a real run, fed by a replayed trace: a VM whose vCPU
+/// runs on node 2 while its memory starts on node 0; the trace says node 2
+/// reads 64 of its data pages hard, so those pages migrate to node 2 while
+/// the guest runs, and the guest's results stay right.
+#[test]
+fn a_replayed_trace_migrates_hot_pages_to_the_reading_node() {
+    if !require_kvm("a_replayed_trace_migrates_hot_pages_to_the_reading_node") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("disco-numa-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let trace = dir.join("hot.trace");
+    let mut text = String::from("# 64 hot pages read from node 2\nnodes 4\n");
+    for epoch in 0..20 {
+        text += &format!("epoch {epoch}\n");
+        for gfn in 0x100..0x140u64 {
+            for _ in 0..16 {
+                text += &format!("0 {gfn:x} 2 r\n");
+            }
+        }
+    }
+    std::fs::write(&trace, text).unwrap();
+    let report = run_config(&format!(
+        r#"
+[host]
+topology = "4-node"
+
+[policy]
+name = "trace-migrate"
+[policy.numa]
+migrate = true
+replicate = false
+epoch_ms = 5
+sampling = "trace"
+trace_file = "{}"
+
+[[vm]]
+name = "remote"
+vcpu_nodes = [2]
+memory_node = 0
+memory_mib = 8
+workload = {{ kind = "sweep", seed = 4, passes = 400 }}
+"#,
+        trace.display()
+    ));
+    assert!(report.all_ok(), "{}", report.render_text());
+    let numa = report.numa.as_ref().expect("the NUMA engine ran");
+    assert!(numa.source.contains("trace"), "{}", numa.source);
+    assert_eq!(numa.migrations, 64, "{numa:?}");
+    assert_eq!(numa.migration_failures, 0);
+    let vm = &report.vms[0];
+    assert_eq!(vm.pages_per_node[2], 64, "the hot pages live on node 2 now");
+    assert_eq!(vm.pages_per_node[0], 8 * 256 - 64);
+    let first = numa.series.iter().find(|e| e.samples > 0).unwrap();
+    let last = numa.series.iter().rev().find(|e| e.samples > 0).unwrap();
+    assert_eq!(first.local_fraction, 0.0);
+    assert_eq!(
+        last.local_fraction, 1.0,
+        "after migration every sampled access is local"
+    );
+    assert!(last.modelled_cost < first.modelled_cost);
+}

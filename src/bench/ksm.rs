@@ -301,9 +301,10 @@ impl Ksm {
     }
 
     /// Unmerges everything (`run=2`) and writes `saved` back (see the module
-    /// docs for the order), then checks every knob. Tries every knob even
-    /// after a failure and reports all failures.
-    pub fn restore(&self, saved: &KsmSettings) -> Result<()> {
+    /// docs for the order), then re-reads every knob and returns them (equal
+    /// to `saved`, or an error). Tries every knob even after a failure and
+    /// reports all failures.
+    pub fn restore(&self, saved: &KsmSettings) -> Result<KsmSettings> {
         let mut errors = Vec::new();
         if let Err(e) = self.unmerge_all() {
             errors.push(format!("{e:#}"));
@@ -340,16 +341,20 @@ impl Ksm {
                 errors.push(format!("{e:#}"));
             }
         }
-        match self.settings() {
+        let now = match self.settings() {
             Ok(now) => {
                 for d in saved.differences(&now) {
                     errors.push(format!("after restoring, {d}"));
                 }
+                Some(now)
             }
-            Err(e) => errors.push(format!("re-reading KSM settings: {e:#}")),
-        }
-        if errors.is_empty() {
-            Ok(())
+            Err(e) => {
+                errors.push(format!("re-reading KSM settings: {e:#}"));
+                None
+            }
+        };
+        if let (true, Some(now)) = (errors.is_empty(), now) {
+            Ok(now)
         } else {
             bail!(
                 "restoring KSM settings in {} failed: {}",
@@ -446,7 +451,7 @@ fn ksmd_schedstat_ns(pid: u32) -> Option<u64> {
 
 /// Every writable knob of `/sys/kernel/mm/ksm` and its value (a selection
 /// such as `advisor_mode` as the selected word).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KsmSettings {
     pub knobs: BTreeMap<String, String>,
 }
@@ -496,16 +501,17 @@ impl KsmGuard {
     }
 
     /// Unmerges everything and restores the saved settings, reporting any
-    /// failure. The state file is removed only after a full restore.
-    pub fn restore(mut self) -> Result<()> {
+    /// failure; returns the settings as re-read while still holding the lock.
+    /// The state file is removed only after a full restore.
+    pub fn restore(mut self) -> Result<KsmSettings> {
         self.done = true;
         self.restore_now()
     }
 
-    fn restore_now(&self) -> Result<()> {
-        self.ksm.restore(&self.saved)?;
+    fn restore_now(&self) -> Result<KsmSettings> {
+        let now = self.ksm.restore(&self.saved)?;
         std::fs::remove_file(&self.state_path).ok();
-        Ok(())
+        Ok(now)
     }
 }
 
@@ -1203,6 +1209,10 @@ pub struct KsmResult {
     /// Every fill guest returned the model's checksum (`None`: host fill).
     pub guests_ok: Option<bool>,
     pub final_stats: KsmStats,
+    /// Every writable knob before the run and after restoring (read under
+    /// the KSM lock; equal, else the run is an error).
+    pub settings_before: KsmSettings,
+    pub settings_after: KsmSettings,
     pub slowdown: Option<SlowdownResult>,
     pub host: HostInfo,
 }
@@ -1225,6 +1235,7 @@ pub fn run_ksm_side(
         bail!("the slowdown measurement runs a guest: use guest fill");
     }
     let guard = ksm.guard()?;
+    let settings_before = guard.saved().clone();
     let body = catch_unwind(AssertUnwindSafe(|| {
         measure(&ksm, cfg, kvm.as_ref(), &mut progress)
     }));
@@ -1242,8 +1253,12 @@ pub fn run_ksm_side(
         }
     };
     match (result, restored) {
-        (Ok(r), Ok(())) => Ok(r),
-        (Err(e), Ok(())) => Err(e),
+        (Ok(r), Ok(after)) => Ok(KsmResult {
+            settings_before,
+            settings_after: after,
+            ..r
+        }),
+        (Err(e), Ok(_)) => Err(e),
         (Ok(_), Err(e)) => Err(e),
         (Err(e), Err(r)) => Err(e.context(format!("and then {r:#}"))),
     }
@@ -1533,6 +1548,8 @@ fn measure(
         content_unchanged,
         guests_ok,
         final_stats: last,
+        settings_before: KsmSettings::default(),
+        settings_after: KsmSettings::default(),
         slowdown,
         host: HostInfo::detect(),
         census,

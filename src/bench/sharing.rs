@@ -337,6 +337,9 @@ pub struct DiscoSlowdown {
     pub scanner_on_ms: Stats,
     /// Median on / median off.
     pub ratio: f64,
+    /// Fastest on / fastest off (other load on the host only adds time, so
+    /// the minima are the less noisy comparison on a shared host).
+    pub ratio_min: f64,
     /// Merges and copy-on-write breaks during the scanner-on runs (the sweep
     /// VM's fresh pages merge onto the zero page before the guest writes
     /// them, then break).
@@ -345,6 +348,10 @@ pub struct DiscoSlowdown {
     /// Scanner CPU per scanner-on run (its first pass over the VMs before
     /// the sweep VM is created, then the guest's run), ms.
     pub scanner_cpu_ms: Stats,
+    /// The scanner's CPU during the guest's run, in % of one CPU: what
+    /// steady operation (re-hashing merged VMs at the configured rate)
+    /// costs continuously.
+    pub scanner_cpu_percent: Stats,
 }
 
 /// disco's side.
@@ -791,7 +798,7 @@ fn slowdown_phase(
     options: &SharingOptions,
 ) -> Result<DiscoSlowdown> {
     let frames = options.sweep.mib * (1 << 20) / PAGE_SIZE as u64;
-    let (mut off, mut on, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut off, mut on, mut cpu, mut shares) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut merges, mut breaks) = (0, 0);
     for rep in 0..options.sweep.reps {
         let order = if rep % 2 == 0 {
@@ -814,7 +821,8 @@ fn slowdown_phase(
                 while s.stats().full_scans < 1 && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(5));
                 }
-                Some(s)
+                let cpu0 = s.stats().cpu_ms;
+                Some((s, cpu0, Instant::now()))
             } else {
                 None
             };
@@ -826,13 +834,18 @@ fn slowdown_phase(
                 vm.start()?;
                 Ok(check(vm.wait())?.run_time.as_secs_f64() * 1e3)
             })();
-            let stats = scanner.map(|s| (s.stats().merges, s.stop()));
+            let stats = scanner.map(|(s, cpu0, t0)| {
+                let s = s.stop();
+                let share = (s.cpu_ms - cpu0) / (t0.elapsed().as_secs_f64() * 1e3) * 100.0;
+                (s, share)
+            });
             memory.destroy_space(space)?;
             let ms = run?;
             match stats {
-                Some((_, s)) => {
+                Some((s, share)) => {
                     on.push(ms);
                     cpu.push(s.cpu_ms);
+                    shares.push(share);
                     merges += s.merges;
                     breaks += memory.sharing_stats().cow_breaks - breaks0;
                 }
@@ -844,11 +857,13 @@ fn slowdown_phase(
     Ok(DiscoSlowdown {
         sweep: options.sweep,
         ratio: scanner_on_ms.median / scanner_off_ms.median,
+        ratio_min: scanner_on_ms.min / scanner_off_ms.min,
         scanner_off_ms,
         scanner_on_ms,
         merges_during_on_runs: merges,
         breaks_during_on_runs: breaks,
         scanner_cpu_ms: Stats::of(&cpu),
+        scanner_cpu_percent: Stats::of(&shares),
     })
 }
 
@@ -1314,19 +1329,37 @@ impl SharingResult {
                     o.sweep.mib, o.sweep.passes
                 ),
                 format!(
-                    "{} / {} (x{:.2})",
+                    "{} / {} (x{:.2} medians, x{:.2} fastest runs)",
                     d.slowdown.scanner_off_ms.show(0),
                     d.slowdown.scanner_on_ms.show(0),
-                    d.slowdown.ratio
+                    d.slowdown.ratio,
+                    d.slowdown.ratio_min
                 ),
                 ksm_slow.map_or("-".into(), |s| {
                     format!(
-                        "{} / {} (x{:.2})",
+                        "{} / {} (x{:.2} medians, x{:.2} fastest runs)",
                         s.ksm_off_ms.show(0),
                         s.ksm_on_ms.show(0),
-                        s.ratio
+                        s.ratio,
+                        s.ksm_on_ms.min / s.ksm_off_ms.min
                     )
                 }),
+                String::new(),
+            ],
+            vec![
+                "scanner CPU in steady operation (re-scanning merged VMs), % of one CPU".into(),
+                d.slowdown.scanner_cpu_percent.show(0),
+                match (ksm_steady(k), k.series.last()) {
+                    (Some(a), Some(b)) if b.t_ms >= a.t_ms + 500 => format!(
+                        "{:.0} (ksmd after its steady state, {:.1} s)",
+                        (b.ksmd_cpu_ms - a.ksmd_cpu_ms) / (b.t_ms - a.t_ms) as f64 * 100.0,
+                        (b.t_ms - a.t_ms) as f64 / 1e3
+                    ),
+                    _ => format!(
+                        "not measured (the run stops at steady state; sleep_millisecs={})",
+                        k.setting.sleep_millisecs
+                    ),
+                },
                 String::new(),
             ],
             vec![

@@ -115,6 +115,7 @@ mod sys {
     pub const NR_UNREGISTER: u64 = 0x01;
     pub const NR_WAKE: u64 = 0x02;
     pub const NR_WRITEPROTECT: u64 = 0x06;
+    pub const NR_CONTINUE: u64 = 0x07;
     pub const NR_API: u64 = 0x3F;
 
     /// `struct uffdio_api`.
@@ -152,6 +153,16 @@ mod sys {
         pub mode: u64,
     }
 
+    /// `struct uffdio_continue`.
+    #[repr(C)]
+    #[derive(Default)]
+    pub struct UffdioContinue {
+        pub range: UffdioRange,
+        pub mode: u64,
+        /// Out: bytes mapped, or a negative errno.
+        pub mapped: i64,
+    }
+
     /// `struct uffd_msg` (`__packed`, 32 bytes): `event`, three reserved
     /// fields, then a 24-byte union. For `UFFD_EVENT_PAGEFAULT` the union is
     /// `{ __u64 flags; __u64 address; union { __u32 ptid; } feat; }`.
@@ -170,6 +181,7 @@ mod sys {
     pub const UFFDIO_UNREGISTER: u64 = ior(NR_UNREGISTER, size_of::<UffdioRange>());
     pub const UFFDIO_WAKE: u64 = ior(NR_WAKE, size_of::<UffdioRange>());
     pub const UFFDIO_WRITEPROTECT: u64 = iowr(NR_WRITEPROTECT, size_of::<UffdioWriteprotect>());
+    pub const UFFDIO_CONTINUE: u64 = iowr(NR_CONTINUE, size_of::<UffdioContinue>());
     /// `USERFAULTFD_IOC_NEW` = `_IO(0xAA, 0x00)` on `/dev/userfaultfd`.
     pub const USERFAULTFD_IOC_NEW: u64 = ioc(0, 0x00, 0);
 
@@ -181,12 +193,14 @@ mod sys {
         assert!(UFFDIO_UNREGISTER == 0x8010_aa01);
         assert!(UFFDIO_WAKE == 0x8010_aa02);
         assert!(UFFDIO_WRITEPROTECT == 0xc018_aa06);
+        assert!(UFFDIO_CONTINUE == 0xc020_aa07);
         assert!(USERFAULTFD_IOC_NEW == 0xaa00);
     };
 
     // `UFFD_FEATURE_*`.
     pub const FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
     pub const FEATURE_THREAD_ID: u64 = 1 << 8;
+    pub const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
     pub const FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 
     // `UFFD_EVENT_*`.
@@ -199,6 +213,10 @@ mod sys {
 
     // `UFFDIO_REGISTER_MODE_*`.
     pub const REGISTER_MODE_WP: u64 = 1 << 1;
+    pub const REGISTER_MODE_MINOR: u64 = 1 << 2;
+
+    // `UFFDIO_CONTINUE_MODE_*` (`DONTWAKE` is bit 0, unused here).
+    pub const CONTINUE_MODE_WP: u64 = 1 << 1;
 
     // `UFFDIO_WRITEPROTECT_MODE_*`.
     pub const WRITEPROTECT_MODE_WP: u64 = 1 << 0;
@@ -211,6 +229,21 @@ mod sys {
 /// current kernels but is named explicitly.
 const WANTED_FEATURES: u64 =
     sys::FEATURE_PAGEFAULT_FLAG_WP | sys::FEATURE_WP_HUGETLBFS_SHMEM | sys::FEATURE_THREAD_ID;
+
+/// Features [`Userfault::new`] asks for in addition when the kernel offers
+/// them: minor faults on shmem (Linux 5.13+), for page-access sampling
+/// (`crate::numa::sampler`).
+const OPTIONAL_FEATURES: u64 = sys::FEATURE_MINOR_SHMEM;
+
+/// How a [`Userfault::continue_range`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContinueOutcome {
+    /// The page-cache pages were mapped and the waiters woken.
+    Mapped,
+    /// A page of the range was already mapped (`EEXIST`: another fault on
+    /// the same page was resolved first); the range was woken instead.
+    AlreadyMapped,
+}
 
 /// A userfaultfd set up for write-protect faults on shmem.
 ///
@@ -236,7 +269,8 @@ pub struct FaultEvent {
     /// The fault is a write-protect fault (`UFFD_PAGEFAULT_FLAG_WP`).
     pub wp: bool,
     /// The fault is a minor fault (`UFFD_PAGEFAULT_FLAG_MINOR`; only on
-    /// ranges registered in minor mode, which this layer does not do yet).
+    /// ranges registered in minor mode): the page is in the shmem file but
+    /// not mapped here. Resolve with [`Userfault::continue_range`].
     pub minor: bool,
     /// Kernel thread id of the faulting thread (for a guest write, the vCPU
     /// thread), when `UFFD_FEATURE_THREAD_ID` was granted.
@@ -343,10 +377,14 @@ impl Userfault {
     /// shmem write-protect not offered (kernels before 5.19, or without
     /// `CONFIG_PTE_MARKER_UFFD_WP`); each with a message saying so.
     pub fn new() -> io::Result<Userfault> {
+        // Optional features are asked for only when offered: an API call
+        // with an unknown feature fails as a whole.
+        let optional = Self::offered_features().map_or(0, |o| o & OPTIONAL_FEATURES);
+        let requested = WANTED_FEATURES | optional;
         let fd = open_userfaultfd(libc::O_CLOEXEC | libc::O_NONBLOCK)?;
         let mut api = sys::UffdioApi {
             api: sys::UFFD_API,
-            features: WANTED_FEATURES,
+            features: requested,
             ioctls: 0,
         };
         // SAFETY: UFFDIO_API on our descriptor with a valid uffdio_api.
@@ -378,7 +416,7 @@ impl Userfault {
         // has exactly the requested ones.
         Ok(Userfault {
             fd,
-            features: WANTED_FEATURES,
+            features: requested,
         })
     }
 
@@ -400,9 +438,16 @@ impl Userfault {
     }
 
     /// The `UFFD_FEATURE_*` bits enabled on this descriptor (those
-    /// requested: `PAGEFAULT_FLAG_WP | THREAD_ID | WP_HUGETLBFS_SHMEM`).
+    /// requested: `PAGEFAULT_FLAG_WP | THREAD_ID | WP_HUGETLBFS_SHMEM`, and
+    /// `MINOR_SHMEM` when the kernel offers it).
     pub fn features(&self) -> u64 {
         self.features
+    }
+
+    /// Whether minor faults on shmem can be registered
+    /// (`UFFD_FEATURE_MINOR_SHMEM` was granted).
+    pub fn supports_minor(&self) -> bool {
+        self.features & sys::FEATURE_MINOR_SHMEM != 0
     }
 
     /// `UFFDIO_REGISTER` in write-protect mode on `addr..addr+len`
@@ -410,9 +455,41 @@ impl Userfault {
     /// userfaultfd). Registering part of a VMA splits it. Fails when the
     /// kernel does not offer `UFFDIO_WRITEPROTECT` on the range.
     pub fn register_wp(&self, addr: usize, len: usize) -> io::Result<()> {
+        self.register(addr, len, true, false)
+    }
+
+    /// `UFFDIO_REGISTER` on `addr..addr+len` in write-protect mode (`wp`),
+    /// minor-fault mode (`minor`, shmem only, needs
+    /// [`supports_minor`](Self::supports_minor)) or both at once (one
+    /// registration: one VMA flag set, faults of both kinds on one fd).
+    /// At least one mode must be asked for. Registering a range again with
+    /// the same descriptor sets the modes asked for now (see the module's
+    /// findings). Fails when the kernel does not offer
+    /// `UFFDIO_WRITEPROTECT` (with `wp`) or `UFFDIO_CONTINUE` (with
+    /// `minor`) on the range.
+    pub fn register(&self, addr: usize, len: usize, wp: bool, minor: bool) -> io::Result<()> {
+        let range = check_range("register", addr, len)?;
+        if !wp && !minor {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "userfaultfd register: no mode asked for (wp or minor)",
+            ));
+        }
+        if minor && !self.supports_minor() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "userfaultfd: minor faults on shmem are not offered by this kernel \
+                     (UFFD_FEATURE_MINOR_SHMEM, Linux 5.13+; features {:#x})",
+                    self.features
+                ),
+            ));
+        }
+        let mode = if wp { sys::REGISTER_MODE_WP } else { 0 }
+            | if minor { sys::REGISTER_MODE_MINOR } else { 0 };
         let mut reg = sys::UffdioRegister {
-            range: check_range("register", addr, len)?,
-            mode: sys::REGISTER_MODE_WP,
+            range,
+            mode,
             ioctls: 0,
         };
         // SAFETY: UFFDIO_REGISTER with a valid uffdio_register; the kernel
@@ -425,9 +502,25 @@ impl Userfault {
             )
         };
         if r != 0 {
-            return Err(os_error("UFFDIO_REGISTER (write-protect mode)", addr, len));
+            let what = match (wp, minor) {
+                (true, false) => "UFFDIO_REGISTER (write-protect mode)",
+                (false, true) => "UFFDIO_REGISTER (minor mode)",
+                _ => "UFFDIO_REGISTER (write-protect | minor mode)",
+            };
+            return Err(os_error(what, addr, len));
         }
-        if reg.ioctls & (1 << sys::NR_WRITEPROTECT) == 0 {
+        if minor && reg.ioctls & (1 << sys::NR_CONTINUE) == 0 {
+            let _ = self.unregister(addr, len);
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "userfaultfd: UFFDIO_CONTINUE is not available on {addr:#x}+{len:#x} \
+                     (range ioctls {:#x})",
+                    reg.ioctls
+                ),
+            ));
+        }
+        if wp && reg.ioctls & (1 << sys::NR_WRITEPROTECT) == 0 {
             let _ = self.unregister(addr, len);
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -510,6 +603,75 @@ impl Userfault {
             return Err(os_error(what, addr, len));
         }
         Ok(())
+    }
+
+    /// `UFFDIO_CONTINUE` on `addr..addr+len` (registered in minor mode):
+    /// maps the pages the shmem file already holds there and wakes the
+    /// threads blocked in minor faults on the range. This resolves a minor
+    /// fault without copying anything.
+    ///
+    /// `keep_wp` maps them write-protected (`UFFDIO_CONTINUE_MODE_WP`,
+    /// Linux 6.6+?): **needed for a page that is write-protected**, since
+    /// the continue replaces the uffd-wp PTE marker the zap left and,
+    /// without the flag, installs a writable PTE (see the findings).
+    ///
+    /// `EEXIST` (a page is already mapped: a second fault on the same page,
+    /// resolved first by another continue) wakes the range and reports
+    /// [`ContinueOutcome::AlreadyMapped`]; `EAGAIN` (the address space was
+    /// changing, or a partial map) is retried a few times. Other errors
+    /// (`ENOENT`: not registered in minor mode, e.g. remapped since;
+    /// `EFAULT`: no page in the file there) are returned, and the caller
+    /// should [`wake`](Self::wake) the range so the thread retries.
+    pub fn continue_range(
+        &self,
+        addr: usize,
+        len: usize,
+        keep_wp: bool,
+    ) -> io::Result<ContinueOutcome> {
+        let range = check_range("continue", addr, len)?;
+        let mode = if keep_wp { sys::CONTINUE_MODE_WP } else { 0 };
+        let mut tries = 0;
+        loop {
+            let mut cont = sys::UffdioContinue {
+                range,
+                mode,
+                mapped: 0,
+            };
+            // SAFETY: UFFDIO_CONTINUE with a valid uffdio_continue; it only
+            // maps pages of the registered file into our own address space.
+            let r = unsafe {
+                libc::ioctl(
+                    self.fd.as_raw_fd(),
+                    sys::UFFDIO_CONTINUE as libc::c_ulong,
+                    &mut cont,
+                )
+            };
+            if r == 0 {
+                return Ok(ContinueOutcome::Mapped);
+            }
+            let errno = io::Error::last_os_error().raw_os_error();
+            match errno {
+                Some(libc::EEXIST) => {
+                    self.wake(addr, len)?;
+                    return Ok(ContinueOutcome::AlreadyMapped);
+                }
+                Some(libc::EAGAIN) | Some(libc::EINTR) if tries < 16 => {
+                    tries += 1;
+                    std::thread::yield_now();
+                }
+                _ => {
+                    return Err(os_error(
+                        if keep_wp {
+                            "UFFDIO_CONTINUE (write-protected)"
+                        } else {
+                            "UFFDIO_CONTINUE"
+                        },
+                        addr,
+                        len,
+                    ))
+                }
+            }
+        }
     }
 
     /// `UFFDIO_WAKE` on `addr..addr+len`: the threads blocked in faults on the

@@ -16,6 +16,8 @@
 
 pub mod counters;
 pub mod policy;
+pub mod runner;
+pub mod sampler;
 pub mod trace;
 
 pub use counters::{
