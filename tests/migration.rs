@@ -50,7 +50,7 @@ fn pages_migrate_under_running_writers_without_losing_a_write() {
         let node = memory.lookup(vm, gfn).unwrap().unwrap().page.node();
         memory.move_page(vm, gfn, 1 - node).unwrap();
         moved += 1;
-        if moved % 256 == 0 {
+        if moved.is_multiple_of(256) {
             memory.verify().expect("invariants while pages migrate");
         }
         gfn = if gfn + 1 >= FRAMES {
