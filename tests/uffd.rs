@@ -211,8 +211,10 @@ fn features_and_argument_checks() {
     let u = uffd();
     let offered = Userfault::offered_features().unwrap();
     eprintln!("offered features {offered:#x}, enabled {:#x}", u.features());
-    // WP on shmem (bit 12) and THREAD_ID (bit 8) are enabled.
-    assert_eq!(u.features(), 1 << 12 | 1 << 8 | 1);
+    // WP on shmem (bit 12) and THREAD_ID (bit 8) are enabled, and minor
+    // faults on shmem (bit 10) when the kernel offers them.
+    assert_eq!(u.features() & !(1 << 10), 1 << 12 | 1 << 8 | 1);
+    assert_eq!(u.supports_minor(), offered & (1 << 10) != 0);
     assert_eq!(offered & u.features(), u.features());
     assert!(u.as_raw_fd() >= 0);
 

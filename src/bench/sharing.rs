@@ -1422,8 +1422,9 @@ impl SharingResult {
              the resident pages of its anonymous regions (each region filled by two micro-VMs, \
              see `bench::ksm`). Host memory disco gave back (pool pages resident after the fill \
              minus at steady state): {} MiB. disco's CPU: {}; the benchmark's own sampling \
-             (`sharing_stats`, every {} ms) is not counted. KSM samples every {} ms, so its \
-             times are rounded up to that; ksmd CPU from {}. {} KSM's settings were restored \
+             (`sharing_stats`, every {} ms, which holds the memory lock while it walks the memmap \
+             and so briefly stalls the scanner) is not counted. KSM samples every {} ms, so its \
+             times are rounded up to that; ksmd CPU from {}. {}KSM's settings were restored \
              after the run. {} fill guests took {:.0} ms. Host: {}; load average before / \
              after the run: {} / {}.\n",
             mib(d.host_freed_bytes as f64),
@@ -1435,7 +1436,7 @@ impl SharingResult {
                 format!(
                     "KSM never reached its prediction ({} of {} pages merged at the end of its \
                      {} s run, pages_volatile {}): its steady state is the plateau it reached \
-                     and kept until the end; ksmd kept scanning at full speed meanwhile.",
+                     and kept until the end; ksmd kept scanning at full speed meanwhile. ",
                     k.final_stats.saved_pages(),
                     k.expected_bytes_saved / PAGE_SIZE as u64,
                     k.config.timeout.as_secs(),
