@@ -1228,7 +1228,7 @@ impl SharingResult {
             vec![
                 "setting".into(),
                 format!(
-                    "scanner {} pages/s, xxh3, merge on first sight",
+                    "scanner {} pages/s, xxh3, non-zero pages merged on first sight, zero pages on the second",
                     d.pages_per_second
                 ),
                 format!(
