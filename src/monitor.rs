@@ -402,9 +402,12 @@ pub fn build_vm(
     // KVM (kvm_pvm), merging those pages while the vCPUs run occasionally
     // makes a port-I/O hypercall fault (#GP, a triple fault). Measured in
     // ARCHITECTURE.md. The data area, where the workloads live, is shared.
-    memory.exclude_from_sharing(space, 0..layout::DATA_ADDR / layout::PAGE)?;
+    memory.exclude_from_sharing(space, layout::system_frames())?;
     match MicroVm::create(kvm, spec, ram) {
-        Ok(vm) => Ok((space, vm)),
+        Ok(vm) => {
+            memory.set_pauser(space, vm.pauser())?;
+            Ok((space, vm))
+        }
         Err(e) => {
             memory.destroy_space(space)?;
             Err(e.context("cannot create the VM"))

@@ -529,16 +529,25 @@ fn spec(name: String, workload: Workload) -> MicroVmSpec {
     }
 }
 
-/// The micro-guest's code pages, kept out of sharing as `monitor::build_vm`
-/// does.
-fn code_frames() -> std::ops::Range<Gfn> {
-    layout::CODE_ADDR / layout::PAGE..(layout::CODE_ADDR + layout::CODE_MAX) / layout::PAGE
+/// A micro-VM on `space`, registered with the mapper so merges can pause
+/// it (as `monitor::build_vm` does).
+fn create_guest(
+    kvm: &kvm_ioctls::Kvm,
+    memory: &Memory,
+    space: VmId,
+    spec: MicroVmSpec,
+    ram: GuestRam,
+) -> Result<MicroVm> {
+    let vm = MicroVm::create(kvm, spec, ram)?;
+    memory.set_pauser(space, vm.pauser())?;
+    Ok(vm)
 }
 
-/// A guest space as the monitor makes one (code pages not shared).
+/// A guest space as the monitor makes one (the micro-guest's system area
+/// not shared, see `monitor::build_vm`).
 fn new_space(memory: &Memory, name: &str, frames: u64) -> Result<(VmId, GuestRam)> {
     let (vm, base) = memory.create_space(name, frames, 0)?;
-    memory.exclude_from_sharing(vm, code_frames())?;
+    memory.exclude_from_sharing(vm, layout::system_frames())?;
     Ok((
         vm,
         GuestRam {
@@ -567,7 +576,7 @@ fn check(out: VmOutcome) -> Result<VmOutcome> {
 type FrameHashes = Vec<Vec<Option<(bool, u64)>>>;
 
 fn hash_frames(memory: &Memory, spaces: &[(VmId, GuestRam)]) -> Result<FrameHashes> {
-    let excluded = code_frames();
+    let excluded = layout::system_frames();
     spaces
         .iter()
         .map(|(vm, ram)| {
@@ -731,20 +740,24 @@ fn cow_phase(
     let breaks0 = memory.sharing_stats().cow_breaks;
     let cpu0 = handler.cpu_ms();
     let (mut shared_ms, mut private_ms, mut breaks) = (Vec::new(), Vec::new(), Vec::new());
-    for (r, &(_, ram)) in spaces.iter().enumerate().take(reps) {
+    for (r, &(space, ram)) in spaces.iter().enumerate().take(reps) {
         // The private twin: the same fill, then the same rewrite, on a
         // space the (stopped) scanner never merges.
         let (twin, twin_ram) = new_space(memory, &format!("cow-twin{r}"), frames)?;
         let result = (|| -> Result<f64> {
-            let mut fill = MicroVm::create(
+            let mut fill = create_guest(
                 kvm,
+                memory,
+                twin,
                 spec(format!("twin{r}"), options.fill_workload(r)),
                 twin_ram,
             )?;
             fill.start()?;
             check(fill.wait())?;
-            let mut rewrite = MicroVm::create(
+            let mut rewrite = create_guest(
                 kvm,
+                memory,
+                twin,
                 spec(format!("twin{r}-rw"), options.rewrite_workload(r)),
                 twin_ram,
             )?;
@@ -754,8 +767,10 @@ fn cow_phase(
         memory.destroy_space(twin)?;
         private_ms.push(result?);
 
-        let mut rewrite = MicroVm::create(
+        let mut rewrite = create_guest(
             kvm,
+            memory,
+            space,
             spec(format!("rw{r}"), options.rewrite_workload(r)),
             ram,
         )?;
@@ -829,8 +844,13 @@ fn slowdown_phase(
             let breaks0 = memory.sharing_stats().cow_breaks;
             let (space, ram) = new_space(memory, "sweep", frames)?;
             let run = (|| -> Result<f64> {
-                let mut vm =
-                    MicroVm::create(kvm, spec("sweep".into(), options.sweep_workload()), ram)?;
+                let mut vm = create_guest(
+                    kvm,
+                    memory,
+                    space,
+                    spec("sweep".into(), options.sweep_workload()),
+                    ram,
+                )?;
                 vm.start()?;
                 Ok(check(vm.wait())?.run_time.as_secs_f64() * 1e3)
             })();
@@ -897,8 +917,10 @@ pub fn run_disco_side(options: &SharingOptions) -> Result<DiscoSide> {
     for v in 0..options.vms {
         let (vm, ram) = new_space(&memory, &format!("vm{v}"), frames)?;
         spaces.push((vm, ram));
-        fills.push(MicroVm::create(
+        fills.push(create_guest(
             &kvm,
+            &memory,
+            vm,
             spec(format!("vm{v}"), options.fill_workload(v)),
             ram,
         )?);

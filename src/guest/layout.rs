@@ -294,6 +294,13 @@ pub fn plan(workload: &Workload, ram_bytes: u64, nvcpus: usize) -> Result<Vec<Vc
         .collect())
 }
 
+/// Guest frames of the system area (page tables, GDT, parameter blocks,
+/// code, stacks): everything below [`DATA_ADDR`]. The monitor keeps them out
+/// of page sharing (see ARCHITECTURE.md).
+pub const fn system_frames() -> std::ops::Range<u64> {
+    0..DATA_ADDR / PAGE
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

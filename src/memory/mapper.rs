@@ -74,6 +74,8 @@ pub(super) struct Inner {
     pub(super) uffd: Option<Arc<Userfault>>,
     pub(super) uffd_error: String,
     pub(super) cow: CowCounters,
+    /// How to pause each VM's vCPUs (see `GuestPause`).
+    pub(super) pausers: BTreeMap<VmId, Arc<dyn super::GuestPause>>,
 }
 
 /// All machine memory of one monitor, behind one lock.
@@ -194,6 +196,7 @@ impl Memory {
                 uffd,
                 uffd_error,
                 cow: CowCounters::default(),
+                pausers: BTreeMap::new(),
             }),
         })
     }
@@ -268,6 +271,15 @@ impl Memory {
             return Err(e.context(format!("building guest RAM of {name}")));
         }
         Ok((vm, base))
+    }
+
+    /// Registers how to pause `vm`'s vCPUs. A VM that runs while its pages
+    /// may be merged must have one (the monitor sets it for every VM).
+    pub fn set_pauser(&self, vm: VmId, pauser: Arc<dyn super::GuestPause>) -> Result<()> {
+        let mut inner = self.inner.lock();
+        inner.space(vm)?;
+        inner.pausers.insert(vm, pauser);
+        Ok(())
     }
 
     /// Keeps frames `gfns` of `vm` out of page sharing: they are never
@@ -681,6 +693,7 @@ impl Inner {
             self.pools[node].free_many(&mut pages)?;
         }
         self.spaces.remove(&vm);
+        self.pausers.remove(&vm);
         Ok(())
     }
 }

@@ -85,12 +85,26 @@ struct Threads {
 }
 
 /// Shared control state of one VM.
+/// Pause requests and the vCPU threads parked because of them.
+#[derive(Default)]
+struct Pause {
+    /// Outstanding pause requests (nested pauses are counted).
+    requested: u32,
+    /// vCPU threads waiting outside `KVM_RUN` until the pause ends.
+    parked: usize,
+}
+
 pub(crate) struct VmControl {
     stop: AtomicBool,
     reason: Mutex<Option<String>>,
     threads: Mutex<Threads>,
     exited: Condvar,
+    pause: Mutex<Pause>,
+    pause_changed: Condvar,
 }
+
+/// Longest wait for every vCPU to leave `KVM_RUN` when pausing.
+const PAUSE_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl VmControl {
     pub fn new(nvcpus: usize) -> VmControl {
@@ -103,7 +117,62 @@ impl VmControl {
                 finished_at: None,
             }),
             exited: Condvar::new(),
+            pause: Mutex::new(Pause::default()),
+            pause_changed: Condvar::new(),
         }
+    }
+
+    /// Holds every vCPU of the VM outside `KVM_RUN` (so no guest access to
+    /// guest memory is in flight) until [`VmControl::resume`]: kicks them
+    /// and waits until each live vCPU thread is parked. Returns `false`
+    /// (pause withdrawn) when that takes longer than `PAUSE_LIMIT`.
+    pub fn pause(&self) -> bool {
+        let deadline = Instant::now() + PAUSE_LIMIT;
+        let mut pause = self.pause.lock();
+        pause.requested += 1;
+        loop {
+            let live: Vec<libc::pthread_t> =
+                self.threads.lock().live.iter().flatten().copied().collect();
+            if pause.parked >= live.len() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                drop(pause);
+                self.resume();
+                return false;
+            }
+            for thread in &live {
+                // SAFETY: as in `request_stop`: a registered thread is live.
+                unsafe { libc::pthread_kill(*thread, kick_signal()) };
+            }
+            self.pause_changed
+                .wait_for(&mut pause, std::time::Duration::from_micros(200));
+        }
+    }
+
+    /// Ends one pause; the vCPUs run again when no pause is left.
+    pub fn resume(&self) {
+        let mut pause = self.pause.lock();
+        pause.requested = pause.requested.saturating_sub(1);
+        if pause.requested == 0 {
+            self.pause_changed.notify_all();
+        }
+    }
+
+    /// Called by a vCPU thread before each `KVM_RUN`: waits while the VM is
+    /// paused (or until a stop is requested).
+    pub fn park_if_paused(&self) {
+        let mut pause = self.pause.lock();
+        if pause.requested == 0 {
+            return;
+        }
+        pause.parked += 1;
+        self.pause_changed.notify_all();
+        while pause.requested > 0 && !self.stopping() {
+            self.pause_changed
+                .wait_for(&mut pause, std::time::Duration::from_millis(10));
+        }
+        pause.parked -= 1;
     }
 
     /// Whether a stop was requested.
@@ -167,5 +236,14 @@ impl VmControl {
             }
         }
         true
+    }
+}
+
+impl crate::memory::GuestPause for VmControl {
+    fn pause(&self) -> bool {
+        VmControl::pause(self)
+    }
+    fn resume(&self) {
+        VmControl::resume(self)
     }
 }

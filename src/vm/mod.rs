@@ -309,6 +309,13 @@ impl MicroVm {
         &self.params
     }
 
+    /// A handle the memory mapper uses to hold this VM's vCPUs outside
+    /// `KVM_RUN` while it changes a mapping that must not be accessed
+    /// half-made (see `Memory::set_pauser`).
+    pub fn pauser(&self) -> Arc<dyn crate::memory::GuestPause> {
+        self.control.clone()
+    }
+
     /// The KVM VM (for dirty logging and the like).
     pub fn vm_fd(&self) -> &VmFd {
         &self.vm

@@ -283,6 +283,10 @@ impl VcpuThread {
             if self.control.stopping() {
                 return Ended::Stopped;
             }
+            self.control.park_if_paused();
+            if self.control.stopping() {
+                return Ended::Stopped;
+            }
             match self.step() {
                 Ok(None) => {}
                 Ok(Some(ended)) => return ended,
