@@ -368,6 +368,24 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
     })
 }
 
+/// The micro-VM a VM config describes: its name, vCPU placement (each vCPU
+/// pinned to the host CPUs of its node), workload and time limit.
+pub fn micro_vm_spec(vc: &VmConfig, topology: &Topology) -> MicroVmSpec {
+    MicroVmSpec {
+        name: vc.name.clone(),
+        vcpus: vc
+            .vcpu_nodes
+            .iter()
+            .map(|&node| VcpuPlacement {
+                node,
+                host_cpus: topology.nodes[node].host_cpus.clone(),
+            })
+            .collect(),
+        workload: vc.workload.clone(),
+        time_limit: vc.time_limit,
+    }
+}
+
 /// Builds one VM: its guest space in the memory node's pool, then its KVM
 /// VM on that space. On failure nothing is left behind.
 pub fn build_vm(
@@ -380,19 +398,7 @@ pub fn build_vm(
     let (space, base) = memory
         .create_space_in(&vc.name, frames, vc.memory_node, &vc.sharing_domain)
         .context("cannot build guest memory")?;
-    let spec = MicroVmSpec {
-        name: vc.name.clone(),
-        vcpus: vc
-            .vcpu_nodes
-            .iter()
-            .map(|&node| VcpuPlacement {
-                node,
-                host_cpus: topology.nodes[node].host_cpus.clone(),
-            })
-            .collect(),
-        workload: vc.workload.clone(),
-        time_limit: vc.time_limit,
-    };
+    let spec = micro_vm_spec(vc, topology);
     let ram = GuestRam {
         host_addr: base,
         size: frames as usize * PAGE_SIZE,

@@ -27,9 +27,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::config::{Config, VmConfig};
+use crate::config::Config;
 use crate::topology::Topology;
-use crate::vm::{GuestRam, MicroVm, MicroVmSpec, VcpuPlacement, VmOutcome};
+use crate::vm::{GuestRam, MicroVm, VmOutcome};
 
 /// Guest RAM from plain anonymous memory; unmapped on drop.
 pub struct AnonRam {
@@ -77,24 +77,6 @@ impl Drop for AnonRam {
     }
 }
 
-/// The micro-VM spec the monitor's `build_vm` makes for `vc`: same name,
-/// vCPU placement (host CPUs of each vCPU's node), workload and time limit.
-pub fn spec_for(vc: &VmConfig, topology: &Topology) -> MicroVmSpec {
-    MicroVmSpec {
-        name: vc.name.clone(),
-        vcpus: vc
-            .vcpu_nodes
-            .iter()
-            .map(|&node| VcpuPlacement {
-                node,
-                host_cpus: topology.nodes[node].host_cpus.clone(),
-            })
-            .collect(),
-        workload: vc.workload.clone(),
-        time_limit: vc.time_limit,
-    }
-}
-
 /// What a bare run produced.
 #[derive(Debug)]
 pub struct BareRun {
@@ -136,8 +118,12 @@ pub fn run(config: &Config, topology: &Topology) -> Result<BareRun> {
     let mut vms = Vec::with_capacity(config.vms.len());
     for vc in &config.vms {
         let ram = AnonRam::new(vc.memory_mib as usize * 1024 * 1024)?;
-        let vm = MicroVm::create(&kvm, spec_for(vc, topology), ram.guest())
-            .with_context(|| format!("bare runner: creating {}", vc.name))?;
+        let vm = MicroVm::create(
+            &kvm,
+            crate::monitor::micro_vm_spec(vc, topology),
+            ram.guest(),
+        )
+        .with_context(|| format!("bare runner: creating {}", vc.name))?;
         rams.push(ram);
         vms.push(vm);
     }
