@@ -277,34 +277,6 @@ pub struct DiscoSample {
     pub handler_cpu_ms: f64,
 }
 
-/// The scanner's own counters (a copy of `sharing::ScannerStats`).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct ScannerFigures {
-    pub pages_scanned: u64,
-    pub full_scans: u64,
-    pub merges: u64,
-    pub zero_merges: u64,
-    pub compare_failures: u64,
-    pub stale_candidates: u64,
-    pub cpu_ms: f64,
-    pub errors: u64,
-}
-
-impl From<&ScannerStats> for ScannerFigures {
-    fn from(s: &ScannerStats) -> Self {
-        ScannerFigures {
-            pages_scanned: s.pages_scanned,
-            full_scans: s.full_scans,
-            merges: s.merges,
-            zero_merges: s.zero_merges,
-            compare_failures: s.compare_failures,
-            stale_candidates: s.stale_candidates,
-            cpu_ms: s.cpu_ms,
-            errors: s.errors,
-        }
-    }
-}
-
 /// The copy-on-write phase.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CowFigures {
@@ -383,7 +355,7 @@ pub struct DiscoSide {
     pub resident_before_bytes: u64,
     pub resident_at_steady_bytes: u64,
     pub host_freed_bytes: i64,
-    pub scanner: ScannerFigures,
+    pub scanner: ScannerStats,
     /// Every mergeable frame still holds what the guests wrote (re-read).
     pub content_unchanged: bool,
     /// Every guest returned the model's checksum.
@@ -988,7 +960,7 @@ pub fn run_disco_side(options: &SharingOptions) -> Result<DiscoSide> {
         resident_before_bytes,
         resident_at_steady_bytes,
         host_freed_bytes: resident_before_bytes as i64 - resident_at_steady_bytes as i64,
-        scanner: ScannerFigures::from(&merge.scanner),
+        scanner: merge.scanner.clone(),
         content_unchanged,
         guests_ok,
         cow,

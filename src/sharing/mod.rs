@@ -34,7 +34,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::memory::{Gfn, MachinePage, Memory, MergeOutcome, NodeId, VmId};
 
@@ -47,7 +47,7 @@ pub struct ScannerConfig {
 }
 
 /// Scanner figures, for reports.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ScannerStats {
     pub pages_scanned: u64,
     /// Completed passes over every frame.
