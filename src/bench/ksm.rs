@@ -842,32 +842,22 @@ fn group_saving(k: u64, max_sharing: u64) -> u64 {
 // memory and content
 // ---------------------------------------------------------------------------
 
-/// Private anonymous memory marked `MADV_MERGEABLE`; unmapped on drop.
+/// Private anonymous memory marked `MADV_MERGEABLE`; unmapped on drop (by
+/// the bare runner's `AnonRam` it is made of).
 struct MergeableRegion {
     addr: usize,
     size: usize,
+    _ram: super::bare::AnonRam,
 }
 
 impl MergeableRegion {
     fn new(size: usize, transparent_hugepages: bool) -> Result<MergeableRegion> {
-        // SAFETY: a fresh private mapping; nothing else refers to it.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("mmap of {size} bytes of anonymous memory"));
-        }
+        let ram = super::bare::AnonRam::new(size)?;
+        let addr = ram.guest().host_addr as *mut libc::c_void;
         let region = MergeableRegion {
             addr: addr as usize,
             size,
+            _ram: ram,
         };
         if !transparent_hugepages {
             // SAFETY: our own mapping.
@@ -940,13 +930,6 @@ impl MergeableRegion {
         assert!(i < self.pages());
         // SAFETY: inside our mapping.
         unsafe { std::ptr::write_volatile((self.addr + i * PAGE) as *mut u64, 0) }
-    }
-}
-
-impl Drop for MergeableRegion {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping; VMs on it are dropped first.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.size) };
     }
 }
 
