@@ -121,6 +121,12 @@ pub struct NumaPolicy {
     pub freeze_window_epochs: u64,
     /// How long a frozen page is left alone, in epochs.
     pub freeze_epochs: u64,
+    /// Page-fault sampling: guest pages zapped per VM per sampling round
+    /// (half re-checks of pages last seen remote, half fresh random pages).
+    pub sample_pages: u64,
+    /// Page-fault sampling: rounds per epoch (a page touched in every round
+    /// of every epoch settles at `sample_rounds / (1 - decay)`).
+    pub sample_rounds: u64,
     /// Where access samples come from.
     pub sampling: crate::numa::counters::Sampling,
     /// The trace replayed when `sampling = "trace"` (as written in the file;
@@ -145,6 +151,8 @@ impl Default for NumaPolicy {
             freeze_after_moves: 3,
             freeze_window_epochs: 20,
             freeze_epochs: 100,
+            sample_pages: 64,
+            sample_rounds: 8,
             sampling: crate::numa::counters::Sampling::Auto,
             trace_file: None,
         }
@@ -174,6 +182,19 @@ pub struct VmConfig {
     /// Pages are only ever shared between VMs of the same sharing domain
     /// (tenant): shared pages are a timing side channel.
     pub sharing_domain: String,
+    /// vCPU moves to carry out while the VM runs, in time order.
+    pub moves: Vec<VcpuMove>,
+}
+
+/// Moves vCPUs of a running VM to another node (`[[vm]] moves`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct VcpuMove {
+    /// When, after the VM started, in milliseconds.
+    pub after_ms: u64,
+    /// The node to move to.
+    pub node: usize,
+    /// Which vCPU; `None` moves every vCPU (the whole VM).
+    pub vcpu: Option<usize>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -428,6 +449,12 @@ fn parse_policy(t: &Fields, source: &str, default_name: &str) -> Result<Policy> 
                 freeze_epochs: s
                     .opt_u64("freeze_epochs", 1, 1_000_000)?
                     .unwrap_or(d.freeze_epochs),
+                sample_pages: s
+                    .opt_u64("sample_pages", 1, 1_000_000)?
+                    .unwrap_or(d.sample_pages),
+                sample_rounds: s
+                    .opt_u64("sample_rounds", 1, 1000)?
+                    .unwrap_or(d.sample_rounds),
                 sampling,
                 trace_file,
             };
@@ -548,6 +575,31 @@ fn parse_vm(t: &Fields, nodes: usize) -> Result<Vec<VmConfig>> {
             ),
         ));
     }
+    let mut moves = Vec::new();
+    for m in t.opt_table_array("moves")? {
+        let after_ms = m
+            .opt_u64("after_ms", 0, 86_400_000)?
+            .ok_or_else(|| m.error("after_ms", "is required (milliseconds after start)".into()))?;
+        let node = m
+            .opt_u64_msg("node", 0, max_node, &node_range)?
+            .ok_or_else(|| m.error("node", format!("is required; allowed: {node_range}")))?
+            as usize;
+        let vcpu_range = format!(
+            "0 to {} (the VM has {} vCPUs)",
+            vcpu_nodes.len() - 1,
+            vcpu_nodes.len()
+        );
+        let vcpu = m
+            .opt_u64_msg("vcpu", 0, vcpu_nodes.len() as u64 - 1, &vcpu_range)?
+            .map(|v| v as usize);
+        m.finish()?;
+        moves.push(VcpuMove {
+            after_ms,
+            node,
+            vcpu,
+        });
+    }
+    moves.sort_by_key(|m| m.after_ms);
     t.finish()?;
     let make = |name: String| VmConfig {
         name,
@@ -557,6 +609,7 @@ fn parse_vm(t: &Fields, nodes: usize) -> Result<Vec<VmConfig>> {
         workload: workload.clone(),
         time_limit,
         sharing_domain: sharing_domain.clone(),
+        moves: moves.clone(),
     };
     Ok(if count == 1 {
         vec![make(name)]
@@ -774,6 +827,14 @@ impl<'a> Fields<'a> {
             Some(toml::Value::Table(t)) => Ok(Some(Fields::new(self.file, &self.key(key), t))),
             Some(v) => Err(self.type_error(key, "a table", v)),
         }
+    }
+
+    /// An optional array of (inline) tables; absent is empty.
+    fn opt_table_array(&self, key: &str) -> Result<Vec<Fields<'a>>> {
+        if self.get(key).is_none() {
+            return Ok(Vec::new());
+        }
+        self.req_table_array(key)
     }
 
     fn req_table_array(&self, key: &str) -> Result<Vec<Fields<'a>>> {

@@ -15,8 +15,8 @@ use crate::config::{Config, VmConfig};
 use crate::faults::FaultHandler;
 use crate::guest::layout;
 use crate::memory::{Memory, VmId};
-use crate::numa::runner::NumaRunner;
-use crate::numa::{choose_source, probe_hardware_pmu, CounterSource, SourceKind, TraceSource};
+use crate::numa::runner::{Feed, NumaRunner};
+use crate::numa::{choose_source, probe_hardware_pmu, SourceKind, TraceSource};
 use crate::report::{
     PolicySummary, RunReport, SharingReport, TopologySummary, VcpuReport, VmReport,
 };
@@ -60,9 +60,14 @@ fn policy_status(config: &Config, numa: &NumaPlan) -> String {
     }
     match numa {
         NumaPlan::Off => {}
-        NumaPlan::Run(_, reason) => parts.push(format!(
-            "NUMA engine active ({reason}); migration carried out, replication not yet (counted as skipped)"
-        )),
+        NumaPlan::Run(_, reason) => {
+            let what = match (p.numa.migrate, p.numa.replicate) {
+                (true, true) => "migration and replication",
+                (true, false) => "migration",
+                _ => "replication",
+            };
+            parts.push(format!("NUMA engine active ({reason}); {what} carried out"))
+        }
         NumaPlan::Unavailable(why) => parts.push(format!(
             "migration/replication requested but the NUMA engine is idle: {why}"
         )),
@@ -77,11 +82,13 @@ fn policy_status(config: &Config, numa: &NumaPlan) -> String {
 /// Whether and how the NUMA engine runs.
 enum NumaPlan {
     Off,
-    Run(Box<dyn CounterSource>, String),
+    Run(Feed, String),
     Unavailable(String),
 }
 
-fn numa_plan(config: &Config, topology: &Topology) -> Result<NumaPlan> {
+/// Chooses the NUMA engine's sample source. Page-fault sampling must be
+/// enabled on `memory` before any guest space exists, so this runs first.
+fn numa_plan(config: &Config, topology: &Topology, memory: &Memory) -> Result<NumaPlan> {
     let numa = &config.policy.numa;
     if !numa.migrate && !numa.replicate {
         return Ok(NumaPlan::Off);
@@ -92,20 +99,26 @@ fn numa_plan(config: &Config, topology: &Topology) -> Result<NumaPlan> {
         probe_hardware_pmu(),
     )
     .map_err(|e| anyhow::anyhow!("policy {}: {e}", config.policy.name))?;
+    let sampler = |reason: String| match memory.enable_sampling() {
+        Ok(s) => NumaPlan::Run(Feed::Sampler(s), reason),
+        Err(e) => {
+            NumaPlan::Unavailable(format!("{reason}, but page sampling is unavailable: {e:#}"))
+        }
+    };
     Ok(match choice.kind {
         SourceKind::Trace(path) => {
             let source = TraceSource::open(&path)?;
             source
                 .check_nodes(topology.node_count())
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            NumaPlan::Run(Box::new(source), choice.reason)
+            NumaPlan::Run(Feed::Source(Box::new(source)), choice.reason)
         }
-        SourceKind::PageFaults => NumaPlan::Unavailable(format!(
-            "{}, but the page-fault sampler is not wired into runs yet (use sampling = \"trace\")",
-            choice.reason
-        )),
-        SourceKind::Hardware => NumaPlan::Unavailable(format!(
-            "{}, but the hardware-counter source is not implemented yet",
+        SourceKind::PageFaults => sampler(choice.reason),
+        // A PMU is present, but per-vCPU cache-miss sampling is not built:
+        // say so and sample pages instead.
+        SourceKind::Hardware => sampler(format!(
+            "{}; the hardware-counter source is not implemented, so page-level samples \
+             from hinting faults are used",
             choice.reason
         )),
     })
@@ -123,6 +136,8 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
         "cannot open /dev/kvm: disco needs KVM (run as root or in group kvm on a host with KVM)",
     )?;
     let memory = Arc::new(Memory::for_topology(&topology)?);
+    let numa_plan = numa_plan(config, &topology, &memory)?;
+    let sampler = memory.sampler();
 
     let mut vms = Vec::new();
     for index in 0..config.vms.len() {
@@ -161,11 +176,15 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
 
     // Copy-on-write sharing: the fault handler must run before any page is
     // shared, the scanner once the guests run.
+    // The NUMA engine needs it too: migration write-protects a page while
+    // it copies it, and sampled pages fault there.
     let sharing = &config.policy.sharing;
-    let _fault_handler = if sharing.enabled {
+    let numa_active = matches!(numa_plan, NumaPlan::Run(..));
+    let _fault_handler = if sharing.enabled || numa_active {
         Some(FaultHandler::start(memory.clone()).with_context(|| {
             format!(
-                "policy {} turns sharing on, which needs userfaultfd (run as root, or set                  [sharing] enabled = false)",
+                "policy {} turns sharing or NUMA placement on, which needs userfaultfd \
+                 (run as root, or turn both off)",
                 config.policy.name
             )
         })?)
@@ -182,14 +201,15 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
         }
     }
 
-    let numa_plan = numa_plan(config, &topology)?;
+    let vms_started = Instant::now();
     let status = policy_status(config, &numa_plan);
     let numa_runner = match numa_plan {
-        NumaPlan::Run(source, _) => Some(NumaRunner::start(
+        NumaPlan::Run(feed, why) => Some(NumaRunner::start(
             memory.clone(),
             &topology,
             config.policy.numa.clone(),
-            source,
+            feed,
+            &why,
             config.vms.len(),
         )?),
         _ => None,
@@ -220,7 +240,26 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
         ProgressBar::hidden()
     };
     let mut last_verify: Option<Instant> = None;
+    let mut moves_done = vec![0usize; vms.len()];
+    let mut moves_applied: Vec<Vec<String>> = vec![Vec::new(); vms.len()];
     loop {
+        for (i, rv) in vms.iter_mut().enumerate() {
+            let (Some(vm), Some(space)) = (rv.vm.as_mut(), rv.space) else {
+                continue;
+            };
+            let vc = &config.vms[rv.index];
+            while let Some(m) = vc.moves.get(moves_done[i]) {
+                if vms_started.elapsed() < Duration::from_millis(m.after_ms) {
+                    break;
+                }
+                moves_done[i] += 1;
+                let note = apply_move(vm, space, m, &topology, &memory, sampler.as_deref());
+                moves_applied[i].push(note);
+            }
+            if let Some(sampler) = &sampler {
+                register_vcpu_threads(vm, space, sampler);
+            }
+        }
         let running: Vec<&MicroVm> = vms.iter().filter_map(|v| v.vm.as_ref()).collect();
         let (done, total) = running.iter().fold((0, 0), |(d, t), vm| {
             let (a, b) = vm.progress();
@@ -262,8 +301,12 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
     bar.set_message("guests done; checking their results against the host model");
 
     let mut reports = Vec::new();
-    for rv in vms.iter_mut() {
+    for (i, rv) in vms.iter_mut().enumerate() {
         let vc = &config.vms[rv.index];
+        let final_nodes: Vec<usize> = match &rv.vm {
+            Some(vm) => vm.placements().iter().map(|p| p.node).collect(),
+            None => vc.vcpu_nodes.clone(),
+        };
         let outcome = rv.vm.take().map(MicroVm::wait);
         let space_stats = rv.space.and_then(|s| memory.space_stats(s).ok());
         let pages_per_node = space_stats
@@ -271,8 +314,7 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
             .map(|s| s.pages_per_node.clone())
             .unwrap_or_default();
         let shared_pages = space_stats.as_ref().map_or(0, |s| s.shared_pages);
-        let vcpus = vc
-            .vcpu_nodes
+        let vcpus = final_nodes
             .iter()
             .enumerate()
             .map(|(i, &node)| VcpuReport {
@@ -315,6 +357,7 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
             vcpus,
             status: status.to_string(),
             error,
+            moves: std::mem::take(&mut moves_applied[i]),
             run_ms: outcome
                 .as_ref()
                 .map(|o| o.run_time.as_secs_f64() * 1e3)
@@ -330,6 +373,7 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
         settled,
         memory: memory.sharing_stats(),
     });
+    let replicas = memory.replica_stats();
     for rv in &vms {
         if let Some(space) = rv.space {
             memory.destroy_space(space)?;
@@ -358,6 +402,7 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
         vms: reports,
         sharing: sharing_report,
         numa: numa_stats,
+        replicas,
         pools,
         verify_runs,
         verify_while_running,
@@ -412,11 +457,79 @@ pub fn build_vm(
     match MicroVm::create(kvm, spec, ram) {
         Ok(vm) => {
             memory.set_pauser(space, vm.pauser())?;
+            memory.set_cpu_node(space, main_node(&vc.vcpu_nodes))?;
             Ok((space, vm))
         }
         Err(e) => {
             memory.destroy_space(space)?;
             Err(e.context("cannot create the VM"))
+        }
+    }
+}
+
+/// The node most of `nodes` are on (the lowest on a tie): the node whose
+/// replicas a VM with vCPUs on several nodes maps.
+fn main_node(nodes: &[usize]) -> usize {
+    let mut best = (0, usize::MAX);
+    for &n in nodes {
+        let count = nodes.iter().filter(|&&m| m == n).count();
+        if count > best.0 || (count == best.0 && n < best.1) {
+            best = (count, n);
+        }
+    }
+    best.1
+}
+
+/// Carries out one scheduled vCPU move; returns what happened, for the
+/// report. The VM's pages are not moved here: under a migrating policy the
+/// NUMA engine sees the accesses come from the new node and moves the hot
+/// ones.
+fn apply_move(
+    vm: &mut MicroVm,
+    space: VmId,
+    m: &crate::config::VcpuMove,
+    topology: &Topology,
+    memory: &Memory,
+    sampler: Option<&crate::numa::sampler::PageSampler>,
+) -> String {
+    let targets: Vec<usize> = match m.vcpu {
+        Some(v) => vec![v],
+        None => (0..vm.placements().len()).collect(),
+    };
+    let placement = VcpuPlacement {
+        node: m.node,
+        host_cpus: topology.nodes[m.node].host_cpus.clone(),
+    };
+    let tids = vm.vcpu_tids();
+    for &i in &targets {
+        if let Err(e) = vm.move_vcpu(i, placement.clone()) {
+            return format!(
+                "at {} ms: moving vCPU {i} to node {} failed: {e:#}",
+                m.after_ms, m.node
+            );
+        }
+        if let (Some(sampler), Some(Some(tid))) = (sampler, tids.get(i)) {
+            sampler.set_thread_node(*tid, m.node);
+        }
+    }
+    let nodes: Vec<usize> = vm.placements().iter().map(|p| p.node).collect();
+    if let Err(e) = memory.set_cpu_node(space, main_node(&nodes)) {
+        tracing::warn!("recording the node of vm {space}: {e:#}");
+    }
+    match m.vcpu {
+        Some(v) => format!("at {} ms: vCPU {v} moved to node {}", m.after_ms, m.node),
+        None => format!("at {} ms: all vCPUs moved to node {}", m.after_ms, m.node),
+    }
+}
+
+/// Tells the sampler which thread runs which vCPU on which node (threads
+/// appear once their vCPU starts running).
+fn register_vcpu_threads(vm: &MicroVm, space: VmId, sampler: &crate::numa::sampler::PageSampler) {
+    for (i, tid) in vm.vcpu_tids().into_iter().enumerate() {
+        if let Some(tid) = tid {
+            if !sampler.knows_thread(tid) {
+                sampler.register_thread(tid, space, i, vm.placements()[i].node);
+            }
         }
     }
 }

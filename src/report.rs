@@ -4,7 +4,7 @@ use serde::Serialize;
 
 use crate::config::Policy;
 use crate::guest::Workload;
-use crate::memory::{PoolStats, SharingStats};
+use crate::memory::{PoolStats, ReplicaStats, SharingStats};
 use crate::numa::runner::NumaStats;
 use crate::sharing::ScannerStats;
 use crate::vm::VcpuOutcome;
@@ -20,6 +20,8 @@ pub struct RunReport {
     pub sharing: Option<SharingReport>,
     /// Present when the NUMA engine ran.
     pub numa: Option<NumaStats>,
+    /// Replicas of read-shared pages at the end of the run (before teardown).
+    pub replicas: ReplicaStats,
     pub pools: Vec<PoolStats>,
     /// How many times `Memory::verify` ran during the run, and whether all passed.
     pub verify_runs: u32,
@@ -79,6 +81,8 @@ pub struct VmReport {
     /// "wrong-checksum"; "failed": stopped by the monitor (see `error`).
     pub status: String,
     pub error: Option<String>,
+    /// vCPU moves carried out while it ran (`[[vm]] moves`).
+    pub moves: Vec<String>,
     pub run_ms: f64,
     pub log: Vec<String>,
 }
@@ -158,6 +162,9 @@ impl RunReport {
                     );
                 }
             }
+            for line in &vm.moves {
+                out += &format!("    move: {line}\n");
+            }
             for line in &vm.log {
                 out += &format!("    log: {line}\n");
             }
@@ -189,20 +196,28 @@ impl RunReport {
             );
         }
         if let Some(n) = &self.numa {
-            let first = n.series.iter().find(|e| e.samples > 0);
-            let last = n.series.iter().rev().find(|e| e.samples > 0);
             out += &format!(
-                "\nnuma: {}\n  {} epochs, {} samples, {} migrations ({} failed), {} replications and {} collapses skipped (no mechanism yet), {} freezes\n",
+                "\nnuma: {}\n  {} epochs, {} samples; {} pages migrated ({} failed), {} replicas made, {} collapsed ({} failed), {} pages frozen; {} replica sets ({} pages) at the end\n",
                 n.source,
                 n.epochs,
                 n.samples,
                 n.migrations,
                 n.migration_failures,
-                n.replications_skipped,
-                n.collapses_skipped,
-                n.freezes
+                n.replicas_made,
+                n.replicas_collapsed,
+                n.replication_failures,
+                n.freezes,
+                self.replicas.sets,
+                self.replicas.pages
             );
-            if let (Some(f), Some(l)) = (first, last) {
+            if let Some(sm) = &n.sampler {
+                out += &format!(
+                    "  sampler: {} pages zapped, {} samples ({} writes), {} unattributed, handler median {:.1} us, p99 {:.1} us\n",
+                    sm.zapped, sm.samples, sm.write_samples, sm.unattributed, sm.handler_median_us, sm.handler_p99_us
+                );
+            }
+            let with_samples: Vec<_> = n.series.iter().filter(|e| e.locality_samples > 0).collect();
+            if let (Some(f), Some(l)) = (with_samples.first(), with_samples.last()) {
                 out += &format!(
                     "  local accesses {:.0}% -> {:.0}%, modelled cost {:.2} -> {:.2} (first -> last epoch with samples)\n",
                     100.0 * f.local_fraction,
@@ -210,6 +225,25 @@ impl RunReport {
                     f.modelled_cost,
                     l.modelled_cost
                 );
+                // Per VM over time: the run cut into (up to) 8 slices.
+                let slices = with_samples.len().min(8);
+                out += "  local % per VM over time (run cut into slices):\n";
+                for (vm, report) in self.vms.iter().enumerate() {
+                    let mut cells = Vec::new();
+                    for k in 0..slices {
+                        let part = &with_samples[k * with_samples.len() / slices
+                            ..(k + 1) * with_samples.len() / slices];
+                        let (t, l) = part.iter().fold((0, 0), |(t, l), e| {
+                            let v = e.per_vm.get(vm).copied().unwrap_or((0, 0));
+                            (t + v.0, l + v.1)
+                        });
+                        cells.push(match (100 * l).checked_div(t) {
+                            Some(pct) => format!("{pct:>3}"),
+                            None => "  -".to_string(),
+                        });
+                    }
+                    out += &format!("    {:<16} {}\n", report.name, cells.join(" "));
+                }
             }
         }
         out += &format!(

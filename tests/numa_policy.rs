@@ -434,7 +434,7 @@ fn bad_policy_values_give_clear_errors() {
             ],
         ),
         (
-            "hot_threshold = 8.0",
+            "hot_threshold = 4.0",
             "hot_threshold = \"high\"",
             &[
                 "key `numa.hot_threshold`",
@@ -473,8 +473,8 @@ fn bad_policy_values_give_clear_errors() {
         ),
         (
             "reader_threshold = 2.0",
-            "reader_threshold = 9.0",
-            &["key `numa.reader_threshold`", "above hot_threshold (8)"],
+            "reader_threshold = 5.0",
+            &["key `numa.reader_threshold`", "above hot_threshold (4)"],
         ),
         (
             "decay = 0.5",

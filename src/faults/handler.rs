@@ -1,9 +1,12 @@
-//! The copy-on-write fault handler thread.
+//! The userfaultfd handler thread: copy-on-write breaks and access samples.
 //!
 //! One thread per monitor waits on the memory's userfaultfd. A guest write
 //! to a write-protected (shared) page blocks the writing vCPU thread in the
 //! kernel and queues a message here; the handler asks the mapper to give
 //! the writer a private copy (`Memory::resolve_write_fault`) and wakes it.
+//! A minor fault (a page zapped for sampling touched again) goes to
+//! `Memory::resolve_minor_fault`, which records the sample and maps the
+//! page back.
 //! The handler never holds the memory lock while waiting, so a merge in
 //! progress delays a break but never deadlocks with it.
 
@@ -47,6 +50,12 @@ impl FaultHandler {
                                     event.address
                                 );
                                 let _ = uffd.wake(event.address, crate::PAGE_SIZE);
+                            }
+                        }
+                        Ok(Some(event)) if event.minor => {
+                            // A page zapped for access sampling was touched.
+                            if let Err(e) = memory.resolve_minor_fault(&event) {
+                                tracing::warn!("minor fault at {:#x}: {e:#}", event.address);
                             }
                         }
                         Ok(Some(event)) => {

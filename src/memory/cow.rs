@@ -149,6 +149,8 @@ impl Memory {
         if dup.page != dup_page
             || keep.page != keep_page
             || dup_page == keep_page
+            // A replica is placed on purpose: never merged away.
+            || inner.replicas.contains(dup_page)
             || dup_space.domain != keep_space.domain
             || !dup_space.mergeable(dup_gfn)
             || !keep_space.mergeable(keep_gfn)
@@ -226,6 +228,14 @@ impl Memory {
                 Some((vm, gfn, home)) => match inner.space(vm)?.pmap.get(gfn) {
                     Some(e) if e.flags.write_protected => {
                         let owners = inner.memmap.get(e.page).map_or(0, |i| i.owners.len());
+                        if owners == 1 && inner.replicas.contains(e.page) {
+                            // The writer's replica has no other owner: it
+                            // leaves its set and becomes the writer's page.
+                            if let Some(last) = inner.replicas.leave(e.page) {
+                                inner.after_owner_removed(last)?;
+                            }
+                            inner.replicas.write_breaks += 1;
+                        }
                         if owners > 1 {
                             inner.replace_with_copy(vm, gfn, home)?;
                             inner.cow.breaks += 1;

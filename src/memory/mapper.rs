@@ -29,8 +29,10 @@ use super::cow::CowCounters;
 use super::memmap::Memmap;
 use super::pmap::{PageFlags, Pmap, PmapEntry};
 use super::pool::Pool;
+use super::replica::Replicas;
 use super::{Gfn, MachinePage, NodeId, VmId};
-use crate::faults::uffd::Userfault;
+use crate::faults::uffd::{FaultEvent, Userfault};
+use crate::numa::sampler::PageSampler;
 use crate::topology::Topology;
 use crate::PAGE_SIZE;
 use std::sync::Arc;
@@ -46,6 +48,9 @@ pub(super) struct GuestSpace {
     pub(super) domain: String,
     /// Node that receives this VM's copy-on-write copies.
     pub(super) home_node: NodeId,
+    /// Node this VM's vCPUs run on (see `Memory::set_cpu_node`): the node
+    /// whose replica of a replicated page the VM maps.
+    pub(super) cpu_node: NodeId,
     pub(super) base: usize,
     pub(super) pmap: Pmap,
     /// Frames never merged (see `Memory::exclude_from_sharing`).
@@ -76,6 +81,11 @@ pub(super) struct Inner {
     pub(super) cow: CowCounters,
     /// How to pause each VM's vCPUs (see `GuestPause`).
     pub(super) pausers: BTreeMap<VmId, Arc<dyn super::GuestPause>>,
+    /// Page-access sampling (minor faults), when enabled: every pool
+    /// mapping is then registered in minor mode too.
+    pub(super) sampler: Option<Arc<PageSampler>>,
+    /// Replica sets of read-shared pages (see `replica.rs`).
+    pub(super) replicas: Replicas,
 }
 
 /// All machine memory of one monitor, behind one lock.
@@ -197,6 +207,8 @@ impl Memory {
                 uffd_error,
                 cow: CowCounters::default(),
                 pausers: BTreeMap::new(),
+                sampler: None,
+                replicas: Replicas::default(),
             }),
         })
     }
@@ -260,11 +272,15 @@ impl Memory {
                 name: name.to_string(),
                 domain: domain.to_string(),
                 home_node: node,
+                cpu_node: node,
                 base,
                 pmap: Pmap::new(frames),
                 unmergeable: Vec::new(),
             },
         );
+        if let Some(sampler) = &inner.sampler {
+            sampler.register_space(vm, base, len);
+        }
         let result = inner.map_fresh(vm, 0, frames, node);
         if let Err(e) = result {
             inner.destroy(vm).ok();
@@ -369,41 +385,121 @@ impl Memory {
         Ok(())
     }
 
-    /// Copies a frame's content as the guest sees it (through its mapping).
+    /// Copies a frame's content: the machine page its pmap entry names, read
+    /// through the pool's view (`verify` checks that the guest maps exactly
+    /// that page). Not through the guest mapping: a page zapped for sampling
+    /// would fault there and wait for the fault handler, which needs the
+    /// lock held here.
     pub fn read_guest_page(&self, vm: VmId, gfn: Gfn) -> Result<Vec<u8>> {
         let inner = self.inner.lock();
-        let space = inner.space(vm)?;
-        ensure!(
-            space.pmap.get(gfn).is_some(),
-            "frame {gfn:#x} of vm {vm} is not mapped"
-        );
-        // SAFETY: the frame is mapped readable (checked under the lock).
-        let bytes = unsafe { std::slice::from_raw_parts(space.addr(gfn) as *const u8, PAGE_SIZE) };
+        let Some(entry) = inner.space(vm)?.pmap.get(gfn) else {
+            bail!("frame {gfn:#x} of vm {vm} is not mapped");
+        };
+        let ptr = inner.pools[entry.page.node()].page_ptr(entry.page.index);
+        // SAFETY: an in-bounds page of a pool view.
+        let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, PAGE_SIZE) };
         Ok(bytes.to_vec())
     }
 
-    /// Writes a frame through the guest's own mapping, as a guest store would.
+    /// Writes a frame's machine page as a guest store would: refused when
+    /// the frame is write-protected (a guest would fault there). Written
+    /// through the pool view, for the reason given at `read_guest_page`.
     pub fn write_guest_page(&self, vm: VmId, gfn: Gfn, data: &[u8]) -> Result<()> {
         ensure!(data.len() == PAGE_SIZE, "a page is {PAGE_SIZE} bytes");
         let inner = self.inner.lock();
-        let space = inner.space(vm)?;
-        let Some(entry) = space.pmap.get(gfn) else {
+        let Some(entry) = inner.space(vm)?.pmap.get(gfn) else {
             bail!("frame {gfn:#x} of vm {vm} is not mapped");
         };
         ensure!(
             !entry.flags.write_protected,
             "frame {gfn:#x} of vm {vm} is write-protected"
         );
-        // SAFETY: the frame is mapped writable (checked under the lock).
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), space.addr(gfn) as *mut u8, PAGE_SIZE)
-        };
+        let ptr = inner.pools[entry.page.node()].page_ptr(entry.page.index);
+        // SAFETY: an in-bounds page of a pool view, private to this frame
+        // (not write-protected, so not shared).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, PAGE_SIZE) };
         Ok(())
     }
 
     /// The pmap entry of a frame.
     pub fn lookup(&self, vm: VmId, gfn: Gfn) -> Result<Option<PmapEntry>> {
         Ok(self.inner.lock().space(vm)?.pmap.get(gfn))
+    }
+
+    /// Turns page-access sampling on (see `crate::numa::sampler`): every
+    /// guest mapping made from now on is registered for minor faults too.
+    /// Must be called before the first guest space is created.
+    pub fn enable_sampling(&self) -> Result<Arc<PageSampler>> {
+        let mut inner = self.inner.lock();
+        if let Some(s) = &inner.sampler {
+            return Ok(s.clone());
+        }
+        ensure!(
+            inner.spaces.is_empty(),
+            "page sampling must be enabled before guest spaces are created"
+        );
+        let uffd = match &inner.uffd {
+            Some(u) => u.clone(),
+            None => bail!(
+                "page sampling needs userfaultfd, which is unavailable: {}",
+                inner.uffd_error
+            ),
+        };
+        let sampler = Arc::new(PageSampler::new(uffd)?);
+        inner.sampler = Some(sampler.clone());
+        Ok(sampler)
+    }
+
+    /// The sampler, when sampling is on.
+    pub fn sampler(&self) -> Option<Arc<PageSampler>> {
+        self.inner.lock().sampler.clone()
+    }
+
+    /// Zaps frames of `vm` for sampling (see `PageSampler::zap`): the next
+    /// guest access to each is reported once. Unmapped frames and frames
+    /// excluded from sharing (the micro-guest's system area: page tables
+    /// that KVM itself walks) are skipped. Returns the frames zapped.
+    pub fn zap_frames(&self, vm: VmId, gfns: &[Gfn]) -> Result<usize> {
+        let inner = self.inner.lock();
+        let Some(sampler) = &inner.sampler else {
+            bail!("page sampling is not enabled");
+        };
+        let space = inner.space(vm)?;
+        let mut zapped = 0;
+        for &gfn in gfns {
+            if space.pmap.get(gfn).is_some() && space.mergeable(gfn) {
+                sampler.zap(space.addr(gfn), PAGE_SIZE)?;
+                zapped += 1;
+            }
+        }
+        Ok(zapped)
+    }
+
+    /// Resolves a minor fault (a zapped page touched again): records the
+    /// sample and maps the page back, write-protected exactly when the pmap
+    /// says so. Under the memory lock, so no protect or unprotect slips in
+    /// between reading the flag and the continue.
+    pub fn resolve_minor_fault(&self, event: &FaultEvent) -> Result<()> {
+        let inner = self.inner.lock();
+        let page_addr = event.address & !(PAGE_SIZE - 1);
+        let keep_wp = inner
+            .spaces
+            .values()
+            .find(|s| page_addr >= s.base && page_addr < s.base + s.frames() as usize * PAGE_SIZE)
+            .and_then(|s| s.pmap.get(((page_addr - s.base) / PAGE_SIZE) as Gfn))
+            .is_some_and(|e| e.flags.write_protected);
+        match &inner.sampler {
+            Some(sampler) => {
+                sampler.handle_event_with(event, keep_wp);
+                Ok(())
+            }
+            None => {
+                if let Some(u) = &inner.uffd {
+                    u.wake(page_addr, PAGE_SIZE)?;
+                }
+                bail!("a minor fault arrived but sampling is off")
+            }
+        }
     }
 
     pub fn pool_stats(&self) -> Vec<PoolStats> {
@@ -474,7 +570,7 @@ impl Inner {
             while i + run < pages.len() && pages[i + run] == pages[i] + run as u32 {
                 run += 1;
             }
-            if let Err(e) = self.map_run(base + i * PAGE_SIZE, node, pages[i], run) {
+            if let Err(e) = self.map_run(base + i * PAGE_SIZE, node, pages[i], run, false) {
                 // Give back what is not mapped yet; mapped frames are recorded below.
                 for &p in &pages[i..] {
                     self.pools[node].free(p)?;
@@ -507,11 +603,41 @@ impl Inner {
     }
 
     /// Maps a run of pool pages read-write and registers it for
-    /// write-protect faults (the mmap dropped any earlier registration).
-    fn map_run(&self, addr: usize, node: NodeId, index: u32, pages: usize) -> Result<()> {
+    /// write-protect faults (the mmap dropped any earlier registration), and
+    /// for minor faults when sampling is on.
+    ///
+    /// `holds_data`: the pool pages already hold data (a copy, a shared
+    /// page). With sampling on, such a mapping is populated before it is
+    /// registered: otherwise its first touch would be a minor fault (page in
+    /// the file, not mapped), an exit to the fault handler that samples
+    /// nothing. Fresh pages are holes in the file and fault normally.
+    pub(super) fn map_run(
+        &self,
+        addr: usize,
+        node: NodeId,
+        index: u32,
+        pages: usize,
+        holds_data: bool,
+    ) -> Result<()> {
         map_pool_run(addr, &self.pools[node], index, pages)?;
+        let len = pages * PAGE_SIZE;
+        if let Some(sampler) = &self.sampler {
+            sampler.forget_pending(addr, len);
+            if holds_data {
+                // SAFETY: populating page tables of a mapping made just above.
+                let r = unsafe {
+                    libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_READ)
+                };
+                if r != 0 {
+                    tracing::debug!(
+                        "MADV_POPULATE_READ {addr:#x}+{len:#x}: {}",
+                        io::Error::last_os_error()
+                    );
+                }
+            }
+        }
         if let Some(uffd) = &self.uffd {
-            uffd.register_wp(addr, pages * PAGE_SIZE)
+            uffd.register(addr, len, true, self.sampler.is_some())
                 .context("registering guest pages with userfaultfd")?;
         }
         Ok(())
@@ -579,7 +705,7 @@ impl Inner {
     /// previous page.
     pub(super) fn map_onto(&mut self, vm: VmId, gfn: Gfn, page: MachinePage) -> Result<()> {
         let addr = self.space(vm)?.addr(gfn);
-        self.map_run(addr, page.node(), page.index, 1)?;
+        self.map_run(addr, page.node(), page.index, 1, true)?;
         self.require_uffd()?
             .write_protect(addr, PAGE_SIZE, true)
             .context("write-protecting a shared guest page")?;
@@ -616,7 +742,7 @@ impl Inner {
         };
         self.copy_page(old.page, new);
         let addr = self.space(vm)?.addr(gfn);
-        if let Err(e) = self.map_run(addr, node, index, 1) {
+        if let Err(e) = self.map_run(addr, node, index, 1, true) {
             self.pools[node].free(index)?;
             return Err(e);
         }
@@ -636,15 +762,29 @@ impl Inner {
     /// makes the last owner private again when one is left.
     pub(super) fn drop_owner(&mut self, page: MachinePage, vm: VmId, gfn: Gfn) -> Result<()> {
         if self.memmap.remove_owner(page, vm, gfn) {
-            self.pools[page.node()].free(page.index)
+            self.pools[page.node()].free(page.index)?;
+            self.after_page_freed(page)
         } else {
             self.after_owner_removed(page)
         }
     }
 
+    /// After a page was freed: it leaves its replica set, and the set's last
+    /// copy, if it is the only one left, follows the one-owner rule.
+    fn after_page_freed(&mut self, page: MachinePage) -> Result<()> {
+        match self.replicas.leave(page) {
+            Some(last) => self.after_owner_removed(last),
+            None => Ok(()),
+        }
+    }
+
     /// After an owner left a page that still has owners: a single remaining
-    /// owner becomes private again.
-    fn after_owner_removed(&mut self, page: MachinePage) -> Result<()> {
+    /// owner becomes private again, unless the page is one of several
+    /// replicas (then it stays a protected copy of shared content).
+    pub(super) fn after_owner_removed(&mut self, page: MachinePage) -> Result<()> {
+        if self.replicas.contains(page) {
+            return Ok(());
+        }
         if let Some(info) = self.memmap.get(page) {
             let (last_vm, last_gfn) = info.owners[0];
             // A frame whose pmap entry is already gone belongs to a space
@@ -685,6 +825,7 @@ impl Inner {
         for (gfn, page) in owned {
             if self.memmap.remove_owner(page, vm, gfn) {
                 to_free[page.node()].push(page.index);
+                self.after_page_freed(page)?;
             } else {
                 self.after_owner_removed(page)?;
             }
@@ -694,6 +835,9 @@ impl Inner {
         }
         self.spaces.remove(&vm);
         self.pausers.remove(&vm);
+        if let Some(sampler) = &self.sampler {
+            sampler.unregister_space(vm);
+        }
         Ok(())
     }
 }

@@ -23,10 +23,12 @@ pub mod memmap;
 pub mod numa;
 pub mod pmap;
 pub mod pool;
+pub mod replica;
 mod verify;
 
 pub use cow::{FaultOutcome, MergeOutcome, PageScan, SharingStats};
 pub use mapper::{GuestSpaceStats, Memory, PoolStats};
+pub use replica::{FrameLocation, ReplicaStats};
 
 use serde::Serialize;
 

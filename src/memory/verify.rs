@@ -132,7 +132,7 @@ impl Memory {
                     errors.push(format!("{page}: owner ({vm}, {gfn:#x}) does not map it"));
                 }
             }
-            let shared = info.owners.len() > 1;
+            let shared = info.owners.len() > 1 || inner.replicas.contains(*page);
             for &(vm, gfn) in &info.owners {
                 let entry = inner.spaces.get(&vm).and_then(|s| s.pmap.get(gfn));
                 if let Some(e) = entry {
@@ -147,6 +147,7 @@ impl Memory {
                 }
             }
         }
+        inner.verify_replicas(&mut errors);
         for pool in &inner.pools {
             let mut used = 0u32;
             for index in 0..pool.high_water() {

@@ -669,6 +669,7 @@ mod tests {
             freeze_epochs: 10,
             sampling: Sampling::Auto,
             trace_file: None,
+            ..NumaPolicy::default()
         }
     }
 

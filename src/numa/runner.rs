@@ -1,13 +1,30 @@
-//! The NUMA engine at work inside a run: a thread that, every epoch, polls
-//! the counter source, feeds the samples to the [`PolicyEngine`], answers
-//! its questions from the pmap, carries out its decisions through the
-//! mapper, and records locality figures over time.
+//! The NUMA engine at work inside a run: a thread that, every epoch, gathers
+//! access samples, feeds them to the [`PolicyEngine`], answers its questions
+//! from the pmap, carries out its decisions through the mapper, and records
+//! locality figures over time.
 //!
-//! Mechanisms: `Migrate` moves a private page with `Memory::move_page`
-//! (safe under running guests). Replication and collapse of replicas have
-//! no mapper mechanism yet: such decisions are counted as skipped and the
-//! report says so.
+//! Mechanisms: `Migrate` moves a private page with `Memory::move_page`,
+//! `Replicate` and `Collapse` go to `Memory::replicate_page` and
+//! `Memory::collapse_page`; all are safe under running guests.
+//!
+//! ## Page-fault sampling
+//! With the `page-faults` source the runner also decides *which* pages to
+//! sample. An epoch is `sample_rounds` rounds; each round it zaps up to
+//! `sample_pages` pages of every VM (see `crate::numa::sampler`), then
+//! drains the samples their first touches produced:
+//! * up to three quarters of the budget re-check pages the previous round
+//!   found touched from a node they do not live on (candidates for
+//!   migration or replication):
+//!   a page touched in every round collects `sample_rounds` samples per
+//!   epoch, enough to cross `hot_threshold` within an epoch or two;
+//! * the rest are fresh pages chosen uniformly at random (seeded, so a run
+//!   is repeatable): they find new hot pages, and, being unbiased, they
+//!   alone make the locality figures (a re-check of a remote page would
+//!   count the same remote page again and again).
+//!
+//! With a replayed trace every sample is used for both.
 
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -16,9 +33,10 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::Serialize;
 
+use super::sampler::{PageSampler, SamplerStats};
 use super::{AccessSample, CounterSource, Decision, PageFacts, PageLocation, PolicyEngine};
 use crate::config::NumaPolicy;
-use crate::memory::Memory;
+use crate::memory::{Memory, VmId};
 use crate::topology::Topology;
 
 /// Locality of one epoch's samples.
@@ -26,12 +44,20 @@ use crate::topology::Topology;
 pub struct EpochLocality {
     pub epoch: u64,
     pub ms: f64,
+    /// Samples the engine counted this epoch.
     pub samples: u64,
-    /// Fraction of samples whose page was on the accessing vCPU's node.
+    /// Samples the locality figures come from (unbiased ones, see the
+    /// module doc).
+    pub locality_samples: u64,
+    /// Fraction of those whose page was on the accessing vCPU's node.
     pub local_fraction: f64,
     /// Mean modelled access cost: distance(accessing node, page node) / 10
     /// (1.0 = all local), from the topology's distance matrix.
     pub modelled_cost: f64,
+    /// Per VM (monitor space id order): locality samples and local ones.
+    pub per_vm: Vec<(u64, u64)>,
+    pub migrations: u64,
+    pub replicas_made: u64,
 }
 
 /// What the NUMA engine did in a run.
@@ -43,25 +69,97 @@ pub struct NumaStats {
     pub samples: u64,
     pub migrations: u64,
     pub migration_failures: u64,
-    /// Replicate / collapse decisions not carried out (no mechanism yet).
-    pub replications_skipped: u64,
-    pub collapses_skipped: u64,
+    /// Replicas made by `Replicate` decisions.
+    pub replicas_made: u64,
+    /// Replicas freed by `Collapse` decisions.
+    pub replicas_collapsed: u64,
+    pub replication_failures: u64,
     pub freezes: u64,
-    /// Per VM (monitor space id order): samples and local samples.
+    /// Per VM (monitor space id order): locality samples and local ones.
     pub per_vm: Vec<(u64, u64)>,
     pub series: Vec<EpochLocality>,
+    /// The page sampler's own counters, with page-fault sampling.
+    pub sampler: Option<SamplerStats>,
 }
 
 struct MemoryFacts<'a>(&'a Memory);
 
 impl PageFacts for MemoryFacts<'_> {
     fn location(&self, vm: u32, gfn: u64) -> Option<PageLocation> {
-        let entry = self.0.lookup(vm, gfn).ok().flatten()?;
-        Some(if entry.flags.shared {
-            PageLocation::shared(entry.page.node())
-        } else {
-            PageLocation::private(entry.page.node())
+        let loc = self.0.frame_location(vm, gfn)?;
+        Some(PageLocation {
+            node: loc.page.node(),
+            shared_across_vms: loc.shared,
+            replicas: if loc.copies.len() > 1 {
+                loc.copies
+            } else {
+                Vec::new()
+            },
+            group: loc.shared.then_some(loc.group),
         })
+    }
+}
+
+/// Where samples come from.
+pub enum Feed {
+    /// A source polled once per epoch (a replayed trace, hardware counters).
+    Source(Box<dyn CounterSource>),
+    /// The page sampler; the runner zaps pages itself every round.
+    Sampler(Arc<PageSampler>),
+}
+
+impl Feed {
+    fn describe(&self) -> String {
+        match self {
+            Feed::Source(s) => s.describe(),
+            Feed::Sampler(s) => s.describe(),
+        }
+    }
+}
+
+/// A small seeded generator (xorshift64*): repeatable page choices.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
+    }
+}
+
+/// The page-choosing half of page-fault sampling.
+struct ZapPlan {
+    sampler: Arc<PageSampler>,
+    rng: Rng,
+    /// Pages to re-check next round (touched from a remote node).
+    recheck: BTreeSet<(VmId, u64)>,
+    /// Fresh random pages zapped this epoch: their samples are unbiased.
+    explored: HashSet<(VmId, u64)>,
+}
+
+impl ZapPlan {
+    fn round(&mut self, memory: &Memory, pages_per_vm: u64) {
+        for (vm, frames, _) in memory.spaces() {
+            let rechecks: Vec<u64> = self
+                .recheck
+                .range((vm, 0)..=(vm, u64::MAX))
+                .map(|&(_, g)| g)
+                .take((pages_per_vm * 3 / 4) as usize)
+                .collect();
+            let fresh = pages_per_vm - rechecks.len() as u64;
+            let mut gfns = rechecks;
+            for _ in 0..fresh {
+                let gfn = self.rng.below(frames);
+                self.explored.insert((vm, gfn));
+                gfns.push(gfn);
+            }
+            if let Err(e) = memory.zap_frames(vm, &gfns) {
+                tracing::debug!("zapping pages of vm {vm}: {e:#}");
+            }
+        }
+        self.recheck.clear();
     }
 }
 
@@ -69,6 +167,7 @@ pub struct NumaRunner {
     stop: Arc<AtomicBool>,
     stats: Arc<Mutex<NumaStats>>,
     thread: Option<JoinHandle<()>>,
+    sampler: Option<Arc<PageSampler>>,
 }
 
 impl NumaRunner {
@@ -76,99 +175,47 @@ impl NumaRunner {
         memory: Arc<Memory>,
         topology: &Topology,
         policy: NumaPolicy,
-        mut source: Box<dyn CounterSource>,
+        feed: Feed,
+        why: &str,
         vms: usize,
     ) -> std::io::Result<NumaRunner> {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(Mutex::new(NumaStats {
-            source: source.describe(),
+            source: format!("{} [{why}]", feed.describe()),
             per_vm: vec![(0, 0); vms],
             ..NumaStats::default()
         }));
+        let sampler = match &feed {
+            Feed::Sampler(s) => Some(s.clone()),
+            Feed::Source(_) => None,
+        };
         let distances = topology.distances.clone();
         let nodes = topology.node_count();
         let (flag, out) = (stop.clone(), stats.clone());
         let thread = std::thread::Builder::new()
             .name("disco-numa".into())
             .spawn(move || {
-                let epoch = Duration::from_millis(policy.epoch_ms);
-                let mut engine = PolicyEngine::new(policy, nodes);
-                let started = Instant::now();
-                let mut samples: Vec<AccessSample> = Vec::new();
-                while !flag.load(Ordering::Relaxed) {
-                    let tick = Instant::now();
-                    samples.clear();
-                    if let Err(e) = source.poll(&mut samples) {
-                        tracing::warn!("NUMA counter source: {e:#}");
-                    }
-                    let mut epoch_stats = EpochLocality {
-                        ms: started.elapsed().as_secs_f64() * 1e3,
-                        samples: samples.len() as u64,
-                        ..EpochLocality::default()
-                    };
-                    let (mut local, mut cost) = (0u64, 0f64);
-                    let mut s = out.lock();
-                    for sample in &samples {
-                        let Some(loc) = MemoryFacts(&memory).location(sample.vm, sample.gfn) else {
-                            continue;
-                        };
-                        let is_local = loc.node == sample.node;
-                        local += is_local as u64;
-                        let d = distances
-                            .get(sample.node)
-                            .and_then(|row| row.get(loc.node))
-                            .copied()
-                            .unwrap_or(10);
-                        cost += d as f64 / 10.0;
-                        if let Some(v) = s.per_vm.get_mut(sample.vm as usize) {
-                            v.0 += 1;
-                            v.1 += is_local as u64;
-                        }
-                    }
-                    drop(s);
-                    if !samples.is_empty() {
-                        epoch_stats.local_fraction = local as f64 / samples.len() as f64;
-                        epoch_stats.modelled_cost = cost / samples.len() as f64;
-                    }
-                    engine.observe(&samples);
-                    let decisions = engine.decide(&MemoryFacts(&memory));
-                    let mut s = out.lock();
-                    for d in decisions {
-                        match d {
-                            Decision::Migrate { vm, gfn, to } => {
-                                match memory.move_page(vm, gfn, to) {
-                                    Ok(_) => s.migrations += 1,
-                                    Err(e) => {
-                                        s.migration_failures += 1;
-                                        tracing::debug!("migrating vm {vm} frame {gfn:#x}: {e:#}");
-                                    }
-                                }
-                            }
-                            Decision::Replicate { .. } => s.replications_skipped += 1,
-                            Decision::Collapse { .. } => s.collapses_skipped += 1,
-                            Decision::Freeze { .. } => s.freezes += 1,
-                        }
-                    }
-                    s.epochs += 1;
-                    s.samples += samples.len() as u64;
-                    epoch_stats.epoch = s.epochs;
-                    s.series.push(epoch_stats);
-                    drop(s);
-                    let spent = tick.elapsed();
-                    if spent < epoch {
-                        std::thread::sleep(epoch - spent);
-                    }
-                }
+                let mut worker = Worker {
+                    memory,
+                    distances,
+                    engine: PolicyEngine::new(policy.clone(), nodes),
+                    out,
+                    vms,
+                };
+                worker.run(policy, feed, &flag);
             })?;
         Ok(NumaRunner {
             stop,
             stats,
             thread: Some(thread),
+            sampler,
         })
     }
 
     pub fn stats(&self) -> NumaStats {
-        self.stats.lock().clone()
+        let mut s = self.stats.lock().clone();
+        s.sampler = self.sampler.as_ref().map(|p| p.stats());
+        s
     }
 
     pub fn stop(mut self) -> NumaStats {
@@ -186,5 +233,175 @@ impl Drop for NumaRunner {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+struct Worker {
+    memory: Arc<Memory>,
+    distances: Vec<Vec<u32>>,
+    engine: PolicyEngine,
+    out: Arc<Mutex<NumaStats>>,
+    vms: usize,
+}
+
+impl Worker {
+    fn run(&mut self, policy: NumaPolicy, mut feed: Feed, stop: &AtomicBool) {
+        let epoch = Duration::from_millis(policy.epoch_ms);
+        let rounds = match feed {
+            Feed::Sampler(_) => policy.sample_rounds.max(1) as u32,
+            Feed::Source(_) => 1,
+        };
+        let mut plan = match &feed {
+            Feed::Sampler(s) => Some(ZapPlan {
+                sampler: s.clone(),
+                rng: Rng(0x5eed_d15c_0000_0001),
+                recheck: BTreeSet::new(),
+                explored: HashSet::new(),
+            }),
+            Feed::Source(_) => None,
+        };
+        let started = Instant::now();
+        let mut samples: Vec<AccessSample> = Vec::new();
+        let mut round_samples: Vec<AccessSample> = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let tick = Instant::now();
+            samples.clear();
+            for round in 0..rounds {
+                if let Some(plan) = plan.as_mut() {
+                    plan.round(&self.memory, policy.sample_pages);
+                }
+                let until = tick + epoch * (round + 1) / rounds;
+                let now = Instant::now();
+                if until > now {
+                    std::thread::sleep(until - now);
+                }
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                round_samples.clear();
+                match (&mut feed, plan.as_mut()) {
+                    (Feed::Sampler(_), Some(plan)) => {
+                        plan.sampler.drain(&mut round_samples);
+                        for s in &round_samples {
+                            let remote = self
+                                .memory
+                                .frame_location(s.vm, s.gfn)
+                                .is_some_and(|l| l.page.node() != s.node);
+                            if remote {
+                                plan.recheck.insert((s.vm, s.gfn));
+                            }
+                        }
+                    }
+                    (Feed::Source(source), _) => {
+                        if let Err(e) = source.poll(&mut round_samples) {
+                            tracing::warn!("NUMA counter source: {e:#}");
+                        }
+                    }
+                    _ => {}
+                }
+                samples.extend_from_slice(&round_samples);
+            }
+            let unbiased: Vec<AccessSample> = match plan.as_mut() {
+                Some(plan) => {
+                    let explored = std::mem::take(&mut plan.explored);
+                    let mut seen = HashSet::new();
+                    samples
+                        .iter()
+                        .filter(|s| explored.contains(&(s.vm, s.gfn)) && seen.insert((s.vm, s.gfn)))
+                        .copied()
+                        .collect()
+                }
+                None => samples.clone(),
+            };
+            let mut point = self.locality(&unbiased);
+            point.ms = started.elapsed().as_secs_f64() * 1e3;
+            point.samples = samples.len() as u64;
+            self.engine.observe(&samples);
+            let decisions = self.engine.decide(&MemoryFacts(&self.memory));
+            self.apply(decisions, point);
+        }
+    }
+
+    /// Locality figures of `samples`, against where their pages are now.
+    fn locality(&self, samples: &[AccessSample]) -> EpochLocality {
+        let mut point = EpochLocality {
+            per_vm: vec![(0, 0); self.vms],
+            ..EpochLocality::default()
+        };
+        let (mut local, mut cost, mut counted) = (0u64, 0f64, 0u64);
+        for s in samples {
+            let Some(loc) = self.memory.frame_location(s.vm, s.gfn) else {
+                continue;
+            };
+            let node = loc.page.node();
+            let is_local = node == s.node;
+            counted += 1;
+            local += is_local as u64;
+            let d = self
+                .distances
+                .get(s.node)
+                .and_then(|row| row.get(node))
+                .copied()
+                .unwrap_or(10);
+            cost += d as f64 / 10.0;
+            if let Some(v) = point.per_vm.get_mut(s.vm as usize) {
+                v.0 += 1;
+                v.1 += is_local as u64;
+            }
+        }
+        point.locality_samples = counted;
+        if counted > 0 {
+            point.local_fraction = local as f64 / counted as f64;
+            point.modelled_cost = cost / counted as f64;
+        }
+        point
+    }
+
+    fn apply(&mut self, decisions: Vec<Decision>, mut point: EpochLocality) {
+        let mut s = self.out.lock();
+        for d in decisions {
+            match d {
+                Decision::Migrate { vm, gfn, to } => match self.memory.move_page(vm, gfn, to) {
+                    Ok(_) => {
+                        s.migrations += 1;
+                        point.migrations += 1;
+                    }
+                    Err(e) => {
+                        s.migration_failures += 1;
+                        tracing::debug!("migrating vm {vm} frame {gfn:#x}: {e:#}");
+                    }
+                },
+                Decision::Replicate { vm, gfn, nodes } => {
+                    match self.memory.replicate_page(vm, gfn, &nodes) {
+                        Ok(made) => {
+                            s.replicas_made += made as u64;
+                            point.replicas_made += made as u64;
+                        }
+                        Err(e) => {
+                            s.replication_failures += 1;
+                            tracing::debug!("replicating vm {vm} frame {gfn:#x}: {e:#}");
+                        }
+                    }
+                }
+                Decision::Collapse { vm, gfn, keep } => {
+                    match self.memory.collapse_page(vm, gfn, &keep) {
+                        Ok(dropped) => s.replicas_collapsed += dropped as u64,
+                        Err(e) => {
+                            s.replication_failures += 1;
+                            tracing::debug!("collapsing vm {vm} frame {gfn:#x}: {e:#}");
+                        }
+                    }
+                }
+                Decision::Freeze { .. } => s.freezes += 1,
+            }
+        }
+        s.epochs += 1;
+        s.samples += point.samples;
+        for (total, p) in s.per_vm.iter_mut().zip(&point.per_vm) {
+            total.0 += p.0;
+            total.1 += p.1;
+        }
+        point.epoch = s.epochs;
+        s.series.push(point);
     }
 }

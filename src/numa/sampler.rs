@@ -265,6 +265,31 @@ impl PageSampler {
         }
     }
 
+    /// Forgets zapped pages of `addr..addr+len` that were remapped before
+    /// their first touch (a fresh mapping of data is populated, so it
+    /// raises no minor fault to sample).
+    pub fn forget_pending(&self, addr: usize, len: usize) {
+        let mut s = self.state.lock();
+        if s.pending.is_empty() {
+            return;
+        }
+        for page in (addr..addr + len).step_by(PAGE_SIZE) {
+            s.pending.remove(&page);
+        }
+    }
+
+    /// Re-declares vCPU thread `tid`'s node (after the vCPU moved).
+    pub fn set_thread_node(&self, tid: u32, node: usize) {
+        if let Some(id) = self.state.lock().threads.get_mut(&tid) {
+            id.node = node;
+        }
+    }
+
+    /// Whether thread `tid` is registered.
+    pub fn knows_thread(&self, tid: u32) -> bool {
+        self.state.lock().threads.contains_key(&tid)
+    }
+
     /// Zapped pages not touched yet.
     pub fn pending(&self) -> usize {
         self.state.lock().pending.len()
@@ -388,12 +413,9 @@ impl PageSampler {
     }
 
     fn description(&self) -> String {
-        let s = self.stats();
-        format!(
-            "page-level samples from userfaultfd minor faults on zapped guest pages \
-             ({} pages zapped, {} samples, handler median {:.1} us)",
-            s.zapped, s.samples, s.handler_median_us
-        )
+        "page-level samples: guest pages zapped with MADV_DONTNEED, first touches caught \
+         as userfaultfd minor faults"
+            .to_string()
     }
 }
 

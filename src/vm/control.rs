@@ -78,6 +78,9 @@ impl Drop for KickTarget {
 struct Threads {
     /// Live vCPU threads (None before start and after exit).
     live: Vec<Option<libc::pthread_t>>,
+    /// Kernel thread ids of the live vCPU threads (for samplers and
+    /// affinity changes).
+    tids: Vec<Option<u32>>,
     /// vCPU threads not yet exited.
     running: usize,
     /// When the last vCPU thread exited.
@@ -113,6 +116,7 @@ impl VmControl {
             reason: Mutex::new(None),
             threads: Mutex::new(Threads {
                 live: vec![None; nvcpus],
+                tids: vec![None; nvcpus],
                 running: nvcpus,
                 finished_at: None,
             }),
@@ -200,8 +204,15 @@ impl VmControl {
 
     /// Registers the calling thread as vCPU `index`'s.
     pub fn register(&self, index: usize) {
+        let mut threads = self.threads.lock();
         // SAFETY: pthread_self has no preconditions.
-        self.threads.lock().live[index] = Some(unsafe { libc::pthread_self() });
+        threads.live[index] = Some(unsafe { libc::pthread_self() });
+        threads.tids[index] = Some(nix::unistd::gettid().as_raw() as u32);
+    }
+
+    /// Kernel thread id of each vCPU's thread while it runs.
+    pub fn tids(&self) -> Vec<Option<u32>> {
+        self.threads.lock().tids.clone()
     }
 
     /// Marks vCPU `index`'s thread as exited (it must not be kicked anymore),
@@ -209,6 +220,7 @@ impl VmControl {
     pub fn unregister(&self, index: usize) {
         let mut threads = self.threads.lock();
         threads.live[index] = None;
+        threads.tids[index] = None;
         threads.running -= 1;
         if threads.running == 0 {
             threads.finished_at = Some(Instant::now());

@@ -312,6 +312,45 @@ impl MicroVm {
     /// A handle the memory mapper uses to hold this VM's vCPUs outside
     /// `KVM_RUN` while it changes a mapping that must not be accessed
     /// half-made (see `Memory::set_pauser`).
+    /// Kernel thread id of each vCPU's thread while it runs (`None` before
+    /// it started and after it exited).
+    pub fn vcpu_tids(&self) -> Vec<Option<u32>> {
+        self.control.tids()
+    }
+
+    /// Moves vCPU `index` to `placement` while it runs: re-pins its thread
+    /// to the placement's host CPUs. Its pages follow only if the NUMA
+    /// policy migrates them.
+    pub fn move_vcpu(&mut self, index: usize, placement: VcpuPlacement) -> anyhow::Result<()> {
+        let name = &self.spec.name;
+        if index >= self.spec.vcpus.len() {
+            bail!("micro-VM {name} has no vCPU {index}");
+        }
+        if let Some(Some(tid)) = self.control.tids().get(index) {
+            if !placement.host_cpus.is_empty() {
+                let mut set = nix::sched::CpuSet::new();
+                for &cpu in &placement.host_cpus {
+                    set.set(cpu)
+                        .map_err(|e| anyhow::anyhow!("host CPU {cpu}: {e}"))?;
+                }
+                nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(*tid as i32), &set)
+                    .with_context(|| {
+                        format!(
+                            "micro-VM {name}: pinning vCPU {index} to host CPUs {:?}",
+                            placement.host_cpus
+                        )
+                    })?;
+            }
+        }
+        self.spec.vcpus[index] = placement;
+        Ok(())
+    }
+
+    /// Where each vCPU runs now.
+    pub fn placements(&self) -> &[VcpuPlacement] {
+        &self.spec.vcpus
+    }
+
     pub fn pauser(&self) -> Arc<dyn crate::memory::GuestPause> {
         self.control.clone()
     }
