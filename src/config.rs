@@ -121,6 +121,9 @@ pub struct NumaPolicy {
     pub freeze_window_epochs: u64,
     /// How long a frozen page is left alone, in epochs.
     pub freeze_epochs: u64,
+    /// A replicated page with no sample for this many epochs keeps only
+    /// its best copy (the others are freed).
+    pub replica_idle_epochs: u64,
     /// Page-fault sampling: guest pages zapped per VM per sampling round
     /// (half re-checks of pages last seen remote, half fresh random pages).
     pub sample_pages: u64,
@@ -151,6 +154,7 @@ impl Default for NumaPolicy {
             freeze_after_moves: 3,
             freeze_window_epochs: 20,
             freeze_epochs: 100,
+            replica_idle_epochs: 50,
             sample_pages: 64,
             sample_rounds: 8,
             sampling: crate::numa::counters::Sampling::Auto,
@@ -449,6 +453,9 @@ fn parse_policy(t: &Fields, source: &str, default_name: &str) -> Result<Policy> 
                 freeze_epochs: s
                     .opt_u64("freeze_epochs", 1, 1_000_000)?
                     .unwrap_or(d.freeze_epochs),
+                replica_idle_epochs: s
+                    .opt_u64("replica_idle_epochs", 1, 1_000_000)?
+                    .unwrap_or(d.replica_idle_epochs),
                 sample_pages: s
                     .opt_u64("sample_pages", 1, 1_000_000)?
                     .unwrap_or(d.sample_pages),

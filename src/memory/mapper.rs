@@ -335,8 +335,11 @@ impl Memory {
         inner.drop_owner(entry.page, vm, gfn)
     }
 
-    /// Migrates a private frame to a fresh page on `node` while its guest
-    /// may be running: write-protect, copy, remap, free the old page.
+    /// Migrates a frame to a fresh page on `node` while its guest may be
+    /// running: write-protect, copy, remap, free the old page. A page shared
+    /// by several frames moves for all of them (each remapped with its VM
+    /// paused, as in a merge); a replicated page is not migrated (its
+    /// replicas are placed by `replicate_page` / `collapse_page`).
     ///
     /// A guest write during the copy faults on the protection and waits for
     /// the fault handler, which needs the lock held here; when it gets it,
@@ -348,10 +351,9 @@ impl Memory {
         let Some(old) = inner.space(vm)?.pmap.get(gfn) else {
             bail!("frame {gfn:#x} of vm {vm} is not mapped");
         };
-        ensure!(
-            !old.flags.shared,
-            "frame {gfn:#x} of vm {vm} is shared; shared pages are not migrated"
-        );
+        if old.flags.shared {
+            return inner.move_shared_page(old.page, node);
+        }
         if let Some(uffd) = &inner.uffd {
             let addr = inner.space(vm)?.addr(gfn);
             uffd.write_protect(addr, PAGE_SIZE, true)

@@ -314,6 +314,60 @@ impl super::mapper::Inner {
         mapped.map(|_| true)
     }
 
+    /// Moves shared content (one page, several owners) to a fresh page of
+    /// `node`: the page is write-protected, so a copy stays exact; every
+    /// owner is remapped with its VM paused; the old page is freed when its
+    /// last owner left. An owner whose VM cannot be paused in time stays on
+    /// the old page (still shared and protected, so still correct).
+    pub(super) fn move_shared_page(
+        &mut self,
+        page: MachinePage,
+        node: NodeId,
+    ) -> Result<MachinePage> {
+        ensure!(node < self.pools.len(), "node {node} does not exist");
+        ensure!(
+            !self.replicas.contains(page),
+            "{page} is one of several replicas; replicas are not migrated"
+        );
+        if page.node() == node {
+            return Ok(page);
+        }
+        let owners = self
+            .memmap
+            .get(page)
+            .map(|i| i.owners.clone())
+            .unwrap_or_default();
+        let index = self.pools[node].alloc(1)?[0];
+        let new = MachinePage {
+            node: node as u16,
+            index,
+        };
+        self.copy_page(page, new);
+        let mut moved = 0;
+        for (v, g) in owners {
+            match self.remap_paused(v, g, new) {
+                Ok(true) => {
+                    moved += 1;
+                    self.drop_owner(page, v, g)?;
+                }
+                Ok(false) => {}
+                Err(e) if moved > 0 => return Err(e),
+                Err(e) => {
+                    self.pools[node].free(index)?;
+                    return Err(e);
+                }
+            }
+        }
+        if moved == 0 {
+            self.pools[node].free(index)?;
+            bail!("no owner of {page} could be paused to move it");
+        }
+        // The new page may have a single owner (others could not be paused
+        // and stayed behind): then it is private.
+        self.after_owner_removed(new)?;
+        Ok(new)
+    }
+
     /// Frees a replica nobody maps (creating it was abandoned).
     fn discard_unused_copy(&mut self, copy: MachinePage) -> Result<()> {
         if let Some(rest) = self.replicas.leave(copy) {

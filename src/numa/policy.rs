@@ -20,8 +20,10 @@
 //! 1. **Frozen** pages get no decision until their freeze ends.
 //! 2. **Replicated** pages (several copies): when the page is written, the
 //!    replicas collapse to one copy (`Collapse`, keeping the copy its
-//!    heaviest user has); otherwise copies on nodes that no longer use the
-//!    page are dropped (`Collapse` keeping the used ones; at least one). If
+//!    heaviest user has); otherwise, while the page is hot (enough samples
+//!    to judge), copies on nodes that no longer use it are dropped
+//!    (`Collapse` keeping the used ones; at least one), and a page that has
+//!    had no sample for `replica_idle_epochs` keeps only its best copy. If
 //!    every copy is used and the page is hot, nodes that now use it get a
 //!    replica too (`Replicate`).
 //! 3. A page is **hot** when `T >= hot_threshold`; cold pages stay put.
@@ -228,6 +230,8 @@ struct PageState {
     frozen_until: u64,
     /// Last seen with several copies (kept tracked until collapsed).
     replicated: bool,
+    /// Epoch of the page's latest sample.
+    last_seen: u64,
 }
 
 impl PageState {
@@ -240,6 +244,7 @@ impl PageState {
             moves: VecDeque::new(),
             frozen_until: 0,
             replicated: false,
+            last_seen: 0,
         }
     }
 }
@@ -256,6 +261,8 @@ struct View {
     copies: Vec<usize>,
     home: usize,
     shared: bool,
+    /// Epochs since any member of the group was last sampled.
+    idle_epochs: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -346,6 +353,7 @@ impl PolicyEngine {
                 .pages
                 .entry((s.vm, s.gfn))
                 .or_insert_with(|| PageState::new(nodes));
+            st.last_seen = self.epoch;
             if s.write {
                 st.counts.writes[s.node] += 1.0;
             } else {
@@ -527,7 +535,9 @@ impl PolicyEngine {
         let mut writes = vec![0.0; n];
         let mut copies = BTreeSet::new();
         let mut shared = members.len() > 1;
+        let mut last_seen = 0;
         for (key, loc) in members {
+            last_seen = last_seen.max(self.pages[key].last_seen);
             let c = &self.pages[key].counts;
             for i in 0..n {
                 reads[i] += c.reads[i];
@@ -545,6 +555,7 @@ impl PolicyEngine {
             copies: copies.into_iter().collect(),
             home: members[0].1.node,
             shared,
+            idle_epochs: self.epoch.saturating_sub(last_seen),
         }
     }
 
@@ -584,6 +595,17 @@ impl PolicyEngine {
                 .expect("several copies");
             let keep: Vec<usize> = if v.written {
                 vec![best]
+            } else if !hot {
+                // Too few samples to say which node stopped reading (sampled
+                // counts are sparse, and a replica dropped for lack of
+                // samples would only be made again, then frozen): keep every
+                // copy until the page has gone unsampled for
+                // `replica_idle_epochs`, then keep the best one.
+                if v.idle_epochs >= p.replica_idle_epochs {
+                    vec![best]
+                } else {
+                    v.copies.clone()
+                }
             } else {
                 let used: Vec<usize> = v
                     .copies
@@ -669,6 +691,7 @@ mod tests {
             freeze_epochs: 10,
             sampling: Sampling::Auto,
             trace_file: None,
+            replica_idle_epochs: 5,
             ..NumaPolicy::default()
         }
     }
