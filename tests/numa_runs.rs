@@ -84,7 +84,7 @@ workload = { kind = "sweep", seed = 3, passes = 2000 }
         vm.pages_per_node,
         report.render_text()
     );
-    assert_eq!(vm.pages_per_node[2] as u64, numa.migrations);
+    assert_eq!(vm.pages_per_node[2], numa.migrations);
     let (first, last) = locality_first_last(&report);
     assert!(
         last > first + 0.3,
