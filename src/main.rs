@@ -88,6 +88,9 @@ enum BenchScenario {
     /// disco's page sharing vs Linux KSM on the same guests: time, CPU, savings,
     /// copy-on-write latency, guest slowdown (needs root; restores KSM's settings).
     Sharing,
+    /// VMs placed badly on the 4-node fixture, under each shipped policy:
+    /// local-access fraction and modelled cost over time.
+    Locality,
 }
 
 fn main() -> ExitCode {
@@ -197,6 +200,24 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("--pages-per-second applies to the sharing scenario only");
             }
             let (table, json_text) = match scenario {
+                BenchScenario::Locality => {
+                    let mut options = disco::bench::locality::LocalityOptions::standard(quick);
+                    options.vms = vms.unwrap_or(options.vms);
+                    options.memory_mib = mib.unwrap_or(options.memory_mib);
+                    if !policies.is_empty() {
+                        options.policies = policies.clone();
+                    }
+                    options.progress = progress;
+                    let result = disco::bench::locality::run(&options)?;
+                    let files = result.write_outputs(&out)?;
+                    let names: Vec<String> =
+                        files.iter().map(|f| f.display().to_string()).collect();
+                    eprintln!("disco bench locality: wrote {}", names.join(", "));
+                    (
+                        result.render_table(),
+                        serde_json::to_string_pretty(&result)?,
+                    )
+                }
                 BenchScenario::Density => {
                     if !policies.is_empty() {
                         anyhow::bail!("--policy applies to the overhead scenario only");

@@ -64,7 +64,8 @@ fn policy_status(config: &Config, numa: &NumaPlan) -> String {
             let what = match (p.numa.migrate, p.numa.replicate) {
                 (true, true) => "migration and replication",
                 (true, false) => "migration",
-                _ => "replication",
+                (false, true) => "replication",
+                (false, false) => "measuring locality only, nothing moves",
             };
             parts.push(format!("NUMA engine active ({reason}); {what} carried out"))
         }
@@ -90,7 +91,9 @@ enum NumaPlan {
 /// enabled on `memory` before any guest space exists, so this runs first.
 fn numa_plan(config: &Config, topology: &Topology, memory: &Memory) -> Result<NumaPlan> {
     let numa = &config.policy.numa;
-    if !numa.migrate && !numa.replicate {
+    // With nothing to move, the engine runs only when a sample source is
+    // asked for explicitly: it then measures locality and moves nothing.
+    if !numa.migrate && !numa.replicate && numa.sampling == crate::numa::Sampling::Auto {
         return Ok(NumaPlan::Off);
     }
     let choice = choose_source(
