@@ -91,6 +91,9 @@ enum BenchScenario {
     /// VMs placed badly on the 4-node fixture, under each shipped policy:
     /// local-access fraction and modelled cost over time.
     Locality,
+    /// Pages migrated per second vs this machine's memcpy, and the slowdown
+    /// of a guest whose pages move.
+    Migration,
 }
 
 fn main() -> ExitCode {
@@ -200,6 +203,17 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("--pages-per-second applies to the sharing scenario only");
             }
             let (table, json_text) = match scenario {
+                BenchScenario::Migration => {
+                    let mut options = disco::bench::migration::MigrationOptions::standard(quick);
+                    options.reps = reps.unwrap_or(options.reps);
+                    options.mib = mib.unwrap_or(options.mib);
+                    options.progress = progress;
+                    let result = disco::bench::migration::run(&options)?;
+                    (
+                        result.render_table(),
+                        serde_json::to_string_pretty(&result)?,
+                    )
+                }
                 BenchScenario::Locality => {
                     let mut options = disco::bench::locality::LocalityOptions::standard(quick);
                     options.vms = vms.unwrap_or(options.vms);

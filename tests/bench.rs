@@ -188,3 +188,66 @@ fn bare_runner_checks_checksums_on_anonymous_memory() {
     assert!(run.all_ok());
     assert!(run.outcomes.iter().all(|o| o.vcpus.len() == 2));
 }
+
+#[test]
+fn locality_and_migration_benches_produce_finite_figures_and_a_plot() {
+    if !disco::kvm_check::require_kvm(
+        "locality_and_migration_benches_produce_finite_figures_and_a_plot",
+    ) {
+        return;
+    }
+    use disco::bench::{locality, migration};
+    let options = locality::LocalityOptions {
+        vms: 2,
+        memory_mib: 4,
+        passes: 1200,
+        topology: "4-node".into(),
+        policies: vec!["static".into(), "migrate-only".into()],
+        progress: false,
+    };
+    let result = locality::run(&options).expect("locality bench runs");
+    assert_eq!(result.runs.len(), 2);
+    for r in &result.runs {
+        assert!(r.samples > 0 && !r.local_series.is_empty(), "{r:?}");
+        assert!(
+            r.local_first.is_finite() && r.local_last.is_finite(),
+            "{r:?}"
+        );
+    }
+    assert_eq!(result.runs[0].migrations, 0, "static moves nothing");
+    assert_eq!(
+        result.runs[0].local_last, 0.0,
+        "badly placed and never moved"
+    );
+    let dir = std::env::temp_dir().join(format!("disco-locality-{}", std::process::id()));
+    let files = result.write_outputs(&dir).unwrap();
+    let svg = std::fs::read_to_string(&files[2]).unwrap();
+    assert!(
+        svg.starts_with("<svg") || svg.starts_with("<?xml"),
+        "{svg:.80}"
+    );
+    assert!(
+        svg.contains("<polyline") || svg.contains("<path"),
+        "the plot has lines"
+    );
+    let back: locality::LocalityResult =
+        serde_json::from_str(&std::fs::read_to_string(&files[0]).unwrap()).unwrap();
+    assert_eq!(back.runs.len(), 2);
+    std::fs::remove_dir_all(&dir).ok();
+
+    let m = migration::run(&migration::MigrationOptions {
+        mib: 4,
+        reps: 1,
+        passes: 30,
+        progress: false,
+    })
+    .expect("migration bench runs");
+    for v in [
+        m.memcpy_pages_per_s.median,
+        m.migrate_pages_per_s.median,
+        m.ratio_to_memcpy,
+        m.guest_slowdown,
+    ] {
+        assert!(v.is_finite() && v > 0.0, "{m:?}");
+    }
+}

@@ -17,6 +17,7 @@ pub mod bare;
 pub mod density;
 pub mod ksm;
 pub mod locality;
+pub mod migration;
 pub mod overhead;
 pub mod procmem;
 pub mod sharing;
