@@ -2,8 +2,9 @@
 # Installs the Debian packages disco needs to build and run (idempotent).
 #   libhwloc-dev, libudev-dev, pkg-config: hwlocality links hwloc statically
 #   hwloc-nox: lstopo/hwloc-annotate, to inspect or export topologies
+#   cpio: scripts/fetch-linux-guest.sh builds the Linux guests' initramfs
 set -euo pipefail
-packages=(libhwloc-dev libudev-dev pkg-config hwloc-nox)
+packages=(libhwloc-dev libudev-dev pkg-config hwloc-nox cpio xz-utils zstd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

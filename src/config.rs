@@ -188,6 +188,8 @@ pub struct VmConfig {
     pub sharing_domain: String,
     /// vCPU moves to carry out while the VM runs, in time order.
     pub moves: Vec<VcpuMove>,
+    /// A Linux guest instead of the micro-guest `workload` (`kernel` key).
+    pub linux: Option<crate::linux::LinuxGuestConfig>,
 }
 
 /// Moves vCPUs of a running VM to another node (`[[vm]] moves`).
@@ -326,7 +328,7 @@ impl Config {
         let mut vms = Vec::new();
         let mut names = BTreeSet::new();
         for t in &vm_tables {
-            for vm in parse_vm(t, nodes)? {
+            for vm in parse_vm(t, nodes, dir)? {
                 if !names.insert(vm.name.clone()) {
                     return Err(t.error(
                         "name",
@@ -499,7 +501,7 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
-fn parse_vm(t: &Fields, nodes: usize) -> Result<Vec<VmConfig>> {
+fn parse_vm(t: &Fields, nodes: usize, dir: &Path) -> Result<Vec<VmConfig>> {
     let name = t.req_str("name")?.to_string();
     if !valid_name(&name) {
         return Err(t.error(
@@ -562,7 +564,14 @@ fn parse_vm(t: &Fields, nodes: usize) -> Result<Vec<VmConfig>> {
             format!("`{sharing_domain}` is not a valid domain name; allowed: {NAME_RULE}"),
         ));
     }
+    let linux = parse_linux(t, dir, memory_mib, count)?;
     let workload = match t.opt_table("workload")? {
+        Some(_) if linux.is_some() => {
+            return Err(t.error(
+                "workload",
+                "a VM runs either a micro-guest `workload` or a Linux `kernel`, not both".into(),
+            ))
+        }
         Some(w) => parse_workload(&w)?,
         None => Workload::Fill {
             seed: 1,
@@ -571,7 +580,7 @@ fn parse_vm(t: &Fields, nodes: usize) -> Result<Vec<VmConfig>> {
         },
     };
     let need = layout::min_ram_bytes(&workload, vcpu_nodes.len());
-    if memory_mib * 1024 * 1024 < need {
+    if linux.is_none() && memory_mib * 1024 * 1024 < need {
         return Err(t.error(
             "memory_mib",
             format!(
@@ -609,6 +618,7 @@ fn parse_vm(t: &Fields, nodes: usize) -> Result<Vec<VmConfig>> {
     moves.sort_by_key(|m| m.after_ms);
     t.finish()?;
     let make = |name: String| VmConfig {
+        linux: linux.as_ref().map(|l| l.for_vm(&name)),
         name,
         vcpu_nodes: vcpu_nodes.clone(),
         memory_mib,
@@ -623,6 +633,117 @@ fn parse_vm(t: &Fields, nodes: usize) -> Result<Vec<VmConfig>> {
     } else {
         (0..count).map(|i| make(format!("{name}-{i}"))).collect()
     })
+}
+
+/// The Linux-guest keys of a `[[vm]]` (`kernel`, `initramfs`, `cmdline`,
+/// `disk`, `serial`, `virtio_console`); `None` when it names no kernel.
+fn parse_linux(
+    t: &Fields,
+    dir: &Path,
+    memory_mib: u64,
+    count: u64,
+) -> Result<Option<crate::linux::LinuxGuestConfig>> {
+    use crate::linux::{
+        DiskConfig, LinuxGuestConfig, SerialOutput, MAX_MEMORY_MIB, MIN_MEMORY_MIB,
+    };
+    let file_key = |key: &str, path: &str| -> Result<PathBuf> {
+        let p = dir.join(path);
+        std::fs::metadata(&p)
+            .map_err(|e| t.error(key, format!("cannot read {}: {e}; allowed: a path to an existing file (relative to the config file)", p.display())))?;
+        Ok(p)
+    };
+    let Some(kernel) = t.opt_str("kernel")? else {
+        for key in ["initramfs", "cmdline", "disk", "serial", "virtio_console"] {
+            if t.has(key) {
+                t.used(key);
+                return Err(t.error(key, "is only allowed with `kernel` (a Linux guest)".into()));
+            }
+        }
+        return Ok(None);
+    };
+    let kernel = file_key("kernel", kernel)?;
+    let initramfs = match t.opt_str("initramfs")? {
+        Some(p) => Some(file_key("initramfs", p)?),
+        None => None,
+    };
+    let cmdline = t.opt_str("cmdline")?.map(str::to_string);
+    if let Some(c) = &cmdline {
+        if c.len() > crate::linux::MAX_CMDLINE / 2 {
+            return Err(t.error(
+                "cmdline",
+                format!(
+                    "is {} bytes; allowed: at most {} (the monitor appends device announcements)",
+                    c.len(),
+                    crate::linux::MAX_CMDLINE / 2
+                ),
+            ));
+        }
+    }
+    let mut disks = Vec::new();
+    if let Some(v) = t.get("disk") {
+        let toml::Value::Array(items) = v else {
+            return Err(t.type_error(
+                "disk",
+                "an array of tables like { path = \"disk.img\", read_only = true }",
+                v,
+            ));
+        };
+        for (i, item) in items.iter().enumerate() {
+            let toml::Value::Table(d) = item else {
+                return Err(t.type_error(
+                    &format!("disk[{i}]"),
+                    "a table { path = ..., read_only = ... }",
+                    item,
+                ));
+            };
+            let d = Fields::new(t.file, &t.key(&format!("disk[{i}]")), d);
+            let path = d.req_str("path")?;
+            let p = dir.join(path);
+            std::fs::metadata(&p).map_err(|e| {
+                d.error(
+                    "path",
+                    format!(
+                        "cannot read {}: {e}; allowed: a path to an existing disk image",
+                        p.display()
+                    ),
+                )
+            })?;
+            disks.push(DiskConfig {
+                path: p,
+                read_only: d.opt_bool("read_only")?.unwrap_or(false),
+            });
+            d.finish()?;
+        }
+    }
+    let serial = match t.opt_str("serial")? {
+        None | Some("console") => SerialOutput::Console,
+        Some("none") => SerialOutput::None,
+        Some("") => {
+            return Err(t.error(
+                "serial",
+                "is empty; allowed: \"console\", \"none\" or a file path".into(),
+            ))
+        }
+        Some(p) => {
+            if count > 1 && !p.contains("{vm}") {
+                return Err(t.error("serial", format!("`{p}` would be shared by the {count} copies of this VM; allowed: a path containing {{vm}} (replaced by each VM's name), \"console\" or \"none\"")));
+            }
+            SerialOutput::File(dir.join(p))
+        }
+    };
+    let virtio_console = t.opt_bool("virtio_console")?.unwrap_or(false);
+    if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
+        t.used("memory_mib");
+        return Err(t.error("memory_mib", format!("{memory_mib} MiB does not suit a Linux guest; allowed: {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} (RAM sits below the 3 GiB device hole)")));
+    }
+    Ok(Some(LinuxGuestConfig {
+        kernel,
+        initramfs,
+        cmdline,
+        disks,
+        serial,
+        virtio_console,
+    }))
 }
 
 fn parse_workload(w: &Fields) -> Result<Workload> {

@@ -8,6 +8,7 @@ pub mod config;
 pub mod faults;
 pub mod guest;
 pub mod kvm_check;
+pub mod linux;
 pub mod memory;
 pub mod monitor;
 pub mod numa;
