@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 scripts/install-deps.sh
+# The Debian kernel, initramfs and disk image the Linux-guest tests boot
+# (tests/linux_boot.rs); apt downloads, cached in target/linux-guest.
+scripts/fetch-linux-guest.sh
 cargo fmt --all -- --check
 cargo clippy --release --all-targets -- -D warnings
 cargo test --release

@@ -661,6 +661,13 @@ fn parse_linux(
         }
         return Ok(None);
     };
+    if t.has("moves") {
+        t.used("moves");
+        return Err(t.error(
+            "moves",
+            "vCPU moves are for micro-guests; a Linux VM (`kernel`) keeps its placement".into(),
+        ));
+    }
     let kernel = file_key("kernel", kernel)?;
     let initramfs = match t.opt_str("initramfs")? {
         Some(p) => Some(file_key("initramfs", p)?),

@@ -47,8 +47,59 @@ impl Default for RunOptions {
 struct RunningVm {
     index: usize,
     space: Option<VmId>,
-    vm: Option<MicroVm>,
+    vm: Option<Guest>,
     error: Option<String>,
+}
+
+/// A micro-guest VM or a Linux VM (`crate::linux`, a `[[vm]]` with `kernel`).
+enum Guest {
+    Micro(Box<MicroVm>),
+    Linux(Box<crate::linux::LinuxVm>),
+}
+
+impl Guest {
+    fn build(
+        kvm: &kvm_ioctls::Kvm,
+        memory: &Memory,
+        topology: &Topology,
+        vc: &VmConfig,
+    ) -> Result<(VmId, Guest)> {
+        Ok(match vc.linux {
+            Some(_) => {
+                let (space, vm) = crate::linux::build(kvm, memory, topology, vc)?;
+                (space, Guest::Linux(Box::new(vm)))
+            }
+            None => {
+                let (space, vm) = build_vm(kvm, memory, topology, vc)?;
+                (space, Guest::Micro(Box::new(vm)))
+            }
+        })
+    }
+    fn start(&mut self) -> Result<()> {
+        match self {
+            Guest::Micro(vm) => vm.start(),
+            Guest::Linux(vm) => vm.start(),
+        }
+    }
+    /// (done, total); a Linux VM counts as one unit, done when it ended.
+    fn progress(&self) -> (u64, u64) {
+        match self {
+            Guest::Micro(vm) => vm.progress(),
+            Guest::Linux(vm) => (vm.is_finished() as u64, 1),
+        }
+    }
+    fn is_finished(&self) -> bool {
+        match self {
+            Guest::Micro(vm) => vm.is_finished(),
+            Guest::Linux(vm) => vm.is_finished(),
+        }
+    }
+    fn wait(self) -> crate::vm::VmOutcome {
+        match self {
+            Guest::Micro(vm) => vm.wait(),
+            Guest::Linux(vm) => vm.wait(),
+        }
+    }
 }
 
 /// What the monitor does with the policy's sections in this build.
@@ -145,7 +196,7 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
     let mut vms = Vec::new();
     for index in 0..config.vms.len() {
         vms.push(
-            match build_vm(&kvm, &memory, &topology, &config.vms[index]) {
+            match Guest::build(&kvm, &memory, &topology, &config.vms[index]) {
                 Ok((space, vm)) => RunningVm {
                     index,
                     space: Some(space),
@@ -247,7 +298,9 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
     let mut moves_applied: Vec<Vec<String>> = vec![Vec::new(); vms.len()];
     loop {
         for (i, rv) in vms.iter_mut().enumerate() {
-            let (Some(vm), Some(space)) = (rv.vm.as_mut(), rv.space) else {
+            // vCPU moves and page sampling apply to micro-VMs (a Linux VM's
+            // config cannot have moves).
+            let (Some(Guest::Micro(vm)), Some(space)) = (rv.vm.as_mut(), rv.space) else {
                 continue;
             };
             let vc = &config.vms[rv.index];
@@ -263,7 +316,7 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
                 register_vcpu_threads(vm, space, sampler);
             }
         }
-        let running: Vec<&MicroVm> = vms.iter().filter_map(|v| v.vm.as_ref()).collect();
+        let running: Vec<&Guest> = vms.iter().filter_map(|v| v.vm.as_ref()).collect();
         let (done, total) = running.iter().fold((0, 0), |(d, t), vm| {
             let (a, b) = vm.progress();
             (d + a.min(b), t + b)
@@ -307,10 +360,10 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
     for (i, rv) in vms.iter_mut().enumerate() {
         let vc = &config.vms[rv.index];
         let final_nodes: Vec<usize> = match &rv.vm {
-            Some(vm) => vm.placements().iter().map(|p| p.node).collect(),
-            None => vc.vcpu_nodes.clone(),
+            Some(Guest::Micro(vm)) => vm.placements().iter().map(|p| p.node).collect(),
+            _ => vc.vcpu_nodes.clone(),
         };
-        let outcome = rv.vm.take().map(MicroVm::wait);
+        let outcome = rv.vm.take().map(Guest::wait);
         let space_stats = rv.space.and_then(|s| memory.space_stats(s).ok());
         let pages_per_node = space_stats
             .as_ref()
@@ -353,6 +406,7 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
         reports.push(VmReport {
             name: vc.name.clone(),
             workload: vc.workload.clone(),
+            kernel: vc.linux.as_ref().map(|l| l.kernel.display().to_string()),
             memory_mib: vc.memory_mib,
             pages_per_node,
             shared_pages,

@@ -70,6 +70,9 @@ pub struct VcpuReport {
 pub struct VmReport {
     pub name: String,
     pub workload: Workload,
+    /// A Linux VM's kernel (its `workload` is then unused).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
     pub memory_mib: u64,
     /// Guest pages backed by each node's pool at the end of the run.
     pub pages_per_node: Vec<u64>,
@@ -139,13 +142,14 @@ impl RunReport {
                 .map(|(n, p)| format!("n{n}:{p}"))
                 .collect();
             let result = match vm.status.as_str() {
+                "ok" if vm.kernel.is_some() => "ok, the guest powered off".to_string(),
                 "ok" => "ok, checksums verified".to_string(),
                 s => format!("{s}: {}", vm.error.as_deref().unwrap_or("")),
             };
             out += &format!(
                 "{:<14} {:<11} {:>5} {:<12} {:>7} {:<18} {:>10.1} {:>9.1} {}\n",
                 vm.name,
-                vm.workload.name(),
+                vm.kernel.as_ref().map_or(vm.workload.name(), |_| "linux"),
                 vm.vcpus.len(),
                 nodes.join(","),
                 vm.memory_mib,

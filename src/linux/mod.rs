@@ -498,8 +498,10 @@ pub fn build(
         for i in 1..spec.numa.nodes.len() {
             let node = spec.numa.nodes[i].topology_node;
             for gfn in spec.numa.frames(i) {
+                // Still zero: replace with a fresh page of the node's pool.
                 memory
-                    .move_page(space, gfn, node)
+                    .unmap_page(space, gfn)
+                    .and_then(|()| memory.map_page(space, gfn, node).map(drop))
                     .with_context(|| format!("placing guest frame {gfn:#x} on node {node}"))?;
             }
         }
