@@ -5,8 +5,10 @@
 #     vmlinux extracted from it (the bzImage's payload, decompressed): the
 #     ELF skips the in-guest decompressor, which under instruction emulation
 #     (see FACTS.md) would take many minutes;
-#   * a small initramfs made from busybox-static whose /init prints a marker,
-#     the first sector of /dev/vda (the test disk) and powers off;
+#   * a small initramfs made from busybox-static and the kernel's virtio
+#     modules (Debian builds virtio, virtio_mmio, virtio_blk and
+#     virtio_console as modules) whose /init loads them, prints a marker and
+#     the first sector of /dev/vda (the test disk), then resets the VM;
 #   * a 1 MiB test disk image whose first sector holds a known text.
 # Output directory: $DISCO_LINUX_GUEST_DIR, default target/linux-guest.
 # Idempotent: does nothing when everything is already there.
@@ -18,7 +20,7 @@ mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 
 if [ -s "$out/vmlinux" ] && [ -s "$out/bzImage" ] && [ -s "$out/initramfs.cpio.gz" ] \
-  && [ -s "$out/disk.img" ] && [ -s "$out/version" ]; then
+  && [ -s "$out/disk.img" ] && [ -s "$out/version" ] && [ "$(cat "$out/format" 2>/dev/null)" = 2 ]; then
   echo "fetch-linux-guest: present in $out ($(cat "$out/version"))"
   exit 0
 fi
@@ -68,9 +70,17 @@ cp vmlinux "$out/vmlinux"
 echo "fetch-linux-guest: downloading busybox-static"
 apt-get download -q busybox-static >/dev/null
 dpkg -x ./busybox-static_*.deb bb
-mkdir -p root/bin root/dev root/proc root/sys
+mkdir -p root/bin root/dev root/proc root/sys root/modules
 cp bb/bin/busybox root/bin/busybox
-for applet in sh mount echo cat dd head poweroff sleep uname mknod; do
+for m in virtio virtio_ring virtio_mmio virtio_blk virtio_console; do
+  ko="$(find kernel/lib/modules -name "$m.ko*" | head -1)"
+  if [ -z "$ko" ]; then
+    echo "fetch-linux-guest: module $m not found in $pkg" >&2
+    exit 1
+  fi
+  cp "$ko" root/modules/
+done
+for applet in sh mount echo cat dd head grep insmod reboot sleep uname mknod ls; do
   ln -s busybox "root/bin/$applet"
 done
 cat > root/init <<'EOF'
@@ -80,13 +90,18 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 echo "DISCO-INIT-OK $(uname -r) cpus=$(grep -c ^processor /proc/cpuinfo)"
+for m in virtio virtio_ring virtio_mmio virtio_blk virtio_console; do
+  insmod /modules/$m.ko* || echo "DISCO-INIT: insmod $m failed"
+done
+for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vda ] && break; sleep 0.2; done
 if [ -b /dev/vda ]; then
   echo "DISCO-DISK: $(dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c 64)"
 else
   echo "DISCO-DISK: no /dev/vda"
 fi
+echo "DISCO-HVC: $(ls /dev/hvc0 2>/dev/null)"
 echo "DISCO-INIT-DONE"
-poweroff -f
+reboot -f
 EOF
 chmod +x root/init
 (cd root && find . | cpio -o -H newc --quiet) | gzip -9 > "$out/initramfs.cpio.gz"
@@ -97,4 +112,5 @@ truncate -s 1M disk.img
 cp disk.img "$out/disk.img"
 
 echo "$pkg" > "$out/version"
+echo 2 > "$out/format"   # bump when the initramfs or disk changes
 echo "fetch-linux-guest: $pkg -> $out (bzImage, vmlinux, initramfs.cpio.gz, disk.img)"

@@ -4,16 +4,25 @@
 //! crate and placed in the reserved BIOS area at [`ACPI_START`] (the RSDP
 //! first, on a 16-byte boundary, where Linux also finds it by scanning).
 //!
-//! No FADT/DSDT: Linux reads the MADT, SRAT and SLIT during early setup
-//! without them; its ACPI interpreter later reports that it found no DSDT
-//! and runs without ACPI power management (the VM powers off through the
-//! keyboard controller reset, see `vcpu.rs`). The guest's NUMA topology is
-//! what the monitor really did: each slice of RAM is backed by its node's
-//! pool and each vCPU thread is pinned to its node's CPUs.
+//! A FADT for a hardware-reduced ACPI platform (no PM timer, GPE or
+//! power-management ports: the VM resets through the keyboard controller,
+//! see `vcpu.rs`) points at a DSDT that announces each virtio-mmio device
+//! as an `LNRO0005` device with its register window and interrupt, which
+//! is how Linux's virtio_mmio driver finds devices when, as in Debian's
+//! kernel, `virtio_mmio.device=` command-line devices are not built in.
+//!
+//! The guest's NUMA topology is what the monitor really did: each slice of
+//! RAM is backed by its node's pool and each vCPU thread is pinned to its
+//! node's CPUs.
 
+use acpi_tables::aml::{Device, Interrupt, Memory32Fixed, Name, Path, ResourceTemplate, Scope};
+use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::{rsdp::Rsdp, sdt::Sdt, slit::SLIT, srat::MemoryAffinity, xsdt::XSDT, Aml};
 
-use super::layout::{NumaPlan, ACPI_END, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR};
+use super::layout::{
+    NumaPlan, ACPI_END, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE,
+    VIRTIO_MMIO_SIZE,
+};
 
 const OEM_ID: [u8; 6] = *b"DISCO ";
 const OEM_TABLE: [u8; 8] = *b"DISCOVM ";
@@ -95,14 +104,69 @@ pub fn slit(plan: &NumaPlan) -> Vec<u8> {
     bytes(&t)
 }
 
-/// Lays out RSDP, XSDT, MADT, SRAT and SLIT from [`ACPI_START`].
-pub fn build(vcpus: usize, plan: &NumaPlan) -> anyhow::Result<AcpiTables> {
-    let tables = [madt(vcpus), srat(plan), slit(plan)];
+/// DSDT: virtio-mmio device `i` as `\_SB.VRxx` (HID LNRO0005) with its
+/// 4 KiB register window and its edge-triggered, active-high interrupt.
+pub fn dsdt(virtio_devices: usize) -> Vec<u8> {
+    let hid: &'static str = "LNRO0005";
+    let names: Vec<String> = (0..virtio_devices).map(|i| format!("VR{i:02X}")).collect();
+    let uids: Vec<u32> = (0..virtio_devices as u32).collect();
+    let mems: Vec<Memory32Fixed> = (0..virtio_devices)
+        .map(|i| {
+            Memory32Fixed::new(
+                true,
+                (VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE) as u32,
+                VIRTIO_MMIO_SIZE as u32,
+            )
+        })
+        .collect();
+    let irqs: Vec<Interrupt> = (0..virtio_devices as u32)
+        .map(|i| Interrupt::new(true, true, false, false, VIRTIO_IRQ_BASE + i))
+        .collect();
+    let crs: Vec<ResourceTemplate> = (0..virtio_devices)
+        .map(|i| ResourceTemplate::new(vec![&mems[i], &irqs[i]]))
+        .collect();
+    let hid_names: Vec<Name> = (0..virtio_devices)
+        .map(|_| Name::new(Path::new("_HID"), &hid))
+        .collect();
+    let uid_names: Vec<Name> = uids
+        .iter()
+        .map(|u| Name::new(Path::new("_UID"), u))
+        .collect();
+    let crs_names: Vec<Name> = crs
+        .iter()
+        .map(|c| Name::new(Path::new("_CRS"), c))
+        .collect();
+    let devices: Vec<Device> = (0..virtio_devices)
+        .map(|i| {
+            Device::new(
+                Path::new(&names[i]),
+                vec![&hid_names[i], &uid_names[i], &crs_names[i]],
+            )
+        })
+        .collect();
+    let children: Vec<&dyn Aml> = devices.iter().map(|d| d as &dyn Aml).collect();
+    let mut t = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE, 1);
+    t.append_slice(&bytes(&Scope::new(Path::new("\\_SB_"), children)));
+    t.as_slice().to_vec()
+}
+
+/// Lays out RSDP, XSDT, FADT, DSDT, MADT, SRAT and SLIT from [`ACPI_START`].
+pub fn build(vcpus: usize, plan: &NumaPlan, virtio_devices: usize) -> anyhow::Result<AcpiTables> {
     let rsdp_addr = ACPI_START;
     let xsdt_addr = ACPI_START + 0x40;
     let mut next = xsdt_addr + 0x100;
+    let dsdt = dsdt(virtio_devices);
+    let dsdt_addr = next;
+    next = (next + dsdt.len() as u64).next_multiple_of(16);
+    let fadt = FADTBuilder::new(OEM_ID, OEM_TABLE, 1)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton)
+        .dsdt_64(dsdt_addr)
+        .finalize();
+    let tables = [bytes(&fadt), madt(vcpus), srat(plan), slit(plan)];
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE, 1);
-    let mut pieces = Vec::new();
+    let mut pieces = vec![(dsdt_addr, dsdt)];
     for t in tables {
         xsdt.add_entry(next);
         let len = t.len() as u64;
@@ -148,7 +212,12 @@ mod tests {
         assert_eq!(srat(&plan).len(), 48 + 2 * 16 + 2 * 40);
         let slit = slit(&plan);
         assert_eq!(&slit[44..48], &[10, 20, 20, 10]);
-        let built = build(2, &plan).unwrap();
+        let built = build(2, &plan, 2).unwrap();
+        for (_, t) in &built.pieces[..built.pieces.len() - 1] {
+            assert!(checksum_ok(t), "{:?} checksum", &t[0..4]);
+        }
+        let dsdt = dsdt(2);
+        assert!(dsdt.windows(8).any(|w| w == b"LNRO0005"));
         let rsdp = &built
             .pieces
             .iter()

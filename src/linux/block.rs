@@ -74,7 +74,7 @@ impl Block {
     ) -> (u8, u32) {
         let total: u64 = data.iter().map(|d| d.1 as u64).sum();
         let in_range = |total: u64| {
-            total % SECTOR == 0
+            total.is_multiple_of(SECTOR)
                 && sector
                     .checked_add(total / SECTOR)
                     .is_some_and(|end| end <= self.sectors)

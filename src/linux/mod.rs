@@ -171,22 +171,15 @@ pub struct LinuxVm {
     loaded: loader::Loaded,
 }
 
-/// The command line the guest gets: the configured one (or
-/// [`DEFAULT_CMDLINE`]) plus one `virtio_mmio.device=` per device.
-pub fn full_cmdline(guest: &LinuxGuestConfig, devices: usize) -> String {
-    let mut c = guest
+/// The command line the guest gets: the configured one or
+/// [`DEFAULT_CMDLINE`]. Virtio devices are announced in the ACPI DSDT, not
+/// here: Debian's kernel is built without `virtio_mmio.device=` support.
+pub fn full_cmdline(guest: &LinuxGuestConfig) -> String {
+    guest
         .cmdline
         .as_deref()
         .unwrap_or(DEFAULT_CMDLINE)
-        .to_string();
-    for i in 0..devices {
-        c += &format!(
-            " virtio_mmio.device=4K@{:#x}:{}",
-            layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE,
-            layout::VIRTIO_IRQ_BASE + i as u32
-        );
-    }
-    c
+        .to_string()
 }
 
 impl LinuxVm {
@@ -198,7 +191,7 @@ impl LinuxVm {
         let name = spec.name.clone();
         let ctx = || format!("creating Linux VM {name}");
         let size = ram.size as u64;
-        if size < MIN_MEMORY_MIB << 20 || size > layout::RAM_LIMIT {
+        if !(MIN_MEMORY_MIB << 20..=layout::RAM_LIMIT).contains(&size) {
             bail!(
                 "{}: {} MiB of RAM; allowed {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} MiB",
                 ctx(),
@@ -215,8 +208,8 @@ impl LinuxVm {
         }
         crate::vm::control::install_kick_handler()?;
         let mem = loader::guest_memory(&ram).with_context(ctx)?;
-        let cmdline = full_cmdline(&spec.guest, nvirtio);
-        let tables = acpi::build(spec.vcpus.len(), &spec.numa).with_context(ctx)?;
+        let cmdline = full_cmdline(&spec.guest);
+        let tables = acpi::build(spec.vcpus.len(), &spec.numa, nvirtio).with_context(ctx)?;
         let loaded = loader::load(
             &mem,
             size,

@@ -36,7 +36,7 @@ pub(crate) struct LinuxVcpu {
 }
 
 enum Ended {
-    GuestEnded(String),
+    GuestStopped(String),
     Failed(String),
     Stopped,
 }
@@ -57,7 +57,7 @@ impl LinuxVcpu {
             expected: Some(0),
         };
         let outcome = match ended {
-            Ended::GuestEnded(why) => {
+            Ended::GuestStopped(why) => {
                 self.guest_ended.store(true, Ordering::SeqCst);
                 self.control
                     .request_stop(format!("guest {why} (vCPU {})", self.index));
@@ -149,7 +149,7 @@ impl LinuxVcpu {
             }
             VcpuExit::IoOut(port, data) => {
                 if port == I8042_COMMAND && data.first() == Some(&I8042_RESET) {
-                    return Ok(Some(Ended::GuestEnded(
+                    return Ok(Some(Ended::GuestStopped(
                         "requested a reset (keyboard controller)".into(),
                     )));
                 }
@@ -166,10 +166,10 @@ impl LinuxVcpu {
             }
             VcpuExit::SystemEvent(kind, _) => Ok(Some(match kind {
                 kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => {
-                    Ended::GuestEnded("powered off".into())
+                    Ended::GuestStopped("powered off".into())
                 }
                 kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
-                    Ended::GuestEnded("requested a reset".into())
+                    Ended::GuestStopped("requested a reset".into())
                 }
                 other => Ended::Failed(format!("KVM system event {other}")),
             })),
