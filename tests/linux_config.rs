@@ -99,6 +99,10 @@ fn linux_key_mistakes_are_named() {
         &["vm[0].serial", "{vm}"],
     );
     err(
+        "[[vm]]\nname = \"a\"\nmemory_mib = 128\nkernel = \"vmlinux\"\nmoves = [{ after_ms = 10, node = 1 }]\n",
+        &["vm[0].moves", "micro-guests"],
+    );
+    err(
         "[[vm]]\nname = \"a\"\nmemory_mib = 128\nkernel = \"vmlinux\"\nvirtio_console = 1\n",
         &["vm[0].virtio_console", "true or false"],
     );
