@@ -646,11 +646,16 @@ fn parse_linux(
     use crate::linux::{
         DiskConfig, LinuxGuestConfig, SerialOutput, MAX_MEMORY_MIB, MIN_MEMORY_MIB,
     };
+    // Files are opened when the VM is built (they may be fetched after
+    // the config is written); here a path must at least be given.
     let file_key = |key: &str, path: &str| -> Result<PathBuf> {
-        let p = dir.join(path);
-        std::fs::metadata(&p)
-            .map_err(|e| t.error(key, format!("cannot read {}: {e}; allowed: a path to an existing file (relative to the config file)", p.display())))?;
-        Ok(p)
+        if path.is_empty() {
+            return Err(t.error(
+                key,
+                "is empty; allowed: a file path (relative to the config file)".into(),
+            ));
+        }
+        Ok(dir.join(path))
     };
     let Some(kernel) = t.opt_str("kernel")? else {
         for key in ["initramfs", "cmdline", "disk", "serial", "virtio_console"] {
@@ -675,13 +680,13 @@ fn parse_linux(
     };
     let cmdline = t.opt_str("cmdline")?.map(str::to_string);
     if let Some(c) = &cmdline {
-        if c.len() > crate::linux::MAX_CMDLINE / 2 {
+        if c.len() >= crate::linux::MAX_CMDLINE {
             return Err(t.error(
                 "cmdline",
                 format!(
-                    "is {} bytes; allowed: at most {} (the monitor appends device announcements)",
+                    "is {} bytes; allowed: at most {} (Linux's COMMAND_LINE_SIZE)",
                     c.len(),
-                    crate::linux::MAX_CMDLINE / 2
+                    crate::linux::MAX_CMDLINE - 1
                 ),
             ));
         }
@@ -705,18 +710,11 @@ fn parse_linux(
             };
             let d = Fields::new(t.file, &t.key(&format!("disk[{i}]")), d);
             let path = d.req_str("path")?;
-            let p = dir.join(path);
-            std::fs::metadata(&p).map_err(|e| {
-                d.error(
-                    "path",
-                    format!(
-                        "cannot read {}: {e}; allowed: a path to an existing disk image",
-                        p.display()
-                    ),
-                )
-            })?;
+            if path.is_empty() {
+                return Err(d.error("path", "is empty; allowed: a disk image's path".into()));
+            }
             disks.push(DiskConfig {
-                path: p,
+                path: dir.join(path),
                 read_only: d.opt_bool("read_only")?.unwrap_or(false),
             });
             d.finish()?;

@@ -75,8 +75,8 @@ fn linux_key_mistakes_are_named() {
         &["vm[0].workload", "not both"],
     );
     err(
-        "[[vm]]\nname = \"a\"\nmemory_mib = 128\nkernel = \"nope\"\n",
-        &["vm[0].kernel", "cannot read", "existing file"],
+        "[[vm]]\nname = \"a\"\nmemory_mib = 128\nkernel = \"\"\n",
+        &["vm[0].kernel", "is empty", "file path"],
     );
     err(
         "[[vm]]\nname = \"a\"\ninitramfs = \"initrd\"\n",
@@ -87,8 +87,8 @@ fn linux_key_mistakes_are_named() {
         &["vm[0].memory_mib", "64 to 3072"],
     );
     err(
-        "[[vm]]\nname = \"a\"\nmemory_mib = 128\nkernel = \"vmlinux\"\ndisk = [{ path = \"missing.img\" }]\n",
-        &["vm[0].disk[0].path", "cannot read"],
+        "[[vm]]\nname = \"a\"\nmemory_mib = 128\nkernel = \"vmlinux\"\ndisk = [{ read_only = true }]\n",
+        &["vm[0].disk[0].path", "is required"],
     );
     err(
         "[[vm]]\nname = \"a\"\nmemory_mib = 128\nkernel = \"vmlinux\"\ndisk = [{ path = \"disk.img\", ro = true }]\n",
