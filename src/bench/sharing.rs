@@ -1484,50 +1484,6 @@ impl SharingResult {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn census_groups_contents() {
-        let h: FrameHashes = vec![
-            vec![None, Some((true, 0)), Some((false, 5)), Some((false, 6))],
-            vec![None, Some((true, 0)), Some((false, 5)), Some((false, 7))],
-            vec![None, Some((true, 0)), Some((false, 5)), Some((false, 8))],
-        ];
-        let c = census(&h);
-        assert_eq!(c.frames, 12);
-        assert_eq!(c.excluded_frames, 3);
-        assert_eq!(c.zero_frames, 3);
-        assert_eq!(c.distinct_contents, 5);
-        assert_eq!(c.duplicate_groups, 2);
-        assert_eq!(c.expected_saved_pages, 4);
-        assert_eq!(c.expected_saved_zero_pages, 2);
-    }
-
-    #[test]
-    fn options_are_valid_and_match_the_ksm_side() {
-        for o in [
-            SharingOptions::standard(false),
-            SharingOptions::standard(true),
-            SharingOptions::tiny(),
-        ] {
-            o.validate().unwrap();
-            let k = o.ksm_config();
-            assert_eq!(
-                (k.vms, k.mib_per_vm as u64, k.seed),
-                (o.vms, o.mib_per_vm, o.seed)
-            );
-            assert_eq!(k.shared_fraction * 100.0, o.shared_percent as f64);
-        }
-        let bad = SharingOptions {
-            vms: 1,
-            ..SharingOptions::tiny()
-        };
-        assert!(bad.validate().is_err());
-    }
-}
-
 // ---------------------------------------------------------------------------
 // the suite's view (`disco bench`, benches/scenarios/sharing.toml)
 // ---------------------------------------------------------------------------
@@ -1811,5 +1767,49 @@ impl ScenarioResult for SharingResult {
 
     fn json(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn census_groups_contents() {
+        let h: FrameHashes = vec![
+            vec![None, Some((true, 0)), Some((false, 5)), Some((false, 6))],
+            vec![None, Some((true, 0)), Some((false, 5)), Some((false, 7))],
+            vec![None, Some((true, 0)), Some((false, 5)), Some((false, 8))],
+        ];
+        let c = census(&h);
+        assert_eq!(c.frames, 12);
+        assert_eq!(c.excluded_frames, 3);
+        assert_eq!(c.zero_frames, 3);
+        assert_eq!(c.distinct_contents, 5);
+        assert_eq!(c.duplicate_groups, 2);
+        assert_eq!(c.expected_saved_pages, 4);
+        assert_eq!(c.expected_saved_zero_pages, 2);
+    }
+
+    #[test]
+    fn options_are_valid_and_match_the_ksm_side() {
+        for o in [
+            SharingOptions::standard(false),
+            SharingOptions::standard(true),
+            SharingOptions::tiny(),
+        ] {
+            o.validate().unwrap();
+            let k = o.ksm_config();
+            assert_eq!(
+                (k.vms, k.mib_per_vm as u64, k.seed),
+                (o.vms, o.mib_per_vm, o.seed)
+            );
+            assert_eq!(k.shared_fraction * 100.0, o.shared_percent as f64);
+        }
+        let bad = SharingOptions {
+            vms: 1,
+            ..SharingOptions::tiny()
+        };
+        assert!(bad.validate().is_err());
     }
 }

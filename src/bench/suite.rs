@@ -267,8 +267,16 @@ impl ScenarioFile {
         paths.iter().map(|p| ScenarioFile::read(p)).collect()
     }
 
-    /// Parses and validates the file; runs nothing.
+    /// Parses and validates the file, its `[quick]` variant included
+    /// whichever mode is asked for; runs nothing.
     pub fn load(&self, quick: bool, overrides: &[String]) -> Result<Loaded> {
+        if !quick {
+            self.load_mode(true, overrides)?;
+        }
+        self.load_mode(quick, overrides)
+    }
+
+    fn load_mode(&self, quick: bool, overrides: &[String]) -> Result<Loaded> {
         let params = Params::parse(&self.text, &self.source, quick, overrides)?;
         let kind = KINDS
             .iter()

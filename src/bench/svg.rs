@@ -354,6 +354,10 @@ impl LinePlot {
     }
 }
 
+/// One series of a [`BarPlot`]: a name, one value per category, an
+/// optional (min, max) whisker per category.
+pub type BarSeries = (String, Vec<f64>, Vec<Option<(f64, f64)>>);
+
 /// One group of bars per category, one bar per series in each group, with
 /// optional min-max whiskers; for ratios and other per-case figures.
 #[derive(Clone, Debug, PartialEq)]
@@ -361,8 +365,7 @@ pub struct BarPlot {
     pub title: String,
     pub y_label: String,
     pub categories: Vec<String>,
-    /// (name, one value per category, optional (min, max) per category).
-    pub series: Vec<(String, Vec<f64>, Vec<Option<(f64, f64)>>)>,
+    pub series: Vec<BarSeries>,
     pub reference_lines: Vec<ReferenceLine>,
     pub width: u32,
     pub height: u32,
