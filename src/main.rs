@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use disco::bench::compare;
+use disco::bench::suite::{self, Progress, ScenarioFile};
 use disco::config::Config;
 use disco::monitor::{self, RunOptions};
 use disco::topology::Topology;
@@ -43,57 +45,82 @@ enum Command {
     },
     /// Print the embedded default config (a starting point for your own).
     DefaultConfig,
-    /// Benchmarks on real KVM: VM density, disco vs a bare-KVM runner, page
-    /// sharing vs Linux KSM.
+    /// Benchmarks on real KVM: the suite (`all`), one scenario by name, scenario
+    /// files (`run`), `compare` of two results folders, `list`.
     Bench {
-        #[arg(value_enum)]
-        scenario: BenchScenario,
-        /// Print the result as JSON on stdout instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// Fewer repetitions (a quick look, not a figure to publish).
-        #[arg(long)]
-        quick: bool,
-        /// Repetitions (default: density 3, overhead 10; with --quick 1 and 3;
-        /// sharing: sweep runs 5 and copy-on-write rewrites 3, with --quick 3 and 2).
-        #[arg(long)]
-        reps: Option<usize>,
-        /// density: number of VMs (default 100); sharing: (default 8).
-        #[arg(long)]
-        vms: Option<usize>,
-        /// density: guest RAM per VM in MiB (default 4); sharing: (default 32).
-        #[arg(long)]
-        mib: Option<u64>,
-        /// sharing: directory for sharing.json, sharing.md and
-        /// sharing-savings.svg.
-        #[arg(long, value_name = "DIR", default_value = "bench-results")]
-        out: PathBuf,
-        /// sharing: disco's scanner rate (default 100000, the policy default).
-        #[arg(long, value_name = "PAGES")]
-        pages_per_second: Option<u64>,
-        /// overhead: the shipped policy disco runs with (repeatable; default
-        /// static, i.e. the monitor without sharing; `disco` is the default
-        /// policy of `disco run`, with sharing).
-        #[arg(long = "policy", value_name = "POLICY")]
-        policies: Vec<String>,
+        #[command(subcommand)]
+        what: BenchCommand,
     },
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum BenchScenario {
-    /// Create and start many micro-VMs: VMs per second, memory per VM beyond guest RAM.
-    Density,
-    /// The same workloads run by disco and by a bare-KVM runner on anonymous memory.
-    Overhead,
-    /// disco's page sharing vs Linux KSM on the same guests: time, CPU, savings,
-    /// copy-on-write latency, guest slowdown (needs root; restores KSM's settings).
-    Sharing,
-    /// VMs placed badly on the 4-node fixture, under each shipped policy:
-    /// local-access fraction and modelled cost over time.
-    Locality,
-    /// Pages migrated per second vs this machine's memcpy, and the slowdown
-    /// of a guest whose pages move.
-    Migration,
+/// How a suite run is run and where it writes.
+#[derive(clap::Args, Clone, Debug)]
+struct SuiteArgs {
+    /// The quick variant of every scenario (its `[quick]` table): a look,
+    /// not figures to publish.
+    #[arg(long)]
+    quick: bool,
+    /// Results folder (default: bench-results/<UTC date>-<commit>).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Scenario directory to use instead of the shipped scenarios
+    /// (every *.toml in it).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Override a scenario key, e.g. --set vms=4 (repeatable; applies to
+    /// every scenario run).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Print each scenario's JSON record on stdout when done.
+    #[arg(long)]
+    json: bool,
+    /// No progress bars or phase lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Run every scenario (shipped, or every *.toml of --dir).
+    All(SuiteArgs),
+    /// Run scenario files.
+    Run {
+        #[arg(required = true, value_name = "FILE.toml")]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        args: SuiteArgs,
+    },
+    /// Compare two results folders: what got better or worse beyond noise.
+    Compare {
+        old: PathBuf,
+        new: PathBuf,
+        /// Smallest relative change of a median that counts, percent.
+        #[arg(long, default_value_t = 5.0)]
+        threshold: f64,
+        /// Exit with status 1 when a figure got worse.
+        #[arg(long)]
+        fail_on_regression: bool,
+        /// Print the comparison as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the scenarios (shipped, or of --dir) and the scenario kinds.
+    List {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// Run one scenario by name (e.g. `disco bench sharing --quick`).
+    #[command(external_subcommand)]
+    Scenario(Vec<String>),
+}
+
+/// `disco bench NAME [options]`.
+#[derive(Parser)]
+#[command(name = "disco bench")]
+struct ScenarioCli {
+    name: String,
+    #[command(flatten)]
+    args: SuiteArgs,
 }
 
 fn main() -> ExitCode {
@@ -186,117 +213,180 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", disco::config::DEFAULT_CONFIG);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench {
-            scenario,
-            json,
-            quick,
-            reps,
-            vms,
-            mib,
-            out,
-            pages_per_second,
-            policies,
-        } => {
-            use disco::bench::{density, overhead, sharing};
-            let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
-            if pages_per_second.is_some() && !matches!(scenario, BenchScenario::Sharing) {
-                anyhow::bail!("--pages-per-second applies to the sharing scenario only");
+        Command::Bench { what } => bench(what),
+    }
+}
+
+/// The scenario files a suite run reads.
+fn scenario_files(dir: &Option<PathBuf>) -> anyhow::Result<Vec<ScenarioFile>> {
+    match dir {
+        Some(d) => ScenarioFile::read_dir(d),
+        None => Ok(ScenarioFile::shipped()),
+    }
+}
+
+/// Loads (validates) every file, then runs them all into one folder.
+fn run_files(files: &[ScenarioFile], args: &SuiteArgs) -> anyhow::Result<ExitCode> {
+    let loaded = files
+        .iter()
+        .map(|f| f.load(args.quick, &args.set))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let out = args.out.clone().unwrap_or_else(suite::default_out_dir);
+    let progress = Progress {
+        show: !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let command: Vec<String> = std::env::args().collect();
+    let command = format!("disco {}", command[1..].join(" "));
+    let outcome = suite::run_suite(&loaded, &out, progress, &command)?;
+    if args.json {
+        for r in &outcome.records {
+            println!("{}", serde_json::to_string_pretty(r)?);
+        }
+    } else {
+        print!("{}", suite::headline_table(&outcome.records));
+    }
+    eprintln!(
+        "disco bench: {} scenario(s) written to {} (report.md, *.json, *.svg)",
+        outcome.records.len(),
+        outcome.out_dir.display()
+    );
+    if outcome.failures.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for (name, e) in &outcome.failures {
+            eprintln!("disco bench: {name} failed: {e}");
+        }
+        Ok(ExitCode::from(1))
+    }
+}
+
+fn bench(what: BenchCommand) -> anyhow::Result<ExitCode> {
+    match what {
+        BenchCommand::All(args) => run_files(&scenario_files(&args.dir)?, &args),
+        BenchCommand::Run { files, args } => {
+            if args.dir.is_some() {
+                anyhow::bail!("--dir applies to `all` and scenario names; `run` takes files");
             }
-            let (table, json_text) = match scenario {
-                BenchScenario::Migration => {
-                    let mut options = disco::bench::migration::MigrationOptions::standard(quick);
-                    options.reps = reps.unwrap_or(options.reps);
-                    options.mib = mib.unwrap_or(options.mib);
-                    options.progress = progress;
-                    let result = disco::bench::migration::run(&options)?;
-                    (
-                        result.render_table(),
-                        serde_json::to_string_pretty(&result)?,
-                    )
-                }
-                BenchScenario::Locality => {
-                    let mut options = disco::bench::locality::LocalityOptions::standard(quick);
-                    options.vms = vms.unwrap_or(options.vms);
-                    options.memory_mib = mib.unwrap_or(options.memory_mib);
-                    if !policies.is_empty() {
-                        options.policies = policies.clone();
-                    }
-                    options.progress = progress;
-                    let result = disco::bench::locality::run(&options)?;
-                    let files = result.write_outputs(&out)?;
-                    let names: Vec<String> =
-                        files.iter().map(|f| f.display().to_string()).collect();
-                    eprintln!("disco bench locality: wrote {}", names.join(", "));
-                    (
-                        result.render_table(),
-                        serde_json::to_string_pretty(&result)?,
-                    )
-                }
-                BenchScenario::Density => {
-                    if !policies.is_empty() {
-                        anyhow::bail!("--policy applies to the overhead scenario only");
-                    }
-                    let mut options = density::DensityOptions::standard(quick);
-                    options.reps = reps.unwrap_or(options.reps);
-                    options.vms = vms.unwrap_or(options.vms);
-                    options.memory_mib = mib.unwrap_or(options.memory_mib);
-                    options.progress = progress;
-                    let result = density::run(&options)?;
-                    (
-                        result.render_table(),
-                        serde_json::to_string_pretty(&result)?,
-                    )
-                }
-                BenchScenario::Overhead => {
-                    if vms.is_some() || mib.is_some() {
-                        anyhow::bail!(
-                            "--vms and --mib apply to the density and sharing scenarios only"
-                        );
-                    }
-                    let policies: Vec<&str> = if policies.is_empty() {
-                        vec![overhead::STATIC]
-                    } else {
-                        policies.iter().map(String::as_str).collect()
-                    };
-                    let mut options = overhead::OverheadOptions::with_policies(quick, &policies);
-                    options.reps = reps.unwrap_or(options.reps);
-                    options.progress = progress;
-                    let result = overhead::run(&options)?;
-                    (
-                        result.render_table(),
-                        serde_json::to_string_pretty(&result)?,
-                    )
-                }
-                BenchScenario::Sharing => {
-                    if !policies.is_empty() {
-                        anyhow::bail!("--policy applies to the overhead scenario only");
-                    }
-                    let mut options = sharing::SharingOptions::standard(quick);
-                    if let Some(reps) = reps {
-                        options.sweep.reps = reps;
-                        options.cow_reps = reps;
-                    }
-                    options.vms = vms.unwrap_or(options.vms);
-                    options.mib_per_vm = mib.unwrap_or(options.mib_per_vm);
-                    options.pages_per_second = pages_per_second.unwrap_or(options.pages_per_second);
-                    options.progress = progress;
-                    let result = sharing::run(&options)?;
-                    let files = result.write_outputs(&out)?;
-                    let names: Vec<String> =
-                        files.iter().map(|f| f.display().to_string()).collect();
-                    eprintln!("disco bench sharing: wrote {}", names.join(", "));
-                    (
-                        result.render_table(),
-                        serde_json::to_string_pretty(&result)?,
-                    )
-                }
+            let files = files
+                .iter()
+                .map(|f| ScenarioFile::read(f))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            run_files(&files, &args)
+        }
+        BenchCommand::Scenario(argv) => {
+            let cli =
+                ScenarioCli::try_parse_from(std::iter::once("disco bench".to_string()).chain(argv))
+                    .unwrap_or_else(|e| e.exit());
+            let files = scenario_files(&cli.args.dir)?;
+            let names: Vec<String> = files
+                .iter()
+                .map(|f| {
+                    f.load(cli.args.quick, &[])
+                        .map(|l| l.params.name().to_string())
+                })
+                .collect::<anyhow::Result<_>>()?;
+            if !names.contains(&cli.name) && ["migration", "locality"].contains(&cli.name.as_str())
+            {
+                return legacy_numa_bench(&cli.name, &cli.args);
+            }
+            let Some(i) = names.iter().position(|n| *n == cli.name) else {
+                anyhow::bail!(
+                    "`{}` is not a scenario or a bench command; scenarios: {}; commands: all, run, compare, list",
+                    cli.name,
+                    names.join(", ")
+                );
             };
+            run_files(&files[i..=i], &cli.args)
+        }
+        BenchCommand::Compare {
+            old,
+            new,
+            threshold,
+            fail_on_regression,
+            json,
+        } => {
+            if !(threshold.is_finite() && threshold >= 0.0) {
+                anyhow::bail!("--threshold must be a percentage >= 0");
+            }
+            let c = compare::compare_dirs(&old, &new, threshold)?;
             if json {
-                println!("{json_text}");
+                println!("{}", serde_json::to_string_pretty(&c)?);
             } else {
-                print!("{table}");
+                print!("{}", c.render());
+            }
+            let worse = c.regressions().count();
+            Ok(if fail_on_regression && worse > 0 {
+                eprintln!("disco bench compare: {worse} figure(s) got worse");
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        BenchCommand::List { dir } => {
+            println!(
+                "scenarios ({}):",
+                dir.as_ref()
+                    .map_or("shipped, benches/scenarios/".to_string(), |d| d
+                        .display()
+                        .to_string())
+            );
+            for f in scenario_files(&dir)? {
+                let l = f.load(false, &[])?;
+                println!(
+                    "  {:<16} kind {:<10} seeds {:?}  {}",
+                    l.params.name(),
+                    l.params.kind(),
+                    l.seeds,
+                    f.source
+                );
+            }
+            println!("kinds:");
+            for k in suite::KINDS {
+                println!("  {:<10} {}", k.name, k.about);
             }
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `disco bench migration|locality`: the NUMA scenarios (issue 4) with their
+/// own options and outputs, until they join the suite as scenario kinds
+/// (see DEVELOPERS.md, "Adding a scenario kind").
+fn legacy_numa_bench(name: &str, args: &SuiteArgs) -> anyhow::Result<ExitCode> {
+    if args.dir.is_some() || !args.set.is_empty() {
+        anyhow::bail!(
+            "`disco bench {name}` is not a suite scenario yet: --dir and --set do not apply"
+        );
+    }
+    let progress = !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (table, json_text) = if name == "migration" {
+        let mut options = disco::bench::migration::MigrationOptions::standard(args.quick);
+        options.progress = progress;
+        let result = disco::bench::migration::run(&options)?;
+        (
+            result.render_table(),
+            serde_json::to_string_pretty(&result)?,
+        )
+    } else {
+        let mut options = disco::bench::locality::LocalityOptions::standard(args.quick);
+        options.progress = progress;
+        let result = disco::bench::locality::run(&options)?;
+        let out = args
+            .out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("bench-results"));
+        let files = result.write_outputs(&out)?;
+        let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        eprintln!("disco bench locality: wrote {}", names.join(", "));
+        (
+            result.render_table(),
+            serde_json::to_string_pretty(&result)?,
+        )
+    };
+    if args.json {
+        println!("{json_text}");
+    } else {
+        print!("{table}");
+    }
+    Ok(ExitCode::SUCCESS)
 }

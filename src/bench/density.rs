@@ -36,7 +36,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::params::{ParamResult, Params};
 use super::procmem::{release_free_heap, MemInfo, ProcessMem};
+use super::suite::{Better, Figure, Plot, Progress, Scenario, ScenarioResult};
+use super::svg::LinePlot;
 use super::{config_from_toml, markdown_table, progress_bar, HostInfo, Stats};
 use crate::config::Config;
 use crate::memory::{Memory, VmId};
@@ -54,6 +57,16 @@ pub struct DensityOptions {
     pub reps: usize,
     /// Progress bar on stderr.
     pub progress: bool,
+    /// Seed of the default `fill` workload (and of a `workload` table
+    /// without one).
+    pub seed: u64,
+    /// The policy the VMs' config names (the scenario builds VMs itself and
+    /// runs no scanner, so only the memory layout follows it).
+    pub policy: String,
+    /// `host`, a fixture name or an hwloc XML path.
+    pub topology: String,
+    /// A `workload` inline table as in `disco run` configs; `None`: `fill`.
+    pub workload: Option<String>,
 }
 
 impl DensityOptions {
@@ -65,6 +78,10 @@ impl DensityOptions {
             memory_mib: 4,
             reps: if quick { 1 } else { 3 },
             progress: false,
+            seed: 7,
+            policy: "static".into(),
+            topology: "host".into(),
+            workload: None,
         }
     }
 
@@ -74,17 +91,21 @@ impl DensityOptions {
             vms: 10,
             memory_mib: 2,
             reps: 1,
-            progress: false,
+            ..DensityOptions::standard(true)
         }
     }
 
-    /// The config the scenario runs: `vms` VMs `d-0`.. of 1 vCPU filling
-    /// their `memory_mib`.
+    /// The config the scenario runs: `vms` VMs `d-0`.. of 1 vCPU running
+    /// the workload (default: filling their `memory_mib`).
     pub fn config_text(&self) -> String {
+        let workload = self
+            .workload
+            .clone()
+            .unwrap_or_else(|| format!("{{ kind = \"fill\", seed = {} }}", self.seed));
         format!(
-            "policy = \"static\"\n\n[[vm]]\nname = \"d\"\ncount = {}\nvcpus = 1\nmemory_mib = {}\ntime_limit_s = 120\n\
-             workload = {{ kind = \"fill\", seed = 7 }}\n",
-            self.vms, self.memory_mib
+            "policy = \"{}\"\n\n[host]\ntopology = \"{}\"\n\n[[vm]]\nname = \"d\"\ncount = {}\nvcpus = 1\n\
+             memory_mib = {}\ntime_limit_s = 120\nworkload = {workload}\n",
+            self.policy, self.topology, self.vms, self.memory_mib
         )
     }
 }
@@ -144,6 +165,17 @@ pub struct DensityResult {
     pub memory: Vec<MemoryPerVm>,
     /// `vm.max_map_count` after the run (disco raises it as root).
     pub max_map_count: u64,
+    /// Per repetition: when each VM was created and started.
+    #[serde(default)]
+    pub timelines: Vec<Timeline>,
+}
+
+/// When each VM of one repetition was created (built) and started, ms since
+/// the first create began, in VM order.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timeline {
+    pub created_ms: Vec<f64>,
+    pub started_ms: Vec<f64>,
 }
 
 /// Counters at one point.
@@ -241,6 +273,7 @@ struct Rep {
     running_after_start: usize,
     /// created, started, finished.
     deltas: [Deltas; 3],
+    timeline: Timeline,
 }
 
 /// Runs the scenario.
@@ -270,10 +303,12 @@ pub fn run(options: &DensityOptions) -> Result<DensityResult> {
         let t0 = Instant::now();
         let mut vms: Vec<(VmId, MicroVm)> = Vec::with_capacity(options.vms);
         let mut spaces = Vec::with_capacity(options.vms);
+        let mut created_ms = Vec::with_capacity(options.vms);
         let built = (|| -> Result<()> {
             for vc in &config.vms {
                 let (space, vm) = build_vm(&kvm, &memory, &topology, vc)
                     .with_context(|| format!("creating {}", vc.name))?;
+                created_ms.push(t0.elapsed().as_secs_f64() * 1e3);
                 spaces.push(space);
                 vms.push((space, vm));
                 bar.inc(1);
@@ -281,7 +316,12 @@ pub fn run(options: &DensityOptions) -> Result<DensityResult> {
             Ok(())
         })();
         let create = t0.elapsed();
-        let result = built.and_then(|()| measure_rep(&memory, &mut vms, &base, create, t0));
+        let result = built
+            .and_then(|()| measure_rep(&memory, &mut vms, &base, create, t0))
+            .map(|mut r| {
+                r.timeline.created_ms = created_ms;
+                r
+            });
         // Tear down whatever exists, also after an error.
         let torn_down = tear_down(&memory, vms, spaces);
         let rep_result = result?;
@@ -306,7 +346,13 @@ pub fn run(options: &DensityOptions) -> Result<DensityResult> {
         vms: options.vms,
         vcpus_per_vm: 1,
         memory_mib: options.memory_mib,
-        workload: "fill (seed 7): every page of the VM's data slice written once".into(),
+        workload: match &options.workload {
+            None => format!(
+                "fill (seed {}): every page of the VM's data slice written once",
+                options.seed
+            ),
+            Some(w) => w.clone(),
+        },
         reps: options.reps,
         create_ms: stat(&|r| ms(r.create)),
         start_ms: stat(&|r| ms(r.start)),
@@ -320,6 +366,7 @@ pub fn run(options: &DensityOptions) -> Result<DensityResult> {
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0),
+        timelines: reps.into_iter().map(|r| r.timeline).collect(),
     })
 }
 
@@ -395,8 +442,10 @@ fn measure_rep(
     let n = vms.len();
     let created = Snapshot::take(memory)?;
     let t1 = Instant::now();
+    let mut started_ms = Vec::with_capacity(n);
     for (_, vm) in vms.iter_mut() {
         vm.start()?;
+        started_ms.push(t0.elapsed().as_secs_f64() * 1e3);
     }
     let start = t1.elapsed();
     let running_after_start = vms.iter().filter(|(_, vm)| !vm.is_finished()).count();
@@ -420,6 +469,10 @@ fn measure_rep(
             Deltas::between(base, &started, n),
             Deltas::between(base, &finished, n),
         ],
+        timeline: Timeline {
+            created_ms: Vec::new(),
+            started_ms,
+        },
     })
 }
 
@@ -527,5 +580,181 @@ impl DensityResult {
             self.host.describe()
         );
         out
+    }
+}
+
+// ---------------------------------------------------------------------------
+// the suite's view (`disco bench`, benches/scenarios/density.toml)
+// ---------------------------------------------------------------------------
+
+struct DensityScenario(DensityOptions);
+
+/// Reads a `kind = "density"` scenario file: `vms`, `memory_mib`, `reps`,
+/// `policy`, `topology`, `workload` (an inline table as in `disco run`
+/// configs; its seed defaults to the run's seed).
+pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
+    let d = DensityOptions::standard(p.quick());
+    let workload = p.opt_table_text("workload")?;
+    let options = DensityOptions {
+        vms: p.usize("vms", 1, crate::config::MAX_COUNT as usize, d.vms)?,
+        memory_mib: p.u64("memory_mib", 2, crate::config::MAX_MEMORY_MIB, d.memory_mib)?,
+        reps: p.usize("reps", 1, 1000, d.reps)?,
+        policy: p.policy("policy", &d.policy)?,
+        topology: p.topology("topology", &d.topology)?,
+        workload,
+        ..d
+    };
+    // The generated config must be valid (workload parameters, memory
+    // large enough, topology loads): checked now, before anything runs.
+    let check = DensityScenario(options.clone()).options_for(1);
+    config_from_toml(&check.config_text()).map_err(|e| {
+        p.error(
+            if options.workload.is_some() {
+                "workload"
+            } else {
+                "memory_mib"
+            },
+            format!("the VM config it makes is invalid: {:#}", e),
+        )
+    })?;
+    Ok(Box::new(DensityScenario(options)))
+}
+
+impl DensityScenario {
+    /// The options with `seed` (put into the workload table when it has no seed).
+    fn options_for(&self, seed: u64) -> DensityOptions {
+        let mut o = self.0.clone();
+        o.seed = seed;
+        if let Some(w) = &o.workload {
+            if let Ok(toml::Value::Table(mut t)) = format!("x = {w}")
+                .parse::<toml::Table>()
+                .map(|mut t| t.remove("x").unwrap_or(toml::Value::Boolean(false)))
+            {
+                let seeded = matches!(
+                    t.get("kind").and_then(|k| k.as_str()),
+                    Some("fill" | "sweep" | "random" | "table_scan")
+                );
+                if seeded && !t.contains_key("seed") {
+                    t.insert("seed".into(), toml::Value::Integer(seed as i64));
+                }
+                o.workload = Some(toml::Value::Table(t).to_string());
+            }
+        }
+        o
+    }
+}
+
+impl Scenario for DensityScenario {
+    fn run(&self, seed: u64, progress: &Progress) -> Result<Box<dyn ScenarioResult>> {
+        let mut options = self.options_for(seed);
+        options.progress = progress.show;
+        Ok(Box::new(run(&options)?))
+    }
+
+    fn policies(&self) -> Vec<String> {
+        vec![self.0.policy.clone()]
+    }
+}
+
+impl ScenarioResult for DensityResult {
+    fn figures(&self) -> Vec<Figure> {
+        let finished = self.memory.iter().find(|m| m.when == "finished");
+        let mut out = vec![
+            Figure::new(
+                "VMs per second (create + start)",
+                "VMs/s",
+                Better::Higher,
+                self.vms_per_second.clone(),
+            )
+            .headline(),
+            Figure::new(
+                "VMs per second (create only)",
+                "VMs/s",
+                Better::Higher,
+                self.create_vms_per_second.clone(),
+            ),
+            Figure::new(
+                "create + start all VMs",
+                "ms",
+                Better::Lower,
+                self.create_start_ms.clone(),
+            ),
+            Figure::new("start all VMs", "ms", Better::Lower, self.start_ms.clone()),
+            Figure::new(
+                "all guests finished (from the first create)",
+                "ms",
+                Better::Lower,
+                self.all_finished_ms.clone(),
+            ),
+        ];
+        if let Some(m) = finished {
+            out.extend([
+                Figure::new(
+                    "host memory per VM beyond guest RAM",
+                    "KiB",
+                    Better::Lower,
+                    m.total_beyond_guest_ram_kib.clone(),
+                )
+                .headline(),
+                Figure::new(
+                    "monitor anonymous memory per VM",
+                    "KiB",
+                    Better::Lower,
+                    m.process_anon_kib.clone(),
+                ),
+                Figure::new(
+                    "monitor heap in use per VM",
+                    "KiB",
+                    Better::Lower,
+                    m.process_heap_kib.clone(),
+                ),
+                Figure::new(
+                    "kernel memory per VM (system-wide counters)",
+                    "KiB",
+                    Better::Lower,
+                    m.kernel_total_kib.clone(),
+                ),
+            ]);
+        }
+        out
+    }
+
+    fn plots(&self) -> Vec<Plot> {
+        let mut plot = LinePlot::new(
+            &format!(
+                "VM start rate: {} micro-VMs ({} MiB each)",
+                self.vms, self.memory_mib
+            ),
+            "milliseconds since the first create",
+            "VMs",
+        );
+        let cumulative = |times: &[f64]| -> Vec<(f64, f64)> {
+            std::iter::once((0.0, 0.0))
+                .chain(times.iter().enumerate().map(|(i, &t)| (t, (i + 1) as f64)))
+                .collect()
+        };
+        for (i, t) in self.timelines.iter().enumerate() {
+            let rep = if self.timelines.len() > 1 {
+                format!(" (rep {})", i + 1)
+            } else {
+                String::new()
+            };
+            plot = plot
+                .series(&format!("created{rep}"), cumulative(&t.created_ms))
+                .series(&format!("started{rep}"), cumulative(&t.started_ms));
+        }
+        vec![Plot {
+            name: "start-rate".into(),
+            title: "VMs created and started over time".into(),
+            svg: plot.render(),
+        }]
+    }
+
+    fn markdown(&self) -> String {
+        self.render_table()
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
     }
 }

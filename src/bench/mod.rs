@@ -14,13 +14,17 @@
 //! Markdown table renderer. Speed is measured here, never in timed tests.
 
 pub mod bare;
+pub mod compare;
 pub mod density;
 pub mod ksm;
 pub mod locality;
+pub mod machine;
 pub mod migration;
 pub mod overhead;
+pub mod params;
 pub mod procmem;
 pub mod sharing;
+pub mod suite;
 pub mod svg;
 
 use std::path::Path;

@@ -28,6 +28,9 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
+use super::params::{ParamResult, Params};
+use super::suite::{Better, Figure, Plot, Progress, Scenario, ScenarioResult};
+use super::svg::BarPlot;
 use super::{bare, config_from_toml, markdown_table_aligned, progress_bar, HostInfo, Stats};
 use crate::config::Config;
 use crate::guest::{layout, model};
@@ -68,6 +71,17 @@ impl OverheadCase {
     /// One VM sweeping its memory: fill, then `passes` read-modify-write
     /// sweeps (steady-state guest memory access).
     pub fn sweep(memory_mib: u64, vcpus: u32, passes: u32, policy: &str) -> OverheadCase {
+        OverheadCase::sweep_seeded(memory_mib, vcpus, passes, policy, 11)
+    }
+
+    /// [`OverheadCase::sweep`] with the workload's seed.
+    pub fn sweep_seeded(
+        memory_mib: u64,
+        vcpus: u32,
+        passes: u32,
+        policy: &str,
+        seed: u64,
+    ) -> OverheadCase {
         OverheadCase::new(
             format!("sweep-{memory_mib}MiB-{vcpus}vcpu-{passes}passes"),
             format!(
@@ -77,7 +91,7 @@ impl OverheadCase {
             policy,
             format!(
                 "[[vm]]\nname = \"sweep\"\nvcpus = {vcpus}\nmemory_mib = {memory_mib}\n\
-                 time_limit_s = 600\nworkload = {{ kind = \"sweep\", seed = 11, passes = {passes} }}\n"
+                 time_limit_s = 600\nworkload = {{ kind = \"sweep\", seed = {seed}, passes = {passes} }}\n"
             ),
         )
     }
@@ -85,6 +99,11 @@ impl OverheadCase {
     /// One VM filling its memory once (first touch of every page: dominated
     /// by the host's page faults).
     pub fn fill(memory_mib: u64, vcpus: u32, policy: &str) -> OverheadCase {
+        OverheadCase::fill_seeded(memory_mib, vcpus, policy, 7)
+    }
+
+    /// [`OverheadCase::fill`] with the workload's seed.
+    pub fn fill_seeded(memory_mib: u64, vcpus: u32, policy: &str, seed: u64) -> OverheadCase {
         OverheadCase::new(
             format!("fill-{memory_mib}MiB-{vcpus}vcpu"),
             format!(
@@ -94,13 +113,25 @@ impl OverheadCase {
             policy,
             format!(
                 "[[vm]]\nname = \"fill\"\nvcpus = {vcpus}\nmemory_mib = {memory_mib}\n\
-                 time_limit_s = 600\nworkload = {{ kind = \"fill\", seed = 7 }}\n"
+                 time_limit_s = 600\nworkload = {{ kind = \"fill\", seed = {seed} }}\n"
             ),
         )
     }
 
     pub fn parse(&self) -> Result<Config> {
         config_from_toml(&self.config)
+    }
+
+    /// The case on a topology (`host`, a fixture name or an hwloc XML path).
+    pub fn on_topology(mut self, topology: &str) -> OverheadCase {
+        if topology != "host" {
+            self.config = self.config.replacen(
+                "\n\n[[vm]]",
+                &format!("\n\n[host]\ntopology = \"{topology}\"\n\n[[vm]]"),
+                1,
+            );
+        }
+        self
     }
 }
 
@@ -432,5 +463,196 @@ impl OverheadResult {
             self.host.describe()
         );
         out
+    }
+}
+
+// ---------------------------------------------------------------------------
+// the suite's view (`disco bench`, benches/scenarios/overhead.toml)
+// ---------------------------------------------------------------------------
+
+/// Workloads of the overhead scenario, by name.
+pub const WORKLOADS: &[&str] = &["sweep", "fill"];
+
+#[derive(Clone, Debug)]
+struct OverheadScenario {
+    workloads: Vec<String>,
+    memory_mib: u64,
+    vcpus: u32,
+    passes: u32,
+    policies: Vec<String>,
+    topology: String,
+    reps: usize,
+    warmup: bool,
+}
+
+impl OverheadScenario {
+    fn options(&self, seed: u64) -> OverheadOptions {
+        let mut cases = Vec::new();
+        for p in &self.policies {
+            for w in &self.workloads {
+                let case = match w.as_str() {
+                    "sweep" => OverheadCase::sweep_seeded(
+                        self.memory_mib,
+                        self.vcpus,
+                        self.passes,
+                        p,
+                        seed,
+                    ),
+                    _ => OverheadCase::fill_seeded(self.memory_mib, self.vcpus, p, seed),
+                };
+                cases.push(case.on_topology(&self.topology));
+            }
+        }
+        OverheadOptions {
+            cases,
+            reps: self.reps,
+            warmup: self.warmup,
+            progress: false,
+        }
+    }
+}
+
+/// Reads a `kind = "overhead"` scenario file: `workloads` (sweep, fill),
+/// `memory_mib`, `vcpus`, `passes` (sweep), `policies` (disco's side),
+/// `topology`, `reps`, `warmup`.
+pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
+    let quick = p.quick();
+    let s = OverheadScenario {
+        workloads: p.str_list("workloads", Some(WORKLOADS), WORKLOADS)?,
+        memory_mib: p.u64("memory_mib", 2, crate::config::MAX_MEMORY_MIB, 64)?,
+        vcpus: p.u64("vcpus", 1, crate::config::MAX_VCPUS, 2)? as u32,
+        passes: p.u64("passes", 1, 1_000_000, 16)? as u32,
+        policies: p.policies("policies", &[STATIC])?,
+        topology: p.topology("topology", "host")?,
+        reps: p.usize("reps", 1, 1000, if quick { 3 } else { 10 })?,
+        warmup: p.bool("warmup", true)?,
+    };
+    for case in s.options(1).cases {
+        case.parse().map_err(|e| {
+            p.error(
+                "memory_mib",
+                format!(
+                    "case {}: the VM config it makes is invalid: {e:#}",
+                    case.name
+                ),
+            )
+        })?;
+    }
+    Ok(Box::new(s))
+}
+
+impl Scenario for OverheadScenario {
+    fn run(&self, seed: u64, progress: &Progress) -> Result<Box<dyn ScenarioResult>> {
+        let mut options = self.options(seed);
+        options.progress = progress.show;
+        Ok(Box::new(run(&options)?))
+    }
+
+    fn policies(&self) -> Vec<String> {
+        self.policies.clone()
+    }
+}
+
+/// disco / bare per repetition (the two runs of a repetition are adjacent).
+fn paired(disco: &Stats, bare: &Stats) -> Stats {
+    let r: Vec<f64> = disco
+        .samples
+        .iter()
+        .zip(&bare.samples)
+        .map(|(d, b)| d / b)
+        .collect();
+    Stats::of(&r)
+}
+
+impl ScenarioResult for OverheadResult {
+    fn figures(&self) -> Vec<Figure> {
+        let mut out = Vec::new();
+        for c in &self.cases {
+            let n = &c.case.name;
+            out.extend([
+                Figure::new(
+                    &format!("{n}: disco/bare wall"),
+                    "ratio",
+                    Better::Lower,
+                    paired(&c.disco.wall_ms, &c.bare.wall_ms),
+                )
+                .headline(),
+                Figure::new(
+                    &format!("{n}: disco/bare guest run"),
+                    "ratio",
+                    Better::Lower,
+                    paired(&c.disco.guest_run_ms, &c.bare.guest_run_ms),
+                )
+                .headline(),
+                Figure::new(
+                    &format!("{n}: disco wall"),
+                    "ms",
+                    Better::Lower,
+                    c.disco.wall_ms.clone(),
+                ),
+                Figure::new(
+                    &format!("{n}: disco guest run"),
+                    "ms",
+                    Better::Lower,
+                    c.disco.guest_run_ms.clone(),
+                ),
+                Figure::new(
+                    &format!("{n}: disco create"),
+                    "ms",
+                    Better::Lower,
+                    c.disco.create_ms.clone(),
+                ),
+                Figure::new(
+                    &format!("{n}: bare wall"),
+                    "ms",
+                    Better::Neither,
+                    c.bare.wall_ms.clone(),
+                ),
+                Figure::new(
+                    &format!("{n}: bare guest run"),
+                    "ms",
+                    Better::Neither,
+                    c.bare.guest_run_ms.clone(),
+                ),
+            ]);
+        }
+        out
+    }
+
+    fn plots(&self) -> Vec<Plot> {
+        let cats: Vec<String> = self.cases.iter().map(|c| c.case.name.clone()).collect();
+        let series = |f: fn(&CaseResult) -> Stats| {
+            let stats: Vec<Stats> = self.cases.iter().map(f).collect();
+            (
+                stats.iter().map(|s| s.median).collect::<Vec<_>>(),
+                stats
+                    .iter()
+                    .map(|s| Some((s.min, s.max)))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let (wall, wall_spread) = series(|c| paired(&c.disco.wall_ms, &c.bare.wall_ms));
+        let (guest, guest_spread) = series(|c| paired(&c.disco.guest_run_ms, &c.bare.guest_run_ms));
+        let plot = BarPlot::new(
+            "Overhead: disco / bare KVM (median, min-max over repetitions)",
+            "disco time / bare time",
+            cats,
+        )
+        .series("wall", wall, wall_spread)
+        .series("guest run", guest, guest_spread)
+        .reference_line(1.0, "no overhead");
+        vec![Plot {
+            name: "ratios".into(),
+            title: "disco / bare KVM time ratios".into(),
+            svg: plot.render(),
+        }]
+    }
+
+    fn markdown(&self) -> String {
+        self.render_table()
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
     }
 }

@@ -57,6 +57,8 @@ use super::ksm::{
     run_ksm_side, vm_seed, FillMode, Ksm, KsmBenchConfig, KsmEvent, KsmResult, KsmSetting,
     Sample as KsmSample, SlowdownConfig,
 };
+use super::params::{ParamResult, Params};
+use super::suite::{Better, Figure, Plot, Progress, Scenario, ScenarioResult};
 use super::svg::LinePlot;
 use super::{markdown_table_aligned, HostInfo, Stats};
 use crate::faults::FaultHandler;
@@ -299,6 +301,10 @@ pub struct CowFigures {
     /// (median shared - median private) / median breaks per rewrite, µs:
     /// what one break costs the guest (exit, fault message, handler, wake).
     pub guest_cost_per_break_us: f64,
+    /// The handler time distribution of this phase's breaks: the 0th, 1st,
+    /// ..., 100th percentile, µs (empty without breaks).
+    #[serde(default)]
+    pub handler_percentiles_us: Vec<f64>,
 }
 
 /// The sweep guest with the scanner off and on.
@@ -710,6 +716,7 @@ fn cow_phase(
     let frames = options.frames_per_vm();
     let reps = options.cow_reps.min(spaces.len());
     let breaks0 = memory.sharing_stats().cow_breaks;
+    let times0 = memory.cow_break_times_ns().len();
     let cpu0 = handler.cpu_ms();
     let (mut shared_ms, mut private_ms, mut breaks) = (Vec::new(), Vec::new(), Vec::new());
     for (r, &(space, ram)) in spaces.iter().enumerate().take(reps) {
@@ -754,6 +761,15 @@ fn cow_phase(
     }
     let stats = memory.sharing_stats();
     let total = stats.cow_breaks - breaks0;
+    let mut times = memory.cow_break_times_ns().split_off(times0);
+    times.sort_unstable();
+    let handler_percentiles_us = if times.is_empty() {
+        Vec::new()
+    } else {
+        (0..=100)
+            .map(|p| times[((times.len() - 1) * p).div_ceil(100)] as f64 / 1e3)
+            .collect()
+    };
     let (shared_run_ms, private_run_ms) = (Stats::of(&shared_ms), Stats::of(&private_ms));
     let breaks_per_rewrite = Stats::of(&breaks);
     let guest_cost_per_break_us = if breaks_per_rewrite.median > 0.0 {
@@ -775,6 +791,7 @@ fn cow_phase(
         shared_run_ms,
         private_run_ms,
         guest_cost_per_break_us,
+        handler_percentiles_us,
     })
 }
 
@@ -1464,6 +1481,292 @@ impl SharingResult {
         std::fs::write(&md, text).with_context(|| format!("writing {}", md.display()))?;
         self.savings_plot().write(&svg)?;
         Ok(vec![json, md, svg])
+    }
+}
+
+// ---------------------------------------------------------------------------
+// the suite's view (`disco bench`, benches/scenarios/sharing.toml)
+// ---------------------------------------------------------------------------
+
+struct SharingScenario(SharingOptions);
+
+/// Reads a `kind = "sharing"` scenario file: `vms`, `memory_mib` (per VM),
+/// `duplicate_fraction` (0 to 1, in hundredths), `pages_per_second` (disco's
+/// scanner), `cow_reps`, `reps` (sweep runs each with and without the
+/// scanner), `sweep_mib`, `sweep_passes`, `timeout_s`, `ksm_timeout_s`,
+/// `sample_interval_ms`, `ksm_pages_to_scan`, `ksm_sleep_millisecs`.
+pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
+    let d = SharingOptions::standard(p.quick());
+    let fraction = p.f64(
+        "duplicate_fraction",
+        0.0,
+        1.0,
+        d.shared_percent as f64 / 100.0,
+    )?;
+    let percent = (fraction * 100.0).round();
+    if (percent / 100.0 - fraction).abs() > 1e-9 {
+        return Err(p.error(
+            "duplicate_fraction",
+            format!("{fraction} is not a whole percentage; allowed: 0 to 1 in steps of 0.01"),
+        ));
+    }
+    let secs = |key: &str, default: Duration| -> ParamResult<Duration> {
+        Ok(Duration::from_secs_f64(p.f64(
+            key,
+            0.1,
+            3600.0,
+            default.as_secs_f64(),
+        )?))
+    };
+    let options = SharingOptions {
+        vms: p.usize("vms", 2, 256, d.vms)?,
+        mib_per_vm: p.u64("memory_mib", 2, 4096, d.mib_per_vm)?,
+        shared_percent: percent as u8,
+        pages_per_second: p.u64("pages_per_second", 1, 100_000_000, d.pages_per_second)?,
+        cow_reps: p.usize("cow_reps", 1, 256, d.cow_reps)?,
+        sweep: SweepOptions {
+            mib: p.u64("sweep_mib", 2, 4096, d.sweep.mib)?,
+            passes: p.u64("sweep_passes", 1, 1_000_000, d.sweep.passes as u64)? as u32,
+            reps: p.usize("reps", 1, 1000, d.sweep.reps)?,
+        },
+        timeout: secs("timeout_s", d.timeout)?,
+        ksm_timeout: secs("ksm_timeout_s", d.ksm_timeout)?,
+        sample_interval: Duration::from_millis(p.u64(
+            "sample_interval_ms",
+            1,
+            10_000,
+            d.sample_interval.as_millis() as u64,
+        )?),
+        ksm_setting: KsmSetting {
+            pages_to_scan: p.u64(
+                "ksm_pages_to_scan",
+                1,
+                u32::MAX as u64,
+                d.ksm_setting.pages_to_scan as u64,
+            )? as u32,
+            sleep_millisecs: p.u64(
+                "ksm_sleep_millisecs",
+                0,
+                60_000,
+                d.ksm_setting.sleep_millisecs as u64,
+            )? as u32,
+            ..d.ksm_setting
+        },
+        ..d
+    };
+    if options.cow_reps > options.vms {
+        return Err(p.error(
+            "cow_reps",
+            format!(
+                "{} is more than the {} VMs; allowed: 1 to vms (each rewrite takes one VM)",
+                options.cow_reps, options.vms
+            ),
+        ));
+    }
+    options
+        .validate()
+        .map_err(|e| p.error("memory_mib", format!("{e:#}")))?;
+    Ok(Box::new(SharingScenario(options)))
+}
+
+impl Scenario for SharingScenario {
+    fn run(&self, seed: u64, progress: &Progress) -> Result<Box<dyn ScenarioResult>> {
+        let options = SharingOptions {
+            seed,
+            progress: progress.show,
+            ..self.0.clone()
+        };
+        Ok(Box::new(run(&options)?))
+    }
+}
+
+/// `samples[i] / base[i]` for interleaved repetitions.
+fn paired_ratio(on: &Stats, off: &Stats) -> Stats {
+    let r: Vec<f64> = on
+        .samples
+        .iter()
+        .zip(&off.samples)
+        .map(|(a, b)| a / b)
+        .collect();
+    Stats::of(&r)
+}
+
+impl SharingResult {
+    /// The copy-on-write handler time distribution as a CDF.
+    pub fn cow_latency_plot(&self) -> LinePlot {
+        let p = &self.disco.cow.handler_percentiles_us;
+        let points: Vec<(f64, f64)> = p
+            .iter()
+            .enumerate()
+            .map(|(i, &us)| (us, i as f64))
+            .collect();
+        let mut plot = LinePlot::new(
+            &format!(
+                "Copy-on-write break: fault handler time ({} breaks)",
+                self.disco.cow.breaks
+            ),
+            "handler time per break (µs)",
+            "% of breaks at or below",
+        )
+        .series("disco (copy + remap + wake)", points);
+        if let (Some(med), Some(p99)) = (p.get(50), p.get(99)) {
+            plot = plot
+                .reference_line(50.0, &format!("median {med:.1} µs"))
+                .reference_line(99.0, &format!("p99 {p99:.1} µs"));
+        }
+        plot
+    }
+}
+
+impl ScenarioResult for SharingResult {
+    fn figures(&self) -> Vec<Figure> {
+        let d = &self.disco;
+        let k = &self.ksm;
+        let c = &self.comparison;
+        let mib = |b: u64| b as f64 / MIB;
+        let pct = |p: &[f64], i: usize| p.get(i).copied();
+        let mut out = vec![
+            Figure::maybe(
+                "disco: time to 90 % of the savings",
+                "ms",
+                Better::Lower,
+                d.time_to_90pct_ms,
+            ),
+            Figure::maybe(
+                "disco: time to steady state",
+                "ms",
+                Better::Lower,
+                d.time_to_steady_ms,
+            )
+            .headline(),
+            Figure::maybe(
+                "disco: monitor CPU to steady state",
+                "ms",
+                Better::Lower,
+                d.monitor_cpu_ms_to_steady,
+            )
+            .headline(),
+            Figure::value(
+                "disco: saved at steady state",
+                "MiB",
+                Better::Higher,
+                mib(d.saved_bytes),
+            )
+            .headline(),
+            Figure::value(
+                "disco: saved / predicted",
+                "fraction",
+                Better::Higher,
+                c.disco_saved_fraction,
+            ),
+            Figure::value(
+                "disco: host memory given back",
+                "MiB",
+                Better::Higher,
+                d.host_freed_bytes as f64 / MIB,
+            ),
+            Figure::maybe(
+                "KSM: time to steady state",
+                "ms",
+                Better::Neither,
+                c.ksm_steady_ms,
+            ),
+            Figure::maybe(
+                "KSM: ksmd CPU to steady state",
+                "ms",
+                Better::Neither,
+                c.ksm_steady_cpu_ms,
+            ),
+            Figure::value(
+                "KSM: saved at steady state",
+                "MiB",
+                Better::Neither,
+                mib(c.ksm_steady_saved_bytes),
+            ),
+            Figure::maybe(
+                "KSM time / disco time (steady state)",
+                "ratio",
+                Better::Higher,
+                c.time_ratio_steady,
+            )
+            .headline(),
+            Figure::maybe(
+                "KSM CPU / disco CPU (steady state)",
+                "ratio",
+                Better::Higher,
+                c.cpu_ratio_steady,
+            )
+            .headline(),
+            Figure::maybe(
+                "copy-on-write break: handler median",
+                "µs",
+                Better::Lower,
+                pct(&d.cow.handler_percentiles_us, 50),
+            )
+            .headline(),
+            Figure::maybe(
+                "copy-on-write break: handler p99",
+                "µs",
+                Better::Lower,
+                pct(&d.cow.handler_percentiles_us, 99),
+            ),
+            Figure::value(
+                "copy-on-write break: handler CPU per break",
+                "µs",
+                Better::Lower,
+                d.cow.handler_cpu_us_per_break,
+            ),
+            Figure::value(
+                "copy-on-write break: cost to the guest",
+                "µs",
+                Better::Lower,
+                d.cow.guest_cost_per_break_us,
+            ),
+            Figure::new(
+                "sweep guest slowdown while disco scans",
+                "ratio",
+                Better::Lower,
+                paired_ratio(&d.slowdown.scanner_on_ms, &d.slowdown.scanner_off_ms),
+            ),
+            Figure::new(
+                "disco scanner CPU once merged",
+                "% of a CPU",
+                Better::Lower,
+                d.slowdown.scanner_cpu_percent.clone(),
+            ),
+        ];
+        if let Some(s) = &k.slowdown {
+            out.push(Figure::new(
+                "sweep guest slowdown while KSM scans",
+                "ratio",
+                Better::Neither,
+                paired_ratio(&s.ksm_on_ms, &s.ksm_off_ms),
+            ));
+        }
+        out
+    }
+
+    fn plots(&self) -> Vec<Plot> {
+        vec![
+            Plot {
+                name: "savings".into(),
+                title: "Memory saved over time, disco and KSM".into(),
+                svg: self.savings_plot().render(),
+            },
+            Plot {
+                name: "cow-latency".into(),
+                title: "Copy-on-write break latency distribution".into(),
+                svg: self.cow_latency_plot().render(),
+            },
+        ]
+    }
+
+    fn markdown(&self) -> String {
+        self.render_table()
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
     }
 }
 

@@ -354,6 +354,211 @@ impl LinePlot {
     }
 }
 
+/// One series of a [`BarPlot`]: a name, one value per category, an
+/// optional (min, max) whisker per category.
+pub type BarSeries = (String, Vec<f64>, Vec<Option<(f64, f64)>>);
+
+/// One group of bars per category, one bar per series in each group, with
+/// optional min-max whiskers; for ratios and other per-case figures.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BarPlot {
+    pub title: String,
+    pub y_label: String,
+    pub categories: Vec<String>,
+    pub series: Vec<BarSeries>,
+    pub reference_lines: Vec<ReferenceLine>,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl BarPlot {
+    pub fn new(title: &str, y_label: &str, categories: Vec<String>) -> BarPlot {
+        BarPlot {
+            title: title.to_string(),
+            y_label: y_label.to_string(),
+            categories,
+            series: Vec::new(),
+            reference_lines: Vec::new(),
+            width: 720,
+            height: 420,
+        }
+    }
+
+    /// A series: one value per category (missing ones are not drawn) and
+    /// optional whiskers.
+    pub fn series(
+        mut self,
+        name: &str,
+        values: Vec<f64>,
+        spread: Vec<Option<(f64, f64)>>,
+    ) -> BarPlot {
+        self.series.push((name.to_string(), values, spread));
+        self
+    }
+
+    pub fn reference_line(mut self, y: f64, label: &str) -> BarPlot {
+        self.reference_lines.push(ReferenceLine {
+            y,
+            label: label.to_string(),
+        });
+        self
+    }
+
+    /// The SVG document. Bars are `<rect class="bar">` with a `<title>`.
+    pub fn render(&self) -> String {
+        let (w, h) = (self.width as f64, self.height as f64);
+        let (left, right, top, bottom) = (70.0, 30.0, 40.0, 80.0);
+        let (pw, ph) = (w - left - right, h - top - bottom);
+        let mut ys: Vec<f64> = vec![0.0];
+        for (_, values, spread) in &self.series {
+            ys.extend(values.iter().copied().filter(|v| v.is_finite()));
+            ys.extend(
+                spread
+                    .iter()
+                    .flatten()
+                    .flat_map(|&(a, b)| [a, b])
+                    .filter(|v| v.is_finite()),
+            );
+        }
+        ys.extend(
+            self.reference_lines
+                .iter()
+                .map(|r| r.y)
+                .filter(|y| y.is_finite()),
+        );
+        let lo = ys.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = ys.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let ticks = nice_ticks(lo, hi, 6);
+        let (y0, y1) = (ticks[0], *ticks.last().unwrap());
+        let y_step = ticks.get(1).map_or(1.0, |t| t - ticks[0]);
+        let sy = |y: f64| top + ph - (y - y0) / (y1 - y0) * ph;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+        );
+        let _ = writeln!(
+            s,
+            r#"<rect x="0" y="0" width="{w}" height="{h}" fill="white"/>"#
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="22" text-anchor="middle" font-size="15" font-weight="bold">{}</text>"#,
+            w / 2.0,
+            escape(&self.title)
+        );
+        for &t in &ticks {
+            let y = sy(t);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{left:.1}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e0e0e0"/>"##,
+                left + pw
+            );
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
+                left - 6.0,
+                y + 4.0,
+                tick_label(t, y_step)
+            );
+        }
+        let _ = writeln!(
+            s,
+            r#"<line x1="{left:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="black"/>"#,
+            sy(0.0),
+            left + pw,
+            sy(0.0)
+        );
+        let _ = writeln!(
+            s,
+            r#"<line x1="{left:.1}" y1="{top:.1}" x2="{left:.1}" y2="{:.1}" stroke="black"/>"#,
+            top + ph
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="18" y="{:.1}" text-anchor="middle" transform="rotate(-90 18 {:.1})">{}</text>"#,
+            top + ph / 2.0,
+            top + ph / 2.0,
+            escape(&self.y_label)
+        );
+        let groups = self.categories.len().max(1) as f64;
+        let group_w = pw / groups;
+        let nseries = self.series.len().max(1) as f64;
+        let bar_w = group_w * 0.7 / nseries;
+        for (ci, cat) in self.categories.iter().enumerate() {
+            let gx = left + ci as f64 * group_w;
+            for (si, (name, values, spread)) in self.series.iter().enumerate() {
+                let Some(&v) = values.get(ci).filter(|v| v.is_finite()) else {
+                    continue;
+                };
+                let color = PALETTE[si % PALETTE.len()];
+                let x = gx + group_w * 0.15 + si as f64 * bar_w;
+                let (ya, yb) = (sy(v), sy(0.0));
+                let _ = writeln!(
+                    s,
+                    r#"<rect class="bar" x="{x:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{color}"><title>{}: {}: {v}</title></rect>"#,
+                    ya.min(yb),
+                    bar_w * 0.9,
+                    (yb - ya).abs(),
+                    escape(cat),
+                    escape(name)
+                );
+                if let Some(Some((a, b))) = spread.get(ci) {
+                    if a.is_finite() && b.is_finite() {
+                        let cx = x + bar_w * 0.45;
+                        let _ = writeln!(
+                            s,
+                            r#"<line x1="{cx:.1}" y1="{:.1}" x2="{cx:.1}" y2="{:.1}" stroke="black" stroke-width="1.5"/>"#,
+                            sy(*a),
+                            sy(*b)
+                        );
+                    }
+                }
+            }
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="11">{}</text>"#,
+                gx + group_w / 2.0,
+                top + ph + 16.0,
+                escape(cat)
+            );
+        }
+        for r in self.reference_lines.iter().filter(|r| r.y.is_finite()) {
+            let y = sy(r.y);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{left:.1}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#777777" stroke-dasharray="5,4"/>"##,
+                left + pw
+            );
+            let _ = writeln!(
+                s,
+                r##"<text x="{:.1}" y="{:.1}" text-anchor="end" fill="#555555">{}</text>"##,
+                left + pw - 4.0,
+                y - 4.0,
+                escape(&r.label)
+            );
+        }
+        for (si, (name, _, _)) in self.series.iter().enumerate() {
+            let lx = left + si as f64 * 160.0;
+            let ly = h - 22.0;
+            let _ = writeln!(
+                s,
+                r#"<rect x="{lx:.1}" y="{:.1}" width="14" height="10" fill="{}"/>"#,
+                ly - 9.0,
+                PALETTE[si % PALETTE.len()]
+            );
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{ly:.1}">{}</text>"#,
+                lx + 20.0,
+                escape(name)
+            );
+        }
+        s.push_str("</svg>\n");
+        s
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,5 +602,17 @@ mod tests {
     fn empty_plot_renders() {
         let svg = LinePlot::new("empty", "x", "y").render();
         assert!(svg.starts_with("<svg") && !svg.contains("<polyline"));
+    }
+
+    #[test]
+    fn bar_plot_draws_one_bar_per_value() {
+        let svg = BarPlot::new("ratios", "x", vec!["a".into(), "b & c".into()])
+            .series("wall", vec![1.2, 0.9], vec![Some((1.1, 1.3)), None])
+            .series("guest", vec![1.0, f64::NAN], vec![None, None])
+            .reference_line(1.0, "bare")
+            .render();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<rect class=\"bar\"").count(), 3);
+        assert!(svg.contains("b &amp; c") && !svg.contains("NaN"));
     }
 }

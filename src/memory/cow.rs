@@ -280,6 +280,13 @@ impl Memory {
         s
     }
 
+    /// The fault handler's time of every copy-on-write break so far, in
+    /// nanoseconds, in the order they happened (benchmarks take
+    /// distributions from it).
+    pub fn cow_break_times_ns(&self) -> Vec<u64> {
+        self.inner.lock().cow.break_ns.clone()
+    }
+
     /// Every guest space as `(vm, frames, sharing domain)`.
     pub fn spaces(&self) -> Vec<(VmId, u64, String)> {
         self.inner

@@ -1,0 +1,111 @@
+//! The memory side's hot paths, one at a time:
+//!
+//! * `move_page`: `Memory::move_page` of one 4 KiB private frame between the
+//!   pools of two nodes (write-protect when userfaultfd is there, copy into
+//!   a fresh page, `mmap(MAP_FIXED)` remap, free the old page): what one
+//!   page migration costs the monitor, alternating node 0 -> 1 -> 0;
+//! * `lookup`: `Memory::lookup` (memory lock + pmap entry), what the scanner
+//!   and the policy engine pay per frame;
+//! * `pmap_get`: `Pmap::get` alone (the array behind it), random frames of a
+//!   64 MiB guest;
+//! * `memmap_get`: `Memmap::get` of a machine page among 16 384 in use
+//!   (Disco's backmap: refcount and owners), random pages.
+//!
+//! Page hash, compare, merge and copy-on-write break are in
+//! `benches/sharing.rs`. Migration under running guests is measured by the
+//! migration scenario of `disco bench`.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+use disco::memory::memmap::Memmap;
+use disco::memory::pmap::{PageFlags, Pmap, PmapEntry};
+use disco::memory::{MachinePage, Memory};
+use disco::PAGE_SIZE;
+
+/// A small deterministic sequence of indexes (xorshift), so lookups are not
+/// sequential.
+fn indexes(n: u64, count: usize) -> Vec<u64> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    (0..count)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        })
+        .collect()
+}
+
+fn move_page(c: &mut Criterion) {
+    let memory = Memory::new(&[(0, 0, 1024), (1, 0, 1024)]).expect("monitor memory, two pools");
+    let (vm, _) = memory.create_space("m", 16, 0).expect("a guest space");
+    memory
+        .write_guest_page(vm, 3, &vec![0xA5; PAGE_SIZE])
+        .expect("a page to move");
+    let mut group = c.benchmark_group("memory");
+    group.throughput(Throughput::Bytes(PAGE_SIZE as u64));
+    let mut node = 0;
+    group.bench_function("move_page", |b| {
+        b.iter(|| {
+            node = 1 - node;
+            memory.move_page(vm, 3, node).expect("move_page")
+        })
+    });
+    group.finish();
+    assert_eq!(
+        memory.read_guest_page(vm, 3).unwrap(),
+        vec![0xA5; PAGE_SIZE]
+    );
+    memory.verify().expect("memory invariants after the moves");
+}
+
+fn lookups(c: &mut Criterion) {
+    let frames = 16_384u64; // 64 MiB
+    let memory = Memory::new(&[(0, 0, frames as u32 + 64)]).expect("monitor memory");
+    let (vm, _) = memory.create_space("l", frames, 0).expect("a guest space");
+    let idx = indexes(frames, 4096);
+    let mut group = c.benchmark_group("memory");
+    let mut i = 0;
+    group.bench_function("lookup", |b| {
+        b.iter(|| {
+            i = (i + 1) % idx.len();
+            memory.lookup(vm, black_box(idx[i])).unwrap()
+        })
+    });
+
+    let mut pmap = Pmap::new(frames);
+    let mut memmap = Memmap::default();
+    for g in 0..frames {
+        let page = MachinePage {
+            node: (g % 4) as u16,
+            index: (g / 4) as u32,
+        };
+        pmap.set(
+            g,
+            Some(PmapEntry {
+                page,
+                flags: PageFlags::default(),
+            }),
+        );
+        memmap.add_owner(page, 1, g);
+    }
+    group.bench_function("pmap_get", |b| {
+        b.iter(|| {
+            i = (i + 1) % idx.len();
+            pmap.get(black_box(idx[i]))
+        })
+    });
+    let pages: Vec<MachinePage> = idx.iter().map(|&g| pmap.get(g).unwrap().page).collect();
+    group.bench_function("memmap_get", |b| {
+        b.iter(|| {
+            i = (i + 1) % pages.len();
+            memmap.get(black_box(pages[i])).map(|p| p.refcount)
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, move_page, lookups);
+criterion_main!(benches);
