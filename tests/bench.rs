@@ -196,6 +196,8 @@ fn locality_and_migration_benches_produce_finite_figures_and_a_plot() {
     ) {
         return;
     }
+    // Its VMs would be in the density test's memory deltas.
+    let _serial = serial();
     use disco::bench::{locality, migration};
     let options = locality::LocalityOptions {
         vms: 2,
