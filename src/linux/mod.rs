@@ -41,7 +41,7 @@ use crate::config::VmConfig;
 use crate::memory::{Memory, VmId};
 use crate::topology::Topology;
 use crate::vm::control::VmControl;
-use crate::vm::{GuestRam, RegisterDump, VcpuOutcome, VcpuPlacement, VmOutcome};
+use crate::vm::{GuestRam, VcpuOutcome, VcpuPlacement, VmOutcome};
 pub use layout::{NumaPlan, MAX_CMDLINE};
 use mmio::VirtioMmio;
 use serial::{ConsoleSink, SerialPort, COM1, COM1_LEN};
@@ -423,19 +423,7 @@ impl LinuxVm {
     }
 
     fn join(&mut self) -> Vec<VcpuOutcome> {
-        let out = std::mem::take(&mut self.threads)
-            .into_iter()
-            .map(|t| {
-                t.join().unwrap_or_else(|_| VcpuOutcome::Failed {
-                    reason: "vCPU thread panicked outside its run loop".into(),
-                    regs: RegisterDump::default(),
-                })
-            })
-            .collect();
-        if let Some(w) = self.watchdog.take() {
-            let _ = w.join();
-        }
-        out
+        crate::vm::vcpu::join_vcpu_threads(std::mem::take(&mut self.threads), self.watchdog.take())
     }
 }
 

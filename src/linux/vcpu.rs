@@ -87,20 +87,7 @@ impl LinuxVcpu {
     }
 
     fn pin(&self) -> Result<(), String> {
-        if self.placement.host_cpus.is_empty() {
-            return Ok(());
-        }
-        let mut set = nix::sched::CpuSet::new();
-        for &cpu in &self.placement.host_cpus {
-            set.set(cpu)
-                .map_err(|e| format!("host CPU {cpu} cannot be pinned to: {e}"))?;
-        }
-        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(|e| {
-            format!(
-                "cannot pin to host CPUs {:?}: {e}",
-                self.placement.host_cpus
-            )
-        })
+        crate::vm::vcpu::pin_thread(0, &self.placement.host_cpus)
     }
 
     fn run_loop(&mut self) -> Ended {

@@ -186,25 +186,17 @@ impl Memory {
         // 3. remap the duplicate with its VM paused (the new mapping is
         // writable until it is protected, see `GuestPause`), 4. drop (and
         // so free) its old page.
-        let pauser = inner.pausers.get(&dup_vm).cloned();
-        if let Some(p) = &pauser {
-            if !p.pause() {
-                for ((vm, gfn), was) in [(dup_vm, dup_gfn), (keep_vm, keep_gfn)]
-                    .into_iter()
-                    .zip(was_protected)
-                {
-                    if !was {
-                        inner.unprotect_frame(vm, gfn)?;
-                    }
+        if !inner.remap_paused(dup_vm, dup_gfn, keep_page)? {
+            for ((vm, gfn), was) in [(dup_vm, dup_gfn), (keep_vm, keep_gfn)]
+                .into_iter()
+                .zip(was_protected)
+            {
+                if !was {
+                    inner.unprotect_frame(vm, gfn)?;
                 }
-                return Ok(MergeOutcome::Stale);
             }
+            return Ok(MergeOutcome::Stale);
         }
-        let mapped = inner.map_onto(dup_vm, dup_gfn, keep_page);
-        if let Some(p) = &pauser {
-            p.resume();
-        }
-        mapped?;
         inner.drop_owner(dup_page, dup_vm, dup_gfn)?;
         inner.cow.merges += 1;
         Ok(MergeOutcome::Merged)

@@ -300,7 +300,7 @@ impl super::mapper::Inner {
     /// Maps `(vm, gfn)` onto `page` (shared, write-protected) with the VM
     /// paused; `false` when it could not be paused in time (nothing done).
     /// The caller drops the frame's previous page.
-    fn remap_paused(&mut self, vm: VmId, gfn: Gfn, page: MachinePage) -> Result<bool> {
+    pub(super) fn remap_paused(&mut self, vm: VmId, gfn: Gfn, page: MachinePage) -> Result<bool> {
         let pauser = self.pausers.get(&vm).cloned();
         if let Some(p) = &pauser {
             if !p.pause() {

@@ -219,20 +219,21 @@ impl NumaRunner {
     }
 
     pub fn stop(mut self) -> NumaStats {
+        self.halt();
+        self.stats()
+    }
+
+    fn halt(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        self.stats()
     }
 }
 
 impl Drop for NumaRunner {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.halt();
     }
 }
 

@@ -289,19 +289,7 @@ impl MicroVm {
 
     /// Joins the vCPU threads and the watchdog.
     fn join(&mut self) -> Vec<VcpuOutcome> {
-        let outcomes = std::mem::take(&mut self.threads)
-            .into_iter()
-            .map(|t| {
-                t.join().unwrap_or_else(|_| VcpuOutcome::Failed {
-                    reason: "vCPU thread panicked outside its run loop".into(),
-                    regs: RegisterDump::default(),
-                })
-            })
-            .collect();
-        if let Some(w) = self.watchdog.take() {
-            let _ = w.join();
-        }
-        outcomes
+        crate::vm::vcpu::join_vcpu_threads(std::mem::take(&mut self.threads), self.watchdog.take())
     }
 
     /// The vCPUs' parameters, in vCPU order.
@@ -327,20 +315,8 @@ impl MicroVm {
             bail!("micro-VM {name} has no vCPU {index}");
         }
         if let Some(Some(tid)) = self.control.tids().get(index) {
-            if !placement.host_cpus.is_empty() {
-                let mut set = nix::sched::CpuSet::new();
-                for &cpu in &placement.host_cpus {
-                    set.set(cpu)
-                        .map_err(|e| anyhow::anyhow!("host CPU {cpu}: {e}"))?;
-                }
-                nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(*tid as i32), &set)
-                    .with_context(|| {
-                        format!(
-                            "micro-VM {name}: pinning vCPU {index} to host CPUs {:?}",
-                            placement.host_cpus
-                        )
-                    })?;
-            }
+            vcpu::pin_thread(*tid as i32, &placement.host_cpus)
+                .map_err(|e| anyhow::anyhow!("micro-VM {name}: moving vCPU {index}: {e}"))?;
         }
         self.spec.vcpus[index] = placement;
         Ok(())

@@ -195,6 +195,43 @@ impl fmt::Display for RegisterDump {
     }
 }
 
+/// Pins thread `tid` (0: the calling thread) to `host_cpus`; an empty list
+/// leaves it unpinned. Used by both VM kinds' vCPU threads at start and by
+/// vCPU moves.
+pub(crate) fn pin_thread(tid: i32, host_cpus: &[usize]) -> Result<(), String> {
+    if host_cpus.is_empty() {
+        return Ok(());
+    }
+    let mut set = nix::sched::CpuSet::new();
+    for &cpu in host_cpus {
+        set.set(cpu)
+            .map_err(|e| format!("host CPU {cpu} cannot be pinned to: {e}"))?;
+    }
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set)
+        .map_err(|e| format!("cannot pin to host CPUs {host_cpus:?}: {e}"))
+}
+
+/// Joins vCPU threads (a thread that panicked outside its run loop counts
+/// as failed) and then the watchdog.
+pub(crate) fn join_vcpu_threads(
+    threads: Vec<std::thread::JoinHandle<VcpuOutcome>>,
+    watchdog: Option<std::thread::JoinHandle<()>>,
+) -> Vec<VcpuOutcome> {
+    let outcomes = threads
+        .into_iter()
+        .map(|t| {
+            t.join().unwrap_or_else(|_| VcpuOutcome::Failed {
+                reason: "vCPU thread panicked outside its run loop".into(),
+                regs: RegisterDump::default(),
+            })
+        })
+        .collect();
+    if let Some(w) = watchdog {
+        let _ = w.join();
+    }
+    outcomes
+}
+
 /// Everything a vCPU thread owns.
 pub(crate) struct VcpuThread {
     pub index: usize,
@@ -255,20 +292,8 @@ impl VcpuThread {
     }
 
     fn pin(&self) -> Result<(), String> {
-        if self.placement.host_cpus.is_empty() {
-            return Ok(());
-        }
-        let mut set = nix::sched::CpuSet::new();
-        for &cpu in &self.placement.host_cpus {
-            set.set(cpu)
-                .map_err(|e| format!("host CPU {cpu} cannot be pinned to: {e}"))?;
-        }
-        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(|e| {
-            format!(
-                "cannot pin to host CPUs {:?} (node {}): {e}",
-                self.placement.host_cpus, self.placement.node
-            )
-        })
+        pin_thread(0, &self.placement.host_cpus)
+            .map_err(|e| format!("{e} (node {})", self.placement.node))
     }
 
     fn run_loop(&mut self) -> Ended {
