@@ -109,6 +109,10 @@ pub struct NumaPolicy {
     /// A node uses (reads) a page when its count reaches this many decayed
     /// samples; replicas on nodes below it are collapsed.
     pub reader_threshold: f64,
+    /// A node writes a page when its decayed write count reaches this: a
+    /// page two nodes write is write-shared (left alone), a page any node
+    /// writes is not replicated.
+    pub writer_threshold: f64,
     /// Fewest nodes that must use a page for it to be replicated.
     pub replicate_min_nodes: u64,
     /// Factor applied to every count at the end of each epoch (0 to 0.99).
@@ -148,6 +152,7 @@ impl Default for NumaPolicy {
             hot_threshold: 8.0,
             dominant_share: 0.75,
             reader_threshold: 2.0,
+            writer_threshold: 0.25,
             replicate_min_nodes: 2,
             decay: 0.5,
             copy_budget_pages: 512,
@@ -439,6 +444,9 @@ fn parse_policy(t: &Fields, source: &str, default_name: &str) -> Result<Policy> 
                 reader_threshold: s
                     .opt_f64("reader_threshold", 0.01, 1e9)?
                     .unwrap_or(d.reader_threshold),
+                writer_threshold: s
+                    .opt_f64("writer_threshold", 0.001, 1e9)?
+                    .unwrap_or(d.writer_threshold),
                 replicate_min_nodes: s
                     .opt_u64("replicate_min_nodes", 2, 4096)?
                     .unwrap_or(d.replicate_min_nodes),

@@ -216,8 +216,8 @@ impl RunReport {
             );
             if let Some(sm) = &n.sampler {
                 out += &format!(
-                    "  sampler: {} pages zapped, {} samples ({} writes), {} unattributed, handler median {:.1} us, p99 {:.1} us\n",
-                    sm.zapped, sm.samples, sm.write_samples, sm.unattributed, sm.handler_median_us, sm.handler_p99_us
+                    "  sampler: {} pages zapped, {} samples ({} writes, {} by a second vCPU), {} unattributed, handler median {:.1} us, p99 {:.1} us\n",
+                    sm.zapped, sm.samples, sm.write_samples, sm.concurrent_samples, sm.unattributed, sm.handler_median_us, sm.handler_p99_us
                 );
             }
             let with_samples: Vec<_> = n.series.iter().filter(|e| e.locality_samples > 0).collect();

@@ -377,6 +377,7 @@ fn every_numa_knob_in_every_policy_file_has_a_comment() {
             "hot_threshold",
             "dominant_share",
             "reader_threshold",
+            "writer_threshold",
             "replicate_min_nodes",
             "decay",
             "copy_budget_pages",
@@ -475,6 +476,11 @@ fn bad_policy_values_give_clear_errors() {
             "reader_threshold = 2.0",
             "reader_threshold = 5.0",
             &["key `numa.reader_threshold`", "above hot_threshold (4)"],
+        ),
+        (
+            "writer_threshold = 0.25",
+            "writer_threshold = 0",
+            &["key `numa.writer_threshold`", "0.001 to 1000000000"],
         ),
         (
             "decay = 0.5",

@@ -247,3 +247,95 @@ workload = {{ kind = "table_scan", seed = 2, table_pages = 16, lookups = 2000000
         }
     }
 }
+
+#[test]
+fn write_shared_pages_stay_put_and_ping_pong_pages_freeze() {
+    if !require_kvm("write_shared_pages_stay_put_and_ping_pong_pages_freeze") {
+        return;
+    }
+    // A real guest with vCPUs on nodes 0 and 2 and memory on node 1 keeps
+    // incrementing a 64-page counter array (write-shared by its vCPUs) while
+    // a replayed trace (deterministic, unlike sampling on a busy host: see
+    // ARCHITECTURE.md) tells the engine, per epoch:
+    // - frames 0x100..0x120 are written from node 0 three times and from
+    //   node 2 once: hot, and node 0 has the dominant share (0.75), but the
+    //   pages are write-shared, so they must stay on node 1;
+    // - frames 0x120..0x130 are written from node 2 only: they migrate
+    //   there (the control: the engine does move what it should);
+    // - frames 0x130..0x140 are written from node 0, then node 2, then
+    //   node 0, ..., switching every 10 epochs (long enough for the old
+    //   writer's decayed count to fall below writer_threshold): they follow
+    //   three times (1 -> 0 -> 2 -> 0), then the ping-pong guard freezes
+    //   them on node 0.
+    let dir = std::env::temp_dir().join(format!("disco-numa-pingpong-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let trace = dir.join("pingpong.trace");
+    let mut text = String::from("nodes 4\n");
+    for epoch in 0..60 {
+        text += &format!("epoch {epoch}\n");
+        for gfn in 0x100..0x120u64 {
+            text += &format!("0 {gfn:x} 0 w\n0 {gfn:x} 0 w\n0 {gfn:x} 0 w\n0 {gfn:x} 2 w\n");
+        }
+        for gfn in 0x120..0x130u64 {
+            text += &format!("0 {gfn:x} 2 w\n").repeat(4);
+        }
+        let phase_node = if (epoch / 10) % 2 == 0 { 0 } else { 2 };
+        for gfn in 0x130..0x140u64 {
+            text += &format!("0 {gfn:x} {phase_node} w\n").repeat(4);
+        }
+    }
+    std::fs::write(&trace, text).unwrap();
+    let report = run_config(&format!(
+        r#"
+[host]
+topology = "4-node"
+[policy]
+name = "trace-pingpong"
+[policy.sharing]
+enabled = false
+[policy.numa]
+migrate = true
+replicate = false
+epoch_ms = 20
+hot_threshold = 4.0
+dominant_share = 0.75
+decay = 0.5
+freeze_after_moves = 3
+freeze_window_epochs = 100
+freeze_epochs = 1000
+writer_threshold = 0.25
+sampling = "trace"
+trace_file = "{}"
+[[vm]]
+name = "counters"
+vcpu_nodes = [0, 2]
+memory_node = 1
+memory_mib = 2
+workload = {{ kind = "counters", counters = 4096, increments = 200000000 }}
+"#,
+        trace.display()
+    ));
+    let numa = report.numa.as_ref().unwrap();
+    let vm = &report.vms[0];
+    assert!(
+        numa.epochs >= 60,
+        "the guest must outlive the 60-epoch trace: {} epochs\n{}",
+        numa.epochs,
+        report.render_text()
+    );
+    assert_eq!(numa.migration_failures, 0, "{numa:?}");
+    // 512 frames: 448 untouched + 32 write-shared stay on node 1; 16 on node
+    // 2 (control); 16 frozen on node 0 after their third move.
+    assert_eq!(
+        vm.pages_per_node,
+        vec![16, 480, 16, 0],
+        "{}",
+        report.render_text()
+    );
+    assert_eq!(numa.migrations, 16 + 3 * 16, "{numa:?}");
+    assert_eq!(
+        numa.freezes, 16,
+        "each ping-pong page frozen once: {numa:?}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

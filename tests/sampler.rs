@@ -381,6 +381,83 @@ fn sampler_records_first_touch_of_zapped_pages() {
     assert!(sampler.describe().contains("minor faults"));
 }
 
+/// Two vCPU threads on different nodes touch one zapped page while it is
+/// unmapped: both faults are queued before the first is answered, and both
+/// become samples (the second one "concurrent"), so a page written from two
+/// nodes at once is seen as write-shared. A third fault by a thread already
+/// sampled on the page is not counted twice.
+#[test]
+fn concurrent_touches_of_one_zapped_page_are_all_sampled() {
+    let u = uffd();
+    let file = memfd(2);
+    let map = Mapping::new(&file, 2);
+    // SAFETY: the test's own mapping.
+    unsafe { std::ptr::write_volatile(map.page(1) as *mut u64, 9) };
+    u.register(map.addr, map.len, true, true).unwrap();
+    let mut sampler = PageSampler::new(u.clone()).unwrap();
+    sampler.register_space(3, map.addr, map.len);
+    sampler.zap_frame(3, 1).unwrap();
+
+    let first = Access::spawn(map.page(1), Some(10));
+    sampler.register_thread(first.tid, 3, 0, 0);
+    let ev1 = expect_event(&u);
+    let second = Access::spawn(map.page(1) + 8, Some(20));
+    sampler.register_thread(second.tid, 3, 1, 2);
+    let ev2 = expect_event(&u);
+    assert!(ev1.minor && ev2.minor, "{ev1:?} {ev2:?}");
+    first.assert_blocked("before the first fault is answered");
+    assert!(sampler.handle_event(&ev1));
+    assert!(sampler.handle_event(&ev2), "the queued second fault");
+    let (a, b) = (first.tid, second.tid);
+    first.finish("after the continue");
+    second.finish("after the continue");
+    // The same thread's fault again (as a re-delivered event) is no sample.
+    assert!(sampler.handle_event(&ev1));
+
+    let mut out = Vec::new();
+    sampler.poll(&mut out).unwrap();
+    out.sort_by_key(|s| s.node);
+    assert_eq!(
+        out,
+        vec![
+            AccessSample {
+                vm: 3,
+                gfn: 1,
+                node: 0,
+                write: true,
+                vcpu: 0
+            },
+            AccessSample {
+                vm: 3,
+                gfn: 1,
+                node: 2,
+                write: true,
+                vcpu: 1
+            }
+        ],
+        "threads {a} and {b}"
+    );
+    let s = sampler.stats();
+    assert_eq!(
+        (
+            s.samples,
+            s.concurrent_samples,
+            s.write_samples,
+            s.unsolicited
+        ),
+        (2, 1, 2, 1),
+        "{s:?}"
+    );
+    // SAFETY: the test's own mapping, both writers joined.
+    let words = unsafe {
+        (
+            std::ptr::read_volatile(map.page(1) as *const u64),
+            std::ptr::read_volatile((map.page(1) + 8) as *const u64),
+        )
+    };
+    assert_eq!(words, (10, 20), "both writes landed");
+}
+
 // ---- KVM micro-guests ----
 
 const RAM: usize = 8 << 20;

@@ -16,7 +16,12 @@
 //! ## Rules (Disco, SOSP 1997, section 4.2, on per-page per-node counts)
 //! Let `T` be the page's total count (all nodes, reads and writes) and
 //! `use(n)` node `n`'s count. A node *uses* the page when
-//! `use(n) >= reader_threshold`.
+//! `use(n) >= reader_threshold`, and *writes* it when its write count
+//! reaches `writer_threshold` (a threshold, not "any write ever": decayed
+//! counts never quite reach zero, so without it a page written once from
+//! two nodes would stay write-shared for good, and a page that ping-pongs
+//! by writes would look write-shared after its first move and never be
+//! frozen, just stuck).
 //! 1. **Frozen** pages get no decision until their freeze ends.
 //! 2. **Replicated** pages (several copies): when the page is written, the
 //!    replicas collapse to one copy (`Collapse`, keeping the copy its
@@ -27,13 +32,13 @@
 //!    every copy is used and the page is hot, nodes that now use it get a
 //!    replica too (`Replicate`).
 //! 3. A page is **hot** when `T >= hot_threshold`; cold pages stay put.
-//! 4. **Write-shared** pages (written from two or more nodes) are left
+//! 4. **Write-shared** pages (two or more nodes write them) are left
 //!    alone.
 //! 5. **Migrate**: when one node `d` accounts for at least `dominant_share`
 //!    of `T`, the page belongs on `d`. If it is elsewhere and `migrate` is
 //!    on: `Migrate` to `d`. If it is on `d` already: nothing.
 //! 6. **Replicate**: otherwise (or with `migrate` off) a page that is shared
-//!    across VMs, not written at all (any write disqualifies), and used by at
+//!    across VMs, written by no node, and used by at
 //!    least `replicate_min_nodes` nodes gets a replica on every node that
 //!    uses it (`Replicate`), when `replicate` is on. Only pages shared across
 //!    VMs are replicated: KVM gives all vCPUs of a VM one address space, so a
@@ -549,8 +554,11 @@ impl PolicyEngine {
         let uses: Vec<f64> = (0..n).map(|i| reads[i] + writes[i]).collect();
         View {
             total: uses.iter().sum(),
-            writers: writes.iter().filter(|&&w| w > 0.0).count(),
-            written: writes.iter().any(|&w| w > 0.0),
+            writers: writes
+                .iter()
+                .filter(|&&w| w >= self.params.writer_threshold)
+                .count(),
+            written: writes.iter().any(|&w| w >= self.params.writer_threshold),
             uses,
             copies: copies.into_iter().collect(),
             home: members[0].1.node,
@@ -683,6 +691,7 @@ mod tests {
             hot_threshold: 8.0,
             dominant_share: 0.75,
             reader_threshold: 2.0,
+            writer_threshold: 0.25,
             replicate_min_nodes: 2,
             decay: 0.5,
             copy_budget_pages: 1000,
@@ -1182,9 +1191,10 @@ mod tests {
             0u64..4,
             1u64..6,
             1u64..5,
+            0.05f64..2.0,
         )
             .prop_map(
-                |(m, r, hot, dom, reader, min, decay, budget, fam, few, fe)| NumaPolicy {
+                |(m, r, hot, dom, reader, min, decay, budget, fam, few, fe, writer)| NumaPolicy {
                     migrate: m,
                     replicate: r,
                     hot_threshold: hot,
@@ -1196,6 +1206,7 @@ mod tests {
                     freeze_after_moves: fam,
                     freeze_window_epochs: few,
                     freeze_epochs: fe,
+                    writer_threshold: writer,
                     ..params()
                 },
             )
@@ -1327,7 +1338,7 @@ mod tests {
                     }
                     let c = group_counts(&k);
                     let total: f64 = c.reads.iter().chain(&c.writes).sum();
-                    let writers = c.writes.iter().filter(|&&w| w > 0.0).count();
+                    let writers = c.writes.iter().filter(|&&w| w >= p.writer_threshold).count();
                     match dec {
                         Decision::Migrate { to, .. } => {
                             prop_assert!(p.migrate);

@@ -18,8 +18,19 @@
 //! resolves it with `UFFDIO_CONTINUE`, which maps the existing page (nothing
 //! is copied) and wakes the vCPU.
 //!
-//! Each zapped page yields at most one sample: the first touch after the
-//! zap, with `write` telling whether that first touch was a write.
+//! Each zapped page yields one sample per vCPU thread that touched it while
+//! it was unmapped: the first touch after the zap, with `write` telling
+//! whether that touch was a write, plus one for every *other* vCPU whose
+//! fault on the same page was already queued when the first was resolved
+//! (once `UFFDIO_CONTINUE` has mapped the page, nobody faults on it again,
+//! so a later minor fault on an answered page can only be such a
+//! concurrent touch). This matters for pages written by vCPUs on several
+//! nodes in lockstep, e.g. a counter array walked by every vCPU: the vCPU
+//! that is a few bytes ahead touches every zapped page first, and with the
+//! first touch alone the page would look like that node's private page and
+//! migrate, when Disco's rule is to leave write-shared pages alone. The
+//! faulting vCPU waits while its fault is handled, so the one behind it
+//! usually reaches the page and faults too, and is counted.
 //!
 //! # Write-protected pages
 //!
@@ -87,6 +98,10 @@ struct State {
     spaces: Vec<Space>,
     /// Zapped pages (host addresses) whose first touch is still to come.
     pending: HashMap<usize, ()>,
+    /// Pages whose first touch was sampled since the last drain, with the
+    /// threads sampled on them: a minor fault from another vCPU thread on
+    /// one of these raced the first (see the module doc) and is sampled too.
+    answered: HashMap<usize, Vec<u32>>,
     samples: Vec<AccessSample>,
     /// Handler time per resolved minor fault, nanoseconds (bounded).
     handler_ns: Vec<u64>,
@@ -104,6 +119,9 @@ pub struct SamplerStats {
     pub samples: u64,
     /// Of them, writes.
     pub write_samples: u64,
+    /// Of them, touches by a second (third, ...) vCPU that faulted on the
+    /// page before the first touch was resolved.
+    pub concurrent_samples: u64,
     /// First touches of zapped pages by a thread that is no registered vCPU
     /// (e.g. the monitor reading guest RAM): resolved, not sampled.
     pub unattributed: u64,
@@ -132,6 +150,7 @@ pub struct PageSampler {
     zapped: AtomicU64,
     samples: AtomicU64,
     write_samples: AtomicU64,
+    concurrent_samples: AtomicU64,
     unattributed: AtomicU64,
     unsolicited: AtomicU64,
     already_mapped: AtomicU64,
@@ -160,6 +179,7 @@ impl PageSampler {
             zapped: AtomicU64::new(0),
             samples: AtomicU64::new(0),
             write_samples: AtomicU64::new(0),
+            concurrent_samples: AtomicU64::new(0),
             unattributed: AtomicU64::new(0),
             unsolicited: AtomicU64::new(0),
             already_mapped: AtomicU64::new(0),
@@ -187,11 +207,12 @@ impl PageSampler {
         let gone: Vec<Space> = s.spaces.iter().copied().filter(|sp| sp.vm == vm).collect();
         s.spaces.retain(|sp| sp.vm != vm);
         s.threads.retain(|_, id| id.vm != vm);
-        s.pending.retain(|&a, _| {
-            !gone
-                .iter()
+        let in_gone = |a: usize| {
+            gone.iter()
                 .any(|sp| a >= sp.host_addr && a < sp.host_addr + sp.len)
-        });
+        };
+        s.pending.retain(|&a, _| !in_gone(a));
+        s.answered.retain(|&a, _| !in_gone(a));
     }
 
     /// Declares that kernel thread `tid` runs vCPU `vcpu` of VM `vm` on
@@ -226,6 +247,7 @@ impl PageSampler {
             let mut s = self.state.lock();
             for page in (addr..addr + len).step_by(PAGE_SIZE) {
                 s.pending.insert(page, ());
+                s.answered.remove(&page);
             }
         }
         // SAFETY: drops page-table entries of a MAP_SHARED shmem range the
@@ -270,11 +292,12 @@ impl PageSampler {
     /// raises no minor fault to sample).
     pub fn forget_pending(&self, addr: usize, len: usize) {
         let mut s = self.state.lock();
-        if s.pending.is_empty() {
+        if s.pending.is_empty() && s.answered.is_empty() {
             return;
         }
         for page in (addr..addr + len).step_by(PAGE_SIZE) {
             s.pending.remove(&page);
+            s.answered.remove(&page);
         }
     }
 
@@ -349,14 +372,27 @@ impl PageSampler {
         true
     }
 
-    /// Turns a minor fault into a sample if the page was zapped by us and
-    /// the thread is a known vCPU.
+    /// Turns a minor fault into a sample if the page was zapped by us (or
+    /// its first touch was just answered and this is another vCPU's
+    /// concurrent touch) and the thread is a known vCPU.
     fn record(&self, ev: &FaultEvent, page: usize) {
         let mut s = self.state.lock();
-        if s.pending.remove(&page).is_none() {
-            self.unsolicited.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
+        let tid = ev.thread_id.unwrap_or(0);
+        let concurrent = if s.pending.remove(&page).is_some() {
+            s.answered.insert(page, vec![tid]);
+            false
+        } else {
+            match s.answered.get_mut(&page) {
+                Some(tids) if ev.thread_id.is_some() && !tids.contains(&tid) => {
+                    tids.push(tid);
+                    true
+                }
+                _ => {
+                    self.unsolicited.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        };
         let who = ev.thread_id.and_then(|t| s.threads.get(&t).copied());
         let space = s
             .spaces
@@ -376,6 +412,9 @@ impl PageSampler {
                 if ev.write {
                     self.write_samples.fetch_add(1, Ordering::Relaxed);
                 }
+                if concurrent {
+                    self.concurrent_samples.fetch_add(1, Ordering::Relaxed);
+                }
             }
             _ => {
                 self.unattributed.fetch_add(1, Ordering::Relaxed);
@@ -384,8 +423,13 @@ impl PageSampler {
     }
 
     /// Moves the samples gathered since the last drain into `out`.
+    /// Concurrent touches come within microseconds of the first, so the
+    /// answered pages are forgotten here (once per policy epoch) to keep
+    /// the table small.
     pub fn drain(&self, out: &mut Vec<AccessSample>) {
-        out.append(&mut self.state.lock().samples);
+        let mut s = self.state.lock();
+        out.append(&mut s.samples);
+        s.answered.clear();
     }
 
     pub fn stats(&self) -> SamplerStats {
@@ -402,6 +446,7 @@ impl PageSampler {
             zapped: self.zapped.load(Ordering::Relaxed),
             samples: self.samples.load(Ordering::Relaxed),
             write_samples: self.write_samples.load(Ordering::Relaxed),
+            concurrent_samples: self.concurrent_samples.load(Ordering::Relaxed),
             unattributed: self.unattributed.load(Ordering::Relaxed),
             unsolicited: self.unsolicited.load(Ordering::Relaxed),
             already_mapped: self.already_mapped.load(Ordering::Relaxed),
