@@ -25,8 +25,12 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use parking_lot::Mutex;
-use perf_event::events::{Cache, CacheId, CacheOp, CacheResult, Hardware, Software};
+use perf_event::events::{Cache, CacheId, CacheOp, CacheResult, Hardware};
 use perf_event::{Builder, Counter, Group};
+
+/// The software events [`EventSet::software`] takes (re-exported so callers
+/// need not depend on `perf-event2` themselves).
+pub use perf_event::events::Software as SoftwareEvent;
 use serde::Serialize;
 
 /// What one event of a set counts.
@@ -34,7 +38,7 @@ use serde::Serialize;
 enum EventKind {
     Hardware(Hardware),
     Cache(CacheId, CacheOp, CacheResult),
-    Software(Software),
+    Software(SoftwareEvent),
 }
 
 /// One event of an [`EventSet`], with the name the report uses.
@@ -72,7 +76,7 @@ impl EventSpec {
     }
 
     /// A kernel software event under `name`.
-    pub fn software(name: &'static str, event: Software) -> EventSpec {
+    pub fn software(name: &'static str, event: SoftwareEvent) -> EventSpec {
         EventSpec {
             name,
             kind: EventKind::Software(event),
@@ -126,9 +130,9 @@ impl EventSet {
         }
     }
 
-    /// Software events, e.g. `[("task-clock", Software::TASK_CLOCK)]`: the
+    /// Software events, e.g. `[("task-clock", SoftwareEvent::TASK_CLOCK)]`: the
     /// same groups and the same code path as the hardware set, on any host.
-    pub fn software(events: &[(&'static str, Software)]) -> EventSet {
+    pub fn software(events: &[(&'static str, SoftwareEvent)]) -> EventSet {
         EventSet {
             kind: "software",
             events: events
