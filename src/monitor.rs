@@ -16,7 +16,9 @@ use crate::faults::FaultHandler;
 use crate::guest::layout;
 use crate::memory::{Memory, VmId};
 use crate::numa::runner::{Feed, NumaRunner};
-use crate::numa::{choose_source, probe_hardware_pmu, SourceKind, TraceSource};
+use crate::numa::{
+    choose_source, probe_hardware_pmu, EventSet, MissCounters, SourceKind, TraceSource,
+};
 use crate::report::{
     PolicySummary, RunReport, SharingReport, TopologySummary, VcpuReport, VmReport,
 };
@@ -111,7 +113,7 @@ fn policy_status(config: &Config, numa: &NumaPlan) -> String {
     }
     match numa {
         NumaPlan::Off => {}
-        NumaPlan::Run(_, reason) => {
+        NumaPlan::Run(_, reason, _) => {
             let what = match (p.numa.migrate, p.numa.replicate) {
                 (true, true) => "migration and replication",
                 (true, false) => "migration",
@@ -131,10 +133,11 @@ fn policy_status(config: &Config, numa: &NumaPlan) -> String {
     }
 }
 
-/// Whether and how the NUMA engine runs.
+/// Whether and how the NUMA engine runs; with hardware counters, the
+/// per-vCPU miss counters that steer the page sampler.
 enum NumaPlan {
     Off,
-    Run(Feed, String),
+    Run(Feed, String, Option<Arc<MissCounters>>),
     Unavailable(String),
 }
 
@@ -152,9 +155,22 @@ fn numa_plan(config: &Config, topology: &Topology, memory: &Memory) -> Result<Nu
         numa.trace_file.as_deref(),
         probe_hardware_pmu(),
     )
-    .map_err(|e| anyhow::anyhow!("policy {}: {e}", config.policy.name))?;
-    let sampler = |reason: String| match memory.enable_sampling() {
-        Ok(s) => NumaPlan::Run(Feed::Sampler(s), reason),
+    .map_err(|e| {
+        // Named like a config error: the policy file, the key, the reason
+        // (an inline policy is in the config file itself).
+        let file = match config.policy.source.as_str() {
+            "inline" => config.source.clone(),
+            other => other.to_string(),
+        };
+        crate::config::ConfigError {
+            file,
+            key: "numa.sampling".into(),
+            message: format!("policy {}: {e}", config.policy.name),
+        }
+    })?;
+    let sampler = |reason: String, steer: Option<Arc<MissCounters>>| match memory.enable_sampling()
+    {
+        Ok(s) => NumaPlan::Run(Feed::Sampler(s), reason, steer),
         Err(e) => {
             NumaPlan::Unavailable(format!("{reason}, but page sampling is unavailable: {e:#}"))
         }
@@ -165,16 +181,19 @@ fn numa_plan(config: &Config, topology: &Topology, memory: &Memory) -> Result<Nu
             source
                 .check_nodes(topology.node_count())
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            NumaPlan::Run(Feed::Source(Box::new(source)), choice.reason)
+            NumaPlan::Run(Feed::Source(Box::new(source)), choice.reason, None)
         }
-        SourceKind::PageFaults => sampler(choice.reason),
-        // A PMU is present, but per-vCPU cache-miss sampling is not built:
-        // say so and sample pages instead.
-        SourceKind::Hardware => sampler(format!(
-            "{}; the hardware-counter source is not implemented, so page-level samples \
-             from hinting faults are used",
-            choice.reason
-        )),
+        SourceKind::PageFaults => sampler(choice.reason, None),
+        // Hardware counters name threads, not pages (a PMU sample's address
+        // in guest mode is guest-virtual): they steer the page sampler's
+        // effort toward the VMs that miss most; page faults name the pages.
+        SourceKind::Hardware => sampler(
+            format!(
+                "{}; pages are named by page-level samples from hinting faults",
+                choice.reason
+            ),
+            Some(Arc::new(MissCounters::new(EventSet::hardware()))),
+        ),
     })
 }
 
@@ -234,6 +253,10 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
     // it copies it, and sampled pages fault there.
     let sharing = &config.policy.sharing;
     let numa_active = matches!(numa_plan, NumaPlan::Run(..));
+    let miss_counters = match &numa_plan {
+        NumaPlan::Run(_, _, steer) => steer.clone(),
+        _ => None,
+    };
     let _fault_handler = if sharing.enabled || numa_active {
         Some(FaultHandler::start(memory.clone()).with_context(|| {
             format!(
@@ -258,13 +281,14 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
     let vms_started = Instant::now();
     let status = policy_status(config, &numa_plan);
     let numa_runner = match numa_plan {
-        NumaPlan::Run(feed, why) => Some(NumaRunner::start(
+        NumaPlan::Run(feed, why, steer) => Some(NumaRunner::start(
             memory.clone(),
             &topology,
             config.policy.numa.clone(),
             feed,
             &why,
             config.vms.len(),
+            steer,
         )?),
         _ => None,
     };
@@ -314,6 +338,9 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
             }
             if let Some(sampler) = &sampler {
                 register_vcpu_threads(vm, space, sampler);
+            }
+            if let Some(counters) = &miss_counters {
+                count_vcpu_threads(vm, space, counters);
             }
         }
         let running: Vec<&Guest> = vms.iter().filter_map(|v| v.vm.as_ref()).collect();
@@ -576,6 +603,22 @@ fn apply_move(
     match m.vcpu {
         Some(v) => format!("at {} ms: vCPU {v} moved to node {}", m.after_ms, m.node),
         None => format!("at {} ms: all vCPUs moved to node {}", m.after_ms, m.node),
+    }
+}
+
+/// Opens the miss counters of every vCPU thread of `vm` not yet counted
+/// (threads appear once their vCPU starts running). A thread whose counters
+/// cannot be opened is recorded with the reason (in the report) and not
+/// retried.
+fn count_vcpu_threads(vm: &MicroVm, space: VmId, counters: &MissCounters) {
+    for (i, tid) in vm.vcpu_tids().into_iter().enumerate() {
+        if let Some(tid) = tid {
+            if !counters.knows_thread(tid) {
+                if let Err(e) = counters.add_thread(tid, space, i) {
+                    tracing::debug!("miss counters of vCPU {i} of vm {space}: {e}");
+                }
+            }
+        }
     }
 }
 

@@ -214,6 +214,60 @@ impl RunReport {
                 self.replicas.sets,
                 self.replicas.pages
             );
+            match (&n.counters, &n.hardware_unused) {
+                (Some(c), _) => {
+                    let events: Vec<String> = c
+                        .events
+                        .iter()
+                        .map(|e| match (&e.reason, e.present) {
+                            (_, true) if e.user_only => format!("{} (user mode only)", e.name),
+                            (_, true) => e.name.clone(),
+                            (Some(why), false) => format!("{} absent: {why}", e.name),
+                            (None, false) => format!("{} absent", e.name),
+                        })
+                        .collect();
+                    out += &format!(
+                        "  counters: {} active on {} vCPU threads ({} failed), steering page sampling by {} (floor {} pages per VM per round); read in {:.1} us median, {:.1} us max per epoch; events: {}\n",
+                        c.set,
+                        c.threads,
+                        c.failed_threads.len(),
+                        c.steering_event.as_deref().unwrap_or("no event (none present)"),
+                        c.floor,
+                        c.read_median_us,
+                        c.read_max_us,
+                        events.join("; ")
+                    );
+                    if let Some(i) = c
+                        .steering_event
+                        .as_ref()
+                        .and_then(|name| c.events.iter().position(|e| &e.name == name))
+                    {
+                        for (vm, report) in self.vms.iter().enumerate() {
+                            let total = c.totals.get(vm).and_then(|t| t.get(i)).copied();
+                            let budget: Vec<u64> = c
+                                .per_epoch
+                                .iter()
+                                .filter_map(|e| e.budget.get(vm).copied())
+                                .collect();
+                            let mean =
+                                budget.iter().sum::<u64>() as f64 / budget.len().max(1) as f64;
+                            out += &format!(
+                                "    {:<16} {} misses, mean sample budget {:.1} pages per round\n",
+                                report.name,
+                                total.unwrap_or(0),
+                                mean
+                            );
+                        }
+                    }
+                }
+                (None, Some(_)) => {
+                    out += &format!(
+                        "  counters: {} active; hardware miss counters not in use (reason above)\n",
+                        n.counter_source
+                    )
+                }
+                (None, None) => {}
+            }
             if let Some(sm) = &n.sampler {
                 out += &format!(
                     "  sampler: {} pages zapped, {} samples ({} writes, {} by a second vCPU), {} unattributed, handler median {:.1} us, p99 {:.1} us\n",

@@ -6,11 +6,14 @@
 //! is and why it was chosen, so the monitor's report can state the source in
 //! force. The sources:
 //!
-//! 1. **hardware perf events** (cache misses per vCPU, on a host with a PMU).
-//!    [`probe_hardware_pmu`] opens a hardware cache-miss event with the raw
-//!    `perf_event_open` syscall and, when there is no PMU (as on the build
-//!    machines, see FACTS.md: the open fails with `ENOENT`), returns the
-//!    reason, which [`choose_source`] turns into a fallback;
+//! 1. **hardware perf events** per vCPU thread (LLC / cache / node-load
+//!    misses, on a host with a PMU; [`super::hardware`]). They count per
+//!    thread and do not name pages, so they steer the page sampler's effort
+//!    toward the VMs that miss most rather than yield samples themselves.
+//!    [`probe_hardware_pmu`] opens them through `perf-event2` and, when there
+//!    is no PMU (as on the build machines, see FACTS.md: the open fails with
+//!    `ENOENT`), returns the reason, which [`choose_source`] turns into a
+//!    fallback;
 //! 2. **page-level samples** (hinting faults on a sample of pages), which work
 //!    everywhere; the source lives with the fault handlers;
 //! 3. **a replayed trace file** ([`super::trace::TraceSource`]), for
@@ -148,7 +151,9 @@ pub fn choose_source(
         Sampling::Hardware => match pmu {
             Ok(()) => Ok(SourceChoice {
                 kind: SourceKind::Hardware,
-                reason: "hardware cache-miss counters (sampling = \"hardware\")".into(),
+                reason: "hardware miss counters per vCPU thread steer page sampling \
+                         (sampling = \"hardware\")"
+                    .into(),
             }),
             Err(why) => Err(format!(
                 "sampling = \"hardware\" but the hardware counters are unusable: {why}; \
@@ -158,7 +163,9 @@ pub fn choose_source(
         Sampling::Auto => Ok(match pmu {
             Ok(()) => SourceChoice {
                 kind: SourceKind::Hardware,
-                reason: "hardware cache-miss counters (sampling = \"auto\", PMU present)".into(),
+                reason: "hardware miss counters per vCPU thread steer page sampling \
+                         (sampling = \"auto\", PMU present)"
+                    .into(),
             },
             Err(why) => SourceChoice {
                 kind: SourceKind::PageFaults,
@@ -171,86 +178,36 @@ pub fn choose_source(
     }
 }
 
-/// `struct perf_event_attr` as of `PERF_ATTR_SIZE_VER0` (64 bytes); the
-/// kernel accepts this first version of the structure, and it has every
-/// field a counting event needs. libc does not define it.
-#[repr(C)]
-#[derive(Default)]
-struct PerfEventAttrV0 {
-    type_: u32,
-    size: u32,
-    config: u64,
-    sample_period: u64,
-    sample_type: u64,
-    read_format: u64,
-    /// Bit field: disabled (0), inherit (1), pinned (2), exclusive (3),
-    /// exclude_user (4), exclude_kernel (5), exclude_hv (6), ...
-    flags: u64,
-    wakeup_events: u32,
-    bp_type: u32,
-    config1: u64,
-}
-
-const PERF_ATTR_SIZE_VER0: u32 = 64;
-const PERF_TYPE_HARDWARE: u32 = 0;
-const PERF_COUNT_HW_CACHE_MISSES: u64 = 3;
-const ATTR_DISABLED: u64 = 1 << 0;
-const ATTR_EXCLUDE_KERNEL: u64 = 1 << 5;
-const ATTR_EXCLUDE_HV: u64 = 1 << 6;
-const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
-
-/// Tries to open a hardware cache-miss counter for the calling thread (and
-/// closes it again). `Err` carries a sentence saying why hardware counters
-/// cannot be used here.
+/// Tries to open the hardware counters of [`super::hardware::EventSet::hardware`]
+/// (LLC read misses, cache misses, node load misses) for the calling thread
+/// through `perf-event2`, and closes them again. `Ok` when at least one
+/// opens; `Err` carries a sentence saying why hardware counters cannot be
+/// used here (on the build machines: no PMU, `ENOENT`).
 pub fn probe_hardware_pmu() -> Result<(), String> {
-    const _: () = assert!(std::mem::size_of::<PerfEventAttrV0>() == PERF_ATTR_SIZE_VER0 as usize);
-    let attr = PerfEventAttrV0 {
-        type_: PERF_TYPE_HARDWARE,
-        size: PERF_ATTR_SIZE_VER0,
-        config: PERF_COUNT_HW_CACHE_MISSES,
-        flags: ATTR_DISABLED | ATTR_EXCLUDE_KERNEL | ATTR_EXCLUDE_HV,
-        ..Default::default()
-    };
-    // SAFETY: perf_event_open reads `size` bytes of `attr`, which is a live,
-    // correctly sized structure; the other arguments are plain integers.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_perf_event_open,
-            &attr as *const PerfEventAttrV0,
-            0 as libc::pid_t,  // this thread
-            -1 as libc::c_int, // any CPU
-            -1 as libc::c_int, // no group
-            PERF_FLAG_FD_CLOEXEC,
-        )
-    };
-    if fd >= 0 {
-        // SAFETY: fd was just returned by the kernel and is owned here.
-        unsafe { libc::close(fd as libc::c_int) };
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
-    Err(explain_perf_error(
-        err.raw_os_error().unwrap_or(0),
-        perf_event_paranoid(),
-    ))
+    super::hardware::probe(&super::hardware::EventSet::hardware()).map(|_| ())
 }
 
-fn perf_event_paranoid() -> Option<i64> {
-    std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-}
-
-/// The sentence for a failed hardware-event open (separate so it is tested).
-fn explain_perf_error(errno: i32, paranoid: Option<i64>) -> String {
-    let call = "perf_event_open(PERF_TYPE_HARDWARE, cache-misses)";
+/// The sentence for a failed `perf_event_open` of `events` (one event name
+/// or several, comma-separated); `hardware` says whether they are PMU
+/// events. Separate so it is tested.
+pub(crate) fn explain_perf_error(
+    events: &str,
+    hardware: bool,
+    errno: i32,
+    paranoid: Option<i64>,
+) -> String {
+    let call = format!("perf_event_open({events})");
     match errno {
-        libc::ENOENT | libc::EOPNOTSUPP => format!(
+        libc::ENOENT | libc::EOPNOTSUPP if hardware => format!(
             "no hardware PMU: {call} failed with {} (the CPU or hypervisor exposes no \
-             hardware cache-miss event, e.g. a VM without a virtual PMU)",
+             such hardware event, e.g. a VM without a virtual PMU)",
             errno_name(errno)
         ),
-        libc::ENODEV => {
+        libc::ENOENT | libc::EOPNOTSUPP => format!(
+            "{call} failed with {}: the kernel does not offer this event",
+            errno_name(errno)
+        ),
+        libc::ENODEV if hardware => {
             format!("no hardware PMU: {call} failed with ENODEV (no PMU driver for this CPU)")
         }
         libc::ENOSYS => {
@@ -262,6 +219,7 @@ fn explain_perf_error(errno: i32, paranoid: Option<i64>) -> String {
             errno_name(errno),
             paranoid.map_or("unknown".to_string(), |p| p.to_string())
         ),
+        libc::ESRCH => format!("{call} failed with ESRCH: the thread has exited"),
         libc::EMFILE => format!("{call} failed with EMFILE: too many open files"),
         other => format!(
             "{call} failed: {}",
@@ -276,6 +234,7 @@ fn errno_name(errno: i32) -> &'static str {
         libc::EOPNOTSUPP => "EOPNOTSUPP",
         libc::EACCES => "EACCES",
         libc::EPERM => "EPERM",
+        libc::ENODEV => "ENODEV",
         _ => "an error",
     }
 }
@@ -342,15 +301,20 @@ mod tests {
 
     #[test]
     fn errors_are_explained() {
-        assert!(explain_perf_error(libc::ENOENT, None).contains("ENOENT"));
-        assert!(explain_perf_error(libc::ENOENT, None).contains("no hardware PMU"));
-        let e = explain_perf_error(libc::EACCES, Some(3));
+        let e = explain_perf_error("cache-misses", true, libc::ENOENT, None);
+        assert!(e.contains("ENOENT") && e.contains("no hardware PMU"), "{e}");
+        assert!(e.contains("perf_event_open(cache-misses)"), "{e}");
+        // A software event the kernel lacks is not a missing PMU.
+        let e = explain_perf_error("task-clock", false, libc::ENOENT, None);
+        assert!(!e.contains("PMU") && e.contains("does not offer"), "{e}");
+        let e = explain_perf_error("cache-misses", true, libc::EACCES, Some(3));
         assert!(
             e.contains("perf_event_paranoid = 3") && e.contains("root"),
             "{e}"
         );
-        assert!(explain_perf_error(libc::ENOSYS, None).contains("without perf events"));
-        assert!(explain_perf_error(libc::EINVAL, None).contains("failed"));
+        assert!(explain_perf_error("x", true, libc::ENOSYS, None).contains("without perf events"));
+        assert!(explain_perf_error("x", true, libc::ESRCH, None).contains("exited"));
+        assert!(explain_perf_error("x", true, libc::EINVAL, None).contains("failed"));
     }
 
     #[test]

@@ -3,6 +3,10 @@
 //! - [`counters`]: the [`CounterSource`] trait every sample source
 //!   implements, the hardware PMU probe and the choice of source (with the
 //!   reason the report states);
+//! - [`hardware`]: perf-event counter groups per vCPU thread (hardware
+//!   misses where the PMU offers them, software events elsewhere), read
+//!   per epoch and summed per VM, and the split of the page-sampling budget
+//!   by each VM's share of misses;
 //! - [`trace`]: a line-oriented trace format of access samples, its parser,
 //!   writer, replaying source and recorder;
 //! - [`policy`]: the [`PolicyEngine`], Disco's rules (migrate, replicate,
@@ -15,6 +19,7 @@
 //! ([`crate::config::NumaPolicy`]; `policies/*.toml` explain each one).
 
 pub mod counters;
+pub mod hardware;
 pub mod policy;
 pub mod runner;
 pub mod sampler;
@@ -24,6 +29,7 @@ pub use counters::{
     choose_source, probe_hardware_pmu, AccessSample, CounterSource, ReplaySource, Sampling,
     SourceChoice, SourceKind,
 };
+pub use hardware::{scale_sample_budget, EventSet, MissCounters};
 pub use policy::{
     Decision, EpochStats, PageCounts, PageFacts, PageKey, PageLocation, PolicyEngine,
 };

@@ -23,6 +23,16 @@
 //!   count the same remote page again and again).
 //!
 //! With a replayed trace every sample is used for both.
+//!
+//! ## Sampling effort steered by miss counters
+//! When per-vCPU miss counters are active ([`super::hardware::MissCounters`],
+//! hardware events on a host with a PMU), the runner reads them once per
+//! epoch and splits the next epoch's per-round budget (`sample_pages` times
+//! the number of VMs) by each VM's share of the misses
+//! ([`super::hardware::scale_sample_budget`], floor
+//! [`super::hardware::budget_floor`]): the VMs that miss most get the most
+//! page samples, the total stays the same, none is starved. The counts and
+//! budgets per VM and epoch go to [`NumaStats::counters`].
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,6 +43,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::Serialize;
 
+use super::hardware::{budget_floor, scale_sample_budget, EventStatus, MissCounters};
 use super::sampler::{PageSampler, SamplerStats};
 use super::{AccessSample, CounterSource, Decision, PageFacts, PageLocation, PolicyEngine};
 use crate::config::NumaPolicy;
@@ -60,11 +71,56 @@ pub struct EpochLocality {
     pub replicas_made: u64,
 }
 
+/// One epoch of counter-steered sampling.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct EpochMisses {
+    /// The epoch whose rounds used `budget` (its misses are the previous
+    /// epoch's).
+    pub epoch: u64,
+    /// Per VM (monitor space id order): the steering event's count over the
+    /// previous epoch.
+    pub misses: Vec<u64>,
+    /// Per VM: pages zapped per round this epoch.
+    pub budget: Vec<u64>,
+    /// Time to read every counter group, in microseconds.
+    pub read_us: f64,
+}
+
+/// The miss counters that steered sampling effort in a run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CounterStats {
+    /// `hardware` (or `software`, the same code path with software events).
+    pub set: String,
+    /// The event whose counts steer the budget (the first present one).
+    pub steering_event: Option<String>,
+    /// Every event of the set: present, or absent with the reason.
+    pub events: Vec<EventStatus>,
+    /// vCPU threads counted, and those whose counters could not be opened.
+    pub threads: usize,
+    pub failed_threads: Vec<(u32, String)>,
+    /// Floor of the per-round budget of a VM, in pages.
+    pub floor: u64,
+    /// Per VM, per event of the set: counts over the run.
+    pub totals: Vec<Vec<u64>>,
+    pub per_epoch: Vec<EpochMisses>,
+    /// Median and largest time to read every group once, in microseconds.
+    pub read_median_us: f64,
+    pub read_max_us: f64,
+}
+
 /// What the NUMA engine did in a run.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct NumaStats {
     /// The counter source and why it is the one in use.
     pub source: String,
+    /// Which counter source is active: `hardware` (miss counters per vCPU
+    /// steer the page sampler), `page-faults` or `trace`.
+    pub counter_source: String,
+    /// Why hardware counters are not active (`None` when they are).
+    pub hardware_unused: Option<String>,
+    /// Per-VM miss counts and sample budgets per epoch, when counters steer
+    /// the sampling effort.
+    pub counters: Option<CounterStats>,
     pub epochs: u64,
     pub samples: u64,
     pub migrations: u64,
@@ -140,8 +196,13 @@ struct ZapPlan {
 }
 
 impl ZapPlan {
-    fn round(&mut self, memory: &Memory, pages_per_vm: u64) {
+    /// `budget`: pages per VM (index = VM id) when counters steer the
+    /// effort, else `pages_per_vm` for every VM.
+    fn round(&mut self, memory: &Memory, pages_per_vm: u64, budget: Option<&[u64]>) {
         for (vm, frames, _) in memory.spaces() {
+            let pages_per_vm = budget
+                .and_then(|b| b.get(vm as usize).copied())
+                .unwrap_or(pages_per_vm);
             let rechecks: Vec<u64> = self
                 .recheck
                 .range((vm, 0)..=(vm, u64::MAX))
@@ -168,9 +229,14 @@ pub struct NumaRunner {
     stats: Arc<Mutex<NumaStats>>,
     thread: Option<JoinHandle<()>>,
     sampler: Option<Arc<PageSampler>>,
+    steer: Option<Arc<MissCounters>>,
 }
 
 impl NumaRunner {
+    /// Starts the `disco-numa` thread. `steer`: per-vCPU miss counters
+    /// whose per-VM shares split the page-sampling budget (used with the
+    /// page sampler only); `why` says how the source was chosen, and, when
+    /// `steer` is `None`, why hardware counters are not in use.
     pub fn start(
         memory: Arc<Memory>,
         topology: &Topology,
@@ -178,20 +244,36 @@ impl NumaRunner {
         feed: Feed,
         why: &str,
         vms: usize,
+        steer: Option<Arc<MissCounters>>,
     ) -> std::io::Result<NumaRunner> {
         let stop = Arc::new(AtomicBool::new(false));
-        let stats = Arc::new(Mutex::new(NumaStats {
-            source: format!("{} [{why}]", feed.describe()),
-            per_vm: vec![(0, 0); vms],
-            ..NumaStats::default()
-        }));
         let sampler = match &feed {
             Feed::Sampler(s) => Some(s.clone()),
             Feed::Source(_) => None,
         };
+        // Counters steer the page sampler; with another feed they are idle.
+        let steer = steer.filter(|_| sampler.is_some());
+        let (counter_source, hardware_unused) = match (&steer, &feed) {
+            (Some(c), _) => (c.event_set().kind.to_string(), None),
+            (None, Feed::Sampler(_)) => ("page-faults".to_string(), Some(why.to_string())),
+            (None, Feed::Source(s)) => (s.name().to_string(), Some(why.to_string())),
+        };
+        let stats = Arc::new(Mutex::new(NumaStats {
+            source: format!("{} [{why}]", feed.describe()),
+            counter_source,
+            hardware_unused,
+            counters: steer.as_ref().map(|c| CounterStats {
+                set: c.event_set().kind.to_string(),
+                floor: budget_floor(policy.sample_pages),
+                totals: vec![vec![0; c.event_set().events.len()]; vms],
+                ..CounterStats::default()
+            }),
+            per_vm: vec![(0, 0); vms],
+            ..NumaStats::default()
+        }));
         let distances = topology.distances.clone();
         let nodes = topology.node_count();
-        let (flag, out) = (stop.clone(), stats.clone());
+        let (flag, out, counters) = (stop.clone(), stats.clone(), steer.clone());
         let thread = std::thread::Builder::new()
             .name("disco-numa".into())
             .spawn(move || {
@@ -201,6 +283,8 @@ impl NumaRunner {
                     engine: PolicyEngine::new(policy.clone(), nodes),
                     out,
                     vms,
+                    steer: counters,
+                    read_us: Vec::new(),
                 };
                 worker.run(policy, feed, &flag);
             })?;
@@ -209,12 +293,19 @@ impl NumaRunner {
             stats,
             thread: Some(thread),
             sampler,
+            steer,
         })
     }
 
     pub fn stats(&self) -> NumaStats {
         let mut s = self.stats.lock().clone();
         s.sampler = self.sampler.as_ref().map(|p| p.stats());
+        if let (Some(c), Some(out)) = (&self.steer, s.counters.as_mut()) {
+            out.events = c.status();
+            out.steering_event = c.steering_event().map(|i| out.events[i].name.clone());
+            out.threads = c.threads();
+            out.failed_threads = c.failed_threads();
+        }
         s
     }
 
@@ -243,9 +334,46 @@ struct Worker {
     engine: PolicyEngine,
     out: Arc<Mutex<NumaStats>>,
     vms: usize,
+    steer: Option<Arc<MissCounters>>,
+    /// Every epoch's counter read time, for the median.
+    read_us: Vec<f64>,
 }
 
 impl Worker {
+    /// With miss counters: reads them (the last epoch's deltas), records
+    /// them, and returns this epoch's per-round budget per VM, scaled by
+    /// each VM's share of the misses. `None`: `sample_pages` for every VM.
+    fn steered_budget(&mut self, sample_pages: u64) -> Option<Vec<u64>> {
+        let counters = self.steer.as_ref()?;
+        let counts = counters.read_epoch(self.vms);
+        let budget = scale_sample_budget(
+            &counts.misses_per_vm,
+            sample_pages,
+            budget_floor(sample_pages),
+        );
+        self.read_us.push(counts.read_us);
+        let mut sorted = self.read_us.clone();
+        sorted.sort_by(f64::total_cmp);
+        let mut s = self.out.lock();
+        let epoch = s.epochs + 1;
+        if let Some(c) = s.counters.as_mut() {
+            for (total, vm) in c.totals.iter_mut().zip(&counts.per_vm_events) {
+                for (t, v) in total.iter_mut().zip(vm) {
+                    *t = t.saturating_add(*v);
+                }
+            }
+            c.read_median_us = sorted[sorted.len() / 2];
+            c.read_max_us = sorted[sorted.len() - 1];
+            c.per_epoch.push(EpochMisses {
+                epoch,
+                misses: counts.misses_per_vm,
+                budget: budget.clone(),
+                read_us: counts.read_us,
+            });
+        }
+        Some(budget)
+    }
+
     fn run(&mut self, policy: NumaPolicy, mut feed: Feed, stop: &AtomicBool) {
         let epoch = Duration::from_millis(policy.epoch_ms);
         let rounds = match feed {
@@ -267,9 +395,13 @@ impl Worker {
         while !stop.load(Ordering::Relaxed) {
             let tick = Instant::now();
             samples.clear();
+            let budget = match plan {
+                Some(_) => self.steered_budget(policy.sample_pages),
+                None => None,
+            };
             for round in 0..rounds {
                 if let Some(plan) = plan.as_mut() {
-                    plan.round(&self.memory, policy.sample_pages);
+                    plan.round(&self.memory, policy.sample_pages, budget.as_deref());
                 }
                 let until = tick + epoch * (round + 1) / rounds;
                 let now = Instant::now();
