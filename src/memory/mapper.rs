@@ -1030,14 +1030,41 @@ impl Inner {
     }
 
     /// Copies `olds` (any pages) into consecutive pages of `node` from
-    /// `start`, through the pool views.
+    /// `start`: one `copy_file_range` per run of consecutive old pages of
+    /// one pool. The kernel copies page cache to page cache: no page fault
+    /// on either pool view and no zeroing of the new pages (a copy through
+    /// the views cost two page faults per page, ~8 us here).
     fn copy_to_run(&self, olds: &[MachinePage], node: NodeId, start: u32) -> Result<()> {
-        for (i, &old) in olds.iter().enumerate() {
-            let new = MachinePage {
-                node: node as u16,
-                index: start + i as u32,
-            };
-            self.copy_page(old, new);
+        let mut i = 0;
+        while i < olds.len() {
+            let mut n = 1;
+            while i + n < olds.len()
+                && olds[i + n].node == olds[i].node
+                && olds[i + n].index == olds[i].index + n as u32
+            {
+                n += 1;
+            }
+            let from = &self.pools[olds[i].node()];
+            let to = &self.pools[node];
+            let mut off_in = olds[i].index as i64 * PAGE_SIZE as i64;
+            let mut off_out = (start + i as u32) as i64 * PAGE_SIZE as i64;
+            let mut left = n * PAGE_SIZE;
+            while left > 0 {
+                // SAFETY: two pool memfds we own, offsets inside both files.
+                let r = unsafe {
+                    libc::copy_file_range(from.fd(), &mut off_in, to.fd(), &mut off_out, left, 0)
+                };
+                if r <= 0 {
+                    let e = if r == 0 {
+                        io::Error::from(io::ErrorKind::UnexpectedEof)
+                    } else {
+                        io::Error::last_os_error()
+                    };
+                    return Err(e).context("copying pages between memory pools");
+                }
+                left -= r as usize;
+            }
+            i += n;
         }
         Ok(())
     }
