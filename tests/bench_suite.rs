@@ -63,6 +63,13 @@ fn required_figures(kind: &str) -> &'static [&'static str] {
             "copy-on-write break: handler median",
             "copy-on-write break: handler p99",
         ],
+        "migration" => &[
+            "batched migration / memcpy",
+            "memcpy",
+            "batched migration (move_pages)",
+            "single-page migration (move_page)",
+            "guest slowdown while its pages move",
+        ],
         other => panic!("unexpected kind {other}"),
     }
 }

@@ -98,7 +98,10 @@ fn a_batched_move_keeps_contents_in_one_remap_per_run() {
     let report = memory.move_pages(vm, &all, 1).unwrap();
     assert_eq!(report.moved.len(), FRAMES as usize, "{report:?}");
     assert!(report.failed.is_empty() && report.unchanged.is_empty());
-    assert_eq!(report.runs, 1, "one contiguous run of the target pool: {report:?}");
+    assert_eq!(
+        report.runs, 1,
+        "one contiguous run of the target pool: {report:?}"
+    );
     memory.verify().unwrap();
     for gfn in 0..FRAMES {
         assert_eq!(node_of(&memory, vm, gfn), 1);
@@ -108,10 +111,17 @@ fn a_batched_move_keeps_contents_in_one_remap_per_run() {
         let seen = unsafe {
             std::slice::from_raw_parts((base + gfn as usize * PAGE_SIZE) as *const u8, PAGE_SIZE)
         };
-        assert_eq!(seen, page_of(gfn).as_slice(), "frame {gfn} via the guest mapping");
+        assert_eq!(
+            seen,
+            page_of(gfn).as_slice(),
+            "frame {gfn} via the guest mapping"
+        );
     }
     let pools = memory.pool_stats();
-    assert_eq!((pools[0].used_pages, pools[1].used_pages), (0, FRAMES as u32));
+    assert_eq!(
+        (pools[0].used_pages, pools[1].used_pages),
+        (0, FRAMES as u32)
+    );
     assert_eq!(pools[0].resident_bytes, 0, "the old pages were punched out");
 
     // Back again in pieces with gaps and duplicates: only the named frames move.
@@ -121,8 +131,15 @@ fn a_batched_move_keeps_contents_in_one_remap_per_run() {
         .collect();
     let report = memory.move_pages(vm, &some, 0).unwrap();
     let named: std::collections::BTreeSet<u64> = some.iter().copied().collect();
-    assert_eq!(report.moved.len(), named.len(), "each frame once: {report:?}");
-    assert!(report.runs > 1 && report.runs < named.len() as u64, "{report:?}");
+    assert_eq!(
+        report.moved.len(),
+        named.len(),
+        "each frame once: {report:?}"
+    );
+    assert!(
+        report.runs > 1 && report.runs < named.len() as u64,
+        "{report:?}"
+    );
     memory.verify().unwrap();
     for gfn in 0..FRAMES {
         let want = if named.contains(&gfn) { 0 } else { 1 };
@@ -131,8 +148,13 @@ fn a_batched_move_keeps_contents_in_one_remap_per_run() {
     }
     // Written after the move: the frames are private and writable again.
     for gfn in [0, 3, 50] {
-        memory.write_guest_page(vm, gfn, &page_of(gfn + 1000)).unwrap();
-        assert_eq!(memory.read_guest_page(vm, gfn).unwrap(), page_of(gfn + 1000));
+        memory
+            .write_guest_page(vm, gfn, &page_of(gfn + 1000))
+            .unwrap();
+        assert_eq!(
+            memory.read_guest_page(vm, gfn).unwrap(),
+            page_of(gfn + 1000)
+        );
     }
     memory.verify().unwrap();
     memory.destroy_space(vm).unwrap();
@@ -147,7 +169,9 @@ fn a_mixed_batch_moves_private_runs_and_shared_pages_and_refuses_the_rest() {
     let (b, _) = memory.create_space("b", FRAMES, 0).unwrap();
     for gfn in 0..FRAMES {
         memory.write_guest_page(a, gfn, &page_of(gfn)).unwrap();
-        memory.write_guest_page(b, gfn, &page_of(100 + gfn)).unwrap();
+        memory
+            .write_guest_page(b, gfn, &page_of(100 + gfn))
+            .unwrap();
     }
     // a:4 is shared with b:20, a:5 with a:6 (one VM, two frames), a:10 is
     // a hole, a:12 is replicated (shared with b:12, b runs on node 1).
@@ -182,7 +206,11 @@ fn a_mixed_batch_moves_private_runs_and_shared_pages_and_refuses_the_rest() {
     for gfn in (0..16).filter(|g| ![10, 12].contains(g)) {
         assert_eq!(node_of(&memory, a, gfn), 2, "a:{gfn}");
     }
-    assert_eq!(node_of(&memory, b, 20), 2, "a shared page moves for every owner");
+    assert_eq!(
+        node_of(&memory, b, 20),
+        2,
+        "a shared page moves for every owner"
+    );
     assert_eq!(
         memory.lookup(a, 5).unwrap().unwrap().page,
         memory.lookup(a, 6).unwrap().unwrap().page
@@ -198,7 +226,10 @@ fn a_mixed_batch_moves_private_runs_and_shared_pages_and_refuses_the_rest() {
         assert_eq!(memory.read_guest_page(a, gfn).unwrap(), want, "a:{gfn}");
     }
     assert_eq!(memory.read_guest_page(b, 20).unwrap(), page_of(4));
-    assert!(memory.lookup(a, 10).unwrap().is_none(), "a hole stays a hole");
+    assert!(
+        memory.lookup(a, 10).unwrap().is_none(),
+        "a hole stays a hole"
+    );
     memory.destroy_space(a).unwrap();
     memory.destroy_space(b).unwrap();
     memory.verify().unwrap();
@@ -218,17 +249,23 @@ fn a_batch_into_a_fragmented_or_full_pool_splits_and_fails_cleanly() {
     for gfn in 0..32 {
         memory.write_guest_page(vm, gfn, &page_of(gfn)).unwrap();
     }
-    let report = memory.move_pages(vm, &(0..16).collect::<Vec<_>>(), 1).unwrap();
+    let report = memory
+        .move_pages(vm, &(0..16).collect::<Vec<_>>(), 1)
+        .unwrap();
     assert_eq!(report.moved.len(), 16, "{report:?}");
     assert_eq!(report.runs, 16, "one piece per free page: {report:?}");
     memory.verify().unwrap();
 
     // 4 free pages left on node 1: 4 frames move, 12 stay, unprotected.
-    let report = memory.move_pages(vm, &(16..32).collect::<Vec<_>>(), 1).unwrap();
+    let report = memory
+        .move_pages(vm, &(16..32).collect::<Vec<_>>(), 1)
+        .unwrap();
     assert_eq!(report.moved, vec![16, 17, 18, 19], "{report:?}");
     assert_eq!(report.failed.len(), 12, "{report:?}");
     assert!(report.failed.iter().all(|(_, why)| why.contains("full")));
-    memory.verify().expect("frames that did not move are not left protected");
+    memory
+        .verify()
+        .expect("frames that did not move are not left protected");
     for gfn in 0..32 {
         assert_eq!(node_of(&memory, vm, gfn), if gfn < 20 { 1 } else { 0 });
         assert_eq!(memory.read_guest_page(vm, gfn).unwrap(), page_of(gfn));

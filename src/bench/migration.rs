@@ -111,6 +111,9 @@ pub struct MigrationResult {
     pub slowdown: Stats,
     /// Median guest run time while migrating / alone.
     pub guest_slowdown: f64,
+    /// Guest time lost per page moved under it, us: (run while migrating -
+    /// run alone) / pages moved during the run, per repetition.
+    pub guest_us_per_moved_page: Stats,
 }
 
 fn memcpy_rate(mib: u64) -> f64 {
@@ -209,13 +212,13 @@ fn single_rate(mib: u64) -> Result<f64> {
 
 /// Runs a sweep guest; with `batch`, a thread moves its data pages between
 /// two pools meanwhile, `batch` frames per `move_pages` call. Returns
-/// (guest run ms, pages moved per s).
+/// (guest run ms, pages moved per s, pages moved).
 fn guest_run(
     kvm: &kvm_ioctls::Kvm,
     passes: u32,
     seed: u64,
     batch: Option<u64>,
-) -> Result<(f64, f64)> {
+) -> Result<(f64, f64, u64)> {
     const FRAMES: u64 = 2048;
     let memory = Arc::new(Memory::new(&[(0, 0, 8192), (1, 0, 8192)])?);
     let _handler = FaultHandler::start(memory.clone())?;
@@ -259,12 +262,12 @@ fn guest_run(
     guest.start()?;
     let out = guest.wait();
     done.store(true, Ordering::Relaxed);
-    let rate = match mover {
+    let (rate, moved) = match mover {
         Some(h) => {
             let (moved, secs) = h.join().map_err(|_| anyhow::anyhow!("mover panicked"))??;
-            moved as f64 / secs
+            (moved as f64 / secs, moved)
         }
-        None => 0.0,
+        None => (0.0, 0),
     };
     if !out.checksum_ok() {
         bail!(
@@ -274,7 +277,7 @@ fn guest_run(
     }
     memory.verify()?;
     memory.destroy_space(vm)?;
-    Ok((out.run_time.as_secs_f64() * 1e3, rate))
+    Ok((out.run_time.as_secs_f64() * 1e3, rate, moved))
 }
 
 /// Runs the measurement with the standard batch sizes.
@@ -291,7 +294,10 @@ pub fn run_with(
     guest_batch: u64,
     seed: u64,
 ) -> Result<MigrationResult> {
-    ensure!(o.reps > 0, "the migration scenario needs at least one repetition");
+    ensure!(
+        o.reps > 0,
+        "the migration scenario needs at least one repetition"
+    );
     let kvm = kvm_ioctls::Kvm::new().context("cannot open /dev/kvm")?;
     let bar = progress_bar(o.reps as u64, o.progress);
     let (mut memcpy, mut batched, mut single) = (Vec::new(), Vec::new(), Vec::new());
@@ -300,6 +306,7 @@ pub fn run_with(
     let mut by_batch: Vec<Vec<f64>> = vec![Vec::new(); batch_sizes.len()];
     let (mut alone, mut moving, mut under, mut slowdown) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut lost = Vec::new();
     let frames = o.mib * 256;
     for _ in 0..o.reps {
         let copy = memcpy_rate(o.mib);
@@ -322,8 +329,9 @@ pub fn run_with(
         for (i, &b) in batch_sizes.iter().enumerate() {
             by_batch[i].push(batched_rate(o.mib, b)?.0);
         }
-        let (a, _) = guest_run(&kvm, o.passes, seed, None)?;
-        let (m, rate) = guest_run(&kvm, o.passes, seed, Some(guest_batch))?;
+        let (a, _, _) = guest_run(&kvm, o.passes, seed, None)?;
+        let (m, rate, pages) = guest_run(&kvm, o.passes, seed, Some(guest_batch))?;
+        lost.push((m - a) * 1e3 / pages.max(1) as f64);
         alone.push(a);
         moving.push(m);
         under.push(rate);
@@ -362,6 +370,7 @@ pub fn run_with(
         guest_migrating_ms: moving,
         migrate_under_guest_pages_per_s: Stats::of(&under),
         slowdown: Stats::of(&slowdown),
+        guest_us_per_moved_page: Stats::of(&lost),
     })
 }
 
@@ -378,10 +387,7 @@ impl MigrationResult {
                 "move_page, one frame per call, no guest (pages/s)".into(),
                 self.single_pages_per_s.show(0),
             ],
-            vec![
-                "batched / memcpy (goal >= 0.5)".into(),
-                self.ratio.show(3),
-            ],
+            vec!["batched / memcpy (goal >= 0.5)".into(), self.ratio.show(3)],
             vec![
                 "remaps (pieces) of the batched move".into(),
                 self.pieces.show(0),
@@ -414,6 +420,10 @@ impl MigrationResult {
                 self.guest_migrating_ms.show(1),
             ],
             vec!["guest slowdown".into(), self.slowdown.show(2)],
+            vec![
+                "guest time lost per page moved under it (us)".into(),
+                self.guest_us_per_moved_page.show(1),
+            ],
         ]);
         format!(
             "migration: {} MiB, median (min-max) of {} interleaved repetitions\n\n{}\n{}\n",
@@ -510,6 +520,12 @@ impl ScenarioResult for MigrationResult {
                 self.slowdown.clone(),
             )
             .headline(),
+            Figure::new(
+                "guest time lost per page moved under it",
+                "us",
+                Better::Lower,
+                self.guest_us_per_moved_page.clone(),
+            ),
         ];
         for (phase, v) in [
             ("protect", b.protect),
