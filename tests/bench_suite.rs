@@ -166,7 +166,8 @@ fn check_record(dir: &Path, r: &ScenarioRecord) {
         r.params
     );
     assert!(!r.source_text.is_empty(), "{name}: scenario text recorded");
-    if r.kind != "sharing" {
+    // migration drives the mapper itself: no policy runs.
+    if !["sharing", "migration"].contains(&r.kind.as_str()) {
         assert!(
             r.policies
                 .iter()
@@ -251,7 +252,12 @@ fn bench_all_quick_writes_results_and_compare_finds_a_planted_regression() {
     // One record per scenario file, every file of the folder accounted for.
     let records = disco::bench::suite::read_records(&out).unwrap();
     let kinds: Vec<&str> = records.iter().map(|r| r.kind.as_str()).collect();
-    assert_eq!(kinds, ["density", "overhead", "sharing"], "{}", text(&o));
+    assert_eq!(
+        kinds,
+        ["density", "migration", "overhead", "sharing"],
+        "{}",
+        text(&o)
+    );
     for r in &records {
         // The JSON file also parses as plain JSON with the raw results.
         let raw: serde_json::Value = serde_json::from_str(

@@ -450,13 +450,13 @@ struct MigrationScenario {
 /// plot), `guest_batch` (frames per call under the guest).
 pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
     let quick = p.quick();
-    let mib = p.u64("mib", 1, 4096, if quick { 16 } else { 64 })?;
+    let mib = p.u64("mib", 1, 4096, if quick { 8 } else { 64 })?;
     let batch_pages = p.u64_list("batch_pages", 1, 1 << 20, DEFAULT_BATCH_SIZES)?;
     Ok(Box::new(MigrationScenario {
         options: MigrationOptions {
             mib,
-            reps: p.usize("reps", 1, 1000, if quick { 3 } else { 10 })?,
-            passes: p.u64("passes", 1, 1_000_000, if quick { 300 } else { 1000 })? as u32,
+            reps: p.usize("reps", 1, 1000, if quick { 2 } else { 5 })?,
+            passes: p.u64("passes", 1, 1_000_000, if quick { 50 } else { 300 })? as u32,
             progress: false,
         },
         batch_pages,
