@@ -4,6 +4,10 @@
 //!   pools of two nodes (write-protect when userfaultfd is there, copy into
 //!   a fresh page, `mmap(MAP_FIXED)` remap, free the old page): what one
 //!   page migration costs the monitor, alternating node 0 -> 1 -> 0;
+//! * `move_pages_512`: `Memory::move_pages` of 512 consecutive private
+//!   frames (2 MiB) in one call, alternating node 0 -> 1 -> 0: one
+//!   write-protect, one pool run, one copy, one remap and one hole punch
+//!   for the run (throughput per page, to compare with `move_page`);
 //! * `lookup`: `Memory::lookup` (memory lock + pmap entry), what the scanner
 //!   and the policy engine pay per frame;
 //! * `pmap_get`: `Pmap::get` alone (the array behind it), random frames of a
@@ -58,6 +62,35 @@ fn move_page(c: &mut Criterion) {
         memory.read_guest_page(vm, 3).unwrap(),
         vec![0xA5; PAGE_SIZE]
     );
+}
+
+fn move_pages(c: &mut Criterion) {
+    const RUN: u64 = 512;
+    let memory = Memory::new(&[(0, 0, 2048), (1, 0, 2048)]).expect("monitor memory, two pools");
+    let (vm, _) = memory.create_space("m", RUN, 0).expect("a guest space");
+    for gfn in 0..RUN {
+        memory
+            .write_guest_page(vm, gfn, &vec![gfn as u8; PAGE_SIZE])
+            .expect("pages to move");
+    }
+    let gfns: Vec<u64> = (0..RUN).collect();
+    let mut group = c.benchmark_group("memory");
+    group.throughput(Throughput::Elements(RUN));
+    let mut node = 0;
+    group.bench_function("move_pages_512", |b| {
+        b.iter(|| {
+            node = 1 - node;
+            let report = memory.move_pages(vm, &gfns, node).expect("move_pages");
+            assert!(report.failed.is_empty());
+            report
+        })
+    });
+    group.finish();
+    memory.verify().expect("invariants after the batched moves");
+    assert_eq!(
+        memory.read_guest_page(vm, 77).unwrap(),
+        vec![77u8; PAGE_SIZE]
+    );
     memory.verify().expect("memory invariants after the moves");
 }
 
@@ -107,5 +140,5 @@ fn lookups(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, move_page, lookups);
+criterion_group!(benches, move_page, move_pages, lookups);
 criterion_main!(benches);

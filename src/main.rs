@@ -285,8 +285,7 @@ fn bench(what: BenchCommand) -> anyhow::Result<ExitCode> {
                         .map(|l| l.params.name().to_string())
                 })
                 .collect::<anyhow::Result<_>>()?;
-            if !names.contains(&cli.name) && ["migration", "locality"].contains(&cli.name.as_str())
-            {
+            if !names.contains(&cli.name) && cli.name == "locality" {
                 return legacy_numa_bench(&cli.name, &cli.args);
             }
             let Some(i) = names.iter().position(|n| *n == cli.name) else {
@@ -349,8 +348,8 @@ fn bench(what: BenchCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `disco bench migration|locality`: the NUMA scenarios (issue 4) with their
-/// own options and outputs, until they join the suite as scenario kinds
+/// `disco bench locality`: the locality scenario (issue 4) with its
+/// own options and outputs, until it joins the suite as a scenario kind
 /// (see DEVELOPERS.md, "Adding a scenario kind").
 fn legacy_numa_bench(name: &str, args: &SuiteArgs) -> anyhow::Result<ExitCode> {
     if args.dir.is_some() || !args.set.is_empty() {
@@ -359,15 +358,7 @@ fn legacy_numa_bench(name: &str, args: &SuiteArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let progress = !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (table, json_text) = if name == "migration" {
-        let mut options = disco::bench::migration::MigrationOptions::standard(args.quick);
-        options.progress = progress;
-        let result = disco::bench::migration::run(&options)?;
-        (
-            result.render_table(),
-            serde_json::to_string_pretty(&result)?,
-        )
-    } else {
+    let (table, json_text) = {
         let mut options = disco::bench::locality::LocalityOptions::standard(args.quick);
         options.progress = progress;
         let result = disco::bench::locality::run(&options)?;

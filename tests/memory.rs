@@ -35,6 +35,13 @@ enum Op {
         gfn: u64,
         node: usize,
     },
+    /// `move_pages` of frames `first..first+len` (may run past the space).
+    MoveBatch {
+        vm: usize,
+        first: u64,
+        len: u64,
+        node: usize,
+    },
     Share {
         src: usize,
         sgfn: u64,
@@ -56,6 +63,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (vm.clone(), gfn.clone(), node.clone()).prop_map(|(vm, gfn, node)| Op::Map { vm, gfn, node }),
         2 => (vm.clone(), gfn.clone()).prop_map(|(vm, gfn)| Op::Unmap { vm, gfn }),
         2 => (vm.clone(), gfn.clone(), node.clone()).prop_map(|(vm, gfn, node)| Op::Move { vm, gfn, node }),
+        2 => (vm.clone(), gfn.clone(), 1..FRAMES + 2, node.clone())
+            .prop_map(|(vm, first, len, node)| Op::MoveBatch { vm, first, len, node }),
         2 => (vm.clone(), gfn.clone(), vm.clone(), gfn.clone())
             .prop_map(|(src, sgfn, dst, dgfn)| Op::Share { src, sgfn, dst, dgfn }),
         1 => (vm, node).prop_map(|(vm, node)| Op::Rebuild { vm, node }),
@@ -146,6 +155,26 @@ proptest! {
                         prop_assert_eq!(res.unwrap().node(), node);
                     } else {
                         prop_assert!(res.is_err());
+                    }
+                }
+                Op::MoveBatch { vm, first, len, node } => {
+                    let gfns: Vec<u64> = (first..first + len).collect();
+                    let report = memory.move_pages(ids[vm], &gfns, node).unwrap();
+                    prop_assert_eq!(
+                        report.moved.len() + report.unchanged.len() + report.failed.len(),
+                        gfns.len(),
+                        "every frame is accounted for once"
+                    );
+                    for &gfn in &gfns {
+                        let failed = report.failed.iter().any(|(g, _)| *g == gfn);
+                        match model[vm].get(&gfn) {
+                            Some(Some(_)) => {
+                                prop_assert!(!failed, "mapped frame {} failed: {:?}", gfn, report.failed);
+                                let e = memory.lookup(ids[vm], gfn).unwrap().unwrap();
+                                prop_assert_eq!(e.page.node(), node);
+                            }
+                            _ => prop_assert!(failed, "unmapped or outside frame {} must fail", gfn),
+                        }
                     }
                 }
                 Op::Share { src, sgfn, dst, dgfn } => {

@@ -1,38 +1,56 @@
-//! `disco bench migration`: how fast the mapper migrates pages, against
-//! this machine's memcpy bandwidth measured in the same run, and what
-//! migration costs a running guest.
+//! The `migration` scenario kind (`disco bench migration`): how fast the
+//! mapper migrates pages, against this machine's memcpy bandwidth measured
+//! in the same run, and what migration costs a running guest.
 //!
-//! 1. memcpy: copy a buffer of `mib` MiB between two touched anonymous
-//!    buffers; bandwidth as 4 KiB pages per second.
-//! 2. idle migration: a guest space of `mib` MiB (every page written) moved
-//!    page by page between two node pools with `Memory::move_page`
-//!    (write-protect, copy, remap, free), no guest running.
-//! 3. under a guest: a sweep micro-VM runs alone, then again while a thread
-//!    migrates its data pages back and forth; the ratio of the two guest
-//!    run times is the slowdown, and the pages moved per second under load
-//!    are reported. The guest's checksum must match both times.
+//! Per repetition, interleaved so drift in the machine's load hits every
+//! figure alike:
 //!
-//! Goal (issue 4): idle migration at >= 50 % of memcpy's page rate.
+//! 1. memcpy: copy `mib` MiB between two touched anonymous buffers, page by
+//!    page; bandwidth as 4 KiB pages per second.
+//! 2. batched migration: a guest space of `mib` MiB (every page written)
+//!    moved to the other node's pool with one `Memory::move_pages` call, no
+//!    guest running; with the call's own breakdown of where the time went.
+//! 3. single-page migration: the same, one `Memory::move_page` per frame
+//!    (write-protect, copy, remap, free each page on its own).
+//! 4. batch sizes: the same space moved in calls of each of `batch_pages`
+//!    frames (the throughput plot).
+//! 5. under a guest: a sweep micro-VM runs alone, then again while a thread
+//!    moves its data pages back and forth in `move_pages` calls of
+//!    `guest_batch` frames; the ratio of the two guest run times is the
+//!    slowdown. The guest's checksum must match both times.
+//!
+//! Contents are checked after every idle move (each page carries its own
+//! number) and `Memory::verify` runs after each, outside the timed part.
+//!
+//! Goal (issue 4): batched migration at >= 50 % of memcpy's page rate.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::params::{ParamResult, Params};
+use super::suite::{Better, Figure, Plot, Progress, Scenario, ScenarioResult};
+use super::svg::LinePlot;
 use super::{markdown_table, progress_bar, HostInfo, Stats};
 use crate::faults::FaultHandler;
 use crate::guest::{layout, Workload};
-use crate::memory::Memory;
+use crate::memory::{Gfn, Memory, MoveTimes};
 use crate::vm::{GuestRam, MicroVm, MicroVmSpec, VcpuPlacement};
 use crate::PAGE_SIZE;
+
+/// Frames per `move_pages` call when no other size is given.
+pub const DEFAULT_BATCH_SIZES: &[u64] = &[1, 8, 64, 512, 4096];
+/// Frames per `move_pages` call of the mover under a running guest.
+pub const DEFAULT_GUEST_BATCH: u64 = 64;
 
 #[derive(Clone, Debug)]
 pub struct MigrationOptions {
     pub mib: u64,
     pub reps: usize,
-    /// Sweep passes of the guest in part 3.
+    /// Sweep passes of the guest in part 5.
     pub passes: u32,
     pub progress: bool,
 }
@@ -48,23 +66,54 @@ impl MigrationOptions {
     }
 }
 
+/// Where one page's migration time goes in a batched move, ns per page
+/// (medians over the repetitions).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Breakdown {
+    pub protect: f64,
+    pub alloc: f64,
+    pub copy: f64,
+    pub map: f64,
+    pub free: f64,
+    /// Everything else in the call (locking, sorting, the report).
+    pub rest: f64,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MigrationResult {
     pub host: HostInfo,
     pub mib: u64,
     /// memcpy, pages (4 KiB) per second.
     pub memcpy_pages_per_s: Stats,
-    /// `Memory::move_page` with no guest running, pages per second.
+    /// `Memory::move_pages` of the whole space in one call, no guest
+    /// running, pages per second.
     pub migrate_pages_per_s: Stats,
-    /// Median migration rate / median memcpy rate.
+    /// `Memory::move_page` frame by frame, no guest running, pages per second.
+    pub single_pages_per_s: Stats,
+    /// Batched rate / memcpy rate, per repetition.
+    pub ratio: Stats,
+    /// Median batched rate / median memcpy rate.
     pub ratio_to_memcpy: f64,
+    /// Batched migration, ns per page by phase.
+    pub breakdown: Breakdown,
+    /// Pieces (one remap each) of the batched move, per repetition.
+    pub pieces: Stats,
+    /// `(frames per call, pages/s)` for each batch size.
+    pub by_batch: Vec<(u64, Stats)>,
+    /// Frames per `move_pages` call under the guest.
+    pub guest_batch: u64,
     /// Guest run alone and while its pages move, ms.
     pub guest_alone_ms: Stats,
     pub guest_migrating_ms: Stats,
     /// Pages moved per second while the guest ran.
     pub migrate_under_guest_pages_per_s: Stats,
+    /// Guest run time while migrating / alone, per repetition.
+    pub slowdown: Stats,
     /// Median guest run time while migrating / alone.
     pub guest_slowdown: f64,
+    /// Guest time lost per page moved under it, us: (run while migrating -
+    /// run alone) / pages moved during the run, per repetition.
+    pub guest_us_per_moved_page: Stats,
 }
 
 fn memcpy_rate(mib: u64) -> f64 {
@@ -81,26 +130,95 @@ fn memcpy_rate(mib: u64) -> f64 {
     (len / PAGE_SIZE) as f64 / secs
 }
 
-fn idle_migration_rate(mib: u64) -> Result<f64> {
-    let frames = mib * 256;
+/// A guest space of `frames` pages on node 0 of a two-pool memory, each
+/// page filled with its own frame number.
+fn filled_space(frames: u64) -> Result<(Memory, u32, usize)> {
     let cap = (frames + 64) as u32;
     let memory = Memory::new(&[(0, 0, cap), (1, 0, cap)])?;
     let (vm, base) = memory.create_space("migrate-bench", frames, 0)?;
-    // SAFETY: writing the guest space just created (read-write mapping).
-    unsafe { std::ptr::write_bytes(base as *mut u8, 0xa5, frames as usize * PAGE_SIZE) };
+    for gfn in 0..frames as usize {
+        // SAFETY: writing the guest space just created (read-write mapping).
+        let page = unsafe {
+            std::slice::from_raw_parts_mut((base + gfn * PAGE_SIZE) as *mut u64, PAGE_SIZE / 8)
+        };
+        page.fill(gfn as u64 ^ 0xd15c_0000_0000_0000);
+    }
+    Ok((memory, vm, base))
+}
+
+/// Every frame still holds its number and sits on `node`; invariants hold.
+fn check_moved(memory: &Memory, vm: u32, base: usize, frames: u64, node: usize) -> Result<()> {
+    for gfn in 0..frames as usize {
+        // SAFETY: reading the guest space (mapped, no guest running).
+        let page = unsafe {
+            std::slice::from_raw_parts((base + gfn * PAGE_SIZE) as *const u64, PAGE_SIZE / 8)
+        };
+        let want = gfn as u64 ^ 0xd15c_0000_0000_0000;
+        ensure!(
+            page.iter().all(|&w| w == want),
+            "frame {gfn:#x} lost its content in migration"
+        );
+    }
+    let stats = memory.space_stats(vm)?;
+    ensure!(
+        stats.pages_per_node[node] == frames,
+        "not every frame reached node {node}: {:?}",
+        stats.pages_per_node
+    );
+    memory.verify()
+}
+
+/// Moves a filled space to node 1 in `move_pages` calls of `batch` frames.
+/// Returns pages/s, the summed breakdown and the pieces remapped.
+fn batched_rate(mib: u64, batch: u64) -> Result<(f64, MoveTimes, u64, f64)> {
+    let frames = mib * 256;
+    let (memory, vm, base) = filled_space(frames)?;
+    let gfns: Vec<Gfn> = (0..frames).collect();
+    let mut times = MoveTimes::default();
+    let mut pieces = 0;
+    let t = Instant::now();
+    for chunk in gfns.chunks(batch as usize) {
+        let r = memory.move_pages(vm, chunk, 1)?;
+        if let Some((gfn, why)) = r.failed.first() {
+            bail!("frame {gfn:#x} did not migrate: {why}");
+        }
+        pieces += r.runs;
+        let m = &r.times;
+        times.protect_ns += m.protect_ns;
+        times.alloc_ns += m.alloc_ns;
+        times.copy_ns += m.copy_ns;
+        times.map_ns += m.map_ns;
+        times.free_ns += m.free_ns;
+        times.shared_ns += m.shared_ns;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    check_moved(&memory, vm, base, frames, 1)?;
+    memory.destroy_space(vm)?;
+    Ok((frames as f64 / secs, times, pieces, secs * 1e9))
+}
+
+fn single_rate(mib: u64) -> Result<f64> {
+    let frames = mib * 256;
+    let (memory, vm, base) = filled_space(frames)?;
     let t = Instant::now();
     for gfn in 0..frames {
         memory.move_page(vm, gfn, 1)?;
     }
     let secs = t.elapsed().as_secs_f64();
-    memory.verify()?;
+    check_moved(&memory, vm, base, frames, 1)?;
     memory.destroy_space(vm)?;
     Ok(frames as f64 / secs)
 }
 
-/// Runs a sweep guest; with `migrate`, a thread moves its data pages
-/// between two pools meanwhile. Returns (guest run ms, pages moved per s).
-fn guest_run(kvm: &kvm_ioctls::Kvm, passes: u32, migrate: bool) -> Result<(f64, f64)> {
+/// Runs a sweep guest; with `batch`, a thread moves its data pages between
+/// two pools meanwhile, `batch` frames per `move_pages` call. Returns
+/// (guest run ms, pages moved per s, pages moved).
+fn guest_run(
+    kvm: &kvm_ioctls::Kvm,
+    passes: u32,
+    seed: u64,
+    batch: Option<u64>,
+) -> Result<(f64, f64, u64)> {
     const FRAMES: u64 = 2048;
     let memory = Arc::new(Memory::new(&[(0, 0, 8192), (1, 0, 8192)])?);
     let _handler = FaultHandler::start(memory.clone())?;
@@ -111,7 +229,7 @@ fn guest_run(kvm: &kvm_ioctls::Kvm, passes: u32, migrate: bool) -> Result<(f64, 
             node: 1,
             host_cpus: vec![],
         }],
-        workload: Workload::Sweep { seed: 5, passes },
+        workload: Workload::Sweep { seed, passes },
         time_limit: Duration::from_secs(600),
     };
     let ram = GuestRam {
@@ -121,17 +239,22 @@ fn guest_run(kvm: &kvm_ioctls::Kvm, passes: u32, migrate: bool) -> Result<(f64, 
     let mut guest = MicroVm::create(kvm, spec, ram)?;
     memory.set_pauser(vm, guest.pauser())?;
     let done = Arc::new(AtomicBool::new(false));
-    let mover = migrate.then(|| {
+    let mover = batch.map(|batch| {
         let (memory, done) = (memory.clone(), done.clone());
         std::thread::spawn(move || -> Result<(u64, f64)> {
             let first = layout::DATA_ADDR / layout::PAGE;
             let (mut moved, mut gfn) = (0u64, first);
             let t = Instant::now();
             while !done.load(Ordering::Relaxed) {
+                let end = (gfn + batch).min(FRAMES);
+                let gfns: Vec<Gfn> = (gfn..end).collect();
                 let node = memory.lookup(vm, gfn)?.context("mapped")?.page.node();
-                memory.move_page(vm, gfn, 1 - node)?;
-                moved += 1;
-                gfn = if gfn + 1 >= FRAMES { first } else { gfn + 1 };
+                let r = memory.move_pages(vm, &gfns, 1 - node)?;
+                if let Some((g, why)) = r.failed.first() {
+                    bail!("frame {g:#x} did not migrate under the guest: {why}");
+                }
+                moved += r.moved.len() as u64;
+                gfn = if end >= FRAMES { first } else { end };
             }
             Ok((moved, t.elapsed().as_secs_f64()))
         })
@@ -139,66 +262,156 @@ fn guest_run(kvm: &kvm_ioctls::Kvm, passes: u32, migrate: bool) -> Result<(f64, 
     guest.start()?;
     let out = guest.wait();
     done.store(true, Ordering::Relaxed);
-    let rate = match mover {
+    let (rate, moved) = match mover {
         Some(h) => {
             let (moved, secs) = h.join().map_err(|_| anyhow::anyhow!("mover panicked"))??;
-            moved as f64 / secs
+            (moved as f64 / secs, moved)
         }
-        None => 0.0,
+        None => (0.0, 0),
     };
     if !out.checksum_ok() {
-        bail!("the guest's checksum is wrong (migrate = {migrate}): {out:?}");
+        bail!(
+            "the guest's checksum is wrong (migrating = {}): {out:?}",
+            batch.is_some()
+        );
     }
     memory.verify()?;
     memory.destroy_space(vm)?;
-    Ok((out.run_time.as_secs_f64() * 1e3, rate))
+    Ok((out.run_time.as_secs_f64() * 1e3, rate, moved))
 }
 
+/// Runs the measurement with the standard batch sizes.
 pub fn run(o: &MigrationOptions) -> Result<MigrationResult> {
+    run_with(o, DEFAULT_BATCH_SIZES, DEFAULT_GUEST_BATCH, 5)
+}
+
+/// Runs the measurement: `batch_sizes` for the throughput-by-batch plot,
+/// `guest_batch` frames per call under the guest, `seed` the guest's
+/// workload seed.
+pub fn run_with(
+    o: &MigrationOptions,
+    batch_sizes: &[u64],
+    guest_batch: u64,
+    seed: u64,
+) -> Result<MigrationResult> {
+    ensure!(
+        o.reps > 0,
+        "the migration scenario needs at least one repetition"
+    );
     let kvm = kvm_ioctls::Kvm::new().context("cannot open /dev/kvm")?;
     let bar = progress_bar(o.reps as u64, o.progress);
-    let (mut memcpy, mut migrate) = (Vec::new(), Vec::new());
-    let (mut alone, mut moving, mut under) = (Vec::new(), Vec::new(), Vec::new());
-    // Interleaved, so drift in the machine's load hits every figure alike.
+    let (mut memcpy, mut batched, mut single) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ratio, mut pieces) = (Vec::new(), Vec::new());
+    let mut phases: Vec<[f64; 6]> = Vec::new();
+    let mut by_batch: Vec<Vec<f64>> = vec![Vec::new(); batch_sizes.len()];
+    let (mut alone, mut moving, mut under, mut slowdown) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut lost = Vec::new();
+    let frames = o.mib * 256;
     for _ in 0..o.reps {
-        memcpy.push(memcpy_rate(o.mib));
-        migrate.push(idle_migration_rate(o.mib)?);
-        alone.push(guest_run(&kvm, o.passes, false)?.0);
-        let (ms, rate) = guest_run(&kvm, o.passes, true)?;
-        moving.push(ms);
+        let copy = memcpy_rate(o.mib);
+        memcpy.push(copy);
+        let (rate, t, p, total_ns) = batched_rate(o.mib, frames)?;
+        batched.push(rate);
+        ratio.push(rate / copy);
+        pieces.push(p as f64);
+        let per = |ns: u64| ns as f64 / frames as f64;
+        let known = t.protect_ns + t.alloc_ns + t.copy_ns + t.map_ns + t.free_ns + t.shared_ns;
+        phases.push([
+            per(t.protect_ns),
+            per(t.alloc_ns),
+            per(t.copy_ns),
+            per(t.map_ns),
+            per(t.free_ns),
+            (total_ns - known as f64).max(0.0) / frames as f64,
+        ]);
+        single.push(single_rate(o.mib)?);
+        for (i, &b) in batch_sizes.iter().enumerate() {
+            by_batch[i].push(batched_rate(o.mib, b)?.0);
+        }
+        let (a, _, _) = guest_run(&kvm, o.passes, seed, None)?;
+        let (m, rate, pages) = guest_run(&kvm, o.passes, seed, Some(guest_batch))?;
+        lost.push((m - a) * 1e3 / pages.max(1) as f64);
+        alone.push(a);
+        moving.push(m);
         under.push(rate);
+        slowdown.push(m / a);
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let (memcpy, migrate) = (Stats::of(&memcpy), Stats::of(&migrate));
+    let phase = |i: usize| Stats::of(&phases.iter().map(|p| p[i]).collect::<Vec<_>>()).median;
+    let (memcpy, batched) = (Stats::of(&memcpy), Stats::of(&batched));
     let (alone, moving) = (Stats::of(&alone), Stats::of(&moving));
     Ok(MigrationResult {
         host: HostInfo::detect(),
         mib: o.mib,
-        ratio_to_memcpy: migrate.median / memcpy.median,
+        ratio_to_memcpy: batched.median / memcpy.median,
         guest_slowdown: moving.median / alone.median,
+        breakdown: Breakdown {
+            protect: phase(0),
+            alloc: phase(1),
+            copy: phase(2),
+            map: phase(3),
+            free: phase(4),
+            rest: phase(5),
+        },
+        pieces: Stats::of(&pieces),
+        by_batch: batch_sizes
+            .iter()
+            .zip(by_batch)
+            .map(|(&b, r)| (b, Stats::of(&r)))
+            .collect(),
+        guest_batch,
         memcpy_pages_per_s: memcpy,
-        migrate_pages_per_s: migrate,
+        migrate_pages_per_s: batched,
+        single_pages_per_s: Stats::of(&single),
+        ratio: Stats::of(&ratio),
         guest_alone_ms: alone,
         guest_migrating_ms: moving,
         migrate_under_guest_pages_per_s: Stats::of(&under),
+        slowdown: Stats::of(&slowdown),
+        guest_us_per_moved_page: Stats::of(&lost),
     })
 }
 
 impl MigrationResult {
     pub fn render_table(&self) -> String {
-        let rows = vec![
+        let b = &self.breakdown;
+        let mut rows = vec![
             vec!["memcpy (pages/s)".into(), self.memcpy_pages_per_s.show(0)],
             vec![
-                "move_page, no guest (pages/s)".into(),
+                "move_pages, whole space in one call, no guest (pages/s)".into(),
                 self.migrate_pages_per_s.show(0),
             ],
             vec![
-                "ratio to memcpy (goal >= 0.5)".into(),
-                format!("{:.3}", self.ratio_to_memcpy),
+                "move_page, one frame per call, no guest (pages/s)".into(),
+                self.single_pages_per_s.show(0),
+            ],
+            vec!["batched / memcpy (goal >= 0.5)".into(), self.ratio.show(3)],
+            vec![
+                "remaps (pieces) of the batched move".into(),
+                self.pieces.show(0),
             ],
             vec![
-                "move_page under a running guest (pages/s)".into(),
+                "batched, ns per page: protect / alloc / copy / map / free / rest".into(),
+                format!(
+                    "{:.0} / {:.0} / {:.0} / {:.0} / {:.0} / {:.0}",
+                    b.protect, b.alloc, b.copy, b.map, b.free, b.rest
+                ),
+            ],
+        ];
+        for (size, s) in &self.by_batch {
+            rows.push(vec![
+                format!("move_pages, {size} frames per call (pages/s)"),
+                s.show(0),
+            ]);
+        }
+        rows.extend([
+            vec![
+                format!(
+                    "move_pages ({} frames per call) under a running guest (pages/s)",
+                    self.guest_batch
+                ),
                 self.migrate_under_guest_pages_per_s.show(0),
             ],
             vec!["guest run alone (ms)".into(), self.guest_alone_ms.show(1)],
@@ -206,17 +419,168 @@ impl MigrationResult {
                 "guest run while its pages move (ms)".into(),
                 self.guest_migrating_ms.show(1),
             ],
+            vec!["guest slowdown".into(), self.slowdown.show(2)],
             vec![
-                "guest slowdown".into(),
-                format!("x{:.2}", self.guest_slowdown),
+                "guest time lost per page moved under it (us)".into(),
+                self.guest_us_per_moved_page.show(1),
             ],
-        ];
+        ]);
         format!(
-            "migration: {} MiB, median (min-max) of {} interleaved runs\n\n{}\n{}\n",
+            "migration: {} MiB, median (min-max) of {} interleaved repetitions\n\n{}\n{}\n",
             self.mib,
             self.memcpy_pages_per_s.n,
             markdown_table(&["figure", "value"], &rows),
             self.host.describe()
         )
+    }
+}
+
+// ---------------------------------------------------------------------------
+// the suite's view (`disco bench`, benches/scenarios/migration.toml)
+// ---------------------------------------------------------------------------
+
+struct MigrationScenario {
+    options: MigrationOptions,
+    batch_pages: Vec<u64>,
+    guest_batch: u64,
+}
+
+/// Reads a `kind = "migration"` scenario file: `mib` (the idle space),
+/// `reps`, `passes` (of the guest), `batch_pages` (frames per call for the
+/// plot), `guest_batch` (frames per call under the guest).
+pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
+    let quick = p.quick();
+    let mib = p.u64("mib", 1, 4096, if quick { 8 } else { 64 })?;
+    let batch_pages = p.u64_list("batch_pages", 1, 1 << 20, DEFAULT_BATCH_SIZES)?;
+    Ok(Box::new(MigrationScenario {
+        options: MigrationOptions {
+            mib,
+            reps: p.usize("reps", 1, 1000, if quick { 2 } else { 5 })?,
+            passes: p.u64("passes", 1, 1_000_000, if quick { 50 } else { 300 })? as u32,
+            progress: false,
+        },
+        batch_pages,
+        guest_batch: p.u64("guest_batch", 1, 1 << 20, DEFAULT_GUEST_BATCH)?,
+    }))
+}
+
+impl Scenario for MigrationScenario {
+    fn run(&self, seed: u64, progress: &Progress) -> Result<Box<dyn ScenarioResult>> {
+        let mut options = self.options.clone();
+        options.progress = progress.show;
+        Ok(Box::new(run_with(
+            &options,
+            &self.batch_pages,
+            self.guest_batch,
+            seed,
+        )?))
+    }
+}
+
+impl ScenarioResult for MigrationResult {
+    fn figures(&self) -> Vec<Figure> {
+        let b = &self.breakdown;
+        let mut out = vec![
+            Figure::new(
+                "batched migration / memcpy",
+                "ratio",
+                Better::Higher,
+                self.ratio.clone(),
+            )
+            .headline(),
+            Figure::new(
+                "memcpy",
+                "pages/s",
+                Better::Neither,
+                self.memcpy_pages_per_s.clone(),
+            ),
+            Figure::new(
+                "batched migration (move_pages)",
+                "pages/s",
+                Better::Higher,
+                self.migrate_pages_per_s.clone(),
+            )
+            .headline(),
+            Figure::new(
+                "single-page migration (move_page)",
+                "pages/s",
+                Better::Higher,
+                self.single_pages_per_s.clone(),
+            ),
+            Figure::new(
+                "batched migration under a running guest",
+                "pages/s",
+                Better::Higher,
+                self.migrate_under_guest_pages_per_s.clone(),
+            ),
+            Figure::new(
+                "guest slowdown while its pages move",
+                "ratio",
+                Better::Lower,
+                self.slowdown.clone(),
+            )
+            .headline(),
+            Figure::new(
+                "guest time lost per page moved under it",
+                "us",
+                Better::Lower,
+                self.guest_us_per_moved_page.clone(),
+            ),
+        ];
+        for (phase, v) in [
+            ("protect", b.protect),
+            ("alloc", b.alloc),
+            ("copy", b.copy),
+            ("map", b.map),
+            ("free", b.free),
+            ("rest", b.rest),
+        ] {
+            out.push(Figure::value(
+                &format!("batched migration time per page: {phase}"),
+                "ns",
+                Better::Lower,
+                v,
+            ));
+        }
+        for (size, s) in &self.by_batch {
+            out.push(Figure::new(
+                &format!("move_pages, {size} frames per call"),
+                "pages/s",
+                Better::Higher,
+                s.clone(),
+            ));
+        }
+        out
+    }
+
+    fn plots(&self) -> Vec<Plot> {
+        let points: Vec<(f64, f64)> = self
+            .by_batch
+            .iter()
+            .map(|(size, s)| ((*size as f64).log2(), s.median))
+            .collect();
+        let svg = LinePlot::new(
+            "Migration throughput against memcpy bandwidth",
+            "frames per move_pages call (log2)",
+            "pages per second",
+        )
+        .series("move_pages", points)
+        .reference_line(self.memcpy_pages_per_s.median, "memcpy")
+        .reference_line(self.memcpy_pages_per_s.median / 2.0, "goal: memcpy / 2")
+        .reference_line(self.single_pages_per_s.median, "move_page")
+        .render();
+        vec![Plot {
+            name: "throughput".into(),
+            title: "migration throughput against memcpy bandwidth".into(),
+            svg,
+        }]
+    }
+
+    fn markdown(&self) -> String {
+        self.render_table()
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
     }
 }

@@ -219,6 +219,11 @@ pub const KINDS: &[Kind] = &[
         about: "disco's copy-on-write page sharing vs Linux KSM on the same guests (needs root)",
         prepare: super::sharing::prepare,
     },
+    Kind {
+        name: "migration",
+        about: "page migration between node pools: batched and single-page pages/s against memcpy, guest slowdown",
+        prepare: super::migration::prepare,
+    },
 ];
 
 /// A scenario file's text and where it came from.

@@ -20,6 +20,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use parking_lot::Mutex;
@@ -94,6 +95,47 @@ pub struct Memory {
     /// The same userfaultfd as in `Inner`, reachable without the lock so a
     /// fault handler can wait for events while the mapper works.
     uffd: Option<Arc<Userfault>>,
+}
+
+/// Longest run of consecutive frames [`Memory::move_pages`] moves under one
+/// hold of the memory lock (2 MiB).
+pub const MOVE_RUN_MAX: usize = 512;
+
+/// Where the time of a [`Memory::move_pages`] call went, ns (summed over
+/// its runs; the rest is locking and sorting).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct MoveTimes {
+    /// userfaultfd write-protect of each run.
+    pub protect_ns: u64,
+    /// Allocating target pages, reading the pmap.
+    pub alloc_ns: u64,
+    /// Copying the contents.
+    pub copy_ns: u64,
+    /// `mmap(MAP_FIXED)` and userfaultfd registration (and, with sampling,
+    /// populating) of each piece.
+    pub map_ns: u64,
+    /// pmap and memmap updates, freeing (punching) the old pages.
+    pub free_ns: u64,
+    /// Shared frames, moved one by one.
+    pub shared_ns: u64,
+}
+
+/// What [`Memory::move_pages`] did with each frame it was given (each
+/// frame once, however often it was named).
+#[derive(Clone, Debug, Default)]
+pub struct MoveReport {
+    /// Frames that now map a page of the target node, moved by this call.
+    pub moved: Vec<Gfn>,
+    /// Frames whose page was already on the target node.
+    pub unchanged: Vec<Gfn>,
+    /// Frames that did not move, and why (unmapped, outside the space, a
+    /// replica, a full pool, a VM that could not be paused, ...).
+    pub failed: Vec<(Gfn, String)>,
+    /// Pieces of private frames moved with one remap each.
+    pub runs: u64,
+    /// Frames moved through the shared-page path.
+    pub shared_moves: u64,
+    pub times: MoveTimes,
 }
 
 /// Pages of one pool, for reports.
@@ -360,6 +402,55 @@ impl Memory {
                 .context("write-protecting a page to migrate")?;
         }
         inner.replace_with_copy(vm, gfn, node)
+    }
+
+    /// Migrates many frames of `vm` to `node` at once: the batched form of
+    /// [`Memory::move_page`], with the same guest-visible behaviour.
+    ///
+    /// The frames are sorted and cut into runs of consecutive frames (at
+    /// most [`MOVE_RUN_MAX`] each, one hold of the memory lock per run, so
+    /// the fault handler and other mapper users wait at most one run). In a
+    /// run, consecutive *private* frames move together: one userfaultfd
+    /// write-protect of the range, one allocation of consecutive pages on
+    /// `node` when the pool has them (else the run is split), the copies,
+    /// one `mmap(MAP_FIXED)` and registration of the whole range, the pmap
+    /// and memmap updates, and one hole punched per run of freed pages.
+    /// Shared frames take `move_page`'s shared-page path one by one
+    /// (replicas are refused there, as in `move_page`). Frames already on
+    /// `node` are left alone; unmapped or out-of-range frames fail.
+    ///
+    /// A guest write to a run during its copy faults on the protection and
+    /// waits for the fault handler, which needs the lock held for the whole
+    /// run; when it gets it, every frame of the run maps its new,
+    /// unprotected page, so the handler only wakes the writer and the write
+    /// lands in the new page (the argument of `move_page`, for a range).
+    /// Without userfaultfd the caller must keep the guest from writing.
+    ///
+    /// Fails as a whole only when `vm` or `node` does not exist; otherwise
+    /// the report says what happened to every frame.
+    pub fn move_pages(&self, vm: VmId, gfns: &[Gfn], node: NodeId) -> Result<MoveReport> {
+        {
+            let inner = self.inner.lock();
+            inner.space(vm)?;
+            ensure!(node < inner.pools.len(), "node {node} does not exist");
+        }
+        let mut sorted = gfns.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut report = MoveReport::default();
+        let mut i = 0;
+        while i < sorted.len() {
+            let mut n = 1;
+            while i + n < sorted.len() && n < MOVE_RUN_MAX && sorted[i + n] == sorted[i] + n as Gfn
+            {
+                n += 1;
+            }
+            let mut inner = self.inner.lock();
+            inner.move_frames(vm, sorted[i], n, node, &mut report)?;
+            drop(inner);
+            i += n;
+        }
+        Ok(report)
     }
 
     /// Makes `(dst_vm, dst_gfn)` map the machine page behind
@@ -760,6 +851,224 @@ impl Inner {
         Ok(new)
     }
 
+    /// `move_pages` for frames `first..first+count` of `vm` (consecutive),
+    /// under the lock: private stretches move as runs, shared frames one by
+    /// one. Errors only when the space is gone.
+    fn move_frames(
+        &mut self,
+        vm: VmId,
+        first: Gfn,
+        count: usize,
+        node: NodeId,
+        report: &mut MoveReport,
+    ) -> Result<()> {
+        let frames = self.space(vm)?.frames();
+        // Start of the pending stretch of private frames, if any.
+        let mut private: Option<Gfn> = None;
+        for gfn in first..first + count as Gfn {
+            let entry = if gfn < frames {
+                self.space(vm)?.pmap.get(gfn)
+            } else {
+                None
+            };
+            let is_private = entry.is_some_and(|e| !e.flags.shared && e.page.node() != node);
+            if is_private {
+                private.get_or_insert(gfn);
+                continue;
+            }
+            if let Some(start) = private.take() {
+                self.move_private_run(vm, start, (gfn - start) as usize, node, report)?;
+            }
+            match entry {
+                None if gfn >= frames => report.failed.push((
+                    gfn,
+                    format!("frame {gfn:#x} is outside vm {vm} ({frames} frames)"),
+                )),
+                None => report
+                    .failed
+                    .push((gfn, format!("frame {gfn:#x} of vm {vm} is not mapped"))),
+                Some(e) if e.page.node() == node => report.unchanged.push(gfn),
+                Some(e) => {
+                    let t = Instant::now();
+                    match self.move_shared_page(e.page, node) {
+                        Ok(_) => {
+                            report.moved.push(gfn);
+                            report.shared_moves += 1;
+                        }
+                        Err(err) => report.failed.push((gfn, format!("{err:#}"))),
+                    }
+                    report.times.shared_ns += t.elapsed().as_nanos() as u64;
+                }
+            }
+        }
+        if let Some(start) = private {
+            let end = first + count as Gfn;
+            self.move_private_run(vm, start, (end - start) as usize, node, report)?;
+        }
+        Ok(())
+    }
+
+    /// Moves private frames `first..first+count` of `vm` (all mapped, all
+    /// elsewhere than `node`) to `node`: protect the range once, then one
+    /// piece per run of consecutive pages the pool hands out. On a failure
+    /// the frames not moved yet keep their pages, unprotected again.
+    fn move_private_run(
+        &mut self,
+        vm: VmId,
+        first: Gfn,
+        count: usize,
+        node: NodeId,
+        report: &mut MoveReport,
+    ) -> Result<()> {
+        let addr = self.space(vm)?.addr(first);
+        let t = Instant::now();
+        if let Some(uffd) = &self.uffd {
+            if let Err(e) = uffd.write_protect(addr, count * PAGE_SIZE, true) {
+                let why = format!("write-protecting frames to migrate: {e}");
+                for gfn in first..first + count as Gfn {
+                    report.failed.push((gfn, why.clone()));
+                }
+                return Ok(());
+            }
+        }
+        report.times.protect_ns += t.elapsed().as_nanos() as u64;
+        let mut done = 0;
+        while done < count {
+            let gfn = first + done as Gfn;
+            match self.move_private_piece(vm, gfn, count - done, node, &mut report.times) {
+                Ok(n) => {
+                    report.moved.extend(gfn..gfn + n as Gfn);
+                    report.runs += 1;
+                    done += n;
+                }
+                Err(e) => {
+                    let rest = (count - done) * PAGE_SIZE;
+                    if let Some(uffd) = &self.uffd {
+                        // Un-protecting also wakes a writer that faulted
+                        // meanwhile: its write lands in its old page.
+                        if let Err(u) = uffd.write_protect(addr + done * PAGE_SIZE, rest, false) {
+                            tracing::error!("un-protecting frames that did not migrate: {u}");
+                        }
+                    }
+                    let why = format!("{e:#}");
+                    for g in gfn..first + count as Gfn {
+                        report.failed.push((g, why.clone()));
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One piece of a private run: as many frames from `first` (at most
+    /// `want`) as the target pool has consecutive free pages for; copied,
+    /// mapped with one `mmap`, recorded, old pages freed. Returns how many.
+    fn move_private_piece(
+        &mut self,
+        vm: VmId,
+        first: Gfn,
+        want: usize,
+        node: NodeId,
+        times: &mut MoveTimes,
+    ) -> Result<usize> {
+        let t = Instant::now();
+        let (start, len) = self.pools[node].alloc_run(want.min(u32::MAX as usize) as u32)?;
+        let len = len as usize;
+        let olds: Vec<MachinePage> = {
+            let pmap = &self.space(vm)?.pmap;
+            (0..len)
+                .map(|i| pmap.get(first + i as Gfn).expect("a private frame").page)
+                .collect()
+        };
+        let t1 = Instant::now();
+        times.alloc_ns += (t1 - t).as_nanos() as u64;
+        self.copy_to_run(&olds, node, start)?;
+        let t2 = Instant::now();
+        times.copy_ns += (t2 - t1).as_nanos() as u64;
+        let addr = self.space(vm)?.addr(first);
+        if let Err(e) = self.map_run(addr, node, start, len, true) {
+            let mut fresh: Vec<u32> = (start..start + len as u32).collect();
+            self.pools[node].free_many(&mut fresh)?;
+            return Err(e);
+        }
+        let t3 = Instant::now();
+        times.map_ns += (t3 - t2).as_nanos() as u64;
+        let mut to_free: Vec<Vec<u32>> = vec![Vec::new(); self.pools.len()];
+        let mut freed = Vec::new();
+        for (i, &old) in olds.iter().enumerate() {
+            let gfn = first + i as Gfn;
+            let new = MachinePage {
+                node: node as u16,
+                index: start + i as u32,
+            };
+            self.space_mut(vm)?.pmap.set(
+                gfn,
+                Some(PmapEntry {
+                    page: new,
+                    flags: PageFlags::default(),
+                }),
+            );
+            self.memmap.add_owner(new, vm, gfn);
+            if self.memmap.remove_owner(old, vm, gfn) {
+                to_free[old.node()].push(old.index);
+                freed.push(old);
+            } else {
+                self.after_owner_removed(old)?;
+            }
+        }
+        for (n, mut pages) in to_free.into_iter().enumerate() {
+            if !pages.is_empty() {
+                self.pools[n].free_many(&mut pages)?;
+            }
+        }
+        for page in freed {
+            self.after_page_freed(page)?;
+        }
+        times.free_ns += t3.elapsed().as_nanos() as u64;
+        Ok(len)
+    }
+
+    /// Copies `olds` (any pages) into consecutive pages of `node` from
+    /// `start`: one `copy_file_range` per run of consecutive old pages of
+    /// one pool. The kernel copies page cache to page cache: no page fault
+    /// on either pool view and no zeroing of the new pages (a copy through
+    /// the views cost two page faults per page, ~8 us here).
+    fn copy_to_run(&self, olds: &[MachinePage], node: NodeId, start: u32) -> Result<()> {
+        let mut i = 0;
+        while i < olds.len() {
+            let mut n = 1;
+            while i + n < olds.len()
+                && olds[i + n].node == olds[i].node
+                && olds[i + n].index == olds[i].index + n as u32
+            {
+                n += 1;
+            }
+            let from = &self.pools[olds[i].node()];
+            let to = &self.pools[node];
+            let mut off_in = olds[i].index as i64 * PAGE_SIZE as i64;
+            let mut off_out = (start + i as u32) as i64 * PAGE_SIZE as i64;
+            let mut left = n * PAGE_SIZE;
+            while left > 0 {
+                // SAFETY: two pool memfds we own, offsets inside both files.
+                let r = unsafe {
+                    libc::copy_file_range(from.fd(), &mut off_in, to.fd(), &mut off_out, left, 0)
+                };
+                if r <= 0 {
+                    let e = if r == 0 {
+                        io::Error::from(io::ErrorKind::UnexpectedEof)
+                    } else {
+                        io::Error::last_os_error()
+                    };
+                    return Err(e).context("copying pages between memory pools");
+                }
+                left -= r as usize;
+            }
+            i += n;
+        }
+        Ok(())
+    }
+
     /// Removes one owner from a page; frees the page when none is left, and
     /// makes the last owner private again when one is left.
     pub(super) fn drop_owner(&mut self, page: MachinePage, vm: VmId, gfn: Gfn) -> Result<()> {
@@ -773,7 +1082,7 @@ impl Inner {
 
     /// After a page was freed: it leaves its replica set, and the set's last
     /// copy, if it is the only one left, follows the one-owner rule.
-    fn after_page_freed(&mut self, page: MachinePage) -> Result<()> {
+    pub(super) fn after_page_freed(&mut self, page: MachinePage) -> Result<()> {
         match self.replicas.leave(page) {
             Some(last) => self.after_owner_removed(last),
             None => Ok(()),

@@ -27,7 +27,7 @@ pub mod replica;
 mod verify;
 
 pub use cow::{FaultOutcome, MergeOutcome, PageScan, SharingStats};
-pub use mapper::{GuestSpaceStats, Memory, PoolStats};
+pub use mapper::{GuestSpaceStats, Memory, MoveReport, MoveTimes, PoolStats, MOVE_RUN_MAX};
 pub use replica::{FrameLocation, ReplicaStats};
 
 use serde::Serialize;

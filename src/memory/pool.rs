@@ -160,6 +160,62 @@ impl Pool {
         Ok(pages)
     }
 
+    /// Allocates one run of consecutive zeroed pages, at most `want` long
+    /// and as long as the pool allows: the first free run of `want` pages,
+    /// else `want` fresh pages past the high-water mark, else the longest
+    /// run there is (the caller asks again for the rest). Returns the first
+    /// page and the length (at least 1). Migration uses it so that a run of
+    /// frames is one mapping of one pool range.
+    pub fn alloc_run(&mut self, want: u32) -> Result<(u32, u32)> {
+        if want == 0 || self.available() == 0 {
+            bail!(
+                "memory pool of node {} is full: {} pages requested, {} of {} available",
+                self.node,
+                want,
+                self.available(),
+                self.capacity
+            );
+        }
+        // Free runs below the high-water mark, first fit; remember the
+        // longest in case none is long enough.
+        let mut best = (0u32, 0u32);
+        let mut run: Option<(u32, u32)> = None;
+        for &p in &self.free {
+            run = match run {
+                Some((start, len)) if start + len == p => Some((start, len + 1)),
+                _ => Some((p, 1)),
+            };
+            let (start, len) = run.unwrap();
+            if len > best.1 {
+                best = (start, len);
+            }
+            if len == want {
+                break;
+            }
+        }
+        // A free run that ends at the high-water mark continues into the
+        // never-used pages above it.
+        let tail = self.capacity - self.next;
+        let (start, len) = match run {
+            _ if best.1 == want => best,
+            Some((start, len)) if start + len == self.next && len + tail >= want => (start, want),
+            _ if tail >= want => (self.next, want),
+            Some((start, len)) if start + len == self.next && len + tail > best.1 => {
+                (start, len + tail)
+            }
+            _ if tail > best.1 => (self.next, tail),
+            _ => best,
+        };
+        for p in start..start + len {
+            if p >= self.next {
+                self.next = p + 1;
+            } else {
+                self.free.remove(&p);
+            }
+        }
+        Ok((start, len))
+    }
+
     /// Returns a page to the pool and its memory to the host.
     pub fn free(&mut self, index: u32) -> Result<()> {
         self.free_many(&mut [index])

@@ -3,7 +3,9 @@
 //! from the pmap, carries out its decisions through the mapper, and records
 //! locality figures over time.
 //!
-//! Mechanisms: `Migrate` moves a private page with `Memory::move_page`,
+//! Mechanisms: an epoch's `Migrate` decisions go to `Memory::move_pages`,
+//! one call per VM and target node (batched: runs of consecutive private
+//! frames move with one remap each, shared pages for all their owners),
 //! `Replicate` and `Collapse` go to `Memory::replicate_page` and
 //! `Memory::collapse_page`; all are safe under running guests.
 //!
@@ -34,7 +36,7 @@
 //! page samples, the total stays the same, none is starved. The counts and
 //! budgets per VM and epoch go to [`NumaStats::counters`].
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -490,20 +492,52 @@ impl Worker {
         point
     }
 
+    /// Carries out `Migrate` decisions with one `Memory::move_pages` call
+    /// per VM and target node (runs of consecutive frames move with one
+    /// remap each); returns (migrations, failures), one per decision.
+    fn migrate(&self, decisions: &[Decision]) -> (u64, u64) {
+        let mut groups: BTreeMap<(VmId, usize), Vec<u64>> = BTreeMap::new();
+        for d in decisions {
+            if let Decision::Migrate { vm, gfn, to } = *d {
+                groups.entry((vm, to)).or_default().push(gfn);
+            }
+        }
+        let (mut moved, mut failed) = (0, 0);
+        for ((vm, to), gfns) in groups {
+            match self.memory.move_pages(vm, &gfns, to) {
+                Ok(report) => {
+                    let done: HashSet<u64> = report.moved.iter().copied().collect();
+                    let there: HashSet<u64> = report.unchanged.iter().copied().collect();
+                    for gfn in gfns {
+                        if done.contains(&gfn) {
+                            moved += 1;
+                        } else if !there.contains(&gfn) {
+                            failed += 1;
+                        }
+                    }
+                    for (gfn, why) in &report.failed {
+                        tracing::debug!("migrating vm {vm} frame {gfn:#x} to node {to}: {why}");
+                    }
+                }
+                Err(e) => {
+                    failed += gfns.len() as u64;
+                    tracing::debug!("migrating {} frames of vm {vm}: {e:#}", gfns.len());
+                }
+            }
+        }
+        (moved, failed)
+    }
+
     fn apply(&mut self, decisions: Vec<Decision>, mut point: EpochLocality) {
         let mut s = self.out.lock();
+        let (moved, failed) = self.migrate(&decisions);
+        s.migrations += moved;
+        s.migration_failures += failed;
+        point.migrations += moved;
         for d in decisions {
             match d {
-                Decision::Migrate { vm, gfn, to } => match self.memory.move_page(vm, gfn, to) {
-                    Ok(_) => {
-                        s.migrations += 1;
-                        point.migrations += 1;
-                    }
-                    Err(e) => {
-                        s.migration_failures += 1;
-                        tracing::debug!("migrating vm {vm} frame {gfn:#x}: {e:#}");
-                    }
-                },
+                // Carried out above, batched.
+                Decision::Migrate { .. } => {}
                 Decision::Replicate { vm, gfn, nodes } => {
                     match self.memory.replicate_page(vm, gfn, &nodes) {
                         Ok(made) => {
