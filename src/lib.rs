@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod control;
 pub mod faults;
 pub mod guest;
 pub mod kvm_check;

@@ -34,6 +34,20 @@ enum Command {
         /// No live progress line.
         #[arg(long)]
         quiet: bool,
+        /// Listen for commands on this Unix socket while the guests run
+        /// (`disco ctl PATH status`, `disco ctl PATH move VM NODE [VCPU]`).
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+    },
+    /// Send one command to a running `disco run --control PATH` and print the
+    /// reply: `status`, or `move VM NODE [VCPU]` (re-pins a VM's vCPUs to
+    /// another node; under a migrating policy its pages follow).
+    Ctl {
+        /// The control socket of the run.
+        socket: PathBuf,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
     },
     /// Validate a config file and summarise it, without running anything.
     Check { config: PathBuf },
@@ -154,19 +168,40 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             json,
             quiet,
+            control,
         } => {
             let config = load_config(&config)?;
             let options = RunOptions {
                 progress: !quiet && !json,
                 ..RunOptions::default()
             };
-            let report = monitor::run(&config, &options)?;
+            let control = control
+                .as_deref()
+                .map(disco::control::ControlSocket::bind)
+                .transpose()?;
+            if let Some(c) = &control {
+                eprintln!(
+                    "disco run: control socket {} (disco ctl {} status)",
+                    c.path().display(),
+                    c.path().display()
+                );
+            }
+            let report = monitor::run_with_control(&config, &options, control.as_ref())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", report.render_text());
             }
             Ok(if report.all_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Ctl { socket, command } => {
+            let reply = disco::control::send(&socket, &command.join(" "))?;
+            println!("{reply}");
+            Ok(if reply.starts_with("ok") {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
@@ -185,14 +220,17 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 config.vms.len()
             );
             for vm in &config.vms {
+                let guest = match &vm.linux {
+                    Some(l) => format!("Linux kernel {}", l.kernel.display()),
+                    None => format!("workload {}", vm.workload.name()),
+                };
                 println!(
-                    "  {:<16} {:>2} vCPUs on nodes {:?}, {} MiB on node {}, workload {}, time limit {:.1} s",
+                    "  {:<16} {:>2} vCPUs on nodes {:?}, {} MiB on node {}, {guest}, time limit {:.1} s",
                     vm.name,
                     vm.vcpu_nodes.len(),
                     vm.vcpu_nodes,
                     vm.memory_mib,
                     vm.memory_node,
-                    vm.workload.name(),
                     vm.time_limit.as_secs_f64()
                 );
             }

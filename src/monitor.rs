@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::config::{Config, VmConfig};
+use crate::config::{Config, VcpuMove, VmConfig};
+use crate::control::{Command, ControlSocket};
 use crate::faults::FaultHandler;
 use crate::guest::layout;
 use crate::memory::{Memory, VmId};
@@ -203,6 +204,16 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(30);
 
 /// Runs every VM of `config` to completion and reports.
 pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
+    run_with_control(config, options, None)
+}
+
+/// [`run`], answering the commands of a control socket (`disco run
+/// --control PATH`, see [`crate::control`]) while the guests run.
+pub fn run_with_control(
+    config: &Config,
+    options: &RunOptions,
+    control: Option<&ControlSocket>,
+) -> Result<RunReport> {
     let started = Instant::now();
     let topology = config.topology()?;
     let kvm = kvm_ioctls::Kvm::new().context(
@@ -341,6 +352,39 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
             }
             if let Some(counters) = &miss_counters {
                 count_vcpu_threads(vm, space, counters);
+            }
+        }
+        if let Some(control) = control {
+            for request in control.pending() {
+                let answer = match &request.command {
+                    Command::Status => Ok(status_line(config, &vms)),
+                    Command::Move { vm, node, vcpu } => {
+                        let m = VcpuMove {
+                            after_ms: vms_started.elapsed().as_millis() as u64,
+                            node: *node,
+                            vcpu: *vcpu,
+                        };
+                        control_move(config, &mut vms, vm, &m, &topology).map(|(i, space)| {
+                            let Some(Guest::Micro(guest)) = vms[i].vm.as_mut() else {
+                                unreachable!("control_move checked it is a micro-VM");
+                            };
+                            let note = format!(
+                                "{} (control socket)",
+                                apply_move(
+                                    guest,
+                                    space,
+                                    &m,
+                                    &topology,
+                                    &memory,
+                                    sampler.as_deref()
+                                )
+                            );
+                            moves_applied[i].push(note.clone());
+                            note
+                        })
+                    }
+                };
+                request.answer(answer);
             }
         }
         let running: Vec<&Guest> = vms.iter().filter_map(|v| v.vm.as_ref()).collect();
@@ -551,6 +595,84 @@ pub fn build_vm(
     }
 }
 
+/// The `status` reply of the control socket: per VM, its name, state and
+/// the node of each vCPU.
+fn status_line(config: &Config, vms: &[RunningVm]) -> String {
+    let parts: Vec<String> = vms
+        .iter()
+        .map(|rv| {
+            let name = &config.vms[rv.index].name;
+            match &rv.vm {
+                None => format!("{name} failed to start"),
+                Some(g) => {
+                    let state = if g.is_finished() {
+                        "finished"
+                    } else {
+                        "running"
+                    };
+                    let nodes: Vec<String> = match g {
+                        Guest::Micro(vm) => {
+                            vm.placements().iter().map(|p| p.node.to_string()).collect()
+                        }
+                        Guest::Linux(_) => config.vms[rv.index]
+                            .vcpu_nodes
+                            .iter()
+                            .map(|n| n.to_string())
+                            .collect(),
+                    };
+                    format!("{name} {state} vcpu nodes {}", nodes.join(","))
+                }
+            }
+        })
+        .collect();
+    parts.join("; ")
+}
+
+/// Checks a control-socket move: the VM exists, is a running micro-VM,
+/// the node and vCPU are in range. Returns the VM's index and space.
+fn control_move(
+    config: &Config,
+    vms: &mut [RunningVm],
+    name: &str,
+    m: &VcpuMove,
+    topology: &Topology,
+) -> Result<(usize, VmId), String> {
+    let Some(i) = vms.iter().position(|rv| config.vms[rv.index].name == name) else {
+        let names: Vec<&str> = vms
+            .iter()
+            .map(|rv| config.vms[rv.index].name.as_str())
+            .collect();
+        return Err(format!("no VM `{name}`; the VMs are: {}", names.join(", ")));
+    };
+    let nodes = topology.node_count();
+    if m.node >= nodes {
+        return Err(format!(
+            "node {} does not exist; allowed: 0 to {} (the topology has {nodes} nodes)",
+            m.node,
+            nodes - 1
+        ));
+    }
+    let (Some(Guest::Micro(vm)), Some(space)) = (vms[i].vm.as_ref(), vms[i].space) else {
+        return Err(match vms[i].vm {
+            None => format!("VM `{name}` is not running (it failed to start)"),
+            Some(_) => format!("VM `{name}` is a Linux VM; only micro-VMs can be moved"),
+        });
+    };
+    if vm.is_finished() {
+        return Err(format!("VM `{name}` has finished"));
+    }
+    let count = vm.placements().len();
+    if let Some(v) = m.vcpu {
+        if v >= count {
+            return Err(format!(
+                "VM `{name}` has no vCPU {v}; allowed: 0 to {}",
+                count - 1
+            ));
+        }
+    }
+    Ok((i, space))
+}
+
 /// The node most of `nodes` are on (the lowest on a tie): the node whose
 /// replicas a VM with vCPUs on several nodes maps.
 fn main_node(nodes: &[usize]) -> usize {
@@ -571,7 +693,7 @@ fn main_node(nodes: &[usize]) -> usize {
 fn apply_move(
     vm: &mut MicroVm,
     space: VmId,
-    m: &crate::config::VcpuMove,
+    m: &VcpuMove,
     topology: &Topology,
     memory: &Memory,
     sampler: Option<&crate::numa::sampler::PageSampler>,
