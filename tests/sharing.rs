@@ -363,3 +363,75 @@ fn random_writes_merges_and_rebuilds_keep_contents() {
         })
         .unwrap();
 }
+
+/// Scans exactly `passes` full passes.
+fn scan_passes(memory: &Memory, state: &mut ScanState, passes: u64) {
+    let target = state.stats.full_scans + passes;
+    while state.stats.full_scans < target {
+        state.step(memory, 1);
+    }
+}
+
+/// A page that a write broke after a merge is merged again only once its
+/// content has held still for 1 pass, then 2 after the second break, ...:
+/// volatile pages stop costing a merge and a copy-on-write break per pass.
+/// The writes go through the real guest mapping and the real fault handler.
+#[test]
+fn a_page_broken_after_a_merge_must_hold_still_before_it_is_merged_again() {
+    let memory = Arc::new(Memory::new(&[(0, 0, 4096)]).unwrap());
+    let _handler = FaultHandler::start(memory.clone()).unwrap();
+    let (a, base_a) = new_space(&memory, "a", "default");
+    let (b, _) = new_space(&memory, "b", "default");
+    const X: u64 = SYSTEM + 5;
+    let content: Vec<u8> = (0..PAGE_SIZE).map(|i| (i * 7 % 251) as u8 + 1).collect();
+    memory.write_guest_page(a, X, &content).unwrap();
+    memory.write_guest_page(b, X, &content).unwrap();
+    let shared = |vm| memory.lookup(vm, X).unwrap().unwrap().flags.shared;
+    let word = (base_a + X as usize * PAGE_SIZE) as *mut u64;
+
+    let mut scanner = ScanState::new(all_domains());
+    scan_passes(&memory, &mut scanner, 1);
+    assert!(
+        shared(a) && shared(b),
+        "identical pages merge on first sight"
+    );
+
+    for (round, needed) in [1u64, 2, 4].into_iter().enumerate() {
+        // A write through a's mapping breaks the sharing (the fault handler
+        // copies the page); putting the old word back makes the content
+        // identical to b's again.
+        // SAFETY: an aligned word of a's guest RAM, mapped by the memory.
+        unsafe {
+            let old = std::ptr::read_volatile(word);
+            std::ptr::write_volatile(word, old ^ 0xff);
+            std::ptr::write_volatile(word, old);
+        }
+        assert!(
+            !shared(a) && !shared(b),
+            "round {round}: the write broke it"
+        );
+        memory.verify().unwrap();
+        // The pass that finds the break, then `needed - 1` stable passes:
+        // still apart.
+        let skips = scanner.stats.unstable_skips;
+        scan_passes(&memory, &mut scanner, needed);
+        assert!(
+            !shared(a),
+            "round {round}: merged after {needed} passes, needs {needed} stable ones"
+        );
+        assert!(scanner.stats.unstable_skips > skips);
+        // One more stable pass: merged again.
+        scan_passes(&memory, &mut scanner, 1);
+        assert!(
+            shared(a) && shared(b),
+            "round {round}: merged again after {needed} stable passes"
+        );
+        assert_eq!(memory.read_guest_page(a, X).unwrap(), content);
+        assert_eq!(memory.read_guest_page(b, X).unwrap(), content);
+    }
+    memory.verify().unwrap();
+    memory.destroy_space(a).unwrap();
+    memory.destroy_space(b).unwrap();
+    memory.verify().unwrap();
+    assert_eq!(memory.pool_stats()[0].used_pages, 0, "no page leaked");
+}
