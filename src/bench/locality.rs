@@ -62,13 +62,18 @@ pub fn memory_node(placement: &str, node: usize, topology: &Topology) -> usize {
 /// A policy (shipped name or `.toml` path) as a TOML table, with
 /// `[numa] sampling` set to `sampling` (so a policy that moves nothing
 /// still measures locality), and `trace_file` when given.
-pub fn policy_table(policy: &str, sampling: &str, trace_file: Option<&Path>) -> Result<toml::Table> {
+pub fn policy_table(
+    policy: &str,
+    sampling: &str,
+    trace_file: Option<&Path>,
+) -> Result<toml::Table> {
     let text = match SHIPPED_POLICIES.iter().find(|(n, _)| *n == policy) {
         Some((_, text)) => text.to_string(),
         None => std::fs::read_to_string(policy)
             .with_context(|| format!("cannot read the policy file {policy}"))?,
     };
-    let mut table: toml::Table = toml::from_str(&text).with_context(|| format!("policy {policy}"))?;
+    let mut table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("policy {policy}"))?;
     let numa = table
         .entry("numa")
         .or_insert_with(|| toml::Value::Table(toml::Table::new()))
@@ -95,11 +100,18 @@ pub fn config_head(policy: &toml::Table, topology: &str) -> Result<String> {
 /// A `workload` inline table with `seed` (and, for a sweep, `passes`) set
 /// when the table does not give them.
 pub fn workload_with(table_text: &str, seed: u64, passes: Option<u64>) -> Result<String> {
-    let mut t = match format!("x = {table_text}").parse::<toml::Table>()?.remove("x") {
+    let mut t = match format!("x = {table_text}")
+        .parse::<toml::Table>()?
+        .remove("x")
+    {
         Some(toml::Value::Table(t)) => t,
         _ => bail!("workload must be an inline table"),
     };
-    let kind = t.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
+    let kind = t
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or("")
+        .to_string();
     if matches!(kind.as_str(), "fill" | "sweep" | "random" | "table_scan") {
         t.entry("seed").or_insert(toml::Value::Integer(seed as i64));
     }
@@ -340,7 +352,7 @@ pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
         workload: p
             .opt_table_text("workload")?
             .unwrap_or_else(|| "{ kind = \"sweep\" }".into()),
-        passes: p.u64("passes", 1, 1_000_000, if p.quick() { 600 } else { 3000 })?,
+        passes: p.u64("passes", 1, 1_000_000, if p.quick() { 250 } else { 3000 })?,
         topology: p.topology("topology", "4-node")?,
         policies: p.policies("policies", &all)?,
         placement: p.choice("placement", PLACEMENTS, "opposite")?,

@@ -385,8 +385,7 @@ fn run_policy_in(
             .iter()
             .map(|v| v.vm.as_ref().is_none_or(|vm| vm.is_finished()))
             .collect();
-        if readers_done_ms.is_none()
-            && finished.iter().enumerate().any(|(i, &f)| f && i != writer)
+        if readers_done_ms.is_none() && finished.iter().enumerate().any(|(i, &f)| f && i != writer)
         {
             readers_done_ms = Some(started.elapsed().as_secs_f64() * 1e3);
         }
@@ -441,10 +440,7 @@ fn run_policy_in(
     let spaces: Vec<VmId> = run.vms.iter().map(|v| v.space).collect();
     drop(run);
     for s in spaces {
-        ensure!(
-            memory.space_stats(s).is_err(),
-            "vm {s} was not torn down"
-        );
+        ensure!(memory.space_stats(s).is_err(), "vm {s} was not torn down");
     }
     let leaked: u32 = memory.pool_stats().iter().map(|p| p.used_pages).sum();
     ensure!(leaked == 0, "{leaked} machine pages leaked");
@@ -636,7 +632,11 @@ pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
             "lookups",
             1,
             1 << 40,
-            if p.quick() { 300_000_000 } else { 1_200_000_000 },
+            if p.quick() {
+                300_000_000
+            } else {
+                1_200_000_000
+            },
         )?,
         writer_share: p.f64("writer_share", 0.05, 0.95, 0.4)?,
         memory_node: p.usize("memory_node", 0, 4095, 0)?,
@@ -654,8 +654,8 @@ pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
                 .into(),
         ));
     }
-    let topology =
-        load_topology(&o.topology).map_err(|e| p.error("topology", format!("cannot load it: {e:#}")))?;
+    let topology = load_topology(&o.topology)
+        .map_err(|e| p.error("topology", format!("cannot load it: {e:#}")))?;
     if o.memory_node >= topology.node_count() {
         return Err(p.error(
             "memory_node",
