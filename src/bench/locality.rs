@@ -352,7 +352,7 @@ pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
         workload: p
             .opt_table_text("workload")?
             .unwrap_or_else(|| "{ kind = \"sweep\" }".into()),
-        passes: p.u64("passes", 1, 1_000_000, if p.quick() { 250 } else { 3000 })?,
+        passes: p.u64("passes", 1, 1_000_000, if p.quick() { 400 } else { 3000 })?,
         topology: p.topology("topology", "4-node")?,
         policies: p.policies("policies", &all)?,
         placement: p.choice("placement", PLACEMENTS, "opposite")?,

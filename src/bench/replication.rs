@@ -161,13 +161,13 @@ pub struct ReplicationRun {
     pub sampling: String,
     /// The NUMA engine's source, as it describes itself.
     pub source: String,
-    /// Over the epochs until the first reader finished (`readers_done_ms`).
+    /// Over the epochs until the first VM finished (`first_done_ms`).
     #[serde(flatten)]
     pub summary: SeriesSummary,
     /// `(ms, local fraction)` of every epoch with samples, to the end.
     pub full_local_series: Vec<(f64, f64)>,
-    /// ms since the start when the first reader finished.
-    pub readers_done_ms: f64,
+    /// ms since the start when the first VM (normally the writer) finished.
+    pub first_done_ms: f64,
     pub epochs: u64,
     pub samples: u64,
     pub migrations: u64,
@@ -361,7 +361,7 @@ fn run_policy_in(
     let gfns: Vec<u64> = (first..first + o.table_pages).collect();
     let writer = o.vms - 1;
     let mut written: Option<WriteOutcome> = None;
-    let mut readers_done_ms: Option<f64> = None;
+    let mut first_done_ms: Option<f64> = None;
     let mut peak = 0u64;
     let mut verify_runs = 0u32;
     let mut last_verify = Instant::now();
@@ -385,9 +385,8 @@ fn run_policy_in(
             .iter()
             .map(|v| v.vm.as_ref().is_none_or(|vm| vm.is_finished()))
             .collect();
-        if readers_done_ms.is_none() && finished.iter().enumerate().any(|(i, &f)| f && i != writer)
-        {
-            readers_done_ms = Some(started.elapsed().as_secs_f64() * 1e3);
+        if first_done_ms.is_none() && finished.iter().any(|&f| f) {
+            first_done_ms = Some(started.elapsed().as_secs_f64() * 1e3);
         }
         if written.is_none() && finished[writer] {
             if finished.iter().all(|&f| f) {
@@ -413,12 +412,13 @@ fn run_policy_in(
         std::thread::sleep(Duration::from_millis(2));
     }
     let mut numa = runner.stop();
-    // The figures cover the run while every reader ran: once one is done,
-    // the samples come from the others only (a static run whose local
-    // reader is the last one running would look local).
-    let readers_done_ms = readers_done_ms.unwrap_or(f64::INFINITY);
+    // The figures cover the run while every VM ran (up to the write, as
+    // the writer normally finishes first): once one is done, the samples
+    // come from the others only (a static run whose local VM is the last
+    // one running would look local).
+    let first_done_ms = first_done_ms.unwrap_or(f64::INFINITY);
     let full_series = numa.series.clone();
-    numa.series.retain(|e| e.ms <= readers_done_ms);
+    numa.series.retain(|e| e.ms <= first_done_ms);
     if let Some(s) = scanner {
         s.stop();
     }
@@ -455,7 +455,7 @@ fn run_policy_in(
             .filter(|e| e.locality_samples > 0)
             .map(|e| (e.ms, e.local_fraction))
             .collect(),
-        readers_done_ms,
+        first_done_ms,
         epochs: numa.epochs,
         samples: numa.samples,
         migrations: numa.migrations,
@@ -860,8 +860,8 @@ impl ScenarioResult for ReplicationResult {
              start), each reading the same {}-page table ({} lookups; the writer, the last VM, {:.0} % \
              of them); samples: **{}**; seed {}\n\n{}\n\
              Local = sampled accesses to a page on the accessing vCPU's node (first/last quarter of \
-             the epochs with samples until the first reader finished, as the plot's lines: later \
-             samples come from fewer VMs); time to {} = first epoch from which {} epochs together reach \
+             the epochs with samples while every VM ran, i.e. until the writer finished, as the \
+             plot's lines: later samples come from fewer VMs); time to {} = first epoch from which {} epochs together reach \
              it. Replicas made / collapsed over the run. Extra pages = replica pages beyond one copy \
              per replica set (at the write, and the peak). Table pages = distinct machine pages \
              mapped by every VM's table frames at the write. Writes: the writer's table frames by \
