@@ -343,6 +343,9 @@ fn run_policy_in(
         feed,
         &format!("disco bench replication, sampling = \"{}\"", o.sampling),
         o.vms,
+        // No per-vCPU miss counters: the page sampler is not steered by
+        // hardware events here (none on the build hosts).
+        None,
     )?;
     let sharing = &config.policy.sharing;
     let scanner = if sharing.enabled {

@@ -223,6 +223,8 @@ pub const KINDS: &[Kind] = &[
         name: "migration",
         about: "page migration between node pools: batched and single-page pages/s against memcpy, guest slowdown",
         prepare: super::migration::prepare,
+    },
+    Kind {
         name: "locality",
         about: "VMs whose memory starts far from their vCPUs, under each policy: local-access fraction and modelled cost over time, migrations",
         prepare: super::locality::prepare,
