@@ -155,13 +155,34 @@ fn weighted(points: &[&EpochLocality], f: fn(&EpochLocality) -> f64) -> f64 {
 
 impl SeriesSummary {
     /// From the NUMA engine's series; an error when fewer than 4 epochs
-    /// had samples (too short a run to say anything).
-    pub fn of(numa: &NumaStats, goal: f64) -> Result<SeriesSummary> {
-        let points: Vec<&EpochLocality> = numa
+    /// had samples (too short a run to say anything). With `per_vm_mean`,
+    /// an epoch's local fraction is the mean of the VMs' own fractions
+    /// (VMs with samples that epoch) instead of the engine's pooled one:
+    /// the sampler spends up to 3/4 of a VM's budget re-checking its remote
+    /// pages and only fresh pages count, so a VM with remote pages gets
+    /// fewer counted samples than a VM whose pages are all local, and the
+    /// pooled fraction leans toward the local VMs when placements differ.
+    pub fn of(numa: &NumaStats, goal: f64, per_vm_mean: bool) -> Result<SeriesSummary> {
+        let mut points: Vec<EpochLocality> = numa
             .series
             .iter()
             .filter(|e| e.locality_samples > 0)
+            .cloned()
             .collect();
+        if per_vm_mean {
+            for e in &mut points {
+                let fr: Vec<f64> = e
+                    .per_vm
+                    .iter()
+                    .filter(|(n, _)| *n > 0)
+                    .map(|&(n, l)| l as f64 / n as f64)
+                    .collect();
+                if !fr.is_empty() {
+                    e.local_fraction = fr.iter().sum::<f64>() / fr.len() as f64;
+                }
+            }
+        }
+        let points: Vec<&EpochLocality> = points.iter().collect();
         if points.len() < 4 {
             bail!(
                 "only {} epochs with locality samples: the run is too short (more passes or lookups)",
@@ -284,7 +305,8 @@ impl LocalityRun {
         Ok(LocalityRun {
             policy: policy.to_string(),
             rep,
-            summary: SeriesSummary::of(numa, goal).with_context(|| format!("policy {policy}"))?,
+            summary: SeriesSummary::of(numa, goal, false)
+                .with_context(|| format!("policy {policy}"))?,
             epochs: numa.epochs,
             samples: numa.samples,
             migrations: numa.migrations,

@@ -452,7 +452,8 @@ fn run_policy_in(
         rep,
         sampling: o.sampling.clone(),
         source: numa.source.clone(),
-        summary: SeriesSummary::of(&numa, o.goal).with_context(|| format!("policy {policy}"))?,
+        summary: SeriesSummary::of(&numa, o.goal, true)
+            .with_context(|| format!("policy {policy}"))?,
         full_local_series: full_series
             .iter()
             .filter(|e| e.locality_samples > 0)
@@ -641,7 +642,7 @@ pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
                 1_200_000_000
             },
         )?,
-        writer_share: p.f64("writer_share", 0.05, 0.95, 0.4)?,
+        writer_share: p.f64("writer_share", 0.05, 0.95, 0.5)?,
         memory_node: p.usize("memory_node", 0, 4095, 0)?,
         topology: p.topology("topology", "4-node")?,
         policies: p.policies("policies", &all)?,
@@ -862,7 +863,8 @@ impl ScenarioResult for ReplicationResult {
             "replication: {} VMs, one per node of the {} fixture ({} MiB each, all on node {} at \
              start), each reading the same {}-page table ({} lookups; the writer, the last VM, {:.0} % \
              of them); samples: **{}**; seed {}\n\n{}\n\
-             Local = sampled accesses to a page on the accessing vCPU's node (first/last quarter of \
+             Local = sampled accesses to a page on the accessing vCPU's node, per epoch the mean of \
+             the VMs' own fractions (first/last quarter of \
              the epochs with samples while every VM ran, i.e. until the writer finished, as the \
              plot's lines: later samples come from fewer VMs); time to {} = first epoch from which {} epochs together reach \
              it. Replicas made / collapsed over the run. Extra pages = replica pages beyond one copy \
