@@ -25,7 +25,7 @@
 //!
 //! Samples come from the real page-fault sampler (`sampling =
 //! "page-faults"`, the default) or from a generated trace saying that every
-//! VM reads every table page from its node twice an epoch (`sampling =
+//! VM reads every table page from its node three times an epoch (`sampling =
 //! "trace"`, the engine's mechanism with perfect information). The result
 //! records which.
 //!
@@ -119,8 +119,10 @@ impl ReplicationOptions {
         Ok(out)
     }
 
-    /// A trace in which every VM reads every table page from its node twice
-    /// per epoch, after `quiet` epochs without samples (the scanner merges
+    /// A trace in which every VM reads every table page from its node three
+    /// times per epoch (twice would settle exactly at the shipped
+    /// `hot_threshold` of 4 decayed samples and a private page would never
+    /// count as hot), after `quiet` epochs without samples (the scanner merges
     /// the tables first), for `epochs` epochs.
     fn write_trace(&self, path: &Path, nodes: usize, quiet: u64, epochs: u64) -> Result<()> {
         use std::io::Write;
@@ -134,7 +136,9 @@ impl ReplicationOptions {
             for vm in 0..self.vms {
                 for gfn in first..first + self.table_pages {
                     let node = vm % nodes;
-                    writeln!(f, "{vm} {gfn:x} {node} r\n{vm} {gfn:x} {node} r")?;
+                    for _ in 0..3 {
+                        writeln!(f, "{vm} {gfn:x} {node} r")?;
+                    }
                 }
             }
         }
