@@ -323,9 +323,6 @@ fn bench(what: BenchCommand) -> anyhow::Result<ExitCode> {
                         .map(|l| l.params.name().to_string())
                 })
                 .collect::<anyhow::Result<_>>()?;
-            if !names.contains(&cli.name) && cli.name == "locality" {
-                return legacy_numa_bench(&cli.name, &cli.args);
-            }
             let Some(i) = names.iter().position(|n| *n == cli.name) else {
                 anyhow::bail!(
                     "`{}` is not a scenario or a bench command; scenarios: {}; commands: all, run, compare, list",
@@ -384,38 +381,4 @@ fn bench(what: BenchCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-/// `disco bench locality`: the locality scenario (issue 4) with its
-/// own options and outputs, until it joins the suite as a scenario kind
-/// (see DEVELOPERS.md, "Adding a scenario kind").
-fn legacy_numa_bench(name: &str, args: &SuiteArgs) -> anyhow::Result<ExitCode> {
-    if args.dir.is_some() || !args.set.is_empty() {
-        anyhow::bail!(
-            "`disco bench {name}` is not a suite scenario yet: --dir and --set do not apply"
-        );
-    }
-    let progress = !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (table, json_text) = {
-        let mut options = disco::bench::locality::LocalityOptions::standard(args.quick);
-        options.progress = progress;
-        let result = disco::bench::locality::run(&options)?;
-        let out = args
-            .out
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("bench-results"));
-        let files = result.write_outputs(&out)?;
-        let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-        eprintln!("disco bench locality: wrote {}", names.join(", "));
-        (
-            result.render_table(),
-            serde_json::to_string_pretty(&result)?,
-        )
-    };
-    if args.json {
-        println!("{json_text}");
-    } else {
-        print!("{table}");
-    }
-    Ok(ExitCode::SUCCESS)
 }

@@ -198,44 +198,43 @@ fn locality_and_migration_benches_produce_finite_figures_and_a_plot() {
     }
     // Its VMs would be in the density test's memory deltas.
     let _serial = serial();
+    use disco::bench::suite::{Progress, ScenarioResult};
     use disco::bench::{locality, migration};
     let options = locality::LocalityOptions {
         vms: 2,
+        vcpus: 1,
         memory_mib: 4,
+        workload: "{ kind = \"sweep\" }".into(),
         passes: 1200,
         topology: "4-node".into(),
         policies: vec!["static".into(), "migrate-only".into()],
-        progress: false,
+        placement: "opposite".into(),
+        reps: 1,
+        goal: 0.9,
     };
-    let result = locality::run(&options).expect("locality bench runs");
+    let result = locality::run(&options, 3, &Progress::hidden()).expect("locality bench runs");
     assert_eq!(result.runs.len(), 2);
     for r in &result.runs {
-        assert!(r.samples > 0 && !r.local_series.is_empty(), "{r:?}");
+        assert!(r.samples > 0 && !r.summary.local_series.is_empty(), "{r:?}");
         assert!(
-            r.local_first.is_finite() && r.local_last.is_finite(),
+            r.summary.local_first.is_finite() && r.summary.local_last.is_finite(),
             "{r:?}"
         );
     }
     assert_eq!(result.runs[0].migrations, 0, "static moves nothing");
     assert_eq!(
-        result.runs[0].local_last, 0.0,
+        result.runs[0].summary.local_last, 0.0,
         "badly placed and never moved"
     );
-    let dir = std::env::temp_dir().join(format!("disco-locality-{}", std::process::id()));
-    let files = result.write_outputs(&dir).unwrap();
-    let svg = std::fs::read_to_string(&files[2]).unwrap();
+    assert_eq!(result.runs[0].pages_local_at_end, 0.0);
+    assert!(result.runs[1].migrations > 0, "migrate-only moves pages");
+    let plots = result.plots();
     assert!(
-        svg.starts_with("<svg") || svg.starts_with("<?xml"),
-        "{svg:.80}"
-    );
-    assert!(
-        svg.contains("<polyline") || svg.contains("<path"),
+        plots[0].svg.contains("<polyline") || plots[0].svg.contains("<path"),
         "the plot has lines"
     );
-    let back: locality::LocalityResult =
-        serde_json::from_str(&std::fs::read_to_string(&files[0]).unwrap()).unwrap();
+    let back: locality::LocalityResult = serde_json::from_value(result.json()).unwrap();
     assert_eq!(back.runs.len(), 2);
-    std::fs::remove_dir_all(&dir).ok();
 
     let m = migration::run(&migration::MigrationOptions {
         mib: 4,

@@ -306,6 +306,27 @@ fn bench_all_quick_writes_results_and_compare_finds_a_planted_regression() {
         assert!(raw["runs"][0]["result"].is_object());
         check_record(&out, r);
     }
+    // The NUMA kinds: what the policies must (not) do.
+    let fig = |scenario: &str, name: &str| -> f64 {
+        let r = records.iter().find(|r| r.scenario == scenario).unwrap();
+        r.figure(name)
+            .and_then(|f| f.stats.as_ref())
+            .unwrap_or_else(|| panic!("{scenario}: {name} not measured"))
+            .median
+    };
+    assert_eq!(fig("locality", "static: pages migrated"), 0.0);
+    assert_eq!(
+        fig("locality", "static: local fraction, last quarter"),
+        0.0,
+        "memory two hops away and never moved"
+    );
+    assert!(fig("locality", "migrate-only: pages migrated") > 0.0);
+    assert_eq!(fig("replication", "static: replicas made"), 0.0);
+    assert_eq!(
+        fig("replication", "static: write: copy-on-write breaks"),
+        0.0
+    );
+    assert!(fig("replication", "replicate-only: replicas made") > 0.0);
     let density = &records[0];
     assert_eq!(density.seeds, vec![7, 8]);
     assert_eq!(

@@ -1,121 +1,147 @@
-//! `disco bench locality`: VMs placed badly on the emulated 4-node fixture
-//! (every VM's memory on a node two hops from its vCPUs), run once under
-//! each shipped policy. The NUMA engine's own page-fault samples give the
-//! local-access fraction and the modelled memory cost (distance-weighted)
-//! over time; the static baseline samples the same way but moves nothing
-//! (its policy with `sampling = "page-faults"`).
+//! Scenario kind `locality`: VMs placed badly on an emulated NUMA fixture
+//! (every VM's memory away from its vCPUs), run under each policy. The NUMA
+//! engine's own page-fault samples give the local-access fraction and the
+//! modelled memory cost (distance-weighted) over time; a policy that moves
+//! nothing (static) samples the same way (its policy with
+//! `sampling = "page-faults"`) and is the baseline.
 //!
-//! Headline: the local fraction after convergence (the last quarter of the
-//! epochs with samples) per policy; the goal for `disco` is >= 90 %.
+//! Keys (`benches/scenarios/locality.toml` documents each): `vms`, `vcpus`,
+//! `memory_mib`, `workload`, `passes`, `policies`, `topology`, `placement`,
+//! `reps`, `goal`.
+//!
+//! Figures, per policy, each over the repetitions: local fraction of the
+//! first and last quarter of the epochs with samples, modelled cost of both,
+//! pages migrated, replicas made, and the time until the local fraction
+//! first reaches the goal (default 90 %) over a window of
+//! [`GOAL_WINDOW`] epochs (not measured when it never does). Plots: local
+//! fraction and modelled cost over time, one line per policy.
+//!
+//! The helpers here (policy tables with sampling forced, the summary of a
+//! locality series) are shared with the `replication` kind.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::params::{ParamResult, Params};
+use super::suite::{Better, Figure, Plot, Progress, Scenario, ScenarioResult};
 use super::svg::LinePlot;
-use super::{markdown_table_aligned, progress_bar, HostInfo};
-use crate::config::{Config, SHIPPED_POLICIES};
+use super::{config_from_toml, markdown_table_aligned, HostInfo, Stats};
+use crate::config::SHIPPED_POLICIES;
 use crate::monitor::{self, RunOptions};
+use crate::numa::runner::{EpochLocality, NumaStats};
 use crate::report::RunReport;
+use crate::topology::Topology;
 
-#[derive(Clone, Debug)]
-pub struct LocalityOptions {
-    pub vms: usize,
-    pub memory_mib: u64,
-    /// Sweep passes per VM (the run length).
-    pub passes: u32,
-    /// Topology fixture.
-    pub topology: String,
-    /// Shipped policies to compare.
-    pub policies: Vec<String>,
-    pub progress: bool,
-}
+/// Epochs over which the local fraction must reach the goal (weighted by
+/// their samples): one epoch alone has a few dozen samples and may be lucky.
+pub const GOAL_WINDOW: usize = 3;
 
-impl LocalityOptions {
-    pub fn standard(quick: bool) -> LocalityOptions {
-        LocalityOptions {
-            vms: if quick { 4 } else { 8 },
-            memory_mib: 4,
-            passes: if quick { 600 } else { 3000 },
-            topology: "4-node".into(),
-            policies: SHIPPED_POLICIES
-                .iter()
-                .map(|(n, _)| n.to_string())
-                .collect(),
-            progress: false,
+/// Where each VM's memory starts, relative to its vCPUs' node.
+pub const PLACEMENTS: &[&str] = &["opposite", "farthest", "first-node", "local"];
+
+/// The node whose pool backs the memory of a VM whose vCPUs run on `node`.
+/// * `opposite`: `(node + n/2) % n` (two hops on the 4-node fixture);
+/// * `farthest`: the node at the greatest distance (the lowest on a tie);
+/// * `first-node`: node 0 for every VM;
+/// * `local`: the vCPUs' node (the good placement, for reference).
+pub fn memory_node(placement: &str, node: usize, topology: &Topology) -> usize {
+    let n = topology.node_count();
+    match placement {
+        "opposite" => (node + n / 2) % n,
+        "farthest" => {
+            let row = &topology.distances[node];
+            (0..n).fold(node, |best, m| if row[m] > row[best] { m } else { best })
         }
+        "first-node" => 0,
+        _ => node,
     }
 }
 
-/// One policy's run.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct PolicyRun {
-    pub policy: String,
+/// A policy (shipped name or `.toml` path) as a TOML table, with
+/// `[numa] sampling` set to `sampling` (so a policy that moves nothing
+/// still measures locality), and `trace_file` when given.
+pub fn policy_table(
+    policy: &str,
+    sampling: &str,
+    trace_file: Option<&Path>,
+) -> Result<toml::Table> {
+    let text = match SHIPPED_POLICIES.iter().find(|(n, _)| *n == policy) {
+        Some((_, text)) => text.to_string(),
+        None => std::fs::read_to_string(policy)
+            .with_context(|| format!("cannot read the policy file {policy}"))?,
+    };
+    let mut table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("policy {policy}"))?;
+    let numa = table
+        .entry("numa")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .with_context(|| format!("policy {policy}: [numa] is not a table"))?;
+    numa.insert("sampling".into(), toml::Value::String(sampling.into()));
+    numa.remove("trace_file");
+    if let Some(t) = trace_file {
+        numa.insert(
+            "trace_file".into(),
+            toml::Value::String(t.display().to_string()),
+        );
+    }
+    Ok(table)
+}
+
+/// `[policy]` and `[host]` of a generated config.
+pub fn config_head(policy: &toml::Table, topology: &str) -> Result<String> {
+    let mut doc = toml::Table::new();
+    doc.insert("policy".into(), toml::Value::Table(policy.clone()));
+    Ok(toml::to_string(&doc)? + &format!("[host]\ntopology = \"{topology}\"\n"))
+}
+
+/// A `workload` inline table with `seed` (and, for a sweep, `passes`) set
+/// when the table does not give them.
+pub fn workload_with(table_text: &str, seed: u64, passes: Option<u64>) -> Result<String> {
+    let mut t = match format!("x = {table_text}")
+        .parse::<toml::Table>()?
+        .remove("x")
+    {
+        Some(toml::Value::Table(t)) => t,
+        _ => bail!("workload must be an inline table"),
+    };
+    let kind = t
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or("")
+        .to_string();
+    if matches!(kind.as_str(), "fill" | "sweep" | "random" | "table_scan") {
+        t.entry("seed").or_insert(toml::Value::Integer(seed as i64));
+    }
+    if let (Some(p), "sweep") = (passes, kind.as_str()) {
+        t.entry("passes").or_insert(toml::Value::Integer(p as i64));
+    }
+    Ok(toml::Value::Table(t).to_string())
+}
+
+/// A locality series boiled down: what every NUMA scenario reports.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SeriesSummary {
     /// `(ms since start, local fraction)` per epoch with samples.
     pub local_series: Vec<(f64, f64)>,
     /// `(ms since start, modelled cost)` per epoch with samples.
     pub cost_series: Vec<(f64, f64)>,
-    /// Local fraction over the first / last quarter of the epochs.
+    /// Locality samples per epoch with samples (the weights).
+    pub samples_series: Vec<u64>,
+    /// Local fraction / modelled cost over the first and last quarter of
+    /// the epochs with samples, weighted by their samples.
     pub local_first: f64,
     pub local_last: f64,
     pub cost_first: f64,
     pub cost_last: f64,
-    pub samples: u64,
-    pub migrations: u64,
-    pub replicas_made: u64,
-    pub freezes: u64,
-    /// Longest guest run, ms.
-    pub guest_run_ms: f64,
+    /// ms since start of the first epoch from which [`GOAL_WINDOW`] epochs
+    /// together reach the goal; `None`: never reached.
+    pub time_to_goal_ms: Option<f64>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct LocalityResult {
-    pub host: HostInfo,
-    pub topology: String,
-    pub vms: usize,
-    pub memory_mib: u64,
-    pub passes: u32,
-    pub runs: Vec<PolicyRun>,
-}
-
-/// The scenario's config: VM `i` runs on node `i % n`, its memory sits on
-/// node `(i + n/2) % n` (the far side of the fixture).
-pub fn config_text(o: &LocalityOptions, policy: &str, nodes: usize) -> Result<String> {
-    let Some((_, text)) = SHIPPED_POLICIES.iter().find(|(n, _)| *n == policy) else {
-        bail!("unknown policy {policy}");
-    };
-    // The shipped policy as an inline table, with sampling forced on so a
-    // policy that moves nothing (static) is measured the same way.
-    let mut policy_table: toml::Table = toml::from_str(text).context("shipped policy")?;
-    policy_table
-        .entry("numa")
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-        .as_table_mut()
-        .context("[numa]")?
-        .insert("sampling".into(), toml::Value::String("page-faults".into()));
-    let mut doc = toml::Table::new();
-    doc.insert("policy".into(), toml::Value::Table(policy_table));
-    let mut out = toml::to_string(&doc)?;
-    out += &format!("[host]\ntopology = \"{}\"\n", o.topology);
-    for i in 0..o.vms {
-        out += &format!(
-            "[[vm]]\nname = \"vm{i}\"\nnode = {}\nmemory_node = {}\nmemory_mib = {}\n\
-             workload = {{ kind = \"sweep\", seed = {}, passes = {} }}\ntime_limit_s = 600\n",
-            i % nodes,
-            (i + nodes / 2) % nodes,
-            o.memory_mib,
-            100 + i,
-            o.passes
-        );
-    }
-    Ok(out)
-}
-
-fn weighted(
-    points: &[&crate::numa::runner::EpochLocality],
-    f: fn(&crate::numa::runner::EpochLocality) -> f64,
-) -> f64 {
+fn weighted(points: &[&EpochLocality], f: fn(&EpochLocality) -> f64) -> f64 {
     let (t, v) = points.iter().fold((0.0, 0.0), |(t, v), e| {
         let w = e.locality_samples as f64;
         (t + w, v + w * f(e))
@@ -127,145 +153,444 @@ fn weighted(
     }
 }
 
-fn policy_run(policy: &str, report: &RunReport) -> Result<PolicyRun> {
-    if !report.all_ok() {
-        bail!(
-            "policy {policy}: a guest failed or an invariant broke:\n{}",
-            report.render_text()
-        );
+impl SeriesSummary {
+    /// From the NUMA engine's series; an error when fewer than 4 epochs
+    /// had samples (too short a run to say anything). With `per_vm_mean`,
+    /// an epoch's local fraction is the mean of the VMs' own fractions
+    /// (VMs with samples that epoch) instead of the engine's pooled one:
+    /// the sampler spends up to 3/4 of a VM's budget re-checking its remote
+    /// pages and only fresh pages count, so a VM with remote pages gets
+    /// fewer counted samples than a VM whose pages are all local, and the
+    /// pooled fraction leans toward the local VMs when placements differ.
+    pub fn of(numa: &NumaStats, goal: f64, per_vm_mean: bool) -> Result<SeriesSummary> {
+        let mut points: Vec<EpochLocality> = numa
+            .series
+            .iter()
+            .filter(|e| e.locality_samples > 0)
+            .cloned()
+            .collect();
+        if per_vm_mean {
+            for e in &mut points {
+                let fr: Vec<f64> = e
+                    .per_vm
+                    .iter()
+                    .filter(|(n, _)| *n > 0)
+                    .map(|&(n, l)| l as f64 / n as f64)
+                    .collect();
+                if !fr.is_empty() {
+                    e.local_fraction = fr.iter().sum::<f64>() / fr.len() as f64;
+                }
+            }
+        }
+        let points: Vec<&EpochLocality> = points.iter().collect();
+        if points.len() < 4 {
+            bail!(
+                "only {} epochs with locality samples: the run is too short (more passes or lookups)",
+                points.len()
+            );
+        }
+        let q = (points.len() / 4).max(1);
+        let (first, last) = (&points[..q], &points[points.len() - q..]);
+        let time_to_goal_ms = points
+            .windows(GOAL_WINDOW.min(points.len()))
+            .find(|w| weighted(w, |e| e.local_fraction) >= goal)
+            .map(|w| w[0].ms);
+        Ok(SeriesSummary {
+            local_series: points.iter().map(|e| (e.ms, e.local_fraction)).collect(),
+            cost_series: points.iter().map(|e| (e.ms, e.modelled_cost)).collect(),
+            samples_series: points.iter().map(|e| e.locality_samples).collect(),
+            local_first: weighted(first, |e| e.local_fraction),
+            local_last: weighted(last, |e| e.local_fraction),
+            cost_first: weighted(first, |e| e.modelled_cost),
+            cost_last: weighted(last, |e| e.modelled_cost),
+            time_to_goal_ms,
+        })
     }
-    let numa = report
-        .numa
-        .as_ref()
-        .with_context(|| format!("policy {policy}: the NUMA engine did not run"))?;
-    let points: Vec<_> = numa
-        .series
-        .iter()
-        .filter(|e| e.locality_samples > 0)
-        .collect();
-    if points.len() < 4 {
-        bail!("policy {policy}: only {} epochs with samples", points.len());
-    }
-    let q = (points.len() / 4).max(1);
-    let (first, last) = (&points[..q], &points[points.len() - q..]);
-    Ok(PolicyRun {
-        policy: policy.to_string(),
-        local_series: points.iter().map(|e| (e.ms, e.local_fraction)).collect(),
-        cost_series: points.iter().map(|e| (e.ms, e.modelled_cost)).collect(),
-        local_first: weighted(first, |e| e.local_fraction),
-        local_last: weighted(last, |e| e.local_fraction),
-        cost_first: weighted(first, |e| e.modelled_cost),
-        cost_last: weighted(last, |e| e.modelled_cost),
-        samples: numa.samples,
-        migrations: numa.migrations,
-        replicas_made: numa.replicas_made,
-        freezes: numa.freezes,
-        guest_run_ms: report.vms.iter().map(|v| v.run_ms).fold(0.0, f64::max),
-    })
 }
 
-pub fn run(o: &LocalityOptions) -> Result<LocalityResult> {
-    let topology = crate::topology::Topology::from_fixture_name(&o.topology)?;
-    let bar = progress_bar(o.policies.len() as u64, o.progress);
+/// Stats of `f` over `runs`.
+pub fn stats_of<T>(runs: &[&T], f: impl Fn(&T) -> f64) -> Stats {
+    Stats::of(&runs.iter().map(|r| f(r)).collect::<Vec<_>>())
+}
+
+/// Stats of an optional value: measured only when every run has it.
+pub fn stats_all<T>(runs: &[&T], f: impl Fn(&T) -> Option<f64>) -> Option<Stats> {
+    let v: Option<Vec<f64>> = runs.iter().map(|r| f(r)).collect();
+    v.filter(|v| !v.is_empty()).map(|v| Stats::of(&v))
+}
+
+/// `goal` as a figure name part: `90 %`.
+pub fn goal_name(goal: f64) -> String {
+    format!("{} %", (goal * 100.0 * 10.0).round() / 10.0)
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LocalityOptions {
+    pub vms: usize,
+    pub vcpus: usize,
+    pub memory_mib: u64,
+    /// The `workload` inline table (seed per VM added when absent).
+    pub workload: String,
+    /// Sweep passes when the workload is a sweep without its own.
+    pub passes: u64,
+    pub topology: String,
+    pub policies: Vec<String>,
+    pub placement: String,
+    pub reps: usize,
+    pub goal: f64,
+}
+
+impl LocalityOptions {
+    /// The scenario's config for one policy: VM `i` runs on node `i % n`,
+    /// its memory on [`memory_node`] of that.
+    pub fn config_text(&self, policy: &str, seed: u64, topology: &Topology) -> Result<String> {
+        let mut out = config_head(&policy_table(policy, "page-faults", None)?, &self.topology)?;
+        let n = topology.node_count();
+        for i in 0..self.vms {
+            let node = i % n;
+            out += &format!(
+                "[[vm]]\nname = \"vm{i}\"\nvcpus = {}\nnode = {node}\nmemory_node = {}\nmemory_mib = {}\n\
+                 workload = {}\ntime_limit_s = 600\n",
+                self.vcpus,
+                memory_node(&self.placement, node, topology),
+                self.memory_mib,
+                workload_with(&self.workload, seed * 1000 + i as u64, Some(self.passes))?,
+            );
+        }
+        Ok(out)
+    }
+}
+
+/// One run of one policy.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LocalityRun {
+    pub policy: String,
+    pub rep: usize,
+    #[serde(flatten)]
+    pub summary: SeriesSummary,
+    pub epochs: u64,
+    pub samples: u64,
+    pub migrations: u64,
+    pub migration_failures: u64,
+    pub replicas_made: u64,
+    pub replicas_collapsed: u64,
+    pub freezes: u64,
+    /// The NUMA engine's sample source, as the report gives it.
+    pub source: String,
+    /// Fraction of every VM's pages on its vCPUs' node at the end.
+    pub pages_local_at_end: f64,
+    /// Longest guest run, ms.
+    pub guest_run_ms: f64,
+    pub total_ms: f64,
+}
+
+impl LocalityRun {
+    fn of(policy: &str, rep: usize, report: &RunReport, goal: f64) -> Result<LocalityRun> {
+        if !report.all_ok() {
+            bail!(
+                "policy {policy}: a guest failed or an invariant broke:\n{}",
+                report.render_text()
+            );
+        }
+        let numa = report
+            .numa
+            .as_ref()
+            .with_context(|| format!("policy {policy}: the NUMA engine did not run"))?;
+        let (mut local, mut all) = (0u64, 0u64);
+        for vm in &report.vms {
+            let node = vm.vcpus.first().map_or(0, |v| v.node);
+            local += vm.pages_per_node.get(node).copied().unwrap_or(0);
+            all += vm.pages_per_node.iter().sum::<u64>();
+        }
+        Ok(LocalityRun {
+            policy: policy.to_string(),
+            rep,
+            summary: SeriesSummary::of(numa, goal, false)
+                .with_context(|| format!("policy {policy}"))?,
+            epochs: numa.epochs,
+            samples: numa.samples,
+            migrations: numa.migrations,
+            migration_failures: numa.migration_failures,
+            replicas_made: numa.replicas_made,
+            replicas_collapsed: numa.replicas_collapsed,
+            freezes: numa.freezes,
+            source: numa.source.clone(),
+            pages_local_at_end: local as f64 / all.max(1) as f64,
+            guest_run_ms: report.vms.iter().map(|v| v.run_ms).fold(0.0, f64::max),
+            total_ms: report.total_ms,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LocalityResult {
+    pub host: HostInfo,
+    pub seed: u64,
+    pub options: LocalityOptions,
+    pub runs: Vec<LocalityRun>,
+}
+
+/// Runs every policy `reps` times (policies interleaved within a rep).
+pub fn run(o: &LocalityOptions, seed: u64, progress: &Progress) -> Result<LocalityResult> {
+    let topology = Topology::from_fixture_name(&o.topology)
+        .or_else(|_| Topology::from_xml_file(Path::new(&o.topology)))?;
+    let bar = progress.bar((o.policies.len() * o.reps) as u64);
     let mut runs = Vec::new();
-    for policy in &o.policies {
-        bar.set_message(format!("policy {policy}"));
-        let text = config_text(o, policy, topology.node_count())?;
-        let config = Config::parse(&text, "<bench locality>", Path::new("."))
-            .with_context(|| format!("the locality config for policy {policy}"))?;
-        let report = monitor::run(
-            &config,
-            &RunOptions {
-                progress: false,
-                ..RunOptions::default()
-            },
-        )?;
-        runs.push(policy_run(policy, &report)?);
-        bar.inc(1);
+    for rep in 0..o.reps {
+        for policy in &o.policies {
+            bar.set_message(format!("locality: {policy}, rep {}", rep + 1));
+            let text = o.config_text(policy, seed + rep as u64, &topology)?;
+            let config = config_from_toml(&text)
+                .with_context(|| format!("the locality config for policy {policy}"))?;
+            let report = monitor::run(
+                &config,
+                &RunOptions {
+                    progress: false,
+                    ..RunOptions::default()
+                },
+            )?;
+            runs.push(LocalityRun::of(policy, rep, &report, o.goal)?);
+            bar.inc(1);
+        }
     }
     bar.finish_and_clear();
     Ok(LocalityResult {
         host: HostInfo::detect(),
-        topology: o.topology.clone(),
-        vms: o.vms,
-        memory_mib: o.memory_mib,
-        passes: o.passes,
+        seed,
+        options: o.clone(),
         runs,
     })
 }
 
+struct LocalityScenario(LocalityOptions);
+
+/// Keys: see the module doc and `benches/scenarios/locality.toml`.
+pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
+    let all: Vec<&str> = SHIPPED_POLICIES.iter().map(|(n, _)| *n).collect();
+    let o = LocalityOptions {
+        vms: p.usize("vms", 1, 64, if p.quick() { 4 } else { 8 })?,
+        vcpus: p.usize("vcpus", 1, 8, 1)?,
+        memory_mib: p.u64("memory_mib", 2, 1024, 4)?,
+        workload: p
+            .opt_table_text("workload")?
+            .unwrap_or_else(|| "{ kind = \"sweep\" }".into()),
+        passes: p.u64("passes", 1, 1_000_000, if p.quick() { 400 } else { 3000 })?,
+        topology: p.topology("topology", "4-node")?,
+        policies: p.policies("policies", &all)?,
+        placement: p.choice("placement", PLACEMENTS, "opposite")?,
+        reps: p.usize("reps", 1, 100, 1)?,
+        goal: p.f64("goal", 0.01, 1.0, 0.9)?,
+    };
+    if o.topology == "host" {
+        return Err(p.error(
+            "topology",
+            "`host` has one NUMA node here; allowed: a fixture (4-node, 8-node) or an hwloc XML file"
+                .into(),
+        ));
+    }
+    let topology = Topology::from_fixture_name(&o.topology)
+        .or_else(|_| Topology::from_xml_file(Path::new(&o.topology)))
+        .map_err(|e| p.error("topology", format!("cannot load it: {e:#}")))?;
+    for policy in &o.policies {
+        let text = o
+            .config_text(policy, 1, &topology)
+            .map_err(|e| p.error("policies", format!("{e:#}")))?;
+        config_from_toml(&text).map_err(|e| {
+            p.error(
+                "workload",
+                format!("the VM config it makes is invalid: {e:#}"),
+            )
+        })?;
+    }
+    Ok(Box::new(LocalityScenario(o)))
+}
+
+impl Scenario for LocalityScenario {
+    fn run(&self, seed: u64, progress: &Progress) -> Result<Box<dyn ScenarioResult>> {
+        Ok(Box::new(run(&self.0, seed, progress)?))
+    }
+    fn policies(&self) -> Vec<String> {
+        self.0.policies.clone()
+    }
+}
+
 impl LocalityResult {
-    pub fn render_table(&self) -> String {
+    fn of_policy(&self, policy: &str) -> Vec<&LocalityRun> {
+        self.runs.iter().filter(|r| r.policy == policy).collect()
+    }
+
+    pub fn plot_local(&self) -> LinePlot {
+        let mut plot = LinePlot::new(
+            &format!(
+                "Local accesses over time: {} VMs, memory {} of the vCPUs, {} fixture",
+                self.options.vms, self.options.placement, self.options.topology
+            ),
+            "time since start (ms)",
+            "local fraction of sampled accesses",
+        )
+        .reference_line(
+            self.options.goal,
+            &format!("goal {}", goal_name(self.options.goal)),
+        );
+        for r in self.runs.iter().filter(|r| r.rep == 0) {
+            plot = plot.series(&r.policy, r.summary.local_series.clone());
+        }
+        plot
+    }
+}
+
+impl ScenarioResult for LocalityResult {
+    fn figures(&self) -> Vec<Figure> {
+        let goal = goal_name(self.options.goal);
+        let mut out = Vec::new();
+        for policy in &self.options.policies {
+            let runs = self.of_policy(policy);
+            let s = |f: fn(&LocalityRun) -> f64| stats_of(&runs, f);
+            out.push(Figure::new(
+                &format!("{policy}: local fraction, first quarter"),
+                "fraction",
+                Better::Neither,
+                s(|r| r.summary.local_first),
+            ));
+            out.push(
+                Figure::new(
+                    &format!("{policy}: local fraction, last quarter"),
+                    "fraction",
+                    Better::Higher,
+                    s(|r| r.summary.local_last),
+                )
+                .headline(),
+            );
+            out.push(Figure::new(
+                &format!("{policy}: modelled cost, first quarter"),
+                "x local",
+                Better::Neither,
+                s(|r| r.summary.cost_first),
+            ));
+            out.push(Figure::new(
+                &format!("{policy}: modelled cost, last quarter"),
+                "x local",
+                Better::Lower,
+                s(|r| r.summary.cost_last),
+            ));
+            out.push(Figure {
+                stats: stats_all(&runs, |r| r.summary.time_to_goal_ms),
+                ..Figure::value(
+                    &format!("{policy}: time to {goal} local"),
+                    "ms",
+                    Better::Lower,
+                    0.0,
+                )
+            });
+            out.push(Figure::new(
+                &format!("{policy}: pages migrated"),
+                "pages",
+                Better::Neither,
+                s(|r| r.migrations as f64),
+            ));
+            out.push(Figure::new(
+                &format!("{policy}: replicas made"),
+                "pages",
+                Better::Neither,
+                s(|r| r.replicas_made as f64),
+            ));
+            out.push(Figure::new(
+                &format!("{policy}: guest run"),
+                "ms",
+                Better::Lower,
+                s(|r| r.guest_run_ms),
+            ));
+        }
+        out
+    }
+
+    fn plots(&self) -> Vec<Plot> {
+        let mut cost = LinePlot::new(
+            "Modelled memory cost over time (distance-weighted, 1.0 = all local)",
+            "time since start (ms)",
+            "modelled cost",
+        );
+        for r in self.runs.iter().filter(|r| r.rep == 0) {
+            cost = cost.series(&r.policy, r.summary.cost_series.clone());
+        }
+        vec![
+            Plot {
+                name: "local".into(),
+                title: "local fraction over time per policy".into(),
+                svg: self.plot_local().render(),
+            },
+            Plot {
+                name: "cost".into(),
+                title: "modelled cost over time per policy".into(),
+                svg: cost.render(),
+            },
+        ]
+    }
+
+    fn markdown(&self) -> String {
+        let o = &self.options;
         let rows: Vec<Vec<String>> = self
             .runs
             .iter()
             .map(|r| {
                 vec![
                     r.policy.clone(),
-                    format!("{:.0} %", 100.0 * r.local_first),
-                    format!("{:.0} %", 100.0 * r.local_last),
-                    format!("{:.2} -> {:.2}", r.cost_first, r.cost_last),
+                    (r.rep + 1).to_string(),
+                    format!("{:.0} %", 100.0 * r.summary.local_first),
+                    format!("{:.0} %", 100.0 * r.summary.local_last),
+                    format!("{:.2} -> {:.2}", r.summary.cost_first, r.summary.cost_last),
+                    r.summary
+                        .time_to_goal_ms
+                        .map_or("not reached".into(), |t| format!("{t:.0}")),
                     r.migrations.to_string(),
                     r.replicas_made.to_string(),
                     r.freezes.to_string(),
+                    format!("{:.0} %", 100.0 * r.pages_local_at_end),
                     r.samples.to_string(),
                     format!("{:.0}", r.guest_run_ms),
                 ]
             })
             .collect();
         format!(
-            "locality: {} VMs x {} MiB (sweep, {} passes) on the {} fixture, memory two hops from the vCPUs\n\n{}\nLocal = sampled accesses to a page on the accessing vCPU's node; first/last = first/last quarter of the epochs. Cost = distance-weighted (1.0 = all local). {}\n",
-            self.vms,
-            self.memory_mib,
-            self.passes,
-            self.topology,
+            "locality: {} VMs x {} vCPU x {} MiB (workload {}, sweep passes {}) on the {} fixture, \
+             memory placed `{}` from the vCPUs, seed {}\n\n{}\nLocal = sampled accesses (page-fault \
+             samples, unbiased random pages) to a page on the accessing vCPU's node; first/last = \
+             first/last quarter of the epochs with samples; cost = distance-weighted (1.0 = all \
+             local); time to {} = first epoch from which {} epochs together reach it; pages local \
+             = each VM's pages on its vCPUs' node at the end. {}\n",
+            o.vms,
+            o.vcpus,
+            o.memory_mib,
+            o.workload,
+            o.passes,
+            o.topology,
+            o.placement,
+            self.seed,
             markdown_table_aligned(
                 &[
                     "policy",
+                    "rep",
                     "local (first)",
                     "local (last)",
                     "modelled cost",
+                    &format!("ms to {}", goal_name(o.goal)),
                     "migrated",
                     "replicas",
                     "frozen",
+                    "pages local",
                     "samples",
                     "guest ms"
                 ],
                 1,
                 &rows
             ),
+            goal_name(o.goal),
+            GOAL_WINDOW,
             self.host.describe()
         )
     }
 
-    pub fn plot(&self) -> LinePlot {
-        let mut plot = LinePlot::new(
-            "Local accesses over time, VMs placed badly",
-            "time since start (ms)",
-            "local fraction of sampled accesses",
-        )
-        .reference_line(0.9, "goal 90 %");
-        for r in &self.runs {
-            plot = plot.series(&r.policy, r.local_series.clone());
-        }
-        plot
-    }
-
-    /// Writes locality.json, locality.md and locality.svg into `dir`.
-    pub fn write_outputs(&self, dir: &Path) -> Result<Vec<PathBuf>> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let json = dir.join("locality.json");
-        let md = dir.join("locality.md");
-        let svg = dir.join("locality.svg");
-        std::fs::write(&json, serde_json::to_string_pretty(self)?)?;
-        std::fs::write(
-            &md,
-            format!(
-                "## NUMA locality per policy\n\n{}\n![local fraction over time](locality.svg)\n",
-                self.render_table()
-            ),
-        )?;
-        self.plot().write(&svg)?;
-        Ok(vec![json, md, svg])
+    fn json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
     }
 }

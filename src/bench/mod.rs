@@ -7,7 +7,11 @@
 //!   bare runner in one process run; medians and their ratio;
 //! * [`density`]: create and start many micro-VMs through the monitor's
 //!   memory; VMs per second and host memory per VM beyond guest RAM;
-//! * [`procmem`]: the `/proc` counters the density scenario reads.
+//! * [`procmem`]: the `/proc` counters the density scenario reads;
+//! * [`locality`]: badly placed VMs under each policy, local-access
+//!   fraction and modelled cost over time;
+//! * [`replication`]: VMs on different nodes reading one shared table:
+//!   replicas, their memory cost, the write break.
 //!
 //! Every scenario checks the guests' checksums: a run with a wrong checksum
 //! is an error, never a figure. Results are serde structs (JSON) with a
@@ -23,6 +27,7 @@ pub mod migration;
 pub mod overhead;
 pub mod params;
 pub mod procmem;
+pub mod replication;
 pub mod sharing;
 pub mod suite;
 pub mod svg;

@@ -224,6 +224,16 @@ pub const KINDS: &[Kind] = &[
         about: "page migration between node pools: batched and single-page pages/s against memcpy, guest slowdown",
         prepare: super::migration::prepare,
     },
+    Kind {
+        name: "locality",
+        about: "VMs whose memory starts far from their vCPUs, under each policy: local-access fraction and modelled cost over time, migrations",
+        prepare: super::locality::prepare,
+    },
+    Kind {
+        name: "replication",
+        about: "VMs on different nodes reading one shared table, under each policy: locality over time, replicas, their memory, the write break",
+        prepare: super::replication::prepare,
+    },
 ];
 
 /// A scenario file's text and where it came from.
