@@ -377,8 +377,9 @@ impl Pool {
     /// them (see the module docs): the first warm run of `want` pages, else
     /// the longest warm run if it is at least `min(want, 16)` pages long,
     /// else as [`Pool::alloc_run`] (and a short warm run when nothing else
-    /// is left). Migration uses it for its copy targets.
-    pub fn alloc_run_for_copy(&mut self, want: u32) -> Result<(u32, u32)> {
+    /// is left). Migration uses it for its copy targets. The flag says the
+    /// run is made of warm (resident) pages.
+    pub fn alloc_run_for_copy(&mut self, want: u32) -> Result<(u32, u32, bool)> {
         if want == 0 || self.available() == 0 {
             return Err(self.full_error(want));
         }
@@ -390,9 +391,10 @@ impl Pool {
                 self.warm.remove(&p);
             }
             self.warm_reused += len as u64;
-            return Ok((start, len));
+            return Ok((start, len, true));
         }
-        self.alloc_run(want)
+        let (start, len) = self.alloc_run(want)?;
+        Ok((start, len, false))
     }
 
     /// Returns a page to the pool and its memory to the host.
