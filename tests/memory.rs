@@ -108,7 +108,14 @@ proptest! {
 
     #[test]
     fn mapper_keeps_invariants_and_contents(ops in proptest::collection::vec(op(), 1..60)) {
-        let memory = Memory::new(&[(0, 0, 256), (1, 0, 256)]).unwrap();
+        // Pools exactly as large as all frames together: the never-used
+        // tail runs out, so fresh maps must come from freed pages, warm ones
+        // (migration's old pages, stale content) included; a small warm cap
+        // makes frees beyond it punch. (Plus one page: `move_page` to the
+        // frame's own node still copies.)
+        let pages = (VMS as u64 * FRAMES) as u32 + 1;
+        let memory = Memory::new(&[(0, 0, pages), (1, 0, pages)]).unwrap();
+        memory.set_warm_cap(8 * PAGE_SIZE).unwrap();
         let mut ids: Vec<VmId> = (0..VMS)
             .map(|v| memory.create_space(&format!("vm{v}"), FRAMES, v % NODES).unwrap().0)
             .collect();
@@ -271,4 +278,142 @@ fn a_full_pool_is_a_clear_error_and_leaks_nothing() {
     assert!(msg.contains("pool of node 0 is full"), "{msg}");
     memory.verify().unwrap();
     assert_eq!(memory.pool_stats()[0].used_pages, 12);
+}
+
+/// Reads frame `gfn` through the guest's own host mapping (what a vCPU sees).
+fn guest_view(base: usize, gfn: u64) -> Vec<u8> {
+    // SAFETY: a mapped frame of a live space, no guest running.
+    unsafe { std::slice::from_raw_parts((base + gfn as usize * PAGE_SIZE) as *const u8, PAGE_SIZE) }
+        .to_vec()
+}
+
+fn marker(gfn: u64) -> Vec<u8> {
+    let mut page = vec![0u8; PAGE_SIZE];
+    for (i, chunk) in page.chunks_mut(8).enumerate() {
+        chunk.copy_from_slice(&(0x5741_524d_0000_0000 | (gfn << 16) | i as u64).to_le_bytes());
+    }
+    page
+}
+
+#[test]
+fn warm_pages_never_reach_fresh_guest_ram() {
+    const FRAMES: u64 = 32;
+    // Pool 0 holds exactly one space: once the space has moved away, its
+    // free pages are all warm (stale markers) and there is no untouched
+    // page left, so fresh RAM can only be made of those warm pages.
+    let memory = Memory::new(&[(0, 0, FRAMES as u32), (1, 0, 256)]).unwrap();
+    let (a, base_a) = memory.create_space("a", FRAMES, 0).unwrap();
+    for gfn in 0..FRAMES {
+        memory.write_guest_page(a, gfn, &marker(gfn)).unwrap();
+        assert_eq!(guest_view(base_a, gfn), marker(gfn));
+    }
+    let gfns: Vec<u64> = (0..FRAMES).collect();
+    let report = memory.move_pages(a, &gfns, 1).unwrap();
+    assert_eq!(report.moved.len(), FRAMES as usize, "{report:?}");
+    let pool = &memory.pool_stats()[0];
+    assert_eq!(
+        (pool.used_pages, pool.warm_pages),
+        (0, FRAMES as u32),
+        "the moved-away pages are free and warm: {pool:?}"
+    );
+    assert!(
+        pool.resident_bytes >= FRAMES * PAGE_SIZE as u64,
+        "warm pages are resident (not punched): {pool:?}"
+    );
+    memory.verify().unwrap();
+
+    // Fresh guest RAM on node 0: a whole space, then single frames.
+    let (b, base_b) = memory.create_space("b", FRAMES, 0).unwrap();
+    for gfn in 0..FRAMES {
+        assert!(
+            guest_view(base_b, gfn).iter().all(|&x| x == 0),
+            "fresh frame {gfn} shows stale data through the guest mapping"
+        );
+    }
+    let pool = &memory.pool_stats()[0];
+    assert_eq!(
+        (pool.used_pages, pool.warm_pages),
+        (FRAMES as u32, 0),
+        "{pool:?}"
+    );
+    memory.verify().unwrap();
+
+    // Warm again (b moves away), then frames mapped one by one.
+    for gfn in 0..FRAMES {
+        memory.write_guest_page(b, gfn, &marker(gfn + 100)).unwrap();
+    }
+    memory.move_pages(b, &gfns, 1).unwrap();
+    assert_eq!(memory.pool_stats()[0].warm_pages, FRAMES as u32);
+    let (c, base_c) = memory.create_space("c", FRAMES, 1).unwrap();
+    for gfn in 0..FRAMES {
+        memory.unmap_page(c, gfn).unwrap();
+        memory.map_page(c, gfn, 0).unwrap();
+        assert!(
+            guest_view(base_c, gfn).iter().all(|&x| x == 0),
+            "frame {gfn} mapped fresh shows stale data"
+        );
+    }
+    memory.verify().unwrap();
+    // The data that did move is intact.
+    for gfn in 0..FRAMES {
+        assert_eq!(guest_view(base_a, gfn), marker(gfn));
+        assert_eq!(guest_view(base_b, gfn), marker(gfn + 100));
+    }
+    for vm in [a, b, c] {
+        memory.destroy_space(vm).unwrap();
+    }
+    memory.verify().unwrap();
+}
+
+#[test]
+fn copy_targets_reuse_warm_pages_up_to_the_cap() {
+    const FRAMES: u64 = 48;
+    const CAP: u32 = 16;
+    let memory = Memory::new(&[(0, 0, 256), (1, 0, 256)]).unwrap();
+    memory.set_warm_cap(CAP as usize * PAGE_SIZE).unwrap();
+    let (vm, base) = memory.create_space("a", FRAMES, 0).unwrap();
+    for gfn in 0..FRAMES {
+        memory.write_guest_page(vm, gfn, &marker(gfn)).unwrap();
+    }
+    let gfns: Vec<u64> = (0..FRAMES).collect();
+    memory.move_pages(vm, &gfns, 1).unwrap();
+    let pool = memory.pool_stats()[0].clone();
+    assert_eq!(pool.warm_pages, CAP, "the cap holds: {pool:?}");
+    assert_eq!(
+        pool.resident_bytes,
+        CAP as u64 * PAGE_SIZE as u64,
+        "only the warm pages stay resident, the rest was punched: {pool:?}"
+    );
+    memory.verify().unwrap();
+
+    // Back to node 0: the first CAP targets are the warm pages.
+    let back: Vec<u64> = (0..CAP as u64).collect();
+    let report = memory.move_pages(vm, &back, 0).unwrap();
+    assert_eq!(report.moved.len(), CAP as usize);
+    let pool = memory.pool_stats()[0].clone();
+    assert_eq!(
+        (pool.warm_reused_pages, pool.warm_pages),
+        (CAP as u64, 0),
+        "{pool:?}"
+    );
+    // Single-page migration reuses warm pages too: node 1 got CAP warm
+    // pages from the move back.
+    assert_eq!(memory.pool_stats()[1].warm_pages, CAP);
+    memory.move_page(vm, 0, 1).unwrap();
+    assert_eq!(memory.pool_stats()[1].warm_reused_pages, 1);
+    memory.verify().unwrap();
+    for gfn in 0..FRAMES {
+        assert_eq!(guest_view(base, gfn), marker(gfn), "frame {gfn}");
+    }
+
+    // Lowering the cap and releasing punch warm pages at once.
+    memory.set_warm_cap(4 * PAGE_SIZE).unwrap();
+    assert!(memory.pool_stats().iter().all(|p| p.warm_pages <= 4));
+    memory.verify().unwrap();
+    memory.destroy_space(vm).unwrap();
+    memory.release_warm().unwrap();
+    for p in memory.pool_stats() {
+        assert_eq!((p.warm_pages, p.resident_bytes), (0, 0), "{p:?}");
+    }
+    memory.verify().unwrap();
 }

@@ -122,7 +122,14 @@ fn a_batched_move_keeps_contents_in_one_remap_per_run() {
         (pools[0].used_pages, pools[1].used_pages),
         (0, FRAMES as u32)
     );
-    assert_eq!(pools[0].resident_bytes, 0, "the old pages were punched out");
+    // The old pages were not punched: they stay warm (resident, free) as
+    // copy targets, and only they are resident in pool 0.
+    assert_eq!(pools[0].warm_pages, FRAMES as u32, "{pools:?}");
+    assert_eq!(
+        pools[0].resident_bytes,
+        FRAMES * PAGE_SIZE as u64,
+        "pool 0 holds exactly its warm pages"
+    );
 
     // Back again in pieces with gaps and duplicates: only the named frames move.
     let some: Vec<u64> = (0..FRAMES)
@@ -141,6 +148,12 @@ fn a_batched_move_keeps_contents_in_one_remap_per_run() {
         "{report:?}"
     );
     memory.verify().unwrap();
+    let pools = memory.pool_stats();
+    assert_eq!(
+        pools[0].warm_reused_pages,
+        named.len() as u64,
+        "every copy target of the way back was a warm page: {pools:?}"
+    );
     for gfn in 0..FRAMES {
         let want = if named.contains(&gfn) { 0 } else { 1 };
         assert_eq!(node_of(&memory, vm, gfn), want, "frame {gfn}");

@@ -10,6 +10,16 @@
 //! 2. batched migration: a guest space of `mib` MiB (every page written)
 //!    moved to the other node's pool with one `Memory::move_pages` call, no
 //!    guest running; with the call's own breakdown of where the time went.
+//!    Every repetition builds a new `Memory`, so this move is always the
+//!    **first touch** of the target pool (cold: the kernel allocates every
+//!    target page); only the freeing side gains from warm pages (up to the
+//!    cap, old pages are kept instead of punched).
+//!
+//!    Then warm targets (steady state, "part 2b"): after that move, a window
+//!    of the space as large as the warm cap is moved back and forth between
+//!    the pools, `WARM_PASSES` times; every target is then a warm page
+//!    (freed by the previous pass, still resident), as when the NUMA runner
+//!    moves pages back and forth. Reported apart from the cold figure.
 //! 3. single-page migration: the same, one `Memory::move_page` per frame
 //!    (write-protect, copy, remap, free each page on its own).
 //! 4. batch sizes: the same space moved in calls of each of `batch_pages`
@@ -40,6 +50,9 @@ use crate::guest::{layout, Workload};
 use crate::memory::{Gfn, Memory, MoveTimes};
 use crate::vm::{GuestRam, MicroVm, MicroVmSpec, VcpuPlacement};
 use crate::PAGE_SIZE;
+
+/// Moves of the warm window per repetition (part 2b).
+const WARM_PASSES: usize = 8;
 
 /// Frames per `move_pages` call when no other size is given.
 pub const DEFAULT_BATCH_SIZES: &[u64] = &[1, 8, 64, 512, 4096];
@@ -92,6 +105,15 @@ pub struct MigrationResult {
     pub single_pages_per_s: Stats,
     /// Batched rate / memcpy rate, per repetition.
     pub ratio: Stats,
+    /// Frames of the warm window (part 2b): min(space, warm cap).
+    pub warm_window_pages: u64,
+    /// `move_pages` of the warm window into warm target pages (steady
+    /// state), pages per second.
+    pub warm_pages_per_s: Stats,
+    /// Warm rate / memcpy rate, per repetition.
+    pub warm_ratio: Stats,
+    /// Share of the warm window's targets that really were warm pages.
+    pub warm_hit_share: Stats,
     /// Median batched rate / median memcpy rate.
     pub ratio_to_memcpy: f64,
     /// Batched migration, ns per page by phase.
@@ -195,6 +217,48 @@ fn batched_rate(mib: u64, batch: u64) -> Result<(f64, MoveTimes, u64, f64)> {
     check_moved(&memory, vm, base, frames, 1)?;
     memory.destroy_space(vm)?;
     Ok((frames as f64 / secs, times, pieces, secs * 1e9))
+}
+
+/// Part 2b: moves the whole filled space to node 1 (untimed), then a
+/// window of `min(frames, warm cap)` frames back and forth `WARM_PASSES`
+/// times, each pass one `move_pages` call whose targets are the pages the
+/// previous pass freed (warm). Returns (window, pages/s, warm hit share).
+fn warm_rate(mib: u64) -> Result<(u64, f64, f64)> {
+    let frames = mib * 256;
+    let (memory, vm, base) = filled_space(frames)?;
+    let gfns: Vec<Gfn> = (0..frames).collect();
+    let r = memory.move_pages(vm, &gfns, 1)?;
+    ensure!(
+        r.failed.is_empty(),
+        "cold move failed: {:?}",
+        r.failed.first()
+    );
+    let cap = memory.pool_stats()[0].warm_cap_pages as u64;
+    let window: Vec<Gfn> = (0..frames.min(cap)).collect();
+    let reused_before: u64 = memory
+        .pool_stats()
+        .iter()
+        .map(|p| p.warm_reused_pages)
+        .sum();
+    let t = Instant::now();
+    for pass in 0..WARM_PASSES {
+        let r = memory.move_pages(vm, &window, pass % 2)?;
+        if let Some((gfn, why)) = r.failed.first() {
+            bail!("frame {gfn:#x} did not migrate: {why}");
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let moved = (window.len() * WARM_PASSES) as f64;
+    let reused: u64 = memory
+        .pool_stats()
+        .iter()
+        .map(|p| p.warm_reused_pages)
+        .sum();
+    let hit = (reused - reused_before) as f64 / moved;
+    // WARM_PASSES is even: the window is back on node 1 with the rest.
+    check_moved(&memory, vm, base, frames, 1)?;
+    memory.destroy_space(vm)?;
+    Ok((window.len() as u64, moved / secs, hit))
 }
 
 fn single_rate(mib: u64) -> Result<f64> {
@@ -302,6 +366,8 @@ pub fn run_with(
     let bar = progress_bar(o.reps as u64, o.progress);
     let (mut memcpy, mut batched, mut single) = (Vec::new(), Vec::new(), Vec::new());
     let (mut ratio, mut pieces) = (Vec::new(), Vec::new());
+    let (mut warm, mut warm_ratio, mut warm_hit, mut warm_window) =
+        (Vec::new(), Vec::new(), Vec::new(), 0);
     let mut phases: Vec<[f64; 6]> = Vec::new();
     let mut by_batch: Vec<Vec<f64>> = vec![Vec::new(); batch_sizes.len()];
     let (mut alone, mut moving, mut under, mut slowdown) =
@@ -325,6 +391,11 @@ pub fn run_with(
             per(t.free_ns),
             (total_ns - known as f64).max(0.0) / frames as f64,
         ]);
+        let (window, rate, hit) = warm_rate(o.mib)?;
+        warm_window = window;
+        warm.push(rate);
+        warm_ratio.push(rate / copy);
+        warm_hit.push(hit);
         single.push(single_rate(o.mib)?);
         for (i, &b) in batch_sizes.iter().enumerate() {
             by_batch[i].push(batched_rate(o.mib, b)?.0);
@@ -366,6 +437,10 @@ pub fn run_with(
         migrate_pages_per_s: batched,
         single_pages_per_s: Stats::of(&single),
         ratio: Stats::of(&ratio),
+        warm_window_pages: warm_window,
+        warm_pages_per_s: Stats::of(&warm),
+        warm_ratio: Stats::of(&warm_ratio),
+        warm_hit_share: Stats::of(&warm_hit),
         guest_alone_ms: alone,
         guest_migrating_ms: moving,
         migrate_under_guest_pages_per_s: Stats::of(&under),
@@ -380,14 +455,32 @@ impl MigrationResult {
         let mut rows = vec![
             vec!["memcpy (pages/s)".into(), self.memcpy_pages_per_s.show(0)],
             vec![
-                "move_pages, whole space in one call, no guest (pages/s)".into(),
+                "move_pages, whole space in one call, no guest, cold target pool (pages/s)".into(),
                 self.migrate_pages_per_s.show(0),
             ],
             vec![
                 "move_page, one frame per call, no guest (pages/s)".into(),
                 self.single_pages_per_s.show(0),
             ],
-            vec!["batched / memcpy (goal >= 0.5)".into(), self.ratio.show(3)],
+            vec![
+                "batched (cold) / memcpy (goal >= 0.5)".into(),
+                self.ratio.show(3),
+            ],
+            vec![
+                format!(
+                    "move_pages of a {}-page window into warm target pages, steady state (pages/s)",
+                    self.warm_window_pages
+                ),
+                self.warm_pages_per_s.show(0),
+            ],
+            vec![
+                "batched (warm targets) / memcpy".into(),
+                self.warm_ratio.show(3),
+            ],
+            vec![
+                "share of the warm window's targets that were warm pages".into(),
+                self.warm_hit_share.show(3),
+            ],
             vec![
                 "remaps (pieces) of the batched move".into(),
                 self.pieces.show(0),
@@ -501,6 +594,24 @@ impl ScenarioResult for MigrationResult {
                 self.migrate_pages_per_s.clone(),
             )
             .headline(),
+            Figure::new(
+                "batched migration into warm targets (steady state)",
+                "pages/s",
+                Better::Higher,
+                self.warm_pages_per_s.clone(),
+            ),
+            Figure::new(
+                "batched migration into warm targets / memcpy",
+                "ratio",
+                Better::Higher,
+                self.warm_ratio.clone(),
+            ),
+            Figure::new(
+                "warm share of the warm window's targets",
+                "ratio",
+                Better::Neither,
+                self.warm_hit_share.clone(),
+            ),
             Figure::new(
                 "single-page migration (move_page)",
                 "pages/s",

@@ -146,7 +146,15 @@ pub struct PoolStats {
     pub capacity_pages: u32,
     pub used_pages: u32,
     pub free_pages: u32,
-    /// Host memory the pool really occupies.
+    /// Free pages kept resident (not punched) as future copy targets; they
+    /// count in `free_pages` and in `resident_bytes` (see `pool.rs`).
+    pub warm_pages: u32,
+    /// Most warm pages the pool keeps.
+    pub warm_cap_pages: u32,
+    /// Copy targets (migration, copy-on-write, replicas) served from warm
+    /// pages since the pool was made.
+    pub warm_reused_pages: u64,
+    /// Host memory the pool really occupies: pages in use plus warm pages.
     pub resident_bytes: u64,
 }
 
@@ -606,9 +614,31 @@ impl Memory {
                 capacity_pages: p.capacity(),
                 used_pages: p.used(),
                 free_pages: p.available(),
+                warm_pages: p.warm_pages(),
+                warm_cap_pages: p.warm_cap(),
+                warm_reused_pages: p.warm_reused(),
                 resident_bytes: p.resident_bytes(),
             })
             .collect()
+    }
+
+    /// Sets how much host memory each pool may keep in warm free pages
+    /// (rounded down to pages; 0 turns them off). Warm pages above the new
+    /// cap are punched at once.
+    pub fn set_warm_cap(&self, bytes: usize) -> Result<()> {
+        let pages = (bytes / PAGE_SIZE).min(u32::MAX as usize) as u32;
+        for pool in &mut self.inner.lock().pools {
+            pool.set_warm_cap(pages)?;
+        }
+        Ok(())
+    }
+
+    /// Gives the memory of every warm page back to the host (punches them).
+    pub fn release_warm(&self) -> Result<()> {
+        for pool in &mut self.inner.lock().pools {
+            pool.release_warm()?;
+        }
+        Ok(())
     }
 
     pub fn space_stats(&self, vm: VmId) -> Result<GuestSpaceStats> {
@@ -817,7 +847,9 @@ impl Inner {
     }
 
     /// Gives `(vm, gfn)` a private writable copy of its page on `node`,
-    /// and drops its ownership of the old page.
+    /// and drops its ownership of the old page (kept warm if freed). The
+    /// copy may land in a warm page: `copy_page` overwrites all of it
+    /// before it is mapped.
     pub(super) fn replace_with_copy(
         &mut self,
         vm: VmId,
@@ -828,7 +860,7 @@ impl Inner {
             bail!("frame {gfn:#x} of vm {vm} is not mapped");
         };
         ensure!(node < self.pools.len(), "node {node} does not exist");
-        let index = self.pools[node].alloc(1)?[0];
+        let index = self.pools[node].alloc_for_copy(1)?[0];
         let new = MachinePage {
             node: node as u16,
             index,
@@ -847,7 +879,7 @@ impl Inner {
             }),
         );
         self.memmap.add_owner(new, vm, gfn);
-        self.drop_owner(old.page, vm, gfn)?;
+        self.drop_owner_keep_warm(old.page, vm, gfn)?;
         Ok(new)
     }
 
@@ -973,7 +1005,10 @@ impl Inner {
         times: &mut MoveTimes,
     ) -> Result<usize> {
         let t = Instant::now();
-        let (start, len) = self.pools[node].alloc_run(want.min(u32::MAX as usize) as u32)?;
+        // Copy targets: `copy_to_run` overwrites every page before the
+        // `map_run` below, so warm pages (stale content) are allowed.
+        let (start, len, warm) =
+            self.pools[node].alloc_run_for_copy(want.min(u32::MAX as usize) as u32)?;
         let len = len as usize;
         let olds: Vec<MachinePage> = {
             let pmap = &self.space(vm)?.pmap;
@@ -983,7 +1018,12 @@ impl Inner {
         };
         let t1 = Instant::now();
         times.alloc_ns += (t1 - t).as_nanos() as u64;
-        self.copy_to_run(&olds, node, start)?;
+        if let Err(e) = self.copy_to_run(&olds, node, start, warm) {
+            // Punched on the way back: a partial copy leaves nothing behind.
+            let mut fresh: Vec<u32> = (start..start + len as u32).collect();
+            self.pools[node].free_many(&mut fresh)?;
+            return Err(e);
+        }
         let t2 = Instant::now();
         times.copy_ns += (t2 - t1).as_nanos() as u64;
         let addr = self.space(vm)?.addr(first);
@@ -1019,7 +1059,7 @@ impl Inner {
         }
         for (n, mut pages) in to_free.into_iter().enumerate() {
             if !pages.is_empty() {
-                self.pools[n].free_many(&mut pages)?;
+                self.pools[n].free_many_keep_warm(&mut pages)?;
             }
         }
         for page in freed {
@@ -1034,7 +1074,21 @@ impl Inner {
     /// one pool. The kernel copies page cache to page cache: no page fault
     /// on either pool view and no zeroing of the new pages (a copy through
     /// the views cost two page faults per page, ~8 us here).
-    fn copy_to_run(&self, olds: &[MachinePage], node: NodeId, start: u32) -> Result<()> {
+    ///
+    /// `warm`: the targets are warm pages (resident). Then the copy goes
+    /// through the pool views instead: both ranges are populated with one
+    /// `madvise` each (no page fault per page, no allocation) and copied
+    /// with memcpy.
+    fn copy_to_run(
+        &self,
+        olds: &[MachinePage],
+        node: NodeId,
+        start: u32,
+        warm: bool,
+    ) -> Result<()> {
+        if warm {
+            return self.copy_to_warm_run(olds, node, start);
+        }
         let mut i = 0;
         while i < olds.len() {
             let mut n = 1;
@@ -1069,14 +1123,107 @@ impl Inner {
         Ok(())
     }
 
+    fn copy_to_warm_run(&self, olds: &[MachinePage], node: NodeId, start: u32) -> Result<()> {
+        let populate = |ptr: *mut u8, pages: usize, advice: libc::c_int| {
+            // SAFETY: an in-bounds range of a pool view.
+            let r = unsafe { libc::madvise(ptr as *mut libc::c_void, pages * PAGE_SIZE, advice) };
+            if r != 0 {
+                // Only a speed-up: the copy below faults the pages in.
+                tracing::debug!("populating a pool view: {}", io::Error::last_os_error());
+            }
+        };
+        populate(
+            self.pools[node].page_ptr(start),
+            olds.len(),
+            libc::MADV_POPULATE_WRITE,
+        );
+        let mut i = 0;
+        while i < olds.len() {
+            let mut n = 1;
+            while i + n < olds.len()
+                && olds[i + n].node == olds[i].node
+                && olds[i + n].index == olds[i].index + n as u32
+            {
+                n += 1;
+            }
+            let src = self.pools[olds[i].node()].page_ptr(olds[i].index);
+            populate(src, n, libc::MADV_POPULATE_READ);
+            let dst = self.pools[node].page_ptr(start + i as u32);
+            // SAFETY: in-bounds runs of two pool views; the target run is
+            // freshly allocated, so it cannot overlap the old pages.
+            unsafe { std::ptr::copy_nonoverlapping(src, dst, n * PAGE_SIZE) };
+            i += n;
+        }
+        Ok(())
+    }
+
     /// Removes one owner from a page; frees the page when none is left, and
     /// makes the last owner private again when one is left.
     pub(super) fn drop_owner(&mut self, page: MachinePage, vm: VmId, gfn: Gfn) -> Result<()> {
+        self.drop_owner_with(page, vm, gfn, false)
+    }
+
+    /// `drop_owner` for migration's old pages: a freed page stays warm (a
+    /// future copy target) while its pool has room.
+    pub(super) fn drop_owner_keep_warm(
+        &mut self,
+        page: MachinePage,
+        vm: VmId,
+        gfn: Gfn,
+    ) -> Result<()> {
+        self.drop_owner_with(page, vm, gfn, true)
+    }
+
+    fn drop_owner_with(
+        &mut self,
+        page: MachinePage,
+        vm: VmId,
+        gfn: Gfn,
+        keep_warm: bool,
+    ) -> Result<()> {
         if self.memmap.remove_owner(page, vm, gfn) {
-            self.pools[page.node()].free(page.index)?;
+            let pool = &mut self.pools[page.node()];
+            if keep_warm {
+                pool.free_keep_warm(page.index)?;
+            } else {
+                pool.free(page.index)?;
+            }
             self.after_page_freed(page)
         } else {
             self.after_owner_removed(page)
+        }
+    }
+
+    /// `verify`'s part for warm pages: each pool keeps at most its cap, and
+    /// a warm page is free (nobody owns it, no replica set names it).
+    pub(super) fn verify_warm(&self, errors: &mut Vec<String>) {
+        for pool in &self.pools {
+            if pool.warm_pages() > pool.warm_cap() {
+                errors.push(format!(
+                    "pool of node {}: {} warm pages, above its cap of {}",
+                    pool.node(),
+                    pool.warm_pages(),
+                    pool.warm_cap()
+                ));
+            }
+            for index in pool.warm_list() {
+                let page = MachinePage {
+                    node: pool.node() as u16,
+                    index,
+                };
+                if index >= pool.high_water() {
+                    errors.push(format!("warm page {page} was never allocated"));
+                }
+                if let Some(info) = self.memmap.get(page) {
+                    errors.push(format!(
+                        "warm page {page} is owned by {:?} (stale content mapped)",
+                        info.owners
+                    ));
+                }
+                if self.replicas.contains(page) {
+                    errors.push(format!("warm page {page} is in a replica set"));
+                }
+            }
         }
     }
 

@@ -6,7 +6,35 @@
 //! of the whole pool (bound to the host node with `mbind`) to copy and
 //! compare pages without going through any guest's mapping.
 //!
-//! Free pages are always holes, so a freshly allocated page reads as zeros.
+//! Free pages come in two kinds:
+//!
+//! * **cold** pages are holes (punched, or never touched): they read as
+//!   zeros and cost no host memory;
+//! * **warm** pages were freed without punching, up to a cap per pool
+//!   ([`WARM_CAP_BYTES`] by default): still resident, **still holding the
+//!   data of whoever used them last**. They exist so that migration can copy
+//!   into a page the kernel already has instead of making it allocate a
+//!   fresh shmem page (and punch the old one) for every page moved.
+//!
+//! Safety rule: no guest ever sees another guest's (or its own freed) data.
+//! So the allocators are split by what the caller does with the pages:
+//!
+//! * [`Pool::alloc`] / [`Pool::alloc_run`] hand out **zeroed** pages: cold
+//!   ones or never-used ones. When only warm pages are left they punch them
+//!   first, so the pages really read as zeros. Fresh guest RAM and anything
+//!   mapped without data (`holds_data = false`) comes from these.
+//! * [`Pool::alloc_for_copy`] / [`Pool::alloc_run_for_copy`] may hand out
+//!   warm pages. Only a caller that overwrites **every byte** of each page
+//!   before any guest can map it may use them: migration copies
+//!   (`move_pages`, `move_page`, `replace_with_copy`), copy-on-write break
+//!   copies (through `replace_with_copy`), replica copies and shared-page
+//!   moves, all of which copy a whole page in before mapping it.
+//!
+//! Which free becomes warm is the caller's choice too: [`Pool::free_many`]
+//! punches every page (tearing down, unmapping, merging: the host gets the
+//! memory back at once, so memory-saving figures stay exact), while
+//! [`Pool::free_many_keep_warm`] (migration's old pages) keeps pages warm
+//! while there is room under the cap and punches the rest.
 
 use std::collections::BTreeSet;
 use std::ffi::CString;
@@ -23,6 +51,17 @@ use crate::PAGE_SIZE;
 /// (tests run many), so `/proc/self/maps` names stay unique.
 static POOL_GENERATION: AtomicU64 = AtomicU64::new(0);
 
+/// Host memory a pool may keep in warm free pages by default (16 MiB, 4096
+/// pages): enough for the copy targets of a NUMA epoch's migrations or of a
+/// `move_pages` call of several MiB, small against guest RAM. Memory held
+/// this way shows in `resident_bytes` (see `PoolStats::warm_pages`).
+pub const WARM_CAP_BYTES: usize = 16 << 20;
+
+/// A warm run shorter than this (and shorter than what was asked for) is
+/// not worth a piece of its own: a copy takes a cold run instead, so a
+/// fragmented warm set does not split a migration into many remaps.
+const WARM_MIN_RUN: u32 = 16;
+
 pub struct Pool {
     node: NodeId,
     host_node: u32,
@@ -31,9 +70,16 @@ pub struct Pool {
     capacity: u32,
     /// The monitor's own mapping of the whole memfd.
     view: *mut u8,
-    /// Pages below `next` that are free (holes). Pages at or above `next`
-    /// have never been handed out.
-    free: BTreeSet<u32>,
+    /// Pages below `next` that are free holes (read as zeros). Pages at or
+    /// above `next` have never been handed out.
+    cold: BTreeSet<u32>,
+    /// Pages below `next` that are free but resident with stale content
+    /// (never handed to a zeroed allocation; see the module docs).
+    warm: BTreeSet<u32>,
+    /// Most pages `warm` may hold.
+    warm_cap: u32,
+    /// Pages handed out from `warm` to copy allocations, ever.
+    warm_reused: u64,
     next: u32,
 }
 
@@ -91,7 +137,10 @@ impl Pool {
             inode: st.st_ino,
             capacity: capacity_pages,
             view: view as *mut u8,
-            free: BTreeSet::new(),
+            cold: BTreeSet::new(),
+            warm: BTreeSet::new(),
+            warm_cap: (WARM_CAP_BYTES / PAGE_SIZE) as u32,
+            warm_reused: 0,
             next: 0,
         })
     }
@@ -114,7 +163,7 @@ impl Pool {
     }
     /// Pages currently handed out.
     pub fn used(&self) -> u32 {
-        self.next - self.free.len() as u32
+        self.next - self.cold.len() as u32 - self.warm.len() as u32
     }
     /// Pages that can still be handed out.
     pub fn available(&self) -> u32 {
@@ -125,62 +174,147 @@ impl Pool {
         self.next
     }
     pub fn is_free(&self, index: u32) -> bool {
-        index >= self.next || self.free.contains(&index)
+        index >= self.next || self.cold.contains(&index) || self.warm.contains(&index)
     }
+    /// Free pages below the high-water mark, cold and warm, ascending.
     pub fn free_list(&self) -> impl Iterator<Item = u32> + '_ {
-        self.free.iter().copied()
+        self.cold.union(&self.warm).copied()
+    }
+    /// Free pages that still hold stale content (resident, not punched).
+    pub fn warm_pages(&self) -> u32 {
+        self.warm.len() as u32
+    }
+    pub fn warm_list(&self) -> impl Iterator<Item = u32> + '_ {
+        self.warm.iter().copied()
+    }
+    pub fn is_warm(&self, index: u32) -> bool {
+        self.warm.contains(&index)
+    }
+    /// Most warm pages the pool keeps.
+    pub fn warm_cap(&self) -> u32 {
+        self.warm_cap
+    }
+    /// Pages copy allocations took from the warm set, ever.
+    pub fn warm_reused(&self) -> u64 {
+        self.warm_reused
+    }
+
+    /// Sets the warm cap (0 turns warm pages off); warm pages above the
+    /// new cap are punched at once.
+    pub fn set_warm_cap(&mut self, pages: u32) -> Result<()> {
+        self.warm_cap = pages;
+        let excess = self.warm.len().saturating_sub(pages as usize);
+        if excess > 0 {
+            let pages: Vec<u32> = self.warm.iter().rev().take(excess).copied().collect();
+            self.cool(&pages)?;
+        }
+        Ok(())
+    }
+
+    /// Punches every warm page (they become cold holes).
+    pub fn release_warm(&mut self) -> Result<()> {
+        let pages: Vec<u32> = self.warm.iter().copied().collect();
+        self.cool(&pages)
+    }
+
+    /// Punches warm `pages` (any order) and moves them to the cold set.
+    fn cool(&mut self, pages: &[u32]) -> Result<()> {
+        let mut sorted = pages.to_vec();
+        sorted.sort_unstable();
+        self.punch_runs(&sorted)?;
+        for p in sorted {
+            self.warm.remove(&p);
+            self.cold.insert(p);
+        }
+        Ok(())
+    }
+
+    /// Punches one hole per run of consecutive pages of `sorted`.
+    fn punch_runs(&self, sorted: &[u32]) -> Result<()> {
+        let mut i = 0;
+        while i < sorted.len() {
+            let mut run = 1;
+            while i + run < sorted.len() && sorted[i + run] == sorted[i] + run as u32 {
+                run += 1;
+            }
+            self.punch(sorted[i], run as u32)?;
+            i += run;
+        }
+        Ok(())
+    }
+
+    fn full_error(&self, count: u32) -> anyhow::Error {
+        anyhow::anyhow!(
+            "memory pool of node {} is full: {} pages requested, {} of {} available",
+            self.node,
+            count,
+            self.available(),
+            self.capacity
+        )
     }
 
     /// Allocates `count` zeroed pages, preferring one contiguous run (which
     /// keeps the guest's host mapping in few VMAs). Returns page indices in
-    /// ascending order.
+    /// ascending order. Never hands out a warm page unpunched: cold pages
+    /// first, then never-used ones, then warm ones punched here.
     pub fn alloc(&mut self, count: u32) -> Result<Vec<u32>> {
         if count > self.available() {
-            bail!(
-                "memory pool of node {} is full: {} pages requested, {} of {} available",
-                self.node,
-                count,
-                self.available(),
-                self.capacity
-            );
+            return Err(self.full_error(count));
         }
         let mut pages = Vec::with_capacity(count as usize);
         // Recycle freed pages first so the pool stays compact, then extend.
         while pages.len() < count as usize {
-            match self.free.pop_first() {
+            match self.cold.pop_first() {
                 Some(p) => pages.push(p),
                 None => break,
             }
         }
-        while pages.len() < count as usize {
+        while pages.len() < count as usize && self.next < self.capacity {
             pages.push(self.next);
             self.next += 1;
+        }
+        let short = count as usize - pages.len();
+        if short > 0 {
+            let warm: Vec<u32> = self.warm.iter().take(short).copied().collect();
+            self.cool(&warm)?;
+            for p in warm {
+                self.cold.remove(&p);
+                pages.push(p);
+            }
         }
         pages.sort_unstable();
         Ok(pages)
     }
 
-    /// Allocates one run of consecutive zeroed pages, at most `want` long
-    /// and as long as the pool allows: the first free run of `want` pages,
-    /// else `want` fresh pages past the high-water mark, else the longest
-    /// run there is (the caller asks again for the rest). Returns the first
-    /// page and the length (at least 1). Migration uses it so that a run of
-    /// frames is one mapping of one pool range.
-    pub fn alloc_run(&mut self, want: u32) -> Result<(u32, u32)> {
-        if want == 0 || self.available() == 0 {
-            bail!(
-                "memory pool of node {} is full: {} pages requested, {} of {} available",
-                self.node,
-                want,
-                self.available(),
-                self.capacity
-            );
+    /// Allocates `count` pages whose every byte the caller overwrites before
+    /// any guest can map them (see the module docs): warm pages first, then
+    /// as [`Pool::alloc`]. Ascending order.
+    pub fn alloc_for_copy(&mut self, count: u32) -> Result<Vec<u32>> {
+        if count > self.available() {
+            return Err(self.full_error(count));
         }
-        // Free runs below the high-water mark, first fit; remember the
-        // longest in case none is long enough.
+        let mut pages = Vec::with_capacity(count as usize);
+        while pages.len() < count as usize {
+            match self.warm.pop_first() {
+                Some(p) => pages.push(p),
+                None => break,
+            }
+        }
+        self.warm_reused += pages.len() as u64;
+        let rest = count - pages.len() as u32;
+        if rest > 0 {
+            pages.extend(self.alloc(rest)?);
+        }
+        pages.sort_unstable();
+        Ok(pages)
+    }
+
+    /// First run of `want` consecutive pages of `set`, else its longest
+    /// run; and the last run seen (it may end at the high-water mark).
+    fn find_run(set: &BTreeSet<u32>, want: u32) -> ((u32, u32), Option<(u32, u32)>) {
         let mut best = (0u32, 0u32);
         let mut run: Option<(u32, u32)> = None;
-        for &p in &self.free {
+        for &p in set {
             run = match run {
                 Some((start, len)) if start + len == p => Some((start, len + 1)),
                 _ => Some((p, 1)),
@@ -193,6 +327,28 @@ impl Pool {
                 break;
             }
         }
+        (best, run)
+    }
+
+    /// Allocates one run of consecutive zeroed pages, at most `want` long
+    /// and as long as the pool allows: the first free cold run of `want`
+    /// pages, else `want` fresh pages past the high-water mark, else the
+    /// longest run there is (the caller asks again for the rest). Returns
+    /// the first page and the length (at least 1). When only warm pages are
+    /// left, a run of them is punched first (never handed out with stale
+    /// content).
+    pub fn alloc_run(&mut self, want: u32) -> Result<(u32, u32)> {
+        if want == 0 || self.available() == 0 {
+            return Err(self.full_error(want));
+        }
+        if self.cold.is_empty() && self.next == self.capacity {
+            let ((start, len), _) = Self::find_run(&self.warm, want);
+            let pages: Vec<u32> = (start..start + len.min(want)).collect();
+            self.cool(&pages)?;
+        }
+        // Free runs below the high-water mark, first fit; remember the
+        // longest in case none is long enough.
+        let (best, run) = Self::find_run(&self.cold, want);
         // A free run that ends at the high-water mark continues into the
         // never-used pages above it.
         let tail = self.capacity - self.next;
@@ -210,10 +366,35 @@ impl Pool {
             if p >= self.next {
                 self.next = p + 1;
             } else {
-                self.free.remove(&p);
+                self.cold.remove(&p);
             }
         }
         Ok((start, len))
+    }
+
+    /// Allocates one run of consecutive pages, at most `want` long, for a
+    /// caller that overwrites every byte of them before any guest can map
+    /// them (see the module docs): the first warm run of `want` pages, else
+    /// the longest warm run if it is at least `min(want, 16)` pages long,
+    /// else as [`Pool::alloc_run`] (and a short warm run when nothing else
+    /// is left). Migration uses it for its copy targets. The flag says the
+    /// run is made of warm (resident) pages.
+    pub fn alloc_run_for_copy(&mut self, want: u32) -> Result<(u32, u32, bool)> {
+        if want == 0 || self.available() == 0 {
+            return Err(self.full_error(want));
+        }
+        let ((start, len), _) = Self::find_run(&self.warm, want);
+        let only_warm_left = self.cold.is_empty() && self.next == self.capacity;
+        if len > 0 && (len >= want.min(WARM_MIN_RUN) || only_warm_left) {
+            let len = len.min(want);
+            for p in start..start + len {
+                self.warm.remove(&p);
+            }
+            self.warm_reused += len as u64;
+            return Ok((start, len, true));
+        }
+        let (start, len) = self.alloc_run(want)?;
+        Ok((start, len, false))
     }
 
     /// Returns a page to the pool and its memory to the host.
@@ -224,6 +405,33 @@ impl Pool {
     /// Returns pages to the pool, punching one hole per run of consecutive
     /// pages (tearing down a VM frees whole runs at once).
     pub fn free_many(&mut self, indices: &mut [u32]) -> Result<()> {
+        self.check_free(indices)?;
+        self.punch_runs(indices)?;
+        self.cold.extend(indices.iter().copied());
+        Ok(())
+    }
+
+    /// Like [`Pool::free`], keeping the page warm if there is room.
+    pub fn free_keep_warm(&mut self, index: u32) -> Result<()> {
+        self.free_many_keep_warm(&mut [index])
+    }
+
+    /// Returns pages to the pool, keeping as many as the warm cap leaves
+    /// room for resident and unpunched (warm, for later copy targets), and
+    /// punching the rest as [`Pool::free_many`] does.
+    pub fn free_many_keep_warm(&mut self, indices: &mut [u32]) -> Result<()> {
+        self.check_free(indices)?;
+        let room = (self.warm_cap as usize).saturating_sub(self.warm.len());
+        let keep = room.min(indices.len());
+        let (warm, punched) = indices.split_at(keep);
+        self.punch_runs(punched)?;
+        self.cold.extend(punched.iter().copied());
+        self.warm.extend(warm.iter().copied());
+        Ok(())
+    }
+
+    /// Sorts `indices` and refuses double frees.
+    fn check_free(&self, indices: &mut [u32]) -> Result<()> {
         indices.sort_unstable();
         for w in indices.windows(2) {
             if w[0] == w[1] {
@@ -233,16 +441,9 @@ impl Pool {
         if let Some(&index) = indices.iter().find(|&&i| self.is_free(i)) {
             bail!("double free of machine page n{}:{index:#x}", self.node);
         }
-        let mut i = 0;
-        while i < indices.len() {
-            let mut run = 1;
-            while i + run < indices.len() && indices[i + run] == indices[i] + run as u32 {
-                run += 1;
-            }
-            self.punch(indices[i], run as u32)?;
-            i += run;
+        if let Some(&index) = indices.iter().find(|&&i| i >= self.capacity) {
+            bail!("machine page n{}:{index:#x} is outside the pool", self.node);
         }
-        self.free.extend(indices.iter().copied());
         Ok(())
     }
 
@@ -271,7 +472,8 @@ impl Pool {
         unsafe { self.view.add(index as usize * PAGE_SIZE) }
     }
 
-    /// Host memory the pool really holds (resident pages of the memfd), in bytes.
+    /// Host memory the pool really holds (resident pages of the memfd), in
+    /// bytes: pages in use and warm free pages.
     pub fn resident_bytes(&self) -> u64 {
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: valid fd, valid out pointer.

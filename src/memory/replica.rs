@@ -205,7 +205,8 @@ impl Memory {
             if movers.is_empty() {
                 continue;
             }
-            let index = inner.pools[node].alloc(1)?[0];
+            // A copy target: `copy_page` fills it before anyone maps it.
+            let index = inner.pools[node].alloc_for_copy(1)?[0];
             let copy = MachinePage {
                 node: node as u16,
                 index,
@@ -337,7 +338,8 @@ impl super::mapper::Inner {
             .get(page)
             .map(|i| i.owners.clone())
             .unwrap_or_default();
-        let index = self.pools[node].alloc(1)?[0];
+        // A copy target: `copy_page` fills it before anyone maps it.
+        let index = self.pools[node].alloc_for_copy(1)?[0];
         let new = MachinePage {
             node: node as u16,
             index,
@@ -348,7 +350,7 @@ impl super::mapper::Inner {
             match self.remap_paused(v, g, new) {
                 Ok(true) => {
                     moved += 1;
-                    self.drop_owner(page, v, g)?;
+                    self.drop_owner_keep_warm(page, v, g)?;
                 }
                 Ok(false) => {}
                 Err(e) if moved > 0 => return Err(e),
@@ -379,6 +381,9 @@ impl super::mapper::Inner {
 
     /// `verify`'s part for replica sets.
     pub(super) fn verify_replicas(&self, errors: &mut Vec<String>) {
+        // Warm pages are checked here too: `verify` calls this hook after
+        // its own pool checks.
+        self.verify_warm(errors);
         for (set, pages) in self.replicas.sets() {
             if pages.len() < 2 {
                 errors.push(format!("replica set {set} has {} page(s)", pages.len()));
