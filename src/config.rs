@@ -125,8 +125,8 @@ pub struct NumaPolicy {
     pub freeze_window_epochs: u64,
     /// How long a frozen page is left alone, in epochs.
     pub freeze_epochs: u64,
-    /// A replicated page with no sample for this many epochs keeps only
-    /// its best copy (the others are freed).
+    /// A replica on a node that has not sampled its page for this many
+    /// epochs is freed (at least the best copy stays).
     pub replica_idle_epochs: u64,
     /// Page-fault sampling: guest pages zapped per VM per sampling round
     /// (half re-checks of pages last seen remote, half fresh random pages).

@@ -339,3 +339,56 @@ workload = {{ kind = "counters", counters = 4096, increments = 200000000 }}
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn four_vms_reading_one_shared_table_get_replicas_with_real_sampling() {
+    if !require_kvm("four_vms_reading_one_shared_table_get_replicas_with_real_sampling") {
+        return;
+    }
+    // As above, but the engine learns who reads what from real page-fault
+    // samples. Sampling is sparse (a VM samples 64 of its 1024 frames per
+    // round), so the test asks for most of the table, not all of it; and a
+    // replica must not be dropped for a dip in sparse counts (which would
+    // make it again and end in freezes).
+    const TABLE: u64 = 32;
+    let mut config = String::from(
+        r#"
+policy = "replicate-only"
+[host]
+topology = "4-node"
+"#,
+    );
+    for vm in 0..4 {
+        config += &format!(
+            "[[vm]]\nname = \"reader{vm}\"\nnode = {vm}\nmemory_node = 0\nmemory_mib = 4\n\
+             workload = {{ kind = \"table_scan\", seed = 17, table_pages = {TABLE}, lookups = 600000000 }}\n"
+        );
+    }
+    let report = run_config(&config);
+    let numa = report.numa.as_ref().unwrap();
+    assert!(
+        numa.source.contains("page-level samples"),
+        "{}",
+        numa.source
+    );
+    assert_eq!(numa.replication_failures, 0, "{numa:?}");
+    assert!(
+        report.replicas.sets >= TABLE * 3 / 4,
+        "most table pages should have replicas: {:?}\n{}",
+        report.replicas,
+        report.render_text()
+    );
+    for (v, vm) in report.vms.iter().enumerate().skip(1) {
+        assert!(
+            vm.pages_per_node[v] >= TABLE * 5 / 8,
+            "{} should map its node's replica of most table pages: {:?}\n{}",
+            vm.name,
+            vm.pages_per_node,
+            report.render_text()
+        );
+    }
+    assert!(
+        numa.freezes <= TABLE / 8,
+        "replicas should not churn into freezes: {numa:?}"
+    );
+}

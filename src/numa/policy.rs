@@ -25,11 +25,17 @@
 //! 1. **Frozen** pages get no decision until their freeze ends.
 //! 2. **Replicated** pages (several copies): when the page is written, the
 //!    replicas collapse to one copy (`Collapse`, keeping the copy its
-//!    heaviest user has); otherwise, while the page is hot (enough samples
-//!    to judge), copies on nodes that no longer use it are dropped
-//!    (`Collapse` keeping the used ones; at least one), and a page that has
-//!    had no sample for `replica_idle_epochs` keeps only its best copy. If
-//!    every copy is used and the page is hot, nodes that now use it get a
+//!    heaviest user has); otherwise the copy on a node that has not sampled
+//!    the page for `replica_idle_epochs` (and does not use it) is dropped
+//!    (`Collapse` keeping the others; at least the best one); a replication
+//!    counts as a sample by every node, so every copy starts with that much
+//!    grace. Counts cannot
+//!    say sooner that a node stopped reading: page samples are sparse (a
+//!    VM samples a few dozen pages per round), so a reader's count dips
+//!    below `reader_threshold` now and then while it still reads, and a
+//!    replica dropped on such a dip is made again, then frozen (measured:
+//!    a 4-VM shared-table run froze 87 of 128 pages that way). If every
+//!    copy is kept and the page is hot, nodes that now use it get a
 //!    replica too (`Replicate`).
 //! 3. A page is **hot** when `T >= hot_threshold`; cold pages stay put.
 //! 4. **Write-shared** pages (two or more nodes write them) are left
@@ -235,8 +241,8 @@ struct PageState {
     frozen_until: u64,
     /// Last seen with several copies (kept tracked until collapsed).
     replicated: bool,
-    /// Epoch of the page's latest sample.
-    last_seen: u64,
+    /// Per node, the epoch of its latest sample of the page.
+    last_seen_by: Vec<Option<u64>>,
 }
 
 impl PageState {
@@ -249,7 +255,7 @@ impl PageState {
             moves: VecDeque::new(),
             frozen_until: 0,
             replicated: false,
-            last_seen: 0,
+            last_seen_by: vec![None; nodes],
         }
     }
 }
@@ -266,8 +272,9 @@ struct View {
     copies: Vec<usize>,
     home: usize,
     shared: bool,
-    /// Epochs since any member of the group was last sampled.
-    idle_epochs: u64,
+    /// Per node, epochs since it last sampled any member (`u64::MAX`:
+    /// never).
+    node_idle: Vec<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -358,7 +365,7 @@ impl PolicyEngine {
                 .pages
                 .entry((s.vm, s.gfn))
                 .or_insert_with(|| PageState::new(nodes));
-            st.last_seen = self.epoch;
+            st.last_seen_by[s.node] = Some(self.epoch);
             if s.write {
                 st.counts.writes[s.node] += 1.0;
             } else {
@@ -493,11 +500,21 @@ impl PolicyEngine {
                 Decision::Collapse { keep, .. } => Some(keep.len() > 1),
                 _ => None,
             };
+            let fresh_replicas = matches!(decision, Decision::Replicate { .. });
             for k in &c.members {
                 let st = self.pages.get_mut(k).expect("tracked");
                 st.moves.push_back(epoch);
                 if let Some(r) = replicated_after {
                     st.replicated = r;
+                }
+                if fresh_replicas {
+                    // Every copy gets `replica_idle_epochs` of grace: the
+                    // node of the original copy, read locally, may not have
+                    // sampled the page yet (samples are sparse), and must
+                    // not lose its copy for that at once.
+                    for seen in st.last_seen_by.iter_mut() {
+                        *seen = Some(epoch);
+                    }
                 }
             }
             decisions.push((c.heat, c.rep, decision));
@@ -540,9 +557,11 @@ impl PolicyEngine {
         let mut writes = vec![0.0; n];
         let mut copies = BTreeSet::new();
         let mut shared = members.len() > 1;
-        let mut last_seen = 0;
+        let mut last_seen_by: Vec<Option<u64>> = vec![None; n];
         for (key, loc) in members {
-            last_seen = last_seen.max(self.pages[key].last_seen);
+            for (mine, theirs) in last_seen_by.iter_mut().zip(&self.pages[key].last_seen_by) {
+                *mine = (*mine).max(*theirs);
+            }
             let c = &self.pages[key].counts;
             for i in 0..n {
                 reads[i] += c.reads[i];
@@ -563,7 +582,10 @@ impl PolicyEngine {
             copies: copies.into_iter().collect(),
             home: members[0].1.node,
             shared,
-            idle_epochs: self.epoch.saturating_sub(last_seen),
+            node_idle: last_seen_by
+                .iter()
+                .map(|e| e.map_or(u64::MAX, |e| self.epoch.saturating_sub(e)))
+                .collect(),
         }
     }
 
@@ -603,28 +625,17 @@ impl PolicyEngine {
                 .expect("several copies");
             let keep: Vec<usize> = if v.written {
                 vec![best]
-            } else if !hot {
-                // Too few samples to say which node stopped reading (sampled
-                // counts are sparse, and a replica dropped for lack of
-                // samples would only be made again, then frozen): keep every
-                // copy until the page has gone unsampled for
-                // `replica_idle_epochs`, then keep the best one.
-                if v.idle_epochs >= p.replica_idle_epochs {
-                    vec![best]
-                } else {
-                    v.copies.clone()
-                }
             } else {
-                let used: Vec<usize> = v
+                let kept: Vec<usize> = v
                     .copies
                     .iter()
                     .copied()
-                    .filter(|c| users.contains(c))
+                    .filter(|&c| users.contains(&c) || v.node_idle[c] < p.replica_idle_epochs)
                     .collect();
-                if used.is_empty() {
+                if kept.is_empty() {
                     vec![best]
                 } else {
-                    used
+                    kept
                 }
             };
             if keep != v.copies {

@@ -191,7 +191,8 @@ impl Rng {
 struct ZapPlan {
     sampler: Arc<PageSampler>,
     rng: Rng,
-    /// Pages to re-check next round (touched from a remote node).
+    /// Pages to re-check next round (touched from a remote node, or
+    /// replicated).
     recheck: BTreeSet<(VmId, u64)>,
     /// Fresh random pages zapped this epoch: their samples are unbiased.
     explored: HashSet<(VmId, u64)>,
@@ -417,12 +418,17 @@ impl Worker {
                 match (&mut feed, plan.as_mut()) {
                     (Feed::Sampler(_), Some(plan)) => {
                         plan.sampler.drain(&mut round_samples);
+                        // Re-check pages touched from a remote node (to see
+                        // whether they should move) and replicated pages (a
+                        // replica's reader must keep showing up, or the
+                        // engine would think it stopped reading, collapse
+                        // the replica, make it again and freeze the page).
                         for s in &round_samples {
-                            let remote = self
+                            let recheck = self
                                 .memory
                                 .frame_location(s.vm, s.gfn)
-                                .is_some_and(|l| l.page.node() != s.node);
-                            if remote {
+                                .is_some_and(|l| l.page.node() != s.node || l.copies.len() > 1);
+                            if recheck {
                                 plan.recheck.insert((s.vm, s.gfn));
                             }
                         }
