@@ -240,6 +240,7 @@ fn locality_and_migration_benches_produce_finite_figures_and_a_plot() {
         mib: 4,
         reps: 1,
         passes: 30,
+        guest_move_rate: migration::DEFAULT_GUEST_MOVE_RATE,
         progress: false,
     })
     .expect("migration bench runs");
