@@ -12,36 +12,46 @@ use disco::memory::Memory;
 use disco::vm::{GuestRam, MicroVm, MicroVmSpec, VcpuPlacement};
 use disco::PAGE_SIZE;
 
-#[test]
-fn pages_migrate_under_running_writers_without_losing_a_write() {
-    if !require_kvm("pages_migrate_under_running_writers_without_losing_a_write") {
-        return;
-    }
-    const FRAMES: u64 = 2048; // 8 MiB
-    let kvm = kvm_ioctls::Kvm::new().unwrap();
+/// Guest frames of the sweep guests below (8 MiB).
+const FRAMES: u64 = 2048;
+
+/// A memory with two node pools and a running fault handler, and a started
+/// 2-vCPU sweep guest (`seed`, 400 passes) in an 8 MiB space on node 0.
+fn start_sweeper(
+    kvm: &kvm_ioctls::Kvm,
+    name: &str,
+    seed: u64,
+) -> (Arc<Memory>, FaultHandler, disco::memory::VmId, MicroVm) {
     let memory = Arc::new(Memory::new(&[(0, 0, 8192), (1, 0, 8192)]).unwrap());
-    let _handler = FaultHandler::start(memory.clone()).unwrap();
-    let (vm, base) = memory.create_space("mover", FRAMES, 0).unwrap();
+    let handler = FaultHandler::start(memory.clone()).unwrap();
+    let (vm, base) = memory.create_space(name, FRAMES, 0).unwrap();
     let spec = MicroVmSpec {
-        name: "mover".into(),
+        name: name.into(),
         vcpus: (0..2)
             .map(|_| VcpuPlacement {
                 node: 1,
                 host_cpus: vec![],
             })
             .collect(),
-        workload: Workload::Sweep {
-            seed: 5,
-            passes: 400,
-        },
+        workload: Workload::Sweep { seed, passes: 400 },
         time_limit: Duration::from_secs(120),
     };
     let ram = GuestRam {
         host_addr: base,
         size: FRAMES as usize * PAGE_SIZE,
     };
-    let mut guest = MicroVm::create(&kvm, spec, ram).unwrap();
+    let mut guest = MicroVm::create(kvm, spec, ram).unwrap();
     guest.start().unwrap();
+    (memory, handler, vm, guest)
+}
+
+#[test]
+fn pages_migrate_under_running_writers_without_losing_a_write() {
+    if !require_kvm("pages_migrate_under_running_writers_without_losing_a_write") {
+        return;
+    }
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let (memory, _handler, vm, guest) = start_sweeper(&kvm, "mover", 5);
     let first_data = layout::DATA_ADDR / layout::PAGE;
     let mut moved = 0u64;
     let mut gfn = first_data;
@@ -296,31 +306,8 @@ fn batches_of_pages_migrate_under_running_writers_without_losing_a_write() {
     if !require_kvm("batches_of_pages_migrate_under_running_writers_without_losing_a_write") {
         return;
     }
-    const FRAMES: u64 = 2048; // 8 MiB
     let kvm = kvm_ioctls::Kvm::new().unwrap();
-    let memory = Arc::new(Memory::new(&[(0, 0, 8192), (1, 0, 8192)]).unwrap());
-    let _handler = FaultHandler::start(memory.clone()).unwrap();
-    let (vm, base) = memory.create_space("batch-mover", FRAMES, 0).unwrap();
-    let spec = MicroVmSpec {
-        name: "batch-mover".into(),
-        vcpus: (0..2)
-            .map(|_| VcpuPlacement {
-                node: 1,
-                host_cpus: vec![],
-            })
-            .collect(),
-        workload: Workload::Sweep {
-            seed: 9,
-            passes: 400,
-        },
-        time_limit: Duration::from_secs(120),
-    };
-    let ram = GuestRam {
-        host_addr: base,
-        size: FRAMES as usize * PAGE_SIZE,
-    };
-    let mut guest = MicroVm::create(&kvm, spec, ram).unwrap();
-    guest.start().unwrap();
+    let (memory, _handler, vm, guest) = start_sweeper(&kvm, "batch-mover", 9);
     let first_data = layout::DATA_ADDR / layout::PAGE;
     let (mut moved, mut batches) = (0u64, 0u64);
     let mut gfn = first_data;
