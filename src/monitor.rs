@@ -414,9 +414,11 @@ pub fn run_with_control(
     }
     let numa_stats = numa_runner.map(NumaRunner::stop);
     // Let the scanner see the guests' final memory: two more full passes
-    // (the first may have started before the guests' last writes).
+    // (the first may have started before the guests' last writes). Nothing
+    // writes any more, so pages that were volatile need not prove it.
     let scan_stats = scanner.map(|scanner| {
         bar.set_message("guests done; sharing scanner finishing its passes");
+        scanner.guests_quiescent();
         let target = scanner.stats().full_scans + 2;
         let deadline = Instant::now() + SETTLE_LIMIT;
         while scanner.stats().full_scans < target && Instant::now() < deadline {

@@ -36,7 +36,9 @@
 //! every further break up to 64. The doubling is for guests that write in
 //! bursts: on a busy host a vCPU can sit descheduled for longer than a pass
 //! (a pass over a few small VMs takes milliseconds), and one stable pass
-//! then says little.
+//! then says little. Once every guest has stopped
+//! ([`Scanner::guests_quiescent`]) nothing can break a merge any more, and
+//! volatile frames are merged on sight again.
 //!
 //! ## Rate
 //! `pages_per_second` pages are hashed per second, host-wide, in ticks of
@@ -116,6 +118,8 @@ pub struct ScanState {
     /// How often each frame was found broken after a merge.
     breaks: HashMap<(VmId, Gfn), u32>,
     domains: Vec<String>,
+    /// No guest writes any more: skip the volatile-page wait.
+    pub quiescent: bool,
     /// Position: index into the current list of spaces, and frame.
     space_index: usize,
     gfn: Gfn,
@@ -131,6 +135,7 @@ impl ScanState {
             merged: Default::default(),
             unstable: HashMap::new(),
             breaks: HashMap::new(),
+            quiescent: false,
             domains: Vec::new(),
             space_index: 0,
             gfn: 0,
@@ -200,7 +205,7 @@ impl ScanState {
         // merged only when it is still zero one pass later, as KSM does for
         // every page; non-zero duplicates are merged on first sight.
         let frame = (vm, gfn);
-        if !scan.shared {
+        if !scan.shared && !self.quiescent {
             if self.merged.remove(&frame) {
                 // Merged before, private now: a write broke it.
                 let breaks = self.breaks.entry(frame).or_default();
@@ -285,6 +290,7 @@ impl ScanState {
 /// The scanner thread.
 pub struct Scanner {
     stop: Arc<AtomicBool>,
+    quiescent: Arc<AtomicBool>,
     state: Arc<Mutex<ScannerStats>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -306,8 +312,10 @@ fn thread_cpu_ms() -> f64 {
 impl Scanner {
     pub fn start(memory: Arc<Memory>, config: ScannerConfig) -> std::io::Result<Scanner> {
         let stop = Arc::new(AtomicBool::new(false));
+        let quiescent = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Mutex::new(ScannerStats::default()));
         let (flag, out) = (stop.clone(), shared.clone());
+        let still = quiescent.clone();
         let thread = std::thread::Builder::new()
             .name("disco-scanner".into())
             .spawn(move || {
@@ -324,6 +332,7 @@ impl Scanner {
                     // even at an unlimited rate.
                     let pages = budget.floor().min(MAX_BATCH as f64);
                     budget -= pages;
+                    state.quiescent = still.load(Ordering::Relaxed);
                     state.step(&memory, pages as u64);
                     state.stats.cpu_ms = thread_cpu_ms();
                     *out.lock() = state.stats.clone();
@@ -335,6 +344,7 @@ impl Scanner {
             })?;
         Ok(Scanner {
             stop,
+            quiescent,
             state: shared,
             thread: Some(thread),
         })
@@ -342,6 +352,13 @@ impl Scanner {
 
     pub fn stats(&self) -> ScannerStats {
         self.state.lock().clone()
+    }
+
+    /// Says that no guest writes its memory any more (all have stopped):
+    /// from the next batch on, frames that were volatile are merged on
+    /// sight, so the final passes find every duplicate.
+    pub fn guests_quiescent(&self) {
+        self.quiescent.store(true, Ordering::Relaxed);
     }
 
     /// Stops the thread and returns the final figures.
