@@ -3,13 +3,13 @@
 //! the `disco ctl` binary), a vCPU moved while the guest runs and its pages
 //! following under a migrating policy.
 
-use std::path::Path;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use disco::config::Config;
 use disco::control::{send, ControlSocket};
 use disco::kvm_check::require_kvm;
-use disco::monitor::{run_with_control, RunOptions};
+use disco::monitor::run_with_control;
 
 #[test]
 fn a_vcpu_moved_over_the_control_socket_takes_its_pages_along() {
@@ -19,7 +19,7 @@ fn a_vcpu_moved_over_the_control_socket_takes_its_pages_along() {
     let dir = std::env::temp_dir().join(format!("disco-control-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("ctl.sock");
-    let config = Config::parse(
+    let config = common::parse(
         r#"
 policy = "migrate-only"
 [host]
@@ -36,10 +36,7 @@ node = 1
 memory_mib = 2
 workload = { kind = "fill", seed = 1 }
 "#,
-        "<test>",
-        Path::new("."),
-    )
-    .unwrap();
+    );
     let socket = ControlSocket::bind(&path).unwrap();
     let client = std::thread::spawn({
         let path = path.clone();
@@ -77,11 +74,8 @@ workload = { kind = "fill", seed = 1 }
             (status, cli.status.code(), cli_out, errors, moved, after)
         }
     });
-    let options = RunOptions {
-        progress: false,
-        verify_every: Duration::from_millis(20),
-    };
-    let report = run_with_control(&config, &options, Some(&socket)).expect("the monitor runs");
+    let report =
+        run_with_control(&config, &common::run_options(), Some(&socket)).expect("the monitor runs");
     let (status, cli_code, cli_out, errors, moved, after) = ctl.join().unwrap();
     drop(socket);
     assert!(report.all_ok(), "{}", report.render_text());

@@ -2,22 +2,12 @@
 //! memory, checksums checked against the host model, invariants verified
 //! before, during and after the run.
 
-use std::path::Path;
+mod common;
 
-use disco::config::Config;
+use common::{run_config, TraceFile};
 use disco::kvm_check::require_kvm;
-use disco::monitor::{run, RunOptions};
 use disco::report::RunReport;
 use disco::vm::VcpuOutcome;
-
-fn run_config(text: &str) -> RunReport {
-    let config = Config::parse(text, "<test>", Path::new(".")).expect("test config is valid");
-    let options = RunOptions {
-        progress: false,
-        verify_every: std::time::Duration::from_millis(20),
-    };
-    run(&config, &options).expect("the monitor runs")
-}
 
 /// Four VMs with two vCPUs each, one per node of the 4-node fixture, with
 /// memory on a different node than the vCPUs for half of them.
@@ -272,9 +262,6 @@ fn a_replayed_trace_migrates_hot_pages_to_the_reading_node() {
     if !require_kvm("a_replayed_trace_migrates_hot_pages_to_the_reading_node") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("disco-numa-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let trace = dir.join("hot.trace");
     let mut text = String::from("# 64 hot pages read from node 2\nnodes 4\n");
     for epoch in 0..20 {
         text += &format!("epoch {epoch}\n");
@@ -284,7 +271,7 @@ fn a_replayed_trace_migrates_hot_pages_to_the_reading_node() {
             }
         }
     }
-    std::fs::write(&trace, text).unwrap();
+    let trace = TraceFile::new("hot", &text);
     let report = run_config(&format!(
         r#"
 [host]
@@ -306,7 +293,7 @@ memory_node = 0
 memory_mib = 8
 workload = {{ kind = "sweep", seed = 4, passes = 400 }}
 "#,
-        trace.display()
+        trace.path().display()
     ));
     assert!(report.all_ok(), "{}", report.render_text());
     let numa = report.numa.as_ref().expect("the NUMA engine ran");

@@ -4,20 +4,18 @@
 //! mapper, checksums verified against the host model, and `verify()` run
 //! every 20 ms while the guests run.
 
+mod common;
+
 use std::path::Path;
 
+use common::TraceFile;
 use disco::config::{Config, SHIPPED_POLICIES};
 use disco::kvm_check::require_kvm;
-use disco::monitor::{run, RunOptions};
 use disco::report::RunReport;
 
+/// Runs an inline config; every VM must end ok.
 fn run_config(text: &str) -> RunReport {
-    let config = Config::parse(text, "<test>", Path::new(".")).expect("test config is valid");
-    let options = RunOptions {
-        progress: false,
-        verify_every: std::time::Duration::from_millis(20),
-    };
-    let report = run(&config, &options).expect("the monitor runs");
+    let report = common::run_config(text);
     assert!(report.all_ok(), "{}", report.render_text());
     report
 }
@@ -103,9 +101,6 @@ fn four_vms_reading_one_shared_table_get_a_replica_each() {
     // the engine must give the table a replica on nodes 1, 2 and 3 and each
     // VM must map its own node's copy.
     const TABLE: u64 = 32;
-    let dir = std::env::temp_dir().join(format!("disco-numa-runs-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let trace = dir.join("table.trace");
     let mut text = String::from("nodes 4\n");
     for epoch in 0..60 {
         text += &format!("epoch {epoch}\n");
@@ -119,7 +114,7 @@ fn four_vms_reading_one_shared_table_get_a_replica_each() {
             }
         }
     }
-    std::fs::write(&trace, text).unwrap();
+    let trace = TraceFile::new("table", &text);
     let mut config = format!(
         r#"
 [host]
@@ -135,7 +130,7 @@ epoch_ms = 40
 sampling = "trace"
 trace_file = "{}"
 "#,
-        trace.display()
+        trace.path().display()
     );
     for vm in 0..4 {
         config += &format!(
@@ -159,7 +154,6 @@ trace_file = "{}"
     }
     assert_eq!(report.replicas.sets, TABLE, "{:?}", report.replicas);
     assert_eq!(report.replicas.pages, 4 * TABLE, "one copy per node");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -267,9 +261,6 @@ fn write_shared_pages_stay_put_and_ping_pong_pages_freeze() {
     //   writer's decayed count to fall below writer_threshold): they follow
     //   three times (1 -> 0 -> 2 -> 0), then the ping-pong guard freezes
     //   them on node 0.
-    let dir = std::env::temp_dir().join(format!("disco-numa-pingpong-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let trace = dir.join("pingpong.trace");
     let mut text = String::from("nodes 4\n");
     for epoch in 0..60 {
         text += &format!("epoch {epoch}\n");
@@ -284,7 +275,7 @@ fn write_shared_pages_stay_put_and_ping_pong_pages_freeze() {
             text += &format!("0 {gfn:x} {phase_node} w\n").repeat(4);
         }
     }
-    std::fs::write(&trace, text).unwrap();
+    let trace = TraceFile::new("pingpong", &text);
     let report = run_config(&format!(
         r#"
 [host]
@@ -313,7 +304,7 @@ memory_node = 1
 memory_mib = 2
 workload = {{ kind = "counters", counters = 4096, increments = 200000000 }}
 "#,
-        trace.display()
+        trace.path().display()
     ));
     let numa = report.numa.as_ref().unwrap();
     let vm = &report.vms[0];
@@ -337,7 +328,6 @@ workload = {{ kind = "counters", counters = 4096, increments = 200000000 }}
         numa.freezes, 16,
         "each ping-pong page frozen once: {numa:?}"
     );
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

@@ -1,0 +1,57 @@
+//! Helpers shared by the integration tests that run the whole monitor.
+//! Each test crate uses only some of them.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use disco::config::Config;
+use disco::monitor::{run, RunOptions};
+use disco::report::RunReport;
+
+/// No progress line; `Memory::verify` every 20 ms while the guests run.
+pub fn run_options() -> RunOptions {
+    RunOptions {
+        progress: false,
+        verify_every: Duration::from_millis(20),
+    }
+}
+
+/// Parses an inline config (paths relative to the current directory).
+pub fn parse(text: &str) -> Config {
+    Config::parse(text, "<test>", Path::new(".")).expect("test config is valid")
+}
+
+/// Runs an inline config with [`run_options`]; the VMs may fail (the
+/// caller checks the report), the monitor itself must not.
+pub fn run_config(text: &str) -> RunReport {
+    run(&parse(text), &run_options()).expect("the monitor runs")
+}
+
+/// A replayed-trace file in a directory of its own under the temp dir,
+/// removed when dropped (also when the test fails).
+pub struct TraceFile {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl TraceFile {
+    /// Writes `text` (the format of `disco::numa::trace`) to `<name>.trace`.
+    pub fn new(name: &str, text: &str) -> TraceFile {
+        let dir = std::env::temp_dir().join(format!("disco-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{name}.trace"));
+        std::fs::write(&path, text).unwrap();
+        TraceFile { dir, path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TraceFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
