@@ -15,14 +15,19 @@ use disco::PAGE_SIZE;
 /// Guest frames of the sweep guests below (8 MiB).
 const FRAMES: u64 = 2048;
 
-/// A memory with two node pools and a running fault handler, and a started
-/// 2-vCPU sweep guest (`seed`, 400 passes) in an 8 MiB space on node 0.
+/// A memory with two node pools and a running fault handler (and page
+/// sampling, with `sampling`), and a started 2-vCPU sweep guest (`seed`,
+/// 400 passes) in an 8 MiB space on node 0.
 fn start_sweeper(
     kvm: &kvm_ioctls::Kvm,
     name: &str,
     seed: u64,
+    sampling: bool,
 ) -> (Arc<Memory>, FaultHandler, disco::memory::VmId, MicroVm) {
     let memory = Arc::new(Memory::new(&[(0, 0, 8192), (1, 0, 8192)]).unwrap());
+    if sampling {
+        memory.enable_sampling().unwrap();
+    }
     let handler = FaultHandler::start(memory.clone()).unwrap();
     let (vm, base) = memory.create_space(name, FRAMES, 0).unwrap();
     let spec = MicroVmSpec {
@@ -51,7 +56,7 @@ fn pages_migrate_under_running_writers_without_losing_a_write() {
         return;
     }
     let kvm = kvm_ioctls::Kvm::new().unwrap();
-    let (memory, _handler, vm, guest) = start_sweeper(&kvm, "mover", 5);
+    let (memory, _handler, vm, guest) = start_sweeper(&kvm, "mover", 5, false);
     let first_data = layout::DATA_ADDR / layout::PAGE;
     let mut moved = 0u64;
     let mut gfn = first_data;
@@ -306,8 +311,24 @@ fn batches_of_pages_migrate_under_running_writers_without_losing_a_write() {
     if !require_kvm("batches_of_pages_migrate_under_running_writers_without_losing_a_write") {
         return;
     }
+    move_batches_under_a_sweeper("batch-mover", 9, false);
+}
+
+/// The same with page sampling on: guest accesses to a run being moved
+/// (unmapped from the guest, see `Memory::move_pages`) and to frames zapped
+/// for sampling both arrive as minor faults and go to the sampler.
+#[test]
+fn batches_migrate_under_running_writers_while_pages_are_sampled() {
+    if !require_kvm("batches_migrate_under_running_writers_while_pages_are_sampled") {
+        return;
+    }
+    move_batches_under_a_sweeper("sampled-mover", 11, true);
+}
+
+fn move_batches_under_a_sweeper(name: &str, seed: u64, sampling: bool) {
     let kvm = kvm_ioctls::Kvm::new().unwrap();
-    let (memory, _handler, vm, guest) = start_sweeper(&kvm, "batch-mover", 9);
+    let (memory, _handler, vm, guest) = start_sweeper(&kvm, name, seed, sampling);
+    let sampler = memory.sampler();
     let first_data = layout::DATA_ADDR / layout::PAGE;
     let (mut moved, mut batches) = (0u64, 0u64);
     let mut gfn = first_data;
@@ -320,6 +341,12 @@ fn batches_of_pages_migrate_under_running_writers_without_losing_a_write() {
         let gfns: Vec<u64> = (gfn..end)
             .filter(|g| batches % 2 == 0 || g % 5 != 0)
             .collect();
+        if sampling && batches % 3 == 0 {
+            // Zap the next stretch for sampling: some of it is moved
+            // before the guest touches it again, some after.
+            let next: Vec<u64> = (end..(end + 64).min(FRAMES)).collect();
+            memory.zap_frames(vm, &next).unwrap();
+        }
         let node = node_of(&memory, vm, gfn);
         let report = memory.move_pages(vm, &gfns, 1 - node).unwrap();
         assert!(report.failed.is_empty(), "{:?}", report.failed);
@@ -339,6 +366,10 @@ fn batches_of_pages_migrate_under_running_writers_without_losing_a_write() {
         moved > 1000 && batches > 10,
         "enough migrations happened under the guest: {moved} pages in {batches} batches"
     );
+    if let Some(sampler) = sampler {
+        let stats = sampler.stats();
+        assert_eq!(stats.errors, 0, "sampler errors: {stats:?}");
+    }
     memory.verify().unwrap();
     let stats = memory.space_stats(vm).unwrap();
     assert_eq!(stats.pages_per_node.iter().sum::<u64>(), FRAMES);

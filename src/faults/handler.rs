@@ -6,7 +6,9 @@
 //! the writer a private copy (`Memory::resolve_write_fault`) and wakes it.
 //! A minor fault (a page zapped for sampling touched again) goes to
 //! `Memory::resolve_minor_fault`, which records the sample and maps the
-//! page back.
+//! page back. Minor and missing faults also come from runs of pages that
+//! `Memory::move_pages` has taken away from the guest while it copies
+//! them; resolving those waits for the memory lock, so for the move.
 //! The handler never holds the memory lock while waiting, so a merge in
 //! progress delays a break but never deadlocks with it.
 
@@ -53,14 +55,22 @@ impl FaultHandler {
                             }
                         }
                         Ok(Some(event)) if event.minor => {
-                            // A page zapped for access sampling was touched.
+                            // A page zapped for access sampling, or one of
+                            // a run being migrated, was touched.
                             if let Err(e) = memory.resolve_minor_fault(&event) {
                                 tracing::warn!("minor fault at {:#x}: {e:#}", event.address);
                             }
                         }
                         Ok(Some(event)) => {
-                            tracing::warn!("unexpected userfault at {:#x}, waking", event.address);
-                            let _ = uffd.wake(event.address, crate::PAGE_SIZE);
+                            // A missing fault: a hole in a run being
+                            // migrated was touched.
+                            if let Err(e) = memory.resolve_missing_fault(&event) {
+                                tracing::error!(
+                                    "missing fault at {:#x}: {e:#}; waking",
+                                    event.address
+                                );
+                                let _ = uffd.wake(event.address, crate::PAGE_SIZE);
+                            }
                         }
                         Ok(None) => {}
                         Err(e) => {

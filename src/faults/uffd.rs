@@ -257,6 +257,7 @@ mod sys {
     pub const PAGEFAULT_FLAG_MINOR: u64 = 1 << 2;
 
     // `UFFDIO_REGISTER_MODE_*`.
+    pub const REGISTER_MODE_MISSING: u64 = 1 << 0;
     pub const REGISTER_MODE_WP: u64 = 1 << 1;
     pub const REGISTER_MODE_MINOR: u64 = 1 << 2;
 
@@ -513,6 +514,27 @@ impl Userfault {
     /// `UFFDIO_WRITEPROTECT` (with `wp`) or `UFFDIO_CONTINUE` (with
     /// `minor`) on the range.
     pub fn register(&self, addr: usize, len: usize, wp: bool, minor: bool) -> io::Result<()> {
+        self.register_modes(addr, len, wp, minor, false)
+    }
+
+    /// `UFFDIO_REGISTER` in all three modes: write-protect, minor and
+    /// missing. Every access to a page of the range that its page table
+    /// does not map then waits for the handler: minor for a page in the
+    /// file, missing for a hole. Migration takes runs away from the guest
+    /// this way (`Inner::detach_run`); registering the range again with
+    /// [`register`](Self::register) ends it.
+    pub fn register_every_fault(&self, addr: usize, len: usize) -> io::Result<()> {
+        self.register_modes(addr, len, true, true, true)
+    }
+
+    fn register_modes(
+        &self,
+        addr: usize,
+        len: usize,
+        wp: bool,
+        minor: bool,
+        missing: bool,
+    ) -> io::Result<()> {
         let range = check_range("register", addr, len)?;
         if !wp && !minor {
             return Err(io::Error::new(
@@ -531,7 +553,12 @@ impl Userfault {
             ));
         }
         let mode = if wp { sys::REGISTER_MODE_WP } else { 0 }
-            | if minor { sys::REGISTER_MODE_MINOR } else { 0 };
+            | if minor { sys::REGISTER_MODE_MINOR } else { 0 }
+            | if missing {
+                sys::REGISTER_MODE_MISSING
+            } else {
+                0
+            };
         let mut reg = sys::UffdioRegister {
             range,
             mode,
@@ -547,9 +574,10 @@ impl Userfault {
             )
         };
         if r != 0 {
-            let what = match (wp, minor) {
-                (true, false) => "UFFDIO_REGISTER (write-protect mode)",
-                (false, true) => "UFFDIO_REGISTER (minor mode)",
+            let what = match (wp, minor, missing) {
+                (_, _, true) => "UFFDIO_REGISTER (write-protect | minor | missing mode)",
+                (true, false, _) => "UFFDIO_REGISTER (write-protect mode)",
+                (false, true, _) => "UFFDIO_REGISTER (minor mode)",
                 _ => "UFFDIO_REGISTER (write-protect | minor mode)",
             };
             return Err(os_error(what, addr, len));

@@ -1,33 +1,60 @@
 //! The global memmap: for every machine page in use, its refcount and the
 //! (vm, gfn) owners that map it (Disco's backmap). The node is part of the
 //! page's name ([`MachinePage`]).
+//!
+//! Stored densely, one slot per pool page up to the highest index used, so
+//! a lookup is two array indexings and recording an owner allocates nothing
+//! (one owner lives inline; only shared pages spill to the heap). Migration
+//! updates two entries per page moved, and with a tree map that bookkeeping
+//! cost as much as the copy itself.
 
-use std::collections::BTreeMap;
+use smallvec::SmallVec;
 
 use super::{Gfn, MachinePage, VmId};
+
+/// The (vm, gfn) frames that map a page; one inline.
+pub type Owners = SmallVec<[(VmId, Gfn); 1]>;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PageInfo {
     /// Kept separately from `owners.len()` on purpose: `verify` checks that
     /// the two agree, which catches a mapper bug that updates one only.
     pub refcount: u32,
-    pub owners: Vec<(VmId, Gfn)>,
+    pub owners: Owners,
 }
 
-/// Machine pages in use. A page absent from the map is free.
+/// Machine pages in use. A page with no owner is free.
 #[derive(Debug, Default)]
 pub struct Memmap {
-    pages: BTreeMap<MachinePage, PageInfo>,
+    /// `nodes[node][index]`; a slot with refcount 0 and no owners is free.
+    nodes: Vec<Vec<PageInfo>>,
+    in_use: usize,
 }
 
 impl Memmap {
     pub fn get(&self, page: MachinePage) -> Option<&PageInfo> {
-        self.pages.get(&page)
+        self.nodes
+            .get(page.node())
+            .and_then(|n| n.get(page.index as usize))
+            .filter(|info| !info.owners.is_empty() || info.refcount != 0)
     }
 
     /// Records that `(vm, gfn)` maps `page`.
     pub fn add_owner(&mut self, page: MachinePage, vm: VmId, gfn: Gfn) {
-        let info = self.pages.entry(page).or_default();
+        if self.nodes.len() <= page.node() {
+            self.nodes.resize_with(page.node() + 1, Vec::new);
+        }
+        let slots = &mut self.nodes[page.node()];
+        let index = page.index as usize;
+        if slots.len() <= index {
+            // Grow geometrically (pools hand out pages from the bottom up).
+            let want = (index + 1).max(slots.len() * 2).max(1024);
+            slots.resize_with(want, PageInfo::default);
+        }
+        let info = &mut slots[index];
+        if info.refcount == 0 && info.owners.is_empty() {
+            self.in_use += 1;
+        }
         info.refcount += 1;
         info.owners.push((vm, gfn));
     }
@@ -35,9 +62,14 @@ impl Memmap {
     /// Removes `(vm, gfn)` from `page`'s owners. Returns `true` when that was
     /// the last owner (the caller must then free the page).
     pub fn remove_owner(&mut self, page: MachinePage, vm: VmId, gfn: Gfn) -> bool {
-        let info = self.pages.get_mut(&page).unwrap_or_else(|| {
-            panic!("memmap: {page} has no owners, cannot remove ({vm}, {gfn:#x})")
-        });
+        let info = self
+            .nodes
+            .get_mut(page.node())
+            .and_then(|n| n.get_mut(page.index as usize))
+            .filter(|info| !info.owners.is_empty())
+            .unwrap_or_else(|| {
+                panic!("memmap: {page} has no owners, cannot remove ({vm}, {gfn:#x})")
+            });
         let pos = info
             .owners
             .iter()
@@ -46,22 +78,35 @@ impl Memmap {
         info.owners.swap_remove(pos);
         info.refcount -= 1;
         if info.refcount == 0 {
-            self.pages.remove(&page);
+            // Back to an empty slot (a shared page's heap list goes too).
+            *info = PageInfo::default();
+            self.in_use -= 1;
             true
         } else {
             false
         }
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&MachinePage, &PageInfo)> {
-        self.pages.iter()
+    /// Pages in use, by node then index.
+    pub fn iter(&self) -> impl Iterator<Item = (MachinePage, &PageInfo)> {
+        self.nodes.iter().enumerate().flat_map(|(node, slots)| {
+            slots.iter().enumerate().filter_map(move |(index, info)| {
+                (!info.owners.is_empty() || info.refcount != 0).then_some((
+                    MachinePage {
+                        node: node as u16,
+                        index: index as u32,
+                    },
+                    info,
+                ))
+            })
+        })
     }
 
     pub fn len(&self) -> usize {
-        self.pages.len()
+        self.in_use
     }
 
     pub fn is_empty(&self) -> bool {
-        self.pages.is_empty()
+        self.in_use == 0
     }
 }

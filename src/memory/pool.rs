@@ -81,6 +81,11 @@ pub struct Pool {
     /// Pages handed out from `warm` to copy allocations, ever.
     warm_reused: u64,
     next: u32,
+    /// A hint, one bit per page: the monitor's view maps the page already
+    /// (see [`Pool::populate_view`]). Set when the view is populated or a
+    /// copy went through it; cleared by a punch. The kernel may still drop
+    /// a view entry (reclaim), which only costs a page fault later.
+    view_mapped: Vec<u64>,
 }
 
 // SAFETY: `view` is a shared mapping owned by the pool for its whole life;
@@ -142,6 +147,7 @@ impl Pool {
             warm_cap: (WARM_CAP_BYTES / PAGE_SIZE) as u32,
             warm_reused: 0,
             next: 0,
+            view_mapped: Vec::new(),
         })
     }
 
@@ -230,7 +236,7 @@ impl Pool {
     }
 
     /// Punches one hole per run of consecutive pages of `sorted`.
-    fn punch_runs(&self, sorted: &[u32]) -> Result<()> {
+    fn punch_runs(&mut self, sorted: &[u32]) -> Result<()> {
         let mut i = 0;
         while i < sorted.len() {
             let mut run = 1;
@@ -447,7 +453,8 @@ impl Pool {
         Ok(())
     }
 
-    fn punch(&self, index: u32, pages: u32) -> Result<()> {
+    fn punch(&mut self, index: u32, pages: u32) -> Result<()> {
+        self.set_view_mapped(index, pages, false);
         let off = index as libc::off_t * PAGE_SIZE as libc::off_t;
         let len = pages as libc::off_t * PAGE_SIZE as libc::off_t;
         // SAFETY: punching a hole in a file we own.
@@ -463,6 +470,64 @@ impl Pool {
             return Err(io::Error::last_os_error()).context("punching a hole in a memory pool");
         }
         Ok(())
+    }
+
+    /// Makes sure the monitor's view maps pages `start..start+len` before
+    /// a copy goes through it: runs the view does not map yet (by the
+    /// hint) are populated with one `madvise` each, so the copy takes no
+    /// page fault per page; runs already mapped cost nothing. (Populating
+    /// a mapped run is not free: the kernel still walks it page by page,
+    /// about as long as the memcpy itself here.) `write`: the caller
+    /// writes the pages.
+    pub fn populate_view(&mut self, start: u32, len: u32, write: bool) {
+        let advice = if write {
+            libc::MADV_POPULATE_WRITE
+        } else {
+            libc::MADV_POPULATE_READ
+        };
+        let end = start + len;
+        let mut i = start;
+        while i < end {
+            if self.view_mapped(i) {
+                i += 1;
+                continue;
+            }
+            let from = i;
+            while i < end && !self.view_mapped(i) {
+                i += 1;
+            }
+            let bytes = (i - from) as usize * PAGE_SIZE;
+            // SAFETY: an in-bounds range of our own view.
+            let r =
+                unsafe { libc::madvise(self.page_ptr(from) as *mut libc::c_void, bytes, advice) };
+            if r != 0 {
+                // Only a speed-up: the copy faults the pages in instead.
+                tracing::debug!("populating a pool view: {}", io::Error::last_os_error());
+            }
+        }
+        self.set_view_mapped(start, len, true);
+    }
+
+    fn view_mapped(&self, index: u32) -> bool {
+        let word = index as usize / 64;
+        self.view_mapped
+            .get(word)
+            .is_some_and(|w| w & (1 << (index % 64)) != 0)
+    }
+
+    fn set_view_mapped(&mut self, start: u32, len: u32, mapped: bool) {
+        let end = (start + len) as usize;
+        if mapped && self.view_mapped.len() * 64 < end {
+            self.view_mapped.resize(end.div_ceil(64), 0);
+        }
+        for i in start as usize..end.min(self.view_mapped.len() * 64) {
+            let bit = 1u64 << (i % 64);
+            if mapped {
+                self.view_mapped[i / 64] |= bit;
+            } else {
+                self.view_mapped[i / 64] &= !bit;
+            }
+        }
     }
 
     /// Pointer to a page through the monitor's view of the pool.

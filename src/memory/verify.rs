@@ -128,11 +128,11 @@ impl Memory {
             }
             for &(vm, gfn) in &info.owners {
                 let actual = inner.spaces.get(&vm).and_then(|s| s.pmap.get(gfn));
-                if actual.map(|e| e.page) != Some(*page) {
+                if actual.map(|e| e.page) != Some(page) {
                     errors.push(format!("{page}: owner ({vm}, {gfn:#x}) does not map it"));
                 }
             }
-            let shared = info.owners.len() > 1 || inner.replicas.contains(*page);
+            let shared = info.owners.len() > 1 || inner.replicas.contains(page);
             for &(vm, gfn) in &info.owners {
                 let entry = inner.spaces.get(&vm).and_then(|s| s.pmap.get(gfn));
                 if let Some(e) = entry {
