@@ -181,6 +181,28 @@ fn check_mmap(ret: *mut libc::c_void, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Splits `pages` into runs of consecutive pages of one pool: `(first
+/// position, length)` each, in order (one copy per run).
+fn pool_runs(pages: &[MachinePage]) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        if i >= pages.len() {
+            return None;
+        }
+        let first = pages[i];
+        let mut n = 1;
+        while i + n < pages.len()
+            && pages[i + n].node == first.node
+            && pages[i + n].index == first.index + n as u32
+        {
+            n += 1;
+        }
+        let run = (i, n);
+        i += n;
+        Some(run)
+    })
+}
+
 /// Makes `[addr, addr+len)` an inaccessible hole (no machine page).
 fn map_hole(addr: usize, len: usize) -> Result<()> {
     // SAFETY: addr lies inside a guest range this module reserved.
@@ -1163,15 +1185,7 @@ impl Inner {
         if warm {
             return self.copy_to_warm_run(olds, node, start);
         }
-        let mut i = 0;
-        while i < olds.len() {
-            let mut n = 1;
-            while i + n < olds.len()
-                && olds[i + n].node == olds[i].node
-                && olds[i + n].index == olds[i].index + n as u32
-            {
-                n += 1;
-            }
+        for (i, n) in pool_runs(olds) {
             let from = &self.pools[olds[i].node()];
             let to = &self.pools[node];
             let mut off_in = olds[i].index as i64 * PAGE_SIZE as i64;
@@ -1192,22 +1206,13 @@ impl Inner {
                 }
                 left -= r as usize;
             }
-            i += n;
         }
         Ok(())
     }
 
     fn copy_to_warm_run(&mut self, olds: &[MachinePage], node: NodeId, start: u32) -> Result<()> {
         self.pools[node].populate_view(start, olds.len() as u32, true);
-        let mut i = 0;
-        while i < olds.len() {
-            let mut n = 1;
-            while i + n < olds.len()
-                && olds[i + n].node == olds[i].node
-                && olds[i + n].index == olds[i].index + n as u32
-            {
-                n += 1;
-            }
+        for (i, n) in pool_runs(olds) {
             let from = &mut self.pools[olds[i].node()];
             from.populate_view(olds[i].index, n as u32, false);
             let src = from.page_ptr(olds[i].index);
@@ -1215,7 +1220,6 @@ impl Inner {
             // SAFETY: in-bounds runs of two pool views; the target run is
             // freshly allocated, so it cannot overlap the old pages.
             unsafe { std::ptr::copy_nonoverlapping(src, dst, n * PAGE_SIZE) };
-            i += n;
         }
         Ok(())
     }

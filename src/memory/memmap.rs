@@ -23,6 +23,13 @@ pub struct PageInfo {
     pub owners: Owners,
 }
 
+impl PageInfo {
+    /// The slot describes a page in use (a free slot is all zero).
+    fn in_use(&self) -> bool {
+        self.refcount != 0 || !self.owners.is_empty()
+    }
+}
+
 /// Machine pages in use. A page with no owner is free.
 #[derive(Debug, Default)]
 pub struct Memmap {
@@ -36,7 +43,7 @@ impl Memmap {
         self.nodes
             .get(page.node())
             .and_then(|n| n.get(page.index as usize))
-            .filter(|info| !info.owners.is_empty() || info.refcount != 0)
+            .filter(|info| info.in_use())
     }
 
     /// Records that `(vm, gfn)` maps `page`.
@@ -52,7 +59,7 @@ impl Memmap {
             slots.resize_with(want, PageInfo::default);
         }
         let info = &mut slots[index];
-        if info.refcount == 0 && info.owners.is_empty() {
+        if !info.in_use() {
             self.in_use += 1;
         }
         info.refcount += 1;
@@ -91,7 +98,7 @@ impl Memmap {
     pub fn iter(&self) -> impl Iterator<Item = (MachinePage, &PageInfo)> {
         self.nodes.iter().enumerate().flat_map(|(node, slots)| {
             slots.iter().enumerate().filter_map(move |(index, info)| {
-                (!info.owners.is_empty() || info.refcount != 0).then_some((
+                info.in_use().then_some((
                     MachinePage {
                         node: node as u16,
                         index: index as u32,
