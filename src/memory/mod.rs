@@ -24,6 +24,7 @@ pub mod numa;
 pub mod pmap;
 pub mod pool;
 pub mod replica;
+pub mod runs;
 mod verify;
 
 pub use cow::{FaultOutcome, MergeOutcome, PageScan, SharingStats};

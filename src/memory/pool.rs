@@ -36,7 +36,6 @@
 //! [`Pool::free_many_keep_warm`] (migration's old pages) keeps pages warm
 //! while there is room under the cap and punches the rest.
 
-use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -44,6 +43,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{bail, Context, Result};
 
+use super::runs::{runs_of, RunSet};
 use super::{numa, NodeId};
 use crate::PAGE_SIZE;
 
@@ -72,10 +72,10 @@ pub struct Pool {
     view: *mut u8,
     /// Pages below `next` that are free holes (read as zeros). Pages at or
     /// above `next` have never been handed out.
-    cold: BTreeSet<u32>,
+    cold: RunSet,
     /// Pages below `next` that are free but resident with stale content
     /// (never handed to a zeroed allocation; see the module docs).
-    warm: BTreeSet<u32>,
+    warm: RunSet,
     /// Most pages `warm` may hold.
     warm_cap: u32,
     /// Pages handed out from `warm` to copy allocations, ever.
@@ -142,8 +142,8 @@ impl Pool {
             inode: st.st_ino,
             capacity: capacity_pages,
             view: view as *mut u8,
-            cold: BTreeSet::new(),
-            warm: BTreeSet::new(),
+            cold: RunSet::default(),
+            warm: RunSet::default(),
             warm_cap: (WARM_CAP_BYTES / PAGE_SIZE) as u32,
             warm_reused: 0,
             next: 0,
@@ -169,7 +169,7 @@ impl Pool {
     }
     /// Pages currently handed out.
     pub fn used(&self) -> u32 {
-        self.next - self.cold.len() as u32 - self.warm.len() as u32
+        self.next - self.cold.len() - self.warm.len()
     }
     /// Pages that can still be handed out.
     pub fn available(&self) -> u32 {
@@ -180,21 +180,14 @@ impl Pool {
         self.next
     }
     pub fn is_free(&self, index: u32) -> bool {
-        index >= self.next || self.cold.contains(&index) || self.warm.contains(&index)
-    }
-    /// Free pages below the high-water mark, cold and warm, ascending.
-    pub fn free_list(&self) -> impl Iterator<Item = u32> + '_ {
-        self.cold.union(&self.warm).copied()
+        index >= self.next || self.cold.contains(index) || self.warm.contains(index)
     }
     /// Free pages that still hold stale content (resident, not punched).
     pub fn warm_pages(&self) -> u32 {
-        self.warm.len() as u32
+        self.warm.len()
     }
     pub fn warm_list(&self) -> impl Iterator<Item = u32> + '_ {
-        self.warm.iter().copied()
-    }
-    pub fn is_warm(&self, index: u32) -> bool {
-        self.warm.contains(&index)
+        self.warm.iter()
     }
     /// Most warm pages the pool keeps.
     pub fn warm_cap(&self) -> u32 {
@@ -209,42 +202,44 @@ impl Pool {
     /// new cap are punched at once.
     pub fn set_warm_cap(&mut self, pages: u32) -> Result<()> {
         self.warm_cap = pages;
-        let excess = self.warm.len().saturating_sub(pages as usize);
-        if excess > 0 {
-            let pages: Vec<u32> = self.warm.iter().rev().take(excess).copied().collect();
-            self.cool(&pages)?;
+        let mut excess = self.warm.len().saturating_sub(pages);
+        // The highest warm pages go first.
+        let mut runs = Vec::new();
+        for (start, len) in self.warm.runs().rev() {
+            if excess == 0 {
+                break;
+            }
+            let take = len.min(excess);
+            runs.push((start + len - take, take));
+            excess -= take;
         }
-        Ok(())
+        self.cool(&runs)
     }
 
     /// Punches every warm page (they become cold holes).
     pub fn release_warm(&mut self) -> Result<()> {
-        let pages: Vec<u32> = self.warm.iter().copied().collect();
-        self.cool(&pages)
+        let runs: Vec<(u32, u32)> = self.warm.runs().collect();
+        self.cool(&runs)
     }
 
-    /// Punches warm `pages` (any order) and moves them to the cold set.
-    fn cool(&mut self, pages: &[u32]) -> Result<()> {
-        let mut sorted = pages.to_vec();
-        sorted.sort_unstable();
-        self.punch_runs(&sorted)?;
-        for p in sorted {
-            self.warm.remove(&p);
-            self.cold.insert(p);
+    /// Punches warm `runs` (`(start, len)`, each inside the warm set) and
+    /// moves them to the cold set.
+    fn cool(&mut self, runs: &[(u32, u32)]) -> Result<()> {
+        for &(start, len) in runs {
+            self.punch(start, len)?;
+            assert!(
+                self.warm.remove(start, len),
+                "cooling pages that are not warm"
+            );
+            self.cold.insert(start, len);
         }
         Ok(())
     }
 
     /// Punches one hole per run of consecutive pages of `sorted`.
     fn punch_runs(&mut self, sorted: &[u32]) -> Result<()> {
-        let mut i = 0;
-        while i < sorted.len() {
-            let mut run = 1;
-            while i + run < sorted.len() && sorted[i + run] == sorted[i] + run as u32 {
-                run += 1;
-            }
-            self.punch(sorted[i], run as u32)?;
-            i += run;
+        for (start, len) in runs_of(sorted) {
+            self.punch(start, len)?;
         }
         Ok(())
     }
@@ -270,8 +265,8 @@ impl Pool {
         let mut pages = Vec::with_capacity(count as usize);
         // Recycle freed pages first so the pool stays compact, then extend.
         while pages.len() < count as usize {
-            match self.cold.pop_first() {
-                Some(p) => pages.push(p),
+            match self.cold.take_first(count - pages.len() as u32) {
+                Some((start, len)) => pages.extend(start..start + len),
                 None => break,
             }
         }
@@ -279,14 +274,13 @@ impl Pool {
             pages.push(self.next);
             self.next += 1;
         }
-        let short = count as usize - pages.len();
-        if short > 0 {
-            let warm: Vec<u32> = self.warm.iter().take(short).copied().collect();
-            self.cool(&warm)?;
-            for p in warm {
-                self.cold.remove(&p);
-                pages.push(p);
-            }
+        while pages.len() < count as usize {
+            let Some((start, len)) = self.warm.take_first(count - pages.len() as u32) else {
+                break;
+            };
+            // Punched before it is handed out: a zeroed allocation.
+            self.punch(start, len)?;
+            pages.extend(start..start + len);
         }
         pages.sort_unstable();
         Ok(pages)
@@ -301,8 +295,8 @@ impl Pool {
         }
         let mut pages = Vec::with_capacity(count as usize);
         while pages.len() < count as usize {
-            match self.warm.pop_first() {
-                Some(p) => pages.push(p),
+            match self.warm.take_first(count - pages.len() as u32) {
+                Some((start, len)) => pages.extend(start..start + len),
                 None => break,
             }
         }
@@ -313,27 +307,6 @@ impl Pool {
         }
         pages.sort_unstable();
         Ok(pages)
-    }
-
-    /// First run of `want` consecutive pages of `set`, else its longest
-    /// run; and the last run seen (it may end at the high-water mark).
-    fn find_run(set: &BTreeSet<u32>, want: u32) -> ((u32, u32), Option<(u32, u32)>) {
-        let mut best = (0u32, 0u32);
-        let mut run: Option<(u32, u32)> = None;
-        for &p in set {
-            run = match run {
-                Some((start, len)) if start + len == p => Some((start, len + 1)),
-                _ => Some((p, 1)),
-            };
-            let (start, len) = run.unwrap();
-            if len > best.1 {
-                best = (start, len);
-            }
-            if len == want {
-                break;
-            }
-        }
-        (best, run)
     }
 
     /// Allocates one run of consecutive zeroed pages, at most `want` long
@@ -348,13 +321,12 @@ impl Pool {
             return Err(self.full_error(want));
         }
         if self.cold.is_empty() && self.next == self.capacity {
-            let ((start, len), _) = Self::find_run(&self.warm, want);
-            let pages: Vec<u32> = (start..start + len.min(want)).collect();
-            self.cool(&pages)?;
+            let (start, len) = self.warm.find_run(want);
+            self.cool(&[(start, len)])?;
         }
-        // Free runs below the high-water mark, first fit; remember the
-        // longest in case none is long enough.
-        let (best, run) = Self::find_run(&self.cold, want);
+        // Free runs below the high-water mark, first fit, else the longest.
+        let best = self.cold.find_run(want);
+        let run = self.cold.last_run();
         // A free run that ends at the high-water mark continues into the
         // never-used pages above it.
         let tail = self.capacity - self.next;
@@ -368,13 +340,14 @@ impl Pool {
             _ if tail > best.1 => (self.next, tail),
             _ => best,
         };
-        for p in start..start + len {
-            if p >= self.next {
-                self.next = p + 1;
-            } else {
-                self.cold.remove(&p);
-            }
+        if start < self.next {
+            let below = self.next.min(start + len) - start;
+            assert!(
+                self.cold.remove(start, below),
+                "allocating pages that are not free"
+            );
         }
+        self.next = self.next.max(start + len);
         Ok((start, len))
     }
 
@@ -389,13 +362,10 @@ impl Pool {
         if want == 0 || self.available() == 0 {
             return Err(self.full_error(want));
         }
-        let ((start, len), _) = Self::find_run(&self.warm, want);
+        let (start, len) = self.warm.find_run(want);
         let only_warm_left = self.cold.is_empty() && self.next == self.capacity;
         if len > 0 && (len >= want.min(WARM_MIN_RUN) || only_warm_left) {
-            let len = len.min(want);
-            for p in start..start + len {
-                self.warm.remove(&p);
-            }
+            self.warm.remove(start, len);
             self.warm_reused += len as u64;
             return Ok((start, len, true));
         }
@@ -413,7 +383,9 @@ impl Pool {
     pub fn free_many(&mut self, indices: &mut [u32]) -> Result<()> {
         self.check_free(indices)?;
         self.punch_runs(indices)?;
-        self.cold.extend(indices.iter().copied());
+        for (start, len) in runs_of(indices) {
+            self.cold.insert(start, len);
+        }
         Ok(())
     }
 
@@ -427,12 +399,16 @@ impl Pool {
     /// punching the rest as [`Pool::free_many`] does.
     pub fn free_many_keep_warm(&mut self, indices: &mut [u32]) -> Result<()> {
         self.check_free(indices)?;
-        let room = (self.warm_cap as usize).saturating_sub(self.warm.len());
+        let room = self.warm_cap.saturating_sub(self.warm.len()) as usize;
         let keep = room.min(indices.len());
         let (warm, punched) = indices.split_at(keep);
         self.punch_runs(punched)?;
-        self.cold.extend(punched.iter().copied());
-        self.warm.extend(warm.iter().copied());
+        for (start, len) in runs_of(punched) {
+            self.cold.insert(start, len);
+        }
+        for (start, len) in runs_of(warm) {
+            self.warm.insert(start, len);
+        }
         Ok(())
     }
 
@@ -444,11 +420,18 @@ impl Pool {
                 bail!("double free of machine page n{}:{:#x}", self.node, w[0]);
             }
         }
-        if let Some(&index) = indices.iter().find(|&&i| self.is_free(i)) {
-            bail!("double free of machine page n{}:{index:#x}", self.node);
-        }
         if let Some(&index) = indices.iter().find(|&&i| i >= self.capacity) {
             bail!("machine page n{}:{index:#x} is outside the pool", self.node);
+        }
+        // One look-up per run; the page to name only on the error path.
+        let free = |(start, len): (u32, u32)| {
+            start + len > self.next
+                || self.cold.overlaps(start, len)
+                || self.warm.overlaps(start, len)
+        };
+        if runs_of(indices).any(free) {
+            let index = indices.iter().find(|&&i| self.is_free(i)).unwrap();
+            bail!("double free of machine page n{}:{index:#x}", self.node);
         }
         Ok(())
     }
