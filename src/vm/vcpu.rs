@@ -232,7 +232,147 @@ pub(crate) fn join_vcpu_threads(
     outcomes
 }
 
-/// Everything a vCPU thread owns.
+/// What the two kinds of vCPU thread (micro-VM here, Linux in
+/// `crate::linux::vcpu`) give the run loop they share. Each handles its
+/// own exits in `step`; pinning, kicks, pausing, stopping, panics and the
+/// outcome of a failure are handled alike by [`run_vcpu_loop`].
+pub(crate) trait VcpuLoop {
+    /// What the guest's own end of the run carries (the DONE hypercall's
+    /// result, why a Linux guest stopped).
+    type End;
+    fn index(&self) -> usize;
+    fn control(&self) -> &VmControl;
+    fn placement(&self) -> &VcpuPlacement;
+    fn vcpu(&self) -> &VcpuFd;
+    fn vcpu_mut(&mut self) -> &mut VcpuFd;
+    fn ram(&self) -> &GuestRam;
+    /// One `KVM_RUN` and the handling of its exit: `None` to go on.
+    fn step(&mut self) -> Result<Option<Self::End>, String>;
+}
+
+/// How a vCPU's run loop ended.
+pub(crate) enum Ended<T> {
+    /// The guest ended its run.
+    Guest(T),
+    Failed(String),
+    /// The VM was stopped (time limit, a sibling's failure, a request).
+    Stopped,
+}
+
+/// Runs a vCPU thread: pins it to its host CPUs, makes it kickable, then
+/// steps `KVM_RUN` until the guest ends its run, the VM stops or a step
+/// fails; parks while the VM is paused. A panic is caught and reported as
+/// a failure, so the thread never takes the process down.
+pub(crate) fn run_vcpu_loop<L: VcpuLoop>(thread: &mut L) -> Ended<L::End> {
+    catch_unwind(AssertUnwindSafe(|| steps(thread))).unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Ended::Failed(format!("vCPU thread panicked: {msg}"))
+    })
+}
+
+fn steps<L: VcpuLoop>(thread: &mut L) -> Ended<L::End> {
+    let placement = thread.placement();
+    if let Err(e) = pin_thread(0, &placement.host_cpus) {
+        return Ended::Failed(format!("{e} (node {})", placement.node));
+    }
+    let _kick = match KickTarget::install(thread.vcpu_mut().get_kvm_run()) {
+        Ok(k) => k,
+        Err(e) => return Ended::Failed(e.to_string()),
+    };
+    loop {
+        if thread.control().stopping() {
+            return Ended::Stopped;
+        }
+        thread.control().park_if_paused();
+        if thread.control().stopping() {
+            return Ended::Stopped;
+        }
+        match thread.step() {
+            Ok(None) => {}
+            Ok(Some(end)) => return Ended::Guest(end),
+            Err(e) => return Ended::Failed(e),
+        }
+    }
+}
+
+/// The outcome of a vCPU that failed: its VM is stopped, its registers
+/// kept for the report.
+pub(crate) fn failed_outcome<L: VcpuLoop>(thread: &L, reason: String) -> VcpuOutcome {
+    thread
+        .control()
+        .request_stop(format!("vCPU {} failed: {reason}", thread.index()));
+    VcpuOutcome::Failed {
+        reason,
+        regs: RegisterDump::capture(thread.vcpu(), thread.ram()),
+    }
+}
+
+/// The outcome of a vCPU its VM stopped, with the VM's stop reason.
+pub(crate) fn stopped_outcome<L: VcpuLoop>(thread: &L) -> VcpuOutcome {
+    let why = thread.control().reason();
+    VcpuOutcome::Failed {
+        reason: format!(
+            "stopped: {}",
+            why.unwrap_or_else(|| "stop requested".into())
+        ),
+        regs: RegisterDump::capture(thread.vcpu(), thread.ram()),
+    }
+}
+
+/// A failed `KVM_RUN`: `None` when it was only interrupted (a kick or
+/// another signal; the caller clears `immediate_exit` and goes on).
+pub(crate) fn run_failure(e: &kvm_ioctls::Error) -> Option<String> {
+    match e.errno() {
+        libc::EINTR | libc::EAGAIN => None,
+        libc::EFAULT => Some(format!(
+            "KVM_RUN failed with EFAULT: guest access to host memory that is not \
+             mapped or not writable ({e})"
+        )),
+        _ => Some(format!("KVM_RUN failed: {e}")),
+    }
+}
+
+/// Describes an exit neither kind of guest should cause: a failed VM
+/// entry, a memory fault KVM hands to user space, anything unknown.
+pub(crate) fn unexpected_exit(exit: &VcpuExit<'_>) -> String {
+    match exit {
+        VcpuExit::FailEntry(reason, cpu) => format!(
+            "VM entry failed (KVM_EXIT_FAIL_ENTRY): hardware reason {reason:#x} on host CPU {cpu}"
+        ),
+        VcpuExit::MemoryFault { flags, gpa, size } => {
+            format!("memory fault at guest-physical {gpa:#x}+{size:#x} (flags {flags:#x})")
+        }
+        other => format!("unexpected exit: {other:?}"),
+    }
+}
+
+/// Describes a `KVM_EXIT_INTERNAL_ERROR` from the `kvm_run` data.
+pub(crate) fn internal_error(vcpu: &mut VcpuFd) -> String {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal`
+    // is the active member of the union.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let n = (internal.ndata as usize).min(internal.data.len());
+    let what = match internal.suberror {
+        kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => {
+            "emulation failure (KVM could not emulate the instruction at RIP)"
+        }
+        kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => "exception while delivering an exception",
+        kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => "event delivery failed",
+        _ => "internal error",
+    };
+    format!(
+        "KVM internal error (KVM_EXIT_INTERNAL_ERROR): {what}, suberror {}, data {:x?}",
+        internal.suberror,
+        &internal.data[..n]
+    )
+}
+
+/// Everything a micro-VM's vCPU thread owns.
 pub(crate) struct VcpuThread {
     pub index: usize,
     pub vcpu: VcpuFd,
@@ -244,99 +384,65 @@ pub(crate) struct VcpuThread {
     pub vm_name: String,
 }
 
-/// How the run loop ended.
-enum Ended {
-    Done(u64),
-    Failed(String),
-    Stopped,
-}
-
 impl VcpuThread {
     /// The thread body: registers for kicks, runs, reports. A failure stops
     /// the VM.
     pub fn run(mut self) -> VcpuOutcome {
         self.control.register(self.index);
-        let ended = catch_unwind(AssertUnwindSafe(|| self.run_loop())).unwrap_or_else(|panic| {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            Ended::Failed(format!("vCPU thread panicked: {msg}"))
-        });
-        let outcome = match ended {
-            Ended::Done(result) => VcpuOutcome::Done {
+        let outcome = match run_vcpu_loop(&mut self) {
+            Ended::Guest(result) => VcpuOutcome::Done {
                 result,
                 expected: None,
             },
-            Ended::Failed(reason) => {
-                self.control
-                    .request_stop(format!("vCPU {} failed: {reason}", self.index));
-                VcpuOutcome::Failed {
-                    reason,
-                    regs: RegisterDump::capture(&self.vcpu, &self.ram),
-                }
-            }
-            Ended::Stopped => VcpuOutcome::Failed {
-                reason: format!(
-                    "stopped: {}",
-                    self.control
-                        .reason()
-                        .unwrap_or_else(|| "stop requested".into())
-                ),
-                regs: RegisterDump::capture(&self.vcpu, &self.ram),
-            },
+            Ended::Failed(reason) => failed_outcome(&self, reason),
+            Ended::Stopped => stopped_outcome(&self),
         };
         self.control.unregister(self.index);
         outcome
     }
 
-    fn pin(&self) -> Result<(), String> {
-        pin_thread(0, &self.placement.host_cpus)
-            .map_err(|e| format!("{e} (node {})", self.placement.node))
+    fn regs(&self) -> Result<kvm_bindings::kvm_regs, String> {
+        self.vcpu
+            .get_regs()
+            .map_err(|e| format!("KVM_GET_REGS failed: {e}"))
+    }
+}
+
+impl VcpuLoop for VcpuThread {
+    /// The DONE hypercall's result.
+    type End = u64;
+
+    fn index(&self) -> usize {
+        self.index
+    }
+    fn control(&self) -> &VmControl {
+        &self.control
+    }
+    fn placement(&self) -> &VcpuPlacement {
+        &self.placement
+    }
+    fn vcpu(&self) -> &VcpuFd {
+        &self.vcpu
+    }
+    fn vcpu_mut(&mut self) -> &mut VcpuFd {
+        &mut self.vcpu
+    }
+    fn ram(&self) -> &GuestRam {
+        &self.ram
     }
 
-    fn run_loop(&mut self) -> Ended {
-        if let Err(e) = self.pin() {
-            return Ended::Failed(e);
-        }
-        let _kick = match KickTarget::install(self.vcpu.get_kvm_run()) {
-            Ok(k) => k,
-            Err(e) => return Ended::Failed(e.to_string()),
-        };
-        loop {
-            if self.control.stopping() {
-                return Ended::Stopped;
-            }
-            self.control.park_if_paused();
-            if self.control.stopping() {
-                return Ended::Stopped;
-            }
-            match self.step() {
-                Ok(None) => {}
-                Ok(Some(ended)) => return ended,
-                Err(e) => return Ended::Failed(e),
-            }
-        }
-    }
-
-    /// One `KVM_RUN` and the handling of its exit: `None` to continue.
-    fn step(&mut self) -> Result<Option<Ended>, String> {
+    fn step(&mut self) -> Result<Option<u64>, String> {
         let index = self.index;
         let exit = match self.vcpu.run() {
             Ok(exit) => exit,
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                // A kick (or another signal); the caller checks the flag.
+            Err(e) => {
+                if let Some(why) = run_failure(&e) {
+                    return Err(why);
+                }
+                // A kick (or another signal); the loop checks the flags.
                 self.vcpu.set_kvm_immediate_exit(0);
                 return Ok(None);
             }
-            Err(e) if e.errno() == libc::EFAULT => {
-                return Err(format!(
-                    "KVM_RUN failed with EFAULT: guest access to host memory that is not \
-                     mapped or not writable ({e})"
-                ))
-            }
-            Err(e) => return Err(format!("KVM_RUN failed: {e}")),
         };
         match exit {
             VcpuExit::IoIn(port, data) => match Hypercall::decode(port, true) {
@@ -349,7 +455,7 @@ impl VcpuThread {
                 _ => Err(format!("read from unknown I/O port {port:#x}")),
             },
             VcpuExit::IoOut(port, data) => match Hypercall::decode(port, false) {
-                Some(Hypercall::Done) => Ok(Some(Ended::Done(self.regs()?.rdi))),
+                Some(Hypercall::Done) => Ok(Some(self.regs()?.rdi)),
                 Some(Hypercall::Log) => {
                     let regs = self.regs()?;
                     let text = read_log_line(&self.ram, regs.rdi, regs.rsi)?;
@@ -372,45 +478,13 @@ impl VcpuThread {
             VcpuExit::Shutdown => {
                 Err("triple fault (KVM_EXIT_SHUTDOWN): an exception with no IDT".into())
             }
-            VcpuExit::FailEntry(reason, cpu) => Err(format!(
-                "VM entry failed (KVM_EXIT_FAIL_ENTRY): hardware reason {reason:#x} on host CPU {cpu}"
-            )),
-            VcpuExit::InternalError => Err(self.internal_error()),
-            VcpuExit::MemoryFault { flags, gpa, size } => Err(format!(
-                "memory fault at guest-physical {gpa:#x}+{size:#x} (flags {flags:#x})"
-            )),
+            VcpuExit::InternalError => Err(internal_error(&mut self.vcpu)),
             VcpuExit::Hlt => Err("guest halted".into()),
             VcpuExit::Intr => {
                 self.vcpu.set_kvm_immediate_exit(0);
                 Ok(None)
             }
-            other => Err(format!("unexpected exit: {other:?}")),
+            other => Err(unexpected_exit(&other)),
         }
-    }
-
-    fn regs(&self) -> Result<kvm_bindings::kvm_regs, String> {
-        self.vcpu
-            .get_regs()
-            .map_err(|e| format!("KVM_GET_REGS failed: {e}"))
-    }
-
-    /// Describes a `KVM_EXIT_INTERNAL_ERROR` from the `kvm_run` data.
-    fn internal_error(&mut self) -> String {
-        let run = self.vcpu.get_kvm_run();
-        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal`
-        // is the active member of the union.
-        let internal = unsafe { run.__bindgen_anon_1.internal };
-        let n = (internal.ndata as usize).min(internal.data.len());
-        let what = match internal.suberror {
-            kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => "emulation failure",
-            kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => "exception while delivering an exception",
-            kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => "event delivery failed",
-            _ => "internal error",
-        };
-        format!(
-            "KVM internal error (KVM_EXIT_INTERNAL_ERROR): {what}, suberror {}, data {:x?}",
-            internal.suberror,
-            &internal.data[..n]
-        )
     }
 }
