@@ -856,9 +856,17 @@ impl ScenarioResult for MigrationResult {
             "frames per move_pages call (log2)",
             "pages per second",
         )
-        .series("move_pages", points)
+        .series("move_pages (cold target pool)", points)
         .reference_line(self.memcpy_pages_per_s.median, "memcpy")
+        .reference_line(
+            self.warm_pages_per_s.median,
+            "move_pages into warm targets, steady state",
+        )
         .reference_line(self.memcpy_pages_per_s.median / 2.0, "goal: memcpy / 2")
+        .reference_line(
+            self.kernel_fresh_pages_per_s.median,
+            "kernel copy into fresh pages",
+        )
         .reference_line(self.single_pages_per_s.median, "move_page")
         .render();
         vec![Plot {

@@ -98,16 +98,33 @@ pub fn nice_ticks(lo: f64, hi: f64, target: usize) -> Vec<f64> {
 
 /// A tick label: as few decimals as the step needs.
 fn tick_label(v: f64, step: f64) -> String {
+    // Ticks a thousand or more apart get a unit suffix (1.5M, 250k), so
+    // labels of large values stay narrow enough for the left margin.
+    let magnitude = (step.abs() * 10.0).log10().floor() as i32 / 3;
+    let (scale, suffix) = match magnitude {
+        m if m >= 3 && step.abs() >= 1e3 => (1e9, "G"),
+        2 if step.abs() >= 1e3 => (1e6, "M"),
+        1 if step.abs() >= 1e3 => (1e3, "k"),
+        _ => (1.0, ""),
+    };
+    let (v, step) = (v / scale, step / scale);
     let decimals = if step >= 1.0 {
         0
     } else {
         (-step.log10().floor()) as usize
     };
     let s = format!("{v:.decimals$}");
-    if s.starts_with('-') && s[1..].chars().all(|c| c == '0' || c == '.') {
+    let s = if s.starts_with('-') && s[1..].chars().all(|c| c == '0' || c == '.') {
         s[1..].to_string()
     } else {
         s
+    };
+    if suffix.is_empty() {
+        s
+    } else if v == 0.0 {
+        "0".into()
+    } else {
+        format!("{s}{suffix}")
     }
 }
 
@@ -576,6 +593,12 @@ mod tests {
         assert!(t[0] < 5.0 && *t.last().unwrap() > 5.0);
         assert_eq!(tick_label(0.5, 0.1), "0.5");
         assert_eq!(tick_label(20.0, 10.0), "20");
+        assert_eq!(tick_label(1400.0, 200.0), "1400");
+        assert_eq!(tick_label(40_000.0, 20_000.0), "40k");
+        assert_eq!(tick_label(1_500_000.0, 500_000.0), "1.5M");
+        assert_eq!(tick_label(3_000_000.0, 500_000.0), "3.0M");
+        assert_eq!(tick_label(0.0, 500_000.0), "0");
+        assert_eq!(tick_label(2e9, 1e9), "2G");
     }
 
     #[test]
