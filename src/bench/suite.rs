@@ -485,10 +485,22 @@ pub fn run_suite(
                 l.seeds
             );
         }
+        let failed_file = out_dir.join(format!("{}{FAILED_SUFFIX}", p.name()));
         match run_one(l, &machine, out_dir, progress, command) {
-            Ok(r) => records.push(r),
+            Ok(r) => {
+                // A rerun into the same folder: the old failure is gone.
+                let _ = std::fs::remove_file(&failed_file);
+                records.push(r)
+            }
             Err(e) => {
                 eprintln!("disco bench: scenario {} failed: {e:#}", p.name());
+                // Kept in the folder, so the report says what is missing
+                // and why long after the terminal is gone.
+                std::fs::write(
+                    &failed_file,
+                    format!("{} ({}): {e:#}\n", p.name(), p.file()),
+                )
+                .with_context(|| format!("writing {}", failed_file.display()))?;
                 failures.push((p.name().to_string(), format!("{e:#}")));
             }
         }
@@ -614,12 +626,45 @@ pub fn read_records(dir: &Path) -> Result<Vec<ScenarioRecord>> {
     Ok(out)
 }
 
-/// Rewrites `report.md` from every record in `dir`.
+/// Names a scenario's error in a results folder: `<scenario>.failed.txt`.
+const FAILED_SUFFIX: &str = ".failed.txt";
+
+/// The failures recorded in `dir` (`<scenario>.failed.txt`), by name:
+/// (scenario, what its file says).
+pub fn read_failures(dir: &Path) -> Result<Vec<(String, String)>> {
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot read the results folder", dir.display()))?;
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(scenario) = name.strip_suffix(FAILED_SUFFIX) {
+            let text = std::fs::read_to_string(e.path())
+                .with_context(|| format!("reading {}", e.path().display()))?;
+            out.push((scenario.to_string(), text.trim_end().to_string()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Rewrites `report.md` from every record in `dir`, with the scenarios that
+/// failed first.
 pub fn write_report(dir: &Path) -> Result<PathBuf> {
     let records = read_records(dir)?;
+    let failures = read_failures(dir)?;
+    let mut text = render_report(&records);
+    if !failures.is_empty() {
+        let mut section = String::from(
+            "## Failed scenarios\n\nThese stopped with an error and have no figures in this report.\n\n",
+        );
+        for (name, why) in &failures {
+            section += &format!("`{name}`:\n\n```text\n{why}\n```\n\n");
+        }
+        let at = text.find("\n\n").map_or(text.len(), |i| i + 2);
+        text.insert_str(at, &section);
+    }
     let path = dir.join("report.md");
-    std::fs::write(&path, render_report(&records))
-        .with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
 
