@@ -484,10 +484,11 @@ fn bench_all_quick_writes_results_and_compare_finds_a_planted_regression() {
     }
 }
 
-/// A scenario that fails while it runs (valid file, but its readers end
-/// before the writer: the bench refuses to measure that) fails the command,
-/// and its results folder keeps the error: `<name>.failed.txt` and a
-/// "Failed scenarios" section at the top of report.md.
+/// A scenario that fails while it runs (a valid file whose guests crash:
+/// the density bench refuses VMs that do not return the model's checksum)
+/// fails the command, and its results folder keeps the error:
+/// `<name>.failed.txt` and a "Failed scenarios" section at the top of
+/// report.md.
 #[test]
 fn a_scenario_failing_at_run_time_is_recorded_in_the_results_folder() {
     if !require_kvm("a_scenario_failing_at_run_time_is_recorded_in_the_results_folder") {
@@ -495,11 +496,11 @@ fn a_scenario_failing_at_run_time_is_recorded_in_the_results_folder() {
     }
     let dir = temp("fails");
     std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("too-short.toml");
+    let file = dir.join("crashing.toml");
     std::fs::write(
         &file,
-        "kind = \"replication\"\nseeds = [9]\nvms = 3\nmemory_mib = 4\ntable_pages = 16\n\
-         lookups = 1000\nwriter_share = 0.5\npolicies = [\"static\"]\ntopology = \"4-node\"\n",
+        "kind = \"density\"\nseeds = [7]\nvms = 2\nmemory_mib = 4\nreps = 1\n\
+         workload = { kind = \"crash\" }\n",
     )
     .unwrap();
     let out = dir.join("out");
@@ -513,23 +514,24 @@ fn a_scenario_failing_at_run_time_is_recorded_in_the_results_folder() {
     ]);
     assert!(
         !o.status.success(),
-        "the failing scenario passed:\n{}",
+        "the crashing scenario passed:\n{}",
         text(&o)
     );
-    let saved = std::fs::read_to_string(out.join("too-short.failed.txt"))
-        .unwrap_or_else(|e| panic!("no too-short.failed.txt ({e}):\n{}", text(&o)));
+    let saved = std::fs::read_to_string(out.join("crashing.failed.txt"))
+        .unwrap_or_else(|e| panic!("no crashing.failed.txt ({e}):\n{}", text(&o)));
+    let why = "did not return the model's checksum";
     assert!(
-        saved.contains("too-short.toml") && saved.contains("every reader finished with the writer"),
+        saved.contains("crashing.toml") && saved.contains(why) && saved.contains("triple fault"),
         "{saved}"
     );
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     let section = report
         .find("## Failed scenarios")
         .expect("a failure section");
-    assert!(report[section..].contains("every reader finished with the writer"));
+    assert!(report[section..].contains(why), "{report}");
     let failures = disco::bench::suite::read_failures(&out).unwrap();
     assert_eq!(failures.len(), 1, "{failures:?}");
-    assert_eq!(failures[0].0, "too-short");
+    assert_eq!(failures[0].0, "crashing");
 }
 
 #[test]
