@@ -79,8 +79,8 @@ impl TopologyChoice {
     }
 }
 
-/// Page sharing knobs. Parsed and reported; the sharing engine is a later
-/// piece of work (see the issue tracker), so `disco run` says it is inactive.
+/// Page sharing knobs: the `[sharing]` section, read by the sharing scanner
+/// (`crate::sharing::Scanner::for_policy`).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SharingPolicy {
     pub enabled: bool,

@@ -23,7 +23,7 @@ use crate::numa::{
 use crate::report::{
     PolicySummary, RunReport, SharingReport, TopologySummary, VcpuReport, VmReport,
 };
-use crate::sharing::{Scanner, ScannerConfig};
+use crate::sharing::Scanner;
 use crate::topology::Topology;
 use crate::vm::{GuestRam, MicroVm, MicroVmSpec, VcpuOutcome, VcpuPlacement};
 use crate::PAGE_SIZE;
@@ -304,17 +304,7 @@ pub fn run_with_control(
         _ => None,
     };
 
-    let scanner = if sharing.enabled {
-        Some(Scanner::start(
-            memory.clone(),
-            ScannerConfig {
-                pages_per_second: sharing.pages_per_second,
-                domains: sharing.domains.clone(),
-            },
-        )?)
-    } else {
-        None
-    };
+    let scanner = Scanner::for_policy(memory.clone(), sharing)?;
 
     let bar = if options.progress {
         let bar = ProgressBar::new(1);

@@ -54,7 +54,7 @@ use crate::guest::layout::{DATA_ADDR, PAGE};
 use crate::memory::{Memory, VmId};
 use crate::numa::runner::{Feed, NumaRunner};
 use crate::numa::TraceSource;
-use crate::sharing::{Scanner, ScannerConfig};
+use crate::sharing::Scanner;
 use crate::topology::Topology;
 use crate::vm::MicroVm;
 
@@ -351,18 +351,7 @@ fn run_policy_in(
         // hardware events here (none on the build hosts).
         None,
     )?;
-    let sharing = &config.policy.sharing;
-    let scanner = if sharing.enabled {
-        Some(Scanner::start(
-            memory.clone(),
-            ScannerConfig {
-                pages_per_second: sharing.pages_per_second,
-                domains: sharing.domains.clone(),
-            },
-        )?)
-    } else {
-        None
-    };
+    let scanner = Scanner::for_policy(memory.clone(), &config.policy.sharing)?;
 
     let first = ReplicationOptions::first_table_gfn();
     let gfns: Vec<u64> = (first..first + o.table_pages).collect();

@@ -264,20 +264,14 @@ impl Pool {
         }
         let mut pages = Vec::with_capacity(count as usize);
         // Recycle freed pages first so the pool stays compact, then extend.
-        while pages.len() < count as usize {
-            match self.cold.take_first(count - pages.len() as u32) {
-                Some((start, len)) => pages.extend(start..start + len),
-                None => break,
-            }
+        for (start, len) in self.cold.take_runs(count) {
+            pages.extend(start..start + len);
         }
         while pages.len() < count as usize && self.next < self.capacity {
             pages.push(self.next);
             self.next += 1;
         }
-        while pages.len() < count as usize {
-            let Some((start, len)) = self.warm.take_first(count - pages.len() as u32) else {
-                break;
-            };
+        for (start, len) in self.warm.take_runs(count - pages.len() as u32) {
             // Punched before it is handed out: a zeroed allocation.
             self.punch(start, len)?;
             pages.extend(start..start + len);
@@ -294,11 +288,8 @@ impl Pool {
             return Err(self.full_error(count));
         }
         let mut pages = Vec::with_capacity(count as usize);
-        while pages.len() < count as usize {
-            match self.warm.take_first(count - pages.len() as u32) {
-                Some((start, len)) => pages.extend(start..start + len),
-                None => break,
-            }
+        for (start, len) in self.warm.take_runs(count) {
+            pages.extend(start..start + len);
         }
         self.warm_reused += pages.len() as u64;
         let rest = count - pages.len() as u32;

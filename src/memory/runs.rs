@@ -136,12 +136,19 @@ impl RunSet {
         Some((s, len))
     }
 
-    /// Takes up to `max` pages off the end of the last run.
-    pub fn take_last(&mut self, max: u32) -> Option<(u32, u32)> {
-        let (s, l) = self.last_run()?;
-        let len = l.min(max);
-        self.remove(s + l - len, len);
-        Some((s + l - len, len))
+    /// Takes up to `max` pages off the front of the set, run by run:
+    /// the runs taken, ascending.
+    pub fn take_runs(&mut self, max: u32) -> Vec<(u32, u32)> {
+        let mut taken = Vec::new();
+        let mut left = max;
+        while left > 0 {
+            let Some((start, len)) = self.take_first(left) else {
+                break;
+            };
+            taken.push((start, len));
+            left -= len;
+        }
+        taken
     }
 }
 
@@ -185,7 +192,7 @@ mod tests {
         Insert(u32, u32),
         Remove(u32, u32),
         TakeFirst(u32),
-        TakeLast(u32),
+        TakeRuns(u32),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -193,7 +200,7 @@ mod tests {
             (0u32..200, 1u32..20).prop_map(|(s, l)| Op::Insert(s, l)),
             (0u32..200, 1u32..20).prop_map(|(s, l)| Op::Remove(s, l)),
             (1u32..20).prop_map(Op::TakeFirst),
-            (1u32..20).prop_map(Op::TakeLast),
+            (1u32..40).prop_map(Op::TakeRuns),
         ]
     }
 
@@ -234,14 +241,16 @@ mod tests {
                             prop_assert!(model.is_empty());
                         }
                     }
-                    Op::TakeLast(n) => {
-                        if let Some((s, l)) = set.take_last(n) {
-                            prop_assert_eq!(Some(&(s + l - 1)), model.last());
-                            for p in s..s + l {
-                                prop_assert!(model.remove(&p));
-                            }
-                        } else {
-                            prop_assert!(model.is_empty());
+                    Op::TakeRuns(n) => {
+                        let want: Vec<u32> = model.iter().take(n as usize).copied().collect();
+                        let got: Vec<u32> = set
+                            .take_runs(n)
+                            .into_iter()
+                            .flat_map(|(s, l)| s..s + l)
+                            .collect();
+                        prop_assert_eq!(&got, &want);
+                        for p in want {
+                            model.remove(&p);
                         }
                     }
                 }

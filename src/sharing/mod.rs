@@ -310,6 +310,22 @@ fn thread_cpu_ms() -> f64 {
 }
 
 impl Scanner {
+    /// The scanner a policy's `[sharing]` section asks for: started when
+    /// sharing is enabled, `None` otherwise.
+    pub fn for_policy(
+        memory: Arc<Memory>,
+        policy: &crate::config::SharingPolicy,
+    ) -> std::io::Result<Option<Scanner>> {
+        if !policy.enabled {
+            return Ok(None);
+        }
+        let config = ScannerConfig {
+            pages_per_second: policy.pages_per_second,
+            domains: policy.domains.clone(),
+        };
+        Scanner::start(memory, config).map(Some)
+    }
+
     pub fn start(memory: Arc<Memory>, config: ScannerConfig) -> std::io::Result<Scanner> {
         let stop = Arc::new(AtomicBool::new(false));
         let quiescent = Arc::new(AtomicBool::new(false));
