@@ -137,10 +137,7 @@ fn private_pages_are_not_replicated_and_replicas_are_not_migrated_or_merged_away
     );
     // The scanner sees two frames with equal content on different pages but
     // must not merge a replica away.
-    let mut scanner = ScanState::new(ScannerConfig {
-        pages_per_second: u64::MAX,
-        domains: vec![],
-    });
+    let mut scanner = ScanState::new(ScannerConfig::new(u64::MAX, vec![]).without_time_rules());
     for _ in 0..4 {
         scanner.step(&memory, 64);
     }
@@ -225,10 +222,8 @@ fn random_operations_keep_invariants_and_contents() {
                 .map(|v| memory.create_space(&format!("p{v}"), FRAMES, 0).unwrap())
                 .collect();
             let mut model: Vec<BTreeMap<u64, u8>> = vec![BTreeMap::new(); VMS];
-            let mut scanner = ScanState::new(ScannerConfig {
-                pages_per_second: u64::MAX,
-                domains: vec![],
-            });
+            let mut scanner =
+                ScanState::new(ScannerConfig::new(u64::MAX, vec![]).without_time_rules());
             for op in ops {
                 match op {
                     Op::Write { vm, gfn, value } => {

@@ -85,10 +85,7 @@ fn scan_fully(memory: &Memory, state: &mut ScanState) {
 }
 
 fn all_domains() -> ScannerConfig {
-    ScannerConfig {
-        pages_per_second: u64::MAX,
-        domains: vec![],
-    }
+    ScannerConfig::new(u64::MAX, vec![]).without_time_rules()
 }
 
 #[test]

@@ -647,10 +647,7 @@ fn merge_phase(
     let handler0 = handler.cpu_ms();
     let scanner = Scanner::start(
         memory.clone(),
-        ScannerConfig {
-            pages_per_second: options.pages_per_second,
-            domains: vec![],
-        },
+        ScannerConfig::new(options.pages_per_second, vec![]),
     )
     .context("starting the scanner")?;
     let start = Instant::now();
@@ -814,10 +811,7 @@ fn slowdown_phase(
             let scanner = if scanning {
                 let s = Scanner::start(
                     memory.clone(),
-                    ScannerConfig {
-                        pages_per_second: options.pages_per_second,
-                        domains: vec![],
-                    },
+                    ScannerConfig::new(options.pages_per_second, vec![]),
                 )?;
                 // Steady operation: the scanner is past its first pass over
                 // the (already merged) VMs when the sweep VM appears.

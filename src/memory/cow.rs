@@ -52,9 +52,15 @@ pub enum MergeOutcome {
 #[derive(Clone, Copy, Debug)]
 pub struct PageScan {
     pub page: MachinePage,
+    /// The content hash; 0 for a hole.
     pub hash: u64,
+    /// All-zero bytes (a hole is not read, and not `zero`).
     pub zero: bool,
     pub shared: bool,
+    /// The page holds no data (never written since it was handed out): not
+    /// read, since reading would allocate it; not worth merging, since it
+    /// costs the host nothing.
+    pub hole: bool,
 }
 
 /// What a write fault turned into.
@@ -115,7 +121,17 @@ impl Memory {
         let Some(entry) = space.pmap.get(gfn).filter(|_| space.mergeable(gfn)) else {
             return Ok(None);
         };
-        let ptr = inner.pools[entry.page.node()].page_ptr(entry.page.index);
+        let pool = &inner.pools[entry.page.node()];
+        if !entry.flags.shared && !pool.page_resident(entry.page.index) {
+            return Ok(Some(PageScan {
+                page: entry.page,
+                hash: 0,
+                zero: false,
+                shared: false,
+                hole: true,
+            }));
+        }
+        let ptr = pool.page_ptr(entry.page.index);
         // SAFETY: an in-bounds page of the pool view; guests may write it
         // concurrently, which only makes the hash a stale hint (merges
         // compare bytes again under write protection).
@@ -128,6 +144,7 @@ impl Memory {
             hash,
             zero,
             shared: entry.flags.shared,
+            hole: false,
         }))
     }
 
