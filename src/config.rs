@@ -134,6 +134,16 @@ pub struct NumaPolicy {
     /// Page-fault sampling: rounds per epoch (a page touched in every round
     /// of every epoch settles at `sample_rounds / (1 - decay)`).
     pub sample_rounds: u64,
+    /// Page-fault sampling: most of each VM's vCPU time its sampled faults
+    /// may cost, a fraction (0.02 = 2 %); the sampler zaps fewer pages
+    /// when a VM is over it, whatever `epoch_ms`, `sample_pages` and
+    /// `sample_rounds` ask for.
+    pub max_sampling_overhead: f64,
+    /// Page-fault sampling: what one sampled fault costs the faulting vCPU
+    /// beyond the handler's own (measured) time, in microseconds: the
+    /// exit, the kernel's fault path and the wake-up, which the monitor
+    /// cannot time itself.
+    pub sample_fault_cost_us: f64,
     /// Where access samples come from.
     pub sampling: crate::numa::counters::Sampling,
     /// The trace replayed when `sampling = "trace"` (as written in the file;
@@ -162,6 +172,8 @@ impl Default for NumaPolicy {
             replica_idle_epochs: 50,
             sample_pages: 64,
             sample_rounds: 8,
+            max_sampling_overhead: 0.02,
+            sample_fault_cost_us: 90.0,
             sampling: crate::numa::counters::Sampling::Auto,
             trace_file: None,
         }
@@ -472,6 +484,12 @@ fn parse_policy(t: &Fields, source: &str, default_name: &str) -> Result<Policy> 
                 sample_rounds: s
                     .opt_u64("sample_rounds", 1, 1000)?
                     .unwrap_or(d.sample_rounds),
+                max_sampling_overhead: s
+                    .opt_f64("max_sampling_overhead", 0.0001, 1.0)?
+                    .unwrap_or(d.max_sampling_overhead),
+                sample_fault_cost_us: s
+                    .opt_f64("sample_fault_cost_us", 0.1, 100_000.0)?
+                    .unwrap_or(d.sample_fault_cost_us),
                 sampling,
                 trace_file,
             };

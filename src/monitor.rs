@@ -16,12 +16,12 @@ use crate::control::{Command, ControlSocket};
 use crate::faults::FaultHandler;
 use crate::guest::layout;
 use crate::memory::{Memory, VmId};
-use crate::numa::runner::{Feed, NumaRunner};
+use crate::numa::runner::{Feed, NumaRunner, NumaStats};
 use crate::numa::{
     choose_source, probe_hardware_pmu, EventSet, MissCounters, SourceKind, TraceSource,
 };
 use crate::report::{
-    PolicySummary, RunReport, SharingReport, TopologySummary, VcpuReport, VmReport,
+    PolicySummary, RunReport, SharingReport, TopologySummary, VcpuReport, VmCosts, VmReport,
 };
 use crate::sharing::Scanner;
 use crate::topology::Topology;
@@ -466,6 +466,11 @@ pub fn run_with_control(
         } else {
             ("ok", None)
         };
+        let run_ms = outcome
+            .as_ref()
+            .map(|o| o.run_time.as_secs_f64() * 1e3)
+            .unwrap_or(0.0);
+        let costs = vm_costs(&memory, rv.space, numa_stats.as_ref(), run_ms, vcpus.len());
         reports.push(VmReport {
             name: vc.name.clone(),
             workload: vc.workload.clone(),
@@ -478,10 +483,8 @@ pub fn run_with_control(
             status: status.to_string(),
             error,
             moves: std::mem::take(&mut moves_applied[i]),
-            run_ms: outcome
-                .as_ref()
-                .map(|o| o.run_time.as_secs_f64() * 1e3)
-                .unwrap_or(0.0),
+            run_ms,
+            costs,
             log: outcome.map(|o| o.log).unwrap_or_default(),
         });
     }
@@ -734,6 +737,38 @@ fn count_vcpu_threads(vm: &MicroVm, space: VmId, counters: &MissCounters) {
             }
         }
     }
+}
+
+/// What sampling, copy-on-write and remap pauses cost VM `space`.
+fn vm_costs(
+    memory: &Memory,
+    space: Option<VmId>,
+    numa: Option<&NumaStats>,
+    run_ms: f64,
+    vcpus: usize,
+) -> VmCosts {
+    let Some(space) = space else {
+        return VmCosts::default();
+    };
+    let g = memory.guest_costs(space);
+    let mut c = VmCosts {
+        cow_breaks: g.cow_breaks,
+        cow_break_ms: g.cow_break_ms,
+        pauses: g.pauses,
+        paused_ms: g.paused_ms,
+        ..VmCosts::default()
+    };
+    if let Some(s) = numa.and_then(|n| n.sampling_cost.iter().find(|s| s.vm == space)) {
+        c.sampled_faults = s.faults;
+        c.sampling_ms = s.charged_ms;
+        c.sampling_rounds = s.rounds;
+        c.sampling_capped_rounds = s.capped_rounds;
+        if run_ms > 0.0 {
+            c.sampled_pages_per_s = s.zapped as f64 / (run_ms / 1e3);
+            c.asked_pages_per_s = s.pages_asked as f64 / (run_ms / 1e3);
+        }
+    }
+    c.finish(run_ms, vcpus)
 }
 
 /// Tells the sampler which thread runs which vCPU on which node (threads

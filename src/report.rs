@@ -87,7 +87,49 @@ pub struct VmReport {
     /// vCPU moves carried out while it ran (`[[vm]] moves`).
     pub moves: Vec<String>,
     pub run_ms: f64,
+    /// What the monitor's policy cost the guest.
+    pub costs: VmCosts,
     pub log: Vec<String>,
+}
+
+/// What sampling, copy-on-write and remaps cost one VM, against its vCPU
+/// time (run time x vCPUs).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct VmCosts {
+    /// Sampled minor faults and the vCPU time charged for them (see
+    /// `numa::cap`: handler time measured, plus `sample_fault_cost_us`
+    /// each).
+    pub sampled_faults: u64,
+    pub sampling_ms: f64,
+    /// Copy-on-write breaks and their handler time.
+    pub cow_breaks: u64,
+    pub cow_break_ms: f64,
+    /// Pauses for remaps, and the time paused.
+    pub pauses: u64,
+    pub paused_ms: f64,
+    /// Run time x vCPUs, in milliseconds.
+    pub vcpu_ms: f64,
+    /// (sampling + copy-on-write + paused x vCPUs) / vCPU time.
+    pub overhead: f64,
+    /// Sampling rounds, and those in which the cap zapped fewer pages than
+    /// the policy asked for.
+    pub sampling_rounds: u64,
+    pub sampling_capped_rounds: u64,
+    /// Pages the cap allowed per second of run time, and the policy's ask.
+    pub sampled_pages_per_s: f64,
+    pub asked_pages_per_s: f64,
+}
+
+impl VmCosts {
+    /// Fills the derived figures from the parts.
+    pub fn finish(mut self, run_ms: f64, vcpus: usize) -> VmCosts {
+        self.vcpu_ms = run_ms * vcpus as f64;
+        if self.vcpu_ms > 0.0 {
+            self.overhead = (self.sampling_ms + self.cow_break_ms + self.paused_ms * vcpus as f64)
+                / self.vcpu_ms;
+        }
+        self
+    }
 }
 
 impl VmReport {
@@ -171,6 +213,39 @@ impl RunReport {
             }
             for line in &vm.log {
                 out += &format!("    log: {line}\n");
+            }
+        }
+        if self
+            .vms
+            .iter()
+            .any(|v| v.costs.overhead > 0.0 || v.costs.sampling_rounds > 0)
+        {
+            out += &format!(
+                "\nmonitor cost per VM (share of its vCPU time; sampling capped at {:.1}%):\n{:<14} {:>14} {:>12} {:>10} {:>9} {:>8} {:>10} {:>8} {:>17}\n",
+                100.0 * self.numa.as_ref().map_or(0.0, |n| n.max_sampling_overhead),
+                "VM", "sampled faults", "sampling ms", "COW breaks", "COW ms", "pauses", "paused ms", "total %", "sampled pages/s"
+            );
+            for vm in &self.vms {
+                let c = &vm.costs;
+                out += &format!(
+                    "{:<14} {:>14} {:>12.1} {:>10} {:>9.1} {:>8} {:>10.1} {:>8.2} {:>17}\n",
+                    vm.name,
+                    c.sampled_faults,
+                    c.sampling_ms,
+                    c.cow_breaks,
+                    c.cow_break_ms,
+                    c.pauses,
+                    c.paused_ms,
+                    100.0 * c.overhead,
+                    if c.sampling_capped_rounds > 0 {
+                        format!(
+                            "{:.0} of {:.0} (cap)",
+                            c.sampled_pages_per_s, c.asked_pages_per_s
+                        )
+                    } else {
+                        format!("{:.0}", c.sampled_pages_per_s)
+                    }
+                );
             }
         }
         if let Some(sh) = &self.sharing {

@@ -34,6 +34,22 @@ pub(crate) struct CowCounters {
     breaks: u64,
     /// Handler time of each break, in nanoseconds.
     break_ns: Vec<u64>,
+    /// What copy-on-write and remaps cost each VM (see `GuestCosts`).
+    pub(super) per_vm: std::collections::BTreeMap<VmId, GuestCosts>,
+}
+
+/// The time the mapper's interventions cost one VM's guest, as the mapper
+/// sees it: copy-on-write breaks (handler time, while the writing vCPU
+/// waits) and pauses for remaps (every vCPU waits).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct GuestCosts {
+    pub cow_breaks: u64,
+    /// Handler time of those breaks, in milliseconds.
+    pub cow_break_ms: f64,
+    /// Pauses of the VM for a remap (merges, replica and shared-page moves).
+    pub pauses: u64,
+    /// Time the VM spent paused in them, in milliseconds.
+    pub paused_ms: f64,
 }
 
 /// How a merge attempt ended.
@@ -250,6 +266,9 @@ impl Memory {
                             inner.cow.breaks += 1;
                             let ns = started.elapsed().as_nanos() as u64;
                             inner.cow.break_ns.push(ns);
+                            let c = inner.cow.per_vm.entry(vm).or_default();
+                            c.cow_breaks += 1;
+                            c.cow_break_ms += ns as f64 / 1e6;
                             FaultOutcome::Copied
                         } else {
                             inner.unprotect_frame(vm, gfn)?;
@@ -294,6 +313,17 @@ impl Memory {
     /// distributions from it).
     pub fn cow_break_times_ns(&self) -> Vec<u64> {
         self.inner.lock().cow.break_ns.clone()
+    }
+
+    /// What copy-on-write breaks and remap pauses have cost VM `vm` so far.
+    pub fn guest_costs(&self, vm: VmId) -> GuestCosts {
+        self.inner
+            .lock()
+            .cow
+            .per_vm
+            .get(&vm)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// Every guest space as `(vm, frames, sharing domain)`.

@@ -303,6 +303,7 @@ impl super::mapper::Inner {
     /// The caller drops the frame's previous page.
     pub(super) fn remap_paused(&mut self, vm: VmId, gfn: Gfn, page: MachinePage) -> Result<bool> {
         let pauser = self.pausers.get(&vm).cloned();
+        let started = std::time::Instant::now();
         if let Some(p) = &pauser {
             if !p.pause() {
                 return Ok(false);
@@ -311,6 +312,9 @@ impl super::mapper::Inner {
         let mapped = self.map_onto(vm, gfn, page);
         if let Some(p) = &pauser {
             p.resume();
+            let c = self.cow.per_vm.entry(vm).or_default();
+            c.pauses += 1;
+            c.paused_ms += started.elapsed().as_secs_f64() * 1e3;
         }
         mapped.map(|_| true)
     }

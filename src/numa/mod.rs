@@ -18,6 +18,7 @@
 //! Every knob comes from the `[numa]` section of the policy file
 //! ([`crate::config::NumaPolicy`]; `policies/*.toml` explain each one).
 
+pub mod cap;
 pub mod counters;
 pub mod hardware;
 pub mod policy;

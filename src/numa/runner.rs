@@ -45,6 +45,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::Serialize;
 
+use super::cap::{SamplingCap, VmSamplingCost};
 use super::hardware::{budget_floor, scale_sample_budget, EventStatus, MissCounters};
 use super::sampler::{PageSampler, SamplerStats};
 use super::{AccessSample, CounterSource, Decision, PageFacts, PageLocation, PolicyEngine};
@@ -138,6 +139,10 @@ pub struct NumaStats {
     pub series: Vec<EpochLocality>,
     /// The page sampler's own counters, with page-fault sampling.
     pub sampler: Option<SamplerStats>,
+    /// The policy's cap on what sampling may cost each VM, a fraction of
+    /// its vCPU time, and how each VM's sampling fared under it.
+    pub max_sampling_overhead: f64,
+    pub sampling_cost: Vec<VmSamplingCost>,
 }
 
 struct MemoryFacts<'a>(&'a Memory);
@@ -196,16 +201,25 @@ struct ZapPlan {
     recheck: BTreeSet<(VmId, u64)>,
     /// Fresh random pages zapped this epoch: their samples are unbiased.
     explored: HashSet<(VmId, u64)>,
+    /// How many pages each VM may zap (see `numa::cap`).
+    cap: SamplingCap,
 }
 
 impl ZapPlan {
     /// `budget`: pages per VM (index = VM id) when counters steer the
     /// effort, else `pages_per_vm` for every VM.
     fn round(&mut self, memory: &Memory, pages_per_vm: u64, budget: Option<&[u64]>) {
-        for (vm, frames, _) in memory.spaces() {
-            let pages_per_vm = budget
+        let spaces = memory.spaces();
+        let vms: Vec<VmId> = spaces.iter().map(|s| s.0).collect();
+        self.cap.begin_round(&self.sampler, &vms);
+        for (vm, frames, _) in spaces {
+            let asked = budget
                 .and_then(|b| b.get(vm as usize).copied())
                 .unwrap_or(pages_per_vm);
+            let pages_per_vm = self.cap.allow(vm, asked);
+            if pages_per_vm == 0 {
+                continue;
+            }
             let rechecks: Vec<u64> = self
                 .recheck
                 .range((vm, 0)..=(vm, u64::MAX))
@@ -219,8 +233,9 @@ impl ZapPlan {
                 self.explored.insert((vm, gfn));
                 gfns.push(gfn);
             }
-            if let Err(e) = memory.zap_frames(vm, &gfns) {
-                tracing::debug!("zapping pages of vm {vm}: {e:#}");
+            match memory.zap_frames(vm, &gfns) {
+                Ok(n) => self.cap.zapped(vm, n as u64),
+                Err(e) => tracing::debug!("zapping pages of vm {vm}: {e:#}"),
             }
         }
         self.recheck.clear();
@@ -272,6 +287,7 @@ impl NumaRunner {
                 ..CounterStats::default()
             }),
             per_vm: vec![(0, 0); vms],
+            max_sampling_overhead: policy.max_sampling_overhead,
             ..NumaStats::default()
         }));
         let distances = topology.distances.clone();
@@ -389,6 +405,12 @@ impl Worker {
                 rng: Rng(0x5eed_d15c_0000_0001),
                 recheck: BTreeSet::new(),
                 explored: HashSet::new(),
+                cap: SamplingCap::new(
+                    policy.max_sampling_overhead,
+                    policy.sample_fault_cost_us,
+                    epoch,
+                    rounds as usize,
+                ),
             }),
             Feed::Source(_) => None,
         };
@@ -460,6 +482,9 @@ impl Worker {
             self.engine.observe(&samples);
             let decisions = self.engine.decide(&MemoryFacts(&self.memory));
             self.apply(decisions, point);
+            if let Some(plan) = &plan {
+                self.out.lock().sampling_cost = plan.cap.report();
+            }
         }
     }
 

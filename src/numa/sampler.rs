@@ -105,6 +105,9 @@ struct State {
     samples: Vec<AccessSample>,
     /// Handler time per resolved minor fault, nanoseconds (bounded).
     handler_ns: Vec<u64>,
+    /// Per VM: minor faults resolved on its RAM and their handler time in
+    /// nanoseconds (what the sampling cost cap charges).
+    vm_faults: HashMap<u32, (u64, u64)>,
 }
 
 /// Keep at most this many handler timings (for the median and p99).
@@ -207,6 +210,7 @@ impl PageSampler {
         let gone: Vec<Space> = s.spaces.iter().copied().filter(|sp| sp.vm == vm).collect();
         s.spaces.retain(|sp| sp.vm != vm);
         s.threads.retain(|_, id| id.vm != vm);
+        s.vm_faults.remove(&vm);
         let in_gone = |a: usize| {
             gone.iter()
                 .any(|sp| a >= sp.host_addr && a < sp.host_addr + sp.len)
@@ -313,6 +317,27 @@ impl PageSampler {
         self.state.lock().threads.contains_key(&tid)
     }
 
+    /// Minor faults resolved on VM `vm`'s RAM so far, and their total
+    /// handler time in nanoseconds.
+    pub fn vm_faults(&self, vm: u32) -> (u64, u64) {
+        self.state
+            .lock()
+            .vm_faults
+            .get(&vm)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// vCPU threads registered for VM `vm`.
+    pub fn vcpu_threads(&self, vm: u32) -> usize {
+        self.state
+            .lock()
+            .threads
+            .values()
+            .filter(|t| t.vm == vm)
+            .count()
+    }
+
     /// Zapped pages not touched yet.
     pub fn pending(&self) -> usize {
         self.state.lock().pending.len()
@@ -368,6 +393,16 @@ impl PageSampler {
         let mut s = self.state.lock();
         if s.handler_ns.len() < MAX_TIMINGS {
             s.handler_ns.push(ns);
+        }
+        let vm = s
+            .spaces
+            .iter()
+            .find(|sp| page >= sp.host_addr && page < sp.host_addr + sp.len)
+            .map(|sp| sp.vm);
+        if let Some(vm) = vm {
+            let e = s.vm_faults.entry(vm).or_default();
+            e.0 += 1;
+            e.1 += ns;
         }
         true
     }
