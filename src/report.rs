@@ -94,7 +94,7 @@ pub struct VmReport {
 
 /// What sampling, copy-on-write and remaps cost one VM, against its vCPU
 /// time (run time x vCPUs).
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct VmCosts {
     /// Sampled minor faults and the vCPU time charged for them (see
     /// `numa::cap`: handler time measured, plus `sample_fault_cost_us`

@@ -35,7 +35,7 @@ use super::{bare, config_from_toml, markdown_table_aligned, progress_bar, HostIn
 use crate::config::Config;
 use crate::guest::{layout, model};
 use crate::monitor::{self, RunOptions};
-use crate::report::RunReport;
+use crate::report::{RunReport, VmCosts};
 
 /// The policy of the cases that measure the monitor itself: memory stays
 /// where it was placed, no sharing scanner, no copy-on-write.
@@ -118,6 +118,30 @@ impl OverheadCase {
         )
     }
 
+    /// One VM touching random pages of its memory (`touches` random
+    /// read-modify-writes: each touch a likely TLB and cache miss, the
+    /// access pattern page sampling sees the most of).
+    pub fn random_seeded(
+        memory_mib: u64,
+        vcpus: u32,
+        touches: u64,
+        policy: &str,
+        seed: u64,
+    ) -> OverheadCase {
+        OverheadCase::new(
+            format!("random-{memory_mib}MiB-{vcpus}vcpu"),
+            format!(
+                "1 VM, {vcpus} vCPUs, {memory_mib} MiB: {touches} touches of random pages; \
+                 disco policy {policy}"
+            ),
+            policy,
+            format!(
+                "[[vm]]\nname = \"random\"\nvcpus = {vcpus}\nmemory_mib = {memory_mib}\n\
+                 time_limit_s = 600\nworkload = {{ kind = \"random\", seed = {seed}, touches = {touches} }}\n"
+            ),
+        )
+    }
+
     pub fn parse(&self) -> Result<Config> {
         config_from_toml(&self.config)
     }
@@ -190,7 +214,7 @@ impl OverheadOptions {
 }
 
 /// One run of one side, ms.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Measured {
     /// The whole run, seen by the caller.
     pub wall: f64,
@@ -199,6 +223,8 @@ pub struct Measured {
     pub create: f64,
     /// Start to last vCPU exit (longest over the VMs).
     pub guest_run: f64,
+    /// disco only: what the policy cost the (first) VM, from the report.
+    pub costs: Option<VmCosts>,
 }
 
 /// One side (disco or bare) of one case.
@@ -214,16 +240,45 @@ pub struct SideResult {
     /// the end, the checksum model, joining, (disco: verify, report,)
     /// teardown.
     pub rest_ms: Stats,
+    /// disco only, from each run's report (`report::VmCosts`): the share
+    /// of the VM's vCPU time spent in sampled faults, copy-on-write breaks
+    /// and remap pauses, and those parts in ms; breaks; whether the
+    /// sampling cap held the sampler back (1) or not (0).
+    #[serde(default)]
+    pub policy_cost: Option<Stats>,
+    #[serde(default)]
+    pub sampling_ms: Option<Stats>,
+    #[serde(default)]
+    pub cow_break_ms: Option<Stats>,
+    #[serde(default)]
+    pub paused_ms: Option<Stats>,
+    #[serde(default)]
+    pub cow_breaks: Option<Stats>,
+    #[serde(default)]
+    pub sampling_capped: Option<Stats>,
 }
 
 impl SideResult {
     fn of(runs: &[Measured]) -> SideResult {
         let s = |f: fn(&Measured) -> f64| Stats::of(&runs.iter().map(f).collect::<Vec<_>>());
+        let cost = |f: fn(&VmCosts) -> f64| {
+            let v: Vec<f64> = runs
+                .iter()
+                .filter_map(|m| m.costs.as_ref().map(f))
+                .collect();
+            (!v.is_empty()).then(|| Stats::of(&v))
+        };
         SideResult {
             wall_ms: s(|m| m.wall),
             create_ms: s(|m| m.create),
             guest_run_ms: s(|m| m.guest_run),
             rest_ms: s(|m| m.wall - m.create - m.guest_run),
+            policy_cost: cost(|c| c.overhead),
+            sampling_ms: cost(|c| c.sampling_ms),
+            cow_break_ms: cost(|c| c.cow_break_ms),
+            paused_ms: cost(|c| c.paused_ms),
+            cow_breaks: cost(|c| c.cow_breaks as f64),
+            sampling_capped: cost(|c| (c.sampling_capped_rounds > 0) as u8 as f64),
         }
     }
 }
@@ -268,6 +323,7 @@ pub fn run_disco(config: &Config) -> Result<Measured> {
         wall,
         create: report.create_ms,
         guest_run: report.vms.iter().map(|v| v.run_ms).fold(0.0, f64::max),
+        costs: report.vms.first().map(|v| v.costs.clone()),
     })
 }
 
@@ -302,6 +358,7 @@ pub fn run_bare(config: &Config) -> Result<Measured> {
         wall,
         create: run.create.as_secs_f64() * 1e3,
         guest_run: run.guest_run().as_secs_f64() * 1e3,
+        costs: None,
     })
 }
 
@@ -454,6 +511,50 @@ impl OverheadResult {
             2,
             &rows,
         );
+        let rows: Vec<Vec<String>> = self
+            .cases
+            .iter()
+            .filter_map(|c| {
+                let d = &c.disco;
+                let show =
+                    |s: &Option<Stats>, digits| s.as_ref().map_or("-".into(), |s| s.show(digits));
+                d.policy_cost.as_ref()?;
+                Some(vec![
+                    c.case.name.clone(),
+                    d.policy_cost.as_ref().map_or("-".into(), |s| {
+                        format!(
+                            "{:.2} % ({:.2}-{:.2})",
+                            100.0 * s.median,
+                            100.0 * s.min,
+                            100.0 * s.max
+                        )
+                    }),
+                    show(&d.sampling_ms, 1),
+                    show(&d.cow_breaks, 0),
+                    show(&d.cow_break_ms, 1),
+                    show(&d.paused_ms, 1),
+                    show(&d.sampling_capped, 2),
+                ])
+            })
+            .collect();
+        if !rows.is_empty() {
+            out += "\nWhat the policy cost the guest, from each disco run's report (share of the VM's vCPU time: \
+                    sampled faults charged as measured handler time plus `sample_fault_cost_us` each, \
+                    copy-on-write handler time, remap pauses x vCPUs):\n\n";
+            out += &markdown_table_aligned(
+                &[
+                    "workload",
+                    "policy cost / vCPU time",
+                    "sampled faults ms",
+                    "COW breaks",
+                    "COW ms",
+                    "paused ms",
+                    "runs capped",
+                ],
+                1,
+                &rows,
+            );
+        }
         out += &format!(
             "\nRatios are of medians. Wall: the whole run seen by the caller (disco: `monitor::run`: \
              pools, VM build, verify before/during/after, 10 ms progress polling, report, teardown; \
@@ -471,7 +572,7 @@ impl OverheadResult {
 // ---------------------------------------------------------------------------
 
 /// Workloads of the overhead scenario, by name.
-pub const WORKLOADS: &[&str] = &["sweep", "fill"];
+pub const WORKLOADS: &[&str] = &["sweep", "fill", "random"];
 
 #[derive(Clone, Debug)]
 struct OverheadScenario {
@@ -479,6 +580,7 @@ struct OverheadScenario {
     memory_mib: u64,
     vcpus: u32,
     passes: u32,
+    touches: u64,
     policies: Vec<String>,
     topology: String,
     reps: usize,
@@ -498,6 +600,13 @@ impl OverheadScenario {
                         p,
                         seed,
                     ),
+                    "random" => OverheadCase::random_seeded(
+                        self.memory_mib,
+                        self.vcpus,
+                        self.touches,
+                        p,
+                        seed,
+                    ),
                     _ => OverheadCase::fill_seeded(self.memory_mib, self.vcpus, p, seed),
                 };
                 cases.push(case.on_topology(&self.topology));
@@ -512,8 +621,9 @@ impl OverheadScenario {
     }
 }
 
-/// Reads a `kind = "overhead"` scenario file: `workloads` (sweep, fill),
-/// `memory_mib`, `vcpus`, `passes` (sweep), `policies` (disco's side),
+/// Reads a `kind = "overhead"` scenario file: `workloads` (sweep, fill,
+/// random), `memory_mib`, `vcpus`, `passes` (sweep), `touches` (random),
+/// `policies` (disco's side),
 /// `topology`, `reps`, `warmup`.
 pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
     let quick = p.quick();
@@ -522,7 +632,8 @@ pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
         memory_mib: p.u64("memory_mib", 2, crate::config::MAX_MEMORY_MIB, 64)?,
         vcpus: p.u64("vcpus", 1, crate::config::MAX_VCPUS, 2)? as u32,
         passes: p.u64("passes", 1, 1_000_000, 16)? as u32,
-        policies: p.policies("policies", &[STATIC])?,
+        touches: p.u64("touches", 1, 100_000_000_000, 20_000_000)?,
+        policies: p.policies("policies", &[STATIC, DEFAULT_POLICY])?,
         topology: p.topology("topology", "host")?,
         reps: p.usize("reps", 1, 1000, if quick { 3 } else { 10 })?,
         warmup: p.bool("warmup", true)?,
@@ -602,6 +713,33 @@ impl ScenarioResult for OverheadResult {
                     Better::Lower,
                     c.disco.create_ms.clone(),
                 ),
+            ]);
+            let d = &c.disco;
+            for (name, unit, stats) in [
+                ("policy cost / vCPU time", "ratio", &d.policy_cost),
+                ("sampled-fault time", "ms", &d.sampling_ms),
+                ("copy-on-write break time", "ms", &d.cow_break_ms),
+                ("remap pause time", "ms", &d.paused_ms),
+                ("copy-on-write breaks", "breaks", &d.cow_breaks),
+            ] {
+                if let Some(stats) = stats {
+                    out.push(Figure::new(
+                        &format!("{n}: {name}"),
+                        unit,
+                        Better::Lower,
+                        stats.clone(),
+                    ));
+                }
+            }
+            if let Some(capped) = &d.sampling_capped {
+                out.push(Figure::new(
+                    &format!("{n}: runs where the sampling cap held the sampler back"),
+                    "fraction",
+                    Better::Neither,
+                    capped.clone(),
+                ));
+            }
+            out.extend([
                 Figure::new(
                     &format!("{n}: bare wall"),
                     "ms",

@@ -132,13 +132,23 @@ impl Memory {
     /// guest's mapping is not touched). `None` when the frame is unmapped
     /// or excluded from sharing.
     pub fn scan_page(&self, vm: VmId, gfn: Gfn) -> Result<Option<PageScan>> {
-        let inner = self.inner.lock();
-        let space = inner.space(vm)?;
-        let Some(entry) = space.pmap.get(gfn).filter(|_| space.mergeable(gfn)) else {
-            return Ok(None);
+        let (entry, ptr) = {
+            let inner = self.inner.lock();
+            let space = inner.space(vm)?;
+            let Some(entry) = space.pmap.get(gfn).filter(|_| space.mergeable(gfn)) else {
+                return Ok(None);
+            };
+            let pool = &inner.pools[entry.page.node()];
+            let ptr = pool.page_ptr(entry.page.index) as *const u8;
+            (entry, ptr)
         };
-        let pool = &inner.pools[entry.page.node()];
-        if !entry.flags.shared && !pool.page_resident(entry.page.index) {
+        // The residency test and the hash run without the memory lock: the
+        // scanner runs at the lowest priority (see `sharing`), and a fault
+        // handler must never wait for a descheduled scanner. The page may
+        // be remapped or freed meanwhile; the hash is only a hint (a merge
+        // compares the bytes again, under protection and the lock), and the
+        // pool views stay mapped for the life of `Memory`.
+        if !entry.flags.shared && !super::pool::view_page_resident(ptr) {
             return Ok(Some(PageScan {
                 page: entry.page,
                 hash: 0,
@@ -147,11 +157,10 @@ impl Memory {
                 hole: true,
             }));
         }
-        let ptr = pool.page_ptr(entry.page.index);
-        // SAFETY: an in-bounds page of the pool view; guests may write it
-        // concurrently, which only makes the hash a stale hint (merges
-        // compare bytes again under write protection).
-        let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, PAGE_SIZE) };
+        // SAFETY: an in-bounds page of a pool view, mapped as long as
+        // `self` lives; guests may write it concurrently, which only makes
+        // the hash a stale hint.
+        let bytes = unsafe { std::slice::from_raw_parts(ptr, PAGE_SIZE) };
         let hash = page_hash(bytes);
         // Only a page hashing like the zero page can be one (then check).
         let zero = hash == zero_page_hash() && bytes.iter().all(|&b| b == 0);

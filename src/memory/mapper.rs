@@ -595,10 +595,20 @@ impl Memory {
         // call makes KVM invalidate the guest's mappings (and kick its
         // vCPUs), whatever its length, so runs cost the guest far less
         // than the same pages one by one.
+        // A hole (a page never written since it was handed out) is not
+        // zapped: its next touch is a missing fault, which the sampler does
+        // not register, so it could never yield a sample, only an madvise
+        // and a `pending` entry that never resolves.
         let mut sorted: Vec<Gfn> = gfns
             .iter()
             .copied()
-            .filter(|&g| space.pmap.get(g).is_some() && space.mergeable(g))
+            .filter(|&g| {
+                space.pmap.get(g).is_some_and(|e| {
+                    space.mergeable(g)
+                        && (e.flags.shared
+                            || inner.pools[e.page.node()].page_resident(e.page.index))
+                })
+            })
             .collect();
         sorted.sort_unstable();
         sorted.dedup();

@@ -517,19 +517,7 @@ impl Pool {
     /// reading it through the `MAP_SHARED` view would make the kernel
     /// allocate it (FACTS.md), so the sharing scanner asks this first.
     pub fn page_resident(&self, index: u32) -> bool {
-        let mut vec = [0u8; 1];
-        // SAFETY: one in-bounds, page-aligned page of the view; `vec` has
-        // room for its one byte.
-        let r = unsafe {
-            libc::mincore(
-                self.page_ptr(index) as *mut libc::c_void,
-                PAGE_SIZE,
-                vec.as_mut_ptr(),
-            )
-        };
-        // On an error, say resident: the caller then reads the page as
-        // before (safe, only not as cheap).
-        r != 0 || vec[0] & 1 != 0
+        view_page_resident(self.page_ptr(index))
     }
 
     /// Host memory the pool really holds (resident pages of the memfd), in
@@ -554,4 +542,15 @@ impl Drop for Pool {
             )
         };
     }
+}
+
+/// Whether the page of a pool view at `ptr` (page-aligned) holds data in its
+/// memfd, by `mincore`, which does not touch the page. On an error it says
+/// resident: the caller then reads the page (safe, only not as cheap).
+pub(crate) fn view_page_resident(ptr: *const u8) -> bool {
+    let mut vec = [0u8; 1];
+    // SAFETY: mincore only reads the page tables of one page-aligned page;
+    // `vec` has room for its one byte.
+    let r = unsafe { libc::mincore(ptr as *mut libc::c_void, PAGE_SIZE, vec.as_mut_ptr()) };
+    r != 0 || vec[0] & 1 != 0
 }
