@@ -134,6 +134,10 @@ pub struct NumaPolicy {
     /// Page-fault sampling: rounds per epoch (a page touched in every round
     /// of every epoch settles at `sample_rounds / (1 - decay)`).
     pub sample_rounds: u64,
+    /// A page that migrates takes along the private frames of its aligned
+    /// region of this many frames that sit on the node it leaves (within
+    /// the copy budget); 1 moves sampled pages only.
+    pub migrate_region_pages: u64,
     /// Page-fault sampling: most of each VM's vCPU time its sampled faults
     /// may cost, a fraction (0.02 = 2 %); the sampler zaps fewer pages
     /// when a VM is over it, whatever `epoch_ms`, `sample_pages` and
@@ -172,6 +176,7 @@ impl Default for NumaPolicy {
             replica_idle_epochs: 50,
             sample_pages: 64,
             sample_rounds: 8,
+            migrate_region_pages: 64,
             max_sampling_overhead: 0.02,
             sample_fault_cost_us: 90.0,
             sampling: crate::numa::counters::Sampling::Auto,
@@ -484,6 +489,9 @@ fn parse_policy(t: &Fields, source: &str, default_name: &str) -> Result<Policy> 
                 sample_rounds: s
                     .opt_u64("sample_rounds", 1, 1000)?
                     .unwrap_or(d.sample_rounds),
+                migrate_region_pages: s
+                    .opt_u64("migrate_region_pages", 1, 512)?
+                    .unwrap_or(d.migrate_region_pages),
                 max_sampling_overhead: s
                     .opt_f64("max_sampling_overhead", 0.0001, 1.0)?
                     .unwrap_or(d.max_sampling_overhead),

@@ -336,3 +336,50 @@ fn missing_file() {
         .to_string();
     assert_contains(&err, &["/nonexistent/disco.toml", "cannot read the file"]);
 }
+
+#[test]
+fn bad_sampling_cost_cap_values_name_the_key_and_the_range() {
+    for (value, found) in [
+        ("0", "0 is out of range"),
+        ("1.5", "1.5 is out of range"),
+        ("-0.02", "-0.02 is out of range"),
+        ("nan", "NaN is out of range"),
+    ] {
+        let err = error_of(
+            "cap.toml",
+            &format!(
+                "[policy]\nname = \"p\"\n[policy.numa]\nmax_sampling_overhead = {value}\n{GOOD_VM}"
+            ),
+        );
+        assert_contains(
+            &err,
+            &[
+                "cap.toml",
+                "key `policy.numa.max_sampling_overhead`",
+                found,
+                "allowed: 0.0001 to 1",
+            ],
+        );
+    }
+    let err = error_of(
+        "cap.toml",
+        &format!(
+            "[policy]\nname = \"p\"\n[policy.numa]\nmax_sampling_overhead = \"2%\"\n{GOOD_VM}"
+        ),
+    );
+    assert_contains(
+        &err,
+        &["key `policy.numa.max_sampling_overhead`", "a number"],
+    );
+    let err = error_of(
+        "cost.toml",
+        &format!("[policy]\nname = \"p\"\n[policy.numa]\nsample_fault_cost_us = 0\n{GOOD_VM}"),
+    );
+    assert_contains(
+        &err,
+        &[
+            "key `policy.numa.sample_fault_cost_us`",
+            "allowed: 0.1 to 100000",
+        ],
+    );
+}

@@ -197,8 +197,10 @@ fn software_counters_count_each_thread_and_steer_the_budget() {
     assert!(budget[0] >= floor, "{budget:?}");
 }
 
-/// Two micro-VMs spinning on one host; the "light" one is paused most of
-/// the time, so its vCPU thread does less work. Software counters on the
+/// Two micro-VMs touching random pages of their memory (so there are
+/// written pages to sample: never-written ones are not zapped) on one
+/// host; the "light" one is paused most of the time, so its vCPU thread
+/// does less work. Software counters on the
 /// real vCPU threads must see it, and the NUMA runner steered by them must
 /// give the busy VM the larger page-sample budget.
 #[test]
@@ -214,13 +216,13 @@ name = "light"
 vcpus = 1
 memory_mib = 8
 time_limit_s = 60
-workload = { kind = "spin" }
+workload = { kind = "random", seed = 1, touches = 300000000 }
 [[vm]]
 name = "busy"
 vcpus = 1
 memory_mib = 8
 time_limit_s = 60
-workload = { kind = "spin" }
+workload = { kind = "random", seed = 2, touches = 300000000 }
 "#,
         "<test>",
         Path::new("."),

@@ -121,6 +121,10 @@ pub struct FrameLocation {
     pub copies: Vec<NodeId>,
     /// Names the content: equal for every frame mapping any of its copies.
     pub group: u64,
+    /// In an area excluded from sharing and sampling
+    /// (`Memory::exclude_from_sharing`, e.g. the micro-guest's system
+    /// area): the policies leave it where it is.
+    pub excluded: bool,
 }
 
 /// Replica figures for reports.
@@ -147,7 +151,8 @@ impl Memory {
     /// Where frame `gfn` of `vm` lives; `None` when it is not mapped.
     pub fn frame_location(&self, vm: VmId, gfn: Gfn) -> Option<FrameLocation> {
         let inner = self.inner.lock();
-        let entry = inner.spaces.get(&vm)?.pmap.get(gfn)?;
+        let space = inner.spaces.get(&vm)?;
+        let entry = space.pmap.get(gfn)?;
         let mut copies: Vec<NodeId> = inner
             .replicas
             .group_of(entry.page)
@@ -160,6 +165,7 @@ impl Memory {
             shared: entry.flags.shared,
             copies,
             group: inner.replicas.group_id(entry.page),
+            excluded: !space.mergeable(gfn),
         })
     }
 
