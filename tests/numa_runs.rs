@@ -70,7 +70,9 @@ workload = { kind = "sweep", seed = 3, passes = 2000 }
         numa.source
     );
     let sampler = numa.sampler.as_ref().expect("page-fault sampling ran");
-    assert!(sampler.samples > 500, "{sampler:?}");
+    // Sampling is capped at 2 % of the vCPU's time (policies/migrate-only.toml):
+    // a few hundred samples in this run.
+    assert!(sampler.samples > 100, "{sampler:?}");
     assert_eq!(numa.migration_failures, 0);
     let vm = &report.vms[0];
     // 2048 frames: the first 256 (page tables, code, stacks) are not
@@ -82,7 +84,12 @@ workload = { kind = "sweep", seed = 3, passes = 2000 }
         vm.pages_per_node,
         report.render_text()
     );
-    assert_eq!(vm.pages_per_node[2], numa.migrations);
+    // Sampled pages moved, and their regions with them.
+    assert_eq!(
+        vm.pages_per_node[2],
+        numa.migrations + numa.region_migrations
+    );
+    assert!(numa.region_migrations > 0, "regions moved along");
     let (first, last) = locality_first_last(&report);
     assert!(
         last > first + 0.3,
@@ -339,14 +346,27 @@ fn four_vms_reading_one_shared_table_get_replicas_with_real_sampling() {
     // samples. Sampling is sparse (a VM samples 64 of its 1024 frames per
     // round), so the test asks for most of the table, not all of it; and a
     // replica must not be dropped for a dip in sparse counts (which would
-    // make it again and end in freezes).
+    // make it again and end in freezes). The shipped policy caps sampling
+    // at 2 % of each vCPU's time, a few hundred samples a second here, too
+    // few to find 32 pages of 1024 within a 2 s run; this test is about the
+    // mechanism, so it runs the shipped policy with the cap raised to 30 %.
     const TABLE: u64 = 32;
-    let mut config = String::from(
-        r#"
-policy = "replicate-only"
-[host]
-topology = "4-node"
-"#,
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/replicate-only.toml"),
+    )
+    .unwrap();
+    assert!(shipped.contains("\nmax_sampling_overhead = 0.02\n"));
+    let policy = common::TraceFile::named(
+        "replicate-uncapped",
+        "replicate-uncapped.toml",
+        &shipped.replace(
+            "\nmax_sampling_overhead = 0.02\n",
+            "\nmax_sampling_overhead = 0.3\n",
+        ),
+    );
+    let mut config = format!(
+        "policy = \"{}\"\n[host]\ntopology = \"4-node\"\n",
+        policy.path().display()
     );
     for vm in 0..4 {
         config += &format!(

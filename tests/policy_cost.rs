@@ -68,12 +68,19 @@ fn every_vm_gets_samples_and_none_pays_more_than_the_cap() {
         numa.max_sampling_overhead, 0.02,
         "policies/disco.toml's cap"
     );
-    for (i, vm) in report.vms.iter().enumerate() {
+    let mean = report
+        .vms
+        .iter()
+        .map(|v| v.costs.sampled_faults as f64)
+        .sum::<f64>()
+        / report.vms.len() as f64;
+    for vm in &report.vms {
         let c = &vm.costs;
         assert!(
-            c.sampled_faults > 0 && numa.per_vm[i].0 > 0,
-            "{} got no samples: {}",
+            c.sampled_faults as f64 >= mean / 3.0 && c.sampled_faults > 0,
+            "{} got {} samples, the mean is {mean:.0}: {}",
             vm.name,
+            c.sampled_faults,
             report.render_text()
         );
         assert!(

@@ -307,6 +307,7 @@ impl NumaRunner {
                     vms,
                     steer: counters,
                     read_us: Vec::new(),
+                    regions: matches!(feed, Feed::Sampler(_)),
                 };
                 worker.run(policy, feed, &flag);
             })?;
@@ -359,6 +360,9 @@ struct Worker {
     steer: Option<Arc<MissCounters>>,
     /// Every epoch's counter read time, for the median.
     read_us: Vec<f64>,
+    /// Migrating pages take their regions along (page-fault sampling only:
+    /// a replayed trace names every page it means).
+    regions: bool,
 }
 
 impl Worker {
@@ -547,7 +551,12 @@ impl Worker {
         let mut along = 0;
         for d in decisions {
             if let Decision::Migrate { vm, gfn, to } = *d {
-                for g in self.region_of(vm, gfn, to, params.migrate_region_pages, spare) {
+                let region = if self.regions {
+                    params.migrate_region_pages
+                } else {
+                    1
+                };
+                for g in self.region_of(vm, gfn, to, region, spare) {
                     if decided.insert((vm, g)) {
                         groups.entry((vm, to)).or_default().push(g);
                         spare -= 1;

@@ -59,8 +59,10 @@
 //! volatile frames are merged on sight again.
 //!
 //! ## Rate
-//! `pages_per_second` pages are hashed per second, host-wide, in ticks of
-//! 10 ms; the scanner thread's own CPU time is measured and reported.
+//! At most `pages_per_second` pages are hashed per second, host-wide, in
+//! ticks of 10 ms; the pace follows the yield (`Pace`: faster while pages
+//! merge, down to 1/64 of that while none do), and the thread runs at
+//! nice 5. Its own CPU time is measured and reported.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -142,6 +144,9 @@ pub struct ScannerStats {
     pub unstable_skips: u64,
     /// CPU time of the scanner thread.
     pub cpu_ms: f64,
+    /// The scanner's current pace, pages per second (see `Pace`).
+    #[serde(default)]
+    pub rate_pages_per_s: f64,
     pub errors: u64,
 }
 
@@ -381,23 +386,78 @@ fn thread_cpu_ms() -> f64 {
     ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6
 }
 
-/// Puts the calling thread at the lowest CPU priority (nice 19): on a host
-/// whose CPUs the vCPUs keep busy the scanner then gets a small share
-/// (about 1.5 % of a CPU against one busy vCPU thread), on an idle one all
-/// it asks for. Measured on the 2-core build host with one 2-vCPU, 256 MiB
-/// `random` guest: at normal priority the scanner took 600-900 ms of CPU in
-/// a 1.6-2.0 s run and the guest ran 1.4-1.6x its time without sharing.
-/// Hashing runs without the memory lock (`Memory::scan_page`), so a
-/// descheduled scanner seldom holds what a fault handler needs; merges do
-/// take the lock, briefly.
-fn lowest_priority() {
+/// Puts the calling thread at nice 5, as Linux does for ksmd: the vCPU
+/// threads come first when the CPUs are busy. Not lower: at nice 19 the
+/// scanner starved whenever the vCPUs outnumbered the CPUs (four 1-vCPU
+/// guests on the 2-core build host shared almost nothing while they ran),
+/// and sharing that lags the guests is memory the host must hold. What
+/// keeps the scanner cheap is its pace (`Pace`). Hashing runs without the
+/// memory lock (`Memory::scan_page`), so a descheduled scanner seldom holds
+/// what a fault handler needs; merges do take the lock, briefly.
+fn low_priority() {
     // SAFETY: setpriority on the calling thread (tid 0 = caller) has no
     // memory-safety preconditions.
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) } != 0 {
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 5) } != 0 {
         tracing::debug!(
-            "scanner: setpriority(19): {}",
+            "scanner: setpriority(5): {}",
             std::io::Error::last_os_error()
         );
+    }
+}
+
+/// The scanner's pace: `pages_per_second` is a ceiling, not a constant.
+///
+/// Hashing a page costs about 2.5 us of CPU here; at the ceiling of
+/// `policies/disco.toml` (100,000 pages/s) that is a quarter of a CPU, taken
+/// from the guests on a host whose CPUs they keep busy, whether or not
+/// there is anything to merge (a 2-vCPU, 256 MiB `random` guest ran
+/// 1.4-1.6x its time without sharing on the 2-core build host). So the
+/// rate follows the yield: after every `WINDOW` pages hashed (holes are not
+/// hashed and do not count), it doubles if at least 1 % of them merged and
+/// halves if none did, between the ceiling / 64 and the ceiling. It starts
+/// at the ceiling / 8, reaches the ceiling within three windows of finding
+/// duplicates, and falls to the floor within six windows of finding none
+/// (KSM's `smart_scan` skips pages that never merge; this is the same
+/// bet, per window rather than per page). Once the guests have stopped
+/// the ceiling applies: nothing competes any more.
+struct Pace {
+    ceiling: f64,
+    rate: f64,
+    /// Hashed pages and merges at the start of the window.
+    hashed: u64,
+    merges: u64,
+}
+
+/// Pages hashed between two changes of pace.
+const WINDOW: u64 = 4096;
+
+impl Pace {
+    fn new(ceiling: f64) -> Pace {
+        Pace {
+            ceiling,
+            rate: (ceiling / 8.0).max(1.0),
+            hashed: 0,
+            merges: 0,
+        }
+    }
+
+    fn rate(&mut self, stats: &ScannerStats, quiescent: bool) -> f64 {
+        if quiescent {
+            return self.ceiling;
+        }
+        let hashed = stats.pages_scanned - stats.holes_skipped;
+        if hashed - self.hashed >= WINDOW {
+            let merged = stats.merges - self.merges;
+            let floor = (self.ceiling / 64.0).max(1.0);
+            if merged * 100 >= hashed - self.hashed {
+                self.rate = (self.rate * 2.0).min(self.ceiling);
+            } else if merged == 0 {
+                self.rate = (self.rate / 2.0).max(floor);
+            }
+            self.hashed = hashed;
+            self.merges = stats.merges;
+        }
+        self.rate
     }
 }
 
@@ -424,12 +484,15 @@ impl Scanner {
         let thread = std::thread::Builder::new()
             .name("disco-scanner".into())
             .spawn(move || {
-                lowest_priority();
-                let rate = config.pages_per_second as f64;
+                low_priority();
+                let mut pace = Pace::new(config.pages_per_second as f64);
                 let mut state = ScanState::new(config);
                 let mut budget = 0.0f64;
                 let mut last = Instant::now();
                 while !flag.load(Ordering::Relaxed) {
+                    let quiescent = still.load(Ordering::Relaxed);
+                    let rate = pace.rate(&state.stats, quiescent);
+                    state.stats.rate_pages_per_s = rate;
                     let now = Instant::now();
                     // At most one second's worth after a stall, no bursts.
                     budget = (budget + rate * (now - last).as_secs_f64()).min(rate.max(1.0));
@@ -438,7 +501,7 @@ impl Scanner {
                     // even at an unlimited rate.
                     let pages = budget.floor().min(MAX_BATCH as f64);
                     budget -= pages;
-                    state.quiescent = still.load(Ordering::Relaxed);
+                    state.quiescent = quiescent;
                     state.step(&memory, pages as u64);
                     state.stats.cpu_ms = thread_cpu_ms();
                     *out.lock() = state.stats.clone();

@@ -38,9 +38,14 @@ pub struct TraceFile {
 impl TraceFile {
     /// Writes `text` (the format of `disco::numa::trace`) to `<name>.trace`.
     pub fn new(name: &str, text: &str) -> TraceFile {
+        TraceFile::named(name, &format!("{name}.trace"), text)
+    }
+
+    /// Writes `text` to a file called `file_name` (e.g. a policy file).
+    pub fn named(name: &str, file_name: &str, text: &str) -> TraceFile {
         let dir = std::env::temp_dir().join(format!("disco-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("{name}.trace"));
+        let path = dir.join(file_name);
         std::fs::write(&path, text).unwrap();
         TraceFile { dir, path }
     }
