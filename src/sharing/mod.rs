@@ -412,32 +412,39 @@ fn low_priority() {
 /// from the guests on a host whose CPUs they keep busy, whether or not
 /// there is anything to merge (a 2-vCPU, 256 MiB `random` guest ran
 /// 1.4-1.6x its time without sharing on the 2-core build host). So the
-/// rate follows the yield: after every `WINDOW` pages hashed (holes are not
-/// hashed and do not count), it doubles if at least 1 % of them merged and
-/// halves if none did, between the ceiling / 64 and the ceiling. It starts
-/// at the ceiling / 8, reaches the ceiling within three windows of finding
-/// duplicates, and falls to the floor within six windows of finding none
-/// (KSM's `smart_scan` skips pages that never merge; this is the same
-/// bet, per window rather than per page). Once the guests have stopped
-/// the ceiling applies: nothing competes any more.
+/// rate follows the yield, between the ceiling / 64 and the ceiling: it
+/// halves after a window of `WINDOW` hashed pages (holes are not hashed and
+/// do not count) in which nothing merged, and doubles as soon as 1 % of the
+/// pages hashed since the last change merged (looked at every
+/// `SPEEDUP_CHECK`, so a slowed scanner that finds duplicates again is back
+/// at the ceiling within about a second). The first full pass runs at the
+/// ceiling: it fills the candidate table, so finding nothing to merge in
+/// it says nothing yet (starting slow made the sharing bench's first
+/// merges wait a second). KSM's `smart_scan` skips pages that never merge;
+/// this is the same bet, per window rather than per page. Once the guests
+/// have stopped the ceiling applies: nothing competes any more.
 struct Pace {
     ceiling: f64,
     rate: f64,
-    /// Hashed pages and merges at the start of the window.
+    /// Hashed pages and merges at the last change, and when it was.
     hashed: u64,
     merges: u64,
+    since: Instant,
 }
 
-/// Pages hashed between two changes of pace.
+/// Pages hashed, without a merge, before the pace halves.
 const WINDOW: u64 = 4096;
+/// How often a slowed scanner checks whether it should speed up again.
+const SPEEDUP_CHECK: Duration = Duration::from_millis(100);
 
 impl Pace {
     fn new(ceiling: f64) -> Pace {
         Pace {
             ceiling,
-            rate: (ceiling / 8.0).max(1.0),
+            rate: ceiling.max(1.0),
             hashed: 0,
             merges: 0,
+            since: Instant::now(),
         }
     }
 
@@ -446,16 +453,26 @@ impl Pace {
             return self.ceiling;
         }
         let hashed = stats.pages_scanned - stats.holes_skipped;
-        if hashed - self.hashed >= WINDOW {
-            let merged = stats.merges - self.merges;
-            let floor = (self.ceiling / 64.0).max(1.0);
-            if merged * 100 >= hashed - self.hashed {
-                self.rate = (self.rate * 2.0).min(self.ceiling);
-            } else if merged == 0 {
-                self.rate = (self.rate / 2.0).max(floor);
-            }
+        if stats.full_scans == 0 {
             self.hashed = hashed;
             self.merges = stats.merges;
+            return self.rate;
+        }
+        let (seen, merged) = (hashed - self.hashed, stats.merges - self.merges);
+        let floor = (self.ceiling / 64.0).max(1.0);
+        let changed = if seen > 0 && merged * 100 >= seen && self.since.elapsed() >= SPEEDUP_CHECK {
+            self.rate = (self.rate * 2.0).min(self.ceiling);
+            true
+        } else if seen >= WINDOW && merged == 0 {
+            self.rate = (self.rate / 2.0).max(floor);
+            true
+        } else {
+            seen >= WINDOW
+        };
+        if changed {
+            self.hashed = hashed;
+            self.merges = stats.merges;
+            self.since = Instant::now();
         }
         self.rate
     }
