@@ -271,6 +271,9 @@ pub struct LocalityRun {
     pub epochs: u64,
     pub samples: u64,
     pub migrations: u64,
+    /// Frames that moved along with the sampled pages (their regions).
+    #[serde(default)]
+    pub region_migrations: u64,
     pub migration_failures: u64,
     pub replicas_made: u64,
     pub replicas_collapsed: u64,
@@ -310,6 +313,7 @@ impl LocalityRun {
             epochs: numa.epochs,
             samples: numa.samples,
             migrations: numa.migrations,
+            region_migrations: numa.region_migrations,
             migration_failures: numa.migration_failures,
             replicas_made: numa.replicas_made,
             replicas_collapsed: numa.replicas_collapsed,
@@ -489,6 +493,12 @@ impl ScenarioResult for LocalityResult {
                 s(|r| r.migrations as f64),
             ));
             out.push(Figure::new(
+                &format!("{policy}: frames moved with their region"),
+                "pages",
+                Better::Neither,
+                s(|r| r.region_migrations as f64),
+            ));
+            out.push(Figure::new(
                 &format!("{policy}: replicas made"),
                 "pages",
                 Better::Neither,
@@ -542,7 +552,7 @@ impl ScenarioResult for LocalityResult {
                     r.summary
                         .time_to_goal_ms
                         .map_or("not reached".into(), |t| format!("{t:.0}")),
-                    r.migrations.to_string(),
+                    format!("{} + {}", r.migrations, r.region_migrations),
                     r.replicas_made.to_string(),
                     r.freezes.to_string(),
                     format!("{:.0} %", 100.0 * r.pages_local_at_end),
@@ -574,7 +584,7 @@ impl ScenarioResult for LocalityResult {
                     "local (last)",
                     "modelled cost",
                     &format!("ms to {}", goal_name(o.goal)),
-                    "migrated",
+                    "migrated (+ with their regions)",
                     "replicas",
                     "frozen",
                     "pages local",
