@@ -143,8 +143,8 @@ impl Memory {
             (entry, ptr)
         };
         // The residency test and the hash run without the memory lock: the
-        // scanner runs at the lowest priority (see `sharing`), and a fault
-        // handler must never wait for a descheduled scanner. The page may
+        // scanner runs below the vCPUs' priority (see `sharing`), and a
+        // fault handler must not wait for a descheduled scanner. The page may
         // be remapped or freed meanwhile; the hash is only a hint (a merge
         // compares the bytes again, under protection and the lock), and the
         // pool views stay mapped for the life of `Memory`.

@@ -612,15 +612,9 @@ impl Memory {
             .collect();
         sorted.sort_unstable();
         sorted.dedup();
-        let mut i = 0;
-        while i < sorted.len() {
-            let mut j = i + 1;
-            while j < sorted.len() && sorted[j] == sorted[j - 1] + 1 {
-                j += 1;
-            }
-            sampler.zap(space.addr(sorted[i]), (j - i) * PAGE_SIZE)?;
-            zapped += j - i;
-            i = j;
+        for (first, len) in super::runs::runs_of(&sorted) {
+            sampler.zap(space.addr(first), len as usize * PAGE_SIZE)?;
+            zapped += len as usize;
         }
         Ok(zapped)
     }

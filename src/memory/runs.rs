@@ -153,16 +153,20 @@ impl RunSet {
 }
 
 /// Runs of consecutive values in `sorted` (ascending, no duplicates):
-/// `(first, len)`.
-pub fn runs_of(sorted: &[u32]) -> impl Iterator<Item = (u32, u32)> + '_ {
+/// `(first, len)`. Pool page indices (`u32`) and guest frames (`u64`).
+pub fn runs_of<T>(sorted: &[T]) -> impl Iterator<Item = (T, T)> + '_
+where
+    T: Copy + PartialEq + std::ops::Add<Output = T> + From<u8>,
+{
     let mut i = 0;
     std::iter::from_fn(move || {
         let start = *sorted.get(i)?;
-        let mut len = 1;
-        while sorted.get(i + len as usize) == Some(&(start + len)) {
-            len += 1;
+        let (mut n, mut len) = (1, T::from(1));
+        while sorted.get(i + n) == Some(&(start + len)) {
+            n += 1;
+            len = len + T::from(1);
         }
-        i += len as usize;
+        i += n;
         Some((start, len))
     })
 }
@@ -278,6 +282,6 @@ mod tests {
     fn runs_of_splits_sorted_values() {
         let v = [1, 2, 3, 7, 9, 10];
         assert_eq!(runs_of(&v).collect::<Vec<_>>(), [(1, 3), (7, 1), (9, 2)]);
-        assert_eq!(runs_of(&[]).count(), 0);
+        assert_eq!(runs_of::<u32>(&[]).count(), 0);
     }
 }

@@ -540,7 +540,14 @@ impl Worker {
         let mut spare = params
             .copy_budget_pages
             .saturating_sub(decisions.iter().map(|d| d.copies() as u64).sum());
+        let region = if self.regions {
+            params.migrate_region_pages
+        } else {
+            1
+        };
         let mut groups: BTreeMap<(VmId, usize), Vec<u64>> = BTreeMap::new();
+        // The pages the engine decided on: they count as migrations, the
+        // region frames that go along are counted apart.
         let mut decided: HashSet<(VmId, u64)> = HashSet::new();
         for d in decisions {
             if let Decision::Migrate { vm, gfn, to } = *d {
@@ -548,16 +555,12 @@ impl Worker {
                 decided.insert((vm, gfn));
             }
         }
+        let mut moving = decided.clone();
         let mut along = 0;
         for d in decisions {
             if let Decision::Migrate { vm, gfn, to } = *d {
-                let region = if self.regions {
-                    params.migrate_region_pages
-                } else {
-                    1
-                };
                 for g in self.region_of(vm, gfn, to, region, spare) {
-                    if decided.insert((vm, g)) {
+                    if moving.insert((vm, g)) {
                         groups.entry((vm, to)).or_default().push(g);
                         spare -= 1;
                         along += 1;
@@ -571,13 +574,7 @@ impl Worker {
                 Ok(report) => {
                     let done: HashSet<u64> = report.moved.iter().copied().collect();
                     let there: HashSet<u64> = report.unchanged.iter().copied().collect();
-                    let gfns = gfns.into_iter().filter(|g| {
-                        // Region frames moved along count apart.
-                        decisions.iter().any(|d| {
-                            matches!(*d, Decision::Migrate { vm: v, gfn, .. } if v == vm && gfn == *g)
-                        })
-                    });
-                    for gfn in gfns {
+                    for gfn in gfns.into_iter().filter(|&g| decided.contains(&(vm, g))) {
                         if done.contains(&gfn) {
                             moved += 1;
                         } else if !there.contains(&gfn) {

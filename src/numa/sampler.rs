@@ -371,7 +371,7 @@ impl PageSampler {
         }
         let started = Instant::now();
         let page = ev.address & !(PAGE_SIZE - 1);
-        self.record(ev, page);
+        let vm = self.record(ev, page);
         match self.uffd.continue_range(page, PAGE_SIZE, keep_wp) {
             Ok(ContinueOutcome::Mapped) => {
                 if keep_wp {
@@ -394,11 +394,6 @@ impl PageSampler {
         if s.handler_ns.len() < MAX_TIMINGS {
             s.handler_ns.push(ns);
         }
-        let vm = s
-            .spaces
-            .iter()
-            .find(|sp| page >= sp.host_addr && page < sp.host_addr + sp.len)
-            .map(|sp| sp.vm);
         if let Some(vm) = vm {
             let e = s.vm_faults.entry(vm).or_default();
             e.0 += 1;
@@ -410,8 +405,16 @@ impl PageSampler {
     /// Turns a minor fault into a sample if the page was zapped by us (or
     /// its first touch was just answered and this is another vCPU's
     /// concurrent touch) and the thread is a known vCPU.
-    fn record(&self, ev: &FaultEvent, page: usize) {
+    ///
+    /// Returns the VM whose RAM holds the page (sampled or not), which the
+    /// cost cap charges for the fault.
+    fn record(&self, ev: &FaultEvent, page: usize) -> Option<u32> {
         let mut s = self.state.lock();
+        let space = s
+            .spaces
+            .iter()
+            .find(|sp| page >= sp.host_addr && page < sp.host_addr + sp.len)
+            .copied();
         let tid = ev.thread_id.unwrap_or(0);
         let concurrent = if s.pending.remove(&page).is_some() {
             s.answered.insert(page, vec![tid]);
@@ -424,16 +427,11 @@ impl PageSampler {
                 }
                 _ => {
                     self.unsolicited.fetch_add(1, Ordering::Relaxed);
-                    return;
+                    return space.map(|sp| sp.vm);
                 }
             }
         };
         let who = ev.thread_id.and_then(|t| s.threads.get(&t).copied());
-        let space = s
-            .spaces
-            .iter()
-            .find(|sp| page >= sp.host_addr && page < sp.host_addr + sp.len)
-            .copied();
         match (who, space) {
             (Some(who), Some(space)) if who.vm == space.vm => {
                 s.samples.push(AccessSample {
@@ -455,6 +453,7 @@ impl PageSampler {
                 self.unattributed.fetch_add(1, Ordering::Relaxed);
             }
         }
+        space.map(|sp| sp.vm)
     }
 
     /// Moves the samples gathered since the last drain into `out`.
