@@ -805,11 +805,23 @@ fn parse_workload(w: &Fields) -> Result<Workload> {
             seed: seed()?,
             touches: w.opt_u64("touches", 1, 1 << 40)?.unwrap_or(1_000_000),
         },
-        "table_scan" => Workload::TableScan {
-            seed: seed()?,
-            table_pages: w.opt_u64("table_pages", 1, 1 << 20)?.unwrap_or(64) as u32,
-            lookups: w.opt_u64("lookups", 1, 1 << 40)?.unwrap_or(1_000_000),
-        },
+        "table_scan" => {
+            let lookups = w.opt_u64("lookups", 1, 1 << 40)?.unwrap_or(1_000_000);
+            Workload::TableScan {
+                seed: seed()?,
+                table_pages: w.opt_u64("table_pages", 1, 1 << 20)?.unwrap_or(64) as u32,
+                lookups,
+                // Bounded by `lookups`: the write happens between two of them.
+                write_after: w
+                    .opt_u64_msg(
+                        "write_after",
+                        0,
+                        lookups,
+                        &format!("0 (never write) to `lookups` ({lookups})"),
+                    )?
+                    .unwrap_or(0),
+            }
+        }
         "counters" => Workload::Counters {
             counters: w.opt_u64("counters", 1, 4096)?.unwrap_or(16) as u32,
             increments: w.opt_u64("increments", 1, 1 << 40)?.unwrap_or(100_000),

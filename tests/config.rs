@@ -189,6 +189,22 @@ fn parameter_of_another_workload() {
 }
 
 #[test]
+fn a_write_after_beyond_the_lookups_is_an_error() {
+    let err = error_of(
+        "writer.toml",
+        "[[vm]]\nname = \"w\"\nworkload = { kind = \"table_scan\", lookups = 10, write_after = 11 }\n",
+    );
+    assert_contains(
+        &err,
+        &[
+            "writer.toml",
+            "key `vm[0].workload.write_after`",
+            "11 is out of range; allowed: 0 (never write) to `lookups` (10)",
+        ],
+    );
+}
+
+#[test]
 fn memory_too_small_for_the_workload() {
     let err = error_of(
         "small.toml",

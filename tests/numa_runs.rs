@@ -164,6 +164,81 @@ trace_file = "{}"
 }
 
 #[test]
+fn a_reader_that_turns_writer_after_replication_keeps_its_write_private() {
+    if !require_kvm("a_reader_that_turns_writer_after_replication_keeps_its_write_private") {
+        return;
+    }
+    // As above (the trace replicates the merged table on every node from
+    // epoch 10, about 0.5 s in), but reader 1 turns writer two thirds of the
+    // way through its lookups: it rewrites every table page. Each write must
+    // break copy-on-write from a replica, the writer must see its own words
+    // (its checksum includes them) and the other readers must keep their
+    // replicas and never see the write (their checksums are of the original
+    // table). Checksums are checked against the host model by `run_config`.
+    const TABLE: u64 = 32;
+    const WRITER: usize = 1;
+    let mut text = String::from("nodes 4\n");
+    for epoch in 0..60 {
+        text += &format!("epoch {epoch}\n");
+        if epoch < 10 {
+            continue;
+        }
+        for vm in 0..4 {
+            for gfn in 0x100..0x100 + TABLE {
+                text += &format!("{vm} {gfn:x} {vm} r\n{vm} {gfn:x} {vm} r\n");
+            }
+        }
+    }
+    let trace = TraceFile::new("table-writer", &text);
+    let mut config = format!(
+        r#"
+[host]
+topology = "4-node"
+[policy]
+name = "trace-replicate"
+[policy.sharing]
+enabled = true
+[policy.numa]
+migrate = false
+replicate = true
+epoch_ms = 40
+sampling = "trace"
+trace_file = "{}"
+"#,
+        trace.path().display()
+    );
+    for vm in 0..4 {
+        let write_after = if vm == WRITER { 100_000_000 } else { 0 };
+        config += &format!(
+            "[[vm]]\nname = \"reader{vm}\"\nnode = {vm}\nmemory_node = 0\nmemory_mib = 4\n\
+             workload = {{ kind = \"table_scan\", seed = 17, table_pages = {TABLE}, \
+             lookups = 150000000, write_after = {write_after} }}\n"
+        );
+    }
+    let report = run_config(&config);
+    let numa = report.numa.as_ref().unwrap();
+    let text = report.render_text();
+    assert_eq!(numa.replication_failures, 0, "{numa:?}");
+    assert!(
+        report.replicas.write_breaks >= TABLE,
+        "every table page should be written while replicated: {:?}\n{text}",
+        report.replicas
+    );
+    for (v, vm) in report.vms.iter().enumerate().skip(2) {
+        assert_eq!(
+            vm.pages_per_node[v], TABLE,
+            "{} should keep node {v}'s replica of every table page: {:?}\n{text}",
+            vm.name, vm.pages_per_node
+        );
+    }
+    assert_eq!(
+        report.replicas.sets, TABLE,
+        "the readers' replica sets survive the write: {:?}",
+        report.replicas
+    );
+}
+
+#[test]
 fn a_vm_moved_to_another_node_has_its_pages_follow() {
     if !require_kvm("a_vm_moved_to_another_node_has_its_pages_follow") {
         return;

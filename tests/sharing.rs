@@ -103,6 +103,7 @@ fn identical_guests_share_what_the_content_predicts_and_writes_stay_private() {
         seed: 42,
         table_pages: 128,
         lookups: 100_000,
+        write_after: 0,
     };
     run_guest(&kvm, &memory, a, base_a, twin.clone());
     run_guest(&kvm, &memory, b, base_b, twin.clone());

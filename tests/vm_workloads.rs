@@ -407,11 +407,40 @@ fn table_scan_returns_model_checksum() {
         seed: 13,
         table_pages: 64,
         lookups: 200_000,
+        write_after: 0,
     };
     let out = run("table", w, 2, 4, LIMIT);
     assert_checksums(&out);
     // Different streams, so different results.
     assert_ne!(format!("{:?}", out.vcpus[0]), format!("{:?}", out.vcpus[1]));
+}
+
+#[test]
+fn table_scan_that_turns_writer_returns_model_checksum() {
+    if !require_kvm("table_scan_that_turns_writer_returns_model_checksum") {
+        return;
+    }
+    // Three vCPUs meet twice around vCPU 0's rewrite of the table: every
+    // lookup after the barrier must see the rewritten words, none before.
+    let reader = Workload::TableScan {
+        seed: 13,
+        table_pages: 64,
+        lookups: 200_000,
+        write_after: 0,
+    };
+    let writer = Workload::TableScan {
+        seed: 13,
+        table_pages: 64,
+        lookups: 200_000,
+        write_after: 50_000,
+    };
+    let read = run("reader", reader, 3, 4, LIMIT);
+    let written = run("writer", writer, 3, 4, LIMIT);
+    assert_checksums(&read);
+    assert_checksums(&written);
+    for (r, w) in read.vcpus.iter().zip(&written.vcpus) {
+        assert_ne!(format!("{r:?}"), format!("{w:?}"), "the write shows");
+    }
 }
 
 #[test]

@@ -311,6 +311,7 @@ mod tests {
             seed: 1,
             table_pages: 3,
             lookups: 10,
+            write_after: 0,
         };
         let ram = 8 << 20;
         let p = plan(&w, ram, 3).unwrap();

@@ -36,10 +36,17 @@ pub enum Workload {
     Random { seed: u64, touches: u64 },
     /// vCPU 0 fills a `table_pages` shared table from `seed`; every vCPU then
     /// does `lookups` pseudo-random reads of it (read-mostly shared data).
+    /// With `write_after` > 0 the reader turns writer: once every vCPU has
+    /// done `write_after` lookups they meet at a barrier, vCPU 0 adds
+    /// `model::GOLDEN` to every word of the table, they meet again and do the rest of the
+    /// lookups against the new content. The table's pages are then written
+    /// after the monitor may have merged and replicated them.
     TableScan {
         seed: u64,
         table_pages: u32,
         lookups: u64,
+        /// 0: never write; otherwise at most `lookups`.
+        write_after: u64,
     },
     /// Every vCPU does `increments` locked increments over `counters`
     /// write-shared counters (one per cache line), then a barrier, then sums.

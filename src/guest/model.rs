@@ -134,7 +134,11 @@ pub fn expected_results(workload: &Workload, params: &[VcpuParams]) -> Vec<Optio
             .iter()
             .map(|p| Some(random_checksum(p, touches)))
             .collect(),
-        Workload::TableScan { lookups, .. } => {
+        Workload::TableScan {
+            lookups,
+            write_after,
+            ..
+        } => {
             let Some(first) = params.first() else {
                 return Vec::new();
             };
@@ -143,14 +147,30 @@ pub fn expected_results(workload: &Workload, params: &[VcpuParams]) -> Vec<Optio
                 first.shared_base,
                 first.shared_words / WORDS_PER_PAGE,
             );
+            // After the write (between lookup `write_after` and the next),
+            // every word has GOLDEN added (not a complement: the fold of an
+            // even number of complemented words would hide the write).
+            let before = if write_after == 0 {
+                lookups
+            } else {
+                write_after
+            };
             params
                 .iter()
                 .map(|p| {
                     let mut s = stream_seed(p.seed, p.index);
                     let mut acc = 0;
-                    for _ in 0..lookups {
+                    for i in 0..lookups {
                         s = lcg(s);
-                        acc = fold(acc, table[pick(s, table.len() as u64) as usize]);
+                        let word = table[pick(s, table.len() as u64) as usize];
+                        acc = fold(
+                            acc,
+                            if i < before {
+                                word
+                            } else {
+                                word.wrapping_add(GOLDEN)
+                            },
+                        );
                     }
                     Some(acc)
                 })

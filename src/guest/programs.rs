@@ -76,8 +76,8 @@ pub fn assemble(workload: &Workload) -> Result<Vec<u8>, IcedError> {
             g.random()?;
             true
         }
-        Workload::TableScan { .. } => {
-            g.table_scan()?;
+        Workload::TableScan { write_after, .. } => {
+            g.table_scan(write_after)?;
             true
         }
         Workload::Counters { .. } => {
@@ -297,8 +297,9 @@ impl Gen {
 
     /// vCPU 0 fills the shared table and raises the ready flag; the others
     /// spin until it is up. Then every vCPU folds `lookups` words the stream
-    /// picks in the table (the result covers the lookups only).
-    fn table_scan(&mut self) -> Result<(), IcedError> {
+    /// picks in the table (the result covers the lookups only), with vCPU 0
+    /// adding GOLDEN to every table word after `write_after` of them when that is not 0.
+    fn table_scan(&mut self, write_after: u64) -> Result<(), IcedError> {
         let mut wait = self.a.create_label();
         let mut go = self.a.create_label();
         let a = &mut self.a;
@@ -327,10 +328,47 @@ impl Gen {
         a.xor(r8d, r8d)?;
         self.load_lcg()?;
         self.load_stream()?;
+        if write_after == 0 {
+            self.a.mov(r12, qword_ptr(r14 + field::ITERATIONS))?;
+            self.lookups()?;
+        } else {
+            // A reader that turns writer (config keeps `write_after` within
+            // `lookups`): lookups, barrier, vCPU 0 adds GOLDEN to every table word,
+            // barrier, the rest of the lookups.
+            self.a.mov(r12, write_after)?;
+            self.lookups()?;
+            self.store_progress()?;
+            self.barrier(1)?;
+            let mut written = self.a.create_label();
+            let mut word = self.a.create_label();
+            let a = &mut self.a;
+            a.test(r15, r15)?;
+            a.jnz(written)?;
+            a.mov(rdi, qword_ptr(r14 + field::SHARED_BASE))?;
+            a.mov(rcx, qword_ptr(r14 + field::SHARED_WORDS))?;
+            a.mov(rdx, GOLDEN)?;
+            a.set_label(&mut word)?;
+            a.add(qword_ptr(rdi), rdx)?;
+            a.add(rdi, 8)?;
+            a.dec(rcx)?;
+            a.jnz(word)?;
+            a.set_label(&mut written)?;
+            self.barrier(2)?;
+            let a = &mut self.a;
+            a.mov(r12, qword_ptr(r14 + field::ITERATIONS))?;
+            a.mov(rax, write_after)?;
+            a.sub(r12, rax)?;
+            self.lookups()?;
+        }
+        self.store_progress()
+    }
+
+    /// `r12` lookups (none when 0) of the table: each picks a word with the
+    /// stream and folds it into `r8`. Clobbers rax, rcx, rdi, r12.
+    fn lookups(&mut self) -> Result<(), IcedError> {
         let mut end = self.a.create_label();
         let mut lookup = self.a.create_label();
         let a = &mut self.a;
-        a.mov(r12, qword_ptr(r14 + field::ITERATIONS))?;
         a.test(r12, r12)?;
         a.jz(end)?;
         a.mov(rdi, qword_ptr(r14 + field::SHARED_BASE))?;
@@ -342,8 +380,26 @@ impl Gen {
         self.step_progress()?;
         self.a.dec(r12)?;
         self.a.jnz(lookup)?;
-        self.a.set_label(&mut end)?;
-        self.store_progress()
+        self.a.set_label(&mut end)
+    }
+
+    /// The `round`-th meeting of all vCPUs on [`SYNC_BARRIER`] (which counts
+    /// arrivals and is never reset: round k waits for k x NVCPUS). Clobbers
+    /// rax, rdx.
+    fn barrier(&mut self, round: u64) -> Result<(), IcedError> {
+        let a = &mut self.a;
+        let mut wait = a.create_label();
+        let mut done = a.create_label();
+        a.mov(rax, SYNC_BARRIER)?;
+        a.lock().inc(qword_ptr(rax))?;
+        a.mov(rdx, qword_ptr(r14 + field::NVCPUS))?;
+        a.imul_3(rdx, rdx, round as i32)?;
+        a.set_label(&mut wait)?;
+        a.cmp(qword_ptr(rax), rdx)?;
+        a.jae(done)?;
+        a.pause()?;
+        a.jmp(wait)?;
+        a.set_label(&mut done)
     }
 
     /// `increments` locked increments walking the counters (one per 64-byte
@@ -498,6 +554,13 @@ mod tests {
                 seed: 1,
                 table_pages: 2,
                 lookups: 5,
+                write_after: 0,
+            },
+            Workload::TableScan {
+                seed: 1,
+                table_pages: 2,
+                lookups: 5,
+                write_after: 3,
             },
             Workload::Counters {
                 counters: 3,
