@@ -35,6 +35,9 @@ pub struct RunOptions {
     pub progress: bool,
     /// How often to run `Memory::verify` while guests run.
     pub verify_every: Duration,
+    /// Longest wait for the sharing scanner's final passes once the guests
+    /// are done; `None`: [`settle_limit`] of the guests' memory.
+    pub settle_limit: Option<Duration>,
 }
 
 impl Default for RunOptions {
@@ -42,6 +45,7 @@ impl Default for RunOptions {
         RunOptions {
             progress: true,
             verify_every: Duration::from_millis(500),
+            settle_limit: None,
         }
     }
 }
@@ -199,8 +203,17 @@ fn numa_plan(config: &Config, topology: &Topology, memory: &Memory) -> Result<Nu
 }
 
 const WHILE_RUNNING: &str = "while running";
-/// Longest wait for the scanner's final passes after the guests are done.
-const SETTLE_LIMIT: Duration = Duration::from_secs(30);
+
+/// The default longest wait for the scanner's final passes after the guests
+/// are done: 30 s, plus 10 s per GiB of guest memory, at most 5 minutes.
+/// With the guests stopped the scanner runs unthrottled (hashing is about
+/// 1 us a page here, a merge about 20 us), so two passes over N GiB that is
+/// mostly duplicate need about 2 x 262,144 N x 20 us = 10 N s; the cap keeps
+/// a huge run from hanging on its report, which then says how far it got.
+pub fn settle_limit(guest_bytes: u64) -> Duration {
+    let gib = guest_bytes as f64 / (1u64 << 30) as f64;
+    Duration::from_secs_f64((30.0 + 10.0 * gib).min(300.0))
+}
 
 /// Runs every VM of `config` to completion and reports.
 pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
@@ -403,30 +416,66 @@ pub fn run_with_control(
         std::thread::sleep(Duration::from_millis(10));
     }
     let numa_stats = numa_runner.map(NumaRunner::stop);
+    // Collect every guest's outcome and close its KVM VM before the final
+    // passes: each KVM VM in the process adds its MMU notifier to every
+    // page-table change the mapper makes, so merges with 300 finished VMs
+    // still open cost about 20x more (0.4 ms instead of 20 us each).
+    let finished: Vec<(Vec<usize>, Option<crate::vm::VmOutcome>)> = vms
+        .iter_mut()
+        .map(|rv| {
+            let final_nodes = match &rv.vm {
+                Some(Guest::Micro(vm)) => vm.placements().iter().map(|p| p.node).collect(),
+                _ => config.vms[rv.index].vcpu_nodes.clone(),
+            };
+            (final_nodes, rv.vm.take().map(Guest::wait))
+        })
+        .collect();
     // Let the scanner see the guests' final memory: two more full passes
     // (the first may have started before the guests' last writes). Nothing
     // writes any more, so pages that were volatile need not prove it.
     let scan_stats = scanner.map(|scanner| {
-        bar.set_message("guests done; sharing scanner finishing its passes");
+        let guest_pages: u64 = config.vms.iter().map(|v| v.memory_mib * 256).sum();
+        let limit = options
+            .settle_limit
+            .unwrap_or_else(|| settle_limit(guest_pages * PAGE_SIZE as u64));
         scanner.guests_quiescent();
-        let target = scanner.stats().full_scans + 2;
-        let deadline = Instant::now() + SETTLE_LIMIT;
-        while scanner.stats().full_scans < target && Instant::now() < deadline {
+        let start = scanner.stats();
+        let target = start.full_scans + 2;
+        let began = Instant::now();
+        let progress = |now: &crate::sharing::ScannerStats| {
+            (now.pages_scanned - start.pages_scanned) as f64 / (2 * guest_pages).max(1) as f64
+        };
+        loop {
+            let now = scanner.stats();
+            if now.full_scans >= target || began.elapsed() >= limit {
+                break;
+            }
+            bar.set_message(format!(
+                "guests done; sharing scanner finishing its passes: {:.0} % ({} merges so far)",
+                100.0 * progress(&now).min(1.0),
+                now.merges - start.merges
+            ));
             std::thread::sleep(Duration::from_millis(10));
         }
-        let settled = scanner.stats().full_scans >= target;
-        (scanner.stop(), settled)
+        let end = scanner.stop();
+        let done = end.full_scans.saturating_sub(start.full_scans);
+        let settled = done >= 2;
+        let note = (!settled).then(|| {
+            format!(
+                "final passes not completed: {done} of 2 in the {:.0} s limit, {:.0} % of their \
+                 pages scanned, {} merges meanwhile",
+                limit.as_secs_f64(),
+                100.0 * progress(&end).min(1.0),
+                end.merges - start.merges
+            )
+        });
+        (end, settled, note)
     });
     bar.set_message("guests done; checking their results against the host model");
 
     let mut reports = Vec::new();
-    for (i, rv) in vms.iter_mut().enumerate() {
+    for ((i, rv), (final_nodes, outcome)) in vms.iter_mut().enumerate().zip(finished) {
         let vc = &config.vms[rv.index];
-        let final_nodes: Vec<usize> = match &rv.vm {
-            Some(Guest::Micro(vm)) => vm.placements().iter().map(|p| p.node).collect(),
-            _ => vc.vcpu_nodes.clone(),
-        };
-        let outcome = rv.vm.take().map(Guest::wait);
         let space_stats = rv.space.and_then(|s| memory.space_stats(s).ok());
         let pages_per_node = space_stats
             .as_ref()
@@ -491,9 +540,10 @@ pub fn run_with_control(
     bar.finish_and_clear();
     check("after the guests stopped");
     let pools = memory.pool_stats();
-    let sharing_report = scan_stats.map(|(scanner, settled)| SharingReport {
+    let sharing_report = scan_stats.map(|(scanner, settled, settle_note)| SharingReport {
         scanner,
         settled,
+        settle_note,
         memory: memory.sharing_stats(),
     });
     let replicas = memory.replica_stats();
@@ -756,6 +806,7 @@ fn vm_costs(
         cow_break_ms: g.cow_break_ms,
         pauses: g.pauses,
         paused_ms: g.paused_ms,
+        pause_timeouts: g.pause_timeouts,
         ..VmCosts::default()
     };
     if let Some(s) = numa.and_then(|n| n.sampling_cost.iter().find(|s| s.vm == space)) {

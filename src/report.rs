@@ -39,6 +39,8 @@ pub struct SharingReport {
     pub scanner: ScannerStats,
     /// The scanner completed its final passes over the guests' final memory.
     pub settled: bool,
+    /// Why not, when it did not: how far it got within the time limit.
+    pub settle_note: Option<String>,
     pub memory: SharingStats,
 }
 
@@ -107,6 +109,9 @@ pub struct VmCosts {
     /// Pauses for remaps, and the time paused.
     pub pauses: u64,
     pub paused_ms: f64,
+    /// Pauses withdrawn because a vCPU did not stop in time (their time is
+    /// in `paused_ms`).
+    pub pause_timeouts: u64,
     /// Run time x vCPUs, in milliseconds.
     pub vcpu_ms: f64,
     /// (sampling + copy-on-write + paused x vCPUs) / vCPU time.
@@ -247,6 +252,12 @@ impl RunReport {
                     }
                 );
             }
+            for vm in self.vms.iter().filter(|v| v.costs.pause_timeouts > 0) {
+                out += &format!(
+                    "  {}: {} pauses timed out (a vCPU did not stop in time; the remap was skipped)\n",
+                    vm.name, vm.costs.pause_timeouts
+                );
+            }
         }
         if let Some(sh) = &self.sharing {
             let m = &sh.memory;
@@ -263,7 +274,11 @@ impl RunReport {
                 "  scanner: {} pages scanned in {} full passes{}, {} merges ({} onto zero pages), {} compare failures, {:.0} ms CPU\n",
                 sh.scanner.pages_scanned,
                 sh.scanner.full_scans,
-                if sh.settled { "" } else { " (final passes not completed)" },
+                match (&sh.settle_note, sh.settled) {
+                    (_, true) => String::new(),
+                    (Some(note), false) => format!(" ({note})"),
+                    (None, false) => " (final passes not completed)".into(),
+                },
                 sh.scanner.merges,
                 sh.scanner.zero_merges,
                 sh.scanner.compare_failures,

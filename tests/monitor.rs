@@ -208,6 +208,64 @@ workload = { kind = "counters", counters = 4, increments = 2000000 }
 }
 
 #[test]
+fn final_passes_cut_short_say_how_far_they_got() {
+    if !require_kvm("final_passes_cut_short_say_how_far_they_got") {
+        return;
+    }
+    // No time at all for the final passes: the report must say so, and how
+    // far the scanner got, instead of a bare "not completed".
+    let config = common::parse(
+        "policy = \"disco\"\n[[vm]]\nname = \"twin\"\ncount = 2\nmemory_mib = 8\n\
+         workload = { kind = \"fill\", seed = 3 }\n",
+    );
+    let options = disco::monitor::RunOptions {
+        settle_limit: Some(std::time::Duration::ZERO),
+        ..common::run_options()
+    };
+    let report = disco::monitor::run(&config, &options).expect("the monitor runs");
+    assert!(report.all_ok(), "{}", report.render_text());
+    let sharing = report.sharing.as_ref().expect("sharing report");
+    assert!(!sharing.settled);
+    let note = sharing.settle_note.as_deref().expect("a note says why");
+    assert!(
+        // The scanner may finish the pass it was in before it stops.
+        note.starts_with("final passes not completed: ")
+            && note.contains(" of 2 in the 0 s limit, "),
+        "{note}"
+    );
+    assert!(report.render_text().contains(note));
+}
+
+#[test]
+fn the_final_passes_of_hundreds_of_vms_complete() {
+    if !require_kvm("the_final_passes_of_hundreds_of_vms_complete") {
+        return;
+    }
+    // 300 identical VMs finish long before the scanner has seen their
+    // memory once; with the guests done it runs unthrottled and must finish
+    // its two passes within the default limit, finding the duplicates.
+    let report = run_config(
+        "policy = \"disco\"\n[[vm]]\nname = \"many\"\ncount = 300\nmemory_mib = 4\n\
+         workload = { kind = \"fill\", seed = 5 }\n",
+    );
+    assert!(report.all_ok(), "{}", report.render_text());
+    let sharing = report.sharing.as_ref().expect("sharing report");
+    assert!(
+        sharing.settled,
+        "{:?}\n{}",
+        sharing.settle_note,
+        report.render_text()
+    );
+    // Each VM's 3 MiB data area is the same content: all but one copy saved.
+    let data_pages = 299 * 3 * 256;
+    assert!(
+        sharing.memory.saved_pages >= data_pages,
+        "saved {} pages, expected at least {data_pages}",
+        sharing.memory.saved_pages
+    );
+}
+
+#[test]
 fn the_disco_policy_shares_identical_guests_and_reports_it() {
     if !require_kvm("the_disco_policy_shares_identical_guests_and_reports_it") {
         return;

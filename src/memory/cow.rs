@@ -48,8 +48,12 @@ pub struct GuestCosts {
     pub cow_break_ms: f64,
     /// Pauses of the VM for a remap (merges, replica and shared-page moves).
     pub pauses: u64,
-    /// Time the VM spent paused in them, in milliseconds.
+    /// Time the VM spent paused in them, in milliseconds (pauses that timed
+    /// out included: their parked vCPUs waited too).
     pub paused_ms: f64,
+    /// Pauses withdrawn because a vCPU did not stop within the limit (the
+    /// remap was not done).
+    pub pause_timeouts: u64,
 }
 
 /// How a merge attempt ended.
@@ -178,6 +182,33 @@ impl Memory {
     /// protection. See the module comment for why the order is safe.
     pub fn merge(
         &self,
+        dup: (VmId, Gfn, MachinePage),
+        keep: (VmId, Gfn, MachinePage),
+    ) -> Result<MergeOutcome> {
+        // The duplicate's VM is paused for the remap (see `GuestPause`), and
+        // paused *before* the memory lock is taken: a vCPU can take seconds
+        // to stop (seen on this host's emulated guest kernel mode: a Linux
+        // guest's `rep stosb` ran 2 s past every kick), and waiting for it
+        // with the lock held stalled every fault of every VM meanwhile.
+        let pauser = self.inner.lock().pausers.get(&dup.0).cloned();
+        let started = std::time::Instant::now();
+        if let Some(p) = &pauser {
+            if !p.pause() {
+                self.inner.lock().count_pause(dup.0, started, false);
+                return Ok(MergeOutcome::Stale);
+            }
+        }
+        let outcome = self.merge_paused(dup, keep);
+        if let Some(p) = &pauser {
+            p.resume();
+            self.inner.lock().count_pause(dup.0, started, true);
+        }
+        outcome
+    }
+
+    /// [`Memory::merge`] once the duplicate's VM is paused.
+    fn merge_paused(
+        &self,
         (dup_vm, dup_gfn, dup_page): (VmId, Gfn, MachinePage),
         (keep_vm, keep_gfn, keep_page): (VmId, Gfn, MachinePage),
     ) -> Result<MergeOutcome> {
@@ -225,20 +256,10 @@ impl Memory {
             inner.cow.compare_failures += 1;
             return Ok(MergeOutcome::Differ);
         }
-        // 3. remap the duplicate with its VM paused (the new mapping is
+        // 3. remap the duplicate (its VM is paused: the new mapping is
         // writable until it is protected, see `GuestPause`), 4. drop (and
         // so free) its old page.
-        if !inner.remap_paused(dup_vm, dup_gfn, keep_page)? {
-            for ((vm, gfn), was) in [(dup_vm, dup_gfn), (keep_vm, keep_gfn)]
-                .into_iter()
-                .zip(was_protected)
-            {
-                if !was {
-                    inner.unprotect_frame(vm, gfn)?;
-                }
-            }
-            return Ok(MergeOutcome::Stale);
-        }
+        inner.map_onto(dup_vm, dup_gfn, keep_page)?;
         inner.drop_owner(dup_page, dup_vm, dup_gfn)?;
         inner.cow.merges += 1;
         Ok(MergeOutcome::Merged)

@@ -312,17 +312,28 @@ impl super::mapper::Inner {
         let started = std::time::Instant::now();
         if let Some(p) = &pauser {
             if !p.pause() {
+                self.count_pause(vm, started, false);
                 return Ok(false);
             }
         }
         let mapped = self.map_onto(vm, gfn, page);
         if let Some(p) = &pauser {
             p.resume();
-            let c = self.cow.per_vm.entry(vm).or_default();
-            c.pauses += 1;
-            c.paused_ms += started.elapsed().as_secs_f64() * 1e3;
+            self.count_pause(vm, started, true);
         }
         mapped.map(|_| true)
+    }
+
+    /// Charges VM `vm` a pause that began at `started` and ended now (or
+    /// timed out: `held` false).
+    pub(super) fn count_pause(&mut self, vm: VmId, started: std::time::Instant, held: bool) {
+        let c = self.cow.per_vm.entry(vm).or_default();
+        if held {
+            c.pauses += 1;
+        } else {
+            c.pause_timeouts += 1;
+        }
+        c.paused_ms += started.elapsed().as_secs_f64() * 1e3;
     }
 
     /// Moves shared content (one page, several owners) to a fresh page of

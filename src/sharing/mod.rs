@@ -516,14 +516,18 @@ impl Scanner {
                     last = now;
                     // Bounded batches keep the stop flag and the stats fresh
                     // even at an unlimited rate.
-                    let pages = budget.floor().min(MAX_BATCH as f64);
+                    let mut pages = budget.floor().min(MAX_BATCH as f64);
                     budget -= pages;
+                    if quiescent {
+                        // The guests are done: no one to leave CPU time to.
+                        (pages, budget) = (MAX_BATCH as f64, 0.0);
+                    }
                     state.quiescent = quiescent;
                     state.step(&memory, pages as u64);
                     state.stats.cpu_ms = thread_cpu_ms();
                     *out.lock() = state.stats.clone();
                     let spent = now.elapsed();
-                    if spent < TICK && budget < 1.0 {
+                    if !quiescent && spent < TICK && budget < 1.0 {
                         std::thread::sleep(TICK - spent);
                     }
                 }

@@ -14,6 +14,7 @@ pub fn run_options() -> RunOptions {
     RunOptions {
         progress: false,
         verify_every: Duration::from_millis(20),
+        ..RunOptions::default()
     }
 }
 
