@@ -10,6 +10,10 @@
 //!   addresses and types) and the NUMA nodes it read from the SRAT (each
 //!   vCPU's APIC -> node and each node's memory range), then the test stops
 //!   it. Time limit: 600 s (measured on the build host: about 60 s).
+//! * `two_identical_linux_vms_under_the_disco_policy_boot_and_share` runs
+//!   two identical 1-vCPU, 256 MiB Linux VMs through the whole monitor under
+//!   `policies/disco.toml` (sharing, copy-on-write, sampling): both must
+//!   print the banner and the e820 map, and share their kernel images.
 //! * `full_boot_to_init_with_disk_read` boots to the initramfs's /init,
 //!   which prints a marker and the first sector of the virtio disk, then
 //!   resets; it needs hardware virtualisation (vmx/svm in /proc/cpuinfo)
@@ -219,4 +223,84 @@ time_limit_s = 120
         "a guest-requested reset ends every vCPU cleanly: {:?}",
         outcome.vcpus
     );
+}
+
+#[test]
+fn two_identical_linux_vms_under_the_disco_policy_boot_and_share() {
+    if !disco::kvm_check::require_kvm("two_identical_linux_vms_under_the_disco_policy_boot_and_share")
+    {
+        return;
+    }
+    // The whole monitor (`disco run`) with the full policy: sharing scanner,
+    // copy-on-write, page-fault sampling. Each VM's console goes to a file;
+    // the run ends when both VMs end (KVM's emulator stops them at the
+    // known `cmpxchg16b` on hosts that emulate guest kernel mode, FACTS.md;
+    // the kernel panics without a root disk and resets elsewhere) or at the
+    // time limit. Both must have printed the banner and the whole e820 map
+    // the monitor built, with their identical kernel images shared.
+    let dir = guest_dir();
+    let out = std::env::temp_dir().join(format!("disco-linux-twins-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    let ram: u64 = 256 << 20;
+    let mut text = String::from("policy = \"disco\"\n[host]\ntopology = \"2-socket\"\n");
+    for i in 0..2 {
+        text += &format!(
+            r#"
+[[vm]]
+name = "linux{i}"
+node = {i}
+memory_mib = {}
+kernel = "{}"
+cmdline = "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1 no_timer_check"
+serial = "{}"
+time_limit_s = 900
+"#,
+            ram >> 20,
+            dir.join("vmlinux").display(),
+            out.join(format!("linux{i}.log")).display()
+        );
+    }
+    let report = disco::monitor::run(
+        &config(&text),
+        &disco::monitor::RunOptions {
+            progress: false,
+            ..Default::default()
+        },
+    )
+    .expect("the monitor runs");
+    let rendered = report.render_text();
+    eprintln!("{rendered}");
+    assert!(report.verify_ok, "invariants: {:?}", report.verify_errors);
+    let mut want: Vec<String> = vec!["Linux version".into()];
+    want.extend(e820_lines(ram));
+    for (i, vm) in report.vms.iter().enumerate() {
+        let console = std::fs::read_to_string(out.join(format!("linux{i}.log"))).unwrap();
+        eprintln!(
+            "---- {} console ({} lines) ----\n{console}\n---- end ----",
+            vm.name,
+            console.lines().count()
+        );
+        let missing: Vec<&String> = want
+            .iter()
+            .filter(|w| !console.contains(w.as_str()))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{}: lines missing from the console: {missing:?}\n{rendered}",
+            vm.name
+        );
+        assert!(
+            vm.shared_pages > 0,
+            "{}: the identical kernels share nothing\n{rendered}",
+            vm.name
+        );
+    }
+    let sharing = report.sharing.as_ref().expect("sharing ran");
+    eprintln!(
+        "the two Linux VMs share {} pages ({:.1} MiB saved), {} copy-on-write breaks",
+        sharing.memory.sharing_frames,
+        sharing.memory.saved_bytes as f64 / (1 << 20) as f64,
+        sharing.memory.cow_breaks
+    );
+    let _ = std::fs::remove_dir_all(&out);
 }
