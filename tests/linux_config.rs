@@ -11,11 +11,19 @@ use disco::linux::SerialOutput;
 fn dir() -> PathBuf {
     let d = std::env::temp_dir().join(format!("disco-linux-config-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
-    for f in ["vmlinux", "initrd"] {
-        std::fs::write(d.join(f), b"x").unwrap();
-    }
-    // A disk holds at least one sector.
-    std::fs::write(d.join("disk.img"), [0u8; 512]).unwrap();
+    // Written once, atomically (tests run in parallel and the config check
+    // reads the files: a file being rewritten would look empty). A disk
+    // holds at least one sector.
+    static FILES: std::sync::Once = std::sync::Once::new();
+    FILES.call_once(|| {
+        for (f, content) in [
+            ("vmlinux", &b"x"[..]),
+            ("initrd", b"x"),
+            ("disk.img", &[0u8; 512]),
+        ] {
+            std::fs::write(d.join(f), content).unwrap();
+        }
+    });
     d
 }
 
