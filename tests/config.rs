@@ -603,14 +603,24 @@ fn run_refuses_what_check_refuses_before_changing_anything() {
             v
         })
         .collect();
-    let before = std::fs::read_to_string("/proc/sys/vm/max_map_count").unwrap();
+    let map_count = || -> u64 {
+        std::fs::read_to_string("/proc/sys/vm/max_map_count")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let before = map_count();
     let err = disco::monitor::run(&c, &disco::monitor::RunOptions::default())
         .expect_err("run must refuse it")
         .to_string();
     assert_contains(&err, &["key `vm`", "more than"]);
-    assert_eq!(
-        std::fs::read_to_string("/proc/sys/vm/max_map_count").unwrap(),
-        before,
-        "vm.max_map_count must not change"
+    // Raising it for these VMs would take it to at least `needed` (another
+    // test process on the machine may change it meanwhile, not that far).
+    let needed = disco::memory::mapper::map_count_needed(c.vms.iter().map(|v| v.memory_mib * 256));
+    let after = map_count();
+    assert!(
+        after == before || after < needed,
+        "vm.max_map_count went from {before} to {after} (the VMs would need {needed})"
     );
 }
