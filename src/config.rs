@@ -32,7 +32,9 @@ pub const SHIPPED_POLICIES: &[(&str, &str)] = &[
 ];
 
 pub const MAX_VCPUS: u64 = 64;
-pub const MAX_MEMORY_MIB: u64 = 64 * 1024;
+/// Largest guest RAM of any VM: the micro-VM layout's (a Linux guest's is
+/// lower, `crate::linux::MAX_MEMORY_MIB`).
+pub const MAX_MEMORY_MIB: u64 = layout::MAX_RAM >> 20;
 pub const MAX_COUNT: u64 = 1024;
 
 /// A configuration error: which file, which key, what is wrong and allowed.
@@ -204,6 +206,9 @@ pub struct VmConfig {
     /// Node whose pool backs the VM's memory at start.
     pub memory_node: usize,
     pub workload: Workload,
+    /// The `[[vm]]` gave no `workload`, so it runs [`DEFAULT_WORKLOAD`]
+    /// (`disco check` says so).
+    pub workload_is_default: bool,
     pub time_limit: Duration,
     /// Pages are only ever shared between VMs of the same sharing domain
     /// (tenant): shared pages are a timing side channel.
@@ -213,6 +218,9 @@ pub struct VmConfig {
     /// A Linux guest instead of the micro-guest `workload` (`kernel` key).
     pub linux: Option<crate::linux::LinuxGuestConfig>,
 }
+
+/// What a micro-guest `[[vm]]` without a `workload` key runs.
+pub const DEFAULT_WORKLOAD: &str = "{ kind = \"fill\", seed = 1 }";
 
 /// Moves vCPUs of a running VM to another node (`[[vm]] moves`).
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -240,10 +248,12 @@ impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: file.clone(),
-            key: String::new(),
-            message: format!("cannot read the file: {e}"),
+        let text = crate::files::read_text(path, crate::files::MAX_CONFIG_BYTES).map_err(|e| {
+            ConfigError {
+                file: file.clone(),
+                key: String::new(),
+                message: format!("config file {e}"),
+            }
         })?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Config::parse(&text, &file, &dir)
@@ -306,12 +316,10 @@ impl Config {
                     parse_policy_text(text, &format!("shipped:{name}"), name)?
                 } else if s.ends_with(".toml") {
                     let path = dir.join(s);
-                    let text = std::fs::read_to_string(&path).map_err(|e| {
-                        top.error(
-                            "policy",
-                            format!("cannot read policy file {}: {e}", path.display()),
-                        )
-                    })?;
+                    let text = crate::files::read_text(&path, crate::files::MAX_CONFIG_BYTES)
+                        .map_err(|e| {
+                            top.error("policy", format!("policy file {} {e}", path.display()))
+                        })?;
                     let stem = path
                         .file_stem()
                         .and_then(|s| s.to_str())
@@ -361,13 +369,134 @@ impl Config {
             }
         }
         top.finish()?;
-        Ok(Config {
+        let config = Config {
             source: file.to_string(),
             topology,
             topology_loaded: Some(topology_loaded),
             policy,
             vms,
-        })
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The checks across VMs and against this host that `disco check` and
+    /// `monitor::run` share (`parse` runs them, and `run` again before it
+    /// changes anything, for configs built in code): sharing domains the
+    /// policy names exist, each node's pool and the host hold the guest RAM
+    /// the VMs take at start, and the process may map it all
+    /// (`vm.max_map_count`, raised by `run` only when running as root).
+    pub fn validate(&self) -> Result<()> {
+        let err = |key: &str, message: String| ConfigError {
+            file: self.source.clone(),
+            key: key.to_string(),
+            message,
+        };
+        let domains: BTreeSet<&str> = self.vms.iter().map(|v| v.sharing_domain.as_str()).collect();
+        let list = |set: &BTreeSet<&str>| set.iter().copied().collect::<Vec<_>>().join(", ");
+        if let Some(d) = self
+            .policy
+            .sharing
+            .domains
+            .iter()
+            .find(|d| !domains.contains(d.as_str()))
+        {
+            let (key, policy) = match self.policy.source.as_str() {
+                "inline" => ("policy.sharing.domains", String::new()),
+                src => ("policy", format!("policy {src}: ")),
+            };
+            return Err(err(
+                key,
+                format!(
+                    "{policy}[sharing] domains names `{d}`, which is no VM's sharing_domain; \
+                     allowed: the sharing domains of this config's VMs ({})",
+                    list(&domains)
+                ),
+            ));
+        }
+
+        let topology = self
+            .topology()
+            .map_err(|e| err("host.topology", format!("cannot load it: {e:#}")))?;
+        let mib = |pages: u64| (pages * crate::PAGE_SIZE as u64) >> 20;
+        // Pages each node's pool gives out while the VMs are built: a
+        // micro-VM's RAM comes from its memory_node; a Linux VM's is taken
+        // whole from its first guest node, then each other guest node's
+        // slice from that node (counted twice here: an upper bound).
+        let mut need = vec![0u64; topology.node_count()];
+        let mut users: Vec<Vec<&str>> = vec![Vec::new(); topology.node_count()];
+        for vm in &self.vms {
+            let frames = (vm.memory_mib << 20) / crate::PAGE_SIZE as u64;
+            let mut take = |node: usize, pages: u64| {
+                need[node] += pages;
+                if !users[node].contains(&vm.name.as_str()) {
+                    users[node].push(&vm.name);
+                }
+            };
+            if vm.linux.is_some() {
+                let plan =
+                    crate::linux::NumaPlan::new(&vm.vcpu_nodes, vm.memory_mib << 20, |a, b| {
+                        topology.distance(a, b)
+                    });
+                take(plan.nodes[0].topology_node, frames);
+                for (i, n) in plan.nodes.iter().enumerate().skip(1) {
+                    take(n.topology_node, plan.frames(i).end - plan.frames(i).start);
+                }
+            } else {
+                take(vm.memory_node, frames);
+            }
+        }
+        for (node, &pages) in need.iter().enumerate() {
+            let cap = crate::memory::mapper::pool_capacity_pages(topology.nodes[node].memory_bytes)
+                as u64;
+            if pages > cap {
+                let names = &users[node];
+                let shown = if names.len() > 4 {
+                    format!("{}, ... ({} VMs)", names[..3].join(", "), names.len())
+                } else {
+                    names.join(", ")
+                };
+                return Err(err(
+                    "vm",
+                    format!(
+                        "the VMs whose memory starts on node {node} ({shown}) need {} MiB, \
+                         more than node {node}'s pool ({} MiB: the node's memory, at most the \
+                         host's); allowed: at most {} MiB per node (lower memory_mib or count, \
+                         or place memory on other nodes with memory_node)",
+                        mib(pages),
+                        mib(cap),
+                        mib(cap)
+                    ),
+                ));
+            }
+        }
+        let host = crate::memory::mapper::host_pages();
+        let total: u64 = self
+            .vms
+            .iter()
+            .map(|v| (v.memory_mib << 20) / crate::PAGE_SIZE as u64)
+            .sum();
+        if total > host {
+            return Err(err(
+                "vm",
+                format!(
+                    "the {} VMs have {} MiB of guest RAM in all, more than the host's {} MiB \
+                     (every guest page gets a machine page of its own at start; sharing merges \
+                     pages only later); allowed: at most {} MiB in all",
+                    self.vms.len(),
+                    mib(total),
+                    mib(host),
+                    mib(host)
+                ),
+            ));
+        }
+        let maps = crate::memory::mapper::map_count_needed(
+            self.vms
+                .iter()
+                .map(|v| (v.memory_mib << 20) / crate::PAGE_SIZE as u64),
+        );
+        crate::memory::mapper::check_map_count(maps).map_err(|e| err("vm", format!("{e:#}")))?;
+        Ok(())
     }
 
     /// The topology this config runs on (loaded while parsing).
@@ -607,12 +736,14 @@ fn parse_vm(t: &Fields, nodes: usize, dir: &Path) -> Result<Vec<VmConfig>> {
             ))
         }
         Some(w) => parse_workload(&w)?,
+        // The documented default (README, `disco check` prints it).
         None => Workload::Fill {
             seed: 1,
             private_seed: 1,
             shared_percent: 100,
         },
     };
+    let workload_is_default = linux.is_none() && !t.has("workload");
     let need = layout::min_ram_bytes(&workload, vcpu_nodes.len());
     if linux.is_none() && memory_mib * 1024 * 1024 < need {
         return Err(t.error(
@@ -658,6 +789,7 @@ fn parse_vm(t: &Fields, nodes: usize, dir: &Path) -> Result<Vec<VmConfig>> {
         memory_mib,
         memory_node,
         workload: workload.clone(),
+        workload_is_default,
         time_limit,
         sharing_domain: sharing_domain.clone(),
         moves: moves.clone(),
@@ -680,8 +812,8 @@ fn parse_linux(
     use crate::linux::{
         DiskConfig, LinuxGuestConfig, SerialOutput, MAX_MEMORY_MIB, MIN_MEMORY_MIB,
     };
-    // Files are opened when the VM is built (they may be fetched after
-    // the config is written); here a path must at least be given.
+    // The files are checked here (type, size, writability: see
+    // `LinuxGuestConfig::check_files`) and again when the VM is built.
     let file_key = |key: &str, path: &str| -> Result<PathBuf> {
         if path.is_empty() {
             return Err(t.error(
@@ -775,14 +907,18 @@ fn parse_linux(
         t.used("memory_mib");
         return Err(t.error("memory_mib", format!("{memory_mib} MiB does not suit a Linux guest; allowed: {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} (RAM sits below the 3 GiB device hole)")));
     }
-    Ok(Some(LinuxGuestConfig {
+    let guest = LinuxGuestConfig {
         kernel,
         initramfs,
         cmdline,
         disks,
         serial,
         virtio_console,
-    }))
+    };
+    guest
+        .check_files(memory_mib << 20)
+        .map_err(|(key, message)| t.error(&key, message))?;
+    Ok(Some(guest))
 }
 
 fn parse_workload(w: &Fields) -> Result<Workload> {

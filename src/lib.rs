@@ -7,6 +7,7 @@ pub mod bench;
 pub mod config;
 pub mod control;
 pub mod faults;
+pub mod files;
 pub mod guest;
 pub mod kvm_check;
 pub mod linux;

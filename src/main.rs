@@ -137,6 +137,41 @@ struct ScenarioCli {
     args: SuiteArgs,
 }
 
+/// Whether stdout's reader went away (see [`out`]).
+static STDOUT_GONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Writes to stdout. When the reader has gone away (EPIPE, as in
+/// `disco check X | head -1`) the rest of the output is dropped quietly and
+/// the command ends as it would have, like other command-line tools; any
+/// other write error (`disco run > /dev/full`) is an error naming stdout.
+/// (`print!` would panic in both cases.)
+fn out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    if STDOUT_GONE.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            STDOUT_GONE.store(true, Ordering::Relaxed);
+            Ok(())
+        }
+        Err(e) => Err(anyhow::anyhow!("cannot write to stdout: {e}")),
+    }
+}
+
+/// `println!` through [`out`].
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        out(&format!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -188,9 +223,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let report = monitor::run_with_control(&config, &options, control.as_ref())?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                outln!("{}", serde_json::to_string_pretty(&report)?)?;
             } else {
-                print!("{}", report.render_text());
+                out(&report.render_text())?;
             }
             Ok(if report.all_ok() {
                 ExitCode::SUCCESS
@@ -200,7 +235,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Ctl { socket, command } => {
             let reply = disco::control::send(&socket, &command.join(" "))?;
-            println!("{reply}");
+            outln!("{reply}")?;
             Ok(if reply.starts_with("ok") {
                 ExitCode::SUCCESS
             } else {
@@ -210,7 +245,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check { config } => {
             let config = Config::load(&config)?;
             let topo = config.topology()?;
-            println!(
+            outln!(
                 "{}: ok - topology {} ({} nodes), policy {} ({}), {} VMs:",
                 config.source,
                 topo.name,
@@ -218,13 +253,18 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 config.policy.name,
                 config.policy.source,
                 config.vms.len()
-            );
+            )?;
             for vm in &config.vms {
                 let guest = match &vm.linux {
                     Some(l) => format!("Linux kernel {}", l.kernel.display()),
+                    None if vm.workload_is_default => format!(
+                        "workload {} (the default without a `workload` key: {})",
+                        vm.workload.name(),
+                        disco::config::DEFAULT_WORKLOAD
+                    ),
                     None => format!("workload {}", vm.workload.name()),
                 };
-                println!(
+                outln!(
                     "  {:<16} {:>2} vCPUs on nodes {:?}, {} MiB on node {}, {guest}, time limit {:.1} s",
                     vm.name,
                     vm.vcpu_nodes.len(),
@@ -232,7 +272,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     vm.memory_mib,
                     vm.memory_node,
                     vm.time_limit.as_secs_f64()
-                );
+                )?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -244,11 +284,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 Some(name) => Topology::from_fixture_name(&name)?,
             };
-            print!("{}", topo.render_text());
+            out(&topo.render_text())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::DefaultConfig => {
-            print!("{}", disco::config::DEFAULT_CONFIG);
+            out(disco::config::DEFAULT_CONFIG)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { what } => bench(what),
@@ -269,19 +309,19 @@ fn run_files(files: &[ScenarioFile], args: &SuiteArgs) -> anyhow::Result<ExitCod
         .iter()
         .map(|f| f.load(args.quick, &args.set))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let out = args.out.clone().unwrap_or_else(suite::default_out_dir);
+    let out_dir = args.out.clone().unwrap_or_else(suite::default_out_dir);
     let progress = Progress {
         show: !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     let command: Vec<String> = std::env::args().collect();
     let command = format!("disco {}", command[1..].join(" "));
-    let outcome = suite::run_suite(&loaded, &out, progress, &command)?;
+    let outcome = suite::run_suite(&loaded, &out_dir, progress, &command)?;
     if args.json {
         for r in &outcome.records {
-            println!("{}", serde_json::to_string_pretty(r)?);
+            outln!("{}", serde_json::to_string_pretty(r)?)?;
         }
     } else {
-        print!("{}", suite::headline_table(&outcome.records));
+        out(&suite::headline_table(&outcome.records))?;
     }
     eprintln!(
         "disco bench: {} scenario(s) written to {} (report.md, *.json, *.svg)",
@@ -344,9 +384,9 @@ fn bench(what: BenchCommand) -> anyhow::Result<ExitCode> {
             }
             let c = compare::compare_dirs(&old, &new, threshold)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&c)?);
+                outln!("{}", serde_json::to_string_pretty(&c)?)?;
             } else {
-                print!("{}", c.render());
+                out(&c.render())?;
             }
             let worse = c.regressions().count();
             Ok(if fail_on_regression && worse > 0 {
@@ -357,26 +397,26 @@ fn bench(what: BenchCommand) -> anyhow::Result<ExitCode> {
             })
         }
         BenchCommand::List { dir } => {
-            println!(
+            outln!(
                 "scenarios ({}):",
                 dir.as_ref()
                     .map_or("shipped, benches/scenarios/".to_string(), |d| d
                         .display()
                         .to_string())
-            );
+            )?;
             for f in scenario_files(&dir)? {
                 let l = f.load(false, &[])?;
-                println!(
+                outln!(
                     "  {:<16} kind {:<10} seeds {:?}  {}",
                     l.params.name(),
                     l.params.kind(),
                     l.seeds,
                     f.source
-                );
+                )?;
             }
-            println!("kinds:");
+            outln!("kinds:")?;
             for k in suite::KINDS {
-                println!("  {:<10} {}", k.name, k.about);
+                outln!("  {:<10} {}", k.name, k.about)?;
             }
             Ok(ExitCode::SUCCESS)
         }

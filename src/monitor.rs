@@ -228,6 +228,9 @@ pub fn run_with_control(
     control: Option<&ControlSocket>,
 ) -> Result<RunReport> {
     let started = Instant::now();
+    // What `disco check` checks, again (a config may have been built or
+    // changed in code), before anything on the host changes.
+    config.validate()?;
     let topology = config.topology()?;
     let kvm = kvm_ioctls::Kvm::new().context(
         "cannot open /dev/kvm: disco needs KVM (run as root or in group kvm on a host with KVM)",
@@ -235,6 +238,13 @@ pub fn run_with_control(
     let memory = Arc::new(Memory::for_topology(&topology)?);
     let numa_plan = numa_plan(config, &topology, &memory)?;
     let sampler = memory.sampler();
+    // One raise of vm.max_map_count (as root) for all VMs, not one per VM.
+    crate::memory::mapper::ensure_map_count(crate::memory::mapper::map_count_needed(
+        config
+            .vms
+            .iter()
+            .map(|v| v.memory_mib * 1024 * 1024 / PAGE_SIZE as u64),
+    ))?;
 
     let mut vms = Vec::new();
     for index in 0..config.vms.len() {

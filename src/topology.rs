@@ -298,8 +298,8 @@ impl Topology {
     /// Any hwloc XML file (as written by `lstopo file.xml`), mapped onto the
     /// host.
     pub fn from_xml_file(path: &Path) -> Result<Topology> {
-        let xml = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read topology file", path.display()))?;
+        let xml = crate::files::read_text(path, crate::files::MAX_TOPOLOGY_BYTES)
+            .map_err(|e| anyhow!("{}: topology file {e}", path.display()))?;
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -703,6 +703,9 @@ fn node_os_index(obj: &TopologyObject) -> Result<u32> {
     u32::try_from(idx).map_err(|_| anyhow!("NUMA node OS index {idx} is too large"))
 }
 
+/// Largest memory a NUMA node may claim: 2^52 bytes.
+pub const MAX_NODE_MEMORY: u64 = 1 << 52;
+
 fn node_memory(obj: &TopologyObject) -> u64 {
     match obj.attributes() {
         Some(ObjectAttributes::NUMANode(a)) => a.local_memory().map_or(0, |m| m.get()),
@@ -719,10 +722,20 @@ fn parse_hwloc(topo: &hwlocality::Topology) -> Result<Parsed> {
             .cpuset()
             .map(|set| set.iter_set().map(|c| usize::from(c) as u32).collect())
             .unwrap_or_default();
+        let memory_bytes = node_memory(obj);
+        // hwloc reads the attribute as an unsigned 64-bit number, so
+        // `local_memory="-5"` arrives as 2^64 - 5 bytes.
+        if memory_bytes > MAX_NODE_MEMORY {
+            bail!(
+                "NUMA node with OS index {os_index}: attribute `local_memory` is {memory_bytes}, \
+                 not a memory size (a negative number wraps around); allowed: 0 to {MAX_NODE_MEMORY} \
+                 bytes (4 PiB, the x86-64 physical address limit)"
+            );
+        }
         nodes.push(ParsedNode {
             os_index,
             cpus,
-            memory_bytes: node_memory(obj),
+            memory_bytes,
         });
     }
     let distances = read_distances(topo, &objs)?;

@@ -589,6 +589,85 @@ fn bad_scenario_files_are_rejected_naming_file_key_and_allowed() {
         &["key `policy`", "allowed: a shipped policy (disco, static"],
     );
     case("toml.toml", "kind = \n", &["not valid TOML"]);
+    // A policy file with a wrong key: the error names the scenario's
+    // `policy`/`policies` key, the policy file and its wrong key (it used to
+    // blame `memory_mib` or `workload`, and a file called `<bench>`).
+    let bad_policy = dir.join("bad-policy.toml");
+    std::fs::write(&bad_policy, "[numa]\nmigrate = true\nmigrat = false\n").unwrap();
+    let bad = bad_policy.display().to_string();
+    for (name, body, key) in [
+        (
+            "density-policy.toml",
+            format!("kind = \"density\"\npolicy = \"{bad}\"\n"),
+            "policy",
+        ),
+        (
+            "overhead-policy.toml",
+            format!("kind = \"overhead\"\npolicies = [\"{bad}\"]\n"),
+            "policies",
+        ),
+        (
+            "locality-policy.toml",
+            format!("kind = \"locality\"\npolicies = [\"{bad}\"]\n"),
+            "policies",
+        ),
+        (
+            "replication-policy.toml",
+            format!("kind = \"replication\"\npolicies = [\"{bad}\"]\n"),
+            "policies",
+        ),
+    ] {
+        case(
+            name,
+            &body,
+            &[
+                &format!("key `{key}`: "),
+                &format!("policy `{bad}`"),
+                "key `numa.migrat`: unknown key; allowed here:",
+            ],
+        );
+    }
+    // A topology file with a negative node memory names `topology`.
+    let xml = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("topology-fixtures/4-node.xml"),
+    )
+    .unwrap();
+    let negative = dir.join("negative.xml");
+    std::fs::write(
+        &negative,
+        xml.replace("local_memory=\"34359738368\"", "local_memory=\"-5\""),
+    )
+    .unwrap();
+    for kind in ["density", "locality"] {
+        case(
+            &format!("{kind}-topology.toml"),
+            &format!("kind = \"{kind}\"\ntopology = \"{}\"\n", negative.display()),
+            &[
+                "key `topology`",
+                "attribute `local_memory`",
+                "not a memory size",
+            ],
+        );
+    }
+    // More VMs than the host holds names `memory_mib`.
+    case(
+        "density-memory.toml",
+        "kind = \"density\"\nvms = 1024\nmemory_mib = 4096\n",
+        &["key `memory_mib`", "more than node 0's pool"],
+    );
+    // A scenario file that would hang or exhaust the reader.
+    let fifo = dir.join("fifo.toml");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let o = disco(&["bench", "run", fifo.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("scenario file is a FIFO (named pipe); allowed: a regular file"),
+        "{}",
+        text(&o)
+    );
     // Nothing ran: no results folder.
     assert!(!dir.join("out").exists());
     std::fs::remove_dir_all(&dir).ok();

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+mod common;
+
 use disco::config::Config;
 
 fn write_temp(name: &str, text: &str) -> PathBuf {
@@ -73,15 +75,23 @@ fn the_embedded_default_and_every_shipped_config_and_policy_parse() {
             if path.extension().and_then(|e| e.to_str()) != Some("toml") {
                 continue;
             }
-            let text = if dir == "policies" {
-                // A policy file is used from a config that names it.
-                format!(
-                    "policy = \"{}\"\n{GOOD_VM}",
-                    std::fs::canonicalize(&path).unwrap().display()
-                )
-            } else {
-                std::fs::read_to_string(&path).unwrap()
-            };
+            if dir == "configs" {
+                // Paths inside are relative to the config file; the files
+                // they name are checked too (configs/linux.toml needs
+                // scripts/fetch-linux-guest.sh, which scripts/test.sh runs).
+                Config::load(&path).unwrap_or_else(|e| {
+                    panic!(
+                        "{} does not parse: {e} (for configs/linux.toml: run scripts/fetch-linux-guest.sh)",
+                        path.display()
+                    )
+                });
+                continue;
+            }
+            // A policy file is used from a config that names it.
+            let text = format!(
+                "policy = \"{}\"\n{GOOD_VM}",
+                std::fs::canonicalize(&path).unwrap().display()
+            );
             Config::parse(
                 &text,
                 &path.display().to_string(),
@@ -350,7 +360,14 @@ fn missing_file() {
     let err = Config::load(std::path::Path::new("/nonexistent/disco.toml"))
         .unwrap_err()
         .to_string();
-    assert_contains(&err, &["/nonexistent/disco.toml", "cannot read the file"]);
+    assert_contains(
+        &err,
+        &[
+            "/nonexistent/disco.toml",
+            "cannot be opened",
+            "No such file",
+        ],
+    );
 }
 
 #[test]
@@ -397,5 +414,229 @@ fn bad_sampling_cost_cap_values_name_the_key_and_the_range() {
             "key `policy.numa.sample_fault_cost_us`",
             "allowed: 0.1 to 100000",
         ],
+    );
+}
+
+#[test]
+fn config_and_policy_files_that_would_hang_or_exhaust_are_refused() {
+    let fifo = write_temp("fifo-placeholder", "").with_file_name("config.fifo");
+    common::mkfifo(&fifo);
+    let big = write_temp("big.toml", "");
+    // Sparse: past the cap without writing it (the issue's 50 MB config
+    // took 7.8 s and 3.76 GB before its error).
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(50 << 20)
+        .unwrap();
+    for (path, expect) in [
+        (
+            fifo.clone(),
+            "config file is a FIFO (named pipe); allowed: a regular file",
+        ),
+        (
+            PathBuf::from("/dev/zero"),
+            "config file is a character device; allowed: a regular file",
+        ),
+        (
+            big.clone(),
+            "config file is 50.0 MiB (52428800 bytes); allowed: at most 1.0 MiB (1048576 bytes)",
+        ),
+    ] {
+        let p = path.clone();
+        let err = common::within(&format!("loading {}", path.display()), move || {
+            Config::load(&p).unwrap_err().to_string()
+        });
+        assert!(err.starts_with(&path.display().to_string()), "{err}");
+        assert_contains(&err, &[expect]);
+    }
+    // A policy file is read the same way.
+    let policy_fifo = fifo.with_file_name("policy.toml");
+    common::mkfifo(&policy_fifo);
+    let config = format!("policy = \"{}\"\n{GOOD_VM}", policy_fifo.display());
+    let err = common::within("loading a config naming a FIFO policy", move || {
+        error_of("fifo-policy.toml", &config)
+    });
+    assert_contains(
+        &err,
+        &[
+            "key `policy`",
+            &format!("policy file {} is a FIFO", policy_fifo.display()),
+            "allowed: a regular file",
+        ],
+    );
+}
+
+#[test]
+fn sharing_domains_that_no_vm_has_are_an_error() {
+    let vms = "[[vm]]\nname = \"a\"\nsharing_domain = \"red\"\n[[vm]]\nname = \"b\"\n";
+    let err = error_of(
+        "domains.toml",
+        &format!("[policy.sharing]\ndomains = [\"red\", \"nosuch\"]\n{vms}"),
+    );
+    assert_contains(
+        &err,
+        &[
+            "key `policy.sharing.domains`",
+            "`nosuch`, which is no VM's sharing_domain",
+            "allowed: the sharing domains of this config's VMs (default, red)",
+        ],
+    );
+    // In a policy file: the config names it, the message names the file.
+    let policy = write_temp("domains-policy.toml", "[sharing]\ndomains = [\"blue\"]\n");
+    let err = error_of(
+        "domains-file.toml",
+        &format!("policy = \"{}\"\n{vms}", policy.display()),
+    );
+    assert_contains(
+        &err,
+        &[
+            "key `policy`",
+            &policy.display().to_string(),
+            "`blue`, which is no VM's sharing_domain",
+        ],
+    );
+    // Domains that exist are fine.
+    let ok = write_temp(
+        "domains-ok.toml",
+        &format!("[policy.sharing]\ndomains = [\"red\"]\n{vms}"),
+    );
+    assert_eq!(
+        Config::load(&ok).unwrap().policy.sharing.domains,
+        vec!["red".to_string()]
+    );
+}
+
+#[test]
+fn a_vm_without_workload_gets_the_documented_default_and_says_so() {
+    let c = Config::load(&write_temp(
+        "default-workload.toml",
+        "[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\nworkload = { kind = \"fill\", seed = 1 }\n",
+    ))
+    .unwrap();
+    assert!(c.vms[0].workload_is_default);
+    assert!(!c.vms[1].workload_is_default);
+    // The default is exactly what DEFAULT_WORKLOAD spells.
+    assert_eq!(c.vms[0].workload, c.vms[1].workload);
+    assert_eq!(
+        disco::config::DEFAULT_WORKLOAD,
+        "{ kind = \"fill\", seed = 1 }"
+    );
+}
+
+#[test]
+fn a_micro_vm_above_the_layout_maximum_is_rejected_by_check() {
+    let err = error_of(
+        "big-vm.toml",
+        &GOOD_VM.replace("memory_mib = 8", "memory_mib = 4097"),
+    );
+    assert_contains(
+        &err,
+        &[
+            "key `vm[0].memory_mib`",
+            "4097 is out of range; allowed: 2 to 4096",
+        ],
+    );
+}
+
+/// Host memory in MiB, as the monitor sees it.
+fn host_mib() -> u64 {
+    (disco::memory::mapper::host_pages() * 4096) >> 20
+}
+
+#[test]
+fn vms_that_overflow_a_node_pool_are_rejected_by_check() {
+    // The 4-node fixture's nodes have 32 GiB each; 1024 VMs of 4 GiB on
+    // node 0 is more than any pool (issue: 1024 VMs passed check and run
+    // then spent 120 s building pmaps).
+    let err = error_of(
+        "pool.toml",
+        &GOOD_VM.replace("memory_mib = 8", "memory_mib = 4096\ncount = 1024"),
+    );
+    assert_contains(
+        &err,
+        &[
+            "key `vm`",
+            "the VMs whose memory starts on node 1 (a-0, a-1, a-2, ... (1024 VMs)) need 4194304 MiB",
+            "more than node 1's pool",
+            "allowed: at most",
+        ],
+    );
+}
+
+#[test]
+fn vms_that_need_more_than_the_host_are_rejected_by_check() {
+    // Nodes of 2^50 bytes: each pool is capped at the host's memory, so
+    // only the total over the two nodes can exceed it.
+    let xml = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("topology-fixtures/2-socket.xml"),
+    )
+    .unwrap();
+    let mut big = String::new();
+    for part in xml.split("local_memory=\"").enumerate().map(|(i, p)| {
+        if i == 0 {
+            p.to_string()
+        } else {
+            let end = p.find('"').unwrap();
+            format!("local_memory=\"{}{}", 1u64 << 50, &p[end..])
+        }
+    }) {
+        big.push_str(&part);
+    }
+    let topo = write_temp("huge-nodes.xml", &big);
+    // 60 % of the host on each node: each fits its pool, both do not fit the host.
+    let per_node = (host_mib() * 6 / 10).div_ceil(4096);
+    let text = format!(
+        "[host]\ntopology = \"{}\"\n[[vm]]\nname = \"a\"\nmemory_mib = 4096\ncount = {per_node}\nnode = 0\n\
+         [[vm]]\nname = \"b\"\nmemory_mib = 4096\ncount = {per_node}\nnode = 1\n",
+        topo.display()
+    );
+    let err = error_of("host.toml", &text);
+    assert_contains(
+        &err,
+        &[
+            "key `vm`",
+            &format!(
+                "the {} VMs have {} MiB of guest RAM in all, more than the host's",
+                2 * per_node,
+                2 * per_node * 4096
+            ),
+            "allowed: at most",
+        ],
+    );
+}
+
+#[test]
+fn run_refuses_what_check_refuses_before_changing_anything() {
+    // A config built in code (past `Config::parse`'s checks): `run` checks
+    // it again before it opens KVM or raises vm.max_map_count.
+    let mut c = Config::load(&write_temp("run.toml", GOOD_VM)).unwrap();
+    let vm = c.vms[0].clone();
+    c.vms = (0..host_mib() / 4096 + 1)
+        .map(|i| {
+            let mut v = vm.clone();
+            v.name = format!("a{i}");
+            v.memory_mib = 4096;
+            v
+        })
+        .collect();
+    let map_count = || -> u64 {
+        std::fs::read_to_string("/proc/sys/vm/max_map_count")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let before = map_count();
+    let err = disco::monitor::run(&c, &disco::monitor::RunOptions::default())
+        .expect_err("run must refuse it")
+        .to_string();
+    assert_contains(&err, &["key `vm`", "more than"]);
+    // Raising it for these VMs would take it to at least `needed` (another
+    // test process on the machine may change it meanwhile, not that far).
+    let needed = disco::memory::mapper::map_count_needed(c.vms.iter().map(|v| v.memory_mib * 256));
+    let after = map_count();
+    assert!(
+        after == before || after < needed,
+        "vm.max_map_count went from {before} to {after} (the VMs would need {needed})"
     );
 }

@@ -3,15 +3,27 @@
 
 use std::path::PathBuf;
 
+mod common;
+
 use disco::config::Config;
 use disco::linux::SerialOutput;
 
 fn dir() -> PathBuf {
     let d = std::env::temp_dir().join(format!("disco-linux-config-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
-    for f in ["vmlinux", "initrd", "disk.img"] {
-        std::fs::write(d.join(f), b"x").unwrap();
-    }
+    // Written once, atomically (tests run in parallel and the config check
+    // reads the files: a file being rewritten would look empty). A disk
+    // holds at least one sector.
+    static FILES: std::sync::Once = std::sync::Once::new();
+    FILES.call_once(|| {
+        for (f, content) in [
+            ("vmlinux", &b"x"[..]),
+            ("initrd", b"x"),
+            ("disk.img", &[0u8; 512]),
+        ] {
+            std::fs::write(d.join(f), content).unwrap();
+        }
+    });
     d
 }
 
@@ -106,4 +118,113 @@ fn linux_key_mistakes_are_named() {
         "[[vm]]\nname = \"a\"\nmemory_mib = 128\nkernel = \"vmlinux\"\nvirtio_console = 1\n",
         &["vm[0].virtio_console", "true or false"],
     );
+}
+
+/// The error for a VM with these Linux keys (128 MiB of RAM), within 30 s.
+fn err_within(keys: String, parts: &[&str]) {
+    let text = format!("[[vm]]\nname = \"a\"\nmemory_mib = 128\n{keys}");
+    let e = common::within(&format!("loading {keys:?}"), move || {
+        load(&text).expect_err("must be rejected")
+    });
+    for p in parts {
+        assert!(e.contains(p), "expected `{p}` in: {e}");
+    }
+}
+
+#[test]
+fn kernel_and_initramfs_must_be_regular_files_that_fit_in_ram() {
+    let d = dir();
+    common::mkfifo(&d.join("kernel.fifo"));
+    // Sparse, one byte more than the VM's 128 MiB.
+    std::fs::File::create(d.join("huge"))
+        .unwrap()
+        .set_len((128 << 20) + 1)
+        .unwrap();
+    std::fs::File::create(d.join("half"))
+        .unwrap()
+        .set_len((64 << 20) + 1)
+        .unwrap();
+    err_within(
+        "kernel = \"/dev/zero\"\n".into(),
+        &[
+            "vm[0].kernel",
+            "/dev/zero is a character device; allowed: a regular file",
+        ],
+    );
+    err_within(
+        "kernel = \"kernel.fifo\"\n".into(),
+        &[
+            "vm[0].kernel",
+            "is a FIFO (named pipe); allowed: a regular file",
+        ],
+    );
+    err_within(
+        "kernel = \"vmlinux\"\ninitramfs = \"kernel.fifo\"\n".into(),
+        &["vm[0].initramfs", "is a FIFO (named pipe)"],
+    );
+    err_within(
+        "kernel = \".\"\n".into(),
+        &["vm[0].kernel", "is a directory; allowed: a regular file"],
+    );
+    err_within(
+        "kernel = \"nosuch\"\n".into(),
+        &["vm[0].kernel", "nosuch cannot be opened: No such file"],
+    );
+    err_within(
+        "kernel = \"huge\"\n".into(),
+        &[
+            "vm[0].kernel",
+            "huge is 128.0 MiB; allowed: a file no larger than the VM's RAM (128.0 MiB, memory_mib)",
+        ],
+    );
+    err_within(
+        "kernel = \"half\"\ninitramfs = \"half\"\n".into(),
+        &["vm[0].initramfs", "together are larger than the VM's RAM"],
+    );
+}
+
+#[test]
+fn disks_must_be_files_or_block_devices_and_writable_unless_read_only() {
+    let d = dir();
+    common::mkfifo(&d.join("disk.fifo"));
+    let disk = |path: &str, ro: bool| {
+        format!("kernel = \"vmlinux\"\ndisk = [{{ path = \"{path}\", read_only = {ro} }}]\n")
+    };
+    err_within(
+        disk(".", false),
+        &[
+            "vm[0].disk[0].path",
+            "is a directory; allowed: a regular file or a block device",
+        ],
+    );
+    err_within(
+        disk("disk.fifo", true),
+        &["vm[0].disk[0].path", "is a FIFO (named pipe)"],
+    );
+    // Even root cannot write a read-only sysfs attribute (EACCES at open).
+    let sysfs = "/sys/devices/system/cpu/online";
+    err_within(
+        disk(sysfs, false),
+        &[
+            "vm[0].disk[0].path",
+            "cannot be opened for writing: Permission denied",
+            "`read_only = true`",
+        ],
+    );
+    // Root may open /proc/version for writing (the write then fails with
+    // EIO); like every /proc file it reports 0 bytes: no sector to serve.
+    err_within(
+        disk("/proc/version", false),
+        &[
+            "vm[0].disk[0].path",
+            "/proc/version is 0 bytes; allowed: a disk image of at least one 512-byte sector",
+        ],
+    );
+    // The same sysfs file read-only is a (4 KiB) disk that can be read.
+    let text = format!(
+        "[[vm]]\nname = \"a\"\nmemory_mib = 128\n{}",
+        disk(sysfs, true)
+    );
+    let c = load(&text).unwrap();
+    assert!(c.vms[0].linux.as_ref().unwrap().disks[0].read_only);
 }

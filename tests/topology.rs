@@ -7,6 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+mod common;
+
 use disco::topology::{DistanceOrigin, HostNode, HostView, Topology, TopologySource};
 
 fn fixture_dir() -> PathBuf {
@@ -521,6 +523,67 @@ fn xml_without_numa_nodes_is_rejected() {
     let msg = format!("{err:#}");
     assert!(msg.contains(&path.display().to_string()), "{msg}");
     assert!(msg.contains("has no NUMA nodes"), "{msg}");
+}
+
+#[test]
+fn negative_or_absurd_node_memory_is_rejected_naming_file_and_attribute() {
+    let xml = std::fs::read_to_string(fixture_path("2-socket")).unwrap();
+    let first = attr(tags(&xml, "<object type=\"NUMANode\"")[0], "local_memory")
+        .unwrap()
+        .to_string();
+    let dir = tempdir("memory");
+    // hwloc reads "-5" as 2^64 - 5; 2^60 is more than x86-64 can address.
+    for (tag, value) in [("negative", "-5"), ("huge", "1152921504606846976")] {
+        let path = dir.join(format!("{tag}.xml"));
+        std::fs::write(
+            &path,
+            xml.replacen(
+                &format!("local_memory=\"{first}\""),
+                &format!("local_memory=\"{value}\""),
+                1,
+            ),
+        )
+        .unwrap();
+        let msg = format!("{:#}", Topology::from_xml_file(&path).unwrap_err());
+        for part in [
+            path.display().to_string().as_str(),
+            "attribute `local_memory`",
+            "not a memory size",
+            "allowed: 0 to 4503599627370496 bytes",
+        ] {
+            assert!(msg.contains(part), "{tag}: expected `{part}` in: {msg}");
+        }
+    }
+}
+
+#[test]
+fn a_topology_file_that_would_hang_or_exhaust_is_refused() {
+    let dir = tempdir("special");
+    let fifo = dir.join("fifo.xml");
+    common::mkfifo(&fifo);
+    let big = dir.join("big.xml");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(disco::files::MAX_TOPOLOGY_BYTES + 1)
+        .unwrap();
+    for (path, expect) in [
+        (
+            fifo.as_path(),
+            "is a FIFO (named pipe); allowed: a regular file",
+        ),
+        (
+            Path::new("/dev/zero"),
+            "is a character device; allowed: a regular file",
+        ),
+        (big.as_path(), "allowed: at most 16.0 MiB"),
+    ] {
+        let p = path.to_path_buf();
+        let msg = common::within(&format!("loading {}", path.display()), move || {
+            format!("{:#}", Topology::from_xml_file(&p).unwrap_err())
+        });
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains(expect), "expected `{expect}` in: {msg}");
+    }
 }
 
 #[test]

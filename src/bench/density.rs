@@ -608,14 +608,12 @@ pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
     // large enough, topology loads): checked now, before anything runs.
     let check = DensityScenario(options.clone()).options_for(1);
     config_from_toml(&check.config_text()).map_err(|e| {
-        p.error(
-            if options.workload.is_some() {
-                "workload"
-            } else {
-                "memory_mib"
-            },
-            format!("the VM config it makes is invalid: {:#}", e),
-        )
+        let other = if options.workload.is_some() {
+            "workload"
+        } else {
+            "memory_mib"
+        };
+        super::blame_config_error(p, &e, &options.policy, "policy", other)
     })?;
     Ok(Box::new(DensityScenario(options)))
 }

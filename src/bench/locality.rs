@@ -69,8 +69,8 @@ pub fn policy_table(
 ) -> Result<toml::Table> {
     let text = match SHIPPED_POLICIES.iter().find(|(n, _)| *n == policy) {
         Some((_, text)) => text.to_string(),
-        None => std::fs::read_to_string(policy)
-            .with_context(|| format!("cannot read the policy file {policy}"))?,
+        None => crate::files::read_text(Path::new(policy), crate::files::MAX_CONFIG_BYTES)
+            .map_err(|e| anyhow::anyhow!("policy file {policy} {e}"))?,
     };
     let mut table: toml::Table =
         toml::from_str(&text).with_context(|| format!("policy {policy}"))?;
@@ -399,12 +399,8 @@ pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
         let text = o
             .config_text(policy, 1, &topology)
             .map_err(|e| p.error("policies", format!("{e:#}")))?;
-        config_from_toml(&text).map_err(|e| {
-            p.error(
-                "workload",
-                format!("the VM config it makes is invalid: {e:#}"),
-            )
-        })?;
+        config_from_toml(&text)
+            .map_err(|e| super::blame_config_error(p, &e, policy, "policies", "workload"))?;
     }
     Ok(Box::new(LocalityScenario(o)))
 }

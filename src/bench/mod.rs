@@ -134,8 +134,51 @@ impl HostInfo {
 
 /// A config from TOML text, as `disco run` would read it from a file.
 pub fn config_from_toml(text: &str) -> Result<Config> {
-    Config::parse(text, "<bench>", Path::new(".")).context("a benchmark config is invalid")
+    Config::parse(text, BENCH_CONFIG, Path::new(".")).context("a benchmark config is invalid")
 }
+
+/// Blames an error of [`config_from_toml`] on a scenario's generated
+/// config on the scenario key it comes from, keeping the file and key that
+/// are wrong: a mistake in policy `policy` (a policy file's, or an inlined
+/// policy table's) names `policy_key` (`policy` or `policies`), one in the
+/// topology names `topology`, anything else `other_key`.
+pub(crate) fn blame_config_error(
+    p: &params::Params,
+    e: &anyhow::Error,
+    policy: &str,
+    policy_key: &str,
+    other_key: &str,
+) -> params::ParamError {
+    let Some(ce) = e.downcast_ref::<crate::config::ConfigError>() else {
+        return p.error(
+            other_key,
+            format!("the VM config it makes is invalid: {e:#}"),
+        );
+    };
+    if ce.file != BENCH_CONFIG {
+        // Read from a file the config names: the policy file.
+        return p.error(policy_key, format!("policy `{policy}`: {ce}"));
+    }
+    if let Some(key) = ce.key.strip_prefix("policy.") {
+        return p.error(
+            policy_key,
+            format!("policy `{policy}`: key `{key}`: {}", ce.message),
+        );
+    }
+    if ce.key == "policy" {
+        return p.error(policy_key, format!("policy `{policy}`: {}", ce.message));
+    }
+    if ce.key.starts_with("host") {
+        return p.error("topology", ce.message.clone());
+    }
+    p.error(
+        other_key,
+        format!("the VM config it makes is invalid: {e:#}"),
+    )
+}
+
+/// The file name of generated configs in errors.
+const BENCH_CONFIG: &str = "<bench>";
 
 /// A Markdown table: the first column left-aligned, the others right-aligned.
 pub(crate) fn markdown_table(headers: &[&str], rows: &[Vec<String>]) -> String {

@@ -640,13 +640,9 @@ pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
     };
     for case in s.options(1).cases {
         case.parse().map_err(|e| {
-            p.error(
-                "memory_mib",
-                format!(
-                    "case {}: the VM config it makes is invalid: {e:#}",
-                    case.name
-                ),
-            )
+            let mut err = super::blame_config_error(p, &e, &case.policy, "policies", "memory_mib");
+            err.message = format!("case {}: {}", case.name, err.message);
+            err
         })?;
     }
     Ok(Box::new(s))

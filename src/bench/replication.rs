@@ -668,12 +668,8 @@ pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
         let text = o
             .config_text(policy, 1, None, topology.node_count())
             .map_err(|e| p.error("policies", format!("{e:#}")))?;
-        config_from_toml(&text).map_err(|e| {
-            p.error(
-                "table_pages",
-                format!("the VM config it makes is invalid: {e:#}"),
-            )
-        })?;
+        config_from_toml(&text)
+            .map_err(|e| super::blame_config_error(p, &e, policy, "policies", "table_pages"))?;
     }
     Ok(Box::new(ReplicationScenario(o)))
 }

@@ -259,8 +259,8 @@ impl ScenarioFile {
     pub fn read(path: &Path) -> Result<ScenarioFile> {
         Ok(ScenarioFile {
             source: path.display().to_string(),
-            text: std::fs::read_to_string(path)
-                .with_context(|| format!("{}: cannot read the scenario file", path.display()))?,
+            text: crate::files::read_text(path, crate::files::MAX_CONFIG_BYTES)
+                .map_err(|e| anyhow::anyhow!("{}: scenario file {e}", path.display()))?,
         })
     }
 
@@ -348,8 +348,8 @@ impl PolicyUsed {
         PolicyUsed {
             name: policy.to_string(),
             source: policy.to_string(),
-            text: std::fs::read_to_string(policy)
-                .unwrap_or_else(|e| format!("(cannot read {policy}: {e})")),
+            text: crate::files::read_text(Path::new(policy), crate::files::MAX_CONFIG_BYTES)
+                .unwrap_or_else(|e| format!("(policy file {policy} {e})")),
         }
     }
 }

@@ -1,11 +1,11 @@
 //! virtio-blk backed by a file: read, write (unless read-only), flush and
 //! get-ID requests, 512-byte sectors, one request queue.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -38,14 +38,11 @@ pub struct Block {
 
 impl Block {
     /// Opens `path` (read-write unless `read_only`); the disk's size is the
-    /// file's, rounded down to whole sectors.
+    /// file's (or block device's), rounded down to whole sectors.
     pub fn open(path: &Path, read_only: bool) -> Result<Block> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .with_context(|| format!("opening disk image {}", path.display()))?;
-        let len = file.metadata()?.len();
+        let (file, len) =
+            crate::files::open(path, crate::files::Kind::RegularOrBlockDevice, !read_only)
+                .map_err(|e| anyhow::anyhow!("disk image {} {e}", path.display()))?;
         let mut id = [0u8; ID_LEN];
         let name = path
             .file_name()

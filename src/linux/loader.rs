@@ -5,7 +5,6 @@
 //! the boot GDT and identity page tables for the 64-bit entry, and the ACPI
 //! tables.
 
-use std::fs::File;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -54,7 +53,14 @@ pub enum KernelFormat {
 
 /// Tells an ELF vmlinux from a bzImage by their magic numbers.
 pub fn kernel_format(path: &Path) -> Result<KernelFormat> {
-    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    use std::io::Read;
+    // The headers only: the file may be far larger than what is needed here.
+    let (file, _) = crate::files::open(path, crate::files::Kind::Regular, false)
+        .map_err(|e| anyhow::anyhow!("kernel {} {e}", path.display()))?;
+    let mut data = Vec::with_capacity(0x206);
+    file.take(0x206)
+        .read_to_end(&mut data)
+        .with_context(|| format!("reading {}", path.display()))?;
     if data.starts_with(b"\x7fELF") {
         Ok(KernelFormat::Elf)
     } else if data.len() > 0x206 && &data[0x202..0x206] == b"HdrS" {
@@ -77,8 +83,18 @@ pub fn load(
     acpi: &AcpiTables,
 ) -> Result<Loaded> {
     let format = kernel_format(kernel)?;
-    let mut file =
-        File::open(kernel).with_context(|| format!("opening kernel {}", kernel.display()))?;
+    // Checked again here (the config check ran earlier; the file may have
+    // changed since): a regular file no larger than guest RAM.
+    let (mut file, size) = crate::files::open(kernel, crate::files::Kind::Regular, false)
+        .map_err(|e| anyhow::anyhow!("kernel {} {e}", kernel.display()))?;
+    if size > ram_size {
+        bail!(
+            "kernel {} is {} bytes, more than the VM's {} MiB of RAM",
+            kernel.display(),
+            size,
+            ram_size >> 20
+        );
+    }
     let (entry, result) = match format {
         KernelFormat::Elf => {
             let r = loader::Elf::load(mem, None, &mut file, Some(GuestAddress(HIGH_RAM)))
@@ -118,8 +134,8 @@ pub fn load(
 
     let mut initramfs_at = None;
     if let Some(path) = initramfs {
-        let data =
-            std::fs::read(path).with_context(|| format!("reading initramfs {}", path.display()))?;
+        let data = crate::files::read_bytes(path, ram_size)
+            .map_err(|e| anyhow::anyhow!("initramfs {} {e}", path.display()))?;
         let max = if params.hdr.initrd_addr_max != 0 {
             params.hdr.initrd_addr_max as u64
         } else {

@@ -99,6 +99,77 @@ impl LinuxGuestConfig {
     }
 }
 
+/// A disk image must hold at least one sector.
+pub const SECTOR_BYTES: u64 = 512;
+
+impl LinuxGuestConfig {
+    /// Checks the files this guest names without reading them: the kernel
+    /// and initramfs are regular files that fit in the VM's RAM
+    /// (`ram_bytes`) together, each disk is a regular file or block device
+    /// of at least one sector, openable for writing unless `read_only`.
+    /// Nothing blocks (see [`crate::files`]). On error: the config key
+    /// (`kernel`, `initramfs`, `disk[1].path`) and the message.
+    pub fn check_files(&self, ram_bytes: u64) -> std::result::Result<(), (String, String)> {
+        use crate::files::{fmt_size, open, Kind};
+        let ram = fmt_size(ram_bytes);
+        let image = |key: &str, path: &std::path::Path| {
+            let (_, size) = open(path, Kind::Regular, false)
+                .map_err(|e| (key.to_string(), format!("{} {e}", path.display())))?;
+            if size > ram_bytes {
+                return Err((
+                    key.to_string(),
+                    format!(
+                        "{} is {}; allowed: a file no larger than the VM's RAM ({ram}, memory_mib)",
+                        path.display(),
+                        fmt_size(size)
+                    ),
+                ));
+            }
+            Ok(size)
+        };
+        let kernel = image("kernel", &self.kernel)?;
+        if let Some(path) = &self.initramfs {
+            let initramfs = image("initramfs", path)?;
+            if kernel + initramfs > ram_bytes {
+                return Err((
+                    "initramfs".into(),
+                    format!(
+                        "{} ({}) and the kernel ({}) together are larger than the VM's RAM; \
+                         allowed: at most {ram} together (memory_mib)",
+                        path.display(),
+                        fmt_size(initramfs),
+                        fmt_size(kernel)
+                    ),
+                ));
+            }
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            let key = format!("disk[{i}].path");
+            let (_, size) =
+                open(&d.path, Kind::RegularOrBlockDevice, !d.read_only).map_err(|e| {
+                    let hint = if d.read_only {
+                        ""
+                    } else {
+                        " (the disk is read-write; `read_only = true` needs read access only)"
+                    };
+                    (key.clone(), format!("{} {e}{hint}", d.path.display()))
+                })?;
+            // Also catches /proc and /sys files, which report size 0
+            // (root may open /proc/version for writing; the write fails).
+            if size < SECTOR_BYTES {
+                return Err((
+                    key,
+                    format!(
+                        "{} is {size} bytes; allowed: a disk image of at least one {SECTOR_BYTES}-byte sector",
+                        d.path.display()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What to boot.
 #[derive(Clone, Debug)]
 pub struct LinuxVmSpec {

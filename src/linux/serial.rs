@@ -72,7 +72,10 @@ impl ConsoleSink {
                 for &b in bytes {
                     if b == b'\n' {
                         let text = String::from_utf8_lossy(line).replace('\r', "");
-                        println!("{prefix}{text}");
+                        // Not println!: it panics when stdout is closed
+                        // or full; the guest's console output is then lost
+                        // (the capture above keeps it for the report).
+                        let _ = writeln!(std::io::stdout().lock(), "{prefix}{text}");
                         line.clear();
                     } else {
                         line.push(b);

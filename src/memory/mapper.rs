@@ -243,15 +243,10 @@ impl Memory {
     /// A pool can hold as much as its node's memory, capped at the host's
     /// memory (pools are sparse: capacity costs nothing until used).
     pub fn for_topology(topology: &Topology) -> Result<Memory> {
-        // SAFETY: sysconf has no preconditions.
-        let host_pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) }.max(1) as u64;
         let pools = topology
             .nodes
             .iter()
-            .map(|n| {
-                let pages = (n.memory_bytes / PAGE_SIZE as u64).clamp(1, host_pages);
-                (n.index, n.host_node, pages.min(u32::MAX as u64) as u32)
-            })
+            .map(|n| (n.index, n.host_node, pool_capacity_pages(n.memory_bytes)))
             .collect::<Vec<_>>();
         Memory::new(&pools)
     }
@@ -1396,27 +1391,79 @@ impl Drop for Memory {
     }
 }
 
-/// Makes sure the process may hold `needed` memory mappings: raises
-/// `vm.max_map_count` when running as root, or fails with what to do.
-fn ensure_map_count(needed: u64) -> Result<()> {
-    const PATH: &str = "/proc/sys/vm/max_map_count";
-    let current: u64 = std::fs::read_to_string(PATH)
+/// The host's memory, in pages.
+pub fn host_pages() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) }.max(1) as u64
+}
+
+/// Pages the pool of a node with `memory_bytes` holds: the node's memory,
+/// capped at the host's ([`Memory::for_topology`]).
+pub fn pool_capacity_pages(memory_bytes: u64) -> u32 {
+    (memory_bytes / PAGE_SIZE as u64)
+        .clamp(1, host_pages())
+        .min(u32::MAX as u64) as u32
+}
+
+const MAP_COUNT_PATH: &str = "/proc/sys/vm/max_map_count";
+/// The kernel's ceiling for `vm.max_map_count` (an `int`).
+const MAP_COUNT_CEILING: u64 = i32::MAX as u64;
+
+/// Memory mappings (`vm.max_map_count`) that guest spaces of these frame
+/// counts may need at worst: one VMA per guest page, one per space, plus
+/// [`MAP_COUNT_MARGIN`].
+pub fn map_count_needed(frames: impl IntoIterator<Item = u64>) -> u64 {
+    frames.into_iter().map(|f| f + 1).sum::<u64>() + MAP_COUNT_MARGIN
+}
+
+fn current_map_count() -> Result<u64> {
+    std::fs::read_to_string(MAP_COUNT_PATH)
         .context("reading vm.max_map_count")?
         .trim()
         .parse()
-        .context("parsing vm.max_map_count")?;
+        .context("parsing vm.max_map_count")
+}
+
+/// Whether [`ensure_map_count`] would succeed for `needed`, changing
+/// nothing: the limit is high enough already, or this process runs as root
+/// and the ceiling allows it. The error says what to do.
+pub fn check_map_count(needed: u64) -> Result<()> {
+    let current = current_map_count()?;
     if needed <= current {
         return Ok(());
     }
-    // Leave room to grow so that this does not happen on every VM.
-    let target = needed.max(current) * 2;
+    let target = map_count_target(needed, current);
+    ensure!(
+        needed <= MAP_COUNT_CEILING,
+        "guest RAM may need up to {needed} memory mappings, above the kernel's limit of \
+         {MAP_COUNT_CEILING} for vm.max_map_count"
+    );
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 && std::fs::write(PATH, target.to_string()).is_ok() {
-        tracing::info!("raised vm.max_map_count from {current} to {target} for guest RAM mappings");
-        return Ok(());
-    }
-    bail!(
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
         "guest RAM may need up to {needed} memory mappings but vm.max_map_count is {current}; \
          run disco as root (it raises the limit) or run `sysctl -w vm.max_map_count={target}`"
-    )
+    );
+    Ok(())
+}
+
+/// Leave room to grow so that a raise does not happen on every VM.
+fn map_count_target(needed: u64, current: u64) -> u64 {
+    (needed.max(current) * 2).min(MAP_COUNT_CEILING)
+}
+
+/// Makes sure the process may hold `needed` memory mappings: raises
+/// `vm.max_map_count` when running as root, or fails with what to do.
+/// `monitor::run` calls it once for all VMs, after the config's checks.
+pub fn ensure_map_count(needed: u64) -> Result<()> {
+    check_map_count(needed)?;
+    let current = current_map_count()?;
+    if needed <= current {
+        return Ok(());
+    }
+    let target = map_count_target(needed, current);
+    std::fs::write(MAP_COUNT_PATH, target.to_string())
+        .with_context(|| format!("raising vm.max_map_count from {current} to {target}"))?;
+    tracing::info!("raised vm.max_map_count from {current} to {target} for guest RAM mappings");
+    Ok(())
 }

@@ -71,6 +71,9 @@ pub struct Trace {
     pub epochs: Vec<TraceEpoch>,
 }
 
+/// Largest trace file read (about 10 M samples).
+pub const MAX_TRACE_BYTES: u64 = 256 << 20;
+
 /// Upper bound for `nodes` (and so for node numbers).
 pub const MAX_TRACE_NODES: usize = 4096;
 
@@ -78,10 +81,10 @@ impl Trace {
     /// Reads and parses a trace file; errors name the file and line.
     pub fn load(path: &Path) -> Result<Trace, TraceError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| TraceError {
+        let text = crate::files::read_text(path, MAX_TRACE_BYTES).map_err(|e| TraceError {
             file: file.clone(),
             line: 0,
-            message: format!("cannot read the trace file: {e}"),
+            message: format!("trace file {e}"),
         })?;
         Trace::parse(&text, &file)
     }
@@ -515,7 +518,7 @@ mod tests {
         let e = Trace::load(Path::new("/nonexistent/x.trace")).unwrap_err();
         assert!(
             e.to_string()
-                .starts_with("/nonexistent/x.trace: cannot read"),
+                .starts_with("/nonexistent/x.trace: trace file cannot be opened"),
             "{e}"
         );
     }

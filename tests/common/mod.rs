@@ -61,3 +61,36 @@ impl Drop for TraceFile {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Creates a FIFO (named pipe) at `path`: opening it for reading blocks
+/// until a writer comes, so it stands for every input that could hang.
+pub fn mkfifo(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
+        0,
+        "mkfifo {}",
+        path.display()
+    );
+}
+
+/// Runs `f` on a thread and returns its result, failing the test if it has
+/// not ended within 30 s: a regression that hangs (reading a FIFO) then
+/// fails with `what` instead of hanging the test run.
+pub fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(v) => v,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what} did not end within 30 s")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            panic!("{what} panicked (see above)")
+        }
+    }
+}
