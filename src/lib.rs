@@ -9,6 +9,7 @@ pub mod control;
 pub mod faults;
 pub mod guest;
 pub mod kvm_check;
+pub mod leftovers;
 pub mod linux;
 pub mod memory;
 pub mod monitor;

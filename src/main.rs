@@ -146,7 +146,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .without_time()
         .init();
-    match real_main(Cli::parse()) {
+    let cli = Cli::parse();
+    // Any start puts back what a disco killed before it could left changed.
+    for note in disco::leftovers::restore_at_start() {
+        eprintln!("{note}");
+    }
+    match real_main(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("disco: error: {e:#}");

@@ -87,6 +87,9 @@ pub(super) struct Inner {
     pub(super) sampler: Option<Arc<PageSampler>>,
     /// Replica sets of read-shared pages (see `replica.rs`).
     pub(super) replicas: Replicas,
+    /// This memory's claim on a raised `vm.max_map_count`, released (and
+    /// the value set back) when the memory is dropped.
+    pub(super) map_count: Option<crate::leftovers::MapCountLease>,
 }
 
 /// All machine memory of one monitor, behind one lock.
@@ -283,6 +286,7 @@ impl Memory {
                 pausers: BTreeMap::new(),
                 sampler: None,
                 replicas: Replicas::default(),
+                map_count: None,
             }),
         })
     }
@@ -322,7 +326,7 @@ impl Memory {
         // Worst case every guest page ends up in its own VMA (after sharing
         // or migration), so budget for that now rather than fail later.
         let budget: u64 = inner.spaces.values().map(|s| s.frames() + 1).sum::<u64>() + frames + 1;
-        ensure_map_count(budget + MAP_COUNT_MARGIN)?;
+        crate::leftovers::ensure_map_count(budget + MAP_COUNT_MARGIN, &mut inner.map_count)?;
 
         let len = frames as usize * PAGE_SIZE;
         // SAFETY: a fresh reservation; nothing else uses this range.
@@ -1394,29 +1398,4 @@ impl Drop for Memory {
             let _ = self.inner.get_mut().destroy(vm);
         }
     }
-}
-
-/// Makes sure the process may hold `needed` memory mappings: raises
-/// `vm.max_map_count` when running as root, or fails with what to do.
-fn ensure_map_count(needed: u64) -> Result<()> {
-    const PATH: &str = "/proc/sys/vm/max_map_count";
-    let current: u64 = std::fs::read_to_string(PATH)
-        .context("reading vm.max_map_count")?
-        .trim()
-        .parse()
-        .context("parsing vm.max_map_count")?;
-    if needed <= current {
-        return Ok(());
-    }
-    // Leave room to grow so that this does not happen on every VM.
-    let target = needed.max(current) * 2;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 && std::fs::write(PATH, target.to_string()).is_ok() {
-        tracing::info!("raised vm.max_map_count from {current} to {target} for guest RAM mappings");
-        return Ok(());
-    }
-    bail!(
-        "guest RAM may need up to {needed} memory mappings but vm.max_map_count is {current}; \
-         run disco as root (it raises the limit) or run `sysctl -w vm.max_map_count={target}`"
-    )
 }
