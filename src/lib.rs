@@ -16,6 +16,7 @@ pub mod monitor;
 pub mod numa;
 pub mod report;
 pub mod sharing;
+pub mod signals;
 pub mod topology;
 pub mod vm;
 

@@ -175,6 +175,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             quiet,
             control,
         } => {
+            // Before any thread exists: threads inherit the blocked signals.
+            disco::signals::install()?;
             let config = load_config(&config)?;
             let options = RunOptions {
                 progress: !quiet && !json,
@@ -184,6 +186,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 .as_deref()
                 .map(disco::control::ControlSocket::bind)
                 .transpose()?;
+            disco::signals::remove_on_exit(control.as_ref().map(|c| c.path().to_path_buf()));
             if let Some(c) = &control {
                 eprintln!(
                     "disco run: control socket {} (disco ctl {} status)",
@@ -197,7 +200,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 print!("{}", report.render_text());
             }
-            Ok(if report.all_ok() {
+            Ok(if let Some(status) = disco::signals::exit_status() {
+                // As a shell reports a process ended by the signal.
+                ExitCode::from(status)
+            } else if report.all_ok() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)

@@ -97,6 +97,12 @@ impl Guest {
             Guest::Linux(vm) => vm.is_finished(),
         }
     }
+    fn stop_because(&self, reason: &str) {
+        match self {
+            Guest::Micro(vm) => vm.stop_because(reason),
+            Guest::Linux(vm) => vm.stop_because(reason),
+        }
+    }
     fn wait(self) -> crate::vm::VmOutcome {
         match self {
             Guest::Micro(vm) => vm.wait(),
@@ -225,6 +231,15 @@ pub fn run_with_control(
 
     let mut vms = Vec::new();
     for index in 0..config.vms.len() {
+        if let Some(signal) = crate::signals::interrupted() {
+            vms.push(RunningVm {
+                index,
+                space: None,
+                vm: None,
+                error: Some(format!("not created: {signal} interrupted the run")),
+            });
+            continue;
+        }
         vms.push(
             match Guest::build(&kvm, &memory, &topology, &config.vms[index]) {
                 Ok((space, vm)) => RunningVm {
@@ -321,7 +336,21 @@ pub fn run_with_control(
     let mut last_verify: Option<Instant> = None;
     let mut moves_done = vec![0usize; vms.len()];
     let mut moves_applied: Vec<Vec<String>> = vec![Vec::new(); vms.len()];
+    // The signal that ended the run early, and which VMs it stopped.
+    let mut interrupted: Option<&str> = None;
+    let mut unfinished_at_interrupt = vec![false; vms.len()];
     loop {
+        if let Some(signal) = crate::signals::interrupted() {
+            let reason = format!("{signal} interrupted the run");
+            for (i, rv) in vms.iter().enumerate() {
+                if let Some(vm) = rv.vm.as_ref().filter(|vm| !vm.is_finished()) {
+                    unfinished_at_interrupt[i] = true;
+                    vm.stop_because(&reason);
+                }
+            }
+            interrupted = Some(signal);
+            break;
+        }
         for (i, rv) in vms.iter_mut().enumerate() {
             // vCPU moves and page sampling apply to micro-VMs (a Linux VM's
             // config cannot have moves).
@@ -412,6 +441,10 @@ pub fn run_with_control(
         let target = scanner.stats().full_scans + 2;
         let deadline = Instant::now() + SETTLE_LIMIT;
         while scanner.stats().full_scans < target && Instant::now() < deadline {
+        if interrupted.is_some() {
+            // No final passes: the operator wants the run to end.
+            return (scanner.stop(), false);
+        }
             std::thread::sleep(Duration::from_millis(10));
         }
         let settled = scanner.stats().full_scans >= target;
@@ -461,6 +494,14 @@ pub fn run_with_control(
         } else if !all_match {
             (
                 "wrong-checksum",
+        } else if unfinished_at_interrupt[i] {
+            (
+                "interrupted",
+                Some(format!(
+                    "stopped before it finished: {} interrupted the run",
+                    interrupted.unwrap_or("a signal")
+                )),
+            )
                 Some("a vCPU returned a checksum the host model does not predict".to_string()),
             )
         } else {
@@ -528,6 +569,7 @@ pub fn run_with_control(
         replicas,
         pools,
         verify_runs,
+        interrupted: interrupted.map(str::to_string),
         verify_while_running,
         verify_ok: verify_errors.is_empty(),
         verify_errors,
