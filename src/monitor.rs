@@ -431,20 +431,25 @@ pub fn run_with_control(
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    // From here on nothing answers the control socket's commands: tell
+    // its clients at once rather than let them wait for a loop that is gone.
+    if let Some(control) = control {
+        control.close();
+    }
     let numa_stats = numa_runner.map(NumaRunner::stop);
     // Let the scanner see the guests' final memory: two more full passes
     // (the first may have started before the guests' last writes). Nothing
     // writes any more, so pages that were volatile need not prove it.
     let scan_stats = scanner.map(|scanner| {
+        if interrupted.is_some() {
+            // No final passes: the operator wants the run to end.
+            return (scanner.stop(), false);
+        }
         bar.set_message("guests done; sharing scanner finishing its passes");
         scanner.guests_quiescent();
         let target = scanner.stats().full_scans + 2;
         let deadline = Instant::now() + SETTLE_LIMIT;
         while scanner.stats().full_scans < target && Instant::now() < deadline {
-        if interrupted.is_some() {
-            // No final passes: the operator wants the run to end.
-            return (scanner.stop(), false);
-        }
             std::thread::sleep(Duration::from_millis(10));
         }
         let settled = scanner.stats().full_scans >= target;
@@ -489,11 +494,6 @@ pub fn run_with_control(
         let all_match = vcpus.iter().all(|v| v.outcome.checksum_ok());
         let (status, error) = if let Some(e) = rv.error.take() {
             ("failed", Some(e))
-        } else if !failures.is_empty() {
-            ("failed", Some(failures.join("; ")))
-        } else if !all_match {
-            (
-                "wrong-checksum",
         } else if unfinished_at_interrupt[i] {
             (
                 "interrupted",
@@ -502,6 +502,11 @@ pub fn run_with_control(
                     interrupted.unwrap_or("a signal")
                 )),
             )
+        } else if !failures.is_empty() {
+            ("failed", Some(failures.join("; ")))
+        } else if !all_match {
+            (
+                "wrong-checksum",
                 Some("a vCPU returned a checksum the host model does not predict".to_string()),
             )
         } else {
@@ -564,12 +569,12 @@ pub fn run_with_control(
             status,
         },
         vms: reports,
+        interrupted: interrupted.map(str::to_string),
         sharing: sharing_report,
         numa: numa_stats,
         replicas,
         pools,
         verify_runs,
-        interrupted: interrupted.map(str::to_string),
         verify_while_running,
         verify_ok: verify_errors.is_empty(),
         verify_errors,
