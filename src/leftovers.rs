@@ -179,10 +179,13 @@ fn store_state(state: MapCountState) -> Result<Option<String>> {
 /// `vm.max_map_count` when running as root (recording the value it found
 /// and registering `lease`), or fails with what to do. A monitor that needs
 /// no raise but runs while another one's raise is in effect registers too,
-/// since it may rely on the raised value.
+/// since it may rely on the raised value (unless it is not root: it could
+/// neither write the state file nor set the value back).
 pub fn ensure_map_count(needed: u64, lease: &mut Option<MapCountLease>) -> Result<()> {
     let state_file = state_dir().join(MAP_COUNT_STATE);
-    if needed <= read_map_count()? && (lease.is_some() || !state_file.exists()) {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if needed <= read_map_count()? && (lease.is_some() || !root || !state_file.exists()) {
         return Ok(());
     }
     let _lock = lock_state()?;
@@ -191,9 +194,7 @@ pub fn ensure_map_count(needed: u64, lease: &mut Option<MapCountLease>) -> Resul
     if needed > current {
         // Leave room to grow so that this does not happen on every VM.
         let target = needed.max(current) * 2;
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 || std::fs::write(MAP_COUNT, target.to_string()).is_err()
-        {
+        if !root || std::fs::write(MAP_COUNT, target.to_string()).is_err() {
             bail!(
                 "guest RAM may need up to {needed} memory mappings but vm.max_map_count is \
                  {current}; run disco as root (it raises the limit) or run \

@@ -449,12 +449,19 @@ pub fn run_with_control(
         scanner.guests_quiescent();
         let target = scanner.stats().full_scans + 2;
         let deadline = Instant::now() + SETTLE_LIMIT;
-        while scanner.stats().full_scans < target && Instant::now() < deadline {
+        while scanner.stats().full_scans < target
+            && Instant::now() < deadline
+            && crate::signals::interrupted().is_none()
+        {
             std::thread::sleep(Duration::from_millis(10));
         }
         let settled = scanner.stats().full_scans >= target;
         (scanner.stop(), settled)
     });
+    // A signal during the final passes cuts them short: say so too.
+    if interrupted.is_none() {
+        interrupted = crate::signals::interrupted();
+    }
     bar.set_message("guests done; checking their results against the host model");
 
     let mut reports = Vec::new();

@@ -167,7 +167,7 @@ impl RunReport {
         out += &format!("policy status: {}\n", self.policy.status);
         if let Some(signal) = &self.interrupted {
             out +=
-                &format!("INTERRUPTED by {signal}: the guests were stopped before they finished\n");
+                &format!("INTERRUPTED by {signal}: the run was ended early (guests still running were stopped)\n");
         }
         out += "\n";
         out += &format!(

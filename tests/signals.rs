@@ -40,7 +40,9 @@ fn sigint_stops_the_guests_prints_the_report_and_removes_the_socket() {
     let (out, err) = (run.stdout(), run.stderr());
     assert_eq!(code, 128 + libc::SIGINT, "exit status\n{out}\n{err}");
     assert!(
-        out.contains("INTERRUPTED by SIGINT: the guests were stopped before they finished"),
+        out.contains(
+            "INTERRUPTED by SIGINT: the run was ended early (guests still running were stopped)"
+        ),
         "{out}"
     );
     let spinner = out.lines().find(|l| l.starts_with("spinner")).unwrap();
