@@ -3,26 +3,35 @@
 //! (or any client that writes a line, e.g. `socat - UNIX-CONNECT:PATH`)
 //! sends it commands while the guests run.
 //!
-//! One command per line, one reply line per command (`ok: ...` or
-//! `error: ...`):
+//! One command per line (at most [`MAX_LINE`] bytes of UTF-8), one reply
+//! line per command (`ok: ...` or `error: ...`; a blank, overlong or
+//! non-UTF-8 line gets an error too):
 //! - `status`: each VM's name, state and the node of each of its vCPUs
 //!   (reply lines joined with `; `);
 //! - `move VM NODE [VCPU]`: re-pins every vCPU of VM `VM` (or only vCPU
 //!   `VCPU`) to node `NODE`, as a `moves` entry of the config would; under a
 //!   migrating policy the pages follow.
 //!
-//! The listener thread only parses: it hands each command to the monitor's
-//! loop through a channel and waits for the answer, so every change to a VM
+//! The socket is mode 0600 and only clients of the monitor's uid or root
+//! are served. Each client has a thread of its own (at most
+//! [`MAX_CLIENTS`]), so an idle or slow client delays nobody; one that
+//! sends no complete line for 30 s is disconnected.
+//!
+//! Client threads only parse: they hand each command to the monitor's
+//! loop through a channel and wait for the answer, so every change to a VM
 //! is made by the thread that owns the VMs, between two ticks of its loop.
+//! Once the guests have stopped ([`ControlSocket::close`]), commands are
+//! answered "the run has ended" at once.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
@@ -46,7 +55,7 @@ impl Command {
         let words: Vec<&str> = line.split_whitespace().collect();
         let number = |what: &str, w: &str| -> Result<usize, String> {
             w.parse()
-                .map_err(|_| format!("{what} `{w}` is not a number; {USAGE}"))
+                .map_err(|_| format!("{what} `{}` is not a number; {USAGE}", shorten(w)))
         };
         match words.as_slice() {
             ["status"] => Ok(Command::Status),
@@ -61,8 +70,21 @@ impl Command {
                 vcpu: Some(number("VCPU", vcpu)?),
             }),
             [] => Err(format!("empty command; {USAGE}")),
-            [first, ..] => Err(format!("cannot read `{line}` (`{first}`...); {USAGE}")),
+            [first, ..] => Err(format!(
+                "cannot read `{}` (`{}`...); {USAGE}",
+                shorten(line.trim()),
+                shorten(first)
+            )),
         }
+    }
+}
+
+/// `s`, cut to at most 64 characters (with `...`), for echoing a client's
+/// input back in an error without repeating all of it.
+fn shorten(s: &str) -> String {
+    match s.char_indices().nth(64) {
+        Some((cut, _)) => format!("{}...", &s[..cut]),
+        None => s.to_string(),
     }
 }
 
@@ -81,20 +103,45 @@ impl Request {
 
 /// How long a client waits for the monitor's answer.
 const ANSWER_LIMIT: Duration = Duration::from_secs(10);
+/// Longest command line, newline excluded. Longer input gets an error and
+/// the connection is closed, so a client cannot make the monitor buffer
+/// more than this.
+pub const MAX_LINE: usize = 4096;
+/// Clients served at once; one more is told to try again and closed.
+pub const MAX_CLIENTS: usize = 16;
+/// A client that sends no complete line for this long is disconnected.
+const IDLE_LIMIT: Duration = Duration::from_secs(30);
+/// How often a client thread looks at the stop flag while it waits for input.
+const POLL: Duration = Duration::from_millis(200);
+/// The reply to commands that arrive once the guests have stopped.
+const ENDED: &str = "the run has ended; the monitor takes no more commands";
 
-/// The listening socket and its thread; dropping it stops the thread and
+/// What the listener, the client threads and the monitor share.
+struct Shared {
+    stop: AtomicBool,
+    /// The way to the monitor's loop; `None` once the run has ended
+    /// ([`ControlSocket::close`]). Client threads send while holding the
+    /// lock, so a request is either queued before `close` drains the queue
+    /// or answered [`ENDED`] at once: none waits for a loop that is gone.
+    to_monitor: Mutex<Option<mpsc::Sender<Request>>>,
+    clients: AtomicUsize,
+}
+
+/// The listening socket and its threads; dropping it stops them and
 /// removes the socket file.
 pub struct ControlSocket {
     path: PathBuf,
     requests: mpsc::Receiver<Request>,
-    stop: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl ControlSocket {
-    /// Listens at `path`. An existing socket file is replaced only when no
-    /// monitor answers on it (a stale socket of a run that died); any other
-    /// existing file is an error, so nothing is overwritten by mistake.
+    /// Listens at `path`, mode 0600 whatever the umask (and every client's
+    /// uid is checked, see [`peer_allowed`]). An existing socket file is
+    /// replaced only when no monitor answers on it (a stale socket of a run
+    /// that died); any other existing file is an error, so nothing is
+    /// overwritten by mistake.
     pub fn bind(path: &Path) -> Result<ControlSocket> {
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             use std::os::unix::fs::FileTypeExt;
@@ -115,17 +162,29 @@ impl ControlSocket {
         }
         let listener = UnixListener::bind(path)
             .with_context(|| format!("control socket {}: cannot listen", path.display()))?;
+        // bind() creates the file with the umask's mode (0777 under
+        // `umask 000`). Changing the process umask would race with other
+        // threads creating files, so the mode is set right after; a client
+        // that connects in between is still refused by the uid check.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("control socket {}: setting mode 0600", path.display()))?;
         listener.set_nonblocking(true)?;
         let (tx, requests) = mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            to_monitor: Mutex::new(Some(tx)),
+            clients: AtomicUsize::new(0),
+        });
         let thread = std::thread::Builder::new()
             .name("disco-control".into())
-            .spawn(move || serve(listener, tx, stop2))?;
+            .spawn({
+                let shared = shared.clone();
+                move || serve(listener, shared)
+            })?;
         Ok(ControlSocket {
             path: path.to_path_buf(),
             requests,
-            stop,
+            shared,
             thread: Some(thread),
         })
     }
@@ -138,11 +197,21 @@ impl ControlSocket {
     pub fn pending(&self) -> Vec<Request> {
         self.requests.try_iter().collect()
     }
+
+    /// The run has ended: commands waiting for the monitor and every later
+    /// one are answered "the run has ended" at once.
+    pub fn close(&self) {
+        self.shared.to_monitor.lock().unwrap().take();
+        for r in self.requests.try_iter() {
+            r.answer(Err(ENDED.into()));
+        }
+    }
 }
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.close();
+        self.shared.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -150,13 +219,78 @@ impl Drop for ControlSocket {
     }
 }
 
-/// Accepts clients one after another (commands are rare and short).
-fn serve(listener: UnixListener, tx: mpsc::Sender<Request>, stop: Arc<AtomicBool>) {
-    while !stop.load(Ordering::Relaxed) {
+/// Whether a client may send commands: the monitor's own uid, or root.
+fn peer_allowed(stream: &UnixStream) -> Result<(), String> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills a `ucred` of `len` bytes on a socket we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "cannot tell who connected: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if cred.uid == me || cred.uid == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "permission denied: uid {} may not control this monitor (only uid {me} or root)",
+            cred.uid
+        ))
+    }
+}
+
+/// Accepts clients and serves each on a thread of its own (at most
+/// `MAX_CLIENTS`), so an idle or slow client delays nobody else.
+fn serve(listener: UnixListener, shared: Arc<Shared>) {
+    let mut clients: Vec<JoinHandle<()>> = Vec::new();
+    while !shared.stop.load(Ordering::Relaxed) {
+        clients.retain(|c| !c.is_finished());
         match listener.accept() {
-            Ok((stream, _)) => {
-                if let Err(e) = serve_client(stream, &tx, &stop) {
-                    tracing::debug!("control client: {e:#}");
+            Ok((mut stream, _)) => {
+                let refused = peer_allowed(&stream).err().or_else(|| {
+                    (shared.clients.load(Ordering::Relaxed) >= MAX_CLIENTS).then(|| {
+                        format!("{MAX_CLIENTS} clients are connected already; try again later")
+                    })
+                });
+                if let Some(why) = refused {
+                    let _ = stream.set_write_timeout(Some(POLL));
+                    let _ = stream.write_all(format!("error: {why}\n").as_bytes());
+                    continue;
+                }
+                shared.clients.fetch_add(1, Ordering::Relaxed);
+                let spawned = std::thread::Builder::new()
+                    .name("disco-ctl-client".into())
+                    .spawn({
+                        let shared = shared.clone();
+                        move || {
+                            if let Err(e) = serve_client(stream, &shared) {
+                                tracing::debug!("control client: {e:#}");
+                            }
+                            shared.clients.fetch_sub(1, Ordering::Relaxed);
+                        }
+                    });
+                match spawned {
+                    Ok(t) => clients.push(t),
+                    Err(e) => {
+                        shared.clients.fetch_sub(1, Ordering::Relaxed);
+                        tracing::warn!("control socket: cannot start a client thread: {e}");
+                    }
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -168,54 +302,107 @@ fn serve(listener: UnixListener, tx: mpsc::Sender<Request>, stop: Arc<AtomicBool
             }
         }
     }
+    for c in clients {
+        let _ = c.join();
+    }
 }
 
-fn serve_client(stream: UnixStream, tx: &mpsc::Sender<Request>, stop: &AtomicBool) -> Result<()> {
+/// Reads lines of at most `MAX_LINE` bytes and answers each.
+fn serve_client(mut stream: UnixStream, shared: &Shared) -> Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
-    let mut writer = stream.try_clone()?;
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
+    stream.set_read_timeout(Some(POLL))?;
+    // A client that does not read its replies must not hold its thread.
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut pending: Vec<u8> = Vec::with_capacity(256);
+    let mut chunk = [0u8; 1024];
+    let mut last_line = Instant::now();
     loop {
-        line.clear();
-        match reader.read_line(&mut line) {
-            Ok(0) => return Ok(()),
-            Ok(_) => {}
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let reply = answer_line(&line[..end], shared);
+            stream.write_all(reply.as_bytes())?;
+            last_line = Instant::now();
+        }
+        if pending.len() > MAX_LINE {
+            stream.write_all(
+                format!(
+                    "error: command longer than {MAX_LINE} bytes; closing the connection; {USAGE}\n"
+                )
+                .as_bytes(),
+            )?;
+            return Ok(());
+        }
+        if shared.stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if last_line.elapsed() > IDLE_LIMIT {
+            stream.write_all(
+                format!(
+                    "error: no complete command for {} s; closing the connection\n",
+                    IDLE_LIMIT.as_secs()
+                )
+                .as_bytes(),
+            )?;
+            return Ok(());
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => {
+                // A last command without its newline is still answered.
+                if !pending.is_empty() {
+                    let reply = answer_line(&pending, shared);
+                    stream.write_all(reply.as_bytes())?;
+                }
+                return Ok(());
+            }
+            Ok(n) => pending.extend_from_slice(&chunk[..n]),
             Err(e)
                 if matches!(
                     e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                if stop.load(Ordering::Relaxed) {
-                    return Ok(());
-                }
-                continue;
-            }
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
             Err(e) => return Err(e.into()),
         }
-        let text = line.trim();
-        if text.is_empty() {
-            continue;
+    }
+}
+
+/// The reply line (`ok: ...\n` or `error: ...\n`) to one command line.
+fn answer_line(line: &[u8], shared: &Shared) -> String {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let answer = if line.len() > MAX_LINE {
+        Err(format!("command longer than {MAX_LINE} bytes; {USAGE}"))
+    } else {
+        match std::str::from_utf8(line) {
+            Err(_) => Err(format!("the command is not UTF-8 text; {USAGE}")),
+            Ok(text) => Command::parse(text).and_then(|command| ask_monitor(command, shared)),
         }
-        let answer = match Command::parse(text) {
-            Err(e) => Err(e),
-            Ok(command) => {
-                let (reply, answer) = mpsc::channel();
-                if tx.send(Request { command, reply }).is_err() {
-                    Err("the monitor is shutting down".to_string())
-                } else {
-                    answer.recv_timeout(ANSWER_LIMIT).unwrap_or_else(|_| {
-                        Err("the monitor did not answer (is the run finishing?)".into())
-                    })
-                }
-            }
+    };
+    match answer {
+        Ok(s) => format!("ok: {s}\n"),
+        Err(s) => format!("error: {s}\n"),
+    }
+}
+
+/// Hands `command` to the monitor's loop and waits for its answer.
+fn ask_monitor(command: Command, shared: &Shared) -> Result<String, String> {
+    let (reply, answer) = mpsc::channel();
+    {
+        let to_monitor = shared.to_monitor.lock().unwrap();
+        let Some(tx) = to_monitor.as_ref() else {
+            return Err(ENDED.into());
         };
-        let out = match answer {
-            Ok(s) => format!("ok: {s}\n"),
-            Err(s) => format!("error: {s}\n"),
-        };
-        writer.write_all(out.as_bytes())?;
+        if tx.send(Request { command, reply }).is_err() {
+            return Err(ENDED.into());
+        }
+    }
+    match answer.recv_timeout(ANSWER_LIMIT) {
+        Ok(a) => a,
+        // `close` dropped the request unanswered, or answered it.
+        Err(mpsc::RecvTimeoutError::Disconnected) => Err(ENDED.into()),
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            Err("the monitor did not answer within 10 s (it is busy); try again".into())
+        }
     }
 }
 

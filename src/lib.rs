@@ -10,12 +10,14 @@ pub mod faults;
 pub mod files;
 pub mod guest;
 pub mod kvm_check;
+pub mod leftovers;
 pub mod linux;
 pub mod memory;
 pub mod monitor;
 pub mod numa;
 pub mod report;
 pub mod sharing;
+pub mod signals;
 pub mod topology;
 pub mod vm;
 

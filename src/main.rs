@@ -181,7 +181,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .without_time()
         .init();
-    match real_main(Cli::parse()) {
+    let cli = Cli::parse();
+    // Any start puts back what a disco killed before it could left changed.
+    for note in disco::leftovers::restore_at_start() {
+        eprintln!("{note}");
+    }
+    match real_main(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("disco: error: {e:#}");
@@ -205,6 +210,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             quiet,
             control,
         } => {
+            // Before any thread exists: threads inherit the blocked signals.
+            disco::signals::install()?;
             let config = load_config(&config)?;
             let options = RunOptions {
                 progress: !quiet && !json,
@@ -214,6 +221,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 .as_deref()
                 .map(disco::control::ControlSocket::bind)
                 .transpose()?;
+            disco::signals::remove_on_exit(control.as_ref().map(|c| c.path().to_path_buf()));
             if let Some(c) = &control {
                 eprintln!(
                     "disco run: control socket {} (disco ctl {} status)",
@@ -227,7 +235,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 out(&report.render_text())?;
             }
-            Ok(if report.all_ok() {
+            Ok(if let Some(status) = disco::signals::exit_status() {
+                // As a shell reports a process ended by the signal.
+                ExitCode::from(status)
+            } else if report.all_ok() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)

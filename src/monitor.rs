@@ -101,6 +101,12 @@ impl Guest {
             Guest::Linux(vm) => vm.is_finished(),
         }
     }
+    fn stop_because(&self, reason: &str) {
+        match self {
+            Guest::Micro(vm) => vm.stop_because(reason),
+            Guest::Linux(vm) => vm.stop_because(reason),
+        }
+    }
     fn wait(self) -> crate::vm::VmOutcome {
         match self {
             Guest::Micro(vm) => vm.wait(),
@@ -239,7 +245,7 @@ pub fn run_with_control(
     let numa_plan = numa_plan(config, &topology, &memory)?;
     let sampler = memory.sampler();
     // One raise of vm.max_map_count (as root) for all VMs, not one per VM.
-    crate::memory::mapper::ensure_map_count(crate::memory::mapper::map_count_needed(
+    memory.reserve_map_count(crate::memory::mapper::map_count_needed(
         config
             .vms
             .iter()
@@ -248,6 +254,15 @@ pub fn run_with_control(
 
     let mut vms = Vec::new();
     for index in 0..config.vms.len() {
+        if let Some(signal) = crate::signals::interrupted() {
+            vms.push(RunningVm {
+                index,
+                space: None,
+                vm: None,
+                error: Some(format!("not created: {signal} interrupted the run")),
+            });
+            continue;
+        }
         vms.push(
             match Guest::build(&kvm, &memory, &topology, &config.vms[index]) {
                 Ok((space, vm)) => RunningVm {
@@ -344,7 +359,21 @@ pub fn run_with_control(
     let mut last_verify: Option<Instant> = None;
     let mut moves_done = vec![0usize; vms.len()];
     let mut moves_applied: Vec<Vec<String>> = vec![Vec::new(); vms.len()];
+    // The signal that ended the run early, and which VMs it stopped.
+    let mut interrupted: Option<&str> = None;
+    let mut unfinished_at_interrupt = vec![false; vms.len()];
     loop {
+        if let Some(signal) = crate::signals::interrupted() {
+            let reason = format!("{signal} interrupted the run");
+            for (i, rv) in vms.iter().enumerate() {
+                if let Some(vm) = rv.vm.as_ref().filter(|vm| !vm.is_finished()) {
+                    unfinished_at_interrupt[i] = true;
+                    vm.stop_because(&reason);
+                }
+            }
+            interrupted = Some(signal);
+            break;
+        }
         for (i, rv) in vms.iter_mut().enumerate() {
             // vCPU moves and page sampling apply to micro-VMs (a Linux VM's
             // config cannot have moves).
@@ -425,6 +454,11 @@ pub fn run_with_control(
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    // From here on nothing answers the control socket's commands: tell
+    // its clients at once rather than let them wait for a loop that is gone.
+    if let Some(control) = control {
+        control.close();
+    }
     let numa_stats = numa_runner.map(NumaRunner::stop);
     // Collect every guest's outcome and close its KVM VM before the final
     // passes: each KVM VM in the process adds its MMU notifier to every
@@ -444,6 +478,15 @@ pub fn run_with_control(
     // (the first may have started before the guests' last writes). Nothing
     // writes any more, so pages that were volatile need not prove it.
     let scan_stats = scanner.map(|scanner| {
+        if interrupted.is_some() {
+            // No final passes: the operator wants the run to end.
+            let end = scanner.stop();
+            return (
+                end,
+                false,
+                Some("final passes skipped: the run was interrupted".into()),
+            );
+        }
         let guest_pages: u64 = config.vms.iter().map(|v| v.memory_mib * 256).sum();
         let limit = options
             .settle_limit
@@ -455,10 +498,15 @@ pub fn run_with_control(
         let progress = |now: &crate::sharing::ScannerStats| {
             (now.pages_scanned - start.pages_scanned) as f64 / (2 * guest_pages).max(1) as f64
         };
-        loop {
+        // Settled means both passes ended within the limit (the batch in
+        // flight when the limit struck may still end one; it does not count).
+        let (settled, at_end) = loop {
             let now = scanner.stats();
-            if now.full_scans >= target || began.elapsed() >= limit {
-                break;
+            if now.full_scans >= target {
+                break (true, now);
+            }
+            if began.elapsed() >= limit || crate::signals::interrupted().is_some() {
+                break (false, now);
             }
             bar.set_message(format!(
                 "guests done; sharing scanner finishing its passes: {:.0} % ({} merges so far)",
@@ -466,21 +514,27 @@ pub fn run_with_control(
                 now.merges - start.merges
             ));
             std::thread::sleep(Duration::from_millis(10));
-        }
+        };
         let end = scanner.stop();
-        let done = end.full_scans.saturating_sub(start.full_scans);
-        let settled = done >= 2;
+        let done = at_end.full_scans - start.full_scans;
+        let why = match crate::signals::interrupted() {
+            Some(_) => "before the run was interrupted".to_string(),
+            None => format!("in the {:.0} s limit", limit.as_secs_f64()),
+        };
         let note = (!settled).then(|| {
             format!(
-                "final passes not completed: {done} of 2 in the {:.0} s limit, {:.0} % of their \
-                 pages scanned, {} merges meanwhile",
-                limit.as_secs_f64(),
-                100.0 * progress(&end).min(1.0),
-                end.merges - start.merges
+                "final passes not completed: {done} of 2 {why}, {:.0} % of their pages scanned, \
+                 {} merges meanwhile",
+                100.0 * progress(&at_end).min(1.0),
+                at_end.merges - start.merges
             )
         });
         (end, settled, note)
     });
+    // A signal during the final passes cuts them short: say so too.
+    if interrupted.is_none() {
+        interrupted = crate::signals::interrupted();
+    }
     bar.set_message("guests done; checking their results against the host model");
 
     let mut reports = Vec::new();
@@ -515,6 +569,14 @@ pub fn run_with_control(
         let all_match = vcpus.iter().all(|v| v.outcome.checksum_ok());
         let (status, error) = if let Some(e) = rv.error.take() {
             ("failed", Some(e))
+        } else if unfinished_at_interrupt[i] {
+            (
+                "interrupted",
+                Some(format!(
+                    "stopped before it finished: {} interrupted the run",
+                    interrupted.unwrap_or("a signal")
+                )),
+            )
         } else if !failures.is_empty() {
             ("failed", Some(failures.join("; ")))
         } else if !all_match {
@@ -583,6 +645,7 @@ pub fn run_with_control(
             status,
         },
         vms: reports,
+        interrupted: interrupted.map(str::to_string),
         sharing: sharing_report,
         numa: numa_stats,
         replicas,

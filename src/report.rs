@@ -16,6 +16,9 @@ pub struct RunReport {
     pub topology: TopologySummary,
     pub policy: PolicySummary,
     pub vms: Vec<VmReport>,
+    /// The signal (`"SIGINT"`, `"SIGTERM"`) that ended the run before its
+    /// guests finished; `null` for a run that ended by itself.
+    pub interrupted: Option<String>,
     /// Present when the policy turned sharing on.
     pub sharing: Option<SharingReport>,
     /// Present when the NUMA engine ran.
@@ -147,7 +150,7 @@ impl RunReport {
     /// True when every VM finished with a verified checksum and every
     /// invariant check passed.
     pub fn all_ok(&self) -> bool {
-        self.verify_ok && self.vms.iter().all(VmReport::ok)
+        self.interrupted.is_none() && self.verify_ok && self.vms.iter().all(VmReport::ok)
     }
 
     pub fn render_text(&self) -> String {
@@ -166,7 +169,12 @@ impl RunReport {
             self.policy.policy.name,
             self.policy.policy.source
         );
-        out += &format!("policy status: {}\n\n", self.policy.status);
+        out += &format!("policy status: {}\n", self.policy.status);
+        if let Some(signal) = &self.interrupted {
+            out +=
+                &format!("INTERRUPTED by {signal}: the run was ended early (guests still running were stopped)\n");
+        }
+        out += "\n";
         out += &format!(
             "{:<14} {:<11} {:>5} {:<12} {:>7} {:<18} {:>10} {:>9} {}\n",
             "VM",

@@ -151,12 +151,7 @@ impl Ksm {
     /// The host's KSM, checked to be present and writable. Fails with
     /// "KSM not available: ..." otherwise.
     pub fn system() -> Result<Ksm> {
-        let state_dir = if Path::new("/run/lock").is_dir() {
-            PathBuf::from("/run/lock")
-        } else {
-            std::env::temp_dir()
-        };
-        let ksm = Ksm::at(KSM_DIR, state_dir);
+        let ksm = Ksm::at(KSM_DIR, crate::leftovers::state_dir());
         ksm.check_available()?;
         Ok(ksm)
     }
@@ -381,6 +376,57 @@ impl Ksm {
                 errors.join("; ")
             )
         }
+    }
+
+    /// Restores the settings a measurement that died left in the state file
+    /// (run at every `disco` start, see `crate::leftovers`). Does nothing
+    /// when there is no state file, or while a measurement holds the lock
+    /// (its state file is not a leftover). Returns the notice to print.
+    pub fn restore_leftover(&self) -> Result<Option<String>> {
+        let state_path = self.state_dir.join(STATE_FILE);
+        if !state_path.exists() {
+            return Ok(None);
+        }
+        let lock_path = self.state_dir.join(LOCK_FILE);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .or_else(|_| File::open(&lock_path))
+            .with_context(|| format!("opening the KSM lock file {}", lock_path.display()))?;
+        // SAFETY: flock on a file descriptor we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Ok(None);
+        }
+        let Ok(text) = std::fs::read_to_string(&state_path) else {
+            return Ok(None); // restored meanwhile by its measurement
+        };
+        let saved: KsmSettings = serde_json::from_str(&text)
+            .with_context(|| format!("parsing the KSM state file {}", state_path.display()))?;
+        let shown = |s: &KsmSettings| {
+            ["run", "pages_to_scan", "sleep_millisecs"]
+                .iter()
+                .filter_map(|k| s.get(k).map(|v| format!("{k}={v}")))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let left = self.settings().map(|s| shown(&s)).unwrap_or_default();
+        self.check_available()
+            .and_then(|()| self.restore(&saved))
+            .with_context(|| {
+                format!(
+                    "a `disco bench` that did not finish left KSM changed ({left}); restoring                      the settings saved in {} failed",
+                    state_path.display()
+                )
+            })?;
+        std::fs::remove_file(&state_path)
+            .with_context(|| format!("removing {}", state_path.display()))?;
+        Ok(Some(format!(
+            "disco: a `disco bench` that did not finish left KSM at {left}; restored the              settings saved in {} ({})",
+            state_path.display(),
+            shown(&saved)
+        )))
     }
 
     /// Locks KSM for this measurement (waiting for any other holder, in this

@@ -437,6 +437,11 @@ impl LinuxVm {
         self.control.request_stop("stop requested".into());
     }
 
+    /// [`Self::stop`] with the reason the report gives (`stopped: REASON`).
+    pub fn stop_because(&self, reason: &str) {
+        self.control.request_stop(reason.into());
+    }
+
     /// The console output so far (serial and virtio console).
     pub fn console_text(&self) -> String {
         self.sink.text()

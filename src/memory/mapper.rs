@@ -87,6 +87,9 @@ pub(super) struct Inner {
     pub(super) sampler: Option<Arc<PageSampler>>,
     /// Replica sets of read-shared pages (see `replica.rs`).
     pub(super) replicas: Replicas,
+    /// This memory's claim on a raised `vm.max_map_count`, released (and
+    /// the value set back) when the memory is dropped.
+    pub(super) map_count: Option<crate::leftovers::MapCountLease>,
 }
 
 /// All machine memory of one monitor, behind one lock.
@@ -240,6 +243,14 @@ fn map_pool_run(addr: usize, pool: &Pool, index: u32, pages: usize) -> Result<()
 
 impl Memory {
     /// One pool per node of `topology`, on the host node it is mapped to.
+    /// Makes sure the process may hold `needed` memory mappings (raising
+    /// `vm.max_map_count` as root, see `crate::leftovers`); this memory holds
+    /// the raise until it is dropped. `monitor::run` calls it once for all
+    /// VMs, after the config's checks, so one raise covers every space.
+    pub fn reserve_map_count(&self, needed: u64) -> Result<()> {
+        crate::leftovers::ensure_map_count(needed, &mut self.inner.lock().map_count)
+    }
+
     /// A pool can hold as much as its node's memory, capped at the host's
     /// memory (pools are sparse: capacity costs nothing until used).
     pub fn for_topology(topology: &Topology) -> Result<Memory> {
@@ -278,6 +289,7 @@ impl Memory {
                 pausers: BTreeMap::new(),
                 sampler: None,
                 replicas: Replicas::default(),
+                map_count: None,
             }),
         })
     }
@@ -317,7 +329,7 @@ impl Memory {
         // Worst case every guest page ends up in its own VMA (after sharing
         // or migration), so budget for that now rather than fail later.
         let budget: u64 = inner.spaces.values().map(|s| s.frames() + 1).sum::<u64>() + frames + 1;
-        ensure_map_count(budget + MAP_COUNT_MARGIN)?;
+        crate::leftovers::ensure_map_count(budget + MAP_COUNT_MARGIN, &mut inner.map_count)?;
 
         let len = frames as usize * PAGE_SIZE;
         // SAFETY: a fresh reservation; nothing else uses this range.
@@ -1424,7 +1436,7 @@ fn current_map_count() -> Result<u64> {
         .context("parsing vm.max_map_count")
 }
 
-/// Whether [`ensure_map_count`] would succeed for `needed`, changing
+/// Whether [`crate::leftovers::ensure_map_count`] would succeed for `needed`, changing
 /// nothing: the limit is high enough already, or this process runs as root
 /// and the ceiling allows it. The error says what to do.
 pub fn check_map_count(needed: u64) -> Result<()> {
@@ -1450,20 +1462,4 @@ pub fn check_map_count(needed: u64) -> Result<()> {
 /// Leave room to grow so that a raise does not happen on every VM.
 fn map_count_target(needed: u64, current: u64) -> u64 {
     (needed.max(current) * 2).min(MAP_COUNT_CEILING)
-}
-
-/// Makes sure the process may hold `needed` memory mappings: raises
-/// `vm.max_map_count` when running as root, or fails with what to do.
-/// `monitor::run` calls it once for all VMs, after the config's checks.
-pub fn ensure_map_count(needed: u64) -> Result<()> {
-    check_map_count(needed)?;
-    let current = current_map_count()?;
-    if needed <= current {
-        return Ok(());
-    }
-    let target = map_count_target(needed, current);
-    std::fs::write(MAP_COUNT_PATH, target.to_string())
-        .with_context(|| format!("raising vm.max_map_count from {current} to {target}"))?;
-    tracing::info!("raised vm.max_map_count from {current} to {target} for guest RAM mappings");
-    Ok(())
 }

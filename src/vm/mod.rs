@@ -261,6 +261,11 @@ impl MicroVm {
         self.control.request_stop("stop requested".into());
     }
 
+    /// [`Self::stop`] with the reason the report gives (`stopped: REASON`).
+    pub fn stop_because(&self, reason: &str) {
+        self.control.request_stop(reason.into());
+    }
+
     /// Joins the vCPU threads and reports, with each result checked against
     /// the model. A VM never started reports every vCPU as not run.
     pub fn wait(mut self) -> VmOutcome {

@@ -94,3 +94,140 @@ pub fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'sta
         }
     }
 }
+
+/// A `disco run` of the built binary, in the background, with a control
+/// socket; stdout and stderr go to files in a directory of its own, removed
+/// when dropped (the process is killed then if it still runs).
+pub struct DiscoRun {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    child: std::process::Child,
+}
+
+/// A config whose `spinner` VM runs until stopped (time limit 120 s) and
+/// whose `quick` VM finishes at once.
+pub const SPIN_CONFIG: &str = r#"
+policy = "static"
+[host]
+topology = "1-node"
+[[vm]]
+name = "spinner"
+memory_mib = 4
+time_limit_s = 120
+workload = { kind = "spin" }
+[[vm]]
+name = "quick"
+memory_mib = 4
+workload = { kind = "fill", seed = 1 }
+"#;
+
+impl DiscoRun {
+    /// Starts `disco run CONFIG --quiet --control SOCKET ARGS...`; `setup`
+    /// may change the command (e.g. its umask) before it starts.
+    pub fn start_with(
+        name: &str,
+        config: &str,
+        args: &[&str],
+        setup: impl FnOnce(&mut std::process::Command),
+    ) -> DiscoRun {
+        let dir = std::env::temp_dir().join(format!("disco-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let socket = dir.join("ctl.sock");
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_disco"));
+        cmd.arg("run")
+            .arg(&config_path)
+            .arg("--quiet")
+            .arg("--control")
+            .arg(&socket)
+            .args(args)
+            .stdout(std::fs::File::create(dir.join("stdout")).unwrap())
+            .stderr(std::fs::File::create(dir.join("stderr")).unwrap());
+        setup(&mut cmd);
+        let child = cmd.spawn().expect("starting disco run");
+        DiscoRun { dir, socket, child }
+    }
+
+    pub fn start(name: &str, config: &str, args: &[&str]) -> DiscoRun {
+        DiscoRun::start_with(name, config, args, |_| {})
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Waits until `status` over the socket says `vm` is running.
+    pub fn wait_running(&mut self, vm: &str) {
+        self.wait_status(&[&format!("{vm} running")]);
+    }
+
+    /// Waits until the reply to `status` over the socket contains every
+    /// one of `parts` (e.g. `"spinner running"`, `"quick finished"`).
+    pub fn wait_status(&mut self, parts: &[&str]) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(s) = disco::control::send(&self.socket, "status") {
+                if parts.iter().all(|p| s.contains(p)) {
+                    return;
+                }
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "disco run ended ({status}) before status showed {parts:?}: {}",
+                    self.stderr()
+                );
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "status never showed {parts:?}: {}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` to the monitor.
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::kill(self.pid(), signal) }, 0);
+    }
+
+    /// Waits for the monitor to exit (a generous limit: it must not hang)
+    /// and returns its exit code, or 128 + signal if a signal killed it.
+    pub fn wait_exit(&mut self) -> i32 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                use std::os::unix::process::ExitStatusExt;
+                return status
+                    .code()
+                    .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!("disco run did not exit within 60 s: {}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stdout")).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+    }
+}
+
+impl Drop for DiscoRun {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
