@@ -227,8 +227,9 @@ time_limit_s = 120
 
 #[test]
 fn two_identical_linux_vms_under_the_disco_policy_boot_and_share() {
-    if !disco::kvm_check::require_kvm("two_identical_linux_vms_under_the_disco_policy_boot_and_share")
-    {
+    if !disco::kvm_check::require_kvm(
+        "two_identical_linux_vms_under_the_disco_policy_boot_and_share",
+    ) {
         return;
     }
     // The whole monitor (`disco run`) with the full policy: sharing scanner,
