@@ -10,7 +10,12 @@
 //!   fault path (userfaultfd write-protect fault, the `FaultHandler` thread
 //!   copies and remaps, wake, the store retries): the whole round trip as the
 //!   writer sees it; re-merged between iterations, untimed;
-//! * `scan_page`: `Memory::scan_page` (lock, pmap lookup, hash, zero check).
+//! * `scan_page`: `Memory::scan_page` (lock, pmap lookup, hash, zero check);
+//! * `merge_run_512/batch` and `merge_run_512/single`: merging 512
+//!   consecutive frames of one space onto the same frames of a twin space
+//!   (consecutive kept pages), with one `Memory::merge_batch` or with 512
+//!   `Memory::merge` calls; throughput per merged page. The duplicate space
+//!   is made afresh, untimed, for each iteration.
 //!
 //! `disco bench sharing` measures the whole scanner against KSM. Needs root
 //! (userfaultfd) for `merge` and `cow_break`.
@@ -24,7 +29,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use disco::faults::FaultHandler;
 use disco::guest::model::page_content;
 use disco::memory::cow::page_hash;
-use disco::memory::{Memory, MergeOutcome, VmId};
+use disco::memory::{Memory, MergeOutcome, MergePair, VmId};
 use disco::PAGE_SIZE;
 
 fn page_bytes(seed: u64) -> Vec<u8> {
@@ -149,5 +154,75 @@ fn merge_and_break(c: &mut Criterion) {
         .expect("memory invariants after the benches");
 }
 
-criterion_group!(benches, hash_and_compare, merge_and_break);
+/// 512 frames merged onto a twin's, in one batch or one merge at a time.
+fn merge_runs(c: &mut Criterion) {
+    const N: u64 = 512;
+    let memory = Memory::new(&[(0, 0, 8 * N as u32)]).expect("monitor memory");
+    if memory.userfault().is_none() {
+        eprintln!("benches/sharing: merge_run_512 needs userfaultfd (root); skipped");
+        return;
+    }
+    let content: Vec<Vec<u8>> = (0..N).map(|g| page_bytes(100 + g)).collect();
+    let (keep, _) = memory.create_space("keep", N, 0).unwrap();
+    for (g, page) in content.iter().enumerate() {
+        memory.write_guest_page(keep, g as u64, page).unwrap();
+    }
+    let keep_pages: Vec<_> = (0..N)
+        .map(|g| memory.lookup(keep, g).unwrap().unwrap().page)
+        .collect();
+    // A fresh duplicate of `keep` and the pairs that merge it.
+    let twin = || {
+        let (dup, _) = memory.create_space("dup", N, 0).unwrap();
+        for (g, page) in content.iter().enumerate() {
+            memory.write_guest_page(dup, g as u64, page).unwrap();
+        }
+        let pairs: Vec<MergePair> = (0..N)
+            .map(|g| MergePair {
+                dup_gfn: g,
+                dup_page: memory.lookup(dup, g).unwrap().unwrap().page,
+                keep: (keep, g, keep_pages[g as usize]),
+            })
+            .collect();
+        (dup, pairs)
+    };
+    let mut group = c.benchmark_group("sharing/merge_run_512");
+    group.throughput(Throughput::Elements(N));
+    group.sample_size(20);
+    group.bench_function("batch", |bench| {
+        bench.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let (dup, pairs) = twin();
+                let t = Instant::now();
+                let outcomes = memory.merge_batch(dup, &pairs).unwrap();
+                total += t.elapsed();
+                assert!(outcomes.iter().all(|&o| o == MergeOutcome::Merged));
+                memory.destroy_space(dup).unwrap();
+            }
+            total
+        })
+    });
+    group.bench_function("single", |bench| {
+        bench.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let (dup, pairs) = twin();
+                let t = Instant::now();
+                for p in &pairs {
+                    let outcome = memory.merge((dup, p.dup_gfn, p.dup_page), p.keep).unwrap();
+                    assert_eq!(outcome, MergeOutcome::Merged);
+                }
+                total += t.elapsed();
+                memory.destroy_space(dup).unwrap();
+            }
+            total
+        })
+    });
+    group.finish();
+    memory
+        .verify()
+        .expect("memory invariants after the batched merges");
+}
+
+criterion_group!(benches, hash_and_compare, merge_and_break, merge_runs);
 criterion_main!(benches);

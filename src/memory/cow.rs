@@ -11,18 +11,24 @@
 //! in the kernel until the fault handler (which needs the memory lock the
 //! merge holds) gives the writer a private copy. No write is ever lost.
 //!
+//! `Memory::merge_batch` does the same for many frames of one VM at once,
+//! each step over the whole batch (ranged protection, compares, one remap
+//! per run of frames onto consecutive kept pages, frees), so the argument
+//! holds for each frame; `merge` is a batch of one.
+//!
 //! Breaking (`Memory::resolve_write_fault`): the handler copies the shared
 //! page into a fresh page of the writer's home node, maps the copy writable
 //! for that frame only, updates pmap and memmap, and wakes the vCPU, whose
 //! write then lands in the copy. When a page is down to one owner, that
 //! owner becomes private again (unprotected).
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use serde::Serialize;
 
-use super::mapper::Memory;
+use super::mapper::{Inner, Memory};
 use super::{Gfn, MachinePage, VmId};
 use crate::PAGE_SIZE;
 
@@ -179,92 +185,64 @@ impl Memory {
 
     /// Merges frame `dup` onto the page of frame `keep`, if both still map
     /// the pages the caller saw and their bytes are equal under write
-    /// protection. See the module comment for why the order is safe.
+    /// protection. See the module comment for why the order is safe. A
+    /// batch of one (`merge_batch`).
     pub fn merge(
         &self,
         dup: (VmId, Gfn, MachinePage),
         keep: (VmId, Gfn, MachinePage),
     ) -> Result<MergeOutcome> {
+        let pair = MergePair {
+            dup_gfn: dup.1,
+            dup_page: dup.2,
+            keep,
+        };
+        Ok(self.merge_batch(dup.0, &[pair])?[0])
+    }
+
+    /// Merges many frames of one VM (`dup_vm`), each onto the page of its
+    /// `keep` frame, with the protocol of a single merge (protect, compare,
+    /// remap, free; see the module comment) done once for the batch: one
+    /// pause of `dup_vm`, one hold of the memory lock, one userfaultfd
+    /// write-protect per run of consecutive frames, and one `mmap` +
+    /// registration + write-protect per run of merged frames whose kept
+    /// pages are consecutive in one pool (the kernel then keeps such a run
+    /// in one mapping, where single merges leave a mapping per page). Pages
+    /// left without an owner are freed together (one hole per run).
+    ///
+    /// Returns the outcome of each pair, in order. A pair is `Stale` as in
+    /// `merge`, and also when its duplicate frame came earlier in the batch
+    /// or its kept frame is a duplicate of this batch. At most
+    /// [`MERGE_BATCH_MAX`] pairs (the lock is held for the whole batch).
+    pub fn merge_batch(&self, dup_vm: VmId, pairs: &[MergePair]) -> Result<Vec<MergeOutcome>> {
+        ensure!(
+            pairs.len() <= MERGE_BATCH_MAX,
+            "a merge batch holds at most {MERGE_BATCH_MAX} pairs, not {}",
+            pairs.len()
+        );
+        if pairs.is_empty() {
+            return Ok(Vec::new());
+        }
         // The duplicate's VM is paused for the remap (see `GuestPause`), and
         // paused *before* the memory lock is taken: a vCPU can take seconds
         // to stop (seen on this host's emulated guest kernel mode: a Linux
         // guest's `rep stosb` ran 2 s past every kick), and waiting for it
         // with the lock held stalled every fault of every VM meanwhile.
-        let pauser = self.inner.lock().pausers.get(&dup.0).cloned();
+        let pauser = self.inner.lock().pausers.get(&dup_vm).cloned();
         let started = std::time::Instant::now();
         if let Some(p) = &pauser {
             if !p.pause() {
-                self.inner.lock().count_pause(dup.0, started, false);
-                return Ok(MergeOutcome::Stale);
+                self.inner.lock().count_pause(dup_vm, started, false);
+                return Ok(vec![MergeOutcome::Stale; pairs.len()]);
             }
         }
-        let outcome = self.merge_paused(dup, keep);
+        let outcomes = self.inner.lock().merge_batch_paused(dup_vm, pairs);
         if let Some(p) = &pauser {
             p.resume();
-            self.inner.lock().count_pause(dup.0, started, true);
+            self.inner.lock().count_pause(dup_vm, started, true);
         }
-        outcome
+        outcomes
     }
-
-    /// [`Memory::merge`] once the duplicate's VM is paused.
-    fn merge_paused(
-        &self,
-        (dup_vm, dup_gfn, dup_page): (VmId, Gfn, MachinePage),
-        (keep_vm, keep_gfn, keep_page): (VmId, Gfn, MachinePage),
-    ) -> Result<MergeOutcome> {
-        let mut inner = self.inner.lock();
-        let dup = inner.space(dup_vm)?.pmap.get(dup_gfn);
-        let keep = inner.space(keep_vm)?.pmap.get(keep_gfn);
-        let (Some(dup), Some(keep)) = (dup, keep) else {
-            return Ok(MergeOutcome::Stale);
-        };
-        let (dup_space, keep_space) = (inner.space(dup_vm)?, inner.space(keep_vm)?);
-        if dup.page != dup_page
-            || keep.page != keep_page
-            || dup_page == keep_page
-            // A replica is placed on purpose: never merged away.
-            || inner.replicas.contains(dup_page)
-            || dup_space.domain != keep_space.domain
-            || !dup_space.mergeable(dup_gfn)
-            || !keep_space.mergeable(keep_gfn)
-        {
-            return Ok(MergeOutcome::Stale);
-        }
-        inner.require_uffd()?;
-        // 1. protect both
-        let was_protected = [dup.flags.write_protected, keep.flags.write_protected];
-        inner.protect_frame(dup_vm, dup_gfn)?;
-        inner.protect_frame(keep_vm, keep_gfn)?;
-        // 2. compare
-        let a = inner.pools[dup_page.node()].page_ptr(dup_page.index);
-        let b = inner.pools[keep_page.node()].page_ptr(keep_page.index);
-        // SAFETY: in-bounds pages of pool views, now write-protected in every
-        // guest mapping, so the bytes are stable while we hold the lock.
-        let equal = unsafe {
-            std::slice::from_raw_parts(a as *const u8, PAGE_SIZE)
-                == std::slice::from_raw_parts(b as *const u8, PAGE_SIZE)
-        };
-        if !equal {
-            for ((vm, gfn), was) in [(dup_vm, dup_gfn), (keep_vm, keep_gfn)]
-                .into_iter()
-                .zip(was_protected)
-            {
-                if !was {
-                    inner.unprotect_frame(vm, gfn)?;
-                }
-            }
-            inner.cow.compare_failures += 1;
-            return Ok(MergeOutcome::Differ);
-        }
-        // 3. remap the duplicate (its VM is paused: the new mapping is
-        // writable until it is protected, see `GuestPause`), 4. drop (and
-        // so free) its old page.
-        inner.map_onto(dup_vm, dup_gfn, keep_page)?;
-        inner.drop_owner(dup_page, dup_vm, dup_gfn)?;
-        inner.cow.merges += 1;
-        Ok(MergeOutcome::Merged)
-    }
-
     /// Handles a userfaultfd write-protect fault at host address `addr`:
     /// gives the writer a private copy (or lifts a stale protection), then
     /// wakes the waiting thread.
@@ -364,5 +342,175 @@ impl Memory {
             .iter()
             .map(|(&vm, s)| (vm, s.frames(), s.domain.clone()))
             .collect()
+    }
+}
+
+/// One candidate of [`Memory::merge_batch`]: frame `dup_gfn` of the
+/// batch's VM, seen mapping `dup_page`, and the frame `(vm, gfn, page)`
+/// whose page it should map instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MergePair {
+    pub dup_gfn: Gfn,
+    pub dup_page: MachinePage,
+    pub keep: (VmId, Gfn, MachinePage),
+}
+
+/// Most pairs one [`Memory::merge_batch`] takes (2 MiB of frames).
+pub const MERGE_BATCH_MAX: usize = 512;
+
+impl Inner {
+    /// `merge_batch` once `dup_vm` is paused, under the lock.
+    fn merge_batch_paused(
+        &mut self,
+        dup_vm: VmId,
+        pairs: &[MergePair],
+    ) -> Result<Vec<MergeOutcome>> {
+        let mut outcomes = vec![MergeOutcome::Stale; pairs.len()];
+        let live = self.live_pairs(dup_vm, pairs)?;
+        if live.is_empty() {
+            return Ok(outcomes);
+        }
+        self.require_uffd()?;
+        let dup_frame = |p: &MergePair| (dup_vm, p.dup_gfn);
+        let keep_frame = |p: &MergePair| (p.keep.0, p.keep.1);
+
+        // 1. protect every frame of the live pairs, remembering which were
+        // protected already (those stay protected whatever happens).
+        let mut was_protected: HashMap<(VmId, Gfn), bool> = HashMap::new();
+        let mut by_vm: BTreeMap<VmId, Vec<Gfn>> = BTreeMap::new();
+        for &i in &live {
+            for (vm, gfn) in [dup_frame(&pairs[i]), keep_frame(&pairs[i])] {
+                let protected = self.space(vm)?.pmap.get(gfn).expect("a live frame");
+                was_protected.insert((vm, gfn), protected.flags.write_protected);
+                by_vm.entry(vm).or_default().push(gfn);
+            }
+        }
+        for (vm, gfns) in &by_vm {
+            self.protect_frames(*vm, gfns)?;
+        }
+
+        // 2. compare
+        let mut equal = Vec::with_capacity(live.len());
+        for &i in &live {
+            let p = &pairs[i];
+            if self.pages_equal(p.dup_page, p.keep.2) {
+                equal.push(i);
+            } else {
+                outcomes[i] = MergeOutcome::Differ;
+                self.cow.compare_failures += 1;
+            }
+        }
+
+        // 3. remap the duplicates (their VM is paused: a new mapping is
+        // writable until it is protected, see `GuestPause`): one `mmap` per
+        // run of consecutive frames onto consecutive pages of one pool.
+        equal.sort_unstable_by_key(|&i| pairs[i].dup_gfn);
+        let mut merged = Vec::with_capacity(equal.len());
+        let mut failure = None;
+        let mut at = 0;
+        while at < equal.len() {
+            let first = &pairs[equal[at]];
+            let mut len = 1;
+            while let Some(&next) = equal.get(at + len) {
+                let next = &pairs[next];
+                let (gfn, page) = (next.dup_gfn, next.keep.2);
+                if gfn != first.dup_gfn + len as Gfn
+                    || page.node != first.keep.2.node
+                    || page.index != first.keep.2.index + len as u32
+                {
+                    break;
+                }
+                len += 1;
+            }
+            if let Err(e) = self.map_onto_run(dup_vm, first.dup_gfn, first.keep.2, len) {
+                failure = Some(e);
+                break;
+            }
+            merged.extend_from_slice(&equal[at..at + len]);
+            at += len;
+        }
+
+        // 4. frames of pairs not merged get back the protection they had,
+        // unless a merged pair needs it (a kept frame shared by several).
+        let needed: HashSet<(VmId, Gfn)> = merged
+            .iter()
+            .flat_map(|&i| [dup_frame(&pairs[i]), keep_frame(&pairs[i])])
+            .collect();
+        let mut unprotect: BTreeMap<VmId, Vec<Gfn>> = BTreeMap::new();
+        for (&frame, &was) in &was_protected {
+            if !was && !needed.contains(&frame) {
+                unprotect.entry(frame.0).or_default().push(frame.1);
+            }
+        }
+        for (vm, gfns) in &unprotect {
+            self.unprotect_frames(*vm, gfns)?;
+        }
+
+        // 5. drop (and so free) the duplicates' old pages, in page order so
+        // that frees of consecutive pages punch one hole.
+        let mut olds: Vec<(MachinePage, VmId, Gfn)> = merged
+            .iter()
+            .map(|&i| (pairs[i].dup_page, dup_vm, pairs[i].dup_gfn))
+            .collect();
+        olds.sort_unstable();
+        self.drop_owners(&olds, false)?;
+        self.cow.merges += merged.len() as u64;
+        for &i in &merged {
+            outcomes[i] = MergeOutcome::Merged;
+        }
+        match failure {
+            Some(e) => Err(e.context("remapping merged frames")),
+            None => Ok(outcomes),
+        }
+    }
+
+    /// The pairs of a batch that may still merge (their indices): both
+    /// frames map the pages the caller saw, distinct pages, same sharing
+    /// domain, both mergeable, the duplicate not a replica (a replica is
+    /// placed on purpose); a duplicate frame named twice, or named as the
+    /// kept frame of another pair, counts only once, as a duplicate.
+    fn live_pairs(&self, dup_vm: VmId, pairs: &[MergePair]) -> Result<Vec<usize>> {
+        let dup_space = self.space(dup_vm)?;
+        let dups: HashSet<Gfn> = pairs.iter().map(|p| p.dup_gfn).collect();
+        let mut seen = HashSet::new();
+        let mut live = Vec::new();
+        for (i, p) in pairs.iter().enumerate() {
+            let (keep_vm, keep_gfn, keep_page) = p.keep;
+            let Ok(keep_space) = self.space(keep_vm) else {
+                continue;
+            };
+            let (Some(dup), Some(keep)) =
+                (dup_space.pmap.get(p.dup_gfn), keep_space.pmap.get(keep_gfn))
+            else {
+                continue;
+            };
+            if !seen.insert(p.dup_gfn)
+                || (keep_vm == dup_vm && dups.contains(&keep_gfn))
+                || dup.page != p.dup_page
+                || keep.page != keep_page
+                || p.dup_page == keep_page
+                || self.replicas.contains(p.dup_page)
+                || dup_space.domain != keep_space.domain
+                || !dup_space.mergeable(p.dup_gfn)
+                || !keep_space.mergeable(keep_gfn)
+            {
+                continue;
+            }
+            live.push(i);
+        }
+        Ok(live)
+    }
+
+    /// Whether two pages hold the same bytes (through the pool views).
+    fn pages_equal(&self, a: MachinePage, b: MachinePage) -> bool {
+        let a = self.pools[a.node()].page_ptr(a.index);
+        let b = self.pools[b.node()].page_ptr(b.index);
+        // SAFETY: in-bounds pages of pool views. Under a merge they are
+        // write-protected in every guest mapping, so the bytes are stable
+        // while the lock is held.
+        unsafe {
+            std::slice::from_raw_parts(a as *const u8, PAGE_SIZE)
+                == std::slice::from_raw_parts(b as *const u8, PAGE_SIZE)
+        }
     }
 }

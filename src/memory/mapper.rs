@@ -842,6 +842,59 @@ impl Inner {
         }
     }
 
+    /// [`Inner::protect_frame`] for many frames of `vm` (each mapped):
+    /// one userfaultfd write-protect per run of consecutive frames not yet
+    /// protected.
+    pub(super) fn protect_frames(&mut self, vm: VmId, gfns: &[Gfn]) -> Result<()> {
+        self.set_protection(vm, gfns, true)
+    }
+
+    /// [`Inner::unprotect_frame`] for many frames of `vm` (each mapped),
+    /// one userfaultfd call per run of consecutive protected frames.
+    pub(super) fn unprotect_frames(&mut self, vm: VmId, gfns: &[Gfn]) -> Result<()> {
+        self.set_protection(vm, gfns, false)
+    }
+
+    fn set_protection(&mut self, vm: VmId, gfns: &[Gfn], protect: bool) -> Result<()> {
+        let space = self.space(vm)?;
+        let mut change = Vec::with_capacity(gfns.len());
+        let mut entries = Vec::with_capacity(gfns.len());
+        for &gfn in gfns {
+            let Some(entry) = space.pmap.get(gfn) else {
+                bail!("frame {gfn:#x} of vm {vm} is not mapped");
+            };
+            if entry.flags.write_protected != protect {
+                change.push(gfn);
+            }
+            entries.push((gfn, entry.page));
+        }
+        change.sort_unstable();
+        change.dedup();
+        let base = space.base;
+        let uffd = self.require_uffd()?.clone();
+        for (first, len) in super::runs::runs_of(&change) {
+            uffd.write_protect(
+                base + first as usize * PAGE_SIZE,
+                len as usize * PAGE_SIZE,
+                protect,
+            )
+            .context(if protect {
+                "write-protecting guest pages"
+            } else {
+                "lifting write protection from guest pages"
+            })?;
+        }
+        let pmap = &mut self.space_mut(vm)?.pmap;
+        for (gfn, page) in entries {
+            let flags = PageFlags {
+                shared: protect,
+                write_protected: protect,
+            };
+            pmap.set(gfn, Some(PmapEntry { page, flags }));
+        }
+        Ok(())
+    }
+
     /// Write-protects one frame (if it is not already) and marks it shared.
     pub(super) fn protect_frame(&mut self, vm: VmId, gfn: Gfn) -> Result<()> {
         let space = self.space(vm)?;
@@ -893,22 +946,42 @@ impl Inner {
     /// and shared, and records the new owner. The caller drops the frame's
     /// previous page.
     pub(super) fn map_onto(&mut self, vm: VmId, gfn: Gfn, page: MachinePage) -> Result<()> {
-        let addr = self.space(vm)?.addr(gfn);
-        self.map_run(addr, page.node(), page.index, 1, true)?;
+        self.map_onto_run(vm, gfn, page, 1)
+    }
+
+    /// [`Inner::map_onto`] for `len` consecutive frames from `first` onto
+    /// `len` consecutive pages of one pool from `page`: one `mmap`, one
+    /// registration, one write-protect (one VMA where the run's neighbours
+    /// allow).
+    pub(super) fn map_onto_run(
+        &mut self,
+        vm: VmId,
+        first: Gfn,
+        page: MachinePage,
+        len: usize,
+    ) -> Result<()> {
+        let addr = self.space(vm)?.addr(first);
+        self.map_run(addr, page.node(), page.index, len, true)?;
         self.require_uffd()?
-            .write_protect(addr, PAGE_SIZE, true)
-            .context("write-protecting a shared guest page")?;
-        self.space_mut(vm)?.pmap.set(
-            gfn,
-            Some(PmapEntry {
-                page,
-                flags: PageFlags {
-                    shared: true,
-                    write_protected: true,
+            .write_protect(addr, len * PAGE_SIZE, true)
+            .context("write-protecting shared guest pages")?;
+        for i in 0..len {
+            let (gfn, page) = (
+                first + i as Gfn,
+                MachinePage {
+                    node: page.node,
+                    index: page.index + i as u32,
                 },
-            }),
-        );
-        self.memmap.add_owner(page, vm, gfn);
+            );
+            let flags = PageFlags {
+                shared: true,
+                write_protected: true,
+            };
+            self.space_mut(vm)?
+                .pmap
+                .set(gfn, Some(PmapEntry { page, flags }));
+            self.memmap.add_owner(page, vm, gfn);
+        }
         Ok(())
     }
 
@@ -1156,8 +1229,7 @@ impl Inner {
         }
         let t3 = Instant::now();
         times.map_ns += (t3 - t2).as_nanos() as u64;
-        let mut to_free: Vec<Vec<u32>> = vec![Vec::new(); self.pools.len()];
-        let mut freed = Vec::new();
+        let mut dropped = Vec::with_capacity(olds.len());
         for (i, &old) in olds.iter().enumerate() {
             let gfn = first + i as Gfn;
             let new = MachinePage {
@@ -1172,21 +1244,9 @@ impl Inner {
                 }),
             );
             self.memmap.add_owner(new, vm, gfn);
-            if self.memmap.remove_owner(old, vm, gfn) {
-                to_free[old.node()].push(old.index);
-                freed.push(old);
-            } else {
-                self.after_owner_removed(old)?;
-            }
+            dropped.push((old, vm, gfn));
         }
-        for (n, mut pages) in to_free.into_iter().enumerate() {
-            if !pages.is_empty() {
-                self.pools[n].free_many_keep_warm(&mut pages)?;
-            }
-        }
-        for page in freed {
-            self.after_page_freed(page)?;
-        }
+        self.drop_owners(&dropped, true)?;
         times.free_ns += t3.elapsed().as_nanos() as u64;
         Ok(len)
     }
@@ -1267,6 +1327,41 @@ impl Inner {
         self.drop_owner_with(page, vm, gfn, true)
     }
 
+    /// [`Inner::drop_owner`] for many `(page, vm, gfn)` at once: the pages
+    /// left without an owner are freed per pool in one call (one hole per
+    /// run of consecutive pages; warm while the pool has room when
+    /// `keep_warm`).
+    pub(super) fn drop_owners(
+        &mut self,
+        olds: &[(MachinePage, VmId, Gfn)],
+        keep_warm: bool,
+    ) -> Result<()> {
+        let mut to_free: Vec<Vec<u32>> = vec![Vec::new(); self.pools.len()];
+        let mut freed = Vec::new();
+        for &(page, vm, gfn) in olds {
+            if self.memmap.remove_owner(page, vm, gfn) {
+                to_free[page.node()].push(page.index);
+                freed.push(page);
+            } else {
+                self.after_owner_removed(page)?;
+            }
+        }
+        for (n, mut pages) in to_free.into_iter().enumerate() {
+            if pages.is_empty() {
+                continue;
+            }
+            if keep_warm {
+                self.pools[n].free_many_keep_warm(&mut pages)?;
+            } else {
+                self.pools[n].free_many(&mut pages)?;
+            }
+        }
+        for page in freed {
+            self.after_page_freed(page)?;
+        }
+        Ok(())
+    }
+
     fn drop_owner_with(
         &mut self,
         page: MachinePage,
@@ -1339,11 +1434,13 @@ impl Inner {
         if let Some(info) = self.memmap.get(page) {
             let (last_vm, last_gfn) = info.owners[0];
             // A frame whose pmap entry is already gone belongs to a space
-            // being destroyed: it will drop its own ownership next.
+            // being destroyed, and one whose entry names another page was
+            // remapped by a batch (`merge_batch`) that drops its old
+            // ownership next: either way not an owner to unprotect.
             let live = self
                 .spaces
                 .get(&last_vm)
-                .is_some_and(|s| s.pmap.get(last_gfn).is_some());
+                .is_some_and(|s| s.pmap.get(last_gfn).is_some_and(|e| e.page == page));
             if info.owners.len() == 1 && live {
                 self.unprotect_frame(last_vm, last_gfn)?;
             }

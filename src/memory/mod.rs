@@ -27,7 +27,9 @@ pub mod replica;
 pub mod runs;
 mod verify;
 
-pub use cow::{FaultOutcome, GuestCosts, MergeOutcome, PageScan, SharingStats};
+pub use cow::{
+    FaultOutcome, GuestCosts, MergeOutcome, MergePair, PageScan, SharingStats, MERGE_BATCH_MAX,
+};
 pub use mapper::{GuestSpaceStats, Memory, MoveReport, MoveTimes, PoolStats, MOVE_RUN_MAX};
 pub use replica::{FrameLocation, ReplicaStats};
 

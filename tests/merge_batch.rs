@@ -1,0 +1,444 @@
+//! Batched merges (`Memory::merge_batch`), really remapped: random batches
+//! of runs and single pages interleaved with guest writes through the
+//! mapping (copy-on-write breaks inside merged runs), single merges,
+//! migrations and rebuilds keep `verify()` and every frame's content; real
+//! guests that write all the time lose no write while batches merge their
+//! memory; and a batch of consecutive frames onto consecutive kept pages
+//! adds a handful of kernel mappings (VMAs), not one per page.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use disco::faults::FaultHandler;
+use disco::guest::{layout, Workload};
+use disco::kvm_check::require_kvm;
+use disco::memory::{Memory, MergeOutcome, MergePair, VmId};
+use disco::vm::{GuestRam, MicroVm, MicroVmSpec, VcpuPlacement};
+use disco::PAGE_SIZE;
+
+/// A store through the guest's mapping, as a guest write: on a protected
+/// page it blocks until the fault handler gives this frame its own copy.
+fn guest_write(base: usize, gfn: u64, value: u8) {
+    // SAFETY: the frame is mapped read-write for the life of the space.
+    unsafe {
+        std::ptr::write_bytes(
+            (base + gfn as usize * PAGE_SIZE) as *mut u8,
+            value,
+            PAGE_SIZE,
+        )
+    };
+}
+
+/// A load through the guest's mapping (what a vCPU sees).
+fn guest_read(base: usize, gfn: u64) -> Vec<u8> {
+    // SAFETY: as above; reading a mapped frame, no guest running.
+    unsafe {
+        std::slice::from_raw_parts((base + gfn as usize * PAGE_SIZE) as *const u8, PAGE_SIZE)
+            .to_vec()
+    }
+}
+
+/// The pairs that merge frames `dup_first..+len` of `dup` onto
+/// `keep_first..+len` of `keep` (clamped to `frames`), with the pages they
+/// map now.
+fn run_pairs(
+    memory: &Memory,
+    dup: (VmId, u64),
+    keep: (VmId, u64),
+    len: u64,
+    frames: u64,
+) -> Vec<MergePair> {
+    (0..len)
+        .map(|i| (dup.1 + i, keep.1 + i))
+        .take_while(|&(d, k)| d < frames && k < frames)
+        .filter_map(|(d, k)| {
+            let dup_page = memory.lookup(dup.0, d).unwrap()?.page;
+            let keep_page = memory.lookup(keep.0, k).unwrap()?.page;
+            Some(MergePair {
+                dup_gfn: d,
+                dup_page,
+                keep: (keep.0, k, keep_page),
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn random_batches_writes_migrations_and_rebuilds_keep_contents() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+
+    const VMS: usize = 3;
+    const FRAMES: u64 = 24;
+    const NODES: usize = 2;
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// A store through the guest mapping (values 0..3: duplicates abound).
+        Write {
+            vm: usize,
+            gfn: u64,
+            value: u8,
+        },
+        /// One batch of `dup`'s frames: runs `(dup first, keep first, len)`
+        /// onto frames of `keep` (len 1: single pages). `stale`: the first
+        /// pair names a page the frame does not map.
+        Batch {
+            dup: usize,
+            keep: usize,
+            runs: Vec<(u64, u64, u64)>,
+            stale: bool,
+        },
+        Single {
+            dup: usize,
+            dgfn: u64,
+            keep: usize,
+            kgfn: u64,
+        },
+        MoveBatch {
+            vm: usize,
+            first: u64,
+            len: u64,
+            node: usize,
+        },
+        Rebuild {
+            vm: usize,
+            node: usize,
+        },
+    }
+    let op = prop_oneof![
+        5 => (0..VMS, 0..FRAMES, 0u8..3).prop_map(|(vm, gfn, value)| Op::Write { vm, gfn, value }),
+        4 => (0..VMS, 0..VMS, proptest::collection::vec((0..FRAMES, 0..FRAMES, 1..12u64), 1..4), proptest::bool::weighted(0.2))
+            .prop_map(|(dup, keep, runs, stale)| Op::Batch { dup, keep, runs, stale }),
+        1 => (0..VMS, 0..FRAMES, 0..VMS, 0..FRAMES)
+            .prop_map(|(dup, dgfn, keep, kgfn)| Op::Single { dup, dgfn, keep, kgfn }),
+        1 => (0..VMS, 0..FRAMES, 1..FRAMES, 0..NODES)
+            .prop_map(|(vm, first, len, node)| Op::MoveBatch { vm, first, len, node }),
+        1 => (0..VMS, 0..NODES).prop_map(|(vm, node)| Op::Rebuild { vm, node }),
+    ];
+    let mut runner = TestRunner::new(Config {
+        cases: 48,
+        ..Config::default()
+    });
+    runner
+        .run(&proptest::collection::vec(op, 1..50), |ops| {
+            let pages = (VMS as u64 * FRAMES * 2) as u32;
+            let memory = Arc::new(Memory::new(&[(0, 0, pages), (1, 0, pages)]).unwrap());
+            let handler = FaultHandler::start(memory.clone()).unwrap();
+            let mut spaces: Vec<(VmId, usize)> = (0..VMS)
+                .map(|v| {
+                    memory
+                        .create_space(&format!("p{v}"), FRAMES, v % NODES)
+                        .unwrap()
+                })
+                .collect();
+            // Model: the value each frame is filled with (0: never written).
+            let mut model: Vec<BTreeMap<u64, u8>> = vec![BTreeMap::new(); VMS];
+            let value = |model: &[BTreeMap<u64, u8>], vm: usize, gfn: u64| {
+                model[vm].get(&gfn).copied().unwrap_or(0)
+            };
+            for op in ops {
+                match op {
+                    Op::Write { vm, gfn, value } => {
+                        guest_write(spaces[vm].1, gfn, value);
+                        model[vm].insert(gfn, value);
+                    }
+                    Op::Batch {
+                        dup,
+                        keep,
+                        runs,
+                        stale,
+                    } => {
+                        let mut pairs = Vec::new();
+                        for (d, k, len) in runs {
+                            let room = 512 - pairs.len() as u64;
+                            let run = run_pairs(
+                                &memory,
+                                (spaces[dup].0, d),
+                                (spaces[keep].0, k),
+                                len.min(room),
+                                FRAMES,
+                            );
+                            pairs.extend(run);
+                        }
+                        if stale {
+                            pairs[0].dup_page.index ^= 1 << 20;
+                        }
+                        let outcomes = memory.merge_batch(spaces[dup].0, &pairs).unwrap();
+                        prop_assert_eq!(outcomes.len(), pairs.len());
+                        let mut seen = std::collections::HashSet::new();
+                        for (i, (p, o)) in pairs.iter().zip(&outcomes).enumerate() {
+                            let (kv, kg, _) = p.keep;
+                            let kvm = spaces.iter().position(|s| s.0 == kv).unwrap();
+                            let same = value(&model, dup, p.dup_gfn) == value(&model, kvm, kg);
+                            let first_time = seen.insert(p.dup_gfn);
+                            if stale && i == 0 {
+                                prop_assert_eq!(*o, MergeOutcome::Stale);
+                            }
+                            match o {
+                                MergeOutcome::Merged => {
+                                    prop_assert!(same, "pair {:?} merged different content", p);
+                                    prop_assert!(first_time);
+                                }
+                                MergeOutcome::Differ => {
+                                    prop_assert!(!same, "equal pair {:?} differs", p)
+                                }
+                                MergeOutcome::Stale => {}
+                            }
+                        }
+                        // A merged duplicate maps its kept page (a kept
+                        // frame is never a duplicate of the same batch).
+                        for (p, o) in pairs.iter().zip(&outcomes) {
+                            if *o == MergeOutcome::Merged {
+                                let now = memory.lookup(spaces[dup].0, p.dup_gfn).unwrap().unwrap();
+                                prop_assert_eq!(now.page, p.keep.2);
+                                prop_assert!(now.flags.write_protected);
+                            }
+                        }
+                    }
+                    Op::Single {
+                        dup,
+                        dgfn,
+                        keep,
+                        kgfn,
+                    } => {
+                        let d = memory.lookup(spaces[dup].0, dgfn).unwrap().unwrap().page;
+                        let k = memory.lookup(spaces[keep].0, kgfn).unwrap().unwrap().page;
+                        let o = memory
+                            .merge((spaces[dup].0, dgfn, d), (spaces[keep].0, kgfn, k))
+                            .unwrap();
+                        let same = value(&model, dup, dgfn) == value(&model, keep, kgfn);
+                        prop_assert!(o != MergeOutcome::Merged || same);
+                        prop_assert!(o != MergeOutcome::Differ || !same);
+                    }
+                    Op::MoveBatch {
+                        vm,
+                        first,
+                        len,
+                        node,
+                    } => {
+                        let gfns: Vec<u64> = (first..(first + len).min(FRAMES)).collect();
+                        let report = memory.move_pages(spaces[vm].0, &gfns, node).unwrap();
+                        prop_assert!(report.failed.is_empty(), "{:?}", report.failed);
+                    }
+                    Op::Rebuild { vm, node } => {
+                        memory.destroy_space(spaces[vm].0).unwrap();
+                        spaces[vm] = memory.create_space("again", FRAMES, node).unwrap();
+                        model[vm].clear();
+                    }
+                }
+                memory
+                    .verify()
+                    .map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
+                for (v, &(id, base)) in spaces.iter().enumerate() {
+                    for gfn in 0..FRAMES {
+                        let want = value(&model, v, gfn);
+                        let page = memory.read_guest_page(id, gfn).unwrap();
+                        prop_assert!(
+                            page.iter().all(|&x| x == want),
+                            "vm {} frame {} lost its content",
+                            v,
+                            gfn
+                        );
+                        prop_assert_eq!(guest_read(base, gfn), page, "the guest sees its frame");
+                    }
+                }
+            }
+            for (id, _) in spaces {
+                memory.destroy_space(id).unwrap();
+            }
+            memory
+                .verify()
+                .map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
+            let used: u32 = memory.pool_stats().iter().map(|p| p.used_pages).sum();
+            prop_assert_eq!(used, 0, "no machine page leaked");
+            drop(handler);
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// Lines of `/proc/self/maps`: the process's kernel mappings (VMAs).
+fn vma_count() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .count()
+}
+
+/// Two spaces with the same distinct content in every frame (`seed` makes
+/// each pair of spaces differ from the others).
+fn twin_spaces(memory: &Memory, frames: u64, seed: u8) -> (VmId, VmId) {
+    let (a, _) = memory.create_space("a", frames, 0).unwrap();
+    let (b, _) = memory.create_space("b", frames, 0).unwrap();
+    for gfn in 0..frames {
+        let mut page = vec![seed; PAGE_SIZE];
+        page[..8].copy_from_slice(&gfn.to_le_bytes());
+        memory.write_guest_page(a, gfn, &page).unwrap();
+        memory.write_guest_page(b, gfn, &page).unwrap();
+    }
+    (a, b)
+}
+
+#[test]
+fn a_batch_of_a_run_adds_a_handful_of_mappings_not_one_per_page() {
+    const N: u64 = 512;
+    let memory = Memory::new(&[(0, 0, 8 * N as u32)]).unwrap();
+    if memory.userfault().is_none() {
+        eprintln!("skipped: merges need userfaultfd (root)");
+        return;
+    }
+    let (a, b) = twin_spaces(&memory, N, 1);
+    let before = vma_count();
+    let pairs = run_pairs(&memory, (b, 0), (a, 0), N, N);
+    let outcomes = memory.merge_batch(b, &pairs).unwrap();
+    assert!(outcomes.iter().all(|&o| o == MergeOutcome::Merged));
+    let batched = vma_count() as i64 - before as i64;
+    memory.verify().unwrap();
+    assert_eq!(memory.sharing_stats().saved_pages, N);
+
+    // The same frames merged one page at a time, every other frame first
+    // (as a scan that finds them out of order would): each lands in a
+    // mapping of its own between its unmerged neighbours. (Once the gaps
+    // are merged too, the kernel joins the neighbouring mappings again:
+    // consecutive frames onto consecutive pages of one file.)
+    let (c, d) = twin_spaces(&memory, N, 2);
+    let before = vma_count();
+    let mut single = 0;
+    for gfn in (0..N).step_by(2).chain((1..N).step_by(2)) {
+        if gfn == 1 {
+            single = vma_count() as i64 - before as i64;
+        }
+        let dp = memory.lookup(d, gfn).unwrap().unwrap().page;
+        let cp = memory.lookup(c, gfn).unwrap().unwrap().page;
+        assert_eq!(
+            memory.merge((d, gfn, dp), (c, gfn, cp)).unwrap(),
+            MergeOutcome::Merged
+        );
+    }
+    let joined = vma_count() as i64 - before as i64;
+    memory.verify().unwrap();
+    eprintln!(
+        "VMAs added by merging {N} frames: in one batch {batched}; one at a time, \
+         every other frame {single}, then the rest {joined}"
+    );
+    assert!(
+        batched <= 4,
+        "a run merged in one batch adds a handful of VMAs: {batched}"
+    );
+    assert!(
+        single >= N as i64 / 2,
+        "every other frame merged alone is a mapping each: {single}"
+    );
+}
+
+/// Guests that write all the time (two lockstep sweeps with the same seed,
+/// two counter guests) while another thread merges their memory in batches
+/// as fast as it can (one batch per 512-frame window, the twin's frames as
+/// kept pages, so the batches are runs): no write is lost, and merges and
+/// copy-on-write breaks really happen.
+#[test]
+fn constant_writers_never_lose_a_write_while_batches_merge() {
+    if !require_kvm("constant_writers_never_lose_a_write_while_batches_merge") {
+        return;
+    }
+    const FRAMES: u64 = 1024;
+    let system = layout::system_frames().end;
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let memory = Arc::new(Memory::new(&[(0, 0, 8192)]).unwrap());
+    let _handler = FaultHandler::start(memory.clone()).unwrap();
+    let workloads = [
+        Workload::Sweep {
+            seed: 9,
+            passes: 300,
+        },
+        Workload::Sweep {
+            seed: 9,
+            passes: 300,
+        },
+        Workload::Counters {
+            counters: 4,
+            increments: 3_000_000,
+        },
+        Workload::Counters {
+            counters: 4,
+            increments: 3_000_000,
+        },
+    ];
+    let mut vms = Vec::new();
+    for (i, w) in workloads.into_iter().enumerate() {
+        let (id, base) = memory.create_space(&format!("w{i}"), FRAMES, 0).unwrap();
+        memory.exclude_from_sharing(id, 0..system).unwrap();
+        let spec = MicroVmSpec {
+            name: format!("w{i}"),
+            vcpus: (0..2)
+                .map(|_| VcpuPlacement {
+                    node: 0,
+                    host_cpus: vec![],
+                })
+                .collect(),
+            workload: w,
+            time_limit: Duration::from_secs(120),
+        };
+        let ram = GuestRam {
+            host_addr: base,
+            size: FRAMES as usize * PAGE_SIZE,
+        };
+        let vm = MicroVm::create(&kvm, spec, ram).unwrap();
+        memory.set_pauser(id, vm.pauser()).unwrap();
+        vms.push((id, vm));
+    }
+    let ids: Vec<VmId> = vms.iter().map(|v| v.0).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let merged = Arc::new(AtomicU64::new(0));
+    let merger = {
+        let (memory, stop, merged) = (memory.clone(), stop.clone(), merged.clone());
+        std::thread::spawn(move || {
+            let mut batches = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for (dup, keep) in [(ids[1], ids[0]), (ids[3], ids[2])] {
+                    let mut first = system;
+                    while first < FRAMES {
+                        let len = 512 - first % 512;
+                        let pairs = run_pairs(&memory, (dup, first), (keep, first), len, FRAMES);
+                        let outcomes = memory.merge_batch(dup, &pairs).unwrap();
+                        let n = outcomes
+                            .iter()
+                            .filter(|&&o| o == MergeOutcome::Merged)
+                            .count();
+                        merged.fetch_add(n as u64, Ordering::Relaxed);
+                        batches += 1;
+                        first += len;
+                    }
+                }
+            }
+            batches
+        })
+    };
+    for (_, vm) in vms.iter_mut() {
+        vm.start().unwrap();
+    }
+    let mut checks = 0;
+    while vms.iter().any(|(_, vm)| !vm.is_finished()) {
+        memory
+            .verify()
+            .expect("invariants while guests write and batches merge");
+        checks += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let batches = merger.join().unwrap();
+    for (_, vm) in vms {
+        let out = vm.wait();
+        assert!(out.checksum_ok(), "a write was lost: {out:?}");
+    }
+    let stats = memory.sharing_stats();
+    let merged = merged.load(Ordering::Relaxed);
+    eprintln!("{batches} batches, {merged} frames merged, {checks} checks, {stats:?}");
+    assert!(
+        merged > 0 && stats.cow_breaks > 0,
+        "the race was exercised (merges while the guests ran, and breaks): {stats:?}"
+    );
+    memory.verify().unwrap();
+}
