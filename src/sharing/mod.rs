@@ -22,21 +22,6 @@
 //! for every page's checksum to be stable over two passes); a page that
 //! changes soon after costs one copy-on-write break.
 //!
-//! ## Merging in batches
-//! A merge found by the scan is not issued at once: the merges of one VM's
-//! aligned window of `MERGE_WINDOW` frames (2 MiB) are collected and
-//! issued together (`Memory::merge_batch`) when the scan leaves the
-//! window, when a batch is full, and at the end of every `step`. The batch
-//! pauses the VM once, takes the memory lock once, and remaps each run of
-//! frames whose kept pages are consecutive in one pool with one `mmap`,
-//! so identical VMs (which find each other's frames in order: the first
-//! copy seen is every later copy's candidate) cost a system call and a
-//! kernel mapping per run instead of per page. Zero frames go through the
-//! same batches, onto the shared zero page of their node and domain (one
-//! page, so one mapping each: see issue 14 for punching them instead).
-//! Not done: preferring, among several equal candidates, the one that
-//! extends a run (only one candidate per content is kept).
-//!
 //! ## Holes and zero pages
 //! Fresh guest memory is a hole in its pool until the guest first writes
 //! it. The scanner asks the pool (`mincore` on the monitor's view) before
@@ -88,9 +73,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::memory::{
-    Gfn, MachinePage, Memory, MergeOutcome, MergePair, NodeId, VmId, MERGE_BATCH_MAX,
-};
+use crate::memory::{Gfn, MachinePage, Memory, MergeOutcome, NodeId, VmId};
 
 /// What the scanner does; from the policy's `[sharing]` section.
 #[derive(Clone, Debug)]
@@ -181,24 +164,10 @@ struct Unstable {
 /// Most consecutive stable passes an unstable frame must show.
 const MAX_STABLE_PASSES: u32 = 64;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Key {
     Content { domain: usize, hash: u64 },
     Zero { domain: usize, node: NodeId },
-}
-
-/// Frames a merge batch covers: the scanner issues the merges it finds in
-/// aligned windows of this many frames of one VM (2 MiB), one
-/// `Memory::merge_batch` per window.
-pub const MERGE_WINDOW: Gfn = MERGE_BATCH_MAX as Gfn;
-
-/// A merge found by the scan, waiting for its batch.
-#[derive(Clone, Copy, Debug)]
-struct Pending {
-    vm: VmId,
-    pair: MergePair,
-    key: Key,
-    zero: bool,
 }
 
 /// The scanner's state, separate from its thread so tests can drive it
@@ -219,9 +188,6 @@ pub struct ScanState {
     domains: Vec<String>,
     /// No guest writes any more: skip the volatile-page wait.
     pub quiescent: bool,
-    /// Merges found and not issued yet: all of one duplicate VM and one
-    /// window of its frames (see "Merging in batches").
-    pending: Vec<Pending>,
     /// Position: index into the current list of spaces, and frame.
     space_index: usize,
     gfn: Gfn,
@@ -239,7 +205,6 @@ impl ScanState {
             breaks: HashMap::new(),
             quiescent: false,
             domains: Vec::new(),
-            pending: Vec::new(),
             space_index: 0,
             gfn: 0,
             stats: ScannerStats::default(),
@@ -291,55 +256,7 @@ impl ScanState {
                 self.gfn = 0;
             }
             let domain = self.domain_id(domain);
-            if self.pending.last().is_some_and(|p| {
-                p.vm != vm
-                    || p.pair.dup_gfn / MERGE_WINDOW != gfn / MERGE_WINDOW
-                    || p.pair.dup_gfn >= gfn
-            }) {
-                // The scan left the window (or wrapped round inside it).
-                self.flush(memory);
-            }
             self.scan_one(memory, vm, gfn, domain);
-        }
-        self.flush(memory);
-    }
-
-    /// Issues the pending merges as one batch and takes in the outcomes.
-    fn flush(&mut self, memory: &Memory) {
-        let Some(first) = self.pending.first() else {
-            return;
-        };
-        let vm = first.vm;
-        let pending = std::mem::take(&mut self.pending);
-        let pairs: Vec<MergePair> = pending.iter().map(|p| p.pair).collect();
-        let outcomes = match memory.merge_batch(vm, &pairs) {
-            Ok(o) => o,
-            Err(e) => {
-                self.stats.errors += 1;
-                tracing::warn!("merging {} frames of vm {vm}: {e:#}", pairs.len());
-                return;
-            }
-        };
-        for (p, outcome) in pending.into_iter().zip(outcomes) {
-            let me = (vm, p.pair.dup_gfn, p.pair.dup_page);
-            match outcome {
-                MergeOutcome::Merged => {
-                    self.merged.insert((vm, p.pair.dup_gfn));
-                    self.merged.insert((p.pair.keep.0, p.pair.keep.1));
-                    self.stats.merges += 1;
-                    if p.zero {
-                        self.stats.zero_merges += 1;
-                    }
-                }
-                MergeOutcome::Differ => {
-                    self.stats.compare_failures += 1;
-                    self.candidates.insert(p.key, me);
-                }
-                MergeOutcome::Stale => {
-                    self.stats.stale_candidates += 1;
-                    self.candidates.insert(p.key, me);
-                }
-            }
         }
     }
 
@@ -422,22 +339,28 @@ impl ScanState {
         if candidate.2 == scan.page {
             return;
         }
-        // Issued with the rest of its window (`flush`). Twin VMs find their
-        // twin's frames here in order (the first copy seen is the
-        // candidate), so their merges form runs of consecutive kept pages.
-        if self.pending.len() >= MERGE_BATCH_MAX {
-            self.flush(memory);
+        match memory.merge(me, candidate) {
+            Ok(MergeOutcome::Merged) => {
+                self.merged.insert(frame);
+                self.merged.insert((candidate.0, candidate.1));
+                self.stats.merges += 1;
+                if scan.zero {
+                    self.stats.zero_merges += 1;
+                }
+            }
+            Ok(MergeOutcome::Differ) => {
+                self.stats.compare_failures += 1;
+                self.candidates.insert(key, me);
+            }
+            Ok(MergeOutcome::Stale) => {
+                self.stats.stale_candidates += 1;
+                self.candidates.insert(key, me);
+            }
+            Err(e) => {
+                self.stats.errors += 1;
+                tracing::warn!("merging vm {vm} frame {gfn:#x}: {e:#}");
+            }
         }
-        self.pending.push(Pending {
-            vm,
-            pair: MergePair {
-                dup_gfn: gfn,
-                dup_page: scan.page,
-                keep: candidate,
-            },
-            key,
-            zero: scan.zero,
-        });
     }
 }
 
