@@ -169,8 +169,10 @@ fn a_reader_that_turns_writer_after_replication_keeps_its_write_private() {
         return;
     }
     // As above (the trace replicates the merged table on every node from
-    // epoch 10, about 0.5 s in), but reader 1 turns writer two thirds of the
-    // way through its lookups: it rewrites every table page. Each write must
+    // epoch 3, about 0.15 s in, and keeps every reader reading for 16 s so
+    // no replica goes idle), but reader 1 turns writer two thirds of the
+    // way through its lookups (about 4 s in on an idle host, later on a
+    // busy one): it rewrites every table page. Each write must
     // break copy-on-write from a replica, the writer must see its own words
     // (its checksum includes them) and the other readers must keep their
     // replicas and never see the write (their checksums are of the original
@@ -178,9 +180,9 @@ fn a_reader_that_turns_writer_after_replication_keeps_its_write_private() {
     const TABLE: u64 = 32;
     const WRITER: usize = 1;
     let mut text = String::from("nodes 4\n");
-    for epoch in 0..60 {
+    for epoch in 0..400 {
         text += &format!("epoch {epoch}\n");
-        if epoch < 10 {
+        if epoch < 3 {
             continue;
         }
         for vm in 0..4 {
@@ -208,11 +210,11 @@ trace_file = "{}"
         trace.path().display()
     );
     for vm in 0..4 {
-        let write_after = if vm == WRITER { 100_000_000 } else { 0 };
+        let write_after = if vm == WRITER { 1_000_000_000 } else { 0 };
         config += &format!(
             "[[vm]]\nname = \"reader{vm}\"\nnode = {vm}\nmemory_node = 0\nmemory_mib = 4\n\
              workload = {{ kind = \"table_scan\", seed = 17, table_pages = {TABLE}, \
-             lookups = 150000000, write_after = {write_after} }}\n"
+             lookups = 1500000000, write_after = {write_after} }}\n"
         );
     }
     let report = run_config(&config);
