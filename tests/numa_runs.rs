@@ -97,31 +97,34 @@ workload = { kind = "sweep", seed = 3, passes = 2000 }
     );
 }
 
-#[test]
-fn four_vms_reading_one_shared_table_get_a_replica_each() {
-    if !require_kvm("four_vms_reading_one_shared_table_get_a_replica_each") {
-        return;
-    }
-    // Four VMs, one per node, memory on node 0, scanning the same 32-page
-    // table (same seed: identical content, merged by the sharing scanner).
-    // A replayed trace says each VM reads every table page from its node:
-    // the engine must give the table a replica on nodes 1, 2 and 3 and each
-    // VM must map its own node's copy.
-    const TABLE: u64 = 32;
+/// Four 1-vCPU readers of one `table`-page table (same seed: identical
+/// content, merged by the scanner), one per node of the 4-node fixture with
+/// memory on node 0, under a sharing + replication policy whose NUMA engine
+/// replays a trace: after `quiet` quiet epochs (the scanner merges first),
+/// every epoch up to `epochs` says each VM reads every table page from its
+/// node. `write_after(vm)` is that reader's `write_after`. Returns the
+/// trace file (keep it alive for the run) and the config.
+fn traced_table_readers(
+    name: &str,
+    table: u64,
+    quiet: u32,
+    epochs: u32,
+    lookups: u64,
+    write_after: impl Fn(usize) -> u64,
+) -> (TraceFile, String) {
     let mut text = String::from("nodes 4\n");
-    for epoch in 0..60 {
+    for epoch in 0..epochs {
         text += &format!("epoch {epoch}\n");
-        // The first epochs are quiet: the scanner merges the tables first.
-        if epoch < 10 {
+        if epoch < quiet {
             continue;
         }
         for vm in 0..4 {
-            for gfn in 0x100..0x100 + TABLE {
+            for gfn in 0x100..0x100 + table {
                 text += &format!("{vm} {gfn:x} {vm} r\n{vm} {gfn:x} {vm} r\n");
             }
         }
     }
-    let trace = TraceFile::new("table", &text);
+    let trace = TraceFile::new(name, &text);
     let mut config = format!(
         r#"
 [host]
@@ -142,9 +145,26 @@ trace_file = "{}"
     for vm in 0..4 {
         config += &format!(
             "[[vm]]\nname = \"reader{vm}\"\nnode = {vm}\nmemory_node = 0\nmemory_mib = 4\n\
-             workload = {{ kind = \"table_scan\", seed = 17, table_pages = {TABLE}, lookups = 150000000 }}\n"
+             workload = {{ kind = \"table_scan\", seed = 17, table_pages = {table}, \
+             lookups = {lookups}, write_after = {} }}\n",
+            write_after(vm)
         );
     }
+    (trace, config)
+}
+
+#[test]
+fn four_vms_reading_one_shared_table_get_a_replica_each() {
+    if !require_kvm("four_vms_reading_one_shared_table_get_a_replica_each") {
+        return;
+    }
+    // Four VMs, one per node, memory on node 0, scanning the same 32-page
+    // table (same seed: identical content, merged by the sharing scanner).
+    // A replayed trace says each VM reads every table page from its node:
+    // the engine must give the table a replica on nodes 1, 2 and 3 and each
+    // VM must map its own node's copy.
+    const TABLE: u64 = 32;
+    let (_trace, config) = traced_table_readers("table", TABLE, 10, 60, 150_000_000, |_| 0);
     let report = run_config(&config);
     let numa = report.numa.as_ref().unwrap();
     assert_eq!(numa.migrations, 0, "migration is off");
@@ -179,44 +199,14 @@ fn a_reader_that_turns_writer_after_replication_keeps_its_write_private() {
     // table). Checksums are checked against the host model by `run_config`.
     const TABLE: u64 = 32;
     const WRITER: usize = 1;
-    let mut text = String::from("nodes 4\n");
-    for epoch in 0..400 {
-        text += &format!("epoch {epoch}\n");
-        if epoch < 3 {
-            continue;
-        }
-        for vm in 0..4 {
-            for gfn in 0x100..0x100 + TABLE {
-                text += &format!("{vm} {gfn:x} {vm} r\n{vm} {gfn:x} {vm} r\n");
+    let (_trace, config) =
+        traced_table_readers("table-writer", TABLE, 3, 400, 1_500_000_000, |vm| {
+            if vm == WRITER {
+                1_000_000_000
+            } else {
+                0
             }
-        }
-    }
-    let trace = TraceFile::new("table-writer", &text);
-    let mut config = format!(
-        r#"
-[host]
-topology = "4-node"
-[policy]
-name = "trace-replicate"
-[policy.sharing]
-enabled = true
-[policy.numa]
-migrate = false
-replicate = true
-epoch_ms = 40
-sampling = "trace"
-trace_file = "{}"
-"#,
-        trace.path().display()
-    );
-    for vm in 0..4 {
-        let write_after = if vm == WRITER { 1_000_000_000 } else { 0 };
-        config += &format!(
-            "[[vm]]\nname = \"reader{vm}\"\nnode = {vm}\nmemory_node = 0\nmemory_mib = 4\n\
-             workload = {{ kind = \"table_scan\", seed = 17, table_pages = {TABLE}, \
-             lookups = 1500000000, write_after = {write_after} }}\n"
-        );
-    }
+        });
     let report = run_config(&config);
     let numa = report.numa.as_ref().unwrap();
     let text = report.render_text();

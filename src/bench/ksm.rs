@@ -378,6 +378,20 @@ impl Ksm {
         }
     }
 
+    /// The lock file every KSM measurement holds (`flock`), created if need
+    /// be; read-only when it cannot be opened for writing (a flock needs no
+    /// write access).
+    fn open_lock_file(&self) -> Result<File> {
+        let lock_path = self.state_dir.join(LOCK_FILE);
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .or_else(|_| File::open(&lock_path))
+            .with_context(|| format!("opening the KSM lock file {}", lock_path.display()))
+    }
+
     /// Restores the settings a measurement that died left in the state file
     /// (run at every `disco` start, see `crate::leftovers`). Does nothing
     /// when there is no state file, or while a measurement holds the lock
@@ -387,14 +401,7 @@ impl Ksm {
         if !state_path.exists() {
             return Ok(None);
         }
-        let lock_path = self.state_dir.join(LOCK_FILE);
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .or_else(|_| File::open(&lock_path))
-            .with_context(|| format!("opening the KSM lock file {}", lock_path.display()))?;
+        let lock = self.open_lock_file()?;
         // SAFETY: flock on a file descriptor we own.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Ok(None);
@@ -416,14 +423,14 @@ impl Ksm {
             .and_then(|()| self.restore(&saved))
             .with_context(|| {
                 format!(
-                    "a `disco bench` that did not finish left KSM changed ({left}); restoring                      the settings saved in {} failed",
+                    "a `disco bench` that did not finish left KSM changed ({left}); restoring the settings saved in {} failed",
                     state_path.display()
                 )
             })?;
         std::fs::remove_file(&state_path)
             .with_context(|| format!("removing {}", state_path.display()))?;
         Ok(Some(format!(
-            "disco: a `disco bench` that did not finish left KSM at {left}; restored the              settings saved in {} ({})",
+            "disco: a `disco bench` that did not finish left KSM at {left}; restored the settings saved in {} ({})",
             state_path.display(),
             shown(&saved)
         )))
@@ -434,17 +441,11 @@ impl Ksm {
     /// snapshots the settings and returns the guard that restores them.
     pub fn guard(&self) -> Result<KsmGuard> {
         std::fs::create_dir_all(&self.state_dir).ok();
-        let lock_path = self.state_dir.join(LOCK_FILE);
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .with_context(|| format!("opening the KSM lock file {}", lock_path.display()))?;
+        let lock = self.open_lock_file()?;
         // SAFETY: flock on a file descriptor we own.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("locking {}", lock_path.display()));
+                .with_context(|| format!("locking {}", self.state_dir.join(LOCK_FILE).display()));
         }
         let state_path = self.state_dir.join(STATE_FILE);
         if let Ok(text) = std::fs::read_to_string(&state_path) {
