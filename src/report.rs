@@ -270,16 +270,19 @@ impl RunReport {
         if let Some(sh) = &self.sharing {
             let m = &sh.memory;
             let guest_pages: u64 = self.vms.iter().map(|v| v.memory_mib * 256).sum();
+            let mib = |pages: u64| pages as f64 * PAGE_SIZE as f64 / (1024.0 * 1024.0);
             out += &format!(
-                "\nsharing: {:.1} MiB saved ({:.1}% of {} MiB guest memory); {} machine pages back {} guest pages\n",
-                m.saved_bytes as f64 / (1024.0 * 1024.0),
-                100.0 * m.saved_pages as f64 / guest_pages.max(1) as f64,
+                "\nsharing: {:.1} MiB saved ({:.1}% of {} MiB guest memory): {:.1} MiB by sharing ({} machine pages back {} guest pages), {:.1} MiB of zero pages released\n",
+                mib(m.pages_saved_in_all()),
+                100.0 * m.pages_saved_in_all() as f64 / guest_pages.max(1) as f64,
                 guest_pages / 256,
+                mib(m.saved_pages),
                 m.shared_machine_pages,
-                m.sharing_frames
+                m.sharing_frames,
+                mib(m.released_zero_frames),
             );
             out += &format!(
-                "  scanner: {} pages scanned in {} full passes{}, {} merges ({} onto zero pages), {} compare failures, {:.0} ms CPU\n",
+                "  scanner: {} pages scanned in {} full passes{}, {} merges in {} batches, {} zero pages released, {} compare failures, {:.0} ms CPU\n",
                 sh.scanner.pages_scanned,
                 sh.scanner.full_scans,
                 match (&sh.settle_note, sh.settled) {
@@ -288,7 +291,8 @@ impl RunReport {
                     (None, false) => " (final passes not completed)".into(),
                 },
                 sh.scanner.merges,
-                sh.scanner.zero_merges,
+                sh.scanner.merge_batches,
+                sh.scanner.zero_releases,
                 sh.scanner.compare_failures,
                 sh.scanner.cpu_ms
             );

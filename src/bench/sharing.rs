@@ -12,8 +12,8 @@
 //!   the scanner's stats are sampled every `sample_interval` until the saved
 //!   pages reach the steady state predicted from the content (every mergeable
 //!   frame read through `Memory::read_guest_page` and grouped by content:
-//!   each group of k frames saves k - 1 machine pages, all-zero frames form
-//!   one group). Reported: time and monitor CPU (scanner thread + fault
+//!   each group of k frames saves k - 1 machine pages, and every all-zero
+//!   frame saves its page, which is released to the host). Reported: time and monitor CPU (scanner thread + fault
 //!   handler thread, from the kernel's per-thread accounting) to 90 % and
 //!   100 %, the series, bytes saved, host memory freed.
 //! * **copy-on-write breaks**: at steady state (scanner stopped) a guest
@@ -256,9 +256,10 @@ pub struct DiscoCensus {
     pub zero_frames: u64,
     /// Distinct contents among mergeable frames (zero included).
     pub distinct_contents: u64,
-    /// Contents held by two frames or more.
+    /// Non-zero contents held by two frames or more.
     pub duplicate_groups: u64,
-    /// Machine pages sharing should save: frames minus distinct contents.
+    /// Machine pages sharing should save: frames minus distinct non-zero
+    /// contents minus zero frames (their pages are released, not shared).
     pub expected_saved_pages: u64,
     /// Of those, from all-zero frames.
     pub expected_saved_zero_pages: u64,
@@ -587,12 +588,13 @@ fn census(hashes: &FrameHashes) -> DiscoCensus {
     }
     c.distinct_contents = groups.len() as u64;
     for (key, &k) in &groups {
-        if k >= 2 {
+        if key.0 {
+            // Every zero frame's page is released to the host.
+            c.expected_saved_pages += k;
+            c.expected_saved_zero_pages += k;
+        } else if k >= 2 {
             c.duplicate_groups += 1;
             c.expected_saved_pages += k - 1;
-            if key.0 {
-                c.expected_saved_zero_pages += k - 1;
-            }
         }
     }
     c
@@ -653,7 +655,7 @@ fn merge_phase(
     let start = Instant::now();
     let sample = |t: Duration, stats: &SharingStats, scan: &ScannerStats| DiscoSample {
         t_ms: t.as_secs_f64() * 1e3,
-        saved_pages: stats.saved_pages,
+        saved_pages: stats.pages_saved_in_all(),
         shared_machine_pages: stats.shared_machine_pages,
         merges: scan.merges,
         pages_scanned: scan.pages_scanned,
@@ -663,7 +665,7 @@ fn merge_phase(
     };
     let mut series = vec![DiscoSample {
         t_ms: 0.0,
-        saved_pages: memory.sharing_stats().saved_pages,
+        saved_pages: memory.sharing_stats().pages_saved_in_all(),
         shared_machine_pages: 0,
         merges: 0,
         pages_scanned: 0,
@@ -1233,7 +1235,7 @@ impl SharingResult {
             vec![
                 "setting".into(),
                 format!(
-                    "scanner {} pages/s, xxh3, non-zero pages merged on first sight, zero pages on the second",
+                    "scanner {} pages/s, xxh3, pages merged (zero pages released) once seen unchanged on two passes",
                     d.pages_per_second
                 ),
                 format!(
@@ -1780,9 +1782,10 @@ mod tests {
         assert_eq!(c.excluded_frames, 3);
         assert_eq!(c.zero_frames, 3);
         assert_eq!(c.distinct_contents, 5);
-        assert_eq!(c.duplicate_groups, 2);
-        assert_eq!(c.expected_saved_pages, 4);
-        assert_eq!(c.expected_saved_zero_pages, 2);
+        // Content 5 saves 2; every zero frame is released (3).
+        assert_eq!(c.duplicate_groups, 1);
+        assert_eq!(c.expected_saved_pages, 5);
+        assert_eq!(c.expected_saved_zero_pages, 3);
     }
 
     #[test]

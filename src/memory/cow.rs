@@ -25,7 +25,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
 
 use super::mapper::{Inner, Memory};
@@ -38,6 +38,8 @@ pub(crate) struct CowCounters {
     merges: u64,
     compare_failures: u64,
     breaks: u64,
+    /// Zero pages punched out of their pools (`release_zero_frames`).
+    zero_releases: u64,
     /// Handler time of each break, in nanoseconds.
     break_ns: Vec<u64>,
     /// What copy-on-write and remaps cost each VM (see `GuestCosts`).
@@ -117,6 +119,20 @@ pub struct SharingStats {
     pub cow_breaks: u64,
     pub cow_break_median_us: f64,
     pub cow_break_p99_us: f64,
+    /// Zero pages released to the host so far (`Memory::release_zero_frames`).
+    #[serde(default)]
+    pub zero_releases: u64,
+    /// Frames whose zero page is released now (as of the scanner's last
+    /// look: a guest touch allocates a page without telling the monitor).
+    #[serde(default)]
+    pub released_zero_frames: u64,
+}
+
+impl SharingStats {
+    /// Host pages sharing and released zero pages save.
+    pub fn pages_saved_in_all(&self) -> u64 {
+        self.saved_pages + self.released_zero_frames
+    }
 }
 
 fn percentile_us(sorted_ns: &[u64], p: f64) -> f64 {
@@ -166,6 +182,15 @@ impl Memory {
                 shared: false,
                 hole: true,
             }));
+        }
+        if entry.flags.released {
+            // The guest touched its released zero page again.
+            let mut inner = self.inner.lock();
+            let space = inner.space_mut(vm)?;
+            if let Some(mut e) = space.pmap.get(gfn).filter(|e| e.page == entry.page) {
+                e.flags.released = false;
+                space.pmap.set(gfn, Some(e));
+            }
         }
         // SAFETY: an in-bounds page of a pool view, mapped as long as
         // `self` lives; guests may write it concurrently, which only makes
@@ -243,6 +268,100 @@ impl Memory {
         }
         outcomes
     }
+    /// Releases the pages of zero frames of `vm` to the host: each frame
+    /// that still maps the page the caller saw, privately (one owner, not
+    /// protected, not a replica) and still holds only zeros keeps its
+    /// machine page, but the page is punched out of its pool, so it costs no
+    /// host memory until the guest touches it again; the kernel then
+    /// allocates a zero page in place without involving the monitor. Unlike
+    /// a merge onto a shared zero page this adds no kernel mapping (VMA),
+    /// and a later write costs a page allocation instead of a copy-on-write
+    /// break. Returns, in order, whether each frame was released.
+    ///
+    /// Safe against racing guest writes without pausing the VM: the frames
+    /// are write-protected before the zero check, so a write after it waits
+    /// in the fault handler (for the memory lock held here) and, once woken,
+    /// lands in the fresh page; a write before it fails the check.
+    pub fn release_zero_frames(
+        &self,
+        vm: VmId,
+        frames: &[(Gfn, MachinePage)],
+    ) -> Result<Vec<bool>> {
+        let mut inner = self.inner.lock();
+        let mut released = vec![false; frames.len()];
+        let mut live: Vec<(usize, Gfn, MachinePage)> = Vec::new();
+        {
+            let space = inner.space(vm)?;
+            for (i, &(gfn, page)) in frames.iter().enumerate() {
+                let ok = space.pmap.get(gfn).is_some_and(|e| {
+                    e.page == page
+                        && !e.flags.shared
+                        && !e.flags.write_protected
+                        && !e.flags.released
+                        && space.mergeable(gfn)
+                });
+                if ok && !inner.replicas.contains(page) {
+                    live.push((i, gfn, page));
+                }
+            }
+        }
+        if live.is_empty() {
+            return Ok(released);
+        }
+        let uffd = inner.require_uffd()?.clone();
+        live.sort_unstable_by_key(|l| l.1);
+        live.dedup_by_key(|l| l.1);
+        let gfns: Vec<Gfn> = live.iter().map(|l| l.1).collect();
+        let base = inner.space(vm)?.base;
+        let runs: Vec<(Gfn, Gfn)> = super::runs::runs_of(&gfns).collect();
+        for &(first, len) in &runs {
+            uffd.write_protect(
+                base + first as usize * PAGE_SIZE,
+                len as usize * PAGE_SIZE,
+                true,
+            )
+            .context("write-protecting zero frames")?;
+        }
+        let mut zero_pages: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
+        for &(i, gfn, page) in &live {
+            let ptr = inner.pools[page.node()].page_ptr(page.index) as *const u8;
+            // SAFETY: an in-bounds page of a pool view; write-protected in
+            // the guest's mapping, so its bytes hold still under the lock.
+            let bytes = unsafe { std::slice::from_raw_parts(ptr, PAGE_SIZE) };
+            if bytes.iter().all(|&b| b == 0) {
+                zero_pages.entry(page.node()).or_default().push(page.index);
+                released[i] = true;
+                let space = inner.space_mut(vm)?;
+                let mut e = space.pmap.get(gfn).expect("a live frame");
+                e.flags.released = true;
+                space.pmap.set(gfn, Some(e));
+            }
+        }
+        let mut failure = None;
+        for (node, mut pages) in zero_pages {
+            pages.sort_unstable();
+            if let Err(e) = inner.pools[node].discard(&pages) {
+                failure.get_or_insert(e);
+            }
+        }
+        // The punched pages keep the write-protect marker; lifting it
+        // clears the marker too, so the next touch simply allocates.
+        for &(first, len) in &runs {
+            uffd.write_protect(
+                base + first as usize * PAGE_SIZE,
+                len as usize * PAGE_SIZE,
+                false,
+            )
+            .context("lifting write protection from zero frames")?;
+        }
+        // (Lifting the protection also woke any writer that faulted meanwhile.)
+        inner.cow.zero_releases += released.iter().filter(|&&r| r).count() as u64;
+        match failure {
+            Some(e) => Err(e.context("releasing zero pages")),
+            None => Ok(released),
+        }
+    }
+
     /// Handles a userfaultfd write-protect fault at host address `addr`:
     /// gives the writer a private copy (or lifts a stale protection), then
     /// wakes the waiting thread.
@@ -313,6 +432,8 @@ impl Memory {
         ns.sort_unstable();
         s.cow_break_median_us = percentile_us(&ns, 0.5);
         s.cow_break_p99_us = percentile_us(&ns, 0.99);
+        s.zero_releases = inner.cow.zero_releases;
+        s.released_zero_frames = inner.spaces.values().map(|sp| sp.pmap.released()).sum();
         s
     }
 

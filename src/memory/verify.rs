@@ -101,7 +101,16 @@ impl Memory {
             if covered != end {
                 errors.push(format!("vm {vm}: host range ends unmapped at {covered:#x}"));
             }
+            let mut released = 0;
             for (gfn, e) in space.pmap.iter() {
+                if e.flags.released {
+                    released += 1;
+                    if e.flags.shared || e.flags.write_protected {
+                        errors.push(format!(
+                            "vm {vm} gfn {gfn:#x}: a released zero page cannot be shared or protected"
+                        ));
+                    }
+                }
                 match inner.memmap.get(e.page) {
                     Some(info) if info.owners.contains(&(vm, gfn)) => {}
                     _ => errors.push(format!(
@@ -115,6 +124,12 @@ impl Memory {
                         e.page
                     ));
                 }
+            }
+            if released != space.pmap.released() {
+                errors.push(format!(
+                    "vm {vm}: {released} released frames but the pmap counts {}",
+                    space.pmap.released()
+                ));
             }
         }
 
