@@ -4,7 +4,7 @@ use serde::Serialize;
 
 use crate::config::Policy;
 use crate::guest::Workload;
-use crate::memory::{PoolStats, ReplicaStats, SharingStats};
+use crate::memory::{KernelMappings, PoolStats, ReplicaStats, SharingStats};
 use crate::numa::runner::NumaStats;
 use crate::sharing::ScannerStats;
 use crate::vm::VcpuOutcome;
@@ -21,6 +21,8 @@ pub struct RunReport {
     pub interrupted: Option<String>,
     /// Present when the policy turned sharing on.
     pub sharing: Option<SharingReport>,
+    /// The monitor process's kernel mappings (VMAs) over the run.
+    pub kernel_mappings: KernelMappings,
     /// Present when the NUMA engine ran.
     pub numa: Option<NumaStats>,
     /// Replicas of read-shared pages at the end of the run (before teardown).
@@ -423,6 +425,13 @@ impl RunReport {
                 p.resident_bytes as f64 / (1024.0 * 1024.0)
             );
         }
+        let k = &self.kernel_mappings;
+        out += &format!(
+            "kernel mappings (VMAs) of the monitor: peak {}, at the end {} ({:.2} per 16 guest frames)\n",
+            k.peak,
+            k.end,
+            k.end as f64 * 16.0 / k.guest_frames.max(1) as f64
+        );
         let ok = self.vms.iter().filter(|v| v.ok()).count();
         out += &format!(
             "\n{} of {} VMs ok; memory invariants checked {} times: {}; VMs created in {:.1} ms; total {:.1} ms\n",

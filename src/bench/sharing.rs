@@ -715,7 +715,7 @@ fn cow_phase(
     let frames = options.frames_per_vm();
     let reps = options.cow_reps.min(spaces.len());
     let breaks0 = memory.sharing_stats().cow_breaks;
-    let times0 = memory.cow_break_times_ns().len();
+    let times0 = memory.cow_break_histogram();
     let cpu0 = handler.cpu_ms();
     let (mut shared_ms, mut private_ms, mut breaks) = (Vec::new(), Vec::new(), Vec::new());
     for (r, &(space, ram)) in spaces.iter().enumerate().take(reps) {
@@ -760,13 +760,15 @@ fn cow_phase(
     }
     let stats = memory.sharing_stats();
     let total = stats.cow_breaks - breaks0;
-    let mut times = memory.cow_break_times_ns().split_off(times0);
-    times.sort_unstable();
+    let mut times = memory.cow_break_histogram();
+    times
+        .subtract(&times0)
+        .context("break times of the rewrite phase")?;
     let handler_percentiles_us = if times.is_empty() {
         Vec::new()
     } else {
         (0..=100)
-            .map(|p| times[((times.len() - 1) * p).div_ceil(100)] as f64 / 1e3)
+            .map(|p| crate::memory::cow::quantile_us(&times, p as f64 / 100.0))
             .collect()
     };
     let (shared_run_ms, private_run_ms) = (Stats::of(&shared_ms), Stats::of(&private_ms));

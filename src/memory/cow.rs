@@ -40,8 +40,10 @@ pub(crate) struct CowCounters {
     breaks: u64,
     /// Zero pages punched out of their pools (`release_zero_frames`).
     zero_releases: u64,
-    /// Handler time of each break, in nanoseconds.
-    break_ns: Vec<u64>,
+    /// Handler time of the breaks, in nanoseconds: a histogram of bounded
+    /// size (3 significant digits, 1 ns to 1 hour), so a monitor that runs
+    /// for months does not grow with its breaks.
+    break_ns: BreakTimes,
     /// What copy-on-write and remaps cost each VM (see `GuestCosts`).
     pub(super) per_vm: std::collections::BTreeMap<VmId, GuestCosts>,
 }
@@ -135,12 +137,27 @@ impl SharingStats {
     }
 }
 
-fn percentile_us(sorted_ns: &[u64], p: f64) -> f64 {
-    if sorted_ns.is_empty() {
-        return 0.0;
+/// Copy-on-write break times (see `CowCounters::break_ns`).
+#[derive(Debug)]
+struct BreakTimes(hdrhistogram::Histogram<u64>);
+
+impl Default for BreakTimes {
+    fn default() -> Self {
+        BreakTimes(
+            hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000_000, 3)
+                .expect("valid histogram bounds"),
+        )
     }
-    let i = ((sorted_ns.len() - 1) as f64 * p).round() as usize;
-    sorted_ns[i] as f64 / 1000.0
+}
+
+/// The `q` quantile of a histogram of nanoseconds, in microseconds (0 when
+/// empty).
+pub fn quantile_us(h: &hdrhistogram::Histogram<u64>, q: f64) -> f64 {
+    if h.is_empty() {
+        0.0
+    } else {
+        h.value_at_quantile(q) as f64 / 1000.0
+    }
 }
 
 /// xxh3 of a page; see ARCHITECTURE.md for why xxh3.
@@ -392,7 +409,7 @@ impl Memory {
                             inner.replace_with_copy(vm, gfn, home)?;
                             inner.cow.breaks += 1;
                             let ns = started.elapsed().as_nanos() as u64;
-                            inner.cow.break_ns.push(ns);
+                            inner.cow.break_ns.0.saturating_record(ns.max(1));
                             let c = inner.cow.per_vm.entry(vm).or_default();
                             c.cow_breaks += 1;
                             c.cow_break_ms += ns as f64 / 1e6;
@@ -413,35 +430,29 @@ impl Memory {
         Ok(outcome)
     }
 
-    /// Current sharing figures (computed from the memmap).
+    /// Current sharing figures (kept incrementally: reading them costs the
+    /// same at any memory size).
     pub fn sharing_stats(&self) -> SharingStats {
         let inner = self.inner.lock();
         let mut s = SharingStats::default();
-        for (_, info) in inner.memmap.iter() {
-            if info.owners.len() > 1 {
-                s.shared_machine_pages += 1;
-                s.sharing_frames += info.owners.len() as u64;
-                s.saved_pages += info.owners.len() as u64 - 1;
-            }
-        }
+        (s.shared_machine_pages, s.sharing_frames) = inner.memmap.sharing();
+        s.saved_pages = s.sharing_frames - s.shared_machine_pages;
         s.saved_bytes = s.saved_pages * PAGE_SIZE as u64;
         s.merges = inner.cow.merges;
         s.compare_failures = inner.cow.compare_failures;
         s.cow_breaks = inner.cow.breaks;
-        let mut ns = inner.cow.break_ns.clone();
-        ns.sort_unstable();
-        s.cow_break_median_us = percentile_us(&ns, 0.5);
-        s.cow_break_p99_us = percentile_us(&ns, 0.99);
+        s.cow_break_median_us = quantile_us(&inner.cow.break_ns.0, 0.5);
+        s.cow_break_p99_us = quantile_us(&inner.cow.break_ns.0, 0.99);
         s.zero_releases = inner.cow.zero_releases;
         s.released_zero_frames = inner.spaces.values().map(|sp| sp.pmap.released()).sum();
         s
     }
 
-    /// The fault handler's time of every copy-on-write break so far, in
-    /// nanoseconds, in the order they happened (benchmarks take
-    /// distributions from it).
-    pub fn cow_break_times_ns(&self) -> Vec<u64> {
-        self.inner.lock().cow.break_ns.clone()
+    /// The fault handler's times of the copy-on-write breaks so far, in
+    /// nanoseconds (benchmarks subtract two of these to get the
+    /// distribution of a phase).
+    pub fn cow_break_histogram(&self) -> hdrhistogram::Histogram<u64> {
+        self.inner.lock().cow.break_ns.0.clone()
     }
 
     /// What copy-on-write breaks and remap pauses have cost VM `vm` so far.

@@ -18,6 +18,7 @@
 //! really maps (read back from `/proc/self/maps`).
 
 pub mod cow;
+pub mod kernel_maps;
 pub mod mapper;
 pub mod memmap;
 pub mod numa;
@@ -30,6 +31,7 @@ mod verify;
 pub use cow::{
     FaultOutcome, GuestCosts, MergeOutcome, MergePair, PageScan, SharingStats, MERGE_BATCH_MAX,
 };
+pub use kernel_maps::{KernelMappings, MapWatch};
 pub use mapper::{GuestSpaceStats, Memory, MoveReport, MoveTimes, PoolStats, MOVE_RUN_MAX};
 pub use replica::{FrameLocation, ReplicaStats};
 

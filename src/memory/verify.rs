@@ -133,7 +133,12 @@ impl Memory {
             }
         }
 
+        let (mut shared_pages, mut sharing_frames) = (0u64, 0u64);
         for (page, info) in inner.memmap.iter() {
+            if info.owners.len() > 1 {
+                shared_pages += 1;
+                sharing_frames += info.owners.len() as u64;
+            }
             if info.refcount as usize != info.owners.len() || info.refcount == 0 {
                 errors.push(format!(
                     "{page}: refcount {} but {} owners",
@@ -161,6 +166,13 @@ impl Memory {
                     }
                 }
             }
+        }
+        if inner.memmap.sharing() != (shared_pages, sharing_frames) {
+            errors.push(format!(
+                "memmap counts {:?} (shared pages, their frames) but holds {:?}",
+                inner.memmap.sharing(),
+                (shared_pages, sharing_frames)
+            ));
         }
         inner.verify_replicas(&mut errors);
         for pool in &inner.pools {
