@@ -4,7 +4,8 @@
 //! migrations and rebuilds keep `verify()` and every frame's content; real
 //! guests that write all the time lose no write while batches merge their
 //! memory; and a batch of consecutive frames onto consecutive kept pages
-//! adds a handful of kernel mappings (VMAs), not one per page.
+//! adds a handful of kernel mappings (VMAs), not one per page, and an idle
+//! VM's zero pages are released to the host without adding any.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,6 +16,7 @@ use disco::faults::FaultHandler;
 use disco::guest::{layout, Workload};
 use disco::kvm_check::require_kvm;
 use disco::memory::{Memory, MergeOutcome, MergePair, VmId};
+use disco::sharing::{ScanState, ScannerConfig};
 use disco::vm::{GuestRam, MicroVm, MicroVmSpec, VcpuPlacement};
 use disco::PAGE_SIZE;
 
@@ -259,7 +261,6 @@ fn random_batches_writes_migrations_and_rebuilds_keep_contents() {
         .unwrap();
 }
 
-/// Lines of `/proc/self/maps`: the process's kernel mappings (VMAs).
 /// Kernel mappings (lines of `/proc/self/maps`) that start inside the
 /// guest mapping of `frames` frames at `base`: only this space's, so tests
 /// running in parallel in this process do not change the count.
@@ -341,6 +342,73 @@ fn a_batch_of_a_run_adds_a_handful_of_mappings_not_one_per_page() {
         single >= N as i64 / 2,
         "every other frame merged alone is a mapping each: {single}"
     );
+}
+
+/// An idle VM whose memory its kernel zeroed (resident zero pages, plus a
+/// few pages of data): the scanner releases every zero page to the host
+/// (punched out of the pool in place) and adds no kernel mapping; reads of
+/// a released frame see zeros, a write lands, and the scanner notices the
+/// frames the guest touched again.
+#[test]
+fn an_idle_vms_zero_pages_are_released_without_a_mapping() {
+    const N: u64 = 1024;
+    const DATA: u64 = 8;
+    let memory = Arc::new(Memory::new(&[(0, 0, 2 * N as u32)]).unwrap());
+    let _handler = FaultHandler::start(memory.clone())
+        .expect("releases need userfaultfd write-protect (run the tests as root)");
+    let (vm, base) = memory.create_space("idle", N, 0).unwrap();
+    for gfn in 0..N {
+        let mut page = vec![0u8; PAGE_SIZE];
+        if gfn % (N / DATA) == 0 {
+            page[..8].copy_from_slice(&(gfn + 1).to_le_bytes());
+        }
+        memory.write_guest_page(vm, gfn, &page).unwrap();
+    }
+    let resident = || memory.pool_stats()[0].resident_bytes / PAGE_SIZE as u64;
+    let (vmas, resident_before) = (vma_count(base, N), resident());
+    assert!(
+        resident_before >= N,
+        "every page written: {resident_before}"
+    );
+
+    let mut scanner = ScanState::new(ScannerConfig::new(u64::MAX, vec![]).without_time_rules());
+    while scanner.stats.full_scans < 3 {
+        scanner.step(&memory, 256);
+    }
+    memory.verify().unwrap();
+    let stats = memory.sharing_stats();
+    assert_eq!(scanner.stats.zero_releases, N - DATA, "{:?}", scanner.stats);
+    assert_eq!(stats.released_zero_frames, N - DATA);
+    assert_eq!(stats.saved_pages, 0, "nothing shared");
+    assert_eq!(vma_count(base, N), vmas, "releases add no kernel mapping");
+    assert!(
+        resident() + (N - DATA) <= resident_before,
+        "the host got the pages back: {} of {resident_before} resident",
+        resident()
+    );
+
+    // A read of a released frame sees zeros; a write lands.
+    assert!(guest_read(base, 1).iter().all(|&b| b == 0));
+    guest_write(base, 2, 0x5a);
+    assert!(memory
+        .read_guest_page(vm, 2)
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0x5a));
+    assert!(memory.read_guest_page(vm, 0).unwrap()[..8] == 1u64.to_le_bytes());
+    memory.verify().unwrap();
+    let before = scanner.stats.full_scans;
+    while scanner.stats.full_scans < before + 2 {
+        scanner.step(&memory, 256);
+    }
+    // Frame 1 (read: a zero page again, released again by now), frame 2
+    // (written: data), the rest still released.
+    let stats = memory.sharing_stats();
+    assert_eq!(stats.released_zero_frames, N - DATA - 1, "{stats:?}");
+    assert_eq!(vma_count(base, N), vmas);
+    memory.verify().unwrap();
+    memory.destroy_space(vm).unwrap();
+    assert_eq!(memory.pool_stats()[0].used_pages, 0, "no page leaked");
 }
 
 /// Guests that write all the time (two lockstep sweeps with the same seed,
