@@ -357,7 +357,7 @@ pub fn run_with_control(
         ProgressBar::hidden()
     };
     let mut last_verify: Option<Instant> = None;
-    let mut kernel_maps = crate::memory::MapWatch::new(Duration::from_secs(1));
+    let mut memory_watch = crate::memory::MemoryWatch::new(Duration::from_secs(1));
     let mut moves_done = vec![0usize; vms.len()];
     let mut moves_applied: Vec<Vec<String>> = vec![Vec::new(); vms.len()];
     // The signal that ended the run early, and which VMs it stopped.
@@ -449,7 +449,7 @@ pub fn run_with_control(
         if finished == running.len() {
             break;
         }
-        kernel_maps.sample();
+        memory_watch.sample(&memory);
         if last_verify.is_none_or(|t| t.elapsed() >= options.verify_every) {
             check(WHILE_RUNNING);
             last_verify = Some(Instant::now());
@@ -615,7 +615,7 @@ pub fn run_with_control(
     check("after the guests stopped");
     let pools = memory.pool_stats();
     let guest_frames: u64 = config.vms.iter().map(|v| v.memory_mib * 256).sum();
-    let kernel_mappings = kernel_maps.finish(guest_frames);
+    let (kernel_mappings, memory_timeline) = memory_watch.finish(&memory, guest_frames);
     let sharing_report = scan_stats.map(|(scanner, settled, settle_note)| SharingReport {
         scanner,
         settled,
@@ -652,6 +652,7 @@ pub fn run_with_control(
         interrupted: interrupted.map(str::to_string),
         sharing: sharing_report,
         kernel_mappings,
+        memory_timeline,
         numa: numa_stats,
         replicas,
         pools,

@@ -4,7 +4,7 @@ use serde::Serialize;
 
 use crate::config::Policy;
 use crate::guest::Workload;
-use crate::memory::{KernelMappings, PoolStats, ReplicaStats, SharingStats};
+use crate::memory::{KernelMappings, MemorySample, PoolStats, ReplicaStats, SharingStats};
 use crate::numa::runner::NumaStats;
 use crate::sharing::ScannerStats;
 use crate::vm::VcpuOutcome;
@@ -23,6 +23,9 @@ pub struct RunReport {
     pub sharing: Option<SharingReport>,
     /// The monitor process's kernel mappings (VMAs) over the run.
     pub kernel_mappings: KernelMappings,
+    /// The process's memory about once a second while the guests ran
+    /// (`crate::memory::watch`).
+    pub memory_timeline: Vec<MemorySample>,
     /// Present when the NUMA engine ran.
     pub numa: Option<NumaStats>,
     /// Replicas of read-shared pages at the end of the run (before teardown).
@@ -427,10 +430,11 @@ impl RunReport {
         }
         let k = &self.kernel_mappings;
         out += &format!(
-            "kernel mappings (VMAs) of the monitor: peak {}, at the end {} ({:.2} per 16 guest frames)\n",
+            "kernel mappings (VMAs) of the monitor: peak {}, at the end {} ({:.2} per 16 guest frames); monitor's own memory (RssAnon) peak {:.1} MiB\n",
             k.peak,
             k.end,
-            k.end as f64 * 16.0 / k.guest_frames.max(1) as f64
+            k.end as f64 * 16.0 / k.guest_frames.max(1) as f64,
+            k.monitor_anon_peak_bytes as f64 / (1024.0 * 1024.0)
         );
         let ok = self.vms.iter().filter(|v| v.ok()).count();
         out += &format!(

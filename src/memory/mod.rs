@@ -18,7 +18,6 @@
 //! really maps (read back from `/proc/self/maps`).
 
 pub mod cow;
-pub mod kernel_maps;
 pub mod mapper;
 pub mod memmap;
 pub mod numa;
@@ -27,13 +26,14 @@ pub mod pool;
 pub mod replica;
 pub mod runs;
 mod verify;
+pub mod watch;
 
 pub use cow::{
     FaultOutcome, GuestCosts, MergeOutcome, MergePair, PageScan, SharingStats, MERGE_BATCH_MAX,
 };
-pub use kernel_maps::{KernelMappings, MapWatch};
 pub use mapper::{GuestSpaceStats, Memory, MoveReport, MoveTimes, PoolStats, MOVE_RUN_MAX};
 pub use replica::{FrameLocation, ReplicaStats};
+pub use watch::{KernelMappings, MemorySample, MemoryWatch};
 
 use serde::Serialize;
 
