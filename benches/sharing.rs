@@ -15,7 +15,10 @@
 //!   consecutive frames of one space onto the same frames of a twin space
 //!   (consecutive kept pages), with one `Memory::merge_batch` or with 512
 //!   `Memory::merge` calls; throughput per merged page. The duplicate space
-//!   is made afresh, untimed, for each iteration.
+//!   is made afresh, untimed, for each iteration. `batch_with_8_kvm_vms`
+//!   and `batch_with_64_kvm_vms`: the batch with that many KVM VMs open in
+//!   the process (each registers an MMU notifier that every page-table
+//!   change of the process calls);
 //! * `zero_release_512/release`: `Memory::release_zero_frames` of 512
 //!   resident zero frames (protect, check, punch, unprotect), per page;
 //! * `zero_release_512/first_read_released` and `.../read_resident`: one
@@ -209,6 +212,27 @@ fn merge_runs(c: &mut Criterion) {
             total
         })
     });
+    for extra in [8usize, 64] {
+        let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+        let vms: Vec<_> = (0..extra)
+            .map(|_| kvm.create_vm().expect("a KVM VM"))
+            .collect();
+        group.bench_function(format!("batch_with_{extra}_kvm_vms"), |bench| {
+            bench.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let (dup, pairs) = twin();
+                    let t = Instant::now();
+                    let outcomes = memory.merge_batch(dup, &pairs).unwrap();
+                    total += t.elapsed();
+                    assert!(outcomes.iter().all(|&o| o == MergeOutcome::Merged));
+                    memory.destroy_space(dup).unwrap();
+                }
+                total
+            })
+        });
+        drop(vms);
+    }
     group.bench_function("single", |bench| {
         bench.iter_custom(|iters| {
             let mut total = Duration::ZERO;
