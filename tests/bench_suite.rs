@@ -302,6 +302,7 @@ fn bench_all_quick_writes_results_and_compare_finds_a_planted_regression() {
             "migration",
             "overhead",
             "replication",
+            "scale",
             "sharing"
         ],
         "{}",

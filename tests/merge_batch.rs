@@ -186,7 +186,7 @@ fn random_batches_writes_migrations_and_rebuilds_keep_contents() {
                                 MergeOutcome::Differ => {
                                     prop_assert!(!same, "equal pair {:?} differs", p)
                                 }
-                                MergeOutcome::Stale => {}
+                                MergeOutcome::Stale | MergeOutcome::Deferred => {}
                             }
                         }
                         // A merged duplicate maps its kept page (a kept
@@ -409,6 +409,71 @@ fn an_idle_vms_zero_pages_are_released_without_a_mapping() {
     memory.verify().unwrap();
     memory.destroy_space(vm).unwrap();
     assert_eq!(memory.pool_stats()[0].used_pages, 0, "no page leaked");
+}
+
+/// Two spaces whose first half is equal only at every other frame (shared
+/// pages scattered among private ones: every merge its own mapping) and
+/// whose second half is equal throughout. With a budget of one mapping per
+/// 64 frames the scanner spends it on the longest runs: the second half
+/// merges whole, the scattered half only while the budget lasts, and the
+/// duplicate space stays near its budget; without a budget the scattered
+/// half costs a mapping per merged page.
+#[test]
+fn the_mapping_budget_goes_to_the_longest_runs() {
+    const N: u64 = 4096;
+    let scan = |frames_per_mapping: u64| {
+        let memory = Arc::new(Memory::new(&[(0, 0, 3 * N as u32)]).unwrap());
+        let _handler = FaultHandler::start(memory.clone())
+            .expect("merges need userfaultfd write-protect (run the tests as root)");
+        let (a, _) = memory.create_space("a", N, 0).unwrap();
+        let (b, base_b) = memory.create_space("b", N, 0).unwrap();
+        for gfn in 0..N {
+            let mut page = vec![7u8; PAGE_SIZE];
+            page[..8].copy_from_slice(&gfn.to_le_bytes());
+            memory.write_guest_page(a, gfn, &page).unwrap();
+            if gfn < N / 2 && gfn % 2 == 1 {
+                page[8] = 1; // private to b
+            }
+            memory.write_guest_page(b, gfn, &page).unwrap();
+        }
+        let mut config = ScannerConfig::new(u64::MAX, vec![]).without_time_rules();
+        config.frames_per_mapping = frames_per_mapping;
+        let mut scanner = ScanState::new(config);
+        while scanner.stats.full_scans < 4 {
+            scanner.step(&memory, 512);
+        }
+        memory.verify().unwrap();
+        let saved = memory.sharing_stats().saved_pages;
+        let vmas = vma_count(base_b, N) as u64;
+        let deferred = scanner.stats.budget_deferrals;
+        (saved, vmas, deferred)
+    };
+    let (saved, vmas, deferred) = scan(64);
+    let (all_saved, all_vmas, none_deferred) = scan(0);
+    eprintln!(
+        "budget 1 per 64 frames: saved {saved} pages, {vmas} mappings, {deferred} deferrals; \
+         no budget: saved {all_saved}, {all_vmas} mappings"
+    );
+    let budget = N / 64;
+    assert_eq!(
+        all_saved,
+        N / 2 + N / 4,
+        "without a budget everything equal merges"
+    );
+    assert_eq!(none_deferred, 0);
+    assert!(
+        all_vmas >= N / 4,
+        "scattered merges cost a mapping each: {all_vmas}"
+    );
+    assert!(
+        vmas <= budget + 8,
+        "{vmas} mappings for a budget of {budget}"
+    );
+    assert!(saved >= N / 2, "the long runs merged whole: {saved}");
+    assert!(
+        saved < all_saved && deferred > 0,
+        "scattered merges stopped at the budget"
+    );
 }
 
 /// Guests that write all the time (two lockstep sweeps with the same seed,

@@ -76,6 +76,10 @@ pub enum MergeOutcome {
     /// A frame no longer maps the page the caller saw, the two already share
     /// a page, or they are in different sharing domains; nothing done.
     Stale,
+    /// Equal, but its run of frames onto consecutive kept pages was shorter
+    /// than the batch's `min_run` (the VM has spent its budget of kernel
+    /// mappings); nothing done.
+    Deferred,
 }
 
 /// What the scanner learns about one frame.
@@ -257,6 +261,22 @@ impl Memory {
     /// or its kept frame is a duplicate of this batch. At most
     /// [`MERGE_BATCH_MAX`] pairs (the lock is held for the whole batch).
     pub fn merge_batch(&self, dup_vm: VmId, pairs: &[MergePair]) -> Result<Vec<MergeOutcome>> {
+        self.merge_batch_within(dup_vm, pairs, RunAllowance::UNLIMITED)
+    }
+
+    /// [`Memory::merge_batch`] within an allowance of remapped runs (runs
+    /// of frames onto consecutive kept pages): the `free_runs` longest runs
+    /// are remapped, and beyond them only runs of at least `long_run`
+    /// frames; the equal pairs of the other runs are `Deferred`. A run
+    /// inside a mapping splits it in three, so a run costs at most two
+    /// kernel mappings: the scanner gives a VM the runs its budget of
+    /// mappings has left, spent on the longest runs first.
+    pub fn merge_batch_within(
+        &self,
+        dup_vm: VmId,
+        pairs: &[MergePair],
+        allowance: RunAllowance,
+    ) -> Result<Vec<MergeOutcome>> {
         ensure!(
             pairs.len() <= MERGE_BATCH_MAX,
             "a merge batch holds at most {MERGE_BATCH_MAX} pairs, not {}",
@@ -278,7 +298,10 @@ impl Memory {
                 return Ok(vec![MergeOutcome::Stale; pairs.len()]);
             }
         }
-        let outcomes = self.inner.lock().merge_batch_paused(dup_vm, pairs);
+        let outcomes = self
+            .inner
+            .lock()
+            .merge_batch_paused(dup_vm, pairs, allowance);
         if let Some(p) = &pauser {
             p.resume();
             self.inner.lock().count_pause(dup_vm, started, true);
@@ -487,6 +510,24 @@ pub struct MergePair {
     pub keep: (VmId, Gfn, MachinePage),
 }
 
+/// How many runs a merge batch may remap (see
+/// [`Memory::merge_batch_within`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunAllowance {
+    /// Runs remapped whatever their length, longest first.
+    pub free_runs: usize,
+    /// Beyond those, runs of at least this many frames.
+    pub long_run: usize,
+}
+
+impl RunAllowance {
+    /// Every run.
+    pub const UNLIMITED: RunAllowance = RunAllowance {
+        free_runs: usize::MAX,
+        long_run: 1,
+    };
+}
+
 /// Most pairs one [`Memory::merge_batch`] takes (2 MiB of frames).
 pub const MERGE_BATCH_MAX: usize = 512;
 
@@ -496,6 +537,7 @@ impl Inner {
         &mut self,
         dup_vm: VmId,
         pairs: &[MergePair],
+        allowance: RunAllowance,
     ) -> Result<Vec<MergeOutcome>> {
         let mut outcomes = vec![MergeOutcome::Stale; pairs.len()];
         let live = self.live_pairs(dup_vm, pairs)?;
@@ -537,8 +579,8 @@ impl Inner {
         // writable until it is protected, see `GuestPause`): one `mmap` per
         // run of consecutive frames onto consecutive pages of one pool.
         equal.sort_unstable_by_key(|&i| pairs[i].dup_gfn);
-        let mut merged = Vec::with_capacity(equal.len());
-        let mut failure = None;
+        // The runs: (start in `equal`, length).
+        let mut runs = Vec::new();
         let mut at = 0;
         while at < equal.len() {
             let first = &pairs[equal[at]];
@@ -554,12 +596,31 @@ impl Inner {
                 }
                 len += 1;
             }
+            runs.push((at, len));
+            at += len;
+        }
+        // The allowance goes to the longest runs; beyond it only long runs.
+        let mut by_length: Vec<usize> = (0..runs.len()).collect();
+        by_length.sort_by_key(|&r| std::cmp::Reverse(runs[r].1));
+        let mut remap = vec![false; runs.len()];
+        for (rank, &r) in by_length.iter().enumerate() {
+            remap[r] = rank < allowance.free_runs || runs[r].1 >= allowance.long_run;
+        }
+        let mut merged = Vec::with_capacity(equal.len());
+        let mut failure = None;
+        for (&(at, len), remap) in runs.iter().zip(remap) {
+            if !remap {
+                for &i in &equal[at..at + len] {
+                    outcomes[i] = MergeOutcome::Deferred;
+                }
+                continue;
+            }
+            let first = &pairs[equal[at]];
             if let Err(e) = self.map_onto_run(dup_vm, first.dup_gfn, first.keep.2, len) {
                 failure = Some(e);
                 break;
             }
             merged.extend_from_slice(&equal[at..at + len]);
-            at += len;
         }
 
         // 4. frames of pairs not merged get back the protection they had,

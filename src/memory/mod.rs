@@ -29,7 +29,8 @@ mod verify;
 pub mod watch;
 
 pub use cow::{
-    FaultOutcome, GuestCosts, MergeOutcome, MergePair, PageScan, SharingStats, MERGE_BATCH_MAX,
+    FaultOutcome, GuestCosts, MergeOutcome, MergePair, PageScan, RunAllowance, SharingStats,
+    MERGE_BATCH_MAX,
 };
 pub use mapper::{GuestSpaceStats, Memory, MoveReport, MoveTimes, PoolStats, MOVE_RUN_MAX};
 pub use replica::{FrameLocation, ReplicaStats};

@@ -31,6 +31,43 @@ pub fn process_map_count() -> std::io::Result<u64> {
     }
 }
 
+impl Memory {
+    /// Kernel mappings that start inside each guest space's host range,
+    /// counted from one read of `/proc/self/maps` (not under the memory
+    /// lock: the count is a measurement, taken between remaps).
+    pub fn mappings_per_space(
+        &self,
+    ) -> std::io::Result<std::collections::HashMap<super::VmId, u64>> {
+        let mut ranges: Vec<(usize, usize, super::VmId)> = {
+            let inner = self.inner.lock();
+            inner
+                .spaces
+                .iter()
+                .map(|(&vm, s)| (s.base, s.base + s.frames() as usize * crate::PAGE_SIZE, vm))
+                .collect()
+        };
+        ranges.sort_unstable();
+        let maps = std::fs::read_to_string("/proc/self/maps")?;
+        let mut counts = std::collections::HashMap::new();
+        for line in maps.lines() {
+            let Some(start) = line
+                .split('-')
+                .next()
+                .and_then(|a| usize::from_str_radix(a, 16).ok())
+            else {
+                continue;
+            };
+            let i = ranges.partition_point(|r| r.0 <= start);
+            if let Some(&(base, end, vm)) = i.checked_sub(1).map(|i| &ranges[i]) {
+                if (base..end).contains(&start) {
+                    *counts.entry(vm).or_insert(0u64) += 1;
+                }
+            }
+        }
+        Ok(counts)
+    }
+}
+
 /// The process's anonymous resident memory (`RssAnon` of
 /// `/proc/self/status`), in bytes: the monitor's own memory (pmaps,
 /// memmap, scanner tables, thread stacks), not guest RAM, which lives in

@@ -44,6 +44,21 @@
 //! onto frame `g` of some VM prefers frame `g + 1` of that VM when it holds
 //! the same content on the next pool page (`twin_picks`).
 //!
+//! ## A budget of kernel mappings
+//! Each run a batch remaps can split a kernel mapping (VMA) in three; runs
+//! are long where VMs hold equal content at equal frames, but where shared
+//! pages are scattered among private ones (the worst case) every merged
+//! page is a mapping of its own, and a process has `vm.max_map_count` of
+//! them, each costing kernel memory and time in every `/proc/self/maps`
+//! read. So each VM has a budget: one mapping per `frames_per_mapping`
+//! guest frames (policy `[sharing]`, default 16; at least 16 mappings). The
+//! scanner recounts each VM's mappings from `/proc/self/maps` at most once
+//! a second (and adds two per run it merges in between); a batch may remap
+//! as many runs as the budget has left, longest first, and beyond that
+//! only runs of at least twice `frames_per_mapping` frames. Equal frames
+//! left out are `budget_deferrals`, tried again on later passes.
+//! Copy-on-write breaks and migrations are not held to the budget.
+//!
 //! ## Holes and zero pages
 //! Fresh guest memory is a hole in its pool until the guest first writes
 //! it. The scanner asks the pool (`mincore` on the monitor's view) before
@@ -95,7 +110,9 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::memory::{Gfn, MachinePage, Memory, MergeOutcome, MergePair, VmId, MERGE_BATCH_MAX};
+use crate::memory::{
+    Gfn, MachinePage, Memory, MergeOutcome, MergePair, RunAllowance, VmId, MERGE_BATCH_MAX,
+};
 
 /// What the scanner does; from the policy's `[sharing]` section.
 #[derive(Clone, Debug)]
@@ -112,6 +129,9 @@ pub struct ScannerConfig {
     /// Merge (and release) on first sight, without waiting for the content
     /// to settle: only for tests of the merge protocol against writers.
     pub first_sight: bool,
+    /// Each VM's budget of kernel mappings: one per this many guest frames
+    /// (0: no budget). See "A budget of kernel mappings".
+    pub frames_per_mapping: u64,
     /// How long an unstable frame's content must hold still, per stable
     /// pass it is asked for, before it is merged again.
     pub stable_pass_time: Duration,
@@ -121,6 +141,10 @@ pub struct ScannerConfig {
 pub const ZERO_PAGE_AGE: Duration = Duration::from_secs(2);
 /// A private frame is merged once its content has held still this long.
 pub const SETTLE_AGE: Duration = Duration::from_millis(500);
+/// The default budget of kernel mappings: one per this many guest frames.
+pub const FRAMES_PER_MAPPING: u64 = 16;
+/// How often the scanner recounts each VM's kernel mappings.
+const MAPPING_RECOUNT: Duration = Duration::from_secs(1);
 /// An unstable frame asked for `n` stable passes must also have held still
 /// for `n` times this long.
 pub const STABLE_PASS_TIME: Duration = Duration::from_millis(250);
@@ -135,6 +159,7 @@ impl ScannerConfig {
             zero_page_age: ZERO_PAGE_AGE,
             settle_age: SETTLE_AGE,
             first_sight: false,
+            frames_per_mapping: FRAMES_PER_MAPPING,
             stable_pass_time: STABLE_PASS_TIME,
         }
     }
@@ -198,6 +223,13 @@ pub struct ScannerStats {
     /// (a twin's frame) instead of the first copy seen.
     #[serde(default)]
     pub twin_picks: u64,
+    /// Equal frames not merged because their run was too short for a VM
+    /// that had spent its budget of kernel mappings.
+    #[serde(default)]
+    pub budget_deferrals: u64,
+    /// Most kernel mappings one VM's guest range had, at a recount.
+    #[serde(default)]
+    pub max_vm_mappings: u64,
     /// CPU time of the scanner thread.
     pub cpu_ms: f64,
     /// The scanner's current pace, pages per second (see `Pace`).
@@ -273,6 +305,13 @@ pub struct ScanState {
     pending: Vec<Pending>,
     /// Zero frames found and not released yet.
     pending_zero: Vec<(Gfn, MachinePage)>,
+    /// Kernel mappings per VM at the last recount, plus two for every run
+    /// merged since (a run inside a mapping splits it in three), and when
+    /// that recount was.
+    mappings: HashMap<VmId, u64>,
+    counted_at: Option<Instant>,
+    /// Frames of each space, from the last `step`.
+    frames: HashMap<VmId, u64>,
     /// Position: index into the current list of spaces, and frame.
     space_index: usize,
     gfn: Gfn,
@@ -294,6 +333,9 @@ impl ScanState {
             window: None,
             pending: Vec::new(),
             pending_zero: Vec::new(),
+            mappings: HashMap::new(),
+            counted_at: None,
+            frames: HashMap::new(),
             space_index: 0,
             gfn: 0,
             stats: ScannerStats::default(),
@@ -332,6 +374,7 @@ impl ScanState {
         if spaces.is_empty() {
             return;
         }
+        self.frames = spaces.iter().map(|s| (s.0, s.1)).collect();
         for _ in 0..budget {
             if self.space_index >= spaces.len() {
                 self.space_index = 0;
@@ -387,7 +430,8 @@ impl ScanState {
         }
         let pairs: Vec<MergePair> = pending.iter().map(|p| p.pair).collect();
         self.stats.merge_batches += 1;
-        let outcomes = match memory.merge_batch(vm, &pairs) {
+        let allowance = self.allowance(memory, vm);
+        let outcomes = match memory.merge_batch_within(vm, &pairs, allowance) {
             Ok(o) => o,
             Err(e) => {
                 self.stats.errors += 1;
@@ -395,9 +439,17 @@ impl ScanState {
                 return;
             }
         };
+        let mut last_merged: Option<Gfn> = None;
         for (p, outcome) in pending.into_iter().zip(outcomes) {
             let me = (vm, p.pair.dup_gfn, p.pair.dup_page);
+            if outcome == MergeOutcome::Merged {
+                if last_merged.is_none_or(|g| g + 1 != p.pair.dup_gfn) {
+                    *self.mappings.entry(vm).or_default() += 2;
+                }
+                last_merged = Some(p.pair.dup_gfn);
+            }
             match outcome {
+                MergeOutcome::Deferred => self.stats.budget_deferrals += 1,
                 MergeOutcome::Merged => {
                     self.merged.insert((vm, p.pair.dup_gfn));
                     self.merged.insert((p.pair.keep.0, p.pair.keep.1));
@@ -412,6 +464,33 @@ impl ScanState {
                     self.candidates.insert(p.key, me);
                 }
             }
+        }
+    }
+
+    /// What a batch of `vm` may remap: as many runs as the VM's budget of
+    /// kernel mappings has left (two mappings a run), and beyond that runs
+    /// of at least twice the frames per mapping, which keep the VM at about
+    /// one mapping per that many frames (see "A budget of kernel mappings").
+    fn allowance(&mut self, memory: &Memory, vm: VmId) -> RunAllowance {
+        let per = self.config.frames_per_mapping;
+        if per == 0 {
+            return RunAllowance::UNLIMITED;
+        }
+        if self
+            .counted_at
+            .is_none_or(|t| t.elapsed() >= MAPPING_RECOUNT)
+        {
+            if let Ok(counts) = memory.mappings_per_space() {
+                self.stats.max_vm_mappings = counts.values().copied().max().unwrap_or(0);
+                self.mappings = counts;
+            }
+            self.counted_at = Some(Instant::now());
+        }
+        let budget = (self.frames.get(&vm).copied().unwrap_or(0) / per).max(16);
+        let used = self.mappings.get(&vm).copied().unwrap_or(0);
+        RunAllowance {
+            free_runs: (budget.saturating_sub(used) / 2) as usize,
+            long_run: (2 * per) as usize,
         }
     }
 
@@ -699,7 +778,8 @@ impl Scanner {
         if !policy.enabled {
             return Ok(None);
         }
-        let config = ScannerConfig::new(policy.pages_per_second, policy.domains.clone());
+        let mut config = ScannerConfig::new(policy.pages_per_second, policy.domains.clone());
+        config.frames_per_mapping = policy.frames_per_mapping;
         Scanner::start(memory, config).map(Some)
     }
 
