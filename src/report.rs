@@ -301,6 +301,14 @@ impl RunReport {
                 sh.scanner.compare_failures,
                 sh.scanner.cpu_ms
             );
+            if sh.scanner.max_vm_mappings > 0 {
+                out += &format!(
+                    "  kernel mappings: at most {} in one VM's guest range at a recount; {} equal frames left unmerged by the mapping budget (policy frames_per_mapping = {})\n",
+                    sh.scanner.max_vm_mappings,
+                    sh.scanner.budget_deferrals,
+                    self.policy.policy.sharing.frames_per_mapping
+                );
+            }
             out += &format!(
                 "  copy-on-write: {} breaks, handler time median {:.1} us, p99 {:.1} us\n",
                 m.cow_breaks, m.cow_break_median_us, m.cow_break_p99_us
