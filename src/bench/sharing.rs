@@ -198,6 +198,7 @@ impl SharingOptions {
             seed: self.seed,
             private_seed: vm_seed(self.seed, vm),
             shared_percent: self.shared_percent,
+            shared_run: 1,
         }
     }
 
@@ -209,6 +210,7 @@ impl SharingOptions {
             seed,
             private_seed: seed,
             shared_percent: 100,
+            shared_run: 1,
         }
     }
 
