@@ -270,14 +270,17 @@ struct Pending {
     key: Key,
 }
 
-/// What the scanner last saw of a frame: the low bits of its content hash
-/// and when that content was first seen (milliseconds since the scanner
-/// started, plus one; 0 = not seen). Eight bytes a frame, kept densely per
-/// space: 2 MiB per GiB of guest memory.
+/// What the scanner last saw of a frame: the low bits of its content hash,
+/// when that content was first seen (milliseconds since the scanner
+/// started, plus one; 0 = not seen), and whether this scanner merged the
+/// frame (either side of a merge: see "Volatile pages"). Twelve bytes a
+/// frame, kept densely per space: 3 MiB per GiB of guest memory (a hash
+/// set of merged frames cost about 30 bytes per merged frame).
 #[derive(Clone, Copy, Debug, Default)]
 struct Seen {
     hash: u32,
     since_ms: u32,
+    merged: bool,
 }
 
 /// The scanner's state, separate from its thread so tests can drive it
@@ -289,8 +292,6 @@ pub struct ScanState {
     /// Per space, per frame: the content seen and since when (see
     /// "Settled content").
     seen: HashMap<VmId, Vec<Seen>>,
-    /// Frames this scanner merged (either side of a merge).
-    merged: HashSet<(VmId, Gfn)>,
     /// Frames found private after a merge (a write broke the sharing):
     /// merged again only once their content has held still long enough.
     unstable: HashMap<(VmId, Gfn), Unstable>,
@@ -325,7 +326,6 @@ impl ScanState {
             started: Instant::now(),
             candidates: HashMap::new(),
             seen: HashMap::new(),
-            merged: Default::default(),
             unstable: HashMap::new(),
             breaks: HashMap::new(),
             quiescent: false,
@@ -357,7 +357,6 @@ impl ScanState {
     fn forget_gone_spaces(&mut self, spaces: &[(VmId, u64, String)]) {
         let live: HashSet<VmId> = spaces.iter().map(|s| s.0).collect();
         self.seen.retain(|vm, _| live.contains(vm));
-        self.merged.retain(|f| live.contains(&f.0));
         self.unstable.retain(|f, _| live.contains(&f.0));
         self.breaks.retain(|f, _| live.contains(&f.0));
         self.candidates.retain(|_, c| live.contains(&c.0));
@@ -451,8 +450,8 @@ impl ScanState {
             match outcome {
                 MergeOutcome::Deferred => self.stats.budget_deferrals += 1,
                 MergeOutcome::Merged => {
-                    self.merged.insert((vm, p.pair.dup_gfn));
-                    self.merged.insert((p.pair.keep.0, p.pair.keep.1));
+                    self.mark_merged(vm, p.pair.dup_gfn);
+                    self.mark_merged(p.pair.keep.0, p.pair.keep.1);
                     self.stats.merges += 1;
                 }
                 MergeOutcome::Differ => {
@@ -494,6 +493,26 @@ impl ScanState {
         }
     }
 
+    /// The dense record of `vm`'s frame `gfn` (the space may have grown
+    /// since the table was made).
+    fn seen_mut(&mut self, vm: VmId, gfn: Gfn) -> &mut Seen {
+        let frames = self.frames.get(&vm).copied().unwrap_or(0).max(gfn + 1) as usize;
+        let seen = self.seen.entry(vm).or_default();
+        if seen.len() < frames {
+            seen.resize(frames, Seen::default());
+        }
+        &mut seen[gfn as usize]
+    }
+
+    fn mark_merged(&mut self, vm: VmId, gfn: Gfn) {
+        self.seen_mut(vm, gfn).merged = true;
+    }
+
+    /// Whether the frame was merged by this scanner, forgetting it.
+    fn take_merged(&mut self, vm: VmId, gfn: Gfn) -> bool {
+        std::mem::take(&mut self.seen_mut(vm, gfn).merged)
+    }
+
     fn forget_seen(&mut self, vm: VmId, gfn: Gfn) {
         if let Some(s) = self.seen.get_mut(&vm).and_then(|v| v.get_mut(gfn as usize)) {
             *s = Seen::default();
@@ -503,29 +522,23 @@ impl ScanState {
     /// Whether a private frame's content has held still long enough to be
     /// merged or released (see "Settled content"); records what was seen.
     fn settled(&mut self, vm: VmId, frames: u64, gfn: Gfn, hash: u64, zero: bool) -> bool {
-        let now_ms = (self.started.elapsed().as_millis() as u64 + 1).min(u32::MAX as u64) as u32;
-        let seen = self
-            .seen
-            .entry(vm)
-            .or_insert_with(|| vec![Seen::default(); frames as usize]);
-        if seen.len() < frames as usize {
-            seen.resize(frames as usize, Seen::default());
-        }
-        let s = &mut seen[gfn as usize];
-        let hash = hash as u32;
-        if s.since_ms == 0 || s.hash != hash {
-            *s = Seen {
-                hash,
-                since_ms: now_ms,
-            };
-            return false;
-        }
+        // Milliseconds since the start, wrapping every 49 days (ages are
+        // taken modulo that too: a frame unchanged for longer may look young
+        // once); 0 means "not seen".
+        let now_ms = (self.started.elapsed().as_millis() as u32).max(1);
         let age = if zero {
             self.config.zero_page_age
         } else {
             self.config.settle_age
         };
-        Duration::from_millis((now_ms - s.since_ms) as u64) >= age
+        debug_assert!(gfn < frames);
+        let s = self.seen_mut(vm, gfn);
+        let hash = hash as u32;
+        if s.since_ms == 0 || s.hash != hash {
+            (s.hash, s.since_ms) = (hash, now_ms);
+            return false;
+        }
+        Duration::from_millis(now_ms.wrapping_sub(s.since_ms) as u64) >= age
     }
 
     fn scan_one(&mut self, memory: &Memory, vm: VmId, frames: u64, gfn: Gfn, domain: usize) {
@@ -543,7 +556,7 @@ impl ScanState {
         let frame = (vm, gfn);
         let now = Instant::now();
         if !scan.shared && !self.quiescent {
-            if self.merged.remove(&frame) {
+            if self.take_merged(vm, gfn) {
                 // Merged before, private now: a write broke it.
                 let breaks = self.breaks.entry(frame).or_default();
                 *breaks += 1;
