@@ -38,6 +38,29 @@ enum Command {
         /// (`disco ctl PATH status`, `disco ctl PATH move VM NODE [VCPU]`).
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
+        /// Serve the REST API on this Unix socket while the guests run
+        /// (`curl --unix-socket PATH http://localhost/v1/vms`).
+        #[arg(long, value_name = "PATH")]
+        api: Option<PathBuf>,
+    },
+    /// Start a monitor with no VM and serve its REST API on a Unix socket:
+    /// VMs are added, paused, moved and removed through it (see
+    /// docs/api/openapi.yaml). SIGINT or SIGTERM stops it with a report.
+    Serve {
+        /// The Unix socket of the API.
+        #[arg(long, value_name = "PATH")]
+        api: PathBuf,
+        /// "host", a shipped fixture (1-node, 2-socket, 4-node, 8-node) or
+        /// an hwloc XML file.
+        #[arg(long, default_value = "host")]
+        topology: String,
+        /// A shipped policy (disco, static, migrate-only, replicate-only)
+        /// or a policy file (.toml).
+        #[arg(long, default_value = "disco")]
+        policy: String,
+        /// Print the final report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Send one command to a running `disco run --control PATH` and print the
     /// reply: `status`, or `move VM NODE [VCPU]` (re-pins a VM's vCPUs to
@@ -209,6 +232,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
             quiet,
             control,
+            api,
         } => {
             // Before any thread exists: threads inherit the blocked signals.
             disco::signals::install()?;
@@ -229,20 +253,50 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     c.path().display()
                 );
             }
-            let report = monitor::run_with_control(&config, &options, control.as_ref())?;
-            if json {
-                outln!("{}", serde_json::to_string_pretty(&report)?)?;
-            } else {
-                out(&report.render_text())?;
+            disco::signals::remove_on_exit(api.clone());
+            if let Some(p) = &api {
+                eprintln!(
+                    "disco run: API on {} (curl --unix-socket {} http://localhost/v1/vms)",
+                    p.display(),
+                    p.display()
+                );
             }
-            Ok(if let Some(status) = disco::signals::exit_status() {
-                // As a shell reports a process ended by the signal.
-                ExitCode::from(status)
-            } else if report.all_ok() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            let report = monitor::run_with(&config, &options, control.as_ref(), api.as_deref())?;
+            report_and_exit(&report, json)
+        }
+        Command::Serve {
+            api,
+            topology,
+            policy,
+            json,
+        } => {
+            disco::signals::install()?;
+            let topology = match topology.as_str() {
+                "host" => Topology::host()?,
+                name if Topology::fixture_names().contains(&name) => {
+                    Topology::from_fixture_name(name)?
+                }
+                path if path.ends_with(".xml") => Topology::from_xml_file(std::path::Path::new(path))?,
+                other => anyhow::bail!(
+                    "--topology `{other}`: allowed: host, a shipped fixture ({}), or an hwloc XML file ending in .xml",
+                    Topology::fixture_names().join(", ")
+                ),
+            };
+            let policy = disco::config::load_policy(&policy, std::path::Path::new("."))
+                .map_err(|e| anyhow::anyhow!("--policy: {e}"))?;
+            disco::signals::remove_on_exit(Some(api.clone()));
+            eprintln!(
+                "disco serve: API on {} (curl --unix-socket {} http://localhost/v1/vms); \
+                 Ctrl-C stops it",
+                api.display(),
+                api.display()
+            );
+            let options = RunOptions {
+                progress: false,
+                ..RunOptions::default()
+            };
+            let report = monitor::serve(topology, policy, &api, &options)?;
+            report_and_exit(&report, json)
         }
         Command::Ctl { socket, command } => {
             let reply = disco::control::send(&socket, &command.join(" "))?;
@@ -304,6 +358,24 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench { what } => bench(what),
     }
+}
+
+/// Prints a run's report (text or JSON) and gives the exit status: the
+/// signal's when one ended the run, 1 when a VM or a check failed.
+fn report_and_exit(report: &disco::report::RunReport, json: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        outln!("{}", serde_json::to_string_pretty(report)?)?;
+    } else {
+        out(&report.render_text())?;
+    }
+    Ok(if let Some(status) = disco::signals::exit_status() {
+        // As a shell reports a process ended by the signal.
+        ExitCode::from(status)
+    } else if report.all_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// The scenario files a suite run reads.
