@@ -72,7 +72,8 @@ impl Serve {
         let began = Instant::now();
         loop {
             let v = self.vm(name);
-            if v["state"] == "finished" {
+            // `exited` until its outcome is collected and checked.
+            if v["state"] == "finished" && v["result"]["status"] != "exited" {
                 return v;
             }
             assert!(began.elapsed() < limit, "{name} did not finish: {v}");

@@ -78,6 +78,12 @@ struct MonitorVm {
     outcome: Option<VmOutcome>,
     final_nodes: Vec<usize>,
     final_progress: (u64, u64),
+    /// Where a micro-VM's guest RAM is mapped (for as long as its space lives).
+    ram_base: Option<usize>,
+    /// The thread collecting its outcome (joining the vCPU threads and
+    /// computing the host model's checksums, which takes as long as the
+    /// guest's own work), while the monitor goes on.
+    pending: Option<std::thread::JoinHandle<VmOutcome>>,
 }
 
 impl MonitorVm {
@@ -96,10 +102,15 @@ impl MonitorVm {
             stopped: None,
             outcome: None,
             final_progress: (0, 0),
+            ram_base: None,
+            pending: None,
         }
     }
 
     fn state(&self) -> VmState {
+        if self.exited() {
+            return VmState::Finished;
+        }
         match (&self.guest, &self.outcome) {
             (_, Some(_)) => VmState::Finished,
             (Some(_), None) if self.paused => VmState::Paused,
@@ -123,9 +134,17 @@ impl MonitorVm {
         }
     }
 
-    /// Joins the vCPU threads of a VM whose vCPUs have exited (or were
-    /// asked to) and keeps the outcome; its KVM VM is closed.
-    fn collect(&mut self) {
+    /// Whether its vCPUs have all exited (its outcome may not be
+    /// collected yet).
+    fn exited(&self) -> bool {
+        self.outcome.is_some()
+            || self.pending.is_some()
+            || self.guest.as_ref().is_some_and(Guest::is_finished)
+    }
+
+    /// Starts collecting the outcome of a VM whose vCPUs have exited (or
+    /// were asked to) on a thread of its own; its KVM VM is closed there.
+    fn begin_collect(&mut self) {
         if let Some(g) = self.guest.take() {
             self.final_nodes = g.vcpu_nodes(&self.config);
             let (done, total) = g.progress();
@@ -134,8 +153,42 @@ impl MonitorVm {
                 g.pauser().resume();
                 self.paused = false;
             }
-            self.outcome = Some(g.wait());
+            let name = self.config.name.clone();
+            match std::thread::Builder::new()
+                .name("disco-collect".into())
+                .spawn(move || g.wait())
+            {
+                Ok(t) => self.pending = Some(t),
+                Err(e) => {
+                    tracing::warn!("collecting VM {name} on a thread of its own: {e}");
+                }
+            }
         }
+    }
+
+    /// Takes the outcome once its collecting thread is done; `true` then.
+    fn poll_collect(&mut self) -> bool {
+        if self.pending.as_ref().is_some_and(|t| t.is_finished()) {
+            self.join_pending();
+            return true;
+        }
+        false
+    }
+
+    fn join_pending(&mut self) {
+        if let Some(t) = self.pending.take() {
+            match t.join() {
+                Ok(o) => self.outcome = Some(o),
+                Err(_) => self.error = Some("collecting its outcome panicked".into()),
+            }
+        }
+    }
+
+    /// Joins the vCPU threads of a VM whose vCPUs have exited (or were
+    /// asked to) and keeps the outcome; its KVM VM is closed.
+    fn collect(&mut self) {
+        self.begin_collect();
+        self.join_pending();
     }
 }
 
@@ -149,6 +202,9 @@ struct VerifyLog {
 
 /// One monitor: topology, memory, services, VMs.
 pub struct Monitor {
+    /// First, so that they drop first: a vCPU blocked on a fault is
+    /// resolved by the fault handler (in `services`) while it stops.
+    vms: Vec<MonitorVm>,
     topology: Topology,
     kvm: kvm_ioctls::Kvm,
     memory: Arc<Memory>,
@@ -156,7 +212,6 @@ pub struct Monitor {
     /// The config file the monitor's policy came from, for errors and the
     /// report (`<api>` for `disco serve`).
     source: String,
-    vms: Vec<MonitorVm>,
     verify: VerifyLog,
     verify_every: Duration,
     last_verify: Option<Instant>,
@@ -166,6 +221,8 @@ pub struct Monitor {
     events: EventLog,
     /// VMs the NUMA runner is sized for at start.
     expected_vms: usize,
+    /// See [`Monitor::collect_finished`].
+    collect_finished: bool,
 }
 
 impl Monitor {
@@ -198,6 +255,7 @@ impl Monitor {
             interrupted: None,
             events: EventLog::new(started),
             expected_vms: 0,
+            collect_finished: false,
         })
     }
 
@@ -258,26 +316,45 @@ impl Monitor {
                     .map(|v| v.memory_mib * 1024 * 1024 / PAGE_SIZE as u64),
             ))
     }
-
     /// Builds a VM (guest space, KVM VM) without starting it and returns
     /// its index. A VM that cannot be built is kept, failed, with the
-    /// reason (its report says why); `Err` is for callers that want it.
-    pub fn create_vm(&mut self, vc: &VmConfig) -> usize {
+    /// reason (its report says why), and the error is returned too.
+    pub fn create_vm(&mut self, vc: &VmConfig) -> Result<usize> {
         let mut v = MonitorVm::new(vc.clone());
-        match Guest::build(&self.kvm, &self.memory, &self.topology, vc) {
+        let built = Guest::build(&self.kvm, &self.memory, &self.topology, vc);
+        let result = match built {
             Ok((space, guest)) => {
+                if let Guest::Micro(vm) = &guest {
+                    v.ram_base = Some(vm.ram().host_addr);
+                }
                 v.space = Some(space);
                 v.guest = Some(guest);
                 self.events.push("vm-added", Some(&vc.name), String::new());
+                Ok(self.vms.len())
             }
             Err(e) => {
                 v.error = Some(format!("{e:#}"));
                 self.events
                     .push("vm-failed", Some(&vc.name), format!("cannot build: {e:#}"));
+                Err(e.context(format!("creating {}", vc.name)))
             }
-        }
+        };
         self.vms.push(v);
-        self.vms.len() - 1
+        result
+    }
+
+    /// Where VM `name`'s guest space is: its id in `Memory` and, for a
+    /// micro-VM, the host address of its guest RAM (mapped until the VM is
+    /// removed or the monitor finishes).
+    pub fn space_of(&self, name: &str) -> Option<(VmId, Option<usize>)> {
+        let v = &self.vms[self.index_of(name)?];
+        Some((v.space?, v.ram_base))
+    }
+
+    /// Whether VM `name`'s vCPUs have all exited (it may not be collected
+    /// by [`Self::tick`] yet).
+    pub fn has_exited(&self, name: &str) -> bool {
+        self.index_of(name).is_some_and(|i| self.vms[i].exited())
     }
 
     /// Keeps a VM that was never built, failed with `reason`.
@@ -328,28 +405,31 @@ impl Monitor {
     pub fn start_created(&mut self) {
         for i in 0..self.vms.len() {
             if self.vms[i].state() == VmState::Created {
-                self.start_vm(i);
+                let _ = self.start_vm(i);
             }
         }
     }
-
-    fn start_vm(&mut self, i: usize) {
+    /// Starts VM `i` (an index [`Self::create_vm`] gave); one that cannot
+    /// start is failed with the reason, which is returned too.
+    pub fn start_vm(&mut self, i: usize) -> Result<(), String> {
         let v = &mut self.vms[i];
-        let Some(g) = v.guest.as_mut() else { return };
+        let Some(g) = v.guest.as_mut() else {
+            return Err(format!("VM `{}` was not built", v.config.name));
+        };
         match g.start() {
             Ok(()) => {
                 v.started = Some(Instant::now());
                 self.events
                     .push("vm-started", Some(&v.config.name), String::new());
+                Ok(())
             }
             Err(e) => {
-                v.error = Some(format!("cannot start: {e:#}"));
+                let why = format!("cannot start: {e:#}");
+                v.error = Some(why.clone());
                 v.guest = None;
-                self.events.push(
-                    "vm-failed",
-                    Some(&v.config.name),
-                    format!("cannot start: {e:#}"),
-                );
+                self.events
+                    .push("vm-failed", Some(&v.config.name), why.clone());
+                Err(format!("{}: {why}", v.config.name))
             }
         }
     }
@@ -389,12 +469,20 @@ impl Monitor {
         if self.services.numa.is_none() && self.services.scanner.is_none() {
             self.start_services(0).map_err(AddError::Host)?;
         }
-        let i = self.create_vm(vc);
-        if let Some(e) = self.vms[i].error.clone() {
-            self.vms.pop();
+        let i = match self.create_vm(vc) {
+            Ok(i) => i,
+            Err(e) => {
+                self.vms.pop();
+                return Err(AddError::Host(e));
+            }
+        };
+        if let Err(e) = self.start_vm(i) {
+            let v = self.vms.remove(i);
+            if let Some(space) = v.space {
+                let _ = self.memory.destroy_space(space);
+            }
             return Err(AddError::Host(anyhow::anyhow!(e)));
         }
-        self.start_vm(i);
         Ok(i)
     }
 
@@ -444,8 +532,10 @@ impl Monitor {
                     count_vcpu_threads(vm, space, counters);
                 }
             }
-            if v.guest.as_ref().is_some_and(Guest::is_finished) {
-                v.collect();
+            if self.collect_finished && v.guest.as_ref().is_some_and(Guest::is_finished) {
+                v.begin_collect();
+            }
+            if v.poll_collect() {
                 let name = v.config.name.clone();
                 let report = self.vm_report(i, None);
                 let (kind, detail) = match report.status.as_str() {
@@ -461,16 +551,28 @@ impl Monitor {
         }
     }
 
-    /// Whether no VM is running (every one finished, failed or not started).
+    /// Whether no VM is running (every one exited, failed or not started).
     pub fn all_finished(&self) -> bool {
-        self.vms.iter().all(|v| v.guest.is_none())
+        self.vms
+            .iter()
+            .all(|v| v.guest.as_ref().is_none_or(Guest::is_finished))
     }
 
     /// Whether some VM's vCPUs may run.
     pub fn any_running(&self) -> bool {
         self.vms
             .iter()
-            .any(|v| v.guest.is_some() && v.started.is_some())
+            .any(|v| v.started.is_some() && v.guest.as_ref().is_some_and(|g| !g.is_finished()))
+    }
+
+    /// Whether [`Self::tick`] collects a VM's outcome as soon as its vCPUs
+    /// have exited (on a thread of its own: checking checksums against the
+    /// host model takes as long as the guest's work), so that its result
+    /// shows and its KVM VM closes while others run. Off by default: a run
+    /// collects every outcome once all guests are done, so the host model's
+    /// work does not compete with guests still running.
+    pub fn collect_finished(&mut self, on: bool) {
+        self.collect_finished = on;
     }
 
     /// (done, total) progress over the VMs that were built, and how many
@@ -482,7 +584,7 @@ impl Monitor {
             let (a, b) = v.progress();
             done += a.min(b);
             total += b;
-            finished += v.outcome.is_some() as usize;
+            finished += v.exited() as usize;
             count += 1;
         }
         (done, total, finished, count)
@@ -661,12 +763,7 @@ impl Monitor {
                 if v.space.is_none() || v.error.is_some() {
                     return format!("{name} failed to start");
                 }
-                let state =
-                    if v.outcome.is_some() || v.guest.as_ref().is_some_and(Guest::is_finished) {
-                        "finished"
-                    } else {
-                        "running"
-                    };
+                let state = if v.exited() { "finished" } else { "running" };
                 let nodes: Vec<String> = v.vcpu_nodes().iter().map(|n| n.to_string()).collect();
                 format!("{name} {state} vcpu nodes {}", nodes.join(","))
             })
@@ -723,6 +820,9 @@ impl Monitor {
                 match v.state() {
                     VmState::Created => "created",
                     VmState::Paused => "paused",
+                    // Its vCPUs have exited; its result is checked once its
+                    // outcome is collected.
+                    VmState::Finished => "exited",
                     _ => "running",
                 },
                 None,

@@ -70,7 +70,8 @@ pub fn run_with(
                 monitor.record_not_created(vc, format!("not created: {signal} interrupted the run"))
             }
             None => {
-                monitor.create_vm(vc);
+                // A VM that cannot be built is reported failed; the others run.
+                let _ = monitor.create_vm(vc);
             }
         }
     }
@@ -155,6 +156,8 @@ pub fn serve(
     options: &RunOptions,
 ) -> Result<RunReport> {
     let mut monitor = Monitor::new(topology, policy, "<api>", options.verify_every)?;
+    // VMs come and go: each one's result as soon as it is done.
+    monitor.collect_finished(true);
     monitor.check("before start");
     monitor.start_services(0)?;
     let monitor = Arc::new(Mutex::new(monitor));
