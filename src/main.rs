@@ -62,9 +62,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Send one command to a running `disco run --control PATH` and print the
-    /// reply: `status`, or `move VM NODE [VCPU]` (re-pins a VM's vCPUs to
-    /// another node; under a migrating policy its pages follow).
+    /// Send one command to a running monitor's API (`disco serve --api PATH`,
+    /// `disco run --api PATH`) and print the answer: status, show VM, add VM
+    /// FILE.json, pause / resume / stop / delete VM, move VM NODE [VCPU], pmap
+    /// VM, memmap, stats, policy [FILE.json]. Against the control socket of
+    /// `disco run --control PATH`: `status` or `move VM NODE [VCPU]`.
     Ctl {
         /// The control socket of the run.
         socket: PathBuf,
@@ -299,6 +301,16 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             report_and_exit(&report, json)
         }
         Command::Ctl { socket, command } => {
+            if disco::api::ctl::speaks_api(&socket) {
+                let (text, ok) = disco::api::ctl::run(&socket, &command)?;
+                outln!("{text}")?;
+                return Ok(if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                });
+            }
+            // The control socket of `disco run --control`: its line protocol.
             let reply = disco::control::send(&socket, &command.join(" "))?;
             outln!("{reply}")?;
             Ok(if reply.starts_with("ok") {

@@ -459,6 +459,33 @@ fn an_idle_client_blocks_nobody_and_many_clients_are_answered() {
     let v = s.wait_finished("g", Duration::from_secs(120));
     assert_eq!(v["result"]["status"], "ok", "{v}");
     assert!(checksums_verified(&v));
+
+    // `disco ctl` is a client of the same API.
+    let ctl = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_disco"))
+            .arg("ctl")
+            .arg(&s.socket)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = ctl(&["status"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(out.trim(), "g finished vcpu nodes 0 result ok");
+    let (code, out) = ctl(&["pause", "nobody"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert_eq!(out.trim(), "error: no VM `nobody`; the VMs are: g");
+    let (code, out) = ctl(&["show", "g"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["state"],
+        "finished"
+    );
+
     let report = s.stop();
     assert_eq!(report["verify_ok"], true, "{}", report["verify_errors"]);
 }

@@ -12,6 +12,7 @@
 //! monitor's lock on a blocking thread, never on the runtime's workers.
 
 pub mod client;
+pub mod ctl;
 mod error;
 mod routes;
 
