@@ -74,6 +74,14 @@ enum Command {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
+    /// Show a running monitor live in the terminal (its API at PATH):
+    /// per VM state, vCPU nodes, memory per node, shared MiB, copy-on-write
+    /// breaks/s; per node pool use; refreshed every second; `q` quits.
+    Top {
+        /// The Unix socket of the API (`disco serve --api PATH`).
+        #[arg(long, value_name = "PATH")]
+        api: PathBuf,
+    },
     /// Validate a config file and summarise it, without running anything.
     Check { config: PathBuf },
     /// Print a NUMA topology: the host's, or a fixture's and how it maps onto the host.
@@ -318,6 +326,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Command::Top { api } => {
+            disco::api::top::run(&api)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => {
             let config = Config::load(&config)?;

@@ -489,3 +489,72 @@ fn an_idle_client_blocks_nobody_and_many_clients_are_answered() {
     let report = s.stop();
     assert_eq!(report["verify_ok"], true, "{}", report["verify_errors"]);
 }
+
+#[test]
+fn disco_top_shows_every_vm_in_a_real_terminal_and_quits_on_q() {
+    if !require_kvm("disco_top_shows_every_vm_in_a_real_terminal_and_quits_on_q") {
+        return;
+    }
+    assert!(
+        Command::new("tmux").arg("-V").output().is_ok(),
+        "this test runs `disco top` in tmux, which is missing: scripts/install-deps.sh installs it"
+    );
+    let s = Serve::start("top", "disco");
+    for (name, passes) in [("alpha", 3000), ("beta", 3000), ("gamma", 1)] {
+        let vm =
+            json!({"memory_mib": 8, "workload": {"kind": "sweep", "seed": 2, "passes": passes}});
+        s.expect("PUT", &format!("/v1/vms/{name}"), Some(vm), 201);
+    }
+    let session = format!("disco-top-{}", std::process::id());
+    let tmux = |args: &[&str]| Command::new("tmux").args(args).output().expect("tmux runs");
+    let command = format!(
+        "{} top --api {}; echo TOP-EXITED $?; sleep 60",
+        env!("CARGO_BIN_EXE_disco"),
+        s.socket.display()
+    );
+    let started = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "150",
+        "-y",
+        "30",
+        &command,
+    ]);
+    assert!(started.status.success(), "{started:?}");
+    let capture = || {
+        String::from_utf8_lossy(&tmux(&["capture-pane", "-t", &session, "-p"]).stdout).into_owned()
+    };
+    let began = Instant::now();
+    let screen = loop {
+        let screen = capture();
+        if ["alpha", "beta", "gamma", "machine memory", "node 3"]
+            .iter()
+            .all(|w| screen.contains(w))
+        {
+            break screen;
+        }
+        if began.elapsed() > Duration::from_secs(2) {
+            let _ = tmux(&["kill-session", "-t", &session]);
+            panic!("disco top did not show every VM within 2 s:\n{screen}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(screen.contains("verify ok"), "{screen}");
+    tmux(&["send-keys", "-t", &session, "q"]);
+    let began = Instant::now();
+    loop {
+        let screen = capture();
+        if screen.contains("TOP-EXITED 0") {
+            break;
+        }
+        if began.elapsed() > Duration::from_secs(5) {
+            let _ = tmux(&["kill-session", "-t", &session]);
+            panic!("disco top did not exit on q:\n{screen}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = tmux(&["kill-session", "-t", &session]);
+}

@@ -15,6 +15,7 @@ pub mod client;
 pub mod ctl;
 mod error;
 mod routes;
+pub mod top;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
