@@ -219,6 +219,23 @@ fn vms_come_and_go_through_the_api_and_memory_stays_consistent() {
     );
     s.expect("GET", "/v1/vms/third", None, 404);
 
+    // The policy swapped while the monitor runs; a bad one refused.
+    let swapped = s.expect(
+        "PUT",
+        "/v1/policy",
+        Some(json!({"sharing": {"enabled": true, "pages_per_second": 5000}, "numa": {"migrate": true}})),
+        200,
+    );
+    assert_eq!(
+        swapped["policy"]["sharing"]["pages_per_second"], 5000,
+        "{swapped}"
+    );
+    assert_eq!(
+        s.expect("GET", "/v1/policy", None, 200)["policy"]["numa"]["migrate"],
+        true
+    );
+    verify_holds(&s);
+
     // A running VM removed mid-run.
     let spinner = json!({"memory_mib": 4, "time_limit_s": 120, "workload": {"kind": "spin"}});
     s.expect("PUT", "/v1/vms/spinner", Some(spinner), 201);

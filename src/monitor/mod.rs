@@ -663,17 +663,17 @@ impl Monitor {
     /// pools and forgets it. Returns its last report.
     pub fn remove(&mut self, name: &str) -> Result<VmReport, VmError> {
         let i = self.find(name)?;
-        if self.vms[i].guest.is_some() {
-            let v = &mut self.vms[i];
-            if v.started.is_some() && v.outcome.is_none() {
+        let v = &mut self.vms[i];
+        if let Some(g) = &v.guest {
+            if v.started.is_some() {
                 v.stopped
                     .get_or_insert_with(|| "removed by an operator".into());
             }
-            if let Some(g) = &v.guest {
-                g.stop_because("removed by an operator");
-            }
-            v.collect();
+            g.stop_because("removed by an operator");
         }
+        // Its vCPU threads joined (also a collection under way) before its
+        // memory goes.
+        v.collect();
         let report = self.vm_report(i, self.services.numa_stats().as_ref());
         let v = self.vms.remove(i);
         if let Some(space) = v.space {
