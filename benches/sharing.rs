@@ -15,7 +15,17 @@
 //!   consecutive frames of one space onto the same frames of a twin space
 //!   (consecutive kept pages), with one `Memory::merge_batch` or with 512
 //!   `Memory::merge` calls; throughput per merged page. The duplicate space
-//!   is made afresh, untimed, for each iteration.
+//!   is made afresh, untimed, for each iteration. `batch_with_8_kvm_vms`
+//!   and `batch_with_64_kvm_vms`: the batch with that many KVM VMs open in
+//!   the process (each registers an MMU notifier that every page-table
+//!   change of the process calls);
+//! * `zero_release_512/release`: `Memory::release_zero_frames` of 512
+//!   resident zero frames (protect, check, punch, unprotect), per page;
+//! * `zero_release_512/first_read_released` and `.../read_resident`: one
+//!   byte read through the guest mapping from each of 512 frames whose
+//!   pages were released (the kernel allocates a zero page in place), and
+//!   from 512 resident frames: what a later read of a released frame costs
+//!   (a guest's read adds the same KVM fault any remap costs it).
 //!
 //! `disco bench sharing` measures the whole scanner against KSM. Needs root
 //! (userfaultfd) for `merge` and `cow_break`.
@@ -202,6 +212,27 @@ fn merge_runs(c: &mut Criterion) {
             total
         })
     });
+    for extra in [8usize, 64] {
+        let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+        let vms: Vec<_> = (0..extra)
+            .map(|_| kvm.create_vm().expect("a KVM VM"))
+            .collect();
+        group.bench_function(format!("batch_with_{extra}_kvm_vms"), |bench| {
+            bench.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let (dup, pairs) = twin();
+                    let t = Instant::now();
+                    let outcomes = memory.merge_batch(dup, &pairs).unwrap();
+                    total += t.elapsed();
+                    assert!(outcomes.iter().all(|&o| o == MergeOutcome::Merged));
+                    memory.destroy_space(dup).unwrap();
+                }
+                total
+            })
+        });
+        drop(vms);
+    }
     group.bench_function("single", |bench| {
         bench.iter_custom(|iters| {
             let mut total = Duration::ZERO;
@@ -224,5 +255,79 @@ fn merge_runs(c: &mut Criterion) {
         .expect("memory invariants after the batched merges");
 }
 
-criterion_group!(benches, hash_and_compare, merge_and_break, merge_runs);
+/// Releasing 512 zero frames, and what reading them again costs.
+fn zero_release(c: &mut Criterion) {
+    const N: u64 = 512;
+    let memory = Arc::new(Memory::new(&[(0, 0, 4 * N as u32)]).expect("monitor memory"));
+    if memory.userfault().is_none() {
+        eprintln!("benches/sharing: zero_release_512 needs userfaultfd (root); skipped");
+        return;
+    }
+    let _handler = FaultHandler::start(memory.clone()).expect("fault handler");
+    let zero = vec![0u8; PAGE_SIZE];
+    // A space of N resident zero frames, and the frames to release.
+    let zeroed = || {
+        let (vm, base) = memory.create_space("zero", N, 0).unwrap();
+        for g in 0..N {
+            memory.write_guest_page(vm, g, &zero).unwrap();
+        }
+        let frames: Vec<_> = (0..N)
+            .map(|g| (g, memory.lookup(vm, g).unwrap().unwrap().page))
+            .collect();
+        (vm, base, frames)
+    };
+    let read_all = |base: usize| {
+        for g in 0..N as usize {
+            // SAFETY: frame g of a live space, mapped readable.
+            black_box(unsafe { std::ptr::read_volatile((base + g * PAGE_SIZE) as *const u8) });
+        }
+    };
+    let mut group = c.benchmark_group("sharing/zero_release_512");
+    group.throughput(Throughput::Elements(N));
+    group.sample_size(20);
+    group.bench_function("release", |bench| {
+        bench.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let (vm, _, frames) = zeroed();
+                let t = Instant::now();
+                let done = memory.release_zero_frames(vm, &frames).unwrap();
+                total += t.elapsed();
+                assert!(done.iter().all(|&d| d));
+                memory.destroy_space(vm).unwrap();
+            }
+            total
+        })
+    });
+    for (name, release) in [("first_read_released", true), ("read_resident", false)] {
+        group.bench_function(name, |bench| {
+            bench.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let (vm, base, frames) = zeroed();
+                    if release {
+                        memory.release_zero_frames(vm, &frames).unwrap();
+                    }
+                    let t = Instant::now();
+                    read_all(base);
+                    total += t.elapsed();
+                    memory.destroy_space(vm).unwrap();
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+    memory
+        .verify()
+        .expect("memory invariants after the releases");
+}
+
+criterion_group!(
+    benches,
+    hash_and_compare,
+    merge_and_break,
+    merge_runs,
+    zero_release
+);
 criterion_main!(benches);

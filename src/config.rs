@@ -89,6 +89,9 @@ pub struct SharingPolicy {
     pub pages_per_second: u64,
     /// Sharing domains whose VMs are scanned; empty means every domain.
     pub domains: Vec<String>,
+    /// Each VM's budget of kernel mappings (VMAs): one per this many guest
+    /// frames; 0 turns the budget off.
+    pub frames_per_mapping: u64,
 }
 
 /// NUMA placement knobs: the `[numa]` section, read by the policy engine
@@ -626,6 +629,9 @@ fn parse_policy(t: &Fields, source: &str, default_name: &str) -> Result<Policy> 
                     .opt_u64("pages_per_second", 1, 100_000_000)?
                     .unwrap_or(100_000),
                 domains: s.opt_str_array("domains")?.unwrap_or_default(),
+                frames_per_mapping: s
+                    .opt_u64("frames_per_mapping", 0, 1 << 20)?
+                    .unwrap_or(crate::sharing::FRAMES_PER_MAPPING),
             };
             s.finish()?;
             p
@@ -634,6 +640,7 @@ fn parse_policy(t: &Fields, source: &str, default_name: &str) -> Result<Policy> 
             enabled: false,
             pages_per_second: 100_000,
             domains: Vec::new(),
+            frames_per_mapping: crate::sharing::FRAMES_PER_MAPPING,
         },
     };
     let numa = match t.opt_table("numa")? {

@@ -4,7 +4,7 @@ use serde::Serialize;
 
 use crate::config::Policy;
 use crate::guest::Workload;
-use crate::memory::{PoolStats, ReplicaStats, SharingStats};
+use crate::memory::{KernelMappings, MemorySample, PoolStats, ReplicaStats, SharingStats};
 use crate::numa::runner::NumaStats;
 use crate::sharing::ScannerStats;
 use crate::vm::VcpuOutcome;
@@ -21,6 +21,11 @@ pub struct RunReport {
     pub interrupted: Option<String>,
     /// Present when the policy turned sharing on.
     pub sharing: Option<SharingReport>,
+    /// The monitor process's kernel mappings (VMAs) over the run.
+    pub kernel_mappings: KernelMappings,
+    /// The process's memory about once a second while the guests ran
+    /// (`crate::memory::watch`).
+    pub memory_timeline: Vec<MemorySample>,
     /// Present when the NUMA engine ran.
     pub numa: Option<NumaStats>,
     /// Replicas of read-shared pages at the end of the run (before teardown).
@@ -270,16 +275,19 @@ impl RunReport {
         if let Some(sh) = &self.sharing {
             let m = &sh.memory;
             let guest_pages: u64 = self.vms.iter().map(|v| v.memory_mib * 256).sum();
+            let mib = |pages: u64| pages as f64 * PAGE_SIZE as f64 / (1024.0 * 1024.0);
             out += &format!(
-                "\nsharing: {:.1} MiB saved ({:.1}% of {} MiB guest memory); {} machine pages back {} guest pages\n",
-                m.saved_bytes as f64 / (1024.0 * 1024.0),
-                100.0 * m.saved_pages as f64 / guest_pages.max(1) as f64,
+                "\nsharing: {:.1} MiB saved ({:.1}% of {} MiB guest memory): {:.1} MiB by sharing ({} machine pages back {} guest pages), {:.1} MiB of zero pages released\n",
+                mib(m.pages_saved_in_all()),
+                100.0 * m.pages_saved_in_all() as f64 / guest_pages.max(1) as f64,
                 guest_pages / 256,
+                mib(m.saved_pages),
                 m.shared_machine_pages,
-                m.sharing_frames
+                m.sharing_frames,
+                mib(m.released_zero_frames),
             );
             out += &format!(
-                "  scanner: {} pages scanned in {} full passes{}, {} merges ({} onto zero pages), {} compare failures, {:.0} ms CPU\n",
+                "  scanner: {} pages scanned in {} full passes{}, {} merges in {} batches, {} zero pages released, {} compare failures, {:.0} ms CPU\n",
                 sh.scanner.pages_scanned,
                 sh.scanner.full_scans,
                 match (&sh.settle_note, sh.settled) {
@@ -288,10 +296,19 @@ impl RunReport {
                     (None, false) => " (final passes not completed)".into(),
                 },
                 sh.scanner.merges,
-                sh.scanner.zero_merges,
+                sh.scanner.merge_batches,
+                sh.scanner.zero_releases,
                 sh.scanner.compare_failures,
                 sh.scanner.cpu_ms
             );
+            if sh.scanner.max_vm_mappings > 0 {
+                out += &format!(
+                    "  kernel mappings: at most {} in one VM's guest range at a recount; {} equal frames left unmerged by the mapping budget (policy frames_per_mapping = {})\n",
+                    sh.scanner.max_vm_mappings,
+                    sh.scanner.budget_deferrals,
+                    self.policy.policy.sharing.frames_per_mapping
+                );
+            }
             out += &format!(
                 "  copy-on-write: {} breaks, handler time median {:.1} us, p99 {:.1} us\n",
                 m.cow_breaks, m.cow_break_median_us, m.cow_break_p99_us
@@ -419,6 +436,14 @@ impl RunReport {
                 p.resident_bytes as f64 / (1024.0 * 1024.0)
             );
         }
+        let k = &self.kernel_mappings;
+        out += &format!(
+            "kernel mappings (VMAs) of the monitor: peak {}, at the end {} ({:.2} per 16 guest frames); monitor's own memory (RssAnon) peak {:.1} MiB\n",
+            k.peak,
+            k.end,
+            k.end as f64 * 16.0 / k.guest_frames.max(1) as f64,
+            k.monitor_anon_peak_bytes as f64 / (1024.0 * 1024.0)
+        );
         let ok = self.vms.iter().filter(|v| v.ok()).count();
         out += &format!(
             "\n{} of {} VMs ok; memory invariants checked {} times: {}; VMs created in {:.1} ms; total {:.1} ms\n",

@@ -96,6 +96,16 @@ fn required_figures(kind: &str) -> &'static [&'static str] {
             "single-page migration (move_page)",
             "guest slowdown while its pages move",
         ],
+        // tests/bench-scenarios/scale.toml runs static and disco.
+        "scale" => &[
+            "static: guest run (slowest VM)",
+            "disco: guest run / static",
+            "static: memory saved",
+            "disco: memory saved",
+            "disco: scanner CPU per merge",
+            "disco: kernel mappings at the end per 16 guest frames",
+            "disco: monitor memory (RssAnon) / guest RAM",
+        ],
         other => panic!("unexpected kind {other}"),
     }
 }
@@ -292,6 +302,7 @@ fn bench_all_quick_writes_results_and_compare_finds_a_planted_regression() {
             "migration",
             "overhead",
             "replication",
+            "scale",
             "sharing"
         ],
         "{}",
@@ -327,6 +338,18 @@ fn bench_all_quick_writes_results_and_compare_finds_a_planted_regression() {
         0.0
     );
     assert!(fig("replication", "replicate-only: replicas made") > 0.0);
+    assert_eq!(fig("scale", "static: memory saved"), 0.0, "sharing off");
+    assert!(
+        fig("scale", "disco: memory saved") > 16.0,
+        "3 VMs with 90 % of their pages identical"
+    );
+    assert!(
+        fig(
+            "scale",
+            "disco: kernel mappings at the end per 16 guest frames"
+        ) < 1.0,
+        "the whole process's mappings, with 3 x 16 MiB of guests"
+    );
     let density = &records[0];
     assert_eq!(density.seeds, vec![7, 8]);
     assert_eq!(

@@ -640,3 +640,34 @@ fn run_refuses_what_check_refuses_before_changing_anything() {
         "vm.max_map_count went from {before} to {after} (the VMs would need {needed})"
     );
 }
+
+#[test]
+fn bad_mapping_budget_values_name_the_key_and_the_range() {
+    for (value, found) in [
+        ("-1", "-1"),
+        ("2000000", "2000000 is out of range"),
+        ("\"16\"", "a"),
+    ] {
+        let err = error_of(
+            "budget.toml",
+            &format!(
+                "[policy]\nname = \"p\"\n[policy.sharing]\nframes_per_mapping = {value}\n{GOOD_VM}"
+            ),
+        );
+        assert_contains(
+            &err,
+            &[
+                "budget.toml",
+                "key `policy.sharing.frames_per_mapping`",
+                found,
+            ],
+        );
+    }
+    let err = error_of(
+        "budget.toml",
+        &format!(
+            "[policy]\nname = \"p\"\n[policy.sharing]\nframes_per_mapping = 2000000\n{GOOD_VM}"
+        ),
+    );
+    assert_contains(&err, &["allowed: 0 to 1048576"]);
+}

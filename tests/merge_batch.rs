@@ -4,7 +4,8 @@
 //! migrations and rebuilds keep `verify()` and every frame's content; real
 //! guests that write all the time lose no write while batches merge their
 //! memory; and a batch of consecutive frames onto consecutive kept pages
-//! adds a handful of kernel mappings (VMAs), not one per page.
+//! adds a handful of kernel mappings (VMAs), not one per page, and an idle
+//! VM's zero pages are released to the host without adding any.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,6 +16,7 @@ use disco::faults::FaultHandler;
 use disco::guest::{layout, Workload};
 use disco::kvm_check::require_kvm;
 use disco::memory::{Memory, MergeOutcome, MergePair, VmId};
+use disco::sharing::{ScanState, ScannerConfig};
 use disco::vm::{GuestRam, MicroVm, MicroVmSpec, VcpuPlacement};
 use disco::PAGE_SIZE;
 
@@ -184,7 +186,7 @@ fn random_batches_writes_migrations_and_rebuilds_keep_contents() {
                                 MergeOutcome::Differ => {
                                     prop_assert!(!same, "equal pair {:?} differs", p)
                                 }
-                                MergeOutcome::Stale => {}
+                                MergeOutcome::Stale | MergeOutcome::Deferred => {}
                             }
                         }
                         // A merged duplicate maps its kept page (a kept
@@ -259,7 +261,6 @@ fn random_batches_writes_migrations_and_rebuilds_keep_contents() {
         .unwrap();
 }
 
-/// Lines of `/proc/self/maps`: the process's kernel mappings (VMAs).
 /// Kernel mappings (lines of `/proc/self/maps`) that start inside the
 /// guest mapping of `frames` frames at `base`: only this space's, so tests
 /// running in parallel in this process do not change the count.
@@ -340,6 +341,138 @@ fn a_batch_of_a_run_adds_a_handful_of_mappings_not_one_per_page() {
     assert!(
         single >= N as i64 / 2,
         "every other frame merged alone is a mapping each: {single}"
+    );
+}
+
+/// An idle VM whose memory its kernel zeroed (resident zero pages, plus a
+/// few pages of data): the scanner releases every zero page to the host
+/// (punched out of the pool in place) and adds no kernel mapping; reads of
+/// a released frame see zeros, a write lands, and the scanner notices the
+/// frames the guest touched again.
+#[test]
+fn an_idle_vms_zero_pages_are_released_without_a_mapping() {
+    const N: u64 = 1024;
+    const DATA: u64 = 8;
+    let memory = Arc::new(Memory::new(&[(0, 0, 2 * N as u32)]).unwrap());
+    let _handler = FaultHandler::start(memory.clone())
+        .expect("releases need userfaultfd write-protect (run the tests as root)");
+    let (vm, base) = memory.create_space("idle", N, 0).unwrap();
+    for gfn in 0..N {
+        let mut page = vec![0u8; PAGE_SIZE];
+        if gfn % (N / DATA) == 0 {
+            page[..8].copy_from_slice(&(gfn + 1).to_le_bytes());
+        }
+        memory.write_guest_page(vm, gfn, &page).unwrap();
+    }
+    let resident = || memory.pool_stats()[0].resident_bytes / PAGE_SIZE as u64;
+    let (vmas, resident_before) = (vma_count(base, N), resident());
+    assert!(
+        resident_before >= N,
+        "every page written: {resident_before}"
+    );
+
+    let mut scanner = ScanState::new(ScannerConfig::new(u64::MAX, vec![]).without_time_rules());
+    while scanner.stats.full_scans < 3 {
+        scanner.step(&memory, 256);
+    }
+    memory.verify().unwrap();
+    let stats = memory.sharing_stats();
+    assert_eq!(scanner.stats.zero_releases, N - DATA, "{:?}", scanner.stats);
+    assert_eq!(stats.released_zero_frames, N - DATA);
+    assert_eq!(stats.saved_pages, 0, "nothing shared");
+    assert_eq!(vma_count(base, N), vmas, "releases add no kernel mapping");
+    assert!(
+        resident() + (N - DATA) <= resident_before,
+        "the host got the pages back: {} of {resident_before} resident",
+        resident()
+    );
+
+    // A read of a released frame sees zeros; a write lands.
+    assert!(guest_read(base, 1).iter().all(|&b| b == 0));
+    guest_write(base, 2, 0x5a);
+    assert!(memory
+        .read_guest_page(vm, 2)
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0x5a));
+    assert!(memory.read_guest_page(vm, 0).unwrap()[..8] == 1u64.to_le_bytes());
+    memory.verify().unwrap();
+    let before = scanner.stats.full_scans;
+    while scanner.stats.full_scans < before + 2 {
+        scanner.step(&memory, 256);
+    }
+    // Frame 1 (read: a zero page again, released again by now), frame 2
+    // (written: data), the rest still released.
+    let stats = memory.sharing_stats();
+    assert_eq!(stats.released_zero_frames, N - DATA - 1, "{stats:?}");
+    assert_eq!(vma_count(base, N), vmas);
+    memory.verify().unwrap();
+    memory.destroy_space(vm).unwrap();
+    assert_eq!(memory.pool_stats()[0].used_pages, 0, "no page leaked");
+}
+
+/// Two spaces whose first half is equal only at every other frame (shared
+/// pages scattered among private ones: every merge its own mapping) and
+/// whose second half is equal throughout. With a budget of one mapping per
+/// 64 frames the scanner spends it on the longest runs: the second half
+/// merges whole, the scattered half only while the budget lasts, and the
+/// duplicate space stays near its budget; without a budget the scattered
+/// half costs a mapping per merged page.
+#[test]
+fn the_mapping_budget_goes_to_the_longest_runs() {
+    const N: u64 = 4096;
+    let scan = |frames_per_mapping: u64| {
+        let memory = Arc::new(Memory::new(&[(0, 0, 3 * N as u32)]).unwrap());
+        let _handler = FaultHandler::start(memory.clone())
+            .expect("merges need userfaultfd write-protect (run the tests as root)");
+        let (a, _) = memory.create_space("a", N, 0).unwrap();
+        let (b, base_b) = memory.create_space("b", N, 0).unwrap();
+        for gfn in 0..N {
+            let mut page = vec![7u8; PAGE_SIZE];
+            page[..8].copy_from_slice(&gfn.to_le_bytes());
+            memory.write_guest_page(a, gfn, &page).unwrap();
+            if gfn < N / 2 && gfn % 2 == 1 {
+                page[8] = 1; // private to b
+            }
+            memory.write_guest_page(b, gfn, &page).unwrap();
+        }
+        let mut config = ScannerConfig::new(u64::MAX, vec![]).without_time_rules();
+        config.frames_per_mapping = frames_per_mapping;
+        let mut scanner = ScanState::new(config);
+        while scanner.stats.full_scans < 4 {
+            scanner.step(&memory, 512);
+        }
+        memory.verify().unwrap();
+        let saved = memory.sharing_stats().saved_pages;
+        let vmas = vma_count(base_b, N) as u64;
+        let deferred = scanner.stats.budget_deferrals;
+        (saved, vmas, deferred)
+    };
+    let (saved, vmas, deferred) = scan(64);
+    let (all_saved, all_vmas, none_deferred) = scan(0);
+    eprintln!(
+        "budget 1 per 64 frames: saved {saved} pages, {vmas} mappings, {deferred} deferrals; \
+         no budget: saved {all_saved}, {all_vmas} mappings"
+    );
+    let budget = N / 64;
+    assert_eq!(
+        all_saved,
+        N / 2 + N / 4,
+        "without a budget everything equal merges"
+    );
+    assert_eq!(none_deferred, 0);
+    assert!(
+        all_vmas >= N / 4,
+        "scattered merges cost a mapping each: {all_vmas}"
+    );
+    assert!(
+        vmas <= budget + 8,
+        "{vmas} mappings for a budget of {budget}"
+    );
+    assert!(saved >= N / 2, "the long runs merged whole: {saved}");
+    assert!(
+        saved < all_saved && deferred > 0,
+        "scattered merges stopped at the budget"
     );
 }
 

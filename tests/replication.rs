@@ -137,7 +137,11 @@ fn private_pages_are_not_replicated_and_replicas_are_not_migrated_or_merged_away
     );
     // The scanner sees two frames with equal content on different pages but
     // must not merge a replica away.
-    let mut scanner = ScanState::new(ScannerConfig::new(u64::MAX, vec![]).without_time_rules());
+    let mut scanner = ScanState::new(
+        ScannerConfig::new(u64::MAX, vec![])
+            .without_time_rules()
+            .merging_on_first_sight(),
+    );
     for _ in 0..4 {
         scanner.step(&memory, 64);
     }
@@ -222,8 +226,11 @@ fn random_operations_keep_invariants_and_contents() {
                 .map(|v| memory.create_space(&format!("p{v}"), FRAMES, 0).unwrap())
                 .collect();
             let mut model: Vec<BTreeMap<u64, u8>> = vec![BTreeMap::new(); VMS];
-            let mut scanner =
-                ScanState::new(ScannerConfig::new(u64::MAX, vec![]).without_time_rules());
+            let mut scanner = ScanState::new(
+                ScannerConfig::new(u64::MAX, vec![])
+                    .without_time_rules()
+                    .merging_on_first_sight(),
+            );
             for op in ops {
                 match op {
                     Op::Write { vm, gfn, value } => {

@@ -28,6 +28,7 @@ pub mod overhead;
 pub mod params;
 pub mod procmem;
 pub mod replication;
+pub mod scale;
 pub mod sharing;
 pub mod suite;
 pub mod svg;

@@ -230,6 +230,11 @@ pub const KINDS: &[Kind] = &[
         prepare: super::locality::prepare,
     },
     Kind {
+        name: "scale",
+        about: "many VMs of real size with mostly identical content under each policy: run time, savings, kernel mappings, monitor memory, host memory over time",
+        prepare: super::scale::prepare,
+    },
+    Kind {
         name: "replication",
         about: "VMs on different nodes reading one shared table, under each policy: locality over time, replicas, their memory, the write break",
         prepare: super::replication::prepare,

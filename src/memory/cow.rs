@@ -25,7 +25,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
 
 use super::mapper::{Inner, Memory};
@@ -38,8 +38,12 @@ pub(crate) struct CowCounters {
     merges: u64,
     compare_failures: u64,
     breaks: u64,
-    /// Handler time of each break, in nanoseconds.
-    break_ns: Vec<u64>,
+    /// Zero pages punched out of their pools (`release_zero_frames`).
+    zero_releases: u64,
+    /// Handler time of the breaks, in nanoseconds: a histogram of bounded
+    /// size (3 significant digits, 1 ns to 1 hour), so a monitor that runs
+    /// for months does not grow with its breaks.
+    break_ns: BreakTimes,
     /// What copy-on-write and remaps cost each VM (see `GuestCosts`).
     pub(super) per_vm: std::collections::BTreeMap<VmId, GuestCosts>,
 }
@@ -72,6 +76,10 @@ pub enum MergeOutcome {
     /// A frame no longer maps the page the caller saw, the two already share
     /// a page, or they are in different sharing domains; nothing done.
     Stale,
+    /// Equal, but its run of frames onto consecutive kept pages was shorter
+    /// than the batch's `min_run` (the VM has spent its budget of kernel
+    /// mappings); nothing done.
+    Deferred,
 }
 
 /// What the scanner learns about one frame.
@@ -117,14 +125,43 @@ pub struct SharingStats {
     pub cow_breaks: u64,
     pub cow_break_median_us: f64,
     pub cow_break_p99_us: f64,
+    /// Zero pages released to the host so far (`Memory::release_zero_frames`).
+    #[serde(default)]
+    pub zero_releases: u64,
+    /// Frames whose zero page is released now (as of the scanner's last
+    /// look: a guest touch allocates a page without telling the monitor).
+    #[serde(default)]
+    pub released_zero_frames: u64,
 }
 
-fn percentile_us(sorted_ns: &[u64], p: f64) -> f64 {
-    if sorted_ns.is_empty() {
-        return 0.0;
+impl SharingStats {
+    /// Host pages sharing and released zero pages save.
+    pub fn pages_saved_in_all(&self) -> u64 {
+        self.saved_pages + self.released_zero_frames
     }
-    let i = ((sorted_ns.len() - 1) as f64 * p).round() as usize;
-    sorted_ns[i] as f64 / 1000.0
+}
+
+/// Copy-on-write break times (see `CowCounters::break_ns`).
+#[derive(Debug)]
+struct BreakTimes(hdrhistogram::Histogram<u64>);
+
+impl Default for BreakTimes {
+    fn default() -> Self {
+        BreakTimes(
+            hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000_000, 3)
+                .expect("valid histogram bounds"),
+        )
+    }
+}
+
+/// The `q` quantile of a histogram of nanoseconds, in microseconds (0 when
+/// empty).
+pub fn quantile_us(h: &hdrhistogram::Histogram<u64>, q: f64) -> f64 {
+    if h.is_empty() {
+        0.0
+    } else {
+        h.value_at_quantile(q) as f64 / 1000.0
+    }
 }
 
 /// xxh3 of a page; see ARCHITECTURE.md for why xxh3.
@@ -166,6 +203,15 @@ impl Memory {
                 shared: false,
                 hole: true,
             }));
+        }
+        if entry.flags.released {
+            // The guest touched its released zero page again.
+            let mut inner = self.inner.lock();
+            let space = inner.space_mut(vm)?;
+            if let Some(mut e) = space.pmap.get(gfn).filter(|e| e.page == entry.page) {
+                e.flags.released = false;
+                space.pmap.set(gfn, Some(e));
+            }
         }
         // SAFETY: an in-bounds page of a pool view, mapped as long as
         // `self` lives; guests may write it concurrently, which only makes
@@ -215,6 +261,22 @@ impl Memory {
     /// or its kept frame is a duplicate of this batch. At most
     /// [`MERGE_BATCH_MAX`] pairs (the lock is held for the whole batch).
     pub fn merge_batch(&self, dup_vm: VmId, pairs: &[MergePair]) -> Result<Vec<MergeOutcome>> {
+        self.merge_batch_within(dup_vm, pairs, RunAllowance::UNLIMITED)
+    }
+
+    /// [`Memory::merge_batch`] within an allowance of remapped runs (runs
+    /// of frames onto consecutive kept pages): the `free_runs` longest runs
+    /// are remapped, and beyond them only runs of at least `long_run`
+    /// frames; the equal pairs of the other runs are `Deferred`. A run
+    /// inside a mapping splits it in three, so a run costs at most two
+    /// kernel mappings: the scanner gives a VM the runs its budget of
+    /// mappings has left, spent on the longest runs first.
+    pub fn merge_batch_within(
+        &self,
+        dup_vm: VmId,
+        pairs: &[MergePair],
+        allowance: RunAllowance,
+    ) -> Result<Vec<MergeOutcome>> {
         ensure!(
             pairs.len() <= MERGE_BATCH_MAX,
             "a merge batch holds at most {MERGE_BATCH_MAX} pairs, not {}",
@@ -236,13 +298,110 @@ impl Memory {
                 return Ok(vec![MergeOutcome::Stale; pairs.len()]);
             }
         }
-        let outcomes = self.inner.lock().merge_batch_paused(dup_vm, pairs);
+        let outcomes = self
+            .inner
+            .lock()
+            .merge_batch_paused(dup_vm, pairs, allowance);
         if let Some(p) = &pauser {
             p.resume();
             self.inner.lock().count_pause(dup_vm, started, true);
         }
         outcomes
     }
+    /// Releases the pages of zero frames of `vm` to the host: each frame
+    /// that still maps the page the caller saw, privately (one owner, not
+    /// protected, not a replica) and still holds only zeros keeps its
+    /// machine page, but the page is punched out of its pool, so it costs no
+    /// host memory until the guest touches it again; the kernel then
+    /// allocates a zero page in place without involving the monitor. Unlike
+    /// a merge onto a shared zero page this adds no kernel mapping (VMA),
+    /// and a later write costs a page allocation instead of a copy-on-write
+    /// break. Returns, in order, whether each frame was released.
+    ///
+    /// Safe against racing guest writes without pausing the VM: the frames
+    /// are write-protected before the zero check, so a write after it waits
+    /// in the fault handler (for the memory lock held here) and, once woken,
+    /// lands in the fresh page; a write before it fails the check.
+    pub fn release_zero_frames(
+        &self,
+        vm: VmId,
+        frames: &[(Gfn, MachinePage)],
+    ) -> Result<Vec<bool>> {
+        let mut inner = self.inner.lock();
+        let mut released = vec![false; frames.len()];
+        let mut live: Vec<(usize, Gfn, MachinePage)> = Vec::new();
+        {
+            let space = inner.space(vm)?;
+            for (i, &(gfn, page)) in frames.iter().enumerate() {
+                let ok = space.pmap.get(gfn).is_some_and(|e| {
+                    e.page == page
+                        && !e.flags.shared
+                        && !e.flags.write_protected
+                        && !e.flags.released
+                        && space.mergeable(gfn)
+                });
+                if ok && !inner.replicas.contains(page) {
+                    live.push((i, gfn, page));
+                }
+            }
+        }
+        if live.is_empty() {
+            return Ok(released);
+        }
+        let uffd = inner.require_uffd()?.clone();
+        live.sort_unstable_by_key(|l| l.1);
+        live.dedup_by_key(|l| l.1);
+        let gfns: Vec<Gfn> = live.iter().map(|l| l.1).collect();
+        let base = inner.space(vm)?.base;
+        let runs: Vec<(Gfn, Gfn)> = super::runs::runs_of(&gfns).collect();
+        for &(first, len) in &runs {
+            uffd.write_protect(
+                base + first as usize * PAGE_SIZE,
+                len as usize * PAGE_SIZE,
+                true,
+            )
+            .context("write-protecting zero frames")?;
+        }
+        let mut zero_pages: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
+        for &(i, gfn, page) in &live {
+            let ptr = inner.pools[page.node()].page_ptr(page.index) as *const u8;
+            // SAFETY: an in-bounds page of a pool view; write-protected in
+            // the guest's mapping, so its bytes hold still under the lock.
+            let bytes = unsafe { std::slice::from_raw_parts(ptr, PAGE_SIZE) };
+            if bytes.iter().all(|&b| b == 0) {
+                zero_pages.entry(page.node()).or_default().push(page.index);
+                released[i] = true;
+                let space = inner.space_mut(vm)?;
+                let mut e = space.pmap.get(gfn).expect("a live frame");
+                e.flags.released = true;
+                space.pmap.set(gfn, Some(e));
+            }
+        }
+        let mut failure = None;
+        for (node, mut pages) in zero_pages {
+            pages.sort_unstable();
+            if let Err(e) = inner.pools[node].discard(&pages) {
+                failure.get_or_insert(e);
+            }
+        }
+        // The punched pages keep the write-protect marker; lifting it
+        // clears the marker too, so the next touch simply allocates.
+        for &(first, len) in &runs {
+            uffd.write_protect(
+                base + first as usize * PAGE_SIZE,
+                len as usize * PAGE_SIZE,
+                false,
+            )
+            .context("lifting write protection from zero frames")?;
+        }
+        // (Lifting the protection also woke any writer that faulted meanwhile.)
+        inner.cow.zero_releases += released.iter().filter(|&&r| r).count() as u64;
+        match failure {
+            Some(e) => Err(e.context("releasing zero pages")),
+            None => Ok(released),
+        }
+    }
+
     /// Handles a userfaultfd write-protect fault at host address `addr`:
     /// gives the writer a private copy (or lifts a stale protection), then
     /// wakes the waiting thread.
@@ -273,7 +432,7 @@ impl Memory {
                             inner.replace_with_copy(vm, gfn, home)?;
                             inner.cow.breaks += 1;
                             let ns = started.elapsed().as_nanos() as u64;
-                            inner.cow.break_ns.push(ns);
+                            inner.cow.break_ns.0.saturating_record(ns.max(1));
                             let c = inner.cow.per_vm.entry(vm).or_default();
                             c.cow_breaks += 1;
                             c.cow_break_ms += ns as f64 / 1e6;
@@ -294,33 +453,29 @@ impl Memory {
         Ok(outcome)
     }
 
-    /// Current sharing figures (computed from the memmap).
+    /// Current sharing figures (kept incrementally: reading them costs the
+    /// same at any memory size).
     pub fn sharing_stats(&self) -> SharingStats {
         let inner = self.inner.lock();
         let mut s = SharingStats::default();
-        for (_, info) in inner.memmap.iter() {
-            if info.owners.len() > 1 {
-                s.shared_machine_pages += 1;
-                s.sharing_frames += info.owners.len() as u64;
-                s.saved_pages += info.owners.len() as u64 - 1;
-            }
-        }
+        (s.shared_machine_pages, s.sharing_frames) = inner.memmap.sharing();
+        s.saved_pages = s.sharing_frames - s.shared_machine_pages;
         s.saved_bytes = s.saved_pages * PAGE_SIZE as u64;
         s.merges = inner.cow.merges;
         s.compare_failures = inner.cow.compare_failures;
         s.cow_breaks = inner.cow.breaks;
-        let mut ns = inner.cow.break_ns.clone();
-        ns.sort_unstable();
-        s.cow_break_median_us = percentile_us(&ns, 0.5);
-        s.cow_break_p99_us = percentile_us(&ns, 0.99);
+        s.cow_break_median_us = quantile_us(&inner.cow.break_ns.0, 0.5);
+        s.cow_break_p99_us = quantile_us(&inner.cow.break_ns.0, 0.99);
+        s.zero_releases = inner.cow.zero_releases;
+        s.released_zero_frames = inner.spaces.values().map(|sp| sp.pmap.released()).sum();
         s
     }
 
-    /// The fault handler's time of every copy-on-write break so far, in
-    /// nanoseconds, in the order they happened (benchmarks take
-    /// distributions from it).
-    pub fn cow_break_times_ns(&self) -> Vec<u64> {
-        self.inner.lock().cow.break_ns.clone()
+    /// The fault handler's times of the copy-on-write breaks so far, in
+    /// nanoseconds (benchmarks subtract two of these to get the
+    /// distribution of a phase).
+    pub fn cow_break_histogram(&self) -> hdrhistogram::Histogram<u64> {
+        self.inner.lock().cow.break_ns.0.clone()
     }
 
     /// What copy-on-write breaks and remap pauses have cost VM `vm` so far.
@@ -355,6 +510,24 @@ pub struct MergePair {
     pub keep: (VmId, Gfn, MachinePage),
 }
 
+/// How many runs a merge batch may remap (see
+/// [`Memory::merge_batch_within`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunAllowance {
+    /// Runs remapped whatever their length, longest first.
+    pub free_runs: usize,
+    /// Beyond those, runs of at least this many frames.
+    pub long_run: usize,
+}
+
+impl RunAllowance {
+    /// Every run.
+    pub const UNLIMITED: RunAllowance = RunAllowance {
+        free_runs: usize::MAX,
+        long_run: 1,
+    };
+}
+
 /// Most pairs one [`Memory::merge_batch`] takes (2 MiB of frames).
 pub const MERGE_BATCH_MAX: usize = 512;
 
@@ -364,6 +537,7 @@ impl Inner {
         &mut self,
         dup_vm: VmId,
         pairs: &[MergePair],
+        allowance: RunAllowance,
     ) -> Result<Vec<MergeOutcome>> {
         let mut outcomes = vec![MergeOutcome::Stale; pairs.len()];
         let live = self.live_pairs(dup_vm, pairs)?;
@@ -405,8 +579,8 @@ impl Inner {
         // writable until it is protected, see `GuestPause`): one `mmap` per
         // run of consecutive frames onto consecutive pages of one pool.
         equal.sort_unstable_by_key(|&i| pairs[i].dup_gfn);
-        let mut merged = Vec::with_capacity(equal.len());
-        let mut failure = None;
+        // The runs: (start in `equal`, length).
+        let mut runs = Vec::new();
         let mut at = 0;
         while at < equal.len() {
             let first = &pairs[equal[at]];
@@ -422,12 +596,31 @@ impl Inner {
                 }
                 len += 1;
             }
+            runs.push((at, len));
+            at += len;
+        }
+        // The allowance goes to the longest runs; beyond it only long runs.
+        let mut by_length: Vec<usize> = (0..runs.len()).collect();
+        by_length.sort_by_key(|&r| std::cmp::Reverse(runs[r].1));
+        let mut remap = vec![false; runs.len()];
+        for (rank, &r) in by_length.iter().enumerate() {
+            remap[r] = rank < allowance.free_runs || runs[r].1 >= allowance.long_run;
+        }
+        let mut merged = Vec::with_capacity(equal.len());
+        let mut failure = None;
+        for (&(at, len), remap) in runs.iter().zip(remap) {
+            if !remap {
+                for &i in &equal[at..at + len] {
+                    outcomes[i] = MergeOutcome::Deferred;
+                }
+                continue;
+            }
+            let first = &pairs[equal[at]];
             if let Err(e) = self.map_onto_run(dup_vm, first.dup_gfn, first.keep.2, len) {
                 failure = Some(e);
                 break;
             }
             merged.extend_from_slice(&equal[at..at + len]);
-            at += len;
         }
 
         // 4. frames of pairs not merged get back the protection they had,

@@ -889,6 +889,7 @@ impl Inner {
             let flags = PageFlags {
                 shared: protect,
                 write_protected: protect,
+                released: false,
             };
             pmap.set(gfn, Some(PmapEntry { page, flags }));
         }
@@ -914,6 +915,7 @@ impl Inner {
                 flags: PageFlags {
                     shared: true,
                     write_protected: true,
+                    released: false,
                 },
             }),
         );
@@ -976,6 +978,7 @@ impl Inner {
             let flags = PageFlags {
                 shared: true,
                 write_protected: true,
+                released: false,
             };
             self.space_mut(vm)?
                 .pmap

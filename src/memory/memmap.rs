@@ -36,6 +36,11 @@ pub struct Memmap {
     /// `nodes[node][index]`; a slot with refcount 0 and no owners is free.
     nodes: Vec<Vec<PageInfo>>,
     in_use: usize,
+    /// Pages with two owners or more, and the owners of those pages: kept
+    /// as owners come and go, so sharing figures cost nothing to read
+    /// (`verify` recounts them).
+    shared_pages: u64,
+    sharing_frames: u64,
 }
 
 impl Memmap {
@@ -64,6 +69,14 @@ impl Memmap {
         }
         info.refcount += 1;
         info.owners.push((vm, gfn));
+        match info.owners.len() {
+            2 => {
+                self.shared_pages += 1;
+                self.sharing_frames += 2;
+            }
+            n if n > 2 => self.sharing_frames += 1,
+            _ => {}
+        }
     }
 
     /// Removes `(vm, gfn)` from `page`'s owners. Returns `true` when that was
@@ -82,6 +95,14 @@ impl Memmap {
             .iter()
             .position(|&o| o == (vm, gfn))
             .unwrap_or_else(|| panic!("memmap: ({vm}, {gfn:#x}) does not own {page}"));
+        match info.owners.len() {
+            2 => {
+                self.shared_pages -= 1;
+                self.sharing_frames -= 2;
+            }
+            n if n > 2 => self.sharing_frames -= 1,
+            _ => {}
+        }
         info.owners.swap_remove(pos);
         info.refcount -= 1;
         if info.refcount == 0 {
@@ -111,6 +132,12 @@ impl Memmap {
 
     pub fn len(&self) -> usize {
         self.in_use
+    }
+
+    /// Pages with more than one owner, and the frames that map them (kept
+    /// incrementally).
+    pub fn sharing(&self) -> (u64, u64) {
+        (self.shared_pages, self.sharing_frames)
     }
 
     pub fn is_empty(&self) -> bool {

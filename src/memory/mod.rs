@@ -26,12 +26,15 @@ pub mod pool;
 pub mod replica;
 pub mod runs;
 mod verify;
+pub mod watch;
 
 pub use cow::{
-    FaultOutcome, GuestCosts, MergeOutcome, MergePair, PageScan, SharingStats, MERGE_BATCH_MAX,
+    FaultOutcome, GuestCosts, MergeOutcome, MergePair, PageScan, RunAllowance, SharingStats,
+    MERGE_BATCH_MAX,
 };
 pub use mapper::{GuestSpaceStats, Memory, MoveReport, MoveTimes, PoolStats, MOVE_RUN_MAX};
 pub use replica::{FrameLocation, ReplicaStats};
+pub use watch::{KernelMappings, MemorySample, MemoryWatch};
 
 use serde::Serialize;
 

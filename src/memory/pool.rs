@@ -244,6 +244,12 @@ impl Pool {
         Ok(())
     }
 
+    /// Punches pages that stay allocated (zero pages released to the host:
+    /// see `PageFlags::released`), one hole per run of `sorted`.
+    pub fn discard(&mut self, sorted: &[u32]) -> Result<()> {
+        self.punch_runs(sorted)
+    }
+
     fn full_error(&self, count: u32) -> anyhow::Error {
         anyhow::anyhow!(
             "memory pool of node {} is full: {} pages requested, {} of {} available",

@@ -101,7 +101,16 @@ impl Memory {
             if covered != end {
                 errors.push(format!("vm {vm}: host range ends unmapped at {covered:#x}"));
             }
+            let mut released = 0;
             for (gfn, e) in space.pmap.iter() {
+                if e.flags.released {
+                    released += 1;
+                    if e.flags.shared || e.flags.write_protected {
+                        errors.push(format!(
+                            "vm {vm} gfn {gfn:#x}: a released zero page cannot be shared or protected"
+                        ));
+                    }
+                }
                 match inner.memmap.get(e.page) {
                     Some(info) if info.owners.contains(&(vm, gfn)) => {}
                     _ => errors.push(format!(
@@ -116,9 +125,20 @@ impl Memory {
                     ));
                 }
             }
+            if released != space.pmap.released() {
+                errors.push(format!(
+                    "vm {vm}: {released} released frames but the pmap counts {}",
+                    space.pmap.released()
+                ));
+            }
         }
 
+        let (mut shared_pages, mut sharing_frames) = (0u64, 0u64);
         for (page, info) in inner.memmap.iter() {
+            if info.owners.len() > 1 {
+                shared_pages += 1;
+                sharing_frames += info.owners.len() as u64;
+            }
             if info.refcount as usize != info.owners.len() || info.refcount == 0 {
                 errors.push(format!(
                     "{page}: refcount {} but {} owners",
@@ -146,6 +166,13 @@ impl Memory {
                     }
                 }
             }
+        }
+        if inner.memmap.sharing() != (shared_pages, sharing_frames) {
+            errors.push(format!(
+                "memmap counts {:?} (shared pages, their frames) but holds {:?}",
+                inner.memmap.sharing(),
+                (shared_pages, sharing_frames)
+            ));
         }
         inner.verify_replicas(&mut errors);
         for pool in &inner.pools {

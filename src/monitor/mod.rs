@@ -223,6 +223,9 @@ pub struct Monitor {
     expected_vms: usize,
     /// See [`Monitor::collect_finished`].
     collect_finished: bool,
+    /// The memory timeline of the report (VMAs, pool residency, sharing,
+    /// the monitor's own memory), from the first [`Monitor::sample_memory`].
+    memory_watch: Option<crate::memory::MemoryWatch>,
 }
 
 impl Monitor {
@@ -256,6 +259,7 @@ impl Monitor {
             events: EventLog::new(started),
             expected_vms: 0,
             collect_finished: false,
+            memory_watch: None,
         })
     }
 
@@ -373,6 +377,13 @@ impl Monitor {
         if let Err(e) = self.memory.verify() {
             self.verify.errors.push(format!("{when}: {e:#}"));
         }
+    }
+
+    /// Takes a sample of the memory timeline when one is due (every second).
+    pub fn sample_memory(&mut self) {
+        self.memory_watch
+            .get_or_insert_with(|| crate::memory::MemoryWatch::new(Duration::from_secs(1)))
+            .sample(&self.memory);
     }
 
     /// [`Self::check`] while guests run, every `verify_every`.
@@ -953,6 +964,12 @@ impl Monitor {
         bar.finish_and_clear();
         self.check("after the guests stopped");
         let pools = self.memory.pool_stats();
+        let guest_frames: u64 = self.vms.iter().map(|v| v.config.memory_mib * 256).sum();
+        let (kernel_mappings, memory_timeline) = self
+            .memory_watch
+            .take()
+            .unwrap_or_else(|| crate::memory::MemoryWatch::new(Duration::from_secs(1)))
+            .finish(&self.memory, guest_frames);
         let sharing_report = scan_stats.map(|(scanner, settled, settle_note)| SharingReport {
             scanner,
             settled,
@@ -987,6 +1004,8 @@ impl Monitor {
             vms: reports,
             interrupted: self.interrupted.map(str::to_string),
             sharing: sharing_report,
+            kernel_mappings,
+            memory_timeline,
             numa: numa_stats,
             replicas,
             pools,

@@ -130,6 +130,7 @@ pub fn run_with(
         if m.all_finished() {
             break;
         }
+        m.sample_memory();
         m.verify_if_due();
         drop(m);
         std::thread::sleep(Duration::from_millis(10));
@@ -169,6 +170,7 @@ pub fn serve(
             break;
         }
         m.tick();
+        m.sample_memory();
         if m.any_running() {
             m.verify_if_due();
         }

@@ -1,0 +1,322 @@
+//! The scale scenario (`disco bench scale`): many VMs of real size holding
+//! mostly identical content, run by the monitor (`monitor::run`) under each
+//! policy in turn: what sharing costs and saves at the sizes operators run.
+//!
+//! N VMs of M MiB each run `fill` with one seed for the shared part and a
+//! seed of their own for the rest (`shared_percent` % of each VM's data
+//! pages, scattered by frame, are identical across VMs). Each policy's run
+//! reports the guests' run time (the slowest VM), the scanner's CPU and
+//! merges, memory saved, the monitor's kernel mappings (VMAs) at peak and
+//! at the end, the monitor's own memory (RssAnon) and the host memory the
+//! pools held over time (the run report's memory timeline, sampled each
+//! second). The first policy is the baseline the others' run times are
+//! compared with (by default `static`: sharing off).
+//!
+//! Not measured here: more guest memory than the host has (32 VMs x 1 GiB
+//! on this 24 GiB host): `disco run` refuses configs whose VMs do not fit
+//! the host, sharing or not, and VMs cannot start in waves yet.
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use super::suite::{Better, Figure, Plot, Progress, Scenario, ScenarioResult};
+use super::svg::LinePlot;
+use super::{config_from_toml, markdown_table};
+use crate::memory::MemorySample;
+use crate::monitor::{self, RunOptions};
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+#[derive(Clone, Debug)]
+struct ScaleScenario {
+    vms: u64,
+    memory_mib: u64,
+    shared_percent: u64,
+    policies: Vec<String>,
+}
+
+impl ScaleScenario {
+    /// The generated config of one policy's run.
+    fn config(&self, policy: &str, seed: u64) -> String {
+        let mut text = format!("policy = \"{policy}\"\n");
+        for i in 0..self.vms {
+            text += &format!(
+                "\n[[vm]]\nname = \"vm{i}\"\nvcpus = 1\nmemory_mib = {}\ntime_limit_s = 1800\n\
+                 workload = {{ kind = \"fill\", seed = {seed}, private_seed = {}, shared_percent = {} }}\n",
+                self.memory_mib,
+                seed * 1000 + i + 1,
+                self.shared_percent
+            );
+        }
+        text
+    }
+}
+
+/// One policy's run.
+#[derive(Clone, Debug, Serialize)]
+pub struct PolicyRun {
+    pub policy: String,
+    pub wall_ms: f64,
+    /// The slowest VM's guest run time, ms.
+    pub guest_run_ms: f64,
+    pub guest_mib: u64,
+    pub saved_mib: f64,
+    pub merges: u64,
+    pub merge_batches: u64,
+    pub zero_releases: u64,
+    pub scanner_cpu_ms: f64,
+    pub vmas_peak: u64,
+    pub vmas_end: u64,
+    pub monitor_anon_peak_mib: f64,
+    pub pool_resident_peak_mib: f64,
+    pub timeline: Vec<MemorySample>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ScaleResult {
+    pub vms: u64,
+    pub memory_mib: u64,
+    pub shared_percent: u64,
+    pub runs: Vec<PolicyRun>,
+}
+
+fn run_policy(s: &ScaleScenario, policy: &str, seed: u64) -> Result<PolicyRun> {
+    let config = config_from_toml(&s.config(policy, seed))?;
+    let t = std::time::Instant::now();
+    let report = monitor::run(
+        &config,
+        &RunOptions {
+            progress: false,
+            ..RunOptions::default()
+        },
+    )?;
+    let wall_ms = t.elapsed().as_secs_f64() * 1e3;
+    anyhow::ensure!(
+        report.all_ok(),
+        "policy {policy}: the run is not ok:\n{}",
+        report.render_text()
+    );
+    let sharing = report.sharing.as_ref();
+    let k = &report.kernel_mappings;
+    Ok(PolicyRun {
+        policy: policy.to_string(),
+        wall_ms,
+        guest_run_ms: report.vms.iter().map(|v| v.run_ms).fold(0.0, f64::max),
+        guest_mib: s.vms * s.memory_mib,
+        saved_mib: sharing.map_or(0.0, |sh| {
+            sh.memory.pages_saved_in_all() as f64 * crate::PAGE_SIZE as f64 / MIB
+        }),
+        merges: sharing.map_or(0, |sh| sh.scanner.merges),
+        merge_batches: sharing.map_or(0, |sh| sh.scanner.merge_batches),
+        zero_releases: sharing.map_or(0, |sh| sh.scanner.zero_releases),
+        scanner_cpu_ms: sharing.map_or(0.0, |sh| sh.scanner.cpu_ms),
+        vmas_peak: k.peak,
+        vmas_end: k.end,
+        monitor_anon_peak_mib: k.monitor_anon_peak_bytes as f64 / MIB,
+        pool_resident_peak_mib: report
+            .memory_timeline
+            .iter()
+            .map(|m| m.pool_resident_bytes)
+            .max()
+            .unwrap_or(0) as f64
+            / MIB,
+        timeline: report.memory_timeline,
+    })
+}
+
+/// Reads a `kind = "scale"` scenario file: `vms`, `memory_mib`,
+/// `shared_percent`, `policies` (the first is the baseline).
+pub fn prepare(p: &super::params::Params) -> super::params::ParamResult<Box<dyn Scenario>> {
+    let quick = p.quick();
+    let s = ScaleScenario {
+        vms: p.u64("vms", 1, 512, if quick { 8 } else { 16 })?,
+        memory_mib: p.u64(
+            "memory_mib",
+            4,
+            crate::config::MAX_MEMORY_MIB,
+            if quick { 256 } else { 1024 },
+        )?,
+        shared_percent: p.u64("shared_percent", 0, 100, 90)?,
+        policies: p.policies("policies", &["static", "disco"])?,
+    };
+    for policy in &s.policies {
+        config_from_toml(&s.config(policy, 1))
+            .map_err(|e| super::blame_config_error(p, &e, policy, "policies", "vms"))?;
+    }
+    Ok(Box::new(s))
+}
+
+impl Scenario for ScaleScenario {
+    fn run(&self, seed: u64, progress: &Progress) -> Result<Box<dyn ScenarioResult>> {
+        let mut runs = Vec::new();
+        for policy in &self.policies {
+            progress.say(&format!(
+                "{} VMs x {} MiB under policy {policy}",
+                self.vms, self.memory_mib
+            ));
+            runs.push(run_policy(self, policy, seed).with_context(|| format!("policy {policy}"))?);
+        }
+        Ok(Box::new(ScaleResult {
+            vms: self.vms,
+            memory_mib: self.memory_mib,
+            shared_percent: self.shared_percent,
+            runs,
+        }))
+    }
+
+    fn policies(&self) -> Vec<String> {
+        self.policies.clone()
+    }
+}
+
+impl ScenarioResult for ScaleResult {
+    fn figures(&self) -> Vec<Figure> {
+        let mut out = Vec::new();
+        let base = self.runs.first().map_or(0.0, |r| r.guest_run_ms);
+        for r in &self.runs {
+            let p = &r.policy;
+            let frames = (r.guest_mib * 256).max(1) as f64;
+            out.extend([
+                Figure::value(
+                    &format!("{p}: guest run (slowest VM)"),
+                    "ms",
+                    Better::Lower,
+                    r.guest_run_ms,
+                ),
+                Figure::value(
+                    &format!("{p}: guest run / {}", self.runs[0].policy),
+                    "ratio",
+                    Better::Lower,
+                    r.guest_run_ms / base.max(1e-9),
+                )
+                .headline(),
+                Figure::value(
+                    &format!("{p}: memory saved"),
+                    "MiB",
+                    Better::Higher,
+                    r.saved_mib,
+                )
+                .headline(),
+                Figure::value(
+                    &format!("{p}: scanner CPU"),
+                    "ms",
+                    Better::Lower,
+                    r.scanner_cpu_ms,
+                ),
+                Figure::value(
+                    &format!("{p}: merges"),
+                    "merges",
+                    Better::Neither,
+                    r.merges as f64,
+                ),
+                Figure::value(
+                    &format!("{p}: kernel mappings at the end per 16 guest frames"),
+                    "VMAs",
+                    Better::Lower,
+                    r.vmas_end as f64 * 16.0 / frames,
+                )
+                .headline(),
+                Figure::value(
+                    &format!("{p}: kernel mappings at peak"),
+                    "VMAs",
+                    Better::Lower,
+                    r.vmas_peak as f64,
+                ),
+                Figure::value(
+                    &format!("{p}: monitor memory (RssAnon) / guest RAM"),
+                    "fraction",
+                    Better::Lower,
+                    r.monitor_anon_peak_mib / r.guest_mib.max(1) as f64,
+                )
+                .headline(),
+                Figure::value(
+                    &format!("{p}: host memory held by the pools at peak"),
+                    "MiB",
+                    Better::Lower,
+                    r.pool_resident_peak_mib,
+                ),
+            ]);
+            if r.merges > 0 {
+                out.push(Figure::value(
+                    &format!("{p}: scanner CPU per merge"),
+                    "us",
+                    Better::Lower,
+                    r.scanner_cpu_ms * 1e3 / r.merges as f64,
+                ));
+            }
+        }
+        out
+    }
+
+    fn plots(&self) -> Vec<Plot> {
+        let mut plot = LinePlot::new(
+            &format!(
+                "{} VMs x {} MiB, {} % identical: host memory the pools hold",
+                self.vms, self.memory_mib, self.shared_percent
+            ),
+            "time since the VMs started (s)",
+            "GiB",
+        );
+        for r in &self.runs {
+            plot = plot.series(
+                &r.policy,
+                r.timeline
+                    .iter()
+                    .map(|m| (m.t_ms / 1e3, m.pool_resident_bytes as f64 / (MIB * 1024.0)))
+                    .collect(),
+            );
+        }
+        let guest_gib = (self.vms * self.memory_mib) as f64 / 1024.0;
+        vec![Plot {
+            name: "memory".into(),
+            title: "host memory held by guest pages over time".into(),
+            svg: plot.reference_line(guest_gib, "guest RAM").render(),
+        }]
+    }
+
+    fn markdown(&self) -> String {
+        let rows: Vec<Vec<String>> = self
+            .runs
+            .iter()
+            .map(|r| {
+                vec![
+                    r.policy.clone(),
+                    format!("{:.0}", r.guest_run_ms),
+                    format!("{:.0}", r.wall_ms),
+                    format!("{:.0}", r.saved_mib),
+                    format!("{} in {} batches", r.merges, r.merge_batches),
+                    r.zero_releases.to_string(),
+                    format!("{:.0}", r.scanner_cpu_ms),
+                    format!("{} / {}", r.vmas_peak, r.vmas_end),
+                    format!("{:.0}", r.monitor_anon_peak_mib),
+                    format!("{:.0}", r.pool_resident_peak_mib),
+                ]
+            })
+            .collect();
+        format!(
+            "{} VMs x {} MiB, `fill` with {} % of each VM's data pages identical across VMs.\n\n{}",
+            self.vms,
+            self.memory_mib,
+            self.shared_percent,
+            markdown_table(
+                &[
+                    "policy",
+                    "guest run ms (slowest)",
+                    "wall ms",
+                    "saved MiB",
+                    "merges",
+                    "zero pages released",
+                    "scanner CPU ms",
+                    "VMAs peak / end",
+                    "monitor RssAnon MiB",
+                    "pools' host memory peak MiB",
+                ],
+                &rows,
+            )
+        )
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
