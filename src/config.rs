@@ -846,6 +846,7 @@ fn parse_vm(t: &Fields, nodes: usize, dir: &Path) -> Result<Vec<VmConfig>> {
             seed: 1,
             private_seed: 1,
             shared_percent: 100,
+            shared_run: 1,
         },
     };
     let workload_is_default = linux.is_none() && !t.has("workload");
@@ -1036,6 +1037,15 @@ fn parse_workload(w: &Fields) -> Result<Workload> {
                 seed,
                 private_seed: w.opt_u64("private_seed", 0, u64::MAX)?.unwrap_or(seed),
                 shared_percent: w.opt_u64("shared_percent", 0, 100)?.unwrap_or(100) as u8,
+                shared_run: match w.opt_u64("shared_run", 1, 65536)?.unwrap_or(1) {
+                    r if r.is_power_of_two() => r as u32,
+                    r => {
+                        return Err(w.error(
+                            "shared_run",
+                            format!("{r} is not a power of two; allowed: 1, 2, 4, ... 65536 (frames per block of the shared/private choice)"),
+                        ))
+                    }
+                },
             }
         }
         "sweep" => Workload::Sweep {

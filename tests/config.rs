@@ -671,3 +671,22 @@ fn bad_mapping_budget_values_name_the_key_and_the_range() {
     );
     assert_contains(&err, &["allowed: 0 to 1048576"]);
 }
+
+#[test]
+fn a_shared_run_that_is_not_a_power_of_two_is_refused() {
+    for (value, found) in [("3", "3 is not a power of two"), ("0", "0 is out of range")] {
+        let err = error_of(
+            "run.toml",
+            &GOOD_VM
+                .replace(
+                    "kind = \"sweep\"",
+                    &format!("kind = \"fill\", shared_percent = 50, shared_run = {value}"),
+                )
+                .replace(", passes = 2", ""),
+        );
+        assert_contains(
+            &err,
+            &["run.toml", "key `vm[0].workload.shared_run`", found],
+        );
+    }
+}

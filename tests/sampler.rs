@@ -560,6 +560,7 @@ fn kvm_fill_samples_are_writes_by_the_owner() {
         seed,
         private_seed: seed,
         shared_percent: 100,
+        shared_run: 1,
     };
     let vm = MicroVm::create(&kvm, spec("sf", workload), ram).unwrap();
     u.register(map.addr, map.len, true, true).unwrap();

@@ -533,6 +533,7 @@ fn fill(seed: u64) -> Workload {
         seed,
         private_seed: seed,
         shared_percent: 100,
+        shared_run: 1,
     }
 }
 

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use disco::guest::layout::{self, PAGE};
-use disco::guest::model::{expected_page, page_content, page_is_shared, progress_total};
+use disco::guest::model::{expected_page, page_content, page_is_shared_in_runs, progress_total};
 use disco::guest::Workload;
 use disco::kvm_check::require_kvm;
 use disco::vm::{GuestRam, MicroVm, MicroVmSpec, VcpuOutcome, VcpuPlacement, VmOutcome};
@@ -149,10 +149,20 @@ fn fill(seed: u64) -> Workload {
 }
 
 fn split_fill(seed: u64, private_seed: u64, shared_percent: u8) -> Workload {
+    split_fill_in_runs(seed, private_seed, shared_percent, 1)
+}
+
+fn split_fill_in_runs(
+    seed: u64,
+    private_seed: u64,
+    shared_percent: u8,
+    shared_run: u32,
+) -> Workload {
     Workload::Fill {
         seed,
         private_seed,
         shared_percent,
+        shared_run,
     }
 }
 
@@ -162,11 +172,22 @@ fn split_fill(seed: u64, private_seed: u64, shared_percent: u8) -> Workload {
 /// pages `page_is_shared` selects are identical across the two VMs. Returns
 /// the number of identical data pages and of data pages.
 fn split_fill_pair(seed: u64, shared_percent: u8) -> (usize, usize) {
+    split_fill_pair_in_runs(seed, shared_percent, 1).0
+}
+
+/// [`split_fill_pair`] with the choice made per block of `shared_run`
+/// frames; also returns the runs of identical pages (maximal runs of
+/// consecutive data frames identical across the VMs).
+fn split_fill_pair_in_runs(
+    seed: u64,
+    shared_percent: u8,
+    shared_run: u32,
+) -> ((usize, usize), usize) {
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     let ram: Vec<SharedRam> = (0..2).map(|_| SharedRam::new(16 << 20)).collect();
     let workloads = [
-        split_fill(seed, 0xA, shared_percent),
-        split_fill(seed, 0xB, shared_percent),
+        split_fill_in_runs(seed, 0xA, shared_percent, shared_run),
+        split_fill_in_runs(seed, 0xB, shared_percent, shared_run),
     ];
     let mut vms: Vec<MicroVm> = ram
         .iter()
@@ -190,9 +211,10 @@ fn split_fill_pair(seed: u64, shared_percent: u8) -> (usize, usize) {
         eprintln!("{}: {:?}", out.name, out.run_time);
         assert_checksums(&out);
     }
-    let (mut same, mut total) = (0, 0);
+    let (mut same, mut total, mut runs) = (0, 0, 0);
     for p in &params {
         let first = p.base / PAGE;
+        let mut previous = false;
         for gfn in first..first + p.pages() {
             let pages = [ram[0].page(gfn), ram[1].page(gfn)];
             for (page, w) in pages.iter().zip(&workloads) {
@@ -202,7 +224,9 @@ fn split_fill_pair(seed: u64, shared_percent: u8) -> (usize, usize) {
                     "page {gfn:#x} of {w:?}"
                 );
             }
-            let shared = page_is_shared(gfn, shared_percent);
+            let shared = page_is_shared_in_runs(gfn, shared_percent, shared_run);
+            runs += (shared && !previous) as usize;
+            previous = shared;
             if shared {
                 assert_eq!(pages[0], page_content(seed, gfn).to_vec(), "{gfn:#x}");
             }
@@ -215,8 +239,11 @@ fn split_fill_pair(seed: u64, shared_percent: u8) -> (usize, usize) {
             total += 1;
         }
     }
-    eprintln!("{shared_percent} % shared: {same} of {total} data pages identical");
-    (same, total)
+    eprintln!(
+        "{shared_percent} % shared in blocks of {shared_run}: {same} of {total} data pages \
+         identical, in {runs} runs"
+    );
+    ((same, total), runs)
 }
 
 #[test]
@@ -230,6 +257,27 @@ fn split_fill_shares_the_chosen_half_of_the_pages_across_vms() {
     assert!(
         (fraction - 0.5).abs() < 0.02,
         "{same} of {total} data pages shared"
+    );
+}
+
+/// The same split decided per block of 64 frames: about the same share of
+/// identical pages, in runs a block long or longer (about 1/64 as many runs
+/// as frame by frame).
+#[test]
+fn split_fill_in_runs_lays_shared_pages_out_in_blocks() {
+    if !require_kvm("split_fill_in_runs_lays_shared_pages_out_in_blocks") {
+        return;
+    }
+    let ((same, total), runs) = split_fill_pair_in_runs(0x5eed, 50, 64);
+    let ((_, _), scattered_runs) = split_fill_pair_in_runs(0x5eed, 50, 1);
+    let fraction = same as f64 / total as f64;
+    assert!(
+        (fraction - 0.5).abs() < 0.15,
+        "{same} of {total} data pages shared"
+    );
+    assert!(
+        runs * 32 <= scattered_runs && same / runs >= 64,
+        "{runs} runs in blocks of 64 against {scattered_runs} frame by frame"
     );
 }
 

@@ -844,6 +844,7 @@ impl KsmBenchConfig {
                     seed: 0,
                     private_seed: 0,
                     shared_percent: 100,
+                    shared_run: 1,
                 },
                 1,
             ) / GUEST_PAGE) as usize;
@@ -1113,6 +1114,7 @@ fn fill_spec(name: String, seed: u64) -> MicroVmSpec {
             seed,
             private_seed: seed,
             shared_percent: 100,
+            shared_run: 1,
         },
         time_limit: Duration::from_secs(120),
     }

@@ -4,7 +4,9 @@
 //!
 //! N VMs of M MiB each run `fill` with one seed for the shared part and a
 //! seed of their own for the rest (`shared_percent` % of each VM's data
-//! pages, scattered by frame, are identical across VMs). Each policy's run
+//! pages are identical across VMs, chosen in blocks of `shared_run` frames:
+//! 256 by default, runs as VMs booted from one image hold; 1 scatters them
+//! frame by frame, the worst case for the mapping budget). Each policy's run
 //! reports the guests' run time (the slowest VM), the scanner's CPU and
 //! merges, memory saved, the monitor's kernel mappings (VMAs) at peak and
 //! at the end, the monitor's own memory (RssAnon) and the host memory the
@@ -32,6 +34,7 @@ struct ScaleScenario {
     vms: u64,
     memory_mib: u64,
     shared_percent: u64,
+    shared_run: u64,
     policies: Vec<String>,
 }
 
@@ -42,10 +45,11 @@ impl ScaleScenario {
         for i in 0..self.vms {
             text += &format!(
                 "\n[[vm]]\nname = \"vm{i}\"\nvcpus = 1\nmemory_mib = {}\ntime_limit_s = 1800\n\
-                 workload = {{ kind = \"fill\", seed = {seed}, private_seed = {}, shared_percent = {} }}\n",
+                 workload = {{ kind = \"fill\", seed = {seed}, private_seed = {}, shared_percent = {}, shared_run = {} }}\n",
                 self.memory_mib,
                 seed * 1000 + i + 1,
-                self.shared_percent
+                self.shared_percent,
+                self.shared_run
             );
         }
         text
@@ -77,6 +81,7 @@ pub struct ScaleResult {
     pub vms: u64,
     pub memory_mib: u64,
     pub shared_percent: u64,
+    pub shared_run: u64,
     pub runs: Vec<PolicyRun>,
 }
 
@@ -137,6 +142,7 @@ pub fn prepare(p: &super::params::Params) -> super::params::ParamResult<Box<dyn 
             if quick { 256 } else { 1024 },
         )?,
         shared_percent: p.u64("shared_percent", 0, 100, 90)?,
+        shared_run: p.u64("shared_run", 1, 65536, 256)?,
         policies: p.policies("policies", &["static", "disco"])?,
     };
     for policy in &s.policies {
@@ -160,6 +166,7 @@ impl Scenario for ScaleScenario {
             vms: self.vms,
             memory_mib: self.memory_mib,
             shared_percent: self.shared_percent,
+            shared_run: self.shared_run,
             runs,
         }))
     }
@@ -294,10 +301,11 @@ impl ScenarioResult for ScaleResult {
             })
             .collect();
         format!(
-            "{} VMs x {} MiB, `fill` with {} % of each VM's data pages identical across VMs.\n\n{}",
+            "{} VMs x {} MiB, `fill` with {} % of each VM's data pages identical across VMs, chosen in blocks of {} frames.\n\n{}",
             self.vms,
             self.memory_mib,
             self.shared_percent,
+            self.shared_run,
             markdown_table(
                 &[
                     "policy",

@@ -87,6 +87,11 @@ pub struct SharingOptions {
     pub mib_per_vm: u64,
     /// Percentage of each VM's data pages identical across VMs (0 to 100).
     pub shared_percent: u8,
+    /// disco's side: frames per block of the shared/private choice (1:
+    /// shared pages scattered among private ones frame by frame, the worst
+    /// case; larger: runs, as VMs booted from one image hold them).
+    #[serde(default = "one")]
+    pub shared_run: u32,
     /// disco's scanner rate.
     pub pages_per_second: u64,
     /// Content seed common to all VMs; VM `i`'s private pages use
@@ -119,6 +124,7 @@ impl SharingOptions {
             vms: 8,
             mib_per_vm: 32,
             shared_percent: 50,
+            shared_run: 1,
             pages_per_second: 100_000,
             seed: KsmBenchConfig::default().seed,
             cow_reps: 3,
@@ -198,6 +204,7 @@ impl SharingOptions {
             seed: self.seed,
             private_seed: vm_seed(self.seed, vm),
             shared_percent: self.shared_percent,
+            shared_run: self.shared_run,
         }
     }
 
@@ -209,6 +216,7 @@ impl SharingOptions {
             seed,
             private_seed: seed,
             shared_percent: 100,
+            shared_run: 1,
         }
     }
 
@@ -582,6 +590,10 @@ fn bench_scanner(options: &SharingOptions) -> ScannerConfig {
     let mut config = ScannerConfig::new(options.pages_per_second, vec![]);
     config.frames_per_mapping = 0;
     config
+}
+
+fn one() -> u32 {
+    1
 }
 
 fn census(hashes: &FrameHashes) -> DiscoCensus {
@@ -1494,7 +1506,8 @@ impl SharingResult {
 struct SharingScenario(SharingOptions);
 
 /// Reads a `kind = "sharing"` scenario file: `vms`, `memory_mib` (per VM),
-/// `duplicate_fraction` (0 to 1, in hundredths), `pages_per_second` (disco's
+/// `duplicate_fraction` (0 to 1, in hundredths), `shared_run` (disco's
+/// layout: frames per block of the shared/private choice), `pages_per_second` (disco's
 /// scanner), `cow_reps`, `reps` (sweep runs each with and without the
 /// scanner), `sweep_mib`, `sweep_passes`, `timeout_s`, `ksm_timeout_s`,
 /// `sample_interval_ms`, `ksm_pages_to_scan`, `ksm_sleep_millisecs`.
@@ -1525,6 +1538,15 @@ pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
         vms: p.usize("vms", 2, 256, d.vms)?,
         mib_per_vm: p.u64("memory_mib", 2, 4096, d.mib_per_vm)?,
         shared_percent: percent as u8,
+        shared_run: match p.u64("shared_run", 1, 65536, d.shared_run as u64)? {
+            r if r.is_power_of_two() => r as u32,
+            r => {
+                return Err(p.error(
+                    "shared_run",
+                    format!("{r} is not a power of two; allowed: 1, 2, 4, ... 65536"),
+                ))
+            }
+        },
         pages_per_second: p.u64("pages_per_second", 1, 100_000_000, d.pages_per_second)?,
         cow_reps: p.usize("cow_reps", 1, 256, d.cow_reps)?,
         sweep: SweepOptions {

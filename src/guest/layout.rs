@@ -116,6 +116,8 @@ pub struct VcpuParams {
     /// than `private_seed`'s (see `super::model::page_is_shared`); 100 unless
     /// the workload is a fill that says otherwise.
     pub shared_percent: u8,
+    /// Frames per block of that choice (1 unless the fill says otherwise).
+    pub shared_run: u32,
     /// Workload iterations: sweep passes, random touches, table lookups or
     /// counter increments (0 otherwise).
     pub iterations: u64,
@@ -243,6 +245,13 @@ pub fn plan(workload: &Workload, ram_bytes: u64, nvcpus: usize) -> Result<Vec<Vc
             return Err("table_scan needs table_pages >= 1".into())
         }
         Workload::Counters { counters: 0, .. } => return Err("counters needs counters >= 1".into()),
+        Workload::Fill { shared_run, .. }
+            if !shared_run.is_power_of_two() || shared_run > 65536 =>
+        {
+            return Err(format!(
+                "fill needs shared_run a power of two from 1 to 65536, not {shared_run}"
+            ));
+        }
         Workload::Fill { shared_percent, .. } if shared_percent > 100 => {
             return Err(format!(
                 "fill needs shared_percent from 0 to 100, not {shared_percent}"
@@ -270,13 +279,14 @@ pub fn plan(workload: &Workload, ram_bytes: u64, nvcpus: usize) -> Result<Vec<Vc
         Workload::Counters { increments, .. } => (0, increments),
         Workload::Crash | Workload::Spin | Workload::BadIo => (0, 0),
     };
-    let (private_seed, shared_percent) = match *workload {
+    let (private_seed, shared_percent, shared_run) = match *workload {
         Workload::Fill {
             private_seed,
             shared_percent,
+            shared_run,
             ..
-        } => (private_seed, shared_percent),
-        _ => (seed, 100),
+        } => (private_seed, shared_percent, shared_run),
+        _ => (seed, 100, 1),
     };
     Ok((0..nvcpus)
         .map(|index| VcpuParams {
@@ -286,6 +296,7 @@ pub fn plan(workload: &Workload, ram_bytes: u64, nvcpus: usize) -> Result<Vec<Vc
             seed,
             private_seed,
             shared_percent,
+            shared_run,
             iterations,
             shared_base,
             shared_words: shared_words(workload),
@@ -332,6 +343,7 @@ mod tests {
             seed: 1,
             private_seed: 1,
             shared_percent: 100,
+            shared_run: 1,
         };
         assert!(plan(&w, 1 << 20, 1).unwrap_err().contains("too small"));
         assert!(plan(&w, 8 << 20, 65).unwrap_err().contains("at most 64"));
@@ -343,6 +355,7 @@ mod tests {
             seed: 1,
             private_seed: 2,
             shared_percent: 101,
+            shared_run: 1,
         };
         assert!(plan(&w, 8 << 20, 1).unwrap_err().contains("0 to 100"));
     }

@@ -24,11 +24,18 @@ pub enum Workload {
     /// otherwise, so VMs with the same seed and layout hold identical content
     /// in the shared pages (all of them at 100 %, whatever `private_seed`)
     /// and, given different private seeds, different content in the others.
+    /// The choice is made per block of `shared_run` consecutive frames (a
+    /// power of two): 1 scatters shared pages among private ones frame by
+    /// frame (the worst case for sharing in runs), larger blocks lay them
+    /// out in runs, as VMs booted from one image hold theirs.
     Fill {
         seed: u64,
         private_seed: u64,
         /// 0 to 100.
         shared_percent: u8,
+        /// Frames per block of the shared/private choice: 1 to 65536, a
+        /// power of two.
+        shared_run: u32,
     },
     /// Fill, then `passes` sequential read-modify-write sweeps of the slice.
     Sweep { seed: u64, passes: u32 },

@@ -66,9 +66,21 @@ pub fn page_is_shared(gfn: u64, shared_percent: u8) -> bool {
     pick(gfn.wrapping_mul(GOLDEN), 100) < shared_percent as u64
 }
 
+/// [`page_is_shared`] decided per block of `shared_run` frames: block
+/// `gfn / shared_run` is shared or private as a whole.
+pub fn page_is_shared_in_runs(gfn: u64, shared_percent: u8, shared_run: u32) -> bool {
+    page_is_shared(gfn / shared_run.max(1) as u64, shared_percent)
+}
+
 /// The seed whose [`page_content`] a fill writes into data page `gfn`.
-pub fn fill_seed(seed: u64, private_seed: u64, shared_percent: u8, gfn: u64) -> u64 {
-    if page_is_shared(gfn, shared_percent) {
+pub fn fill_seed(
+    seed: u64,
+    private_seed: u64,
+    shared_percent: u8,
+    shared_run: u32,
+    gfn: u64,
+) -> u64 {
+    if page_is_shared_in_runs(gfn, shared_percent, shared_run) {
         seed
     } else {
         private_seed
@@ -85,8 +97,9 @@ pub fn expected_page(workload: &Workload, gfn: u64) -> Option<[u64; 512]> {
             seed,
             private_seed,
             shared_percent,
+            shared_run,
         } => Some(page_content(
-            fill_seed(seed, private_seed, shared_percent, gfn),
+            fill_seed(seed, private_seed, shared_percent, shared_run, gfn),
             gfn,
         )),
         _ => None,
@@ -96,7 +109,7 @@ pub fn expected_page(workload: &Workload, gfn: u64) -> Option<[u64; 512]> {
 /// The content the fill of `p`'s private slice writes into its page `gfn`.
 fn slice_page(p: &VcpuParams, gfn: u64) -> [u64; 512] {
     page_content(
-        fill_seed(p.seed, p.private_seed, p.shared_percent, gfn),
+        fill_seed(p.seed, p.private_seed, p.shared_percent, p.shared_run, gfn),
         gfn,
     )
 }
@@ -313,6 +326,7 @@ mod tests {
             seed,
             private_seed,
             shared_percent,
+            shared_run: 1,
         }
     }
 

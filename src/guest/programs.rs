@@ -48,9 +48,11 @@ pub fn assemble(workload: &Workload) -> Result<Vec<u8>, IcedError> {
             seed,
             private_seed,
             shared_percent,
+            shared_run,
         } if shared_percent < 100 && private_seed != seed => Some(Split {
             private_seed,
             shared_percent,
+            run_shift: shared_run.max(1).trailing_zeros(),
         }),
         _ => None,
     };
@@ -128,6 +130,8 @@ struct Split {
     private_seed: u64,
     /// Below 100.
     shared_percent: u8,
+    /// log2 of the fill's `shared_run`.
+    run_shift: u32,
 }
 
 impl Gen {
@@ -485,9 +489,15 @@ impl Gen {
         a.mov(r9, GOLDEN)?;
         a.imul_2(rax, r9)?;
         if let Some(split) = split {
-            // r9 = page_is_shared(gfn) ? rsi : private seed, where
-            // page_is_shared is `pick(gfn * GOLDEN, 100) < shared_percent`.
-            a.mov(rdx, rax)?;
+            // r9 = page_is_shared_in_runs(gfn) ? rsi : private seed, where
+            // that is `pick((gfn >> run_shift) * GOLDEN, 100) < shared_percent`.
+            if split.run_shift == 0 {
+                a.mov(rdx, rax)?;
+            } else {
+                a.mov(rdx, rdi)?;
+                a.shr(rdx, 12 + split.run_shift)?;
+                a.imul_2(rdx, r9)?;
+            }
             a.shr(rdx, 32)?;
             a.imul_3(rdx, rdx, 100)?;
             a.shr(rdx, 32)?;
@@ -539,11 +549,13 @@ mod tests {
                 seed: 1,
                 private_seed: 1,
                 shared_percent: 100,
+                shared_run: 1,
             },
             Workload::Fill {
                 seed: 1,
                 private_seed: 2,
                 shared_percent: 50,
+                shared_run: 1,
             },
             Workload::Sweep { seed: 1, passes: 2 },
             Workload::Random {
@@ -587,6 +599,7 @@ mod tests {
                 seed: 7,
                 private_seed,
                 shared_percent,
+                shared_run: 1,
             })
             .unwrap()
         };
