@@ -1,9 +1,8 @@
 //! VM density: create, start and wait for a batch of micro-VMs (1 vCPU,
-//! 4 MiB, a short fill) through the monitor's memory (`Memory` pools +
-//! `monitor::build_vm` + `MicroVm::start`), then join them and free their
-//! guest memory. Throughput is in VMs, so criterion prints VMs per second.
-//! One `Memory` (the monitor's pools) serves every iteration, as one monitor
-//! process would. Every guest's checksum is checked (a wrong one panics).
+//! 4 MiB, a short fill) added to a `Monitor`, then remove them (joined,
+//! guest memory freed). Throughput is in VMs, so criterion prints VMs per
+//! second. One `Monitor` serves every iteration, as one monitor process
+//! would. Every guest's checksum is checked (a wrong one panics).
 //!
 //! `disco bench density` measures create and start separately, plus the
 //! memory per VM, and reports tables and JSON.
@@ -14,13 +13,12 @@ use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throug
 
 use disco::bench::config_from_toml;
 use disco::bench::density::{run_batch, DensityOptions};
-use disco::memory::Memory;
+use disco::monitor::Monitor;
 
 fn density(c: &mut Criterion) {
     if !disco::kvm_check::require_kvm("benches/density") {
         return;
     }
-    let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
     let mut group = c.benchmark_group("density/create-start-wait");
     group
         .sampling_mode(SamplingMode::Flat)
@@ -34,12 +32,12 @@ fn density(c: &mut Criterion) {
             ..DensityOptions::standard(false)
         };
         let config = config_from_toml(&options.config_text()).expect("valid config");
-        let topology = config.topology().expect("host topology");
-        let memory = Memory::for_topology(&topology).expect("monitor memory");
+        let mut monitor =
+            Monitor::for_config(&config, Duration::from_millis(500)).expect("a monitor");
         group.throughput(Throughput::Elements(vms as u64));
         group.bench_function(format!("{vms}-vms-4MiB-fill"), |b| {
             b.iter(|| {
-                run_batch(&kvm, &memory, &topology, &config)
+                run_batch(&mut monitor, &config)
                     .unwrap_or_else(|e| panic!("batch of {vms} VMs: {e:#}"))
             })
         });

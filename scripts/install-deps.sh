@@ -3,8 +3,9 @@
 #   libhwloc-dev, libudev-dev, pkg-config: hwlocality links hwloc statically
 #   hwloc-nox: lstopo/hwloc-annotate, to inspect or export topologies
 #   cpio: scripts/fetch-linux-guest.sh builds the Linux guests' initramfs
+#   tmux: tests/api.rs runs `disco top` in a real terminal
 set -euo pipefail
-packages=(libhwloc-dev libudev-dev pkg-config hwloc-nox cpio xz-utils zstd)
+packages=(libhwloc-dev libudev-dev pkg-config hwloc-nox cpio xz-utils zstd tmux)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

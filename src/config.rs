@@ -315,29 +315,12 @@ impl Config {
             None => parse_policy_text(SHIPPED_POLICIES[0].1, "shipped:disco", "disco")?,
             Some(toml::Value::String(s)) => {
                 top.used("policy");
-                if let Some((name, text)) = SHIPPED_POLICIES.iter().find(|(n, _)| n == s) {
-                    parse_policy_text(text, &format!("shipped:{name}"), name)?
-                } else if s.ends_with(".toml") {
-                    let path = dir.join(s);
-                    let text = crate::files::read_text(&path, crate::files::MAX_CONFIG_BYTES)
-                        .map_err(|e| {
-                            top.error("policy", format!("policy file {} {e}", path.display()))
-                        })?;
-                    let stem = path
-                        .file_stem()
-                        .and_then(|s| s.to_str())
-                        .unwrap_or("policy");
-                    parse_policy_text(&text, &path.display().to_string(), stem)?
-                } else {
-                    let names: Vec<&str> = SHIPPED_POLICIES.iter().map(|(n, _)| *n).collect();
-                    return Err(top.error(
-                        "policy",
-                        format!(
-                            "`{s}` is not a policy; allowed: a shipped policy ({}), a path to a .toml file, or an inline [policy] table",
-                            names.join(", ")
-                        ),
-                    ));
-                }
+                load_policy(s, dir).map_err(|e| match e {
+                    PolicyLoadError::Unknown(message) | PolicyLoadError::File(message) => {
+                        top.error("policy", message)
+                    }
+                    PolicyLoadError::Invalid(e) => e,
+                })?
             }
             Some(toml::Value::Table(_)) => {
                 let t = top.opt_table("policy")?.unwrap();
@@ -508,6 +491,121 @@ impl Config {
             Some(t) => Ok(t.clone()),
             None => self.topology.load(),
         }
+    }
+}
+
+/// A JSON document (the API's request bodies) as a TOML table, so that the
+/// one parser of `[[vm]]` tables and policy files reads it. `file` names
+/// the document in errors; a `null` (TOML has none) is an error naming its
+/// key.
+pub fn json_to_table(value: &serde_json::Value, file: &str) -> Result<toml::Table> {
+    fn convert(v: &serde_json::Value, key: &str, file: &str) -> Result<toml::Value> {
+        let err = |message: String| ConfigError {
+            file: file.to_string(),
+            key: key.to_string(),
+            message,
+        };
+        Ok(match v {
+            serde_json::Value::Null => {
+                return Err(err(
+                    "null is not allowed; leave the key out for its default".into(),
+                ))
+            }
+            serde_json::Value::Bool(b) => toml::Value::Boolean(*b),
+            serde_json::Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+                (Some(i), _) => toml::Value::Integer(i),
+                (None, Some(f)) if n.is_f64() => toml::Value::Float(f),
+                _ => return Err(err(format!("{n} is out of range"))),
+            },
+            serde_json::Value::String(s) => toml::Value::String(s.clone()),
+            serde_json::Value::Array(a) => toml::Value::Array(
+                a.iter()
+                    .enumerate()
+                    .map(|(i, v)| convert(v, &format!("{key}[{i}]"), file))
+                    .collect::<Result<_>>()?,
+            ),
+            serde_json::Value::Object(o) => {
+                let mut t = toml::Table::new();
+                for (k, v) in o {
+                    let sub = if key.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{key}.{k}")
+                    };
+                    t.insert(k.clone(), convert(v, &sub, file)?);
+                }
+                toml::Value::Table(t)
+            }
+        })
+    }
+    match convert(value, "", file)? {
+        toml::Value::Table(t) => Ok(t),
+        _ => Err(ConfigError {
+            file: file.to_string(),
+            key: String::new(),
+            message: "expected a JSON object".into(),
+        }),
+    }
+}
+
+/// One VM table (the keys of a `[[vm]]`, e.g. from the API's JSON) checked
+/// as a config file's `[[vm]]` is, against a topology of `nodes` nodes; a
+/// `count` gives several VMs. Errors name `file` and the key.
+pub fn parse_vm_table(table: &toml::Table, file: &str, nodes: usize) -> Result<Vec<VmConfig>> {
+    parse_vm(&Fields::new(file, "", table), nodes, Path::new("."))
+}
+
+/// A policy table (the keys of a policy file, e.g. from the API's JSON)
+/// checked as a policy file is.
+pub fn parse_policy_table(table: &toml::Table, file: &str) -> Result<Policy> {
+    parse_policy(&Fields::new(file, "", table), file, "api")
+}
+
+/// Why a policy named by a config's `policy` key (or `disco serve
+/// --policy`) could not be loaded.
+#[derive(Debug)]
+pub enum PolicyLoadError {
+    /// Neither a shipped policy nor a `.toml` path (the message says what
+    /// is allowed).
+    Unknown(String),
+    /// The file cannot be read.
+    File(String),
+    /// The policy file has an error (naming the file and key).
+    Invalid(ConfigError),
+}
+
+impl fmt::Display for PolicyLoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PolicyLoadError::Unknown(m) | PolicyLoadError::File(m) => write!(f, "{m}"),
+            PolicyLoadError::Invalid(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for PolicyLoadError {}
+
+/// A shipped policy by name, or a policy file (a path ending in `.toml`,
+/// relative to `dir`).
+pub fn load_policy(s: &str, dir: &Path) -> std::result::Result<Policy, PolicyLoadError> {
+    if let Some((name, text)) = SHIPPED_POLICIES.iter().find(|(n, _)| *n == s) {
+        parse_policy_text(text, &format!("shipped:{name}"), name).map_err(PolicyLoadError::Invalid)
+    } else if s.ends_with(".toml") {
+        let path = dir.join(s);
+        let text = crate::files::read_text(&path, crate::files::MAX_CONFIG_BYTES)
+            .map_err(|e| PolicyLoadError::File(format!("policy file {} {e}", path.display())))?;
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("policy");
+        parse_policy_text(&text, &path.display().to_string(), stem)
+            .map_err(PolicyLoadError::Invalid)
+    } else {
+        let names: Vec<&str> = SHIPPED_POLICIES.iter().map(|(n, _)| *n).collect();
+        Err(PolicyLoadError::Unknown(format!(
+            "`{s}` is not a policy; allowed: a shipped policy ({}), a path to a .toml file, or an inline [policy] table",
+            names.join(", ")
+        )))
     }
 }
 

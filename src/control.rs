@@ -143,31 +143,7 @@ impl ControlSocket {
     /// that died); any other existing file is an error, so nothing is
     /// overwritten by mistake.
     pub fn bind(path: &Path) -> Result<ControlSocket> {
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            use std::os::unix::fs::FileTypeExt;
-            if !meta.file_type().is_socket() {
-                bail!(
-                    "control socket {}: the path exists and is not a socket; choose another path",
-                    path.display()
-                );
-            }
-            if UnixStream::connect(path).is_ok() {
-                bail!(
-                    "control socket {}: another monitor is listening there",
-                    path.display()
-                );
-            }
-            std::fs::remove_file(path)
-                .with_context(|| format!("removing the stale socket {}", path.display()))?;
-        }
-        let listener = UnixListener::bind(path)
-            .with_context(|| format!("control socket {}: cannot listen", path.display()))?;
-        // bind() creates the file with the umask's mode (0777 under
-        // `umask 000`). Changing the process umask would race with other
-        // threads creating files, so the mode is set right after; a client
-        // that connects in between is still refused by the uid check.
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("control socket {}: setting mode 0600", path.display()))?;
+        let listener = bind_private(path, "control socket")?;
         listener.set_nonblocking(true)?;
         let (tx, requests) = mpsc::channel();
         let shared = Arc::new(Shared {
@@ -219,8 +195,47 @@ impl Drop for ControlSocket {
     }
 }
 
+/// Listens on a Unix socket at `path` that only its owner may use (the
+/// control socket, the API's socket; `what` names it in errors): mode 0600
+/// whatever the umask. An existing socket file is replaced only when no
+/// monitor answers on it (a stale socket of a monitor that died); any other
+/// existing file is an error, so nothing is overwritten by mistake.
+pub fn bind_private(path: &Path, what: &str) -> Result<UnixListener> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            bail!(
+                "{what} {}: the path exists and is not a socket; choose another path",
+                path.display()
+            );
+        }
+        if UnixStream::connect(path).is_ok() {
+            bail!(
+                "{what} {}: another monitor is listening there",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("{what} {}: cannot listen", path.display()))?;
+    // bind() creates the file with the umask's mode (0777 under
+    // `umask 000`). Changing the process umask would race with other
+    // threads creating files, so the mode is set right after; a client
+    // that connects in between is still refused by the uid check.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("{what} {}: setting mode 0600", path.display()))?;
+    Ok(listener)
+}
+
 /// Whether a client may send commands: the monitor's own uid, or root.
 fn peer_allowed(stream: &UnixStream) -> Result<(), String> {
+    peer_fd_allowed(stream.as_raw_fd())
+}
+
+/// [`peer_allowed`] for a connected Unix socket given by its descriptor.
+pub fn peer_fd_allowed(fd: std::os::fd::RawFd) -> Result<(), String> {
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
@@ -230,7 +245,7 @@ fn peer_allowed(stream: &UnixStream) -> Result<(), String> {
     // SAFETY: SO_PEERCRED fills a `ucred` of `len` bytes on a socket we own.
     let rc = unsafe {
         libc::getsockopt(
-            stream.as_raw_fd(),
+            fd,
             libc::SOL_SOCKET,
             libc::SO_PEERCRED,
             (&raw mut cred).cast(),

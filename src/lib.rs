@@ -3,6 +3,7 @@
 //! The crate is a library (so tests and benchmarks drive the real monitor) plus
 //! the `disco` binary in `main.rs`. See ARCHITECTURE.md for the map.
 
+pub mod api;
 pub mod bench;
 pub mod config;
 pub mod control;

@@ -38,16 +38,49 @@ enum Command {
         /// (`disco ctl PATH status`, `disco ctl PATH move VM NODE [VCPU]`).
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
+        /// Serve the REST API on this Unix socket while the guests run
+        /// (`curl --unix-socket PATH http://localhost/v1/vms`).
+        #[arg(long, value_name = "PATH")]
+        api: Option<PathBuf>,
     },
-    /// Send one command to a running `disco run --control PATH` and print the
-    /// reply: `status`, or `move VM NODE [VCPU]` (re-pins a VM's vCPUs to
-    /// another node; under a migrating policy its pages follow).
+    /// Start a monitor with no VM and serve its REST API on a Unix socket:
+    /// VMs are added, paused, moved and removed through it (see
+    /// docs/api/openapi.yaml). SIGINT or SIGTERM stops it with a report.
+    Serve {
+        /// The Unix socket of the API.
+        #[arg(long, value_name = "PATH")]
+        api: PathBuf,
+        /// "host", a shipped fixture (1-node, 2-socket, 4-node, 8-node) or
+        /// an hwloc XML file.
+        #[arg(long, default_value = "host")]
+        topology: String,
+        /// A shipped policy (disco, static, migrate-only, replicate-only)
+        /// or a policy file (.toml).
+        #[arg(long, default_value = "disco")]
+        policy: String,
+        /// Print the final report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send one command to a running monitor's API (`disco serve --api PATH`,
+    /// `disco run --api PATH`) and print the answer: status, show VM, add VM
+    /// FILE.json, pause / resume / stop / delete VM, move VM NODE [VCPU], pmap
+    /// VM, memmap, stats, policy [FILE.json]. Against the control socket of
+    /// `disco run --control PATH`: `status` or `move VM NODE [VCPU]`.
     Ctl {
         /// The control socket of the run.
         socket: PathBuf,
         /// The command and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
+    },
+    /// Show a running monitor live in the terminal (its API at PATH):
+    /// per VM state, vCPU nodes, memory per node, shared MiB, copy-on-write
+    /// breaks/s; per node pool use; refreshed every second; `q` quits.
+    Top {
+        /// The Unix socket of the API (`disco serve --api PATH`).
+        #[arg(long, value_name = "PATH")]
+        api: PathBuf,
     },
     /// Validate a config file and summarise it, without running anything.
     Check { config: PathBuf },
@@ -209,6 +242,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
             quiet,
             control,
+            api,
         } => {
             // Before any thread exists: threads inherit the blocked signals.
             disco::signals::install()?;
@@ -229,22 +263,62 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     c.path().display()
                 );
             }
-            let report = monitor::run_with_control(&config, &options, control.as_ref())?;
-            if json {
-                outln!("{}", serde_json::to_string_pretty(&report)?)?;
-            } else {
-                out(&report.render_text())?;
+            disco::signals::remove_on_exit(api.clone());
+            if let Some(p) = &api {
+                eprintln!(
+                    "disco run: API on {} (curl --unix-socket {} http://localhost/v1/vms)",
+                    p.display(),
+                    p.display()
+                );
             }
-            Ok(if let Some(status) = disco::signals::exit_status() {
-                // As a shell reports a process ended by the signal.
-                ExitCode::from(status)
-            } else if report.all_ok() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            let report = monitor::run_with(&config, &options, control.as_ref(), api.as_deref())?;
+            report_and_exit(&report, json)
+        }
+        Command::Serve {
+            api,
+            topology,
+            policy,
+            json,
+        } => {
+            disco::signals::install()?;
+            let topology = match topology.as_str() {
+                "host" => Topology::host()?,
+                name if Topology::fixture_names().contains(&name) => {
+                    Topology::from_fixture_name(name)?
+                }
+                path if path.ends_with(".xml") => Topology::from_xml_file(std::path::Path::new(path))?,
+                other => anyhow::bail!(
+                    "--topology `{other}`: allowed: host, a shipped fixture ({}), or an hwloc XML file ending in .xml",
+                    Topology::fixture_names().join(", ")
+                ),
+            };
+            let policy = disco::config::load_policy(&policy, std::path::Path::new("."))
+                .map_err(|e| anyhow::anyhow!("--policy: {e}"))?;
+            disco::signals::remove_on_exit(Some(api.clone()));
+            eprintln!(
+                "disco serve: API on {} (curl --unix-socket {} http://localhost/v1/vms); \
+                 Ctrl-C stops it",
+                api.display(),
+                api.display()
+            );
+            let options = RunOptions {
+                progress: false,
+                ..RunOptions::default()
+            };
+            let report = monitor::serve(topology, policy, &api, &options)?;
+            report_and_exit(&report, json)
         }
         Command::Ctl { socket, command } => {
+            if disco::api::ctl::speaks_api(&socket) {
+                let (text, ok) = disco::api::ctl::run(&socket, &command)?;
+                outln!("{text}")?;
+                return Ok(if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                });
+            }
+            // The control socket of `disco run --control`: its line protocol.
             let reply = disco::control::send(&socket, &command.join(" "))?;
             outln!("{reply}")?;
             Ok(if reply.starts_with("ok") {
@@ -252,6 +326,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Command::Top { api } => {
+            disco::api::top::run(&api)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => {
             let config = Config::load(&config)?;
@@ -304,6 +382,24 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench { what } => bench(what),
     }
+}
+
+/// Prints a run's report (text or JSON) and gives the exit status: the
+/// signal's when one ended the run, 1 when a VM or a check failed.
+fn report_and_exit(report: &disco::report::RunReport, json: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        outln!("{}", serde_json::to_string_pretty(report)?)?;
+    } else {
+        out(&report.render_text())?;
+    }
+    Ok(if let Some(status) = disco::signals::exit_status() {
+        // As a shell reports a process ended by the signal.
+        ExitCode::from(status)
+    } else if report.all_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// The scenario files a suite run reads.

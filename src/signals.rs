@@ -22,8 +22,8 @@ use nix::sys::signal::{SigSet, Signal};
 
 /// The first signal received (0: none).
 static RECEIVED: AtomicI32 = AtomicI32::new(0);
-/// The control socket to remove on a second signal.
-static SOCKET: Mutex<Option<PathBuf>> = Mutex::new(None);
+/// The sockets (control, API) to remove on a second signal.
+static SOCKETS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 /// Blocks SIGINT and SIGTERM in the calling thread (and so in every thread
 /// it starts later) and starts the thread that waits for them. Call it
@@ -46,8 +46,10 @@ pub fn install() -> Result<()> {
                     sig.as_str()
                 );
             } else {
-                if let Some(path) = SOCKET.lock().ok().and_then(|s| s.clone()) {
-                    let _ = std::fs::remove_file(path);
+                if let Ok(paths) = SOCKETS.lock() {
+                    for path in paths.iter() {
+                        let _ = std::fs::remove_file(path);
+                    }
                 }
                 eprintln!(
                     "\ndisco: {} again: exiting at once; the next disco start restores host settings",
@@ -77,9 +79,9 @@ pub fn exit_status() -> Option<u8> {
     }
 }
 
-/// The control socket that a second signal removes before exiting.
+/// A socket (control, API) that a second signal removes before exiting.
 pub fn remove_on_exit(path: Option<PathBuf>) {
-    if let Ok(mut s) = SOCKET.lock() {
-        *s = path;
+    if let (Ok(mut s), Some(path)) = (SOCKETS.lock(), path) {
+        s.push(path);
     }
 }

@@ -1,6 +1,6 @@
-//! The density scenario: create and start many micro-VMs through the
-//! monitor's memory (`Memory` pools + `monitor::build_vm` + `MicroVm::start`),
-//! as `monitor::run` does (build every VM, then start every VM), and measure
+//! The density scenario: create and start many micro-VMs through a
+//! `Monitor` (`Monitor::create_vm`, then `Monitor::start_vm` for each), as
+//! `monitor::run` does (build every VM, then start every VM), and measure
 //!
 //! * how long creating and starting them takes (VMs per second), and how long
 //!   until every guest finished;
@@ -42,10 +42,8 @@ use super::suite::{Better, Figure, Plot, Progress, Scenario, ScenarioResult};
 use super::svg::LinePlot;
 use super::{config_from_toml, markdown_table, progress_bar, HostInfo, Stats};
 use crate::config::Config;
-use crate::memory::{Memory, VmId};
-use crate::monitor::build_vm;
-use crate::topology::Topology;
-use crate::vm::{MicroVm, VmOutcome};
+use crate::memory::Memory;
+use crate::monitor::Monitor;
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -287,48 +285,42 @@ pub fn run(options: &DensityOptions) -> Result<DensityResult> {
         "the density scenario needs at least one repetition"
     );
     let config = config_from_toml(&options.config_text())?;
-    let topology = config.topology()?;
-    let kvm = kvm_ioctls::Kvm::new().context("cannot open /dev/kvm")?;
     let bar = progress_bar((options.vms * options.reps) as u64, options.progress);
     let mut reps = Vec::new();
     for rep in 0..options.reps {
         bar.set_message(format!("repetition {}/{}", rep + 1, options.reps));
-        let memory = Memory::for_topology(&topology)?;
+        // A fresh monitor (its memory pools) per repetition; its service
+        // threads are not started: the scenario measures the VMs alone.
+        let mut monitor = Monitor::for_config(&config, Duration::from_millis(500))?;
         // Let the kernel finish freeing the previous repetition's VMs, and
         // give freed heap back so this repetition's growth is its own.
         std::thread::sleep(Duration::from_millis(200));
         release_free_heap();
-        let base = Snapshot::take(&memory)?;
+        let base = Snapshot::take(monitor.memory())?;
 
         let t0 = Instant::now();
-        let mut vms: Vec<(VmId, MicroVm)> = Vec::with_capacity(options.vms);
-        let mut spaces = Vec::with_capacity(options.vms);
         let mut created_ms = Vec::with_capacity(options.vms);
         let built = (|| -> Result<()> {
             for vc in &config.vms {
-                let (space, vm) = build_vm(&kvm, &memory, &topology, vc)
-                    .with_context(|| format!("creating {}", vc.name))?;
+                // The monitor's build step alone (guest space, KVM VM,
+                // guest image): the figure measured is its time.
+                monitor.create_vm(vc)?;
                 created_ms.push(t0.elapsed().as_secs_f64() * 1e3);
-                spaces.push(space);
-                vms.push((space, vm));
                 bar.inc(1);
             }
             Ok(())
         })();
         let create = t0.elapsed();
         let result = built
-            .and_then(|()| measure_rep(&memory, &mut vms, &base, create, t0))
+            .and_then(|()| measure_rep(&mut monitor, &config, &base, create, t0))
             .map(|mut r| {
                 r.timeline.created_ms = created_ms;
                 r
             });
         // Tear down whatever exists, also after an error.
-        let torn_down = tear_down(&memory, vms, spaces);
+        let torn_down = tear_down(monitor);
         let rep_result = result?;
         torn_down?;
-        memory
-            .verify()
-            .context("memory invariants after teardown")?;
         reps.push(rep_result);
     }
     bar.finish_and_clear();
@@ -370,27 +362,80 @@ pub fn run(options: &DensityOptions) -> Result<DensityResult> {
     })
 }
 
-/// Waits for (joins) every VM, destroys every guest space, then checks
-/// that every guest returned the model's checksum and no pool page leaked.
-fn tear_down(memory: &Memory, vms: Vec<(VmId, MicroVm)>, spaces: Vec<VmId>) -> Result<()> {
-    let outcomes: Vec<VmOutcome> = vms.into_iter().map(|(_, vm)| vm.wait()).collect();
-    for space in spaces {
-        memory.destroy_space(space)?;
-    }
-    let bad: Vec<String> = outcomes
+/// Ends the monitor (joins every VM, destroys every guest space, checks
+/// the memory invariants after that: every pool empty), then checks that
+/// every guest returned the model's checksum.
+fn tear_down(monitor: Monitor) -> Result<()> {
+    let report = monitor.finish(Some(Duration::ZERO), &indicatif::ProgressBar::hidden(), 0.0)?;
+    let bad: Vec<String> = report
+        .vms
         .iter()
-        .filter(|o| !o.checksum_ok())
-        .map(|o| format!("{}: {:?}", o.name, o.vcpus))
+        .filter(|v| v.status != "ok")
+        .map(|v| {
+            format!(
+                "{}: {} {:?}",
+                v.name,
+                v.error.as_deref().unwrap_or(""),
+                v.vcpus
+            )
+        })
         .collect();
     if !bad.is_empty() {
         bail!(
             "{} of {} VMs did not return the model's checksum: {}",
             bad.len(),
-            outcomes.len(),
+            report.vms.len(),
             bad.join("; ")
         );
     }
-    let leaked: u32 = memory.pool_stats().iter().map(|p| p.used_pages).sum();
+    ensure!(
+        report.verify_ok,
+        "memory invariants after teardown: {}",
+        report.verify_errors.join("; ")
+    );
+    Ok(())
+}
+
+/// One batch as the criterion bench times it: add every VM of `config` to
+/// `monitor` (built, not started), start them all, wait until every guest
+/// finished (checking every 1 ms), then remove each (joins it, checks its
+/// checksums, frees its guest space). No snapshots, no `verify`.
+pub fn run_batch(monitor: &mut Monitor, config: &Config) -> Result<()> {
+    let mut added = Vec::with_capacity(config.vms.len());
+    let run = (|| -> Result<()> {
+        for vc in &config.vms {
+            added.push(monitor.create_vm(vc)?);
+        }
+        for &i in &added {
+            monitor.start_vm(i).map_err(|e| anyhow::anyhow!(e))?;
+        }
+        while !monitor.all_finished() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    })();
+    let mut bad = Vec::new();
+    for vc in &config.vms {
+        match monitor.remove(&vc.name) {
+            Ok(r) if r.status == "ok" => {}
+            Ok(r) => bad.push(format!("{}: {} {:?}", r.name, r.status, r.vcpus)),
+            Err(e) => bad.push(format!("{}: {e}", vc.name)),
+        }
+    }
+    run?;
+    if !bad.is_empty() {
+        bail!(
+            "{} VMs did not return the model's checksum: {}",
+            bad.len(),
+            bad.join("; ")
+        );
+    }
+    let leaked: u32 = monitor
+        .memory()
+        .pool_stats()
+        .iter()
+        .map(|p| p.used_pages)
+        .sum();
     ensure!(
         leaked == 0,
         "{leaked} pool pages still in use after every VM was destroyed"
@@ -398,65 +443,38 @@ fn tear_down(memory: &Memory, vms: Vec<(VmId, MicroVm)>, spaces: Vec<VmId>) -> R
     Ok(())
 }
 
-/// One batch as the criterion bench times it: build every VM of `config`
-/// in `memory` (`build_vm`), start them all, wait until every guest
-/// finished (checking every 1 ms), join them, destroy their guest spaces,
-/// and check every checksum. No snapshots, no `verify`.
-pub fn run_batch(
-    kvm: &kvm_ioctls::Kvm,
-    memory: &Memory,
-    topology: &Topology,
-    config: &Config,
-) -> Result<()> {
-    let mut vms = Vec::with_capacity(config.vms.len());
-    let mut spaces = Vec::with_capacity(config.vms.len());
-    let run = (|| -> Result<()> {
-        for vc in &config.vms {
-            let (space, vm) = build_vm(kvm, memory, topology, vc)
-                .with_context(|| format!("creating {}", vc.name))?;
-            spaces.push(space);
-            vms.push((space, vm));
-        }
-        for (_, vm) in vms.iter_mut() {
-            vm.start()?;
-        }
-        while !vms.iter().all(|(_, vm)| vm.is_finished()) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Ok(())
-    })();
-    let torn_down = tear_down(memory, vms, spaces);
-    run?;
-    torn_down
-}
-
 /// After every VM is built: snapshot, start all, snapshot, wait until all
 /// finished, snapshot, verify.
 fn measure_rep(
-    memory: &Memory,
-    vms: &mut [(VmId, MicroVm)],
+    monitor: &mut Monitor,
+    config: &Config,
     base: &Snapshot,
     create: Duration,
     t0: Instant,
 ) -> Result<Rep> {
-    let n = vms.len();
-    let created = Snapshot::take(memory)?;
+    let n = config.vms.len();
+    let created = Snapshot::take(monitor.memory())?;
     let t1 = Instant::now();
     let mut started_ms = Vec::with_capacity(n);
-    for (_, vm) in vms.iter_mut() {
-        vm.start()?;
+    for i in 0..n {
+        monitor.start_vm(i).map_err(|e| anyhow::anyhow!(e))?;
         started_ms.push(t0.elapsed().as_secs_f64() * 1e3);
     }
     let start = t1.elapsed();
-    let running_after_start = vms.iter().filter(|(_, vm)| !vm.is_finished()).count();
-    let started = Snapshot::take(memory)?;
+    let running_after_start = config
+        .vms
+        .iter()
+        .filter(|vc| !monitor.has_exited(&vc.name))
+        .count();
+    let started = Snapshot::take(monitor.memory())?;
     // The watchdogs end every VM at its time limit, so this terminates.
-    while !vms.iter().all(|(_, vm)| vm.is_finished()) {
+    while !monitor.all_finished() {
         std::thread::sleep(Duration::from_millis(1));
     }
     let all_finished = t0.elapsed();
-    let finished = Snapshot::take(memory)?;
-    memory
+    let finished = Snapshot::take(monitor.memory())?;
+    monitor
+        .memory()
         .verify()
         .context("memory invariants after the guests finished")?;
     Ok(Rep {

@@ -29,13 +29,13 @@
 //! "trace"`, the engine's mechanism with perfect information). The result
 //! records which.
 //!
-//! The run is driven here, not by `monitor::run`, because the write must
-//! happen while the guests run; the steps are the monitor's (build the VMs
-//! through `monitor::build_vm`, fault handler, NUMA runner, scanner,
-//! `verify` every 500 ms and at the end, checksums, teardown without leaks).
+//! The run is driven here through a `Monitor`, not by `monitor::run`,
+//! because the write must happen while the guests run: build the VMs,
+//! start the fault handler, the VMs, the NUMA runner and the scanner,
+//! `verify` every 500 ms, write, then `Monitor::finish` (checksums,
+//! `verify` after the guests stopped and after teardown, no leaks).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -49,14 +49,10 @@ use super::suite::{Better, Figure, Plot, Progress, Scenario, ScenarioResult};
 use super::svg::LinePlot;
 use super::{config_from_toml, markdown_table_aligned, HostInfo, Stats};
 use crate::config::{Config, SHIPPED_POLICIES};
-use crate::faults::FaultHandler;
 use crate::guest::layout::{DATA_ADDR, PAGE};
 use crate::memory::{Memory, VmId};
-use crate::numa::runner::{Feed, NumaRunner};
-use crate::numa::TraceSource;
-use crate::sharing::Scanner;
+use crate::monitor::Monitor;
 use crate::topology::Topology;
-use crate::vm::MicroVm;
 
 pub const SAMPLING: &[&str] = &["page-faults", "trace"];
 
@@ -227,29 +223,12 @@ pub struct ReplicationResult {
 
 /// A guest space and its VM; torn down (stopped, joined, space destroyed)
 /// on drop if the run did not finish it.
+/// A VM of the run as the write phase sees it: its guest space, its
+/// vCPU's node and where its guest RAM is mapped.
 struct Vm {
     space: VmId,
     node: usize,
-    vm: Option<MicroVm>,
-}
-
-struct Teardown {
-    memory: Arc<Memory>,
-    vms: Vec<Vm>,
-}
-
-impl Drop for Teardown {
-    fn drop(&mut self) {
-        for v in &mut self.vms {
-            if let Some(vm) = v.vm.take() {
-                vm.stop();
-                vm.wait();
-            }
-        }
-        for v in &self.vms {
-            let _ = self.memory.destroy_space(v.space);
-        }
-    }
+    base: usize,
 }
 
 fn table_machine_pages(memory: &Memory, vms: &[Vm], gfns: &[u64]) -> (u64, f64) {
@@ -307,52 +286,33 @@ fn run_policy_in(
     let nodes = topology.node_count();
     let text = o.config_text(policy, seed, trace, nodes)?;
     let config: Config = config_from_toml(&text)?;
-    let kvm = kvm_ioctls::Kvm::new().context("cannot open /dev/kvm")?;
-    let memory = Arc::new(Memory::for_topology(topology)?);
-    let feed = match trace {
-        Some(path) => {
-            let source = TraceSource::open(path)?;
-            source
-                .check_nodes(nodes)
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            Feed::Source(Box::new(source))
-        }
-        None => Feed::Sampler(memory.enable_sampling()?),
-    };
-    let sampler = memory.sampler();
-    // Declared before the VMs: dropped after them, so a vCPU blocked on a
-    // fault is always resolved while an error path tears the VMs down.
-    let _handler = FaultHandler::start(memory.clone())?;
-    let mut run = Teardown {
-        memory: memory.clone(),
-        vms: Vec::new(),
-    };
+    // The monitor plans the policy's sample source (the page sampler, or
+    // the trace the config names) before any VM exists.
+    let mut monitor = Monitor::for_config(&config, Duration::from_millis(500))?;
+    monitor.reserve_for(&config.vms)?;
     for vc in &config.vms {
-        let (space, vm) = crate::monitor::build_vm(&kvm, &memory, topology, vc)?;
-        run.vms.push(Vm {
-            space,
-            node: vc.vcpu_nodes[0],
-            vm: Some(vm),
-        });
+        monitor.create_vm(vc)?;
     }
-    memory.verify().context("before the start")?;
-    for v in &mut run.vms {
-        v.vm.as_mut().expect("built").start()?;
+    monitor.memory().verify().context("before the start")?;
+    monitor.start_fault_handler()?;
+    for i in 0..config.vms.len() {
+        monitor.start_vm(i).map_err(|e| anyhow::anyhow!(e))?;
     }
     let started = Instant::now();
-    let runner = NumaRunner::start(
-        memory.clone(),
-        topology,
-        config.policy.numa.clone(),
-        feed,
-        &format!("disco bench replication, sampling = \"{}\"", o.sampling),
-        o.vms,
-        // No per-vCPU miss counters: the page sampler is not steered by
-        // hardware events here (none on the build hosts).
-        None,
-    )?;
-    let scanner = Scanner::for_policy(memory.clone(), &config.policy.sharing)?;
-
+    monitor.start_services(o.vms)?;
+    let memory = monitor.memory().clone();
+    let vms: Vec<Vm> = config
+        .vms
+        .iter()
+        .map(|vc| {
+            let (space, base) = monitor.space_of(&vc.name).context("a VM built")?;
+            Ok(Vm {
+                space,
+                node: vc.vcpu_nodes[0],
+                base: base.context("a micro-VM")?,
+            })
+        })
+        .collect::<Result<_>>()?;
     let first = ReplicationOptions::first_table_gfn();
     let gfns: Vec<u64> = (first..first + o.table_pages).collect();
     let writer = o.vms - 1;
@@ -363,23 +323,14 @@ fn run_policy_in(
     let mut last_verify = Instant::now();
     let deadline = started + Duration::from_secs(o.time_limit_s + 30);
     loop {
-        for v in &run.vms {
-            if let (Some(vm), Some(sampler)) = (&v.vm, &sampler) {
-                for (i, tid) in vm.vcpu_tids().into_iter().enumerate() {
-                    if let Some(tid) = tid {
-                        if !sampler.knows_thread(tid) {
-                            sampler.register_thread(tid, v.space, i, vm.placements()[i].node);
-                        }
-                    }
-                }
-            }
-        }
+        // Tells the sampler about new vCPU threads.
+        monitor.tick();
         let r = memory.replica_stats();
         peak = peak.max(r.pages - r.sets);
-        let finished: Vec<bool> = run
+        let finished: Vec<bool> = config
             .vms
             .iter()
-            .map(|v| v.vm.as_ref().is_none_or(|vm| vm.is_finished()))
+            .map(|vc| monitor.has_exited(&vc.name))
             .collect();
         if first_done_ms.is_none() && finished.iter().any(|&f| f) {
             first_done_ms = Some(started.elapsed().as_secs_f64() * 1e3);
@@ -391,7 +342,7 @@ fn run_policy_in(
                      would not happen under running readers; raise `lookups` or lower `writer_share`"
                 );
             }
-            written = Some(write_phase(&memory, &run.vms, writer, &gfns, started)?);
+            written = Some(write_phase(&memory, &vms, writer, &gfns, started)?);
         }
         if finished.iter().all(|&f| f) {
             break;
@@ -407,7 +358,12 @@ fn run_policy_in(
         );
         std::thread::sleep(Duration::from_millis(2));
     }
-    let mut numa = runner.stop();
+    // The monitor ends as a run does: NUMA runner stopped, every guest
+    // collected, scanner stopped (no final passes: a zero limit), memory
+    // checked after the guests stopped and after teardown (every pool
+    // empty, or the report says what leaked).
+    let report = monitor.finish(Some(Duration::ZERO), &indicatif::ProgressBar::hidden(), 0.0)?;
+    let mut numa = report.numa.clone().context("the NUMA runner ran")?;
     // The figures cover the run while every VM ran (up to the write, as
     // the writer normally finishes first): once one is done, the samples
     // come from the others only (a static run whose local VM is the last
@@ -415,31 +371,25 @@ fn run_policy_in(
     let first_done_ms = first_done_ms.unwrap_or(f64::INFINITY);
     let full_series = numa.series.clone();
     numa.series.retain(|e| e.ms <= first_done_ms);
-    if let Some(s) = scanner {
-        s.stop();
-    }
     let mut guest_run_ms = 0f64;
-    for v in &mut run.vms {
-        let outcome = v.vm.take().expect("still there").wait();
-        guest_run_ms = guest_run_ms.max(outcome.run_time.as_secs_f64() * 1e3);
+    for v in &report.vms {
+        guest_run_ms = guest_run_ms.max(v.run_ms);
         ensure!(
-            outcome.checksum_ok(),
+            v.status == "ok",
             "policy {policy}: {} returned a checksum the host model does not predict \
-             (a guest saw wrong content): {:?}",
-            outcome.name,
-            outcome.vcpus
+             (a guest saw wrong content): {} {:?}",
+            v.name,
+            v.error.as_deref().unwrap_or(""),
+            v.vcpus
         );
     }
-    memory.verify().context("after the guests stopped")?;
+    ensure!(
+        report.verify_ok,
+        "policy {policy}: memory invariants: {}",
+        report.verify_errors.join("; ")
+    );
     verify_runs += 2;
     let w = written.context("the writer never finished")?;
-    let spaces: Vec<VmId> = run.vms.iter().map(|v| v.space).collect();
-    drop(run);
-    for s in spaces {
-        ensure!(memory.space_stats(s).is_err(), "vm {s} was not torn down");
-    }
-    let leaked: u32 = memory.pool_stats().iter().map(|p| p.used_pages).sum();
-    ensure!(leaked == 0, "{leaked} machine pages leaked");
     Ok(ReplicationRun {
         policy: policy.to_string(),
         rep,
@@ -501,12 +451,7 @@ fn write_phase(
     let at_ms = started.elapsed().as_secs_f64() * 1e3;
     let r = memory.replica_stats();
     let (table_pages, table_local) = table_machine_pages(memory, vms, gfns);
-    let base = vms[writer]
-        .vm
-        .as_ref()
-        .context("the writer's VM")?
-        .ram()
-        .host_addr;
+    let base = vms[writer].base;
     let others: Vec<&Vm> = vms
         .iter()
         .enumerate()

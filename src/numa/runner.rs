@@ -366,12 +366,20 @@ struct Worker {
 }
 
 impl Worker {
+    /// Per-VM figures are indexed by `VmId`: as many slots as the VMs the
+    /// runner was started for, or more once VMs are added while it runs
+    /// (a monitor that takes VMs in and out).
+    fn vm_slots(&self) -> usize {
+        let highest = self.memory.spaces().iter().map(|s| s.0 as usize + 1).max();
+        self.vms.max(highest.unwrap_or(0))
+    }
+
     /// With miss counters: reads them (the last epoch's deltas), records
     /// them, and returns this epoch's per-round budget per VM, scaled by
     /// each VM's share of the misses. `None`: `sample_pages` for every VM.
     fn steered_budget(&mut self, sample_pages: u64) -> Option<Vec<u64>> {
         let counters = self.steer.as_ref()?;
-        let counts = counters.read_epoch(self.vms);
+        let counts = counters.read_epoch(self.vm_slots());
         let budget = scale_sample_budget(
             &counts.misses_per_vm,
             sample_pages,
@@ -383,6 +391,10 @@ impl Worker {
         let mut s = self.out.lock();
         let epoch = s.epochs + 1;
         if let Some(c) = s.counters.as_mut() {
+            if c.totals.len() < counts.per_vm_events.len() {
+                let events = counts.per_vm_events.first().map_or(0, Vec::len);
+                c.totals.resize(counts.per_vm_events.len(), vec![0; events]);
+            }
             for (total, vm) in c.totals.iter_mut().zip(&counts.per_vm_events) {
                 for (t, v) in total.iter_mut().zip(vm) {
                     *t = t.saturating_add(*v);
@@ -498,7 +510,7 @@ impl Worker {
     /// Locality figures of `samples`, against where their pages are now.
     fn locality(&self, samples: &[AccessSample]) -> EpochLocality {
         let mut point = EpochLocality {
-            per_vm: vec![(0, 0); self.vms],
+            per_vm: vec![(0, 0); self.vm_slots()],
             ..EpochLocality::default()
         };
         let (mut local, mut cost, mut counted) = (0u64, 0f64, 0u64);
@@ -667,6 +679,9 @@ impl Worker {
         }
         s.epochs += 1;
         s.samples += point.samples;
+        if s.per_vm.len() < point.per_vm.len() {
+            s.per_vm.resize(point.per_vm.len(), (0, 0));
+        }
         for (total, p) in s.per_vm.iter_mut().zip(&point.per_vm) {
             total.0 += p.0;
             total.1 += p.1;
