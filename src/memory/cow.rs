@@ -354,14 +354,16 @@ impl Memory {
         let gfns: Vec<Gfn> = live.iter().map(|l| l.1).collect();
         let base = inner.space(vm)?.base;
         let runs: Vec<(Gfn, Gfn)> = super::runs::runs_of(&gfns).collect();
-        for &(first, len) in &runs {
-            uffd.write_protect(
-                base + first as usize * PAGE_SIZE,
-                len as usize * PAGE_SIZE,
-                true,
-            )
-            .context("write-protecting zero frames")?;
-        }
+        let protect_runs = |protect: bool| -> Result<()> {
+            for &(first, len) in &runs {
+                let (addr, bytes) = (base + first as usize * PAGE_SIZE, len as usize * PAGE_SIZE);
+                uffd.write_protect(addr, bytes, protect).with_context(|| {
+                    format!("setting write protection {protect} on zero frames")
+                })?;
+            }
+            Ok(())
+        };
+        protect_runs(true)?;
         let mut zero_pages: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
         for &(i, gfn, page) in &live {
             let ptr = inner.pools[page.node()].page_ptr(page.index) as *const u8;
@@ -386,14 +388,7 @@ impl Memory {
         }
         // The punched pages keep the write-protect marker; lifting it
         // clears the marker too, so the next touch simply allocates.
-        for &(first, len) in &runs {
-            uffd.write_protect(
-                base + first as usize * PAGE_SIZE,
-                len as usize * PAGE_SIZE,
-                false,
-            )
-            .context("lifting write protection from zero frames")?;
-        }
+        protect_runs(false)?;
         // (Lifting the protection also woke any writer that faulted meanwhile.)
         inner.cow.zero_releases += released.iter().filter(|&&r| r).count() as u64;
         match failure {
