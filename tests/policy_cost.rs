@@ -9,7 +9,7 @@ use disco::kvm_check::require_kvm;
 /// Two identical `fill` guests under the full Disco policy. Fill writes
 /// every page once, so a merge can only break if it merged a page the guest
 /// had not written yet. The scanner skips holes (pages never written),
-/// merges only content that held still for 500 ms and releases zero pages
+/// merges only content that held still for 200 ms and releases zero pages
 /// (no sharing, so no break), so the only breaks left are pages a guest
 /// writes twice: none in `fill`'s data area.
 /// The bound of 16 leaves room for a few frames the guest's own bookkeeping

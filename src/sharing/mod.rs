@@ -19,7 +19,7 @@
 //!
 //! ## Settled content
 //! A private frame is merged only once its content has held still: seen
-//! with the same hash on an earlier pass, at least `settle_age` (500 ms)
+//! with the same hash on an earlier pass, at least `settle_age` (200 ms)
 //! ago. KSM's rule is the same in passes (a page's checksum must not change
 //! between two scans), but a pass over a few small guests takes
 //! milliseconds here, so the rule is tied to time as well. Merging on first
@@ -140,7 +140,7 @@ pub struct ScannerConfig {
 /// A zero frame's page is released once it has been zero this long.
 pub const ZERO_PAGE_AGE: Duration = Duration::from_secs(2);
 /// A private frame is merged once its content has held still this long.
-pub const SETTLE_AGE: Duration = Duration::from_millis(500);
+pub const SETTLE_AGE: Duration = Duration::from_millis(200);
 /// The default budget of kernel mappings: one per this many guest frames.
 pub const FRAMES_PER_MAPPING: u64 = 16;
 /// How often the scanner recounts each VM's kernel mappings.
@@ -215,6 +215,12 @@ pub struct ScannerStats {
     /// `settle_age` yet (first sight, or changed since the last pass).
     #[serde(default)]
     pub unsettled_skips: u64,
+    /// Of the zero and unsettled skips, those of frames seen for the first
+    /// time or unchanged but not old enough yet: frames waiting, which the
+    /// pace does not count as hashed in vain (frames whose content changed
+    /// it does).
+    #[serde(default)]
+    pub settling_skips: u64,
     /// Frames skipped because they were merged, broken by a write, and
     /// changed again since the last pass (see "Volatile pages").
     #[serde(default)]
@@ -534,11 +540,16 @@ impl ScanState {
         debug_assert!(gfn < frames);
         let s = self.seen_mut(vm, gfn);
         let hash = hash as u32;
-        if s.since_ms == 0 || s.hash != hash {
+        let first = s.since_ms == 0;
+        if first || s.hash != hash {
             (s.hash, s.since_ms) = (hash, now_ms);
+            // A first sighting is waiting, not churning (see `Pace`).
+            self.stats.settling_skips += first as u64;
             return false;
         }
-        Duration::from_millis(now_ms.wrapping_sub(s.since_ms) as u64) >= age
+        let settled = Duration::from_millis(now_ms.wrapping_sub(s.since_ms) as u64) >= age;
+        self.stats.settling_skips += !settled as u64;
+        settled
     }
 
     fn scan_one(&mut self, memory: &Memory, vm: VmId, frames: u64, gfn: Gfn, domain: usize) {
@@ -716,7 +727,10 @@ fn low_priority() {
 /// 1.4-1.6x its time without sharing on the 2-core build host). So the
 /// rate follows the yield, between the ceiling / 64 and the ceiling: it
 /// halves after a window of `WINDOW` hashed pages (holes are not hashed and
-/// do not count) in which nothing merged, and doubles as soon as 1 % of the
+/// do not count, nor do frames waiting for their content to settle: seen
+/// for the first time, or unchanged but younger than `settle_age`; frames
+/// whose content changed do count, so constant writers still slow it) in
+/// which nothing merged, and doubles as soon as 1 % of the
 /// pages hashed since the last change merged (looked at every
 /// `SPEEDUP_CHECK`, so a slowed scanner that finds duplicates again is back
 /// at the ceiling within about a second). The first full pass runs at the
@@ -754,7 +768,7 @@ impl Pace {
         if quiescent {
             return self.ceiling;
         }
-        let hashed = stats.pages_scanned - stats.holes_skipped;
+        let hashed = stats.pages_scanned - stats.holes_skipped - stats.settling_skips;
         if stats.full_scans == 0 {
             self.hashed = hashed;
             self.merges = stats.merges + stats.zero_releases;
