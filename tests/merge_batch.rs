@@ -7,40 +7,20 @@
 //! adds a handful of kernel mappings (VMAs), not one per page, and an idle
 //! VM's zero pages are released to the host without adding any.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{guest_read, guest_write, micro_vm_on_space};
 use disco::faults::FaultHandler;
 use disco::guest::{layout, Workload};
 use disco::kvm_check::require_kvm;
 use disco::memory::{Memory, MergeOutcome, MergePair, VmId};
 use disco::sharing::{ScanState, ScannerConfig};
-use disco::vm::{GuestRam, MicroVm, MicroVmSpec, VcpuPlacement};
 use disco::PAGE_SIZE;
-
-/// A store through the guest's mapping, as a guest write: on a protected
-/// page it blocks until the fault handler gives this frame its own copy.
-fn guest_write(base: usize, gfn: u64, value: u8) {
-    // SAFETY: the frame is mapped read-write for the life of the space.
-    unsafe {
-        std::ptr::write_bytes(
-            (base + gfn as usize * PAGE_SIZE) as *mut u8,
-            value,
-            PAGE_SIZE,
-        )
-    };
-}
-
-/// A load through the guest's mapping (what a vCPU sees).
-fn guest_read(base: usize, gfn: u64) -> Vec<u8> {
-    // SAFETY: as above; reading a mapped frame, no guest running.
-    unsafe {
-        std::slice::from_raw_parts((base + gfn as usize * PAGE_SIZE) as *const u8, PAGE_SIZE)
-            .to_vec()
-    }
-}
 
 /// The pairs that merge frames `dup_first..+len` of `dup` onto
 /// `keep_first..+len` of `keep` (clamped to `frames`), with the pages they
@@ -513,25 +493,10 @@ fn constant_writers_never_lose_a_write_while_batches_merge() {
     for (i, w) in workloads.into_iter().enumerate() {
         let (id, base) = memory.create_space(&format!("w{i}"), FRAMES, 0).unwrap();
         memory.exclude_from_sharing(id, 0..system).unwrap();
-        let spec = MicroVmSpec {
-            name: format!("w{i}"),
-            vcpus: (0..2)
-                .map(|_| VcpuPlacement {
-                    node: 0,
-                    host_cpus: vec![],
-                })
-                .collect(),
-            workload: w,
-            // Generous: a merger that never stops slows these guests a lot
-            // (the limit only bounds a hang; a wrong checksum fails below).
-            time_limit: Duration::from_secs(600),
-        };
-        let ram = GuestRam {
-            host_addr: base,
-            size: FRAMES as usize * PAGE_SIZE,
-        };
-        let vm = MicroVm::create(&kvm, spec, ram).unwrap();
-        memory.set_pauser(id, vm.pauser()).unwrap();
+        // Generous limit: a merger that never stops slows these guests a
+        // lot (the limit only bounds a hang; a wrong checksum fails below).
+        let limit = Duration::from_secs(600);
+        let vm = micro_vm_on_space(&kvm, &memory, (id, base), FRAMES, format!("w{i}"), w, limit);
         vms.push((id, vm));
     }
     let ids: Vec<VmId> = vms.iter().map(|v| v.0).collect();

@@ -6,41 +6,21 @@
 //! reads what was last written to it. No KVM needed: the host side of guest
 //! RAM (the real-guest runs are in tests/numa_runs.rs).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use common::{guest_read, guest_write};
 use disco::faults::FaultHandler;
 use disco::memory::{Memory, VmId};
 use disco::sharing::{ScanState, ScannerConfig};
-use disco::PAGE_SIZE;
 
 const NODES: usize = 4;
 
 fn memory() -> Arc<Memory> {
     let pools: Vec<(usize, u32, u32)> = (0..NODES).map(|n| (n, 0, 1024)).collect();
     Arc::new(Memory::new(&pools).unwrap())
-}
-
-/// A store through the guest's mapping, as a guest write: on a protected
-/// page it blocks until the fault handler gives this frame its own copy.
-fn guest_write(base: usize, gfn: u64, value: u8) {
-    // SAFETY: the frame is mapped read-write for the life of the space.
-    unsafe {
-        std::ptr::write_bytes(
-            (base + gfn as usize * PAGE_SIZE) as *mut u8,
-            value,
-            PAGE_SIZE,
-        )
-    };
-}
-
-/// A load through the guest's mapping.
-fn guest_read(base: usize, gfn: u64) -> Vec<u8> {
-    // SAFETY: as above; reading a mapped frame.
-    unsafe {
-        std::slice::from_raw_parts((base + gfn as usize * PAGE_SIZE) as *const u8, PAGE_SIZE)
-            .to_vec()
-    }
 }
 
 #[test]

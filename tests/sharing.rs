@@ -3,10 +3,13 @@
 //! writes break the sharing through userfaultfd, and every guest keeps
 //! reading exactly what it wrote.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::micro_vm_on_space;
 use disco::faults::FaultHandler;
 use disco::guest::{layout, Workload};
 use disco::kvm_check::require_kvm;
@@ -236,23 +239,8 @@ fn constant_writers_never_lose_a_write_while_pages_merge() {
     let mut vms = Vec::new();
     for (i, w) in workloads.into_iter().enumerate() {
         let (id, base) = new_space(&memory, &format!("w{i}"), "default");
-        let spec = MicroVmSpec {
-            name: format!("w{i}"),
-            vcpus: (0..2)
-                .map(|_| VcpuPlacement {
-                    node: 0,
-                    host_cpus: vec![],
-                })
-                .collect(),
-            workload: w,
-            time_limit: Duration::from_secs(120),
-        };
-        let ram = GuestRam {
-            host_addr: base,
-            size: FRAMES as usize * PAGE_SIZE,
-        };
-        let vm = MicroVm::create(&kvm, spec, ram).unwrap();
-        memory.set_pauser(id, vm.pauser()).unwrap();
+        let limit = Duration::from_secs(120);
+        let vm = micro_vm_on_space(&kvm, &memory, (id, base), FRAMES, format!("w{i}"), w, limit);
         vms.push((id, vm));
     }
     // Release the guests' still-zero data pages before they start, so that

@@ -76,9 +76,9 @@ pub enum MergeOutcome {
     /// A frame no longer maps the page the caller saw, the two already share
     /// a page, or they are in different sharing domains; nothing done.
     Stale,
-    /// Equal, but its run of frames onto consecutive kept pages was shorter
-    /// than the batch's `min_run` (the VM has spent its budget of kernel
-    /// mappings); nothing done.
+    /// Equal, but its run of frames onto consecutive kept pages was left
+    /// out by the batch's [`RunAllowance`] (the VM has spent its budget of
+    /// kernel mappings); nothing done.
     Deferred,
 }
 
@@ -169,6 +169,10 @@ pub fn page_hash(bytes: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(bytes)
 }
 
+fn all_zero(bytes: &[u8]) -> bool {
+    bytes.iter().all(|&b| b == 0)
+}
+
 fn zero_page_hash() -> u64 {
     static HASH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *HASH.get_or_init(|| page_hash(&[0u8; PAGE_SIZE]))
@@ -219,7 +223,7 @@ impl Memory {
         let bytes = unsafe { std::slice::from_raw_parts(ptr, PAGE_SIZE) };
         let hash = page_hash(bytes);
         // Only a page hashing like the zero page can be one (then check).
-        let zero = hash == zero_page_hash() && bytes.iter().all(|&b| b == 0);
+        let zero = hash == zero_page_hash() && all_zero(bytes);
         Ok(Some(PageScan {
             page: entry.page,
             hash,
@@ -370,7 +374,7 @@ impl Memory {
             // SAFETY: an in-bounds page of a pool view; write-protected in
             // the guest's mapping, so its bytes hold still under the lock.
             let bytes = unsafe { std::slice::from_raw_parts(ptr, PAGE_SIZE) };
-            if bytes.iter().all(|&b| b == 0) {
+            if all_zero(bytes) {
                 zero_pages.entry(page.node()).or_default().push(page.index);
                 released[i] = true;
                 let space = inner.space_mut(vm)?;

@@ -400,7 +400,7 @@ impl ScanState {
                 self.flush(memory);
             }
             self.window = Some(window);
-            self.scan_one(memory, vm, frames, gfn, domain);
+            self.scan_one(memory, vm, gfn, domain);
         }
         self.flush(memory);
     }
@@ -527,7 +527,7 @@ impl ScanState {
 
     /// Whether a private frame's content has held still long enough to be
     /// merged or released (see "Settled content"); records what was seen.
-    fn settled(&mut self, vm: VmId, frames: u64, gfn: Gfn, hash: u64, zero: bool) -> bool {
+    fn settled(&mut self, vm: VmId, gfn: Gfn, hash: u64, zero: bool) -> bool {
         // Milliseconds since the start, wrapping every 49 days (ages are
         // taken modulo that too: a frame unchanged for longer may look young
         // once); 0 means "not seen".
@@ -537,7 +537,6 @@ impl ScanState {
         } else {
             self.config.settle_age
         };
-        debug_assert!(gfn < frames);
         let s = self.seen_mut(vm, gfn);
         let hash = hash as u32;
         let first = s.since_ms == 0;
@@ -552,7 +551,7 @@ impl ScanState {
         settled
     }
 
-    fn scan_one(&mut self, memory: &Memory, vm: VmId, frames: u64, gfn: Gfn, domain: usize) {
+    fn scan_one(&mut self, memory: &Memory, vm: VmId, gfn: Gfn, domain: usize) {
         self.stats.pages_scanned += 1;
         let scan = match memory.scan_page(vm, gfn) {
             Ok(Some(s)) if s.hole => {
@@ -603,7 +602,7 @@ impl ScanState {
                 }
                 self.unstable.remove(&frame);
             }
-            if !self.config.first_sight && !self.settled(vm, frames, gfn, scan.hash, scan.zero) {
+            if !self.config.first_sight && !self.settled(vm, gfn, scan.hash, scan.zero) {
                 if scan.zero {
                     self.stats.young_zero_skips += 1;
                 } else {

@@ -1,4 +1,5 @@
-//! Helpers shared by the integration tests that run the whole monitor.
+//! Helpers shared by the integration tests: running the whole monitor,
+//! and guests on hand-made guest spaces.
 //! Each test crate uses only some of them.
 #![allow(dead_code)]
 
@@ -6,8 +7,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use disco::config::Config;
+use disco::guest::Workload;
+use disco::memory::{Memory, VmId};
 use disco::monitor::{run, RunOptions};
 use disco::report::RunReport;
+use disco::vm::{GuestRam, MicroVm, MicroVmSpec, VcpuPlacement};
+use disco::PAGE_SIZE;
 
 /// No progress line; `Memory::verify` every 20 ms while the guests run.
 pub fn run_options() -> RunOptions {
@@ -230,4 +235,58 @@ impl Drop for DiscoRun {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A store through a guest space's mapping at `base`, as a guest write: on
+/// a protected page it blocks until the fault handler gives this frame its
+/// own copy.
+pub fn guest_write(base: usize, gfn: u64, value: u8) {
+    // SAFETY: the frame is mapped read-write for the life of the space.
+    unsafe {
+        std::ptr::write_bytes(
+            (base + gfn as usize * PAGE_SIZE) as *mut u8,
+            value,
+            PAGE_SIZE,
+        )
+    };
+}
+
+/// A load through a guest space's mapping (what a vCPU sees).
+pub fn guest_read(base: usize, gfn: u64) -> Vec<u8> {
+    // SAFETY: as above; reading a mapped frame.
+    unsafe {
+        std::slice::from_raw_parts((base + gfn as usize * PAGE_SIZE) as *const u8, PAGE_SIZE)
+            .to_vec()
+    }
+}
+
+/// A 2-vCPU micro-VM (node 0) on guest space `space` of `frames` frames at
+/// `base`, its pauser registered with the memory (merges pause it).
+pub fn micro_vm_on_space(
+    kvm: &kvm_ioctls::Kvm,
+    memory: &Memory,
+    (space, base): (VmId, usize),
+    frames: u64,
+    name: String,
+    workload: Workload,
+    time_limit: Duration,
+) -> MicroVm {
+    let spec = MicroVmSpec {
+        name,
+        vcpus: (0..2)
+            .map(|_| VcpuPlacement {
+                node: 0,
+                host_cpus: vec![],
+            })
+            .collect(),
+        workload,
+        time_limit,
+    };
+    let ram = GuestRam {
+        host_addr: base,
+        size: frames as usize * PAGE_SIZE,
+    };
+    let vm = MicroVm::create(kvm, spec, ram).unwrap();
+    memory.set_pauser(space, vm.pauser()).unwrap();
+    vm
 }
