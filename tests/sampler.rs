@@ -1,4 +1,4 @@
-//! Page-access sampling with userfaultfd minor faults (`disco::numa::sampler`)
+//! Page-access sampling with userfaultfd minor faults (`disco::memory::sampler`)
 //! on memfd `MAP_SHARED` guest RAM, for real: host threads first (the
 //! kernel's behaviour the sampler relies on), then KVM micro-guests whose
 //! vCPU threads take the faults. Creating a userfaultfd needs root here.
@@ -18,7 +18,7 @@ use disco::guest::layout::PAGE;
 use disco::guest::model::page_content;
 use disco::guest::Workload;
 use disco::kvm_check::require_kvm;
-use disco::numa::sampler::PageSampler;
+use disco::memory::sampler::PageSampler;
 use disco::numa::{AccessSample, CounterSource};
 use disco::vm::{GuestRam, MicroVm, MicroVmSpec, VcpuOutcome, VcpuPlacement, VmOutcome};
 use disco::PAGE_SIZE;
@@ -666,7 +666,7 @@ fn sweep(
 ) -> (
     VmOutcome,
     Vec<AccessSample>,
-    disco::numa::sampler::SamplerStats,
+    disco::memory::sampler::SamplerStats,
     Vec<(u64, usize)>,
     Duration,
 ) {

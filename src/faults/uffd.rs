@@ -68,7 +68,7 @@
 //!   `UFFDIO_WAKE` can show ~50 us: the woken vCPU may preempt the handler
 //!   on its CPU and run to its next fault first.
 //!
-//! # Minor faults (page-access sampling, `crate::numa::sampler`)
+//! # Minor faults (page-access sampling, `crate::memory::sampler`)
 //!
 //! [`Userfault::new`] also asks for `UFFD_FEATURE_MINOR_SHMEM` when offered
 //! ([`Userfault::supports_minor`]). A range [`register`](Userfault::register)ed
@@ -278,7 +278,7 @@ const WANTED_FEATURES: u64 =
 
 /// Features [`Userfault::new`] asks for in addition when the kernel offers
 /// them: minor faults on shmem (Linux 5.13+), for page-access sampling
-/// (`crate::numa::sampler`).
+/// (`crate::memory::sampler`).
 const OPTIONAL_FEATURES: u64 = sys::FEATURE_MINOR_SHMEM;
 
 /// How a [`Userfault::continue_range`] ended.

@@ -33,7 +33,7 @@ use super::pool::Pool;
 use super::replica::Replicas;
 use super::{Gfn, MachinePage, NodeId, VmId};
 use crate::faults::uffd::{FaultEvent, Userfault};
-use crate::numa::sampler::PageSampler;
+use super::sampler::PageSampler;
 use crate::topology::Topology;
 use crate::PAGE_SIZE;
 use std::sync::Arc;
@@ -558,7 +558,7 @@ impl Memory {
         Ok(self.inner.lock().space(vm)?.pmap.get(gfn))
     }
 
-    /// Turns page-access sampling on (see `crate::numa::sampler`): every
+    /// Turns page-access sampling on (see `super::sampler`): every
     /// guest mapping made from now on is registered for minor faults too.
     /// Must be called before the first guest space is created.
     pub fn enable_sampling(&self) -> Result<Arc<PageSampler>> {

@@ -25,6 +25,7 @@ pub mod pmap;
 pub mod pool;
 pub mod replica;
 pub mod runs;
+pub mod sampler;
 mod verify;
 pub mod watch;
 

@@ -161,7 +161,7 @@ pub(crate) fn apply_move(
     m: &VcpuMove,
     topology: &Topology,
     memory: &Memory,
-    sampler: Option<&crate::numa::sampler::PageSampler>,
+    sampler: Option<&crate::memory::sampler::PageSampler>,
 ) -> String {
     let targets: Vec<usize> = match m.vcpu {
         Some(v) => vec![v],
@@ -214,7 +214,7 @@ pub(crate) fn count_vcpu_threads(vm: &MicroVm, space: VmId, counters: &MissCount
 pub(crate) fn register_vcpu_threads(
     vm: &MicroVm,
     space: VmId,
-    sampler: &crate::numa::sampler::PageSampler,
+    sampler: &crate::memory::sampler::PageSampler,
 ) {
     for (i, tid) in vm.vcpu_tids().into_iter().enumerate() {
         if let Some(tid) = tid {

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::sampler::PageSampler;
+use crate::memory::sampler::PageSampler;
 use crate::memory::VmId;
 
 /// One VM's sampling under the cap, for reports.

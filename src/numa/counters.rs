@@ -23,36 +23,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-/// One observed access: a vCPU of VM `vm`, running on node `node`, touched
-/// guest frame `gfn`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub struct AccessSample {
-    pub vm: u32,
-    pub gfn: u64,
-    /// Node of the accessing vCPU.
-    pub node: usize,
-    pub write: bool,
-    pub vcpu: usize,
-}
-
-impl AccessSample {
-    pub fn read(vm: u32, gfn: u64, node: usize) -> AccessSample {
-        AccessSample {
-            vm,
-            gfn,
-            node,
-            write: false,
-            vcpu: 0,
-        }
-    }
-
-    pub fn write(vm: u32, gfn: u64, node: usize) -> AccessSample {
-        AccessSample {
-            write: true,
-            ..AccessSample::read(vm, gfn, node)
-        }
-    }
-}
+pub use crate::memory::sampler::AccessSample;
 
 /// A source of access samples, polled once per policy epoch.
 pub trait CounterSource: Send {

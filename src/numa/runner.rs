@@ -12,7 +12,7 @@
 //! ## Page-fault sampling
 //! With the `page-faults` source the runner also decides *which* pages to
 //! sample. An epoch is `sample_rounds` rounds; each round it zaps up to
-//! `sample_pages` pages of every VM (see `crate::numa::sampler`), then
+//! `sample_pages` pages of every VM (see `crate::memory::sampler`), then
 //! drains the samples their first touches produced:
 //! * up to three quarters of the budget re-check pages the previous round
 //!   found touched from a node they do not live on (candidates for
@@ -47,7 +47,7 @@ use serde::Serialize;
 
 use super::cap::{SamplingCap, VmSamplingCost};
 use super::hardware::{budget_floor, scale_sample_budget, EventStatus, MissCounters};
-use super::sampler::{PageSampler, SamplerStats};
+use crate::memory::sampler::{PageSampler, SamplerStats};
 use super::{AccessSample, CounterSource, Decision, PageFacts, PageLocation, PolicyEngine};
 use crate::config::NumaPolicy;
 use crate::memory::{Memory, VmId};
