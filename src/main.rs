@@ -292,8 +292,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     Topology::fixture_names().join(", ")
                 ),
             };
-            let policy = disco::config::load_policy(&policy, std::path::Path::new("."))
-                .map_err(|e| anyhow::anyhow!("--policy: {e}"))?;
+            let policy = disco::config::load_policy(
+                &policy,
+                std::path::Path::new("."),
+                disco::config::At::new("--policy", ""),
+                "",
+            )?;
             disco::signals::remove_on_exit(Some(api.clone()));
             eprintln!(
                 "disco serve: API on {} (curl --unix-socket {} http://localhost/v1/vms); \

@@ -18,7 +18,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{ApiError, MAX_BODY};
-use crate::config::{json_to_table, parse_policy_table, parse_vm_table};
+use crate::config::schema::from_json;
+use crate::config::{policy_from_spec, vm_from_spec, PolicySpec, VmSpec};
 use crate::monitor::Monitor;
 
 type Shared = Arc<Mutex<Monitor>>;
@@ -89,32 +90,30 @@ async fn show(State(m): State<Shared>, Path(name): Path<String>) -> Reply {
     ok(on_monitor(&m, move |m| Ok(m.vm_info(&name)?)).await?)
 }
 
-/// `PUT /v1/vms/{name}`: the body is a `[[vm]]` table as JSON, checked by
-/// the config parser; the VM is built and started.
+/// `PUT /v1/vms/{name}`: the body is a `[[vm]]` table as JSON, read into
+/// the config's own types and checked as a config file's `[[vm]]` is; the
+/// VM is built and started.
 async fn add(
     State(m): State<Shared>,
     Path(name): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Reply {
-    let value = json_body(body)?;
-    let mut table = json_to_table(&value, BODY)?;
-    match table.get("name") {
-        None => {
-            table.insert("name".into(), toml::Value::String(name.clone()));
-        }
-        Some(toml::Value::String(n)) if *n == name => {}
+    let mut spec: VmSpec = from_json(json_body(body)?, BODY)?;
+    match &spec.name {
+        None => spec.name = Some(name.clone()),
+        Some(n) if *n == name => {}
         Some(other) => {
             return Err(ApiError::bad(
                 "name",
                 format!(
-                    "{BODY}: key `name`: {other} differs from the name in the path (`{name}`); \
+                    "{BODY}: key `name`: \"{other}\" differs from the name in the path (`{name}`); \
                      allowed: leave it out, or the same name"
                 ),
             ))
         }
     }
     let info = on_monitor(&m, move |m| {
-        let mut vms = parse_vm_table(&table, BODY, m.topology().node_count())?;
+        let mut vms = vm_from_spec(&spec, BODY, m.topology().node_count())?;
         if vms.len() != 1 {
             return Err(ApiError::bad(
                 "count",
@@ -260,11 +259,11 @@ async fn policy(State(m): State<Shared>) -> Reply {
     .await?)
 }
 
-/// `PUT /v1/policy`: a policy file's tables as JSON, checked as a policy
-/// file is; the service threads restart under it.
+/// `PUT /v1/policy`: a policy file's tables as JSON, read into the
+/// config's own types and checked as a policy file is; the service threads restart under it.
 async fn set_policy(State(m): State<Shared>, body: Result<Bytes, BytesRejection>) -> Reply {
-    let table = json_to_table(&json_body(body)?, BODY)?;
-    let policy = parse_policy_table(&table, BODY)?;
+    let spec: PolicySpec = from_json(json_body(body)?, BODY)?;
+    let policy = policy_from_spec(&spec, BODY)?;
     ok(on_monitor(&m, move |m| {
         m.set_policy(policy)
             .map_err(|e| ApiError::internal(format!("{e:#}")))?;

@@ -29,7 +29,9 @@ pub const PDPT: u64 = 0xA000;
 pub const PD: u64 = 0xB000;
 pub const CMDLINE: u64 = 0x20000;
 /// Longest kernel command line (Linux x86's COMMAND_LINE_SIZE).
-pub const MAX_CMDLINE: usize = 2048;
+pub use crate::config::linux::{split_ram, GuestNode, MAX_CMDLINE};
+// The config's largest Linux RAM is this layout's RAM below the device hole.
+const _: () = assert!(RAM_LIMIT >> 20 == crate::config::linux::MAX_MEMORY_MIB);
 pub const EBDA_START: u64 = 0x9_fc00;
 pub const ACPI_START: u64 = 0xE_0000;
 pub const ACPI_END: u64 = 0x10_0000;
@@ -80,17 +82,6 @@ pub fn e820_map(ram: u64) -> Vec<E820Entry> {
     ]
 }
 
-/// A guest NUMA node (an ACPI proximity domain): the topology node it is
-/// placed on and its slice of guest-physical RAM.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GuestNode {
-    /// The monitor's topology node whose pool backs this slice and whose
-    /// CPUs run this node's vCPUs.
-    pub topology_node: usize,
-    pub mem_start: u64,
-    pub mem_len: u64,
-}
-
 /// The guest's NUMA topology: one guest node per distinct topology node of
 /// the vCPUs (in ascending order), RAM split evenly between them in 2 MiB
 /// multiples (the last takes the rest), and each vCPU's proximity domain.
@@ -107,29 +98,8 @@ impl NumaPlan {
     /// Plans `ram` bytes for vCPUs on `vcpu_nodes`; `distance(a, b)` gives
     /// the topology's distance between topology nodes.
     pub fn new(vcpu_nodes: &[usize], ram: u64, distance: impl Fn(usize, usize) -> u32) -> NumaPlan {
-        let mut topo: Vec<usize> = vcpu_nodes.to_vec();
-        topo.sort_unstable();
-        topo.dedup();
-        let n = topo.len() as u64;
-        let align = 2 << 20;
-        let chunk = (ram / n / align * align).max(align);
-        let nodes = topo
-            .iter()
-            .enumerate()
-            .map(|(i, &t)| {
-                let start = (i as u64 * chunk).min(ram);
-                let end = if i as u64 == n - 1 {
-                    ram
-                } else {
-                    ((i as u64 + 1) * chunk).min(ram)
-                };
-                GuestNode {
-                    topology_node: t,
-                    mem_start: start,
-                    mem_len: end - start,
-                }
-            })
-            .collect();
+        let nodes = split_ram(vcpu_nodes, ram);
+        let topo: Vec<usize> = nodes.iter().map(|n| n.topology_node).collect();
         let vcpu_domains = vcpu_nodes
             .iter()
             .map(|v| topo.iter().position(|t| t == v).unwrap() as u32)

@@ -24,7 +24,6 @@ pub mod mmio;
 pub mod serial;
 pub mod vcpu;
 
-use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -34,7 +33,6 @@ use anyhow::{bail, Context, Result};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use parking_lot::Mutex;
-use serde::Serialize;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
@@ -46,129 +44,14 @@ pub use layout::{NumaPlan, MAX_CMDLINE};
 use mmio::VirtioMmio;
 use serial::{ConsoleSink, SerialPort, COM1, COM1_LEN};
 
-/// Smallest and largest RAM of a Linux VM (RAM stays below the 3 GiB hole).
-pub const MIN_MEMORY_MIB: u64 = 64;
-pub const MAX_MEMORY_MIB: u64 = layout::RAM_LIMIT >> 20;
-
-/// Where the serial console's output goes.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SerialOutput {
-    /// The monitor's stdout, each line prefixed with `<vm>| `.
-    Console,
-    /// A file (created or truncated when the VM is built).
-    File(PathBuf),
-    /// Nowhere (still captured in memory).
-    None,
-}
-
-/// A virtio-mmio block device backed by a file.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct DiskConfig {
-    pub path: PathBuf,
-    pub read_only: bool,
-}
-
-/// The Linux-guest keys of a `[[vm]]`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct LinuxGuestConfig {
-    pub kernel: PathBuf,
-    pub initramfs: Option<PathBuf>,
-    /// As given; the monitor appends the device announcements.
-    pub cmdline: Option<String>,
-    pub disks: Vec<DiskConfig>,
-    pub serial: SerialOutput,
-    /// Add a virtio console (hvc0) writing to the same output as the serial port.
-    pub virtio_console: bool,
-}
+pub use crate::config::linux::{
+    DiskConfig, LinuxGuestConfig, SerialOutput, MAX_MEMORY_MIB, MIN_MEMORY_MIB, SECTOR_BYTES,
+};
 
 /// The command line used when the config gives none: serial console from
 /// the first instruction on, reset through the keyboard controller.
 pub const DEFAULT_CMDLINE: &str =
     "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1 no_timer_check";
-
-impl LinuxGuestConfig {
-    /// The config of copy `vm` (a `{vm}` in the serial file path becomes
-    /// the VM's name).
-    pub fn for_vm(&self, vm: &str) -> LinuxGuestConfig {
-        let mut c = self.clone();
-        if let SerialOutput::File(p) = &c.serial {
-            c.serial = SerialOutput::File(PathBuf::from(p.to_string_lossy().replace("{vm}", vm)));
-        }
-        c
-    }
-}
-
-/// A disk image must hold at least one sector.
-pub const SECTOR_BYTES: u64 = 512;
-
-impl LinuxGuestConfig {
-    /// Checks the files this guest names without reading them: the kernel
-    /// and initramfs are regular files that fit in the VM's RAM
-    /// (`ram_bytes`) together, each disk is a regular file or block device
-    /// of at least one sector, openable for writing unless `read_only`.
-    /// Nothing blocks (see [`crate::files`]). On error: the config key
-    /// (`kernel`, `initramfs`, `disk[1].path`) and the message.
-    pub fn check_files(&self, ram_bytes: u64) -> std::result::Result<(), (String, String)> {
-        use crate::files::{fmt_size, open, Kind};
-        let ram = fmt_size(ram_bytes);
-        let image = |key: &str, path: &std::path::Path| {
-            let (_, size) = open(path, Kind::Regular, false)
-                .map_err(|e| (key.to_string(), format!("{} {e}", path.display())))?;
-            if size > ram_bytes {
-                return Err((
-                    key.to_string(),
-                    format!(
-                        "{} is {}; allowed: a file no larger than the VM's RAM ({ram}, memory_mib)",
-                        path.display(),
-                        fmt_size(size)
-                    ),
-                ));
-            }
-            Ok(size)
-        };
-        let kernel = image("kernel", &self.kernel)?;
-        if let Some(path) = &self.initramfs {
-            let initramfs = image("initramfs", path)?;
-            if kernel + initramfs > ram_bytes {
-                return Err((
-                    "initramfs".into(),
-                    format!(
-                        "{} ({}) and the kernel ({}) together are larger than the VM's RAM; \
-                         allowed: at most {ram} together (memory_mib)",
-                        path.display(),
-                        fmt_size(initramfs),
-                        fmt_size(kernel)
-                    ),
-                ));
-            }
-        }
-        for (i, d) in self.disks.iter().enumerate() {
-            let key = format!("disk[{i}].path");
-            let (_, size) =
-                open(&d.path, Kind::RegularOrBlockDevice, !d.read_only).map_err(|e| {
-                    let hint = if d.read_only {
-                        ""
-                    } else {
-                        " (the disk is read-write; `read_only = true` needs read access only)"
-                    };
-                    (key.clone(), format!("{} {e}{hint}", d.path.display()))
-                })?;
-            // Also catches /proc and /sys files, which report size 0
-            // (root may open /proc/version for writing; the write fails).
-            if size < SECTOR_BYTES {
-                return Err((
-                    key,
-                    format!(
-                        "{} is {size} bytes; allowed: a disk image of at least one {SECTOR_BYTES}-byte sector",
-                        d.path.display()
-                    ),
-                ));
-            }
-        }
-        Ok(())
-    }
-}
 
 /// What to boot.
 #[derive(Clone, Debug)]

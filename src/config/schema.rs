@@ -1,0 +1,227 @@
+//! The configuration as written: serde types shared by TOML files (`disco
+//! run`, `disco check`, policy files) and the API's JSON bodies (`PUT
+//! /v1/vms/{name}`, `PUT /v1/policy`). Unknown keys are errors
+//! (`deny_unknown_fields`); every key is optional here, so that the checks
+//! in `resolve` (ranges against the topology, keys that go together) say
+//! what is missing and what is allowed in the same words for both.
+//! Integers are `i64` (TOML's integers) so that a negative value reaches
+//! those checks and is reported with its key's range.
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
+
+/// A config file: `[host]`, `policy`, `[[vm]]`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub host: Option<HostSpec>,
+    pub policy: Option<PolicyRef>,
+    pub vm: Option<Vec<VmSpec>>,
+}
+
+/// `[host]`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostSpec {
+    /// `"host"`, a shipped fixture's name or an hwloc XML path.
+    pub topology: Option<String>,
+}
+
+/// The `policy` key: a shipped policy's name or a policy file's path, or an
+/// inline `[policy]` table.
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum PolicyRef {
+    Named(String),
+    Inline(PolicySpec),
+}
+
+impl<'de> Deserialize<'de> for PolicyRef {
+    /// By the value's type (a string or a table), so that a mistake inside
+    /// an inline table is reported at its key, not as "matched no variant".
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<PolicyRef, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = PolicyRef;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a policy name, a file path or a table")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<PolicyRef, E> {
+                Ok(PolicyRef::Named(s.to_string()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<PolicyRef, A::Error> {
+                PolicySpec::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(PolicyRef::Inline)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A policy file, or an inline `[policy]` table.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySpec {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub sharing: Option<SharingSpec>,
+    pub numa: Option<NumaSpec>,
+}
+
+/// `[sharing]` (see `super::SharingPolicy`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharingSpec {
+    pub enabled: Option<bool>,
+    pub pages_per_second: Option<i64>,
+    pub domains: Option<Vec<String>>,
+    pub frames_per_mapping: Option<i64>,
+}
+
+/// `[numa]` (see `super::NumaPolicy`, whose fields these are).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NumaSpec {
+    pub migrate: Option<bool>,
+    pub replicate: Option<bool>,
+    pub epoch_ms: Option<i64>,
+    pub hot_threshold: Option<f64>,
+    pub dominant_share: Option<f64>,
+    pub reader_threshold: Option<f64>,
+    pub writer_threshold: Option<f64>,
+    pub replicate_min_nodes: Option<i64>,
+    pub decay: Option<f64>,
+    pub copy_budget_pages: Option<i64>,
+    pub freeze_after_moves: Option<i64>,
+    pub freeze_window_epochs: Option<i64>,
+    pub freeze_epochs: Option<i64>,
+    pub replica_idle_epochs: Option<i64>,
+    pub sample_pages: Option<i64>,
+    pub sample_rounds: Option<i64>,
+    pub migrate_region_pages: Option<i64>,
+    pub max_sampling_overhead: Option<f64>,
+    pub sample_fault_cost_us: Option<f64>,
+    pub sampling: Option<String>,
+    pub trace_file: Option<String>,
+}
+
+/// One `[[vm]]` (or the body of `PUT /v1/vms/{name}`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    pub name: Option<String>,
+    pub count: Option<i64>,
+    pub vcpus: Option<i64>,
+    pub node: Option<i64>,
+    pub vcpu_nodes: Option<Vec<i64>>,
+    pub memory_mib: Option<i64>,
+    pub memory_node: Option<i64>,
+    pub time_limit_s: Option<f64>,
+    pub sharing_domain: Option<String>,
+    pub workload: Option<WorkloadSpec>,
+    pub moves: Option<Vec<MoveSpec>>,
+    // A Linux guest (see `super::linux::LinuxGuestConfig`).
+    pub kernel: Option<String>,
+    pub initramfs: Option<String>,
+    pub cmdline: Option<String>,
+    pub disk: Option<Vec<DiskSpec>>,
+    pub serial: Option<String>,
+    pub virtio_console: Option<bool>,
+}
+
+/// A micro-guest workload: `kind` and that kind's parameters (which
+/// parameters a kind takes is checked in `resolve`, naming the allowed ones).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSpec {
+    pub kind: Option<String>,
+    pub seed: Option<i64>,
+    pub private_seed: Option<i64>,
+    pub shared_percent: Option<i64>,
+    pub shared_run: Option<i64>,
+    pub passes: Option<i64>,
+    pub touches: Option<i64>,
+    pub table_pages: Option<i64>,
+    pub lookups: Option<i64>,
+    pub write_after: Option<i64>,
+    pub counters: Option<i64>,
+    pub increments: Option<i64>,
+}
+
+impl WorkloadSpec {
+    /// The parameters given, by name, in declaration order.
+    pub(crate) fn given(&self) -> Vec<&'static str> {
+        [
+            ("seed", self.seed),
+            ("private_seed", self.private_seed),
+            ("shared_percent", self.shared_percent),
+            ("shared_run", self.shared_run),
+            ("passes", self.passes),
+            ("touches", self.touches),
+            ("table_pages", self.table_pages),
+            ("lookups", self.lookups),
+            ("write_after", self.write_after),
+            ("counters", self.counters),
+            ("increments", self.increments),
+        ]
+        .into_iter()
+        .filter(|(_, v)| v.is_some())
+        .map(|(k, _)| k)
+        .collect()
+    }
+}
+
+/// One of a `[[vm]]`'s `moves`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveSpec {
+    pub after_ms: Option<i64>,
+    pub node: Option<i64>,
+    pub vcpu: Option<i64>,
+}
+
+/// One of a Linux `[[vm]]`'s `disk` entries.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    pub path: Option<String>,
+    pub read_only: Option<bool>,
+}
+
+/// Reads `T` from a TOML document; `file` names it in errors.
+pub fn from_toml<T: de::DeserializeOwned>(text: &str, file: &str) -> super::Result<T> {
+    let root: toml::Table = text.parse().map_err(|e: toml::de::Error| super::ConfigError {
+        file: file.to_string(),
+        key: String::new(),
+        message: format!("not valid TOML: {}", e.to_string().trim_end()),
+    })?;
+    serde_path_to_error::deserialize(root).map_err(|e| super::error::from_serde(file, "", e))
+}
+
+/// Reads `T` from a JSON document (an API request body); `file` names it in
+/// errors. JSON's `null` is refused (TOML has none; leave the key out).
+pub fn from_json<T: de::DeserializeOwned>(value: serde_json::Value, file: &str) -> super::Result<T> {
+    reject_nulls(&value, "", file)?;
+    serde_path_to_error::deserialize(value).map_err(|e| super::error::from_serde(file, "", e))
+}
+
+fn reject_nulls(v: &serde_json::Value, key: &str, file: &str) -> super::Result<()> {
+    use super::error::join;
+    match v {
+        serde_json::Value::Null => Err(super::ConfigError {
+            file: file.to_string(),
+            key: key.to_string(),
+            message: "null is not allowed; leave the key out for its default".into(),
+        }),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, v)| reject_nulls(v, &format!("{key}[{i}]"), file)),
+        serde_json::Value::Object(o) => o
+            .iter()
+            .try_for_each(|(k, v)| reject_nulls(v, &join(key, k), file)),
+        _ => Ok(()),
+    }
+}
