@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 
-use disco::bench::config_from_toml;
+use disco::bench::config_from_doc;
 use disco::bench::density::{run_batch, DensityOptions};
 use disco::monitor::Monitor;
 
@@ -31,7 +31,7 @@ fn density(c: &mut Criterion) {
             memory_mib: 4,
             ..DensityOptions::standard(false)
         };
-        let config = config_from_toml(&options.config_text()).expect("valid config");
+        let config = config_from_doc(options.config()).expect("valid config");
         let mut monitor =
             Monitor::for_config(&config, Duration::from_millis(500)).expect("a monitor");
         group.throughput(Throughput::Elements(vms as u64));

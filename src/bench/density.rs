@@ -40,8 +40,9 @@ use super::params::{ParamResult, Params};
 use super::procmem::{release_free_heap, MemInfo, ProcessMem};
 use super::suite::{Better, Figure, Plot, Progress, Scenario, ScenarioResult};
 use super::svg::LinePlot;
-use super::{config_from_toml, markdown_table, progress_bar, HostInfo, Stats};
+use super::{config_doc, config_from_doc, markdown_table, progress_bar, HostInfo, Stats};
 use crate::config::Config;
+use crate::config::{ConfigFile, PolicyRef, VmSpec, WorkloadSpec};
 use crate::memory::Memory;
 use crate::monitor::Monitor;
 
@@ -63,8 +64,8 @@ pub struct DensityOptions {
     pub policy: String,
     /// `host`, a fixture name or an hwloc XML path.
     pub topology: String,
-    /// A `workload` inline table as in `disco run` configs; `None`: `fill`.
-    pub workload: Option<String>,
+    /// A `workload` as in `disco run` configs; `None`: `fill`.
+    pub workload: Option<WorkloadSpec>,
 }
 
 impl DensityOptions {
@@ -95,15 +96,21 @@ impl DensityOptions {
 
     /// The config the scenario runs: `vms` VMs `d-0`.. of 1 vCPU running
     /// the workload (default: filling their `memory_mib`).
-    pub fn config_text(&self) -> String {
-        let workload = self
-            .workload
-            .clone()
-            .unwrap_or_else(|| format!("{{ kind = \"fill\", seed = {} }}", self.seed));
-        format!(
-            "policy = \"{}\"\n\n[host]\ntopology = \"{}\"\n\n[[vm]]\nname = \"d\"\ncount = {}\nvcpus = 1\n\
-             memory_mib = {}\ntime_limit_s = 120\nworkload = {workload}\n",
-            self.policy, self.topology, self.vms, self.memory_mib
+    pub fn config(&self) -> ConfigFile {
+        let workload = self.workload.clone().unwrap_or_else(|| WorkloadSpec {
+            kind: Some("fill".into()),
+            seed: Some(self.seed as i64),
+            ..WorkloadSpec::default()
+        });
+        let vm = VmSpec {
+            count: Some(self.vms as i64),
+            time_limit_s: Some(120.0),
+            ..VmSpec::micro("d", 1, self.memory_mib, workload)
+        };
+        config_doc(
+            PolicyRef::Named(self.policy.clone()),
+            &self.topology,
+            vec![vm],
         )
     }
 }
@@ -284,7 +291,7 @@ pub fn run(options: &DensityOptions) -> Result<DensityResult> {
         options.reps > 0,
         "the density scenario needs at least one repetition"
     );
-    let config = config_from_toml(&options.config_text())?;
+    let config = config_from_doc(options.config())?;
     let bar = progress_bar((options.vms * options.reps) as u64, options.progress);
     let mut reps = Vec::new();
     for rep in 0..options.reps {
@@ -343,7 +350,7 @@ pub fn run(options: &DensityOptions) -> Result<DensityResult> {
                 "fill (seed {}): every page of the VM's data slice written once",
                 options.seed
             ),
-            Some(w) => w.clone(),
+            Some(w) => toml::Value::try_from(w).map_or_else(|e| e.to_string(), |v| v.to_string()),
         },
         reps: options.reps,
         create_ms: stat(&|r| ms(r.create)),
@@ -612,7 +619,13 @@ struct DensityScenario(DensityOptions);
 /// configs; its seed defaults to the run's seed).
 pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
     let d = DensityOptions::standard(p.quick());
-    let workload = p.opt_table_text("workload")?;
+    let workload = p
+        .opt_table_text("workload")?
+        .map(|text| {
+            crate::config::schema::workload_from_toml(&text, "", "workload")
+                .map_err(|e| p.error("workload", e.to_string()))
+        })
+        .transpose()?;
     let options = DensityOptions {
         vms: p.usize("vms", 1, crate::config::MAX_COUNT as usize, d.vms)?,
         memory_mib: p.u64("memory_mib", 2, crate::config::MAX_MEMORY_MIB, d.memory_mib)?,
@@ -625,7 +638,7 @@ pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
     // The generated config must be valid (workload parameters, memory
     // large enough, topology loads): checked now, before anything runs.
     let check = DensityScenario(options.clone()).options_for(1);
-    config_from_toml(&check.config_text()).map_err(|e| {
+    config_from_doc(check.config()).map_err(|e| {
         let other = if options.workload.is_some() {
             "workload"
         } else {
@@ -641,19 +654,13 @@ impl DensityScenario {
     fn options_for(&self, seed: u64) -> DensityOptions {
         let mut o = self.0.clone();
         o.seed = seed;
-        if let Some(w) = &o.workload {
-            if let Ok(toml::Value::Table(mut t)) = format!("x = {w}")
-                .parse::<toml::Table>()
-                .map(|mut t| t.remove("x").unwrap_or(toml::Value::Boolean(false)))
-            {
-                let seeded = matches!(
-                    t.get("kind").and_then(|k| k.as_str()),
-                    Some("fill" | "sweep" | "random" | "table_scan")
-                );
-                if seeded && !t.contains_key("seed") {
-                    t.insert("seed".into(), toml::Value::Integer(seed as i64));
-                }
-                o.workload = Some(toml::Value::Table(t).to_string());
+        if let Some(w) = &mut o.workload {
+            let seeded = matches!(
+                w.kind.as_deref(),
+                Some("fill" | "sweep" | "random" | "table_scan")
+            );
+            if seeded && w.seed.is_none() {
+                w.seed = Some(seed as i64);
             }
         }
         o

@@ -27,8 +27,9 @@ use serde::{Deserialize, Serialize};
 use super::params::{ParamResult, Params};
 use super::suite::{Better, Figure, Plot, Progress, Scenario, ScenarioResult};
 use super::svg::LinePlot;
-use super::{config_from_toml, markdown_table_aligned, HostInfo, Stats};
+use super::{config_doc, config_from_doc, markdown_table_aligned, HostInfo, Stats};
 use crate::config::SHIPPED_POLICIES;
+use crate::config::{At, ConfigFile, NumaSpec, PolicyRef, VmSpec, WorkloadSpec};
 use crate::monitor::{self, RunOptions};
 use crate::numa::runner::{EpochLocality, NumaStats};
 use crate::report::RunReport;
@@ -59,66 +60,31 @@ pub fn memory_node(placement: &str, node: usize, topology: &Topology) -> usize {
     }
 }
 
-/// A policy (shipped name or `.toml` path) as a TOML table, with
-/// `[numa] sampling` set to `sampling` (so a policy that moves nothing
-/// still measures locality), and `trace_file` when given.
-pub fn policy_table(
-    policy: &str,
-    sampling: &str,
-    trace_file: Option<&Path>,
-) -> Result<toml::Table> {
-    let text = match SHIPPED_POLICIES.iter().find(|(n, _)| *n == policy) {
-        Some((_, text)) => text.to_string(),
-        None => crate::files::read_text(Path::new(policy), crate::files::MAX_CONFIG_BYTES)
-            .map_err(|e| anyhow::anyhow!("policy file {policy} {e}"))?,
-    };
-    let mut table: toml::Table =
-        toml::from_str(&text).with_context(|| format!("policy {policy}"))?;
-    let numa = table
-        .entry("numa")
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-        .as_table_mut()
-        .with_context(|| format!("policy {policy}: [numa] is not a table"))?;
-    numa.insert("sampling".into(), toml::Value::String(sampling.into()));
-    numa.remove("trace_file");
-    if let Some(t) = trace_file {
-        numa.insert(
-            "trace_file".into(),
-            toml::Value::String(t.display().to_string()),
-        );
-    }
-    Ok(table)
+/// A policy (shipped name or `.toml` path) as a document to inline in a
+/// config, with `[numa] sampling` set to `sampling` (so a policy that
+/// moves nothing still measures locality), and `trace_file` when given.
+pub fn policy_spec(policy: &str, sampling: &str, trace_file: Option<&Path>) -> Result<PolicyRef> {
+    let (mut spec, _, name) =
+        crate::config::policy_spec(policy, Path::new("."), At::new("", ""), "policy")?;
+    spec.name.get_or_insert(name);
+    let numa = spec.numa.get_or_insert_with(NumaSpec::default);
+    numa.sampling = Some(sampling.to_string());
+    numa.trace_file = trace_file.map(|t| t.display().to_string());
+    Ok(PolicyRef::Inline(spec))
 }
 
-/// `[policy]` and `[host]` of a generated config.
-pub fn config_head(policy: &toml::Table, topology: &str) -> Result<String> {
-    let mut doc = toml::Table::new();
-    doc.insert("policy".into(), toml::Value::Table(policy.clone()));
-    Ok(toml::to_string(&doc)? + &format!("[host]\ntopology = \"{topology}\"\n"))
-}
-
-/// A `workload` inline table with `seed` (and, for a sweep, `passes`) set
-/// when the table does not give them.
-pub fn workload_with(table_text: &str, seed: u64, passes: Option<u64>) -> Result<String> {
-    let mut t = match format!("x = {table_text}")
-        .parse::<toml::Table>()?
-        .remove("x")
-    {
-        Some(toml::Value::Table(t)) => t,
-        _ => bail!("workload must be an inline table"),
-    };
-    let kind = t
-        .get("kind")
-        .and_then(|k| k.as_str())
-        .unwrap_or("")
-        .to_string();
+/// A `workload` inline table's text with `seed` (and, for a sweep,
+/// `passes`) set when the table does not give them.
+pub fn workload_with(table_text: &str, seed: u64, passes: Option<u64>) -> Result<WorkloadSpec> {
+    let mut w = crate::config::schema::workload_from_toml(table_text, "", "workload")?;
+    let kind = w.kind.clone().unwrap_or_default();
     if matches!(kind.as_str(), "fill" | "sweep" | "random" | "table_scan") {
-        t.entry("seed").or_insert(toml::Value::Integer(seed as i64));
+        w.seed.get_or_insert(seed as i64);
     }
     if let (Some(p), "sweep") = (passes, kind.as_str()) {
-        t.entry("passes").or_insert(toml::Value::Integer(p as i64));
+        w.passes.get_or_insert(p as i64);
     }
-    Ok(toml::Value::Table(t).to_string())
+    Ok(w)
 }
 
 /// A locality series boiled down: what every NUMA scenario reports.
@@ -243,21 +209,31 @@ pub struct LocalityOptions {
 impl LocalityOptions {
     /// The scenario's config for one policy: VM `i` runs on node `i % n`,
     /// its memory on [`memory_node`] of that.
-    pub fn config_text(&self, policy: &str, seed: u64, topology: &Topology) -> Result<String> {
-        let mut out = config_head(&policy_table(policy, "page-faults", None)?, &self.topology)?;
+    pub fn config(&self, policy: &str, seed: u64, topology: &Topology) -> Result<ConfigFile> {
         let n = topology.node_count();
-        for i in 0..self.vms {
-            let node = i % n;
-            out += &format!(
-                "[[vm]]\nname = \"vm{i}\"\nvcpus = {}\nnode = {node}\nmemory_node = {}\nmemory_mib = {}\n\
-                 workload = {}\ntime_limit_s = 600\n",
-                self.vcpus,
-                memory_node(&self.placement, node, topology),
-                self.memory_mib,
-                workload_with(&self.workload, seed * 1000 + i as u64, Some(self.passes))?,
-            );
-        }
-        Ok(out)
+        let vms = (0..self.vms)
+            .map(|i| {
+                let node = i % n;
+                let workload =
+                    workload_with(&self.workload, seed * 1000 + i as u64, Some(self.passes))?;
+                Ok(VmSpec {
+                    node: Some(node as i64),
+                    memory_node: Some(memory_node(&self.placement, node, topology) as i64),
+                    time_limit_s: Some(600.0),
+                    ..VmSpec::micro(
+                        &format!("vm{i}"),
+                        self.vcpus as u64,
+                        self.memory_mib,
+                        workload,
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(config_doc(
+            policy_spec(policy, "page-faults", None)?,
+            &self.topology,
+            vms,
+        ))
     }
 }
 
@@ -343,8 +319,8 @@ pub fn run(o: &LocalityOptions, seed: u64, progress: &Progress) -> Result<Locali
     for rep in 0..o.reps {
         for policy in &o.policies {
             bar.set_message(format!("locality: {policy}, rep {}", rep + 1));
-            let text = o.config_text(policy, seed + rep as u64, &topology)?;
-            let config = config_from_toml(&text)
+            let doc = o.config(policy, seed + rep as u64, &topology)?;
+            let config = config_from_doc(doc)
                 .with_context(|| format!("the locality config for policy {policy}"))?;
             let report = monitor::run(
                 &config,
@@ -396,10 +372,10 @@ pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
         .or_else(|_| Topology::from_xml_file(Path::new(&o.topology)))
         .map_err(|e| p.error("topology", format!("cannot load it: {e:#}")))?;
     for policy in &o.policies {
-        let text = o
-            .config_text(policy, 1, &topology)
+        let doc = o
+            .config(policy, 1, &topology)
             .map_err(|e| p.error("policies", format!("{e:#}")))?;
-        config_from_toml(&text)
+        config_from_doc(doc)
             .map_err(|e| super::blame_config_error(p, &e, policy, "policies", "workload"))?;
     }
     Ok(Box::new(LocalityScenario(o)))

@@ -39,7 +39,7 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigFile, HostSpec, PolicyRef, VmSpec};
 
 /// Summary of repeated measurements of one quantity.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -138,7 +138,25 @@ pub fn config_from_toml(text: &str) -> Result<Config> {
     Config::parse(text, BENCH_CONFIG, Path::new(".")).context("a benchmark config is invalid")
 }
 
-/// Blames an error of [`config_from_toml`] on a scenario's generated
+/// A config from its document built in code, checked as `disco run`
+/// checks a file's (errors name the file `<bench>` and the key).
+pub fn config_from_doc(doc: ConfigFile) -> Result<Config> {
+    Config::from_file(doc, BENCH_CONFIG, Path::new(".")).context("a benchmark config is invalid")
+}
+
+/// A benchmark config's document: `policy` (a shipped name or a path) or
+/// an inline policy, a topology (`host`, a fixture, an XML path), VMs.
+pub fn config_doc(policy: PolicyRef, topology: &str, vms: Vec<VmSpec>) -> ConfigFile {
+    ConfigFile {
+        host: (topology != "host").then(|| HostSpec {
+            topology: Some(topology.to_string()),
+        }),
+        policy: Some(policy),
+        vm: Some(vms),
+    }
+}
+
+/// Blames an error of [`config_from_doc`] on a scenario's generated
 /// config on the scenario key it comes from, keeping the file and key that
 /// are wrong: a mistake in policy `policy` (a policy file's, or an inlined
 /// policy table's) names `policy_key` (`policy` or `policies`), one in the

@@ -31,9 +31,11 @@ use serde::{Deserialize, Serialize};
 use super::params::{ParamResult, Params};
 use super::suite::{Better, Figure, Plot, Progress, Scenario, ScenarioResult};
 use super::svg::BarPlot;
-use super::{bare, config_from_toml, markdown_table_aligned, progress_bar, HostInfo, Stats};
-use crate::config::Config;
-use crate::guest::{layout, model};
+use super::{
+    bare, config_doc, config_from_doc, markdown_table_aligned, progress_bar, HostInfo, Stats,
+};
+use crate::config::{Config, ConfigFile, HostSpec, PolicyRef, VmSpec};
+use crate::guest::{layout, model, Workload};
 use crate::monitor::{self, RunOptions};
 use crate::report::{RunReport, VmCosts};
 
@@ -54,17 +56,25 @@ pub struct OverheadCase {
     pub description: String,
     /// The shipped policy disco runs with.
     pub policy: String,
-    /// The config text (policy, `[[vm]]` tables; host topology).
-    pub config: String,
+    /// The config (policy, VMs; host topology).
+    pub config: ConfigFile,
 }
 
 impl OverheadCase {
-    fn new(name: String, description: String, policy: &str, vm: String) -> OverheadCase {
+    fn new(name: String, description: String, policy: &str, vm: VmSpec) -> OverheadCase {
         OverheadCase {
             name: format!("{name}/{policy}"),
             description,
             policy: policy.to_string(),
-            config: format!("policy = \"{policy}\"\n\n{vm}"),
+            config: config_doc(PolicyRef::Named(policy.to_string()), "host", vec![vm]),
+        }
+    }
+
+    /// The one VM of a case: `vcpus`, `memory_mib`, `workload`, 600 s.
+    fn vm(name: &str, vcpus: u32, memory_mib: u64, workload: Workload) -> VmSpec {
+        VmSpec {
+            time_limit_s: Some(600.0),
+            ..VmSpec::micro(name, vcpus.into(), memory_mib, (&workload).into())
         }
     }
 
@@ -89,10 +99,7 @@ impl OverheadCase {
                  passes; disco policy {policy}"
             ),
             policy,
-            format!(
-                "[[vm]]\nname = \"sweep\"\nvcpus = {vcpus}\nmemory_mib = {memory_mib}\n\
-                 time_limit_s = 600\nworkload = {{ kind = \"sweep\", seed = {seed}, passes = {passes} }}\n"
-            ),
+            OverheadCase::vm("sweep", vcpus, memory_mib, Workload::Sweep { seed, passes }),
         )
     }
 
@@ -111,9 +118,16 @@ impl OverheadCase {
                  disco policy {policy}"
             ),
             policy,
-            format!(
-                "[[vm]]\nname = \"fill\"\nvcpus = {vcpus}\nmemory_mib = {memory_mib}\n\
-                 time_limit_s = 600\nworkload = {{ kind = \"fill\", seed = {seed} }}\n"
+            OverheadCase::vm(
+                "fill",
+                vcpus,
+                memory_mib,
+                Workload::Fill {
+                    seed,
+                    private_seed: seed,
+                    shared_percent: 100,
+                    shared_run: 1,
+                },
             ),
         )
     }
@@ -135,25 +149,25 @@ impl OverheadCase {
                  disco policy {policy}"
             ),
             policy,
-            format!(
-                "[[vm]]\nname = \"random\"\nvcpus = {vcpus}\nmemory_mib = {memory_mib}\n\
-                 time_limit_s = 600\nworkload = {{ kind = \"random\", seed = {seed}, touches = {touches} }}\n"
+            OverheadCase::vm(
+                "random",
+                vcpus,
+                memory_mib,
+                Workload::Random { seed, touches },
             ),
         )
     }
 
     pub fn parse(&self) -> Result<Config> {
-        config_from_toml(&self.config)
+        config_from_doc(self.config.clone())
     }
 
     /// The case on a topology (`host`, a fixture name or an hwloc XML path).
     pub fn on_topology(mut self, topology: &str) -> OverheadCase {
         if topology != "host" {
-            self.config = self.config.replacen(
-                "\n\n[[vm]]",
-                &format!("\n\n[host]\ntopology = \"{topology}\"\n\n[[vm]]"),
-                1,
-            );
+            self.config.host = Some(HostSpec {
+                topology: Some(topology.to_string()),
+            });
         }
         self
     }

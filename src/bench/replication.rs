@@ -41,15 +41,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::locality::{
-    config_head, goal_name, policy_table, stats_all, stats_of, SeriesSummary, GOAL_WINDOW,
-};
+use super::locality::{goal_name, policy_spec, stats_all, stats_of, SeriesSummary, GOAL_WINDOW};
 use super::params::{ParamResult, Params};
 use super::suite::{Better, Figure, Plot, Progress, Scenario, ScenarioResult};
 use super::svg::LinePlot;
-use super::{config_from_toml, markdown_table_aligned, HostInfo, Stats};
-use crate::config::{Config, SHIPPED_POLICIES};
+use super::{config_doc, config_from_doc, markdown_table_aligned, HostInfo, Stats};
+use crate::config::{Config, ConfigFile, VmSpec, SHIPPED_POLICIES};
 use crate::guest::layout::{DATA_ADDR, PAGE};
+use crate::guest::Workload;
 use crate::memory::{Memory, VmId};
 use crate::monitor::Monitor;
 use crate::topology::Topology;
@@ -81,38 +80,52 @@ impl ReplicationOptions {
         DATA_ADDR / PAGE
     }
 
-    pub fn config_text(
+    pub fn config(
         &self,
         policy: &str,
         seed: u64,
         trace: Option<&Path>,
         nodes: usize,
-    ) -> Result<String> {
+    ) -> Result<ConfigFile> {
         let sampling = if trace.is_some() {
             "trace"
         } else {
             "page-faults"
         };
-        let mut out = config_head(&policy_table(policy, sampling, trace)?, &self.topology)?;
-        for i in 0..self.vms {
-            let lookups = if i + 1 == self.vms {
-                ((self.lookups as f64 * self.writer_share) as u64).max(1)
-            } else {
-                self.lookups
-            };
-            out += &format!(
-                "[[vm]]\nname = \"{}{i}\"\nnode = {}\nmemory_node = {}\nmemory_mib = {}\n\
-                 workload = {{ kind = \"table_scan\", seed = {seed}, table_pages = {}, lookups = {lookups} }}\n\
-                 time_limit_s = {}\n",
-                if i + 1 == self.vms { "writer" } else { "reader" },
-                i % nodes,
-                self.memory_node,
-                self.memory_mib,
-                self.table_pages,
-                self.time_limit_s,
-            );
-        }
-        Ok(out)
+        let vms = (0..self.vms)
+            .map(|i| {
+                let lookups = if i + 1 == self.vms {
+                    ((self.lookups as f64 * self.writer_share) as u64).max(1)
+                } else {
+                    self.lookups
+                };
+                let role = if i + 1 == self.vms {
+                    "writer"
+                } else {
+                    "reader"
+                };
+                let workload = Workload::TableScan {
+                    seed,
+                    table_pages: self.table_pages as u32,
+                    lookups,
+                    write_after: 0,
+                };
+                VmSpec {
+                    name: Some(format!("{role}{i}")),
+                    node: Some((i % nodes) as i64),
+                    memory_node: Some(self.memory_node as i64),
+                    memory_mib: Some(self.memory_mib as i64),
+                    workload: Some((&workload).into()),
+                    time_limit_s: Some(self.time_limit_s as f64),
+                    ..VmSpec::default()
+                }
+            })
+            .collect();
+        Ok(config_doc(
+            policy_spec(policy, sampling, trace)?,
+            &self.topology,
+            vms,
+        ))
     }
 
     /// A trace in which every VM reads every table page from its node three
@@ -284,8 +297,8 @@ fn run_policy_in(
     trace: Option<&Path>,
 ) -> Result<ReplicationRun> {
     let nodes = topology.node_count();
-    let text = o.config_text(policy, seed, trace, nodes)?;
-    let config: Config = config_from_toml(&text)?;
+    let doc = o.config(policy, seed, trace, nodes)?;
+    let config: Config = config_from_doc(doc)?;
     // The monitor plans the policy's sample source (the page sampler, or
     // the trace the config names) before any VM exists.
     let mut monitor = Monitor::for_config(&config, Duration::from_millis(500))?;
@@ -610,10 +623,10 @@ pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
         ));
     }
     for policy in &o.policies {
-        let text = o
-            .config_text(policy, 1, None, topology.node_count())
+        let doc = o
+            .config(policy, 1, None, topology.node_count())
             .map_err(|e| p.error("policies", format!("{e:#}")))?;
-        config_from_toml(&text)
+        config_from_doc(doc)
             .map_err(|e| super::blame_config_error(p, &e, policy, "policies", "table_pages"))?;
     }
     Ok(Box::new(ReplicationScenario(o)))

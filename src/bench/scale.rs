@@ -23,7 +23,9 @@ use serde::Serialize;
 
 use super::suite::{Better, Figure, Plot, Progress, Scenario, ScenarioResult};
 use super::svg::LinePlot;
-use super::{config_from_toml, markdown_table};
+use super::{config_doc, config_from_doc, markdown_table};
+use crate::config::{ConfigFile, PolicyRef, VmSpec};
+use crate::guest::Workload;
 use crate::memory::MemorySample;
 use crate::monitor::{self, RunOptions};
 
@@ -40,19 +42,22 @@ struct ScaleScenario {
 
 impl ScaleScenario {
     /// The generated config of one policy's run.
-    fn config(&self, policy: &str, seed: u64) -> String {
-        let mut text = format!("policy = \"{policy}\"\n");
-        for i in 0..self.vms {
-            text += &format!(
-                "\n[[vm]]\nname = \"vm{i}\"\nvcpus = 1\nmemory_mib = {}\ntime_limit_s = 1800\n\
-                 workload = {{ kind = \"fill\", seed = {seed}, private_seed = {}, shared_percent = {}, shared_run = {} }}\n",
-                self.memory_mib,
-                seed * 1000 + i + 1,
-                self.shared_percent,
-                self.shared_run
-            );
-        }
-        text
+    fn config(&self, policy: &str, seed: u64) -> ConfigFile {
+        let vms = (0..self.vms)
+            .map(|i| {
+                let workload = Workload::Fill {
+                    seed,
+                    private_seed: seed * 1000 + i + 1,
+                    shared_percent: self.shared_percent as u8,
+                    shared_run: self.shared_run as u32,
+                };
+                VmSpec {
+                    time_limit_s: Some(1800.0),
+                    ..VmSpec::micro(&format!("vm{i}"), 1, self.memory_mib, (&workload).into())
+                }
+            })
+            .collect();
+        config_doc(PolicyRef::Named(policy.to_string()), "host", vms)
     }
 }
 
@@ -86,7 +91,7 @@ pub struct ScaleResult {
 }
 
 fn run_policy(s: &ScaleScenario, policy: &str, seed: u64) -> Result<PolicyRun> {
-    let config = config_from_toml(&s.config(policy, seed))?;
+    let config = config_from_doc(s.config(policy, seed))?;
     let t = std::time::Instant::now();
     let report = monitor::run(
         &config,
@@ -146,7 +151,7 @@ pub fn prepare(p: &super::params::Params) -> super::params::ParamResult<Box<dyn 
         policies: p.policies("policies", &["static", "disco"])?,
     };
     for policy in &s.policies {
-        config_from_toml(&s.config(policy, 1))
+        config_from_doc(s.config(policy, 1))
             .map_err(|e| super::blame_config_error(p, &e, policy, "policies", "vms"))?;
     }
     Ok(Box::new(s))

@@ -84,10 +84,9 @@ impl<'a> At<'a> {
     /// An optional number in `min..=max` (NaN is out of range).
     pub fn float(&self, key: &str, value: Option<f64>, min: f64, max: f64) -> Result<Option<f64>> {
         match value {
-            Some(v) if !(min..=max).contains(&v) => Err(self.error(
-                key,
-                format!("{v} is out of range; allowed: {min} to {max}"),
-            )),
+            Some(v) if !(min..=max).contains(&v) => {
+                Err(self.error(key, format!("{v} is out of range; allowed: {min} to {max}")))
+            }
             v => Ok(v),
         }
     }
@@ -151,7 +150,11 @@ fn translate(key: String, raw: &str) -> (String, String) {
         if let Some((found, expected)) = rest.split_once(", expected ") {
             return (
                 key,
-                format!("expected {}, found {}", expected_kind(expected), found_kind(found)),
+                format!(
+                    "expected {}, found {}",
+                    expected_kind(expected),
+                    found_kind(found)
+                ),
             );
         }
     }
@@ -159,7 +162,10 @@ fn translate(key: String, raw: &str) -> (String, String) {
         // An integer beyond its type's range (a negative count, or one
         // beyond 2^63 in JSON).
         if let Some((n, _)) = rest.split_once('`') {
-            return (key, format!("{n} is out of range; allowed: an integer of 0 or more"));
+            return (
+                key,
+                format!("{n} is out of range; allowed: an integer of 0 or more"),
+            );
         }
     }
     (key, raw.to_string())
@@ -203,7 +209,10 @@ mod tests {
         let t = |raw: &str| translate("vm[0]".into(), raw);
         assert_eq!(
             t("unknown field `vcpu`, expected one of `vcpus`, `name`"),
-            ("vm[0]".into(), "unknown key; allowed here: name, vcpus".into())
+            (
+                "vm[0]".into(),
+                "unknown key; allowed here: name, vcpus".into()
+            )
         );
         assert_eq!(
             t("missing field `kind`"),

@@ -133,7 +133,6 @@ impl LinuxGuestConfig {
     }
 }
 
-
 /// A guest NUMA node (an ACPI proximity domain): the topology node it is
 /// placed on and its slice of guest-physical RAM.
 #[derive(Clone, Debug, PartialEq, Eq)]

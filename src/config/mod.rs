@@ -18,11 +18,11 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use error::{ConfigError, Result};
 pub use error::At;
+pub use error::{ConfigError, Result};
 pub use schema::{
-    ConfigFile, DiskSpec, HostSpec, MoveSpec, NumaSpec, PolicyRef, PolicySpec, SharingSpec,
-    VmSpec, WorkloadSpec,
+    ConfigFile, DiskSpec, HostSpec, MoveSpec, NumaSpec, PolicyRef, PolicySpec, SharingSpec, VmSpec,
+    WorkloadSpec,
 };
 
 use crate::guest::{layout, Workload};
@@ -500,29 +500,20 @@ pub fn policy_from_spec(spec: &PolicySpec, file: &str) -> Result<Policy> {
 /// "fill", seed = 1 }`, as benchmark scenarios give it), checked as a
 /// `[[vm]]`'s `workload` is; `file` and `key` name it in errors.
 pub fn workload_from_toml(text: &str, file: &str, key: &str) -> Result<Workload> {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Doc {
-        workload: WorkloadSpec,
-    }
-    let doc: Doc = schema::from_toml(&format!("workload = {text}"), file).map_err(|e| {
-        ConfigError {
-            key: e.key.replacen("workload", key, 1),
-            ..e
-        }
-    })?;
-    resolve::workload(&doc.workload, At::new(file, key))
+    resolve::workload(
+        &schema::workload_from_toml(text, file, key)?,
+        At::new(file, key),
+    )
 }
 
-/// A shipped policy by name, or a policy file (a path ending in `.toml`,
-/// relative to `dir`). Errors about the name itself, or a file that cannot
-/// be read, are at `at`'s `key` (a config's `policy` key; `--policy` with
-/// no key); errors inside the file name the file.
-pub fn load_policy(s: &str, dir: &Path, at: At, key: &str) -> Result<Policy> {
+/// The document of a policy named by a config's `policy` key (a shipped
+/// policy's name, or a `.toml` path relative to `dir`), with where it was
+/// read from and the name it gets when it gives none. Errors as
+/// [`load_policy`]'s.
+pub fn policy_spec(s: &str, dir: &Path, at: At, key: &str) -> Result<(PolicySpec, String, String)> {
     if let Some((name, text)) = SHIPPED_POLICIES.iter().find(|(n, _)| *n == s) {
         let source = format!("shipped:{name}");
-        let spec: PolicySpec = schema::from_toml(text, &source)?;
-        resolve::policy(&spec, At::new(&source, ""), &source, name)
+        Ok((schema::from_toml(text, &source)?, source, name.to_string()))
     } else if s.ends_with(".toml") {
         let path = dir.join(s);
         let text = crate::files::read_text(&path, crate::files::MAX_CONFIG_BYTES)
@@ -531,9 +522,9 @@ pub fn load_policy(s: &str, dir: &Path, at: At, key: &str) -> Result<Policy> {
         let stem = path
             .file_stem()
             .and_then(|s| s.to_str())
-            .unwrap_or("policy");
-        let spec: PolicySpec = schema::from_toml(&text, &source)?;
-        resolve::policy(&spec, At::new(&source, ""), &source, stem)
+            .unwrap_or("policy")
+            .to_string();
+        Ok((schema::from_toml(&text, &source)?, source, stem))
     } else {
         let names: Vec<&str> = SHIPPED_POLICIES.iter().map(|(n, _)| *n).collect();
         Err(at.error(
@@ -544,6 +535,15 @@ pub fn load_policy(s: &str, dir: &Path, at: At, key: &str) -> Result<Policy> {
             ),
         ))
     }
+}
+
+/// A shipped policy by name, or a policy file (a path ending in `.toml`,
+/// relative to `dir`). Errors about the name itself, or a file that cannot
+/// be read, are at `at`'s `key` (a config's `policy` key; `--policy` with
+/// no key); errors inside the file name the file.
+pub fn load_policy(s: &str, dir: &Path, at: At, key: &str) -> Result<Policy> {
+    let (spec, source, name) = policy_spec(s, dir, at, key)?;
+    resolve::policy(&spec, At::new(&source, ""), &source, &name)
 }
 
 /// What a micro-guest `[[vm]]` without a `workload` runs: [`DEFAULT_WORKLOAD`].

@@ -106,7 +106,13 @@ fn numa(s: &NumaSpec, at: At) -> Result<NumaPolicy> {
         replicate: s.replicate.unwrap_or(d.replicate),
         epoch_ms: int("epoch_ms", s.epoch_ms, 1, 60_000, d.epoch_ms)?,
         hot_threshold: float("hot_threshold", s.hot_threshold, 0.01, 1e9, d.hot_threshold)?,
-        dominant_share: float("dominant_share", s.dominant_share, 0.5, 1.0, d.dominant_share)?,
+        dominant_share: float(
+            "dominant_share",
+            s.dominant_share,
+            0.5,
+            1.0,
+            d.dominant_share,
+        )?,
         reader_threshold: float(
             "reader_threshold",
             s.reader_threshold,
@@ -150,7 +156,13 @@ fn numa(s: &NumaSpec, at: At) -> Result<NumaPolicy> {
             1_000_000,
             d.freeze_window_epochs,
         )?,
-        freeze_epochs: int("freeze_epochs", s.freeze_epochs, 1, 1_000_000, d.freeze_epochs)?,
+        freeze_epochs: int(
+            "freeze_epochs",
+            s.freeze_epochs,
+            1,
+            1_000_000,
+            d.freeze_epochs,
+        )?,
         replica_idle_epochs: int(
             "replica_idle_epochs",
             s.replica_idle_epochs,
@@ -220,8 +232,14 @@ pub fn vm(spec: &VmSpec, at: At, nodes: usize, dir: &Path) -> Result<Vec<VmConfi
                 .iter()
                 .enumerate()
                 .map(|(i, &n)| {
-                    at.int_in(&format!("vcpu_nodes[{i}]"), Some(n), 0, max_node, &node_range)
-                        .map(|n| n.unwrap() as usize)
+                    at.int_in(
+                        &format!("vcpu_nodes[{i}]"),
+                        Some(n),
+                        0,
+                        max_node,
+                        &node_range,
+                    )
+                    .map(|n| n.unwrap() as usize)
                 })
                 .collect::<Result<Vec<_>>>()?;
             if home.is_some() {
@@ -261,7 +279,11 @@ pub fn vm(spec: &VmSpec, at: At, nodes: usize, dir: &Path) -> Result<Vec<VmConfi
         None => Duration::from_secs(60),
     };
     let count = at.int("count", spec.count, 1, MAX_COUNT)?.unwrap_or(1);
-    let sharing_domain = spec.sharing_domain.as_deref().unwrap_or("default").to_string();
+    let sharing_domain = spec
+        .sharing_domain
+        .as_deref()
+        .unwrap_or("default")
+        .to_string();
     if !valid_name(&sharing_domain) {
         return Err(at.error(
             "sharing_domain",
@@ -513,14 +535,19 @@ pub fn workload(w: &WorkloadSpec, at: At) -> Result<Workload> {
         },
         "random" => Workload::Random {
             seed: seed()?,
-            touches: at.int("touches", w.touches, 1, 1 << 40)?.unwrap_or(1_000_000),
+            touches: at
+                .int("touches", w.touches, 1, 1 << 40)?
+                .unwrap_or(1_000_000),
         },
         "table_scan" => {
-            let lookups = at.int("lookups", w.lookups, 1, 1 << 40)?.unwrap_or(1_000_000);
+            let lookups = at
+                .int("lookups", w.lookups, 1, 1 << 40)?
+                .unwrap_or(1_000_000);
             Workload::TableScan {
                 seed: seed()?,
-                table_pages: at.int("table_pages", w.table_pages, 1, 1 << 20)?.unwrap_or(64)
-                    as u32,
+                table_pages: at
+                    .int("table_pages", w.table_pages, 1, 1 << 20)?
+                    .unwrap_or(64) as u32,
                 lookups,
                 // Bounded by `lookups`: the write happens between two of them.
                 write_after: at
@@ -536,7 +563,9 @@ pub fn workload(w: &WorkloadSpec, at: At) -> Result<Workload> {
         }
         "counters" => Workload::Counters {
             counters: at.int("counters", w.counters, 1, 4096)?.unwrap_or(16) as u32,
-            increments: at.int("increments", w.increments, 1, 1 << 40)?.unwrap_or(100_000),
+            increments: at
+                .int("increments", w.increments, 1, 1 << 40)?
+                .unwrap_or(100_000),
         },
         "crash" => Workload::Crash,
         "spin" => Workload::Spin,

@@ -13,7 +13,7 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 /// A config file: `[host]`, `policy`, `[[vm]]`.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     pub host: Option<HostSpec>,
@@ -22,7 +22,7 @@ pub struct ConfigFile {
 }
 
 /// `[host]`.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostSpec {
     /// `"host"`, a shipped fixture's name or an hwloc XML path.
@@ -31,7 +31,7 @@ pub struct HostSpec {
 
 /// The `policy` key: a shipped policy's name or a policy file's path, or an
 /// inline `[policy]` table.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum PolicyRef {
     Named(String),
@@ -61,7 +61,7 @@ impl<'de> Deserialize<'de> for PolicyRef {
 }
 
 /// A policy file, or an inline `[policy]` table.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicySpec {
     pub name: Option<String>,
@@ -71,7 +71,7 @@ pub struct PolicySpec {
 }
 
 /// `[sharing]` (see `super::SharingPolicy`).
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SharingSpec {
     pub enabled: Option<bool>,
@@ -81,7 +81,7 @@ pub struct SharingSpec {
 }
 
 /// `[numa]` (see `super::NumaPolicy`, whose fields these are).
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NumaSpec {
     pub migrate: Option<bool>,
@@ -108,7 +108,7 @@ pub struct NumaSpec {
 }
 
 /// One `[[vm]]` (or the body of `PUT /v1/vms/{name}`).
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmSpec {
     pub name: Option<String>,
@@ -133,7 +133,7 @@ pub struct VmSpec {
 
 /// A micro-guest workload: `kind` and that kind's parameters (which
 /// parameters a kind takes is checked in `resolve`, naming the allowed ones).
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadSpec {
     pub kind: Option<String>,
@@ -173,8 +173,76 @@ impl WorkloadSpec {
     }
 }
 
+impl From<&crate::guest::Workload> for WorkloadSpec {
+    /// The document of a workload value (what a benchmark builds in code).
+    fn from(w: &crate::guest::Workload) -> WorkloadSpec {
+        use crate::guest::Workload as W;
+        let int = |v: u64| Some(v as i64);
+        let mut spec = WorkloadSpec {
+            kind: Some(w.name().to_string()),
+            ..WorkloadSpec::default()
+        };
+        match *w {
+            W::Fill {
+                seed,
+                private_seed,
+                shared_percent,
+                shared_run,
+            } => {
+                spec.seed = int(seed);
+                spec.private_seed = int(private_seed);
+                spec.shared_percent = int(shared_percent.into());
+                spec.shared_run = int(shared_run.into());
+            }
+            W::Sweep { seed, passes } => {
+                spec.seed = int(seed);
+                spec.passes = int(passes.into());
+            }
+            W::Random { seed, touches } => {
+                spec.seed = int(seed);
+                spec.touches = int(touches);
+            }
+            W::TableScan {
+                seed,
+                table_pages,
+                lookups,
+                write_after,
+            } => {
+                spec.seed = int(seed);
+                spec.table_pages = int(table_pages.into());
+                spec.lookups = int(lookups);
+                spec.write_after = int(write_after);
+            }
+            W::Counters {
+                counters,
+                increments,
+            } => {
+                spec.counters = int(counters.into());
+                spec.increments = int(increments);
+            }
+            W::Crash | W::Spin | W::BadIo => {}
+        }
+        spec
+    }
+}
+
+impl VmSpec {
+    /// A micro-VM of `vcpus` vCPUs and `memory_mib` MiB running `workload`
+    /// (the rest as a `[[vm]]` that gives only these keys); benchmarks
+    /// build their configs from these.
+    pub fn micro(name: &str, vcpus: u64, memory_mib: u64, workload: WorkloadSpec) -> VmSpec {
+        VmSpec {
+            name: Some(name.to_string()),
+            vcpus: Some(vcpus as i64),
+            memory_mib: Some(memory_mib as i64),
+            workload: Some(workload),
+            ..VmSpec::default()
+        }
+    }
+}
+
 /// One of a `[[vm]]`'s `moves`.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MoveSpec {
     pub after_ms: Option<i64>,
@@ -183,7 +251,7 @@ pub struct MoveSpec {
 }
 
 /// One of a Linux `[[vm]]`'s `disk` entries.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
     pub path: Option<String>,
@@ -192,17 +260,38 @@ pub struct DiskSpec {
 
 /// Reads `T` from a TOML document; `file` names it in errors.
 pub fn from_toml<T: de::DeserializeOwned>(text: &str, file: &str) -> super::Result<T> {
-    let root: toml::Table = text.parse().map_err(|e: toml::de::Error| super::ConfigError {
-        file: file.to_string(),
-        key: String::new(),
-        message: format!("not valid TOML: {}", e.to_string().trim_end()),
-    })?;
+    let root: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| super::ConfigError {
+            file: file.to_string(),
+            key: String::new(),
+            message: format!("not valid TOML: {}", e.to_string().trim_end()),
+        })?;
     serde_path_to_error::deserialize(root).map_err(|e| super::error::from_serde(file, "", e))
+}
+
+/// A `workload` inline table's text (`{ kind = "sweep", passes = 2 }`, as
+/// benchmark scenarios give it); `file` and `key` name it in errors.
+pub fn workload_from_toml(text: &str, file: &str, key: &str) -> super::Result<WorkloadSpec> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Doc {
+        workload: WorkloadSpec,
+    }
+    let doc: Doc =
+        from_toml(&format!("workload = {text}"), file).map_err(|e| super::ConfigError {
+            key: e.key.replacen("workload", key, 1),
+            ..e
+        })?;
+    Ok(doc.workload)
 }
 
 /// Reads `T` from a JSON document (an API request body); `file` names it in
 /// errors. JSON's `null` is refused (TOML has none; leave the key out).
-pub fn from_json<T: de::DeserializeOwned>(value: serde_json::Value, file: &str) -> super::Result<T> {
+pub fn from_json<T: de::DeserializeOwned>(
+    value: serde_json::Value,
+    file: &str,
+) -> super::Result<T> {
     reject_nulls(&value, "", file)?;
     serde_path_to_error::deserialize(value).map_err(|e| super::error::from_serde(file, "", e))
 }

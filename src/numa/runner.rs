@@ -47,9 +47,9 @@ use serde::Serialize;
 
 use super::cap::{SamplingCap, VmSamplingCost};
 use super::hardware::{budget_floor, scale_sample_budget, EventStatus, MissCounters};
-use crate::memory::sampler::{PageSampler, SamplerStats};
 use super::{AccessSample, CounterSource, Decision, PageFacts, PageLocation, PolicyEngine};
 use crate::config::NumaPolicy;
+use crate::memory::sampler::{PageSampler, SamplerStats};
 use crate::memory::{Memory, VmId};
 use crate::topology::Topology;
 
