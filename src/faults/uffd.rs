@@ -59,7 +59,8 @@
 //!   dequeued, read or not: a handler must expect `read_event` to find
 //!   nothing after `poll` said readable (`EAGAIN`, reported as `Ok(None)`),
 //!   and may resolve a fault whose thread is gone (harmless).
-//! * **Timings here** (2 cores, nested KVM): copy + remap + wake of a
+//! * **Timings on the build hosts** (docs/host-facts.md, "userfaultfd"):
+//!   copy + remap + wake of a
 //!   host thread's fault about 15 us median (35 us p99), the blocked store
 //!   about 40 us median end to end; for guest writes, copy + remap about
 //!   10 us median, and a fill with 256 protected pages takes about 47 us
@@ -107,7 +108,8 @@
 //!   KVM's MMU notifier drops the guest's mapping on the zap. A guest
 //!   read-modify-write (load, then store) is sampled as a read: the
 //!   continue maps the page writable, so the store does not fault again.
-//! * Costs here (2 cores, nested KVM, `kvm_sweep_sampled_while_running`):
+//! * Costs on the build hosts (docs/host-facts.md, "userfaultfd";
+//!   `kvm_sweep_sampled_while_running`):
 //!   zap about 4-12 us per page, handler (bookkeeping + continue + wake)
 //!   about 8 us median (~150 us p99), about 40-50 us more guest time per
 //!   sample (the vCPU's round trip through the fault), the same order as a

@@ -22,7 +22,8 @@
 //!
 //! The guest reports progress by storing a counter into the last word of its
 //! parameter block. The monitor reads it straight from RAM, so progress costs
-//! the guest no exit (an exit to user space costs ~30 µs on the build hosts).
+//! the guest no exit (an exit to user space costs ~30 µs on the build hosts,
+//! docs/host-facts.md).
 
 use super::Workload;
 

@@ -291,7 +291,8 @@ impl Memory {
         }
         // The duplicate's VM is paused for the remap (see `GuestPause`), and
         // paused *before* the memory lock is taken: a vCPU can take seconds
-        // to stop (seen on this host's emulated guest kernel mode: a Linux
+        // to stop (seen on the build hosts' emulated guest kernel mode,
+        // docs/host-facts.md "KVM": a Linux
         // guest's `rep stosb` ran 2 s past every kick), and waiting for it
         // with the lock held stalled every fault of every VM meanwhile.
         let pauser = self.inner.lock().pausers.get(&dup_vm).cloned();

@@ -4,8 +4,8 @@
 //! `mmap(MAP_FIXED)`, and updates the pmap, the memmap and the pool
 //! allocators before releasing it, so the four never disagree for longer
 //! than one locked section. KVM sees the new mapping on the guest's next
-//! access to the page through its MMU notifiers (verified on this host, see
-//! FACTS.md), so no memory-slot change is needed.
+//! access to the page through its MMU notifiers (verified on the build
+//! hosts, see docs/host-facts.md, "KVM"), so no memory-slot change is needed.
 //!
 //! Policies (sharing, migration, replication) decide *what* to change and
 //! call the mapper; they never touch a mapping themselves.
@@ -13,7 +13,7 @@
 //! Write protection: every pool page is mapped read-write, and a page that
 //! several owners share is write-protected with userfaultfd (not with
 //! `mprotect`: a guest write to a read-only host mapping makes `KVM_RUN`
-//! fail with `EFAULT` and no address, see FACTS.md). The rule the mapper
+//! fail with `EFAULT` and no address, see docs/host-facts.md, "KVM"). The rule the mapper
 //! keeps is `write_protected == shared == (refcount > 1)`. Because a
 //! `mmap(MAP_FIXED)` drops the userfaultfd registration of the range it
 //! replaces, every pool mapping is registered again right after it is made.
@@ -598,7 +598,8 @@ impl Memory {
         };
         let space = inner.space(vm)?;
         let mut zapped = 0;
-        // One `madvise` per run of consecutive frames: on these hosts every
+        // One `madvise` per run of consecutive frames: on the build hosts
+        // (docs/host-facts.md, "KVM") every
         // call makes KVM invalidate the guest's mappings (and kick its
         // vCPUs), whatever its length, so runs cost the guest far less
         // than the same pages one by one.
@@ -1258,7 +1259,8 @@ impl Inner {
     /// `start`: one `copy_file_range` per run of consecutive old pages of
     /// one pool. The kernel copies page cache to page cache: no page fault
     /// on either pool view and no zeroing of the new pages (a copy through
-    /// the views cost two page faults per page, ~8 us here).
+    /// the views cost two page faults per page, ~8 us on the build hosts:
+    /// docs/host-facts.md, "Memory and mappings").
     ///
     /// `warm`: the targets are warm pages (resident). Then the copy goes
     /// through the pool views instead, with memcpy: no allocation, and no

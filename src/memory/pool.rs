@@ -457,7 +457,8 @@ impl Pool {
     /// hint) are populated with one `madvise` each, so the copy takes no
     /// page fault per page; runs already mapped cost nothing. (Populating
     /// a mapped run is not free: the kernel still walks it page by page,
-    /// about as long as the memcpy itself here.) `write`: the caller
+    /// about as long as the memcpy itself on the build hosts:
+    /// docs/host-facts.md.) `write`: the caller
     /// writes the pages.
     pub fn populate_view(&mut self, start: u32, len: u32, write: bool) {
         let advice = if write {
@@ -521,7 +522,8 @@ impl Pool {
     /// the page cache), asked with `mincore` on the monitor's view, which
     /// does not touch the page. A page the guest never wrote is a hole:
     /// reading it through the `MAP_SHARED` view would make the kernel
-    /// allocate it (FACTS.md), so the sharing scanner asks this first.
+    /// allocate it (docs/host-facts.md, "Memory and mappings"), so the
+    /// sharing scanner asks this first.
     pub fn page_resident(&self, index: u32) -> bool {
         view_page_resident(self.page_ptr(index))
     }

@@ -891,7 +891,8 @@ impl Monitor {
         // Collect every guest's outcome and close its KVM VM before the
         // final passes: each KVM VM in the process adds its MMU notifier to
         // every page-table change the mapper makes, so merges with 300
-        // finished VMs still open cost about 20x more (0.4 ms, not 20 us).
+        // finished VMs still open cost about 20x more (0.4 ms, not 20 us;
+        // docs/host-facts.md, "KVM").
         for v in &mut self.vms {
             v.collect();
         }

@@ -119,7 +119,8 @@ pub(crate) fn policy_status(p: &Policy, numa: &NumaPlan) -> String {
 /// The default longest wait for the scanner's final passes after the guests
 /// are done: 30 s, plus 10 s per GiB of guest memory, at most 5 minutes.
 /// With the guests stopped the scanner runs unthrottled (hashing is about
-/// 1 us a page here, a merge about 20 us), so two passes over N GiB that is
+/// 1 us a page on the build hosts, a merge about 20 us: docs/host-facts.md,
+/// "Sharing scanner"), so two passes over N GiB that is
 /// mostly duplicate need about 2 x 262,144 N x 20 us = 10 N s; the cap keeps
 /// a huge run from hanging on its report, which then says how far it got.
 pub fn settle_limit(guest_bytes: u64) -> Duration {

@@ -8,7 +8,8 @@
 //! measured per fault (`PageSampler::vm_faults`); the rest (the exit from
 //! the guest, the kernel's fault path, waking the handler thread and then
 //! the vCPU) cannot be timed from the monitor, and is charged as a constant,
-//! `sample_fault_cost_us`. On the build hosts (`kvm_pvm`, 2 cores) the whole
+//! `sample_fault_cost_us`. On the build hosts (docs/host-facts.md,
+//! "userfaultfd") the whole
 //! cost was measured from the vCPU threads' own scheduler statistics
 //! (`/proc/self/task/TID/schedstat`: time on CPU plus time blocked, against
 //! a run without sampling): a 64 MiB, 2-vCPU sweep with 45,066 samples

@@ -11,7 +11,7 @@
 //!    thread and do not name pages, so they steer the page sampler's effort
 //!    toward the VMs that miss most rather than yield samples themselves.
 //!    [`probe_hardware_pmu`] opens them through `perf-event2` and, when there
-//!    is no PMU (as on the build machines, see FACTS.md: the open fails with
+//!    is no PMU (as on the build machines, see docs/host-facts.md: the open fails with
 //!    `ENOENT`), returns the reason, which [`choose_source`] turns into a
 //!    fallback;
 //! 2. **page-level samples** (hinting faults on a sample of pages), which work
@@ -261,7 +261,7 @@ mod tests {
             Ok(()) => {}
             Err(why) => {
                 assert!(why.contains("perf_event_open"), "{why}");
-                // FACTS.md: the build machines have no PMU and fail with ENOENT.
+                // docs/host-facts.md: the build machines have no PMU and fail with ENOENT.
                 if std::path::Path::new("/sys/bus/event_source/devices/cpu").exists() {
                     return;
                 }

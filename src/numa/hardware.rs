@@ -19,7 +19,7 @@
 //!
 //! The code is generic over the event set: [`EventSet::software`] builds the
 //! same groups from software events (task-clock, page faults), which is how
-//! it is exercised on hosts without a PMU (the build machines, FACTS.md).
+//! it is exercised on hosts without a PMU (the build machines, docs/host-facts.md "NUMA").
 
 use std::collections::HashMap;
 use std::time::Instant;

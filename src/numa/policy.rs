@@ -33,7 +33,8 @@
 //!    say sooner that a node stopped reading: page samples are sparse (a
 //!    VM samples a few dozen pages per round), so a reader's count dips
 //!    below `reader_threshold` now and then while it still reads, and a
-//!    replica dropped on such a dip is made again, then frozen (measured:
+//!    replica dropped on such a dip is made again, then frozen (measured,
+//!    docs/host-facts.md "NUMA":
 //!    a 4-VM shared-table run froze 87 of 128 pages that way). If every
 //!    copy is kept and the page is hot, nodes that now use it get a
 //!    replica too (`Replicate`).

@@ -611,7 +611,8 @@ impl Worker {
     /// are private and on the node `gfn` leaves, at most `spare` of them.
     ///
     /// Why: sampling is capped (`numa::cap`), so a VM gets a few hundred
-    /// samples a second on these hosts, and a 256 MiB guest has 65,536
+    /// samples a second on the build hosts (docs/host-facts.md), and a
+    /// 256 MiB guest has 65,536
     /// pages. A page the samples show used from another node says the same
     /// of its neighbours far more often than not (guest memory is used in
     /// runs: arrays, heaps, page-cache files); moving its region in one

@@ -22,7 +22,8 @@
 //! with the same hash on an earlier pass, at least `settle_age` (200 ms)
 //! ago. KSM's rule is the same in passes (a page's checksum must not change
 //! between two scans), but a pass over a few small guests takes
-//! milliseconds here, so the rule is tied to time as well. Merging on first
+//! milliseconds on the build hosts (docs/host-facts.md, "Sharing
+//! scanner"), so the rule is tied to time as well. Merging on first
 //! sight made guests that keep rewriting their memory churn as soon as
 //! merges got cheap: with batched merges, four identical 32 MiB `random`
 //! writers made 96,000 merges and 72,000 copy-on-write breaks and ran over
@@ -719,7 +720,8 @@ fn low_priority() {
 
 /// The scanner's pace: `pages_per_second` is a ceiling, not a constant.
 ///
-/// Hashing a page costs about 2.5 us of CPU here; at the ceiling of
+/// Hashing a page costs about 2.5 us of CPU on the build hosts
+/// (docs/host-facts.md, "Sharing scanner"); at the ceiling of
 /// `policies/disco.toml` (100,000 pages/s) that is a quarter of a CPU, taken
 /// from the guests on a host whose CPUs they keep busy, whether or not
 /// there is anything to merge (a 2-vCPU, 256 MiB `random` guest ran

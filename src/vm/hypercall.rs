@@ -3,7 +3,7 @@
 //! Port I/O is the one exit a CPL 3 guest can make without any kernel-side
 //! setup (IOPL 3 lets it execute `in`/`out`); the arguments travel in
 //! registers the monitor reads with `KVM_GET_REGS`. Each hypercall costs an
-//! exit to user space (~30 µs on the build hosts), so guests use them only to
+//! exit to user space (~30 µs on the build hosts, docs/host-facts.md), so guests use them only to
 //! start, log and finish; progress goes through guest memory instead.
 //!
 //! | port | instruction | meaning |
