@@ -150,6 +150,7 @@ pub fn config_doc(policy: PolicyRef, topology: &str, vms: Vec<VmSpec>) -> Config
     ConfigFile {
         host: (topology != "host").then(|| HostSpec {
             topology: Some(topology.to_string()),
+            ..HostSpec::default()
         }),
         policy: Some(policy),
         vm: Some(vms),

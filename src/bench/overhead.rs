@@ -167,6 +167,7 @@ impl OverheadCase {
         if topology != "host" {
             self.config.host = Some(HostSpec {
                 topology: Some(topology.to_string()),
+                ..HostSpec::default()
             });
         }
         self

@@ -27,6 +27,10 @@ pub struct ConfigFile {
 pub struct HostSpec {
     /// `"host"`, a shipped fixture's name or an hwloc XML path.
     pub topology: Option<String>,
+    /// Start VMs in turn as sharing frees memory (`Config::overcommit`).
+    pub overcommit: Option<bool>,
+    /// The most memory the pools may hold in all, MiB.
+    pub memory_limit_mib: Option<i64>,
 }
 
 /// The `policy` key: a shipped policy's name or a policy file's path, or an
