@@ -70,7 +70,7 @@ pub fn policy_spec(policy: &str, sampling: &str, trace_file: Option<&Path>) -> R
     let numa = spec.numa.get_or_insert_with(NumaSpec::default);
     numa.sampling = Some(sampling.to_string());
     numa.trace_file = trace_file.map(|t| t.display().to_string());
-    Ok(PolicyRef::Inline(spec))
+    Ok(PolicyRef::Inline(Box::new(spec)))
 }
 
 /// A `workload` inline table's text with `seed` (and, for a sweep,

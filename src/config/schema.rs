@@ -39,7 +39,7 @@ pub struct HostSpec {
 #[serde(untagged)]
 pub enum PolicyRef {
     Named(String),
-    Inline(PolicySpec),
+    Inline(Box<PolicySpec>),
 }
 
 impl<'de> Deserialize<'de> for PolicyRef {
@@ -57,7 +57,7 @@ impl<'de> Deserialize<'de> for PolicyRef {
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<PolicyRef, A::Error> {
                 PolicySpec::deserialize(de::value::MapAccessDeserializer::new(map))
-                    .map(PolicyRef::Inline)
+                    .map(|p| PolicyRef::Inline(Box::new(p)))
             }
         }
         d.deserialize_any(V)
