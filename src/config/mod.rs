@@ -145,10 +145,49 @@ pub struct NumaPolicy {
     /// cannot time itself.
     pub sample_fault_cost_us: f64,
     /// Where access samples come from.
-    pub sampling: crate::numa::counters::Sampling,
+    pub sampling: Sampling,
     /// The trace replayed when `sampling = "trace"` (as written in the file;
     /// a relative path is relative to the directory `disco` runs in).
     pub trace_file: Option<PathBuf>,
+}
+
+/// The `sampling` knob of a policy's `[numa]` section.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Sampling {
+    /// Hardware counters when the host has a PMU, else page-fault samples.
+    #[default]
+    Auto,
+    /// Hardware counters only; an error without a PMU.
+    Hardware,
+    /// Page-level samples from hinting faults.
+    PageFaults,
+    /// A replayed trace file (`trace_file`).
+    Trace,
+}
+
+impl Sampling {
+    /// The spellings accepted in a policy file, in order.
+    pub const NAMES: &'static [&'static str] = &["auto", "hardware", "page-faults", "trace"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sampling::Auto => "auto",
+            Sampling::Hardware => "hardware",
+            Sampling::PageFaults => "page-faults",
+            Sampling::Trace => "trace",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Sampling> {
+        match name {
+            "auto" => Some(Sampling::Auto),
+            "hardware" => Some(Sampling::Hardware),
+            "page-faults" => Some(Sampling::PageFaults),
+            "trace" => Some(Sampling::Trace),
+            _ => None,
+        }
+    }
 }
 
 impl Default for SharingPolicy {
@@ -188,7 +227,7 @@ impl Default for NumaPolicy {
             migrate_region_pages: 64,
             max_sampling_overhead: 0.02,
             sample_fault_cost_us: 90.0,
-            sampling: crate::numa::counters::Sampling::Auto,
+            sampling: Sampling::Auto,
             trace_file: None,
         }
     }

@@ -10,10 +10,10 @@ use super::error::{At, Result};
 use super::linux::{DiskConfig, LinuxGuestConfig, SerialOutput};
 use super::schema::{NumaSpec, PolicySpec, SharingSpec, VmSpec, WorkloadSpec};
 use super::{
-    NumaPolicy, Policy, SharingPolicy, VcpuMove, VmConfig, MAX_COUNT, MAX_MEMORY_MIB, MAX_VCPUS,
+    NumaPolicy, Policy, Sampling, SharingPolicy, VcpuMove, VmConfig, MAX_COUNT, MAX_MEMORY_MIB,
+    MAX_VCPUS,
 };
 use crate::guest::{layout, Workload};
-use crate::numa::counters::Sampling;
 
 const NAME_RULE: &str = "1 to 40 characters from a-z, A-Z, 0-9, '-' and '_'";
 

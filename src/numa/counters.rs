@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+pub use crate::config::Sampling;
 pub use crate::memory::sampler::AccessSample;
 
 /// A source of access samples, polled once per policy epoch.
@@ -34,45 +35,6 @@ pub trait CounterSource: Send {
     fn describe(&self) -> String;
     /// Appends the samples gathered since the last poll to `out`.
     fn poll(&mut self, out: &mut Vec<AccessSample>) -> anyhow::Result<()>;
-}
-
-/// The `sampling` knob of a policy's `[numa]` section.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Sampling {
-    /// Hardware counters when the host has a PMU, else page-fault samples.
-    #[default]
-    Auto,
-    /// Hardware counters only; an error without a PMU.
-    Hardware,
-    /// Page-level samples from hinting faults.
-    PageFaults,
-    /// A replayed trace file (`trace_file`).
-    Trace,
-}
-
-impl Sampling {
-    /// The spellings accepted in a policy file, in order.
-    pub const NAMES: &'static [&'static str] = &["auto", "hardware", "page-faults", "trace"];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Sampling::Auto => "auto",
-            Sampling::Hardware => "hardware",
-            Sampling::PageFaults => "page-faults",
-            Sampling::Trace => "trace",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<Sampling> {
-        match name {
-            "auto" => Some(Sampling::Auto),
-            "hardware" => Some(Sampling::Hardware),
-            "page-faults" => Some(Sampling::PageFaults),
-            "trace" => Some(Sampling::Trace),
-            _ => None,
-        }
-    }
 }
 
 /// Which source to build, and why.
