@@ -76,7 +76,8 @@ pub fn policy_spec(policy: &str, sampling: &str, trace_file: Option<&Path>) -> R
 /// A `workload` inline table's text with `seed` (and, for a sweep,
 /// `passes`) set when the table does not give them.
 pub fn workload_with(table_text: &str, seed: u64, passes: Option<u64>) -> Result<WorkloadSpec> {
-    let mut w = crate::config::schema::workload_from_toml(table_text, "", "workload")?;
+    let mut w =
+        crate::config::schema::workload_from_toml(table_text, super::BENCH_CONFIG, "workload")?;
     let kind = w.kind.clone().unwrap_or_default();
     if matches!(kind.as_str(), "fill" | "sweep" | "random" | "table_scan") {
         w.seed.get_or_insert(seed as i64);
@@ -374,7 +375,7 @@ pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
     for policy in &o.policies {
         let doc = o
             .config(policy, 1, &topology)
-            .map_err(|e| p.error("policies", format!("{e:#}")))?;
+            .map_err(|e| super::blame_config_error(p, &e, policy, "policies", "workload"))?;
         config_from_doc(doc)
             .map_err(|e| super::blame_config_error(p, &e, policy, "policies", "workload"))?;
     }

@@ -625,7 +625,7 @@ pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
     for policy in &o.policies {
         let doc = o
             .config(policy, 1, None, topology.node_count())
-            .map_err(|e| p.error("policies", format!("{e:#}")))?;
+            .map_err(|e| super::blame_config_error(p, &e, policy, "policies", "table_pages"))?;
         config_from_doc(doc)
             .map_err(|e| super::blame_config_error(p, &e, policy, "policies", "table_pages"))?;
     }
