@@ -92,6 +92,9 @@ pub struct SharingPolicy {
     /// Each VM's budget of kernel mappings (VMAs): one per this many guest
     /// frames; 0 turns the budget off.
     pub frames_per_mapping: u64,
+    /// While no host CPU is idle, the most of all CPUs' time the scanner
+    /// may take (see `crate::sharing` `cpu_share`); 1 lifts the cap.
+    pub busy_cpu_share: f64,
 }
 
 /// NUMA placement knobs: the `[numa]` section, read by the policy engine
@@ -691,6 +694,9 @@ fn parse_policy(t: &Fields, source: &str, default_name: &str) -> Result<Policy> 
                 frames_per_mapping: s
                     .opt_u64("frames_per_mapping", 0, 1 << 20)?
                     .unwrap_or(crate::sharing::FRAMES_PER_MAPPING),
+                busy_cpu_share: s
+                    .opt_f64("busy_cpu_share", 0.0001, 1.0)?
+                    .unwrap_or(crate::sharing::BUSY_CPU_SHARE),
             };
             s.finish()?;
             p
@@ -700,6 +706,7 @@ fn parse_policy(t: &Fields, source: &str, default_name: &str) -> Result<Policy> 
             pages_per_second: 100_000,
             domains: Vec::new(),
             frames_per_mapping: crate::sharing::FRAMES_PER_MAPPING,
+            busy_cpu_share: crate::sharing::BUSY_CPU_SHARE,
         },
     };
     let numa = match t.opt_table("numa")? {
