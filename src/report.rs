@@ -315,7 +315,7 @@ impl RunReport {
                 out += &format!(
                     "  scanner held back {:.0} ms while every host CPU was busy (its share then: {} % of the CPUs)\n",
                     sh.scanner.busy_wait_ms,
-                    crate::sharing::BUSY_CPU_SHARE * 100.0
+                    self.policy.policy.sharing.busy_cpu_share * 100.0
                 );
             }
             if sh.scanner.max_vm_mappings > 0 {

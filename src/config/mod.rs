@@ -83,6 +83,9 @@ pub struct SharingPolicy {
     /// Each VM's budget of kernel mappings (VMAs): one per this many guest
     /// frames; 0 turns the budget off.
     pub frames_per_mapping: u64,
+    /// While no host CPU is idle, the most of all CPUs' time the scanner
+    /// may take (see `crate::sharing` `cpu_share`); 1 lifts the cap.
+    pub busy_cpu_share: f64,
 }
 
 /// NUMA placement knobs: the `[numa]` section, read by the policy engine
@@ -199,6 +202,7 @@ impl Default for SharingPolicy {
             pages_per_second: 100_000,
             domains: Vec::new(),
             frames_per_mapping: crate::sharing::FRAMES_PER_MAPPING,
+            busy_cpu_share: crate::sharing::BUSY_CPU_SHARE,
         }
     }
 }

@@ -59,6 +59,9 @@ fn sharing(s: &SharingSpec, at: At) -> Result<SharingPolicy> {
         frames_per_mapping: at
             .int("frames_per_mapping", s.frames_per_mapping, 0, 1 << 20)?
             .unwrap_or(d.frames_per_mapping),
+        busy_cpu_share: at
+            .float("busy_cpu_share", s.busy_cpu_share, 0.0001, 1.0)?
+            .unwrap_or(d.busy_cpu_share),
     })
 }
 

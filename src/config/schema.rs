@@ -82,6 +82,7 @@ pub struct SharingSpec {
     pub pages_per_second: Option<i64>,
     pub domains: Option<Vec<String>>,
     pub frames_per_mapping: Option<i64>,
+    pub busy_cpu_share: Option<f64>,
 }
 
 /// `[numa]` (see `super::NumaPolicy`, whose fields these are).

@@ -244,16 +244,18 @@ struct Waiting {
     /// Each VM, since when it is queued, and whether it was ever turned
     /// away (only those count as having waited).
     queue: std::collections::VecDeque<(VmConfig, Instant, bool)>,
-    /// Since when nothing has run and the scanner has found nothing: a
-    /// queue that cannot move then gives up (see [`WAIT_FOR_MEMORY_LIMIT`]).
-    stalled_since: Option<Instant>,
-    /// The scanner's merges and zero releases at the last look.
-    found: u64,
+    /// Since when nothing has run, and the scanner's full passes then: a
+    /// queue that cannot move gives up once nothing has run for
+    /// [`WAIT_FOR_MEMORY_LIMIT`] and the scanner has made
+    /// [`WAIT_FOR_MEMORY_PASSES`] full passes since (memory nobody writes
+    /// merges within two).
+    stalled: Option<(Instant, u64)>,
 }
 
-/// How long VMs wait for memory once nothing runs and the scanner frees
-/// nothing more: then the first is reported as never started.
+/// See [`Waiting::stalled`].
 pub const WAIT_FOR_MEMORY_LIMIT: Duration = Duration::from_secs(5);
+/// See [`Waiting::stalled`].
+pub const WAIT_FOR_MEMORY_PASSES: u64 = 3;
 
 /// Share of each pool kept free when VMs are let in from the queue: room
 /// for the copy-on-write breaks of the VMs already running.
@@ -549,7 +551,7 @@ impl Monitor {
             });
             if fits {
                 let (vc, since, refused) = self.waiting.queue.pop_front().expect("front");
-                self.waiting.stalled_since = None;
+                self.waiting.stalled = None;
                 if let Ok(i) = self.create_vm(&vc) {
                     self.vms[i].waited = refused.then(|| since.elapsed());
                     let _ = self.start_vm(i);
@@ -557,38 +559,43 @@ impl Monitor {
                 continue;
             }
             self.waiting.queue[0].2 = true;
-            let found = self
-                .services
-                .scanner_stats()
-                .map_or(0, |s| s.merges + s.zero_releases);
-            if self.any_running() || found != self.waiting.found {
-                self.waiting.found = found;
-                self.waiting.stalled_since = None;
+            let passes = self.services.scanner_stats().map(|s| s.full_scans);
+            if self.any_running() {
+                self.waiting.stalled = None;
                 break;
             }
-            let stalled = *self.waiting.stalled_since.get_or_insert_with(Instant::now);
-            if stalled.elapsed() < WAIT_FOR_MEMORY_LIMIT {
+            let (since_idle, passes_then) = *self
+                .waiting
+                .stalled
+                .get_or_insert((Instant::now(), passes.unwrap_or(0)));
+            let idle = since_idle.elapsed();
+            let scanned = passes.is_none_or(|p| p >= passes_then + WAIT_FOR_MEMORY_PASSES);
+            if idle < WAIT_FOR_MEMORY_LIMIT || !scanned {
                 break;
             }
             let free: u64 = pools.iter().map(|p| p.free_pages as u64).sum();
             let reason = format!(
                 "not started: its {} MiB never fit the pools (waited {:.1} s; {} MiB free, \
-                 {} MiB kept free for copy-on-write; nothing ran and sharing freed nothing \
-                 for {} s); allowed: guest memory that sharing can fold into [host] \
-                 memory_limit_mib",
+                 {} MiB kept free for copy-on-write; nothing ran for {:.1} s{}); allowed: \
+                 guest memory that sharing can fold into [host] memory_limit_mib",
                 memory_mib,
                 since.elapsed().as_secs_f64(),
                 (free * PAGE_SIZE as u64) >> 20,
                 (pools.iter().map(|p| p.capacity_pages as u64).sum::<u64>() / ADMISSION_HEADROOM
                     * PAGE_SIZE as u64)
                     >> 20,
-                WAIT_FOR_MEMORY_LIMIT.as_secs()
+                idle.as_secs_f64(),
+                match passes {
+                    Some(_) =>
+                        format!(" and {WAIT_FOR_MEMORY_PASSES} sharing passes freed too little"),
+                    None => ", and sharing is off".to_string(),
+                }
             );
             let (vc, _, _) = self.waiting.queue.pop_front().expect("front");
             self.events
                 .push("vm-failed", Some(&vc.name), reason.clone());
             self.record_not_created(&vc, reason);
-            self.waiting.stalled_since = None;
+            // The same evidence holds for the next in the queue.
         }
     }
 

@@ -59,7 +59,7 @@ fn read_cpu_times() -> Option<CpuTimes> {
 /// The bucket of CPU time the scanner may spend while the host is busy.
 pub struct CpuShare {
     /// Fraction of all CPUs' time the scanner may take while none is idle
-    /// (0: no cap).
+    /// (1 or more: no cap).
     share: f64,
     cpus: f64,
     last_times: Option<CpuTimes>,
@@ -75,7 +75,7 @@ pub struct CpuShare {
 }
 
 impl CpuShare {
-    /// A cap of `share` of the host's CPUs (0 turns it off); `cpu_ms` is
+    /// A cap of `share` of the host's CPUs (1 lifts it); `cpu_ms` is
     /// the scanner thread's CPU time now.
     pub fn new(share: f64, cpu_ms: f64) -> CpuShare {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
@@ -123,7 +123,7 @@ impl CpuShare {
         }
         let fill = (now - self.last_fill).as_secs_f64() * 1e3;
         self.last_fill = now;
-        if uncapped || self.share <= 0.0 || !self.busy {
+        if uncapped || self.share >= 1.0 || !self.busy {
             // Not capped now; a busy spell starts with a full bucket.
             self.tokens_ms = self.capacity_ms();
             return true;

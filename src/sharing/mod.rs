@@ -140,7 +140,7 @@ pub struct ScannerConfig {
     /// pass it is asked for, before it is merged again.
     pub stable_pass_time: Duration,
     /// While no host CPU is idle, the most of all CPUs' time the scanner
-    /// may take (0: no cap). See `cpu_share`.
+    /// may take (1 or more: no cap). See `cpu_share`.
     pub busy_cpu_share: f64,
 }
 
@@ -825,6 +825,7 @@ impl Scanner {
         }
         let mut config = ScannerConfig::new(policy.pages_per_second, policy.domains.clone());
         config.frames_per_mapping = policy.frames_per_mapping;
+        config.busy_cpu_share = policy.busy_cpu_share;
         Scanner::start(memory, config).map(Some)
     }
 
