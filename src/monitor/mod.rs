@@ -31,9 +31,11 @@ use crate::topology::Topology;
 use crate::vm::{VcpuOutcome, VmOutcome};
 use crate::PAGE_SIZE;
 
-pub use events::{Event, EventLog};
+pub use events::{Event, EventLog, Rates};
 pub use guest::{build_vm, micro_vm_spec};
-pub use info::{MemmapNode, MonitorStats, PmapRun, VerifySummary, VmInfo};
+pub use info::{
+    MemmapNode, MonitorStats, PmapRun, PmapRuns, VerifySummary, VmInfo, MEMMAP_CHUNK, PMAP_CHUNK,
+};
 pub use run::{run, run_with, run_with_control, serve, RunOptions};
 pub use services::settle_limit;
 
@@ -226,6 +228,8 @@ pub struct Monitor {
     /// The memory timeline of the report (VMAs, pool residency, sharing,
     /// the monitor's own memory), from the first [`Monitor::sample_memory`].
     memory_watch: Option<crate::memory::MemoryWatch>,
+    /// The `rates` events' clock (see [`Self::tick`]).
+    rates: events::RateClock,
 }
 
 impl Monitor {
@@ -260,6 +264,7 @@ impl Monitor {
             expected_vms: 0,
             collect_finished: false,
             memory_watch: None,
+            rates: events::RateClock::new(Duration::from_secs(1)),
         })
     }
 
@@ -290,7 +295,7 @@ impl Monitor {
     }
     /// Carries out `policy` from now on (the NUMA runner and the scanner
     /// restart under it; page sampling, if the new policy needs it and the
-    /// old did not, is unavailable once VMs exist, as the status says).
+    /// old did not, is turned on for the VMs that exist too).
     pub fn set_policy(&mut self, policy: Policy) -> Result<()> {
         let name = policy.name.clone();
         let vms = self.expected_vms.max(self.vms.len());
@@ -559,6 +564,30 @@ impl Monitor {
                 };
                 self.events.push(kind, Some(&name), detail);
             }
+        }
+        self.note_rates();
+    }
+
+    /// Once a second: a `rates` event when merges, copy-on-write breaks,
+    /// migrations or replications happened since the last reading.
+    fn note_rates(&mut self) {
+        let now = Instant::now();
+        if !self.rates.due(now) {
+            return;
+        }
+        let sharing = self.memory.sharing_stats();
+        let numa = self.services.numa_stats();
+        let counts = events::Counts {
+            merges: sharing.merges,
+            cow_breaks: sharing.cow_breaks,
+            migrations: numa.as_ref().map_or(0, |n| n.migrations),
+            frames_moved: numa
+                .as_ref()
+                .map_or(0, |n| n.migrations + n.region_migrations),
+            replications: numa.as_ref().map_or(0, |n| n.replicas_made),
+        };
+        if let Some(rates) = self.rates.reading(now, counts) {
+            self.events.push_rates(rates);
         }
     }
 

@@ -93,6 +93,11 @@ pub fn run_with(
     } else {
         ProgressBar::hidden()
     };
+    // With the API open, a VM that finished shows as finished with its
+    // result (checksums checked against the host model, on a thread of its
+    // own) while the others still run; without it nobody looks before the
+    // end, so the host model's work waits until the guests are done.
+    monitor.collect_finished(api.is_some());
     let monitor = Arc::new(Mutex::new(monitor));
     let server = match api {
         Some(path) => Some(crate::api::Server::start(path, monitor.clone())?),
