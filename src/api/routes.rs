@@ -232,7 +232,12 @@ fn query_error<'a>(
     field: &'a str,
     allowed: &'a str,
 ) -> impl FnOnce(axum::extract::rejection::QueryRejection) -> ApiError + 'a {
-    move |e| ApiError::bad(field, format!("query: {}; allowed: {allowed}", e.body_text()))
+    move |e| {
+        ApiError::bad(
+            field,
+            format!("query: {}; allowed: {allowed}", e.body_text()),
+        )
+    }
 }
 
 /// A streamed body: its pieces come from `next` (run on a blocking
@@ -249,7 +254,11 @@ fn streamed<S: Send + 'static>(
             .ok()?;
         piece.map(|p| (Ok::<_, Infallible>(Bytes::from(p)), Some(state)))
     });
-    ([(header::CONTENT_TYPE, content_type)], Body::from_stream(stream)).into_response()
+    (
+        [(header::CONTENT_TYPE, content_type)],
+        Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 /// Where a streamed pmap is.
@@ -402,7 +411,11 @@ impl MemmapStream {
                     .owners
                     .iter()
                     .map(|(vm, gfn)| {
-                        let name = self.names.get(vm).cloned().unwrap_or_else(|| format!("#{vm}"));
+                        let name = self
+                            .names
+                            .get(vm)
+                            .cloned()
+                            .unwrap_or_else(|| format!("#{vm}"));
                         json!({ "vm": name, "gfn": gfn })
                     })
                     .collect();
@@ -448,7 +461,10 @@ async fn memmap(
     if let Some(n) = q.node.filter(|&n| n >= nodes) {
         return Err(ApiError::bad(
             "node",
-            format!("query: node {n} does not exist; allowed: 0 to {}", nodes - 1),
+            format!(
+                "query: node {n} does not exist; allowed: 0 to {}",
+                nodes - 1
+            ),
         ));
     }
     let from = q.from.unwrap_or(0);

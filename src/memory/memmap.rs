@@ -164,7 +164,6 @@ impl Memmap {
             })
     }
 
-
     /// Pages with more than one owner, and the frames that map them (kept
     /// incrementally).
     pub fn sharing(&self) -> (u64, u64) {

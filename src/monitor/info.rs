@@ -216,10 +216,8 @@ impl Monitor {
         let result = self.vm_report(i, numa);
         let (done, total) = v.progress();
         let slot = v.space.map(|s| s as usize);
-        let of = |per_vm: &[(u64, u64)]| {
-            slot.and_then(|s| per_vm.get(s).copied())
-                .and_then(percent)
-        };
+        let of =
+            |per_vm: &[(u64, u64)]| slot.and_then(|s| per_vm.get(s).copied()).and_then(percent);
         VmInfo {
             name: v.config.name.clone(),
             state: v.state(),
@@ -243,7 +241,8 @@ impl Monitor {
     /// when it has no guest space: it failed to build).
     pub fn pmap_source(&self, name: &str) -> Result<Option<(VmId, u64)>, VmError> {
         let v = &self.vms[self.find(name)?];
-        Ok(v.space.map(|s| (s, v.config.memory_mib * (1 << 20) / PAGE_SIZE as u64)))
+        Ok(v.space
+            .map(|s| (s, v.config.memory_mib * (1 << 20) / PAGE_SIZE as u64)))
     }
 
     /// The name of each guest space's VM.
