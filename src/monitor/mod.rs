@@ -36,7 +36,7 @@ pub use guest::{build_vm, micro_vm_spec};
 pub use info::{
     MemmapNode, MonitorStats, PmapRun, PmapRuns, VerifySummary, VmInfo, MEMMAP_CHUNK, PMAP_CHUNK,
 };
-pub use run::{run, run_with, run_with_control, serve, RunOptions};
+pub use run::{run, run_with, run_with_control, serve, serve_until, RunOptions};
 pub use services::settle_limit;
 
 use guest::{apply_move, count_vcpu_threads, register_vcpu_threads, Guest};
@@ -230,6 +230,10 @@ pub struct Monitor {
     memory_watch: Option<crate::memory::MemoryWatch>,
     /// The `rates` events' clock (see [`Self::tick`]).
     rates: events::RateClock,
+    /// When the monitor was ready (pools made), and when
+    /// [`Self::start_created`] had started every VM built.
+    ready: Instant,
+    all_started: Option<Instant>,
 }
 
 impl Monitor {
@@ -265,6 +269,8 @@ impl Monitor {
             collect_finished: false,
             memory_watch: None,
             rates: events::RateClock::new(Duration::from_secs(1)),
+            ready: Instant::now(),
+            all_started: None,
         })
     }
 
@@ -424,6 +430,7 @@ impl Monitor {
                 let _ = self.start_vm(i);
             }
         }
+        self.all_started = Some(Instant::now());
     }
     /// Starts VM `i` (an index [`Self::create_vm`] gave); one that cannot
     /// start is failed with the reason, which is returned too.
@@ -1043,6 +1050,9 @@ impl Monitor {
             verify_ok: self.verify.errors.is_empty(),
             verify_errors: std::mem::take(&mut self.verify.errors),
             create_ms,
+            started_ms: self
+                .all_started
+                .map_or(0.0, |t| t.duration_since(self.ready).as_secs_f64() * 1e3),
             total_ms: self.started.elapsed().as_secs_f64() * 1e3,
         })
     }

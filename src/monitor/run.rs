@@ -161,6 +161,18 @@ pub fn serve(
     api: &Path,
     options: &RunOptions,
 ) -> Result<RunReport> {
+    serve_until(topology, policy, api, options, crate::signals::interrupted)
+}
+
+/// [`serve`] until `stop` names a reason (a signal's name for `disco
+/// serve`; the API benchmark stops its own monitor this way).
+pub fn serve_until(
+    topology: crate::topology::Topology,
+    policy: crate::config::Policy,
+    api: &Path,
+    options: &RunOptions,
+    stop: impl Fn() -> Option<&'static str>,
+) -> Result<RunReport> {
     let mut monitor = Monitor::new(topology, policy, "<api>", options.verify_every)?;
     // VMs come and go: each one's result as soon as it is done.
     monitor.collect_finished(true);
@@ -170,8 +182,8 @@ pub fn serve(
     let server = crate::api::Server::start(api, monitor.clone())?;
     loop {
         let mut m = monitor.lock();
-        if let Some(signal) = crate::signals::interrupted() {
-            m.interrupt(signal);
+        if let Some(why) = stop() {
+            m.interrupt(why);
             break;
         }
         m.tick();
