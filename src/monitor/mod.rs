@@ -366,6 +366,66 @@ impl Monitor {
         Some((v.space?, v.ram_base))
     }
 
+    /// Waits until VM `name`'s vCPUs have all exited (checking every
+    /// millisecond, its vCPUs' own time limit bounds the wait), collects it
+    /// and returns its report: result and checksums checked, run time.
+    pub fn wait_vm(&mut self, name: &str) -> Result<VmReport, VmError> {
+        let i = self.find(name)?;
+        while !self.vms[i].exited() {
+            if self.vms[i].guest.is_none() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.vms[i].collect();
+        Ok(self.vm_report(i, self.services.numa_stats().as_ref()))
+    }
+
+    /// Runs `workload` as a new micro-guest on VM `name`'s guest space,
+    /// whose last guest has exited: the memory stays as that guest left it
+    /// (a second program on the same machine, as the sharing benchmark
+    /// rewrites what its fill guests wrote). Its report is the new guest's.
+    pub fn rerun(&mut self, name: &str, workload: crate::guest::Workload) -> Result<(), VmError> {
+        let i = self.find(name)?;
+        let state = self.vms[i].state();
+        let v = &mut self.vms[i];
+        let (Some(space), Some(base)) = (v.space, v.ram_base) else {
+            return Err(VmError::Failed(format!(
+                "VM `{name}` has no micro-guest space to run on"
+            )));
+        };
+        if !v.exited() {
+            return Err(VmError::State {
+                name: name.to_string(),
+                state,
+            });
+        }
+        v.collect();
+        let mut vc = v.config.clone();
+        vc.workload = workload;
+        let ram = crate::vm::GuestRam {
+            host_addr: base,
+            size: (vc.memory_mib * (1 << 20)) as usize,
+        };
+        let vm = crate::vm::MicroVm::create(&self.kvm, micro_vm_spec(&vc, &self.topology), ram)
+            .and_then(|vm| {
+                self.memory.set_pauser(space, vm.pauser())?;
+                Ok(vm)
+            })
+            .map_err(|e| VmError::Failed(format!("VM `{name}`: a new guest: {e:#}")))?;
+        let mut next = MonitorVm::new(vc);
+        next.space = Some(space);
+        next.ram_base = Some(base);
+        next.guest = Some(Guest::Micro(Box::new(vm)));
+        self.vms[i] = next;
+        self.start_vm(i).map_err(VmError::Failed)
+    }
+
+    /// The sharing scanner's figures so far (`None` when it does not run).
+    pub fn scanner_stats(&self) -> Option<crate::sharing::ScannerStats> {
+        self.services.scanner_stats()
+    }
+
     /// Whether VM `name`'s vCPUs have all exited (it may not be collected
     /// by [`Self::tick`] yet).
     pub fn has_exited(&self, name: &str) -> bool {
@@ -1128,6 +1188,8 @@ impl std::fmt::Display for VmError {
         }
     }
 }
+
+impl std::error::Error for VmError {}
 
 /// What sampling, copy-on-write and remap pauses cost VM `space`.
 fn vm_costs(
