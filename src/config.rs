@@ -92,6 +92,9 @@ pub struct SharingPolicy {
     /// Each VM's budget of kernel mappings (VMAs): one per this many guest
     /// frames; 0 turns the budget off.
     pub frames_per_mapping: u64,
+    /// While no host CPU is idle, the most of all CPUs' time the scanner
+    /// may take (see `crate::sharing` `cpu_share`); 1 lifts the cap.
+    pub busy_cpu_share: f64,
 }
 
 /// NUMA placement knobs: the `[numa]` section, read by the policy engine
@@ -245,6 +248,13 @@ pub struct Config {
     pub topology_loaded: Option<Topology>,
     pub policy: Policy,
     pub vms: Vec<VmConfig>,
+    /// `[host] overcommit`: VMs whose memory does not fit the pools next to
+    /// those already running wait, in order, until sharing frees enough
+    /// (see `Monitor::queue_vm`); each VM alone must still fit.
+    pub overcommit: bool,
+    /// `[host] memory_limit_mib`: the most memory the pools may hold in all
+    /// (default: the nodes' memory, capped at the host's).
+    pub memory_limit_mib: Option<u64>,
 }
 
 impl Config {
@@ -278,8 +288,11 @@ impl Config {
         })?;
         let top = Fields::new(file, "", &root);
 
+        let (mut overcommit, mut memory_limit_mib) = (false, None);
         let (topology, topology_loaded) = match top.opt_table("host")? {
             Some(host) => {
+                overcommit = host.opt_bool("overcommit")?.unwrap_or(false);
+                memory_limit_mib = host.opt_u64("memory_limit_mib", 16, 1 << 40)?;
                 let choice = match host.opt_str("topology")? {
                     None | Some("host") => TopologyChoice::Host,
                     Some(name) if Topology::fixture_names().contains(&name) => {
@@ -361,6 +374,8 @@ impl Config {
             topology_loaded: Some(topology_loaded),
             policy,
             vms,
+            overcommit,
+            memory_limit_mib,
         };
         config.validate()?;
         Ok(config)
@@ -432,10 +447,57 @@ impl Config {
                 take(vm.memory_node, frames);
             }
         }
+        let host = crate::memory::mapper::host_pages();
+        if let Some(limit) = self.memory_limit_mib {
+            if limit > mib(host) {
+                return Err(err(
+                    "host.memory_limit_mib",
+                    format!(
+                        "{limit} MiB is more than the host's memory ({} MiB); allowed: 16 to {}",
+                        mib(host),
+                        mib(host)
+                    ),
+                ));
+            }
+        }
+        let caps = crate::memory::mapper::pool_capacities(
+            &topology,
+            self.memory_limit_mib.map(|m| m << 20),
+        );
+        if self.overcommit {
+            // VMs wait for room in turn; each must fit alone, with the
+            // headroom the monitor keeps free when it lets one in.
+            for vm in &self.vms {
+                let frames = (vm.memory_mib << 20) / crate::PAGE_SIZE as u64;
+                let node = if vm.linux.is_some() {
+                    vm.vcpu_nodes.first().copied().unwrap_or(0)
+                } else {
+                    vm.memory_node
+                };
+                let room =
+                    caps[node] as u64 - caps[node] as u64 / crate::monitor::ADMISSION_HEADROOM;
+                if frames > room {
+                    return Err(err(
+                        "vm",
+                        format!(
+                            "VM `{}` needs {} MiB, more than node {node}'s pool can ever give it \
+                             under overcommit ({} MiB: the pool's {} MiB less the 1/{} kept \
+                             free for copy-on-write); allowed: at most {} MiB per VM (lower its \
+                             memory_mib or raise [host] memory_limit_mib)",
+                            vm.name,
+                            mib(frames),
+                            mib(room),
+                            mib(caps[node] as u64),
+                            crate::monitor::ADMISSION_HEADROOM,
+                            mib(room)
+                        ),
+                    ));
+                }
+            }
+        }
         for (node, &pages) in need.iter().enumerate() {
-            let cap = crate::memory::mapper::pool_capacity_pages(topology.nodes[node].memory_bytes)
-                as u64;
-            if pages > cap {
+            let cap = caps[node] as u64;
+            if pages > cap && !self.overcommit {
                 let names = &users[node];
                 let shown = if names.len() > 4 {
                     format!("{}, ... ({} VMs)", names[..3].join(", "), names.len())
@@ -447,8 +509,9 @@ impl Config {
                     format!(
                         "the VMs whose memory starts on node {node} ({shown}) need {} MiB, \
                          more than node {node}'s pool ({} MiB: the node's memory, at most the \
-                         host's); allowed: at most {} MiB per node (lower memory_mib or count, \
-                         or place memory on other nodes with memory_node)",
+                         host's, or its share of [host] memory_limit_mib); allowed: at most {} MiB per node (lower memory_mib or count, \
+                         place memory on other nodes with memory_node, or set [host] overcommit = true \
+                         to start VMs in turn as sharing frees memory)",
                         mib(pages),
                         mib(cap),
                         mib(cap)
@@ -456,13 +519,12 @@ impl Config {
                 ));
             }
         }
-        let host = crate::memory::mapper::host_pages();
         let total: u64 = self
             .vms
             .iter()
             .map(|v| (v.memory_mib << 20) / crate::PAGE_SIZE as u64)
             .sum();
-        if total > host {
+        if total > host && !self.overcommit {
             return Err(err(
                 "vm",
                 format!(
@@ -632,6 +694,9 @@ fn parse_policy(t: &Fields, source: &str, default_name: &str) -> Result<Policy> 
                 frames_per_mapping: s
                     .opt_u64("frames_per_mapping", 0, 1 << 20)?
                     .unwrap_or(crate::sharing::FRAMES_PER_MAPPING),
+                busy_cpu_share: s
+                    .opt_f64("busy_cpu_share", 0.0001, 1.0)?
+                    .unwrap_or(crate::sharing::BUSY_CPU_SHARE),
             };
             s.finish()?;
             p
@@ -641,6 +706,7 @@ fn parse_policy(t: &Fields, source: &str, default_name: &str) -> Result<Policy> 
             pages_per_second: 100_000,
             domains: Vec::new(),
             frames_per_mapping: crate::sharing::FRAMES_PER_MAPPING,
+            busy_cpu_share: crate::sharing::BUSY_CPU_SHARE,
         },
     };
     let numa = match t.opt_table("numa")? {

@@ -101,6 +101,10 @@ pub struct VmReport {
     /// vCPU moves carried out while it ran (`[[vm]] moves`).
     pub moves: Vec<String>,
     pub run_ms: f64,
+    /// How long it waited for memory before it was built (`[host]
+    /// overcommit`), milliseconds; 0 when it did not wait.
+    #[serde(default)]
+    pub waited_ms: f64,
     /// What the monitor's policy cost the guest.
     pub costs: VmCosts,
     pub log: Vec<String>,
@@ -230,6 +234,12 @@ impl RunReport {
                     );
                 }
             }
+            if vm.waited_ms > 0.0 {
+                out += &format!(
+                    "    started after waiting {:.1} s for memory (overcommit)\n",
+                    vm.waited_ms / 1e3
+                );
+            }
             for line in &vm.moves {
                 out += &format!("    move: {line}\n");
             }
@@ -305,6 +315,13 @@ impl RunReport {
                 sh.scanner.compare_failures,
                 sh.scanner.cpu_ms
             );
+            if sh.scanner.busy_wait_ms > 0.0 {
+                out += &format!(
+                    "  scanner held back {:.0} ms while every host CPU was busy (its share then: {} % of the CPUs)\n",
+                    sh.scanner.busy_wait_ms,
+                    self.policy.policy.sharing.busy_cpu_share * 100.0
+                );
+            }
             if sh.scanner.max_vm_mappings > 0 {
                 out += &format!(
                     "  kernel mappings: at most {} in one VM's guest range at a recount; {} equal frames left unmerged by the mapping budget (policy frames_per_mapping = {})\n",

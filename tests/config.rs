@@ -690,3 +690,21 @@ fn a_shared_run_that_is_not_a_power_of_two_is_refused() {
         );
     }
 }
+
+#[test]
+fn a_busy_cpu_share_out_of_range_is_refused() {
+    for value in ["0", "1.5", "-0.1", "\"a lot\""] {
+        let err = error_of(
+            "share.toml",
+            &format!(
+                "[policy]\nname = \"p\"\n[policy.sharing]\nbusy_cpu_share = {value}\n{GOOD_VM}"
+            ),
+        );
+        assert_contains(&err, &["share.toml", "key `policy.sharing.busy_cpu_share`"]);
+    }
+    let err = error_of(
+        "share.toml",
+        &format!("[policy]\nname = \"p\"\n[policy.sharing]\nbusy_cpu_share = 2\n{GOOD_VM}"),
+    );
+    assert_contains(&err, &["allowed: 0.0001 to 1"]);
+}

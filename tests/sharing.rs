@@ -255,9 +255,13 @@ fn constant_writers_never_lose_a_write_while_pages_merge() {
     // Merging on first sight, so that merges race the writers (the
     // production scanner waits for content to settle, which spares it most
     // of these races but does not make them impossible).
-    let scanner =
-        disco::sharing::Scanner::start(memory.clone(), all_domains().merging_on_first_sight())
-            .unwrap();
+    // And without the CPU share of a busy host (these four guests keep the
+    // CPUs busy): the test wants merges while they write.
+    let config = disco::sharing::ScannerConfig {
+        busy_cpu_share: 1.0,
+        ..all_domains().merging_on_first_sight()
+    };
+    let scanner = disco::sharing::Scanner::start(memory.clone(), config).unwrap();
     for (_, vm) in vms.iter_mut() {
         vm.start().unwrap();
     }

@@ -19,10 +19,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::memory::Memory;
+use crate::memory::{FaultOutcome, Memory};
 
 /// How often the handler looks at its stop flag while no fault arrives.
 const POLL: Duration = Duration::from_millis(50);
+/// Pause after a write fault that found every pool full, so a starved VM's
+/// vCPU and this thread do not spin until the monitor stops the VM.
+const STARVED_BACKOFF: Duration = Duration::from_millis(2);
 
 pub struct FaultHandler {
     stop: Arc<AtomicBool>,
@@ -44,14 +47,23 @@ impl FaultHandler {
                 while !flag.load(Ordering::Relaxed) {
                     match uffd.read_event(Some(POLL)) {
                         Ok(Some(event)) if event.wp => {
-                            if let Err(e) = memory.resolve_write_fault(event.address) {
-                                // Never leave a vCPU blocked: wake it; if the
-                                // page is still protected it faults again.
-                                tracing::error!(
-                                    "copy-on-write fault at {:#x}: {e:#}",
-                                    event.address
-                                );
-                                let _ = uffd.wake(event.address, crate::PAGE_SIZE);
+                            match memory.resolve_write_fault(event.address) {
+                                Ok(FaultOutcome::PoolsFull) => {
+                                    // Woken, the vCPU faults again until the
+                                    // monitor stops its starved VM: no spin.
+                                    std::thread::sleep(STARVED_BACKOFF);
+                                }
+                                Ok(_) => {}
+                                Err(e) => {
+                                    // Never leave a vCPU blocked: wake it; if
+                                    // the page is still protected it faults
+                                    // again.
+                                    tracing::error!(
+                                        "copy-on-write fault at {:#x}: {e:#}",
+                                        event.address
+                                    );
+                                    let _ = uffd.wake(event.address, crate::PAGE_SIZE);
+                                }
                             }
                         }
                         Ok(Some(event)) if event.minor => {

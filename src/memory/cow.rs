@@ -46,6 +46,10 @@ pub(crate) struct CowCounters {
     break_ns: BreakTimes,
     /// What copy-on-write and remaps cost each VM (see `GuestCosts`).
     pub(super) per_vm: std::collections::BTreeMap<VmId, GuestCosts>,
+    /// VMs whose copy-on-write break found every pool full (overcommitted
+    /// guests wrote more than sharing had saved), for the monitor to stop:
+    /// see [`Memory::take_starved`].
+    pub(super) starved: std::collections::BTreeSet<VmId>,
 }
 
 /// The time the mapper's interventions cost one VM's guest, as the mapper
@@ -108,6 +112,9 @@ pub enum FaultOutcome {
     AlreadyResolved,
     /// The address is not guest RAM of a live space; just woken.
     NotGuestMemory,
+    /// No pool had a page for the writer's copy: the VM is starved (the
+    /// monitor stops it); the vCPU is woken and faults again meanwhile.
+    PoolsFull,
 }
 
 /// Sharing figures for reports.
@@ -427,7 +434,10 @@ impl Memory {
                             }
                             inner.replicas.write_breaks += 1;
                         }
-                        if owners > 1 {
+                        if owners > 1 && !inner.pools.iter().any(|p| p.available() > 0) {
+                            inner.cow.starved.insert(vm);
+                            FaultOutcome::PoolsFull
+                        } else if owners > 1 {
                             inner.replace_with_copy(vm, gfn, home)?;
                             inner.cow.breaks += 1;
                             let ns = started.elapsed().as_nanos() as u64;
@@ -450,6 +460,15 @@ impl Memory {
             None => bail!("a write fault arrived but no userfaultfd is open"),
         }
         Ok(outcome)
+    }
+
+    /// VMs starved since the last call: a write of theirs to a shared page
+    /// found no free page in any pool for its copy (see
+    /// [`FaultOutcome::PoolsFull`]).
+    pub fn take_starved(&self) -> Vec<VmId> {
+        std::mem::take(&mut self.inner.lock().cow.starved)
+            .into_iter()
+            .collect()
     }
 
     /// Current sharing figures (kept incrementally: reading them costs the

@@ -254,12 +254,29 @@ impl Memory {
     /// A pool can hold as much as its node's memory, capped at the host's
     /// memory (pools are sparse: capacity costs nothing until used).
     pub fn for_topology(topology: &Topology) -> Result<Memory> {
+        Memory::for_topology_limited(topology, None)
+    }
+
+    /// Like [`Memory::for_topology`], with the pools together holding at
+    /// most `limit_bytes` (`[host] memory_limit_mib`), split across the
+    /// nodes in proportion to their memory.
+    pub fn for_topology_limited(topology: &Topology, limit_bytes: Option<u64>) -> Result<Memory> {
         let pools = topology
             .nodes
             .iter()
-            .map(|n| (n.index, n.host_node, pool_capacity_pages(n.memory_bytes)))
+            .zip(pool_capacities(topology, limit_bytes))
+            .map(|(n, capacity)| (n.index, n.host_node, capacity))
             .collect::<Vec<_>>();
         Memory::new(&pools)
+    }
+
+    /// Pages the pool of `node` can still hand out.
+    pub fn pool_available(&self, node: NodeId) -> u64 {
+        self.inner
+            .lock()
+            .pools
+            .get(node)
+            .map_or(0, |p| p.available() as u64)
     }
 
     /// Pools given as `(node, host node, capacity in pages)`, nodes 0..n in order.
@@ -1021,6 +1038,15 @@ impl Inner {
             bail!("frame {gfn:#x} of vm {vm} is not mapped");
         };
         ensure!(node < self.pools.len(), "node {node} does not exist");
+        // A full home pool (overcommitted guests) lends from another node:
+        // a remote page beats a guest that cannot go on.
+        let node = if self.pools[node].available() > 0 {
+            node
+        } else {
+            (0..self.pools.len())
+                .find(|&n| self.pools[n].available() > 0)
+                .unwrap_or(node)
+        };
         let index = self.pools[node].alloc_for_copy(1)?[0];
         let new = MachinePage {
             node: node as u16,
@@ -1534,6 +1560,32 @@ pub fn pool_capacity_pages(memory_bytes: u64) -> u32 {
     (memory_bytes / PAGE_SIZE as u64)
         .clamp(1, host_pages())
         .min(u32::MAX as u64) as u32
+}
+
+/// Each node's pool capacity in pages for `topology`: the node's memory
+/// capped at the host's ([`pool_capacity_pages`]), and with `limit_bytes`
+/// the limit split across the nodes in proportion to their memory.
+pub fn pool_capacities(topology: &Topology, limit_bytes: Option<u64>) -> Vec<u32> {
+    let total: u64 = topology
+        .nodes
+        .iter()
+        .map(|n| n.memory_bytes)
+        .sum::<u64>()
+        .max(1);
+    topology
+        .nodes
+        .iter()
+        .map(|n| {
+            let full = pool_capacity_pages(n.memory_bytes);
+            match limit_bytes {
+                None => full,
+                Some(limit) => {
+                    let share = (limit as u128 * n.memory_bytes as u128 / total as u128) as u64;
+                    full.min((share / PAGE_SIZE as u64).max(1).min(u32::MAX as u64) as u32)
+                }
+            }
+        })
+        .collect()
 }
 
 const MAP_COUNT_PATH: &str = "/proc/sys/vm/max_map_count";

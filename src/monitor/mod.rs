@@ -75,6 +75,9 @@ struct MonitorVm {
     interrupted: bool,
     /// An operator stopped it (the reason).
     stopped: Option<String>,
+    /// How long it waited for memory before it was built (an overcommitted
+    /// config's later waves).
+    waited: Option<Duration>,
     /// Once its vCPUs have exited: the outcome, the nodes of its vCPUs and
     /// its progress at the end.
     outcome: Option<VmOutcome>,
@@ -102,6 +105,7 @@ impl MonitorVm {
             moves: Vec::new(),
             interrupted: false,
             stopped: None,
+            waited: None,
             outcome: None,
             final_progress: (0, 0),
             ram_base: None,
@@ -234,7 +238,36 @@ pub struct Monitor {
     /// [`Self::start_created`] had started every VM built.
     ready: Instant,
     all_started: Option<Instant>,
+    /// VMs waiting for room in the pools (`[host] overcommit`), in order.
+    waiting: Waiting,
+    /// The pools' limit in bytes (`[host] memory_limit_mib`).
+    memory_limit: Option<u64>,
 }
+
+/// VMs queued until their memory fits the pools ([`Monitor::queue_vm`]):
+/// an overcommitted config starts its VMs in waves, each once sharing has
+/// given back enough of the memory of those before it.
+#[derive(Default)]
+struct Waiting {
+    /// Each VM, since when it is queued, and whether it was ever turned
+    /// away (only those count as having waited).
+    queue: std::collections::VecDeque<(VmConfig, Instant, bool)>,
+    /// Since when nothing has run, and the scanner's full passes then: a
+    /// queue that cannot move gives up once nothing has run for
+    /// [`WAIT_FOR_MEMORY_LIMIT`] and the scanner has made
+    /// [`WAIT_FOR_MEMORY_PASSES`] full passes since (memory nobody writes
+    /// merges within two).
+    stalled: Option<(Instant, u64)>,
+}
+
+/// See [`Waiting::stalled`].
+pub const WAIT_FOR_MEMORY_LIMIT: Duration = Duration::from_secs(5);
+/// See [`Waiting::stalled`].
+pub const WAIT_FOR_MEMORY_PASSES: u64 = 3;
+
+/// Share of each pool kept free when VMs are let in from the queue: room
+/// for the copy-on-write breaks of the VMs already running.
+pub const ADMISSION_HEADROOM: u64 = 16;
 
 impl Monitor {
     /// A monitor with no VM: opens KVM, makes one memory pool per node of
@@ -246,11 +279,23 @@ impl Monitor {
         source: &str,
         verify_every: Duration,
     ) -> Result<Monitor> {
+        Monitor::with_memory_limit(topology, policy, source, verify_every, None)
+    }
+
+    /// [`Monitor::new`] with pools that hold at most `memory_limit` bytes
+    /// in all (`[host] memory_limit_mib`).
+    pub fn with_memory_limit(
+        topology: Topology,
+        policy: Policy,
+        source: &str,
+        verify_every: Duration,
+        memory_limit: Option<u64>,
+    ) -> Result<Monitor> {
         let started = Instant::now();
         let kvm = kvm_ioctls::Kvm::new().context(
             "cannot open /dev/kvm: disco needs KVM (run as root or in group kvm on a host with KVM)",
         )?;
-        let memory = Arc::new(Memory::for_topology(&topology)?);
+        let memory = Arc::new(Memory::for_topology_limited(&topology, memory_limit)?);
         let services = Services::plan(policy, source, &topology, &memory)?;
         Ok(Monitor {
             topology,
@@ -271,6 +316,8 @@ impl Monitor {
             rates: events::RateClock::new(Duration::from_secs(1)),
             ready: Instant::now(),
             all_started: None,
+            waiting: Waiting::default(),
+            memory_limit,
         })
     }
 
@@ -278,11 +325,12 @@ impl Monitor {
     /// a config may have been built or changed in code).
     pub fn for_config(config: &Config, verify_every: Duration) -> Result<Monitor> {
         config.validate()?;
-        Monitor::new(
+        Monitor::with_memory_limit(
             config.topology()?,
             config.policy.clone(),
             &config.source,
             verify_every,
+            config.memory_limit_mib.map(|m| m << 20),
         )
     }
 
@@ -517,6 +565,130 @@ impl Monitor {
         }
     }
 
+    /// Queues a VM to be built and started once its memory fits the pools
+    /// with [`ADMISSION_HEADROOM`] to spare (checked by [`Self::tick`]), for
+    /// overcommitted configs whose VMs cannot all have their memory at once.
+    pub fn queue_vm(&mut self, vc: &VmConfig) {
+        self.events.push(
+            "vm-waiting",
+            Some(&vc.name),
+            "waiting for memory".to_string(),
+        );
+        self.waiting
+            .queue
+            .push_back((vc.clone(), Instant::now(), false));
+    }
+
+    /// VMs waiting for memory.
+    pub fn waiting(&self) -> usize {
+        self.waiting.queue.len()
+    }
+
+    /// Pages VM `vc` takes from each node's pool when it is built: a
+    /// micro-VM's RAM from its memory_node; a Linux VM's whole from its
+    /// first guest node, then each other guest node's slice (counted
+    /// twice: an upper bound, as `Config::validate` counts).
+    fn pages_needed(&self, vc: &VmConfig) -> Vec<u64> {
+        let mut need = vec![0u64; self.topology.node_count()];
+        let frames = (vc.memory_mib << 20) / PAGE_SIZE as u64;
+        match &vc.linux {
+            Some(_) => {
+                let plan =
+                    crate::linux::NumaPlan::new(&vc.vcpu_nodes, vc.memory_mib << 20, |a, b| {
+                        self.topology.distance(a, b)
+                    });
+                need[plan.nodes[0].topology_node] += frames;
+                for (i, n) in plan.nodes.iter().enumerate().skip(1) {
+                    need[n.topology_node] += plan.frames(i).end - plan.frames(i).start;
+                }
+            }
+            None => need[vc.memory_node] += frames,
+        }
+        need
+    }
+
+    /// Lets waiting VMs in, in order, while the first one's memory fits;
+    /// tells the scanner whether memory is wanted back (then it runs at its
+    /// ceiling, whatever the guests' CPUs). A queue that cannot move while
+    /// nothing runs and the scanner frees nothing fails its first VM.
+    fn admit_waiting(&mut self) {
+        if let Some(scanner) = &self.services.scanner {
+            scanner.memory_wanted(!self.waiting.queue.is_empty());
+        }
+        while let Some((vc, since, _)) = self.waiting.queue.front() {
+            let (need, memory_mib, since) = (self.pages_needed(vc), vc.memory_mib, *since);
+            let pools = self.memory.pool_stats();
+            let fits = need.iter().zip(&pools).all(|(&n, p)| {
+                n == 0 || n + p.capacity_pages as u64 / ADMISSION_HEADROOM <= p.free_pages as u64
+            });
+            if fits {
+                let (vc, since, refused) = self.waiting.queue.pop_front().expect("front");
+                self.waiting.stalled = None;
+                if let Ok(i) = self.create_vm(&vc) {
+                    self.vms[i].waited = refused.then(|| since.elapsed());
+                    let _ = self.start_vm(i);
+                }
+                continue;
+            }
+            self.waiting.queue[0].2 = true;
+            let passes = self.services.scanner_stats().map(|s| s.full_scans);
+            if self.any_running() {
+                self.waiting.stalled = None;
+                break;
+            }
+            let (since_idle, passes_then) = *self
+                .waiting
+                .stalled
+                .get_or_insert((Instant::now(), passes.unwrap_or(0)));
+            let idle = since_idle.elapsed();
+            let scanned = passes.is_none_or(|p| p >= passes_then + WAIT_FOR_MEMORY_PASSES);
+            if idle < WAIT_FOR_MEMORY_LIMIT || !scanned {
+                break;
+            }
+            let free: u64 = pools.iter().map(|p| p.free_pages as u64).sum();
+            let reason = format!(
+                "not started: its {} MiB never fit the pools (waited {:.1} s; {} MiB free, \
+                 {} MiB kept free for copy-on-write; nothing ran for {:.1} s{}); allowed: \
+                 guest memory that sharing can fold into [host] memory_limit_mib",
+                memory_mib,
+                since.elapsed().as_secs_f64(),
+                (free * PAGE_SIZE as u64) >> 20,
+                (pools.iter().map(|p| p.capacity_pages as u64).sum::<u64>() / ADMISSION_HEADROOM
+                    * PAGE_SIZE as u64)
+                    >> 20,
+                idle.as_secs_f64(),
+                match passes {
+                    Some(_) =>
+                        format!(" and {WAIT_FOR_MEMORY_PASSES} sharing passes freed too little"),
+                    None => ", and sharing is off".to_string(),
+                }
+            );
+            let (vc, _, _) = self.waiting.queue.pop_front().expect("front");
+            self.events
+                .push("vm-failed", Some(&vc.name), reason.clone());
+            self.record_not_created(&vc, reason);
+            // The same evidence holds for the next in the queue.
+        }
+    }
+
+    /// Stops the VMs whose copy-on-write break found every pool full.
+    fn stop_starved(&mut self) {
+        for space in self.memory.take_starved() {
+            let Some(v) = self.vms.iter_mut().find(|v| v.space == Some(space)) else {
+                continue;
+            };
+            if let Some(g) = v.guest.as_ref().filter(|g| !g.is_finished()) {
+                let reason = "out of machine memory: a write to a shared page found every pool \
+                              full (the overcommitted guests wrote more than sharing had saved); \
+                              allowed: a [host] memory_limit_mib with room for the guests' \
+                              private writes";
+                g.stop_because(reason);
+                self.events
+                    .push("vm-failed", Some(&v.config.name), reason.to_string());
+            }
+        }
+    }
+
     /// Adds a VM while the monitor runs and starts it: the name must be
     /// new, the VM must fit next to the others (pools, host memory,
     /// mappings: `Config::validate`). Returns the VM's index.
@@ -546,6 +718,8 @@ impl Monitor {
                 ..self.services.policy.clone()
             },
             vms: live.clone(),
+            overcommit: false,
+            memory_limit_mib: self.memory_limit.map(|b| b >> 20),
         };
         check.validate().map_err(AddError::Invalid)?;
         self.reserve_for(&live).map_err(AddError::Host)?;
@@ -586,6 +760,8 @@ impl Monitor {
     /// each KVM VM open in the process slows every page-table change the
     /// mapper makes).
     pub fn tick(&mut self) {
+        self.stop_starved();
+        self.admit_waiting();
         let sampler = self.memory.sampler();
         for i in 0..self.vms.len() {
             let v = &mut self.vms[i];
@@ -660,9 +836,11 @@ impl Monitor {
 
     /// Whether no VM is running (every one exited, failed or not started).
     pub fn all_finished(&self) -> bool {
-        self.vms
-            .iter()
-            .all(|v| v.guest.as_ref().is_none_or(Guest::is_finished))
+        self.waiting.queue.is_empty()
+            && self
+                .vms
+                .iter()
+                .all(|v| v.guest.as_ref().is_none_or(Guest::is_finished))
     }
 
     /// Whether some VM's vCPUs may run.
@@ -700,6 +878,9 @@ impl Monitor {
     /// A signal ends the run: every VM still running is stopped.
     pub fn interrupt(&mut self, signal: &'static str) {
         let reason = format!("{signal} interrupted the run");
+        while let Some((vc, _, _)) = self.waiting.queue.pop_front() {
+            self.record_not_created(&vc, format!("not started (waiting for memory): {reason}"));
+        }
         for v in &mut self.vms {
             if let Some(g) = v.guest.as_ref().filter(|g| !g.is_finished()) {
                 v.interrupted = true;
@@ -963,6 +1144,7 @@ impl Monitor {
             error,
             moves: v.moves.clone(),
             run_ms,
+            waited_ms: v.waited.map_or(0.0, |w| w.as_secs_f64() * 1e3),
             costs,
             log: outcome.map(|o| o.log.clone()).unwrap_or_default(),
         }

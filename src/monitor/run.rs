@@ -69,6 +69,8 @@ pub fn run_with(
             Some(signal) => {
                 monitor.record_not_created(vc, format!("not created: {signal} interrupted the run"))
             }
+            // Overcommitted: each VM is built once its memory fits.
+            None if config.overcommit => monitor.queue_vm(vc),
             None => {
                 // A VM that cannot be built is reported failed; the others run.
                 let _ = monitor.create_vm(vc);
@@ -131,7 +133,11 @@ pub fn run_with(
             ),
             None => String::new(),
         };
-        bar.set_message(format!("{finished}/{count} VMs finished{shared}"));
+        let waiting = match m.waiting() {
+            0 => String::new(),
+            n => format!(", {n} waiting for memory"),
+        };
+        bar.set_message(format!("{finished}/{count} VMs finished{waiting}{shared}"));
         if m.all_finished() {
             break;
         }

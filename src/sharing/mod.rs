@@ -101,6 +101,8 @@
 //! merge, down to 1/64 of that while none do), and the thread runs at
 //! nice 5. Its own CPU time is measured and reported.
 
+mod cpu_share;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -113,6 +115,7 @@ use serde::{Deserialize, Serialize};
 use crate::memory::{
     Gfn, MachinePage, Memory, MergeOutcome, MergePair, RunAllowance, VmId, MERGE_BATCH_MAX,
 };
+use cpu_share::CpuShare;
 
 /// What the scanner does; from the policy's `[sharing]` section.
 #[derive(Clone, Debug)]
@@ -135,7 +138,14 @@ pub struct ScannerConfig {
     /// How long an unstable frame's content must hold still, per stable
     /// pass it is asked for, before it is merged again.
     pub stable_pass_time: Duration,
+    /// While no host CPU is idle, the most of all CPUs' time the scanner
+    /// may take (1 or more: no cap). See `cpu_share`.
+    pub busy_cpu_share: f64,
 }
+
+/// The default `busy_cpu_share`: 1 % of the host's CPUs while they are all
+/// busy.
+pub const BUSY_CPU_SHARE: f64 = 0.01;
 
 /// A zero frame's page is released once it has been zero this long.
 pub const ZERO_PAGE_AGE: Duration = Duration::from_secs(2);
@@ -161,6 +171,7 @@ impl ScannerConfig {
             first_sight: false,
             frames_per_mapping: FRAMES_PER_MAPPING,
             stable_pass_time: STABLE_PASS_TIME,
+            busy_cpu_share: BUSY_CPU_SHARE,
         }
     }
 
@@ -241,6 +252,10 @@ pub struct ScannerStats {
     /// The scanner's current pace, pages per second (see `Pace`).
     #[serde(default)]
     pub rate_pages_per_s: f64,
+    /// Time the scanner waited because the host's CPUs were all busy and it
+    /// had used its share of them (see `cpu_share`), milliseconds.
+    #[serde(default)]
+    pub busy_wait_ms: f64,
     pub errors: u64,
 }
 
@@ -680,6 +695,8 @@ impl ScanState {
 pub struct Scanner {
     stop: Arc<AtomicBool>,
     quiescent: Arc<AtomicBool>,
+    /// VMs wait for memory (see [`Scanner::memory_wanted`]).
+    wanted: Arc<AtomicBool>,
     state: Arc<Mutex<ScannerStats>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -806,6 +823,7 @@ impl Scanner {
         }
         let mut config = ScannerConfig::new(policy.pages_per_second, policy.domains.clone());
         config.frames_per_mapping = policy.frames_per_mapping;
+        config.busy_cpu_share = policy.busy_cpu_share;
         Scanner::start(memory, config).map(Some)
     }
 
@@ -815,17 +833,29 @@ impl Scanner {
         let shared = Arc::new(Mutex::new(ScannerStats::default()));
         let (flag, out) = (stop.clone(), shared.clone());
         let still = quiescent.clone();
+        let wanted = Arc::new(AtomicBool::new(false));
+        let want = wanted.clone();
         let thread = std::thread::Builder::new()
             .name("disco-scanner".into())
             .spawn(move || {
                 low_priority();
                 let mut pace = Pace::new(config.pages_per_second as f64);
+                let mut share = CpuShare::new(config.busy_cpu_share, thread_cpu_ms());
                 let mut state = ScanState::new(config);
                 let mut budget = 0.0f64;
                 let mut last = Instant::now();
                 while !flag.load(Ordering::Relaxed) {
                     let quiescent = still.load(Ordering::Relaxed);
-                    let rate = pace.rate(&state.stats, quiescent);
+                    let urgent = quiescent || want.load(Ordering::Relaxed);
+                    if !share.may_run(thread_cpu_ms(), urgent) {
+                        state.stats.busy_wait_ms = share.held_back.as_secs_f64() * 1e3;
+                        *out.lock() = state.stats.clone();
+                        std::thread::sleep(TICK);
+                        // The pace's budget does not pile up meanwhile.
+                        last = Instant::now();
+                        continue;
+                    }
+                    let rate = pace.rate(&state.stats, urgent);
                     state.stats.rate_pages_per_s = rate;
                     let now = Instant::now();
                     // At most one second's worth after a stall, no bursts.
@@ -852,6 +882,7 @@ impl Scanner {
         Ok(Scanner {
             stop,
             quiescent,
+            wanted,
             state: shared,
             thread: Some(thread),
         })
@@ -859,6 +890,13 @@ impl Scanner {
 
     pub fn stats(&self) -> ScannerStats {
         self.state.lock().clone()
+    }
+
+    /// Says whether VMs wait for memory that merges would give back: while
+    /// they do, the scanner runs at its ceiling and takes what CPU it needs
+    /// (the host's memory comes before the guests' CPU time).
+    pub fn memory_wanted(&self, wanted: bool) {
+        self.wanted.store(wanted, Ordering::Relaxed);
     }
 
     /// Says that no guest writes its memory any more (all have stopped):
