@@ -4,11 +4,12 @@
 //! N VMs of M MiB each, a chosen percentage of whose data pages is identical
 //! across VMs, are filled by real micro-guests. Then:
 //!
-//! * **disco**: one `Memory` pool, the copy-on-write `FaultHandler`, guest
-//!   spaces made like `monitor::build_vm` makes them (code pages excluded from
-//!   sharing), one `Fill { seed, private_seed: per VM, shared_percent }`
-//!   guest per VM. After the guests finished, the real scanner thread
-//!   (`sharing::Scanner`) starts at `pages_per_second`; `sharing_stats()` and
+//! * **disco**: a `Monitor` (host topology, a policy of sharing alone, its
+//!   fault handler started) builds and starts one `Fill { seed,
+//!   private_seed: per VM, shared_percent }` micro-VM per VM, as `disco run`
+//!   would. After the guests finished, the monitor's services start: its
+//!   scanner at `pages_per_second` (policy swaps stop and start it later;
+//!   a rewrite is `Monitor::rerun`, a second guest on a VM's space); `sharing_stats()` and
 //!   the scanner's stats are sampled every `sample_interval` until the saved
 //!   pages reach the steady state predicted from the content (every mergeable
 //!   frame read through `Memory::read_guest_page` and grouped by content:
@@ -750,7 +751,10 @@ fn cow_phase(
         // The private twin: the same fill, then the same rewrite, on a
         // VM the (stopped) scanner never merges.
         let twin = format!("twin{r}");
-        add(monitor, &vm_config(&twin, frames, options.fill_workload(r))?)?;
+        add(
+            monitor,
+            &vm_config(&twin, frames, options.fill_workload(r))?,
+        )?;
         let result = (|| -> Result<f64> {
             finished(monitor, &twin)?;
             monitor.rerun(&twin, options.rewrite_workload(r))?;
@@ -832,7 +836,10 @@ fn slowdown_phase(monitor: &mut Monitor, options: &SharingOptions) -> Result<Dis
             };
             let breaks0 = memory.sharing_stats().cow_breaks;
             let name = format!("sweep{rep}-{}", if scanning { "on" } else { "off" });
-            add(monitor, &vm_config(&name, frames, options.sweep_workload())?)?;
+            add(
+                monitor,
+                &vm_config(&name, frames, options.sweep_workload())?,
+            )?;
             let run = finished(monitor, &name).map(|r| r.run_ms);
             let stats = began.map(|(cpu0, t0)| {
                 let s = monitor.scanner_stats().unwrap_or_default();

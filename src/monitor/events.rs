@@ -78,9 +78,7 @@ impl RateClock {
     /// count changed. Counters that went back (a policy swap restarts the
     /// NUMA runner's) count from their new value.
     pub fn reading(&mut self, now: Instant, counts: Counts) -> Option<Rates> {
-        let Some((then, before)) = self.last.replace((now, counts)) else {
-            return None;
-        };
+        let (then, before) = self.last.replace((now, counts))?;
         if counts == before {
             return None;
         }
