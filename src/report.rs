@@ -157,6 +157,16 @@ impl VmReport {
     pub fn ok(&self) -> bool {
         self.status == "ok"
     }
+
+    /// `NAME: STATUS ERROR`, for errors that list the VMs at fault.
+    pub fn status_line(&self) -> String {
+        format!(
+            "{}: {} {}",
+            self.name,
+            self.status,
+            self.error.as_deref().unwrap_or("")
+        )
+    }
 }
 
 impl RunReport {

@@ -40,7 +40,7 @@ use super::{config_from_toml, markdown_table, HostInfo, Stats};
 use crate::api::client::{Answer, Connection};
 use crate::config::Config;
 use crate::monitor::{self, RunOptions};
-use crate::report::RunReport;
+use crate::report::{RunReport, VmReport};
 
 /// Firecracker's published start rate per host (microVMs per second).
 pub const FIRECRACKER_VMS_PER_S: f64 = 150.0;
@@ -243,14 +243,7 @@ fn check_report(side: &str, report: &RunReport, vms: usize) -> Result<()> {
         .vms
         .iter()
         .filter(|v| !matches!(v.status.as_str(), "stopped" | "interrupted"))
-        .map(|v| {
-            format!(
-                "{}: {} {}",
-                v.name,
-                v.status,
-                v.error.as_deref().unwrap_or("")
-            )
-        })
+        .map(VmReport::status_line)
         .collect();
     ensure!(
         bad.is_empty(),

@@ -35,7 +35,7 @@ use super::{bare, config_from_toml, markdown_table_aligned, progress_bar, HostIn
 use crate::config::Config;
 use crate::guest::{layout, model};
 use crate::monitor::{self, RunOptions};
-use crate::report::{RunReport, VmCosts};
+use crate::report::{RunReport, VmCosts, VmReport};
 
 /// The policy of the cases that measure the monitor itself: memory stays
 /// where it was placed, no sharing scanner, no copy-on-write.
@@ -335,14 +335,7 @@ fn check_report(report: &RunReport) -> Result<()> {
         .vms
         .iter()
         .filter(|v| !v.ok())
-        .map(|v| {
-            format!(
-                "{}: {} {}",
-                v.name,
-                v.status,
-                v.error.as_deref().unwrap_or("")
-            )
-        })
+        .map(VmReport::status_line)
         .chain(report.verify_errors.iter().cloned())
         .collect();
     bail!("disco: the run is not ok: {}", why.join("; "))
