@@ -59,8 +59,12 @@ impl Memmap {
         let slots = &mut self.nodes[page.node()];
         let index = page.index as usize;
         if slots.len() <= index {
-            // Grow geometrically (pools hand out pages from the bottom up).
-            let want = (index + 1).max(slots.len() * 2).max(1024);
+            // Grow geometrically (pools hand out pages from the bottom up),
+            // by a quarter: every slot is written when it is made, so the
+            // slack is resident, and doubling left up to half of a 1 GiB
+            // guest's memmap unused (heaptrack: 10.5 MB for 262,144 pages).
+            let want = (index + 1).max(slots.len() + slots.len() / 4).max(1024);
+            slots.reserve_exact(want - slots.len());
             slots.resize_with(want, PageInfo::default);
         }
         let info = &mut slots[index];
