@@ -292,7 +292,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     Topology::fixture_names().join(", ")
                 ),
             };
-            let policy = disco::config::load_policy(
+            let policy = disco::config::load_policy_at(
                 &policy,
                 std::path::Path::new("."),
                 disco::config::At::new("--policy", ""),

@@ -39,6 +39,10 @@ pub struct RunReport {
     pub verify_errors: Vec<String>,
     /// Wall time to create all VMs (memory + KVM + guest image), in ms.
     pub create_ms: f64,
+    /// From the monitor being ready (its pools made) to every VM of the
+    /// run built and started, in ms (0 when VMs came one by one through
+    /// the API: `disco serve`).
+    pub started_ms: f64,
     pub total_ms: f64,
 }
 
@@ -152,6 +156,16 @@ impl VmCosts {
 impl VmReport {
     pub fn ok(&self) -> bool {
         self.status == "ok"
+    }
+
+    /// `NAME: STATUS ERROR`, for errors that list the VMs at fault.
+    pub fn status_line(&self) -> String {
+        format!(
+            "{}: {} {}",
+            self.name,
+            self.status,
+            self.error.as_deref().unwrap_or("")
+        )
     }
 }
 

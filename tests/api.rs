@@ -3,7 +3,10 @@
 //! client. VMs added by PUT, paused, resumed, moved, finished with their
 //! checksums verified, removed with `verify()` still holding; bad requests
 //! answered with 4xx JSON errors naming the field; an oversize body 413;
-//! an idle client and many concurrent ones block nobody.
+//! an idle client and many concurrent ones block nobody; the pmap and the
+//! memmap streamed in pieces and agreeing with the monitor's own; rates
+//! events; page sampling turned on and off while VMs run; `disco run
+//! --api` showing a finished VM's result while another runs.
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -14,6 +17,8 @@ use std::time::{Duration, Instant};
 use disco::api::client::{request, Answer};
 use disco::kvm_check::require_kvm;
 use serde_json::{json, Value};
+
+mod common;
 
 /// A `disco serve` process; killed (and its socket removed) when dropped.
 struct Serve {
@@ -574,4 +579,453 @@ fn disco_top_shows_every_vm_in_a_real_terminal_and_quits_on_q() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = tmux(&["kill-session", "-t", &session]);
+}
+
+/// Sends `GET uri` over a raw connection and reads for at most `limit`
+/// (event streams never end): the response head and the de-chunked body
+/// read so far.
+fn raw_get(socket: &Path, uri: &str, limit: Duration) -> (String, String) {
+    let mut c = UnixStream::connect(socket).unwrap();
+    write!(
+        c,
+        "GET {uri} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let deadline = Instant::now() + limit;
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 65536];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        c.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match std::io::Read::read(&mut c, &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let (head, mut rest) = text.split_once("\r\n\r\n").expect("a response head");
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return (head.to_string(), rest.to_string());
+    }
+    let mut body = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || after.len() < size {
+            body.push_str(&after[..size.min(after.len())]);
+            break;
+        }
+        body.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+    (head.to_string(), body)
+}
+
+/// Newline-delimited JSON lines.
+fn ndjson(body: &str) -> Vec<Value> {
+    body.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// A monitor in this process with its API, and a thread doing what `disco
+/// serve`'s loop does (tick every 10 ms), so the test can compare what the
+/// API streams with what the monitor itself says.
+struct InProcess {
+    monitor: std::sync::Arc<parking_lot::Mutex<disco::monitor::Monitor>>,
+    server: Option<disco::api::Server>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ticker: Option<std::thread::JoinHandle<()>>,
+    dir: PathBuf,
+}
+
+impl InProcess {
+    fn start(name: &str, policy: &str) -> InProcess {
+        let topology = disco::topology::Topology::from_fixture_name("4-node").unwrap();
+        let policy = disco::config::load_policy(policy, Path::new(".")).unwrap();
+        let mut monitor =
+            disco::monitor::Monitor::new(topology, policy, "<test>", Duration::from_millis(200))
+                .unwrap();
+        monitor.collect_finished(true);
+        monitor.start_services(0).unwrap();
+        let monitor = std::sync::Arc::new(parking_lot::Mutex::new(monitor));
+        let dir = std::env::temp_dir().join(format!("disco-api-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let server = disco::api::Server::start(&dir.join("api.sock"), monitor.clone()).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ticker = {
+            let (monitor, stop) = (monitor.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    {
+                        let mut m = monitor.lock();
+                        m.tick();
+                        m.verify_if_due();
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            })
+        };
+        InProcess {
+            monitor,
+            server: Some(server),
+            stop,
+            ticker: Some(ticker),
+            dir,
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("api.sock")
+    }
+
+    fn expect(&self, method: &str, uri: &str, body: Option<Value>, status: u16) -> Value {
+        let body = body.map(|b| b.to_string());
+        let a = request(
+            &self.socket(),
+            method,
+            uri,
+            body.as_deref().map(str::as_bytes),
+            Duration::from_secs(60),
+        )
+        .unwrap_or_else(|e| panic!("{method} {uri}: {e:#}"));
+        assert_eq!(a.status, status, "{method} {uri}: {}", a.body);
+        a.json()
+    }
+
+    /// Stops serving and ticking, finishes the monitor; returns its report.
+    fn finish(mut self) -> disco::report::RunReport {
+        self.server.take();
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.ticker.take().unwrap().join().unwrap();
+        let monitor = std::sync::Arc::try_unwrap(std::mem::replace(
+            &mut self.monitor,
+            std::sync::Arc::new(parking_lot::Mutex::new(
+                disco::monitor::Monitor::new(
+                    disco::topology::Topology::from_fixture_name("1-node").unwrap(),
+                    disco::config::load_policy("static", Path::new(".")).unwrap(),
+                    "<placeholder>",
+                    Duration::from_secs(1),
+                )
+                .unwrap(),
+            )),
+        ))
+        .ok()
+        .expect("nobody else holds the monitor")
+        .into_inner();
+        monitor
+            .finish(None, &indicatif::ProgressBar::hidden(), 0.0)
+            .unwrap()
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.server.take();
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.ticker.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn the_streamed_pmap_and_memmap_agree_with_the_monitor() {
+    if !require_kvm("the_streamed_pmap_and_memmap_agree_with_the_monitor") {
+        return;
+    }
+    let p = InProcess::start("streams", "disco");
+    // Two VMs of identical content on different nodes (the scanner merges
+    // them and releases their zero pages) and a 1 GiB one that spins.
+    for (name, node) in [("twin0", 0), ("twin1", 1)] {
+        let vm = json!({"memory_mib": 16, "node": node, "workload": {"kind": "fill", "seed": 3}});
+        p.expect("PUT", &format!("/v1/vms/{name}"), Some(vm), 201);
+    }
+    let big =
+        json!({"memory_mib": 1024, "node": 2, "time_limit_s": 120, "workload": {"kind": "spin"}});
+    p.expect("PUT", "/v1/vms/big", Some(big), 201);
+    let began = Instant::now();
+    for name in ["twin0", "twin1"] {
+        loop {
+            let v = p.expect("GET", &format!("/v1/vms/{name}"), None, 200);
+            if v["state"] == "finished" && v["result"]["status"] != "exited" {
+                assert_eq!(v["result"]["status"], "ok", "{v}");
+                assert!(checksums_verified(&v), "{v}");
+                break;
+            }
+            assert!(began.elapsed() < Duration::from_secs(120), "{v}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // Merges happen; a rates event says so.
+    let began = Instant::now();
+    let rates = loop {
+        let (_, body) = raw_get(&p.socket(), "/v1/events", Duration::from_millis(1500));
+        let rates: Vec<Value> = ndjson(&body)
+            .into_iter()
+            .filter(|e| e["kind"] == "rates" && e["rates"]["merges_per_s"].as_f64() > Some(0.0))
+            .collect();
+        if !rates.is_empty() {
+            break rates;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(60),
+            "no rates event with merges: {body}"
+        );
+    };
+    assert!(
+        rates[0]["rates"]["interval_ms"].as_u64().unwrap() >= 1000,
+        "{}",
+        rates[0]
+    );
+    // Until the scanner has merged the twins' common pages, then stopped
+    // (a static policy), so the pmaps hold still while they are compared.
+    let began = Instant::now();
+    while p.expect("GET", "/v1/stats", None, 200)["sharing"]["shared_machine_pages"]
+        .as_u64()
+        .unwrap()
+        < 1000
+    {
+        assert!(
+            began.elapsed() < Duration::from_secs(60),
+            "the twins were not merged"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    p.expect(
+        "PUT",
+        "/v1/policy",
+        Some(
+            json!({"sharing": {"enabled": false}, "numa": {"migrate": false, "replicate": false}}),
+        ),
+        200,
+    );
+
+    for name in ["twin0", "twin1", "big"] {
+        let own = serde_json::to_value(p.monitor.lock().pmap(name).unwrap()).unwrap();
+        let doc = p.expect("GET", &format!("/v1/vms/{name}/pmap"), None, 200);
+        assert_eq!(doc["vm"], name);
+        assert_eq!(doc["runs"], own, "{name}: the streamed pmap differs");
+        let a = request(
+            &p.socket(),
+            "GET",
+            &format!("/v1/vms/{name}/pmap?format=ndjson"),
+            None,
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert_eq!(Value::Array(ndjson(&a.body)), own, "{name}: ndjson differs");
+        let frames: u64 = own
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["frames"].as_u64().unwrap())
+            .sum();
+        assert_eq!(
+            frames,
+            doc["frames"].as_u64().unwrap(),
+            "{name}: every frame is mapped"
+        );
+    }
+    let twin = p.monitor.lock().pmap("twin1").unwrap();
+    assert!(twin.iter().any(|r| r.shared && r.protected), "{twin:?}");
+    // The 1 GiB VM's pmap comes in pieces (chunked), not as one body.
+    let (head, body) = raw_get(&p.socket(), "/v1/vms/big/pmap", Duration::from_secs(30));
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{head}"
+    );
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["frames"], 262144);
+
+    // The memmap: per node, and every page in use with its owners.
+    let summary = p.expect("GET", "/v1/memmap", None, 200);
+    let (_, body) = raw_get(
+        &p.socket(),
+        "/v1/memmap?detail=true",
+        Duration::from_secs(60),
+    );
+    let pages = ndjson(&body);
+    let mut frames = [0u64; 4];
+    let mut shared = [0u64; 4];
+    for page in &pages {
+        let owners = page["owners"].as_array().unwrap();
+        assert_eq!(
+            page["refcount"].as_u64().unwrap(),
+            owners.len() as u64,
+            "{page}"
+        );
+        let node = page["node"].as_u64().unwrap() as usize;
+        frames[node] += owners.len() as u64;
+        if owners.len() > 1 {
+            shared[node] += 1;
+            let names: Vec<&str> = owners.iter().map(|o| o["vm"].as_str().unwrap()).collect();
+            assert!(names.iter().all(|n| n.starts_with("twin")), "{page}");
+        }
+    }
+    for (n, node) in summary["nodes"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(node["guest_frames"], frames[n], "node {n}: {node}");
+        assert_eq!(
+            node["sharing"]["shared_pages"], shared[n],
+            "node {n}: {node}"
+        );
+    }
+    assert!(shared.iter().sum::<u64>() >= 1000, "{shared:?}");
+    let (_, body) = raw_get(
+        &p.socket(),
+        "/v1/memmap?node=1&from=100&count=50",
+        Duration::from_secs(10),
+    );
+    let some = ndjson(&body);
+    assert!(!some.is_empty() && some.len() <= 50);
+    assert!(some
+        .iter()
+        .all(|pg| pg["node"] == 1 && (100..150).contains(&pg["page"].as_u64().unwrap())));
+    let e = p.expect("GET", "/v1/memmap?node=7", None, 400);
+    assert_eq!(e["field"], "node", "{e}");
+    let e = p.expect("GET", "/v1/vms/big/pmap?format=xml", None, 400);
+    assert_eq!(e["field"], "format", "{e}");
+
+    p.expect("POST", "/v1/vms/big/stop", None, 200);
+    let report = p.finish();
+    assert!(report.verify_ok, "{:?}", report.verify_errors);
+}
+
+#[test]
+fn page_sampling_goes_on_and_off_while_a_vm_runs() {
+    if !require_kvm("page_sampling_goes_on_and_off_while_a_vm_runs") {
+        return;
+    }
+    let s = Serve::start("sampling", "static");
+    // Its memory two hops from its vCPU: migration has something to do.
+    let vm = json!({"vcpus": 1, "node": 1, "memory_node": 3, "memory_mib": 8,
+        "workload": {"kind": "sweep", "seed": 4, "passes": 10000}, "time_limit_s": 120});
+    s.expect("PUT", "/v1/vms/walker", Some(vm), 201);
+    let stats = s.expect("GET", "/v1/stats", None, 200);
+    assert_eq!(stats["numa"], Value::Null, "static samples nothing");
+
+    let on = s.expect(
+        "PUT",
+        "/v1/policy",
+        Some(json!({"numa": {"migrate": true, "sampling": "page-faults"}})),
+        200,
+    );
+    let status = on["status"].as_str().unwrap();
+    assert!(status.contains("NUMA engine active"), "{status}");
+    assert!(!status.contains("unavailable"), "{status}");
+    let began = Instant::now();
+    let walker = loop {
+        let v = s.vm("walker");
+        if v["local_percent"].is_number() && v["frames_migrated"].as_u64() > Some(0) {
+            break v;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(60),
+            "no samples or migrations of the running VM: {v}\n{}",
+            s.expect("GET", "/v1/stats", None, 200)["numa"]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(walker["state"], "running", "{walker}");
+    let samples = s.expect("GET", "/v1/stats", None, 200)["numa"]["samples"]
+        .as_u64()
+        .unwrap();
+    assert!(samples > 0);
+    verify_holds(&s);
+
+    // Off again: the NUMA runner stops; the guest goes on.
+    let off = s.expect(
+        "PUT",
+        "/v1/policy",
+        Some(json!({"numa": {"migrate": false, "replicate": false}})),
+        200,
+    );
+    assert!(
+        !off["status"]
+            .as_str()
+            .unwrap()
+            .contains("NUMA engine active"),
+        "{off}"
+    );
+    assert_eq!(s.expect("GET", "/v1/stats", None, 200)["numa"], Value::Null);
+    let before = s.vm("walker")["progress"][0].as_u64().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        s.vm("walker")["progress"][0].as_u64().unwrap() > before,
+        "the guest stalled"
+    );
+    verify_holds(&s);
+    s.expect("POST", "/v1/vms/walker/stop", None, 200);
+    let v = s.wait_finished("walker", Duration::from_secs(30));
+    assert_eq!(v["result"]["status"], "stopped", "{v}");
+    let report = s.stop();
+    assert_eq!(report["verify_ok"], true, "{}", report["verify_errors"]);
+}
+
+#[test]
+fn disco_run_with_the_api_shows_a_finished_vm_while_another_runs() {
+    if !require_kvm("disco_run_with_the_api_shows_a_finished_vm_while_another_runs") {
+        return;
+    }
+    // In the run's own directory (`DiscoRun` makes it anew).
+    let socket = std::env::temp_dir()
+        .join(format!("disco-run-api-{}", std::process::id()))
+        .join("api.sock");
+    let mut run = common::DiscoRun::start(
+        "run-api",
+        common::SPIN_CONFIG,
+        &["--json", "--api", socket.to_str().unwrap()],
+    );
+    let began = Instant::now();
+    while !socket.exists() {
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "no API socket: {}",
+            run.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let get = |uri: &str| {
+        let a = request(&socket, "GET", uri, None, Duration::from_secs(30)).unwrap();
+        assert_eq!(a.status, 200, "{uri}: {}", a.body);
+        a.json()
+    };
+    let quick = loop {
+        let q = get("/v1/vms/quick");
+        if q["state"] == "finished" && q["result"]["status"] != "exited" {
+            break q;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(60),
+            "quick never showed its result: {q}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(quick["result"]["status"], "ok", "{quick}");
+    assert!(checksums_verified(&quick), "{quick}");
+    assert_eq!(get("/v1/vms/spinner")["state"], "running");
+    let a = request(
+        &socket,
+        "POST",
+        "/v1/vms/spinner/stop",
+        None,
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert_eq!(a.status, 200, "{}", a.body);
+    run.wait_exit();
+    let report: Value = serde_json::from_str(&run.stdout()).unwrap_or_else(|e| {
+        panic!("{e}: {}\n{}", run.stdout(), run.stderr());
+    });
+    assert_eq!(report["verify_ok"], true, "{}", report["verify_errors"]);
+    assert_eq!(report["vms"][1]["name"], "quick");
+    assert_eq!(report["vms"][1]["status"], "ok");
 }

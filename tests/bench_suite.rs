@@ -106,6 +106,15 @@ fn required_figures(kind: &str) -> &'static [&'static str] {
             "disco: kernel mappings at the end per 16 guest frames",
             "disco: monitor memory (RssAnon) / guest RAM",
         ],
+        // tests/bench-scenarios/api.toml runs 4 VMs.
+        "api" => &[
+            "VMs created and started per second through the API",
+            "VMs created and started per second by disco run",
+            "GET /v1/vms p50 (4 VMs running)",
+            "GET /v1/vms p99 (4 VMs running)",
+            "PUT /v1/vms/{name} p50 (4 VMs running)",
+            "PUT /v1/vms/{name} p99 (4 VMs running)",
+        ],
         other => panic!("unexpected kind {other}"),
     }
 }
@@ -297,6 +306,7 @@ fn bench_all_quick_writes_results_and_compare_finds_a_planted_regression() {
     assert_eq!(
         kinds,
         [
+            "api",
             "density",
             "locality",
             "migration",
@@ -350,7 +360,12 @@ fn bench_all_quick_writes_results_and_compare_finds_a_planted_regression() {
         ) < 1.0,
         "the whole process's mappings, with 3 x 16 MiB of guests"
     );
-    let density = &records[0];
+    assert!(fig("api", "VMs created and started per second through the API") > 0.0);
+    assert!(
+        fig("api", "GET /v1/vms p99 (4 VMs running)")
+            >= fig("api", "GET /v1/vms p50 (4 VMs running)")
+    );
+    let density = &records[1];
     assert_eq!(density.seeds, vec![7, 8]);
     assert_eq!(
         density.figures[0].stats.as_ref().unwrap().n,
@@ -702,6 +717,7 @@ fn shipped_scenarios_are_listed() {
     assert!(o.status.success(), "{}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     for name in [
+        "api",
         "density",
         "overhead",
         "sharing",

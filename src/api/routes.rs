@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use super::{ApiError, MAX_BODY};
 use crate::config::schema::from_json;
 use crate::config::{policy_from_spec, vm_from_spec, PolicySpec, VmSpec};
-use crate::monitor::Monitor;
+use crate::monitor::{Monitor, PmapRuns, MEMMAP_CHUNK, PMAP_CHUNK};
 
 type Shared = Arc<Mutex<Monitor>>;
 type Reply = Result<Response, ApiError>;
@@ -210,16 +210,283 @@ async fn move_vcpus(
     .await?)
 }
 
-async fn pmap(State(m): State<Shared>, Path(name): Path<String>) -> Reply {
-    ok(on_monitor(&m, move |m| {
-        let runs = m.pmap(&name)?;
-        Ok(json!({ "vm": name, "runs": runs }))
-    })
-    .await?)
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PmapQuery {
+    /// `json` (one document, sent in pieces) or `ndjson` (a run a line).
+    #[serde(default)]
+    format: Format,
 }
 
-async fn memmap(State(m): State<Shared>) -> Reply {
-    ok(json!({ "nodes": on_monitor(&m, |m| Ok(m.memmap())).await? }))
+#[derive(Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Format {
+    #[default]
+    Json,
+    Ndjson,
+}
+
+/// A query string's error: 400 naming `field` and what is allowed.
+fn query_error<'a>(
+    field: &'a str,
+    allowed: &'a str,
+) -> impl FnOnce(axum::extract::rejection::QueryRejection) -> ApiError + 'a {
+    move |e| {
+        ApiError::bad(
+            field,
+            format!("query: {}; allowed: {allowed}", e.body_text()),
+        )
+    }
+}
+
+/// A streamed body: its pieces come from `next` (run on a blocking
+/// thread, never under the monitor's lock) until it returns `None`.
+fn streamed<S: Send + 'static>(
+    content_type: &'static str,
+    state: S,
+    next: fn(&mut S) -> Option<String>,
+) -> Response {
+    let stream = futures_util::stream::unfold(Some(state), move |state| async move {
+        let mut state = state?;
+        let (piece, state) = tokio::task::spawn_blocking(move || (next(&mut state), state))
+            .await
+            .ok()?;
+        piece.map(|p| (Ok::<_, Infallible>(Bytes::from(p)), Some(state)))
+    });
+    (
+        [(header::CONTENT_TYPE, content_type)],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+/// Where a streamed pmap is.
+struct PmapStream {
+    memory: Arc<crate::memory::Memory>,
+    space: crate::memory::VmId,
+    frames: u64,
+    next_gfn: u64,
+    runs: PmapRuns,
+    format: Format,
+    /// Runs sent so far (a JSON array needs commas between them).
+    sent: u64,
+    ended: bool,
+}
+
+impl PmapStream {
+    fn text(&mut self, runs: &[crate::monitor::PmapRun]) -> String {
+        let mut out = String::new();
+        for r in runs {
+            let line = serde_json::to_string(r).unwrap_or_default();
+            match self.format {
+                Format::Ndjson => {
+                    out += &line;
+                    out.push('\n');
+                }
+                Format::Json => {
+                    if self.sent > 0 {
+                        out.push(',');
+                    }
+                    out += &line;
+                }
+            }
+            self.sent += 1;
+        }
+        out
+    }
+
+    /// The next piece: the runs completed by the next chunk of frames, or
+    /// the end of the document.
+    fn next(&mut self) -> Option<String> {
+        if self.ended {
+            return None;
+        }
+        if self.next_gfn < self.frames {
+            let start = self.next_gfn;
+            self.next_gfn = (start + PMAP_CHUNK).min(self.frames);
+            match self.memory.pmap_chunk(self.space, start..self.next_gfn) {
+                Ok(chunk) => {
+                    chunk.iter().for_each(|f| self.runs.push(f));
+                    let done = self.runs.take_done();
+                    return Some(self.text(&done));
+                }
+                Err(e) => {
+                    // The VM went away meanwhile: say so, and end.
+                    self.ended = true;
+                    let error = json!(format!("the VM's memory went away at frame {start}: {e:#}"));
+                    return Some(match self.format {
+                        Format::Ndjson => format!("{}\n", json!({ "error": error })),
+                        Format::Json => format!("],\"error\":{error}}}"),
+                    });
+                }
+            }
+        }
+        self.ended = true;
+        let last = std::mem::take(&mut self.runs).finish();
+        let mut out = self.text(&last);
+        if self.format == Format::Json {
+            out += "]}";
+        }
+        Some(out)
+    }
+}
+
+/// `GET /v1/vms/{name}/pmap`: the VM's pmap as runs, built and sent
+/// [`PMAP_CHUNK`] frames at a time; the monitor's lock is held only to
+/// find the VM, the memory lock only for each chunk.
+async fn pmap(
+    State(m): State<Shared>,
+    Path(name): Path<String>,
+    query: Result<Query<PmapQuery>, axum::extract::rejection::QueryRejection>,
+) -> Reply {
+    let Query(q) = query.map_err(query_error("format", "format=json or format=ndjson"))?;
+    let (source, memory) = on_monitor(&m, move |m| {
+        Ok((m.pmap_source(&name).map(|s| (name, s))?, m.memory().clone()))
+    })
+    .await?;
+    let (name, source) = source;
+    let (space, frames) = source.unwrap_or((0, 0));
+    let head = match q.format {
+        Format::Json => format!("{{\"vm\":{},\"frames\":{frames},\"runs\":[", json!(name)),
+        Format::Ndjson => String::new(),
+    };
+    let state = PmapStream {
+        memory,
+        space,
+        frames,
+        next_gfn: 0,
+        runs: PmapRuns::default(),
+        format: q.format,
+        sent: 0,
+        ended: false,
+    };
+    Ok(streamed(
+        match q.format {
+            Format::Json => "application/json",
+            Format::Ndjson => "application/x-ndjson",
+        },
+        (Some(head), state),
+        |(head, s)| head.take().or_else(|| s.next()),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemmapQuery {
+    /// Every machine page in use (a line each) instead of per node figures.
+    #[serde(default)]
+    detail: bool,
+    /// Only this node's pages (implies detail).
+    node: Option<usize>,
+    /// Only pages from this index on (implies detail).
+    from: Option<u32>,
+    /// At most this many page slots from `from` (implies detail).
+    count: Option<u32>,
+}
+
+/// Where a streamed memmap is.
+struct MemmapStream {
+    memory: Arc<crate::memory::Memory>,
+    names: std::collections::HashMap<crate::memory::VmId, String>,
+    /// Nodes still to walk, each with its range of page slots.
+    todo: std::collections::VecDeque<(usize, std::ops::Range<u32>)>,
+}
+
+impl MemmapStream {
+    fn next(&mut self) -> Option<String> {
+        loop {
+            let (node, range) = self.todo.front_mut()?;
+            if range.start >= range.end {
+                self.todo.pop_front();
+                continue;
+            }
+            let node = *node;
+            let end = range.start.saturating_add(MEMMAP_CHUNK).min(range.end);
+            let chunk = self.memory.memmap_chunk(node, range.start..end);
+            range.start = end;
+            let mut out = String::new();
+            for p in chunk {
+                let owners: Vec<Value> = p
+                    .owners
+                    .iter()
+                    .map(|(vm, gfn)| {
+                        let name = self
+                            .names
+                            .get(vm)
+                            .cloned()
+                            .unwrap_or_else(|| format!("#{vm}"));
+                        json!({ "vm": name, "gfn": gfn })
+                    })
+                    .collect();
+                out += &json!({
+                    "node": p.node,
+                    "page": p.page,
+                    "refcount": p.refcount,
+                    "replica": p.replica,
+                    "owners": owners,
+                })
+                .to_string();
+                out.push('\n');
+            }
+            // An empty piece would end nothing, but costs a chunk header:
+            // go on to the next chunk instead.
+            if !out.is_empty() {
+                return Some(out);
+            }
+        }
+    }
+}
+
+/// `GET /v1/memmap`: per node, its pool, the guest frames it backs and its
+/// pages by sharing state; with `detail=true` (or `node`, `from`, `count`)
+/// every machine page in use, a line each (page, node, refcount, owners),
+/// read [`MEMMAP_CHUNK`] pages per hold of the memory lock.
+async fn memmap(
+    State(m): State<Shared>,
+    query: Result<Query<MemmapQuery>, axum::extract::rejection::QueryRejection>,
+) -> Reply {
+    let Query(q) = query.map_err(query_error(
+        "detail",
+        "detail=true|false, node=N, from=PAGE, count=PAGES",
+    ))?;
+    if !(q.detail || q.node.is_some() || q.from.is_some() || q.count.is_some()) {
+        return ok(json!({ "nodes": on_monitor(&m, |m| Ok(m.memmap())).await? }));
+    }
+    let (memory, names) = on_monitor(&m, |m| {
+        Ok((m.memory().clone(), m.space_names().into_iter().collect()))
+    })
+    .await?;
+    let nodes = memory.node_count();
+    if let Some(n) = q.node.filter(|&n| n >= nodes) {
+        return Err(ApiError::bad(
+            "node",
+            format!(
+                "query: node {n} does not exist; allowed: 0 to {}",
+                nodes - 1
+            ),
+        ));
+    }
+    let from = q.from.unwrap_or(0);
+    let todo = (0..nodes)
+        .filter(|n| q.node.is_none_or(|only| only == *n))
+        .map(|n| {
+            let extent = memory.memmap_extent(n);
+            let end = match q.count {
+                Some(c) => from.saturating_add(c).min(extent),
+                None => extent,
+            };
+            (n, from.min(end)..end)
+        })
+        .collect();
+    Ok(streamed(
+        "application/x-ndjson",
+        MemmapStream {
+            memory,
+            names,
+            todo,
+        },
+        MemmapStream::next,
+    ))
 }
 
 #[derive(Deserialize)]

@@ -1,9 +1,10 @@
 //! `disco top --api PATH`: the monitor live in the terminal (ratatui on
 //! crossterm), a client of the API like `disco ctl`. Every second it reads
 //! `GET /v1/vms` and `GET /v1/stats` and shows per VM its state, vCPU
-//! nodes, memory per node, shared MiB, copy-on-write breaks per second and
-//! progress, per node the pool's use, and monitor-wide merges and
-//! migrations per second. `q` (or Esc, or Ctrl-C) quits.
+//! nodes, memory per node, shared MiB, local-access % (the NUMA runner's
+//! locality samples of its last epochs), copy-on-write breaks and migrated
+//! frames per second and progress, per node the pool's use, and
+//! monitor-wide merges and migrations per second. `q` (or Esc, or Ctrl-C) quits.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -32,8 +33,9 @@ struct View {
     vms: Vec<Value>,
     stats: Value,
     error: Option<String>,
-    /// Per VM: copy-on-write breaks per second.
+    /// Per VM: copy-on-write breaks and migrated frames per second.
     cow_rate: HashMap<String, f64>,
+    migrated_rate: HashMap<String, f64>,
     merges_rate: f64,
     migrations_rate: f64,
 }
@@ -43,6 +45,7 @@ struct View {
 struct Last {
     at: Option<Instant>,
     cow: HashMap<String, u64>,
+    migrated: HashMap<String, u64>,
     merges: u64,
     migrations: u64,
 }
@@ -73,13 +76,17 @@ fn read(socket: &Path, last: &mut Last) -> View {
     };
     let vms: Vec<Value> = vms["vms"].as_array().cloned().unwrap_or_default();
     let mut view = View::default();
-    let mut cow = HashMap::new();
+    let (mut cow, mut migrated) = (HashMap::new(), HashMap::new());
     for v in &vms {
         let name = v["name"].as_str().unwrap_or("?").to_string();
         let breaks = v["cow_breaks"].as_u64().unwrap_or(0);
         view.cow_rate
             .insert(name.clone(), rate(breaks, last.cow.get(&name).copied()));
-        cow.insert(name, breaks);
+        cow.insert(name.clone(), breaks);
+        let moved = v["frames_migrated"].as_u64().unwrap_or(0);
+        view.migrated_rate
+            .insert(name.clone(), rate(moved, last.migrated.get(&name).copied()));
+        migrated.insert(name, moved);
     }
     let merges = stats["sharing"]["merges"].as_u64().unwrap_or(0);
     let migrations = stats["numa"]["migrations"].as_u64().unwrap_or(0);
@@ -88,6 +95,7 @@ fn read(socket: &Path, last: &mut Last) -> View {
     *last = Last {
         at: Some(now),
         cow,
+        migrated,
         merges,
         migrations,
     };
@@ -148,13 +156,27 @@ fn draw(frame: &mut Frame, socket: &Path, view: &View) {
             Some(st) if v["state"] == "finished" => format!("finished ({st})"),
             _ => v["state"].as_str().unwrap_or("?").to_string(),
         };
+        // The last epochs' locality; before any, the whole run's; without
+        // NUMA sampling, none.
+        let local = match v["recent_local_percent"]
+            .as_f64()
+            .or(v["local_percent"].as_f64())
+        {
+            Some(p) => format!("{p:.0} %"),
+            None => "-".into(),
+        };
         Row::new(vec![
             name.to_string(),
             state,
             nodes.join(","),
             per_node.join(" "),
             format!("{:.1}", v["shared_mib"].as_f64().unwrap_or(0.0)),
+            local,
             format!("{:.0}", view.cow_rate.get(name).copied().unwrap_or(0.0)),
+            format!(
+                "{:.0}",
+                view.migrated_rate.get(name).copied().unwrap_or(0.0)
+            ),
             progress,
         ])
     });
@@ -164,7 +186,9 @@ fn draw(frame: &mut Frame, socket: &Path, view: &View) {
         "vCPU nodes",
         "MiB per node",
         "shared MiB",
+        "local",
         "COW breaks/s",
+        "migr./s",
         "progress",
     ])
     .style(Style::default().add_modifier(Modifier::BOLD));
@@ -177,7 +201,9 @@ fn draw(frame: &mut Frame, socket: &Path, view: &View) {
                 Constraint::Length(12),
                 Constraint::Min(20),
                 Constraint::Length(11),
+                Constraint::Length(6),
                 Constraint::Length(13),
+                Constraint::Length(8),
                 Constraint::Length(9),
             ],
         )

@@ -11,12 +11,15 @@
 //! * [`locality`]: badly placed VMs under each policy, local-access
 //!   fraction and modelled cost over time;
 //! * [`replication`]: VMs on different nodes reading one shared table:
-//!   replicas, their memory cost, the write break.
+//!   replicas, their memory cost, the write break;
+//! * [`api`]: the REST API with many VMs running: request latencies, VMs
+//!   started per second through it against `disco run`.
 //!
 //! Every scenario checks the guests' checksums: a run with a wrong checksum
 //! is an error, never a figure. Results are serde structs (JSON) with a
 //! Markdown table renderer. Speed is measured here, never in timed tests.
 
+pub mod api;
 pub mod bare;
 pub mod compare;
 pub mod density;

@@ -37,7 +37,7 @@ use super::{
 use crate::config::{Config, ConfigFile, HostSpec, PolicyRef, VmSpec};
 use crate::guest::{layout, model, Workload};
 use crate::monitor::{self, RunOptions};
-use crate::report::{RunReport, VmCosts};
+use crate::report::{RunReport, VmCosts, VmReport};
 
 /// The policy of the cases that measure the monitor itself: memory stays
 /// where it was placed, no sharing scanner, no copy-on-write.
@@ -350,14 +350,7 @@ fn check_report(report: &RunReport) -> Result<()> {
         .vms
         .iter()
         .filter(|v| !v.ok())
-        .map(|v| {
-            format!(
-                "{}: {} {}",
-                v.name,
-                v.status,
-                v.error.as_deref().unwrap_or("")
-            )
-        })
+        .map(VmReport::status_line)
         .chain(report.verify_errors.iter().cloned())
         .collect();
     bail!("disco: the run is not ok: {}", why.join("; "))

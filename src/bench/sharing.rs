@@ -4,11 +4,12 @@
 //! N VMs of M MiB each, a chosen percentage of whose data pages is identical
 //! across VMs, are filled by real micro-guests. Then:
 //!
-//! * **disco**: one `Memory` pool, the copy-on-write `FaultHandler`, guest
-//!   spaces made like `monitor::build_vm` makes them (code pages excluded from
-//!   sharing), one `Fill { seed, private_seed: per VM, shared_percent }`
-//!   guest per VM. After the guests finished, the real scanner thread
-//!   (`sharing::Scanner`) starts at `pages_per_second`; `sharing_stats()` and
+//! * **disco**: a `Monitor` (host topology, a policy of sharing alone, its
+//!   fault handler started) builds and starts one `Fill { seed,
+//!   private_seed: per VM, shared_percent }` micro-VM per VM, as `disco run`
+//!   would. After the guests finished, the monitor's services start: its
+//!   scanner at `pages_per_second` (policy swaps stop and start it later;
+//!   a rewrite is `Monitor::rerun`, a second guest on a VM's space); `sharing_stats()` and
 //!   the scanner's stats are sampled every `sample_interval` until the saved
 //!   pages reach the steady state predicted from the content (every mergeable
 //!   frame read through `Memory::read_guest_page` and grouped by content:
@@ -47,7 +48,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -61,12 +61,14 @@ use super::params::{ParamResult, Params};
 use super::suite::{Better, Figure, Plot, Progress, Scenario, ScenarioResult};
 use super::svg::LinePlot;
 use super::{markdown_table_aligned, HostInfo, Stats};
-use crate::faults::FaultHandler;
+use crate::config::{Policy, VmConfig};
 use crate::guest::{layout, Workload};
 use crate::memory::cow::page_hash;
 use crate::memory::{Gfn, Memory, SharingStats, VmId};
-use crate::sharing::{Scanner, ScannerConfig, ScannerStats};
-use crate::vm::{GuestRam, MicroVm, MicroVmSpec, VcpuPlacement, VmOutcome};
+use crate::monitor::Monitor;
+use crate::report::VmReport;
+use crate::sharing::ScannerStats;
+use crate::vm::GuestRam;
 use crate::PAGE_SIZE;
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -477,12 +479,12 @@ fn cpu_source() -> String {
     }
 }
 
-/// The fault handler thread started by `start` (the one new thread named
-/// `disco-cow-fault*`).
-fn start_handler(memory: &Arc<Memory>) -> Result<(FaultHandler, Option<u32>)> {
+/// Starts the monitor's fault handler and finds its thread (the one new
+/// thread named `disco-cow-fault*`), whose CPU time the bench reads.
+fn start_handler(monitor: &mut Monitor) -> Result<Option<u32>> {
     const NAME: &str = "disco-cow-fault";
     let before: HashSet<u32> = threads_named(NAME).into_iter().collect();
-    let handler = FaultHandler::start(memory.clone())?;
+    monitor.start_fault_handler()?;
     // The thread names itself when it starts running.
     let deadline = Instant::now() + Duration::from_millis(500);
     loop {
@@ -491,10 +493,10 @@ fn start_handler(memory: &Arc<Memory>) -> Result<(FaultHandler, Option<u32>)> {
             .filter(|t| !before.contains(t))
             .collect();
         if new.len() == 1 {
-            return Ok((handler, Some(new[0])));
+            return Ok(Some(new[0]));
         }
         if Instant::now() > deadline {
-            return Ok((handler, None));
+            return Ok(None);
         }
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -504,55 +506,69 @@ fn start_handler(memory: &Arc<Memory>) -> Result<(FaultHandler, Option<u32>)> {
 // guests
 // ---------------------------------------------------------------------------
 
-fn spec(name: String, workload: Workload) -> MicroVmSpec {
-    MicroVmSpec {
-        name,
-        vcpus: vec![VcpuPlacement {
-            node: 0,
-            host_cpus: Vec::new(),
-        }],
-        workload,
-        time_limit: Duration::from_secs(300),
+/// The policy of disco's side: nothing but sharing, the scanner at the
+/// options' rate and without the budget of kernel mappings, so that both
+/// sides reach the savings their content predicts (on the scattered layout
+/// the budget would stop disco short of them; what that costs in mappings
+/// is the `scale` scenario's and `tests/merge_batch.rs`'s business). With
+/// `scanning` off the scanner stops; copy-on-write goes on.
+fn bench_policy(options: &SharingOptions, scanning: bool) -> Result<Policy> {
+    let mut policy = crate::config::load_policy("static", Path::new("."))
+        .map_err(|e| anyhow::anyhow!("the static policy: {e}"))?;
+    policy.name = "bench-sharing".into();
+    policy.sharing.enabled = scanning;
+    policy.sharing.pages_per_second = options.pages_per_second;
+    policy.sharing.frames_per_mapping = 0;
+    Ok(policy)
+}
+
+/// A 1-vCPU micro-VM of `frames` frames on node 0 running `workload`, as
+/// a `[[vm]]` table would give it.
+fn vm_config(name: &str, frames: u64, workload: Workload) -> Result<VmConfig> {
+    let text = format!(
+        "[[vm]]\nname = \"{name}\"\nmemory_mib = {}\ntime_limit_s = 300\n",
+        frames * PAGE_SIZE as u64 / (1 << 20)
+    );
+    let mut vc = super::config_from_toml(&text)?.vms.remove(0);
+    vc.workload = workload;
+    Ok(vc)
+}
+
+/// Adds VM `vc` to the monitor and starts it.
+fn add(monitor: &mut Monitor, vc: &VmConfig) -> Result<()> {
+    let i = monitor.create_vm(vc)?;
+    monitor.start_vm(i).map_err(|e| anyhow::anyhow!(e))
+}
+
+/// Waits for VM `name`'s guest and checks its result against the model.
+fn finished(monitor: &mut Monitor, name: &str) -> Result<VmReport> {
+    let report = monitor.wait_vm(name)?;
+    if report.status != "ok" {
+        bail!(
+            "guest {name} did not return the model's checksum: {} {:?}",
+            report.error.as_deref().unwrap_or(""),
+            report.vcpus
+        );
     }
+    Ok(report)
 }
 
-/// A micro-VM on `space`, registered with the mapper so merges can pause
-/// it (as `monitor::build_vm` does).
-fn create_guest(
-    kvm: &kvm_ioctls::Kvm,
-    memory: &Memory,
-    space: VmId,
-    spec: MicroVmSpec,
-    ram: GuestRam,
-) -> Result<MicroVm> {
-    let vm = MicroVm::create(kvm, spec, ram)?;
-    memory.set_pauser(space, vm.pauser())?;
-    Ok(vm)
-}
-
-/// A guest space as the monitor makes one (the micro-guest's system area
-/// not shared, see `monitor::build_vm`).
-fn new_space(memory: &Memory, name: &str, frames: u64) -> Result<(VmId, GuestRam)> {
-    let (vm, base) = memory.create_space(name, frames, 0)?;
-    memory.exclude_from_sharing(vm, layout::system_frames())?;
+/// VM `name`'s guest space and its guest RAM.
+fn space(monitor: &Monitor, name: &str) -> Result<(VmId, GuestRam)> {
+    let (vm, base) = monitor
+        .space_of(name)
+        .with_context(|| format!("VM {name} has no guest space"))?;
+    let frames = monitor
+        .memory()
+        .space_frames(vm)
+        .with_context(|| format!("VM {name}'s guest space is gone"))?;
     Ok((
         vm,
         GuestRam {
-            host_addr: base,
+            host_addr: base.with_context(|| format!("VM {name} is not a micro-VM"))?,
             size: frames as usize * PAGE_SIZE,
         },
     ))
-}
-
-fn check(out: VmOutcome) -> Result<VmOutcome> {
-    if !out.checksum_ok() {
-        bail!(
-            "guest {} did not return the model's checksum: {:?}",
-            out.name,
-            out.vcpus
-        );
-    }
-    Ok(out)
 }
 
 // ---------------------------------------------------------------------------
@@ -579,17 +595,6 @@ fn hash_frames(memory: &Memory, spaces: &[(VmId, GuestRam)]) -> Result<FrameHash
                 .collect()
         })
         .collect()
-}
-
-/// The scanner of the disco side: the policy default, but without the
-/// budget of kernel mappings, so that both sides reach the savings their
-/// content predicts (on the scattered layout the budget would stop disco
-/// short of them; what that costs in mappings is the `scale` scenario's
-/// and `tests/merge_batch.rs`'s business).
-fn bench_scanner(options: &SharingOptions) -> ScannerConfig {
-    let mut config = ScannerConfig::new(options.pages_per_second, vec![]);
-    config.frames_per_mapping = 0;
-    config
 }
 
 fn one() -> u32 {
@@ -644,8 +649,8 @@ fn say(options: &SharingOptions, what: &str) {
 // disco side
 // ---------------------------------------------------------------------------
 
+/// The fault handler's thread, for its CPU time.
 struct Handler {
-    _handler: FaultHandler,
     tid: Option<u32>,
 }
 
@@ -663,15 +668,19 @@ struct MergePhase {
     scanner: ScannerStats,
 }
 
+/// The monitor's scanner starts (its services, under the bench policy)
+/// and runs until the savings reach `target` or the timeout; then it stops.
 fn merge_phase(
-    memory: &Arc<Memory>,
+    monitor: &mut Monitor,
     handler: &Handler,
     options: &SharingOptions,
     target: u64,
 ) -> Result<MergePhase> {
+    let memory = monitor.memory().clone();
     let handler0 = handler.cpu_ms();
-    let scanner =
-        Scanner::start(memory.clone(), bench_scanner(options)).context("starting the scanner")?;
+    monitor
+        .start_services(options.vms)
+        .context("starting the scanner")?;
     let start = Instant::now();
     let sample = |t: Duration, stats: &SharingStats, scan: &ScannerStats| DiscoSample {
         t_ms: t.as_secs_f64() * 1e3,
@@ -701,7 +710,7 @@ fn merge_phase(
         }
         let t = start.elapsed();
         let stats = memory.sharing_stats();
-        let s = sample(t, &stats, &scanner.stats());
+        let s = sample(t, &stats, &monitor.scanner_stats().unwrap_or_default());
         let saved = s.saved_pages;
         series.push(s);
         if t90.is_none() && saved * 10 >= target * 9 {
@@ -715,7 +724,8 @@ fn merge_phase(
             break;
         }
     }
-    let scanner = scanner.stop();
+    let scanner = monitor.scanner_stats().unwrap_or_default();
+    monitor.set_policy(bench_policy(options, false)?)?;
     Ok(MergePhase {
         series,
         t90,
@@ -726,57 +736,39 @@ fn merge_phase(
 
 /// Rewrites of shared VMs against private twins.
 fn cow_phase(
-    kvm: &kvm_ioctls::Kvm,
-    memory: &Memory,
+    monitor: &mut Monitor,
     handler: &Handler,
     options: &SharingOptions,
-    spaces: &[(VmId, GuestRam)],
 ) -> Result<CowFigures> {
+    let memory = monitor.memory().clone();
     let frames = options.frames_per_vm();
-    let reps = options.cow_reps.min(spaces.len());
+    let reps = options.cow_reps.min(options.vms);
     let breaks0 = memory.sharing_stats().cow_breaks;
     let times0 = memory.cow_break_histogram();
     let cpu0 = handler.cpu_ms();
     let (mut shared_ms, mut private_ms, mut breaks) = (Vec::new(), Vec::new(), Vec::new());
-    for (r, &(space, ram)) in spaces.iter().enumerate().take(reps) {
+    for r in 0..reps {
         // The private twin: the same fill, then the same rewrite, on a
-        // space the (stopped) scanner never merges.
-        let (twin, twin_ram) = new_space(memory, &format!("cow-twin{r}"), frames)?;
+        // VM the (stopped) scanner never merges.
+        let twin = format!("twin{r}");
+        add(
+            monitor,
+            &vm_config(&twin, frames, options.fill_workload(r))?,
+        )?;
         let result = (|| -> Result<f64> {
-            let mut fill = create_guest(
-                kvm,
-                memory,
-                twin,
-                spec(format!("twin{r}"), options.fill_workload(r)),
-                twin_ram,
-            )?;
-            fill.start()?;
-            check(fill.wait())?;
-            let mut rewrite = create_guest(
-                kvm,
-                memory,
-                twin,
-                spec(format!("twin{r}-rw"), options.rewrite_workload(r)),
-                twin_ram,
-            )?;
-            rewrite.start()?;
-            Ok(check(rewrite.wait())?.run_time.as_secs_f64() * 1e3)
+            finished(monitor, &twin)?;
+            monitor.rerun(&twin, options.rewrite_workload(r))?;
+            Ok(finished(monitor, &twin)?.run_ms)
         })();
-        memory.destroy_space(twin)?;
+        monitor.remove(&twin)?;
         private_ms.push(result?);
 
-        let mut rewrite = create_guest(
-            kvm,
-            memory,
-            space,
-            spec(format!("rw{r}"), options.rewrite_workload(r)),
-            ram,
-        )?;
+        let name = format!("vm{r}");
         let before = memory.sharing_stats().cow_breaks;
-        rewrite.start()?;
-        let out = check(rewrite.wait())?;
+        monitor.rerun(&name, options.rewrite_workload(r))?;
+        let out = finished(monitor, &name)?;
         breaks.push((memory.sharing_stats().cow_breaks - before) as f64);
-        shared_ms.push(out.run_time.as_secs_f64() * 1e3);
+        shared_ms.push(out.run_ms);
     }
     let stats = memory.sharing_stats();
     let total = stats.cow_breaks - breaks0;
@@ -817,11 +809,8 @@ fn cow_phase(
 }
 
 /// The sweep guest with the scanner off and on, interleaved.
-fn slowdown_phase(
-    kvm: &kvm_ioctls::Kvm,
-    memory: &Arc<Memory>,
-    options: &SharingOptions,
-) -> Result<DiscoSlowdown> {
+fn slowdown_phase(monitor: &mut Monitor, options: &SharingOptions) -> Result<DiscoSlowdown> {
+    let memory = monitor.memory().clone();
     let frames = options.sweep.mib * (1 << 20) / PAGE_SIZE as u64;
     let (mut off, mut on, mut cpu, mut shares) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut merges, mut breaks) = (0, 0);
@@ -832,38 +821,35 @@ fn slowdown_phase(
             [true, false]
         };
         for scanning in order {
-            let scanner = if scanning {
-                let s = Scanner::start(memory.clone(), bench_scanner(options))?;
+            let began = if scanning {
+                monitor.set_policy(bench_policy(options, true)?)?;
                 // Steady operation: the scanner is past its first pass over
                 // the (already merged) VMs when the sweep VM appears.
                 let deadline = Instant::now() + options.timeout;
-                while s.stats().full_scans < 1 && Instant::now() < deadline {
+                let scans = |m: &Monitor| m.scanner_stats().unwrap_or_default();
+                while scans(monitor).full_scans < 1 && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(5));
                 }
-                let cpu0 = s.stats().cpu_ms;
-                Some((s, cpu0, Instant::now()))
+                Some((scans(monitor).cpu_ms, Instant::now()))
             } else {
                 None
             };
             let breaks0 = memory.sharing_stats().cow_breaks;
-            let (space, ram) = new_space(memory, "sweep", frames)?;
-            let run = (|| -> Result<f64> {
-                let mut vm = create_guest(
-                    kvm,
-                    memory,
-                    space,
-                    spec("sweep".into(), options.sweep_workload()),
-                    ram,
-                )?;
-                vm.start()?;
-                Ok(check(vm.wait())?.run_time.as_secs_f64() * 1e3)
-            })();
-            let stats = scanner.map(|(s, cpu0, t0)| {
-                let s = s.stop();
+            let name = format!("sweep{rep}-{}", if scanning { "on" } else { "off" });
+            add(
+                monitor,
+                &vm_config(&name, frames, options.sweep_workload())?,
+            )?;
+            let run = finished(monitor, &name).map(|r| r.run_ms);
+            let stats = began.map(|(cpu0, t0)| {
+                let s = monitor.scanner_stats().unwrap_or_default();
                 let share = (s.cpu_ms - cpu0) / (t0.elapsed().as_secs_f64() * 1e3) * 100.0;
                 (s, share)
             });
-            memory.destroy_space(space)?;
+            if scanning {
+                monitor.set_policy(bench_policy(options, false)?)?;
+            }
+            monitor.remove(&name)?;
             let ms = run?;
             match stats {
                 Some((s, share)) => {
@@ -891,53 +877,69 @@ fn slowdown_phase(
     })
 }
 
-/// disco's side of the scenario.
+/// disco's side of the scenario, on a [`Monitor`] (as `disco serve` would
+/// run these VMs: no start-up of its own).
 pub fn run_disco_side(options: &SharingOptions) -> Result<DiscoSide> {
     options.validate()?;
-    let kvm = kvm_ioctls::Kvm::new().context("cannot open /dev/kvm")?;
     let frames = options.frames_per_vm();
-    let sweep_frames = options.sweep.mib * (1 << 20) / PAGE_SIZE as u64;
-    // Sparse: capacity costs nothing. VMs, copy-on-write copies, twins, sweep.
-    let capacity =
-        (options.vms as u64 + options.cow_reps as u64 + 2) * frames + sweep_frames + 4096;
-    let memory = Arc::new(Memory::new(&[(
-        0,
-        0,
-        capacity.min(u32::MAX as u64) as u32,
-    )])?);
+    let mut monitor = Monitor::new(
+        crate::topology::Topology::host()?,
+        bench_policy(options, true)?,
+        "<bench sharing>",
+        Duration::from_secs(3600),
+    )?;
     ensure!(
-        memory.userfault().is_some(),
+        monitor.memory().userfault().is_some(),
         "page sharing needs userfaultfd (root or vm.unprivileged_userfaultfd=1)"
     );
-    let (handler, tid) = start_handler(&memory)?;
     let handler = Handler {
-        _handler: handler,
-        tid,
+        tid: start_handler(&mut monitor)?,
     };
+    let side = disco_side_on(&mut monitor, &handler, options, frames);
+    // Every VM collected, every guest space freed; the invariants checked
+    // after that (every pool empty).
+    let report = monitor.finish(Some(Duration::ZERO), &indicatif::ProgressBar::hidden(), 0.0)?;
+    let side = side?;
+    ensure!(
+        report.verify_ok,
+        "memory invariants at the end: {}",
+        report.verify_errors.join("; ")
+    );
+    Ok(side)
+}
 
+fn disco_side_on(
+    monitor: &mut Monitor,
+    handler: &Handler,
+    options: &SharingOptions,
+    frames: u64,
+) -> Result<DiscoSide> {
+    let memory = monitor.memory().clone();
     say(options, "disco: filling the guests");
-    let mut spaces = Vec::with_capacity(options.vms);
-    let mut fills = Vec::with_capacity(options.vms);
-    for v in 0..options.vms {
-        let (vm, ram) = new_space(&memory, &format!("vm{v}"), frames)?;
-        spaces.push((vm, ram));
-        fills.push(create_guest(
-            &kvm,
-            &memory,
-            vm,
-            spec(format!("vm{v}"), options.fill_workload(v)),
-            ram,
-        )?);
+    let names: Vec<String> = (0..options.vms).map(|v| format!("vm{v}")).collect();
+    let configs = names
+        .iter()
+        .enumerate()
+        .map(|(v, name)| vm_config(name, frames, options.fill_workload(v)))
+        .collect::<Result<Vec<_>>>()?;
+    monitor.reserve_for(&configs)?;
+    let mut built = Vec::with_capacity(configs.len());
+    for vc in &configs {
+        built.push(monitor.create_vm(vc)?);
     }
     let t_fill = Instant::now();
-    for vm in fills.iter_mut() {
-        vm.start()?;
+    for i in built {
+        monitor.start_vm(i).map_err(|e| anyhow::anyhow!(e))?;
     }
-    while !fills.iter().all(MicroVm::is_finished) {
+    while !names.iter().all(|n| monitor.has_exited(n)) {
         std::thread::sleep(Duration::from_millis(1));
     }
     let fill_ms = t_fill.elapsed().as_secs_f64() * 1e3;
     let resident_before_bytes = resident(&memory);
+    let spaces = names
+        .iter()
+        .map(|n| space(monitor, n))
+        .collect::<Result<Vec<_>>>()?;
 
     say(options, "disco: census of the guests' content");
     let before = hash_frames(&memory, &spaces)?;
@@ -945,32 +947,27 @@ pub fn run_disco_side(options: &SharingOptions) -> Result<DiscoSide> {
     let target = census.expected_saved_pages;
 
     say(options, "disco: merging");
-    let merge = merge_phase(&memory, &handler, options, target)?;
+    let merge = merge_phase(monitor, handler, options, target)?;
     let resident_at_steady_bytes = resident(&memory);
     say(options, "disco: checking content and invariants");
     let content_unchanged = hash_frames(&memory, &spaces)? == before;
     memory
         .verify()
         .context("memory invariants at steady state")?;
-    // The fill guests stayed alive (memory slots registered) while pages
-    // were merged under them, as KSM's side keeps its guests.
+    // The fill guests' KVM VMs stayed open (memory slots registered) while
+    // pages were merged under them, as KSM's side keeps its guests.
     let mut guests_ok = true;
-    for vm in fills {
-        guests_ok &= vm.wait().checksum_ok();
+    for n in &names {
+        guests_ok &= monitor.wait_vm(n)?.status == "ok";
     }
 
     say(options, "disco: copy-on-write breaks");
-    let cow = cow_phase(&kvm, &memory, &handler, options, &spaces)?;
+    let cow = cow_phase(monitor, handler, options)?;
     say(options, "disco: sweep guest with the scanner off and on");
-    let slowdown = slowdown_phase(&kvm, &memory, options)?;
+    let slowdown = slowdown_phase(monitor, options)?;
     memory
         .verify()
         .context("memory invariants after the copy-on-write and sweep phases")?;
-    for (vm, _) in &spaces {
-        memory.destroy_space(*vm)?;
-    }
-    let leaked: u32 = memory.pool_stats().iter().map(|p| p.used_pages).sum();
-    ensure!(leaked == 0, "{leaked} pool pages in use after teardown");
 
     let at = |i: Option<usize>| i.map(|i| &merge.series[i]);
     let last = merge.series.last().expect("a first sample");

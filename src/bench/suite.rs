@@ -235,6 +235,11 @@ pub const KINDS: &[Kind] = &[
         prepare: super::scale::prepare,
     },
     Kind {
+        name: "api",
+        about: "the REST API with many micro-VMs running: GET / PUT latency p50 and p99, VMs created and started per second through it against disco run",
+        prepare: super::api::prepare,
+    },
+    Kind {
         name: "replication",
         about: "VMs on different nodes reading one shared table, under each policy: locality over time, replicas, their memory, the write break",
         prepare: super::replication::prepare,

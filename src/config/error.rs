@@ -15,7 +15,8 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.file.is_empty(), self.key.is_empty()) {
-            (_, true) => write!(f, "{}: {}", self.file, self.message),
+            (true, true) => write!(f, "{}", self.message),
+            (false, true) => write!(f, "{}: {}", self.file, self.message),
             (true, false) => write!(f, "key `{}`: {}", self.key, self.message),
             (false, false) => write!(f, "{}: key `{}`: {}", self.file, self.key, self.message),
         }

@@ -372,8 +372,8 @@ impl Config {
         let nodes = topology_loaded.node_count();
 
         let policy = match &doc.policy {
-            None => load_policy("disco", dir, top, "policy")?,
-            Some(PolicyRef::Named(s)) => load_policy(s, dir, top, "policy")?,
+            None => load_policy_at("disco", dir, top, "policy")?,
+            Some(PolicyRef::Named(s)) => load_policy_at(s, dir, top, "policy")?,
             Some(PolicyRef::Inline(spec)) => {
                 resolve::policy(spec, At::new(file, "policy"), "inline", "inline")?
             }
@@ -640,11 +640,17 @@ pub fn policy_spec(s: &str, dir: &Path, at: At, key: &str) -> Result<(PolicySpec
     }
 }
 
+/// [`load_policy_at`] for a name given outside any file (errors about
+/// the name carry no file or key).
+pub fn load_policy(s: &str, dir: &Path) -> Result<Policy> {
+    load_policy_at(s, dir, At::new("", ""), "")
+}
+
 /// A shipped policy by name, or a policy file (a path ending in `.toml`,
 /// relative to `dir`). Errors about the name itself, or a file that cannot
 /// be read, are at `at`'s `key` (a config's `policy` key; `--policy` with
 /// no key); errors inside the file name the file.
-pub fn load_policy(s: &str, dir: &Path, at: At, key: &str) -> Result<Policy> {
+pub fn load_policy_at(s: &str, dir: &Path, at: At, key: &str) -> Result<Policy> {
     let (spec, source, name) = policy_spec(s, dir, at, key)?;
     resolve::policy(&spec, At::new(&source, ""), &source, &name)
 }

@@ -576,17 +576,14 @@ impl Memory {
     }
 
     /// Turns page-access sampling on (see `super::sampler`): every
-    /// guest mapping made from now on is registered for minor faults too.
-    /// Must be called before the first guest space is created.
+    /// guest mapping made from now on is registered for minor faults too,
+    /// and so are those of the guest spaces that exist (a policy swapped in
+    /// while VMs run may need sampling).
     pub fn enable_sampling(&self) -> Result<Arc<PageSampler>> {
         let mut inner = self.inner.lock();
         if let Some(s) = &inner.sampler {
             return Ok(s.clone());
         }
-        ensure!(
-            inner.spaces.is_empty(),
-            "page sampling must be enabled before guest spaces are created"
-        );
         let uffd = match &inner.uffd {
             Some(u) => u.clone(),
             None => bail!(
@@ -594,7 +591,29 @@ impl Memory {
                 inner.uffd_error
             ),
         };
-        let sampler = Arc::new(PageSampler::new(uffd)?);
+        let sampler = Arc::new(PageSampler::new(uffd.clone())?);
+        // Registering a registered range again with the same userfaultfd
+        // changes its modes and keeps its page tables (write-protected
+        // pages stay so). Only mapped frames: a hole of the space is
+        // anonymous memory, which minor mode refuses. Not populated first
+        // (unlike `map_run`): that would allocate the pools' holes, so a
+        // page the guest mapped but has not touched since costs one
+        // unsampled minor fault.
+        for (&vm, space) in &inner.spaces {
+            sampler.register_space(vm, space.base, space.frames() as usize * PAGE_SIZE);
+            let mut runs: Vec<(Gfn, Gfn)> = Vec::new();
+            for (gfn, _) in space.pmap.iter() {
+                match runs.last_mut() {
+                    Some((_, end)) if *end == gfn => *end += 1,
+                    _ => runs.push((gfn, gfn + 1)),
+                }
+            }
+            for (first, end) in runs {
+                let len = (end - first) as usize * PAGE_SIZE;
+                uffd.register(space.addr(first), len, true, true)
+                    .context("registering guest pages for page sampling")?;
+            }
+        }
         inner.sampler = Some(sampler.clone());
         Ok(sampler)
     }

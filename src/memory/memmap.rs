@@ -138,6 +138,36 @@ impl Memmap {
         self.in_use
     }
 
+    /// Slots of `node` (one past the highest page index ever used there):
+    /// the range a walk over the node's pages covers.
+    pub fn extent(&self, node: usize) -> u32 {
+        self.nodes.get(node).map_or(0, |n| n.len() as u32)
+    }
+
+    /// Pages in use on `node` whose index is in `indices`, in index order.
+    pub fn range(
+        &self,
+        node: usize,
+        indices: std::ops::Range<u32>,
+    ) -> impl Iterator<Item = (MachinePage, &PageInfo)> {
+        let slots = self.nodes.get(node).map_or(&[][..], Vec::as_slice);
+        let end = (indices.end as usize).min(slots.len());
+        let start = (indices.start as usize).min(end);
+        slots[start..end]
+            .iter()
+            .enumerate()
+            .filter(|(_, info)| info.in_use())
+            .map(move |(k, info)| {
+                (
+                    MachinePage {
+                        node: node as u16,
+                        index: (start + k) as u32,
+                    },
+                    info,
+                )
+            })
+    }
+
     /// Pages with more than one owner, and the frames that map them (kept
     /// incrementally).
     pub fn sharing(&self) -> (u64, u64) {

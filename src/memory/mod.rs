@@ -18,6 +18,7 @@
 //! really maps (read back from `/proc/self/maps`).
 
 pub mod cow;
+pub mod inspect;
 pub mod mapper;
 pub mod memmap;
 pub mod numa;
@@ -33,6 +34,7 @@ pub use cow::{
     FaultOutcome, GuestCosts, MergeOutcome, MergePair, PageScan, RunAllowance, SharingStats,
     MERGE_BATCH_MAX,
 };
+pub use inspect::{FrameView, NodeSharing, PageView};
 pub use mapper::{GuestSpaceStats, Memory, MoveReport, MoveTimes, PoolStats, MOVE_RUN_MAX};
 pub use replica::{FrameLocation, ReplicaStats};
 pub use watch::{KernelMappings, MemorySample, MemoryWatch};

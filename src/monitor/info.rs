@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use super::{Monitor, VmError, VmState};
-use crate::memory::{PoolStats, ReplicaStats, SharingStats};
+use crate::memory::{FrameView, NodeSharing, PoolStats, ReplicaStats, SharingStats, VmId};
 use crate::numa::runner::NumaStats;
 use crate::report::VmReport;
 use crate::sharing::ScannerStats;
@@ -28,6 +28,13 @@ pub struct VmInfo {
     pub progress: [u64; 2],
     /// Copy-on-write breaks of the VM's writes so far.
     pub cow_breaks: u64,
+    /// Guest frames the NUMA engine moved to another node so far.
+    pub frames_migrated: u64,
+    /// Of the NUMA runner's locality samples of this VM's accesses, the %
+    /// that hit a page on the accessing vCPU's node: over the whole run,
+    /// and over the last [`RECENT_EPOCHS`] epochs (`None` without samples).
+    pub local_percent: Option<f64>,
+    pub recent_local_percent: Option<f64>,
     /// Its report: `status` (`running`, `paused`, `ok`, `failed`, `stopped`,
     /// `wrong-checksum`, ...), the vCPUs' results and checksums once done.
     pub result: VmReport,
@@ -45,6 +52,100 @@ pub struct PmapRun {
     pub shared: bool,
     pub replica: bool,
     pub protected: bool,
+    /// Zero pages punched out of their pool (they cost the host nothing
+    /// until the guest touches them again).
+    pub released: bool,
+}
+
+impl PmapRun {
+    fn of(f: &FrameView) -> PmapRun {
+        PmapRun {
+            gfn: f.gfn,
+            frames: 1,
+            node: f.page.node(),
+            page: f.page.index,
+            shared: f.flags.shared,
+            replica: f.replica,
+            protected: f.flags.write_protected,
+            released: f.flags.released,
+        }
+    }
+
+    /// Whether `f` continues this run: the next frame, on the next page of
+    /// the same node, with the same flags.
+    fn extends(&self, f: &FrameView) -> bool {
+        let next = PmapRun::of(f);
+        self.gfn + self.frames == f.gfn
+            && self.node == next.node
+            && self.page as u64 + self.frames == next.page as u64
+            && (self.shared, self.replica, self.protected, self.released)
+                == (next.shared, next.replica, next.protected, next.released)
+    }
+}
+
+/// Guest frames read per hold of the memory lock when a pmap is read in
+/// pieces (16 MiB of guest memory: well under a millisecond).
+pub const PMAP_CHUNK: u64 = 4096;
+
+/// Builds pmap runs from frames given in order, chunk after chunk: the
+/// runs complete so far can be taken (and sent) while the last one may
+/// still grow.
+#[derive(Default)]
+pub struct PmapRuns {
+    done: Vec<PmapRun>,
+    open: Option<PmapRun>,
+}
+
+impl PmapRuns {
+    pub fn push(&mut self, f: &FrameView) {
+        match &mut self.open {
+            Some(r) if r.extends(f) => r.frames += 1,
+            open => {
+                if let Some(r) = open.replace(PmapRun::of(f)) {
+                    self.done.push(r);
+                }
+            }
+        }
+    }
+
+    /// The runs that can no longer grow.
+    pub fn take_done(&mut self) -> Vec<PmapRun> {
+        std::mem::take(&mut self.done)
+    }
+
+    /// Every run left, the open one last.
+    pub fn finish(mut self) -> Vec<PmapRun> {
+        self.done.extend(self.open.take());
+        self.done
+    }
+}
+
+/// Machine pages read per hold of the memory lock when the memmap is read
+/// in pieces.
+pub const MEMMAP_CHUNK: u32 = 4096;
+
+/// Epochs the recent local-access % is taken over.
+pub const RECENT_EPOCHS: usize = 4;
+
+/// Per VM (space id order), the local % over the last [`RECENT_EPOCHS`]
+/// epochs of `numa`.
+fn recent_locality(numa: &NumaStats) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let from = numa.series.len().saturating_sub(RECENT_EPOCHS);
+    for point in &numa.series[from..] {
+        if out.len() < point.per_vm.len() {
+            out.resize(point.per_vm.len(), (0, 0));
+        }
+        for (total, p) in out.iter_mut().zip(&point.per_vm) {
+            total.0 += p.0;
+            total.1 += p.1;
+        }
+    }
+    out
+}
+
+fn percent((samples, local): (u64, u64)) -> Option<f64> {
+    (samples > 0).then(|| 100.0 * local as f64 / samples as f64)
 }
 
 /// One node's machine memory.
@@ -56,6 +157,8 @@ pub struct MemmapNode {
     pub guest_frames: u64,
     /// Of them, frames on pages shared with other frames.
     pub shared_frames: u64,
+    /// The node's machine pages by sharing state (from its memmap).
+    pub sharing: NodeSharing,
     /// Guest frames per VM on this node.
     pub per_vm: Vec<(String, u64)>,
 }
@@ -95,19 +198,26 @@ impl Monitor {
 
     /// Every VM as it stands.
     pub fn vm_infos(&self) -> Vec<VmInfo> {
-        (0..self.vms.len()).map(|i| self.info_of(i)).collect()
+        // The NUMA runner's figures once for all VMs, not once each.
+        let numa = self.services.numa_stats();
+        (0..self.vms.len())
+            .map(|i| self.info_of(i, numa.as_ref()))
+            .collect()
     }
 
     /// VM `name` as it stands.
     pub fn vm_info(&self, name: &str) -> Result<VmInfo, VmError> {
-        Ok(self.info_of(self.find(name)?))
+        let i = self.find(name)?;
+        Ok(self.info_of(i, self.services.numa_stats().as_ref()))
     }
 
-    fn info_of(&self, i: usize) -> VmInfo {
+    fn info_of(&self, i: usize, numa: Option<&NumaStats>) -> VmInfo {
         let v = &self.vms[i];
-        let numa = self.services.numa_stats();
-        let result = self.vm_report(i, numa.as_ref());
+        let result = self.vm_report(i, numa);
         let (done, total) = v.progress();
+        let slot = v.space.map(|s| s as usize);
+        let of =
+            |per_vm: &[(u64, u64)]| slot.and_then(|s| per_vm.get(s).copied()).and_then(percent);
         VmInfo {
             name: v.config.name.clone(),
             state: v.state(),
@@ -118,50 +228,48 @@ impl Monitor {
             shared_mib: (result.shared_pages * PAGE_SIZE as u64) as f64 / (1 << 20) as f64,
             progress: [done.min(total), total],
             cow_breaks: result.costs.cow_breaks,
+            frames_migrated: slot
+                .and_then(|s| numa?.moved_per_vm.get(s).copied())
+                .unwrap_or(0),
+            local_percent: numa.and_then(|n| of(&n.per_vm)),
+            recent_local_percent: numa.and_then(|n| of(&recent_locality(n))),
             result,
         }
     }
 
-    /// VM `name`'s pmap as runs: consecutive frames on consecutive pages of
-    /// one node with the same flags make one run; holes are left out.
-    pub fn pmap(&self, name: &str) -> Result<Vec<PmapRun>, VmError> {
+    /// Where VM `name`'s pmap is: its guest space and frame count (`None`
+    /// when it has no guest space: it failed to build).
+    pub fn pmap_source(&self, name: &str) -> Result<Option<(VmId, u64)>, VmError> {
         let v = &self.vms[self.find(name)?];
-        let Some(space) = v.space else {
+        Ok(v.space
+            .map(|s| (s, v.config.memory_mib * (1 << 20) / PAGE_SIZE as u64)))
+    }
+
+    /// The name of each guest space's VM.
+    pub fn space_names(&self) -> Vec<(VmId, String)> {
+        self.vms
+            .iter()
+            .filter_map(|v| Some((v.space?, v.config.name.clone())))
+            .collect()
+    }
+
+    /// VM `name`'s pmap as runs: consecutive frames on consecutive pages of
+    /// one node with the same flags make one run; holes are left out. Read
+    /// [`PMAP_CHUNK`] frames per hold of the memory lock, as the API's
+    /// streamed pmap is (`crate::api`), with the same run builder.
+    pub fn pmap(&self, name: &str) -> Result<Vec<PmapRun>, VmError> {
+        let Some((space, frames)) = self.pmap_source(name)? else {
             return Ok(Vec::new());
         };
-        let frames = v.config.memory_mib * (1 << 20) / PAGE_SIZE as u64;
-        let mut runs: Vec<PmapRun> = Vec::new();
-        for gfn in 0..frames {
-            let Ok(Some(entry)) = self.memory.lookup(space, gfn) else {
-                continue;
-            };
-            let replica = self
+        let mut runs = PmapRuns::default();
+        for start in (0..frames).step_by(PMAP_CHUNK as usize) {
+            let chunk = self
                 .memory
-                .frame_location(space, gfn)
-                .is_some_and(|l| l.copies.len() > 1);
-            let here = PmapRun {
-                gfn,
-                frames: 1,
-                node: entry.page.node(),
-                page: entry.page.index,
-                shared: entry.flags.shared,
-                replica,
-                protected: entry.flags.write_protected,
-            };
-            match runs.last_mut() {
-                Some(r)
-                    if r.gfn + r.frames == gfn
-                        && r.node == here.node
-                        && r.page as u64 + r.frames == here.page as u64
-                        && (r.shared, r.replica, r.protected)
-                            == (here.shared, here.replica, here.protected) =>
-                {
-                    r.frames += 1
-                }
-                _ => runs.push(here),
-            }
+                .pmap_chunk(space, start..start + PMAP_CHUNK)
+                .map_err(|e| VmError::Failed(format!("VM `{name}`: {e:#}")))?;
+            chunk.iter().for_each(|f| runs.push(f));
         }
-        Ok(runs)
+        Ok(runs.finish())
     }
 
     /// Per node: its pool and the guest frames it backs, per VM.
@@ -175,6 +283,7 @@ impl Monitor {
                 pool,
                 guest_frames: 0,
                 shared_frames: 0,
+                sharing: NodeSharing::default(),
                 per_vm: Vec::new(),
             })
             .collect();
@@ -189,13 +298,10 @@ impl Monitor {
                 }
             }
         }
-        // Shared frames per node, from each VM's pmap flags.
-        for v in &self.vms {
-            if let Ok(runs) = self.pmap(&v.config.name) {
-                for r in runs.iter().filter(|r| r.shared) {
-                    nodes[r.node].shared_frames += r.frames;
-                }
-            }
+        // Sharing per node from the memmap, a chunk at a time.
+        for n in &mut nodes {
+            n.sharing = self.memory.node_sharing(n.node, MEMMAP_CHUNK);
+            n.shared_frames = n.sharing.sharing_frames;
         }
         nodes
     }

@@ -31,10 +31,12 @@ use crate::topology::Topology;
 use crate::vm::{VcpuOutcome, VmOutcome};
 use crate::PAGE_SIZE;
 
-pub use events::{Event, EventLog};
+pub use events::{Event, EventLog, Rates};
 pub use guest::{build_vm, micro_vm_spec};
-pub use info::{MemmapNode, MonitorStats, PmapRun, VerifySummary, VmInfo};
-pub use run::{run, run_with, run_with_control, serve, RunOptions};
+pub use info::{
+    MemmapNode, MonitorStats, PmapRun, PmapRuns, VerifySummary, VmInfo, MEMMAP_CHUNK, PMAP_CHUNK,
+};
+pub use run::{run, run_with, run_with_control, serve, serve_until, RunOptions};
 pub use services::settle_limit;
 
 use guest::{apply_move, count_vcpu_threads, register_vcpu_threads, Guest};
@@ -230,6 +232,12 @@ pub struct Monitor {
     /// The memory timeline of the report (VMAs, pool residency, sharing,
     /// the monitor's own memory), from the first [`Monitor::sample_memory`].
     memory_watch: Option<crate::memory::MemoryWatch>,
+    /// The `rates` events' clock (see [`Self::tick`]).
+    rates: events::RateClock,
+    /// When the monitor was ready (pools made), and when
+    /// [`Self::start_created`] had started every VM built.
+    ready: Instant,
+    all_started: Option<Instant>,
     /// VMs waiting for room in the pools (`[host] overcommit`), in order.
     waiting: Waiting,
     /// The pools' limit in bytes (`[host] memory_limit_mib`).
@@ -305,6 +313,9 @@ impl Monitor {
             expected_vms: 0,
             collect_finished: false,
             memory_watch: None,
+            rates: events::RateClock::new(Duration::from_secs(1)),
+            ready: Instant::now(),
+            all_started: None,
             waiting: Waiting::default(),
             memory_limit,
         })
@@ -338,7 +349,7 @@ impl Monitor {
     }
     /// Carries out `policy` from now on (the NUMA runner and the scanner
     /// restart under it; page sampling, if the new policy needs it and the
-    /// old did not, is unavailable once VMs exist, as the status says).
+    /// old did not, is turned on for the VMs that exist too).
     pub fn set_policy(&mut self, policy: Policy) -> Result<()> {
         let name = policy.name.clone();
         let vms = self.expected_vms.max(self.vms.len());
@@ -401,6 +412,66 @@ impl Monitor {
     pub fn space_of(&self, name: &str) -> Option<(VmId, Option<usize>)> {
         let v = &self.vms[self.index_of(name)?];
         Some((v.space?, v.ram_base))
+    }
+
+    /// Waits until VM `name`'s vCPUs have all exited (checking every
+    /// millisecond, its vCPUs' own time limit bounds the wait), collects it
+    /// and returns its report: result and checksums checked, run time.
+    pub fn wait_vm(&mut self, name: &str) -> Result<VmReport, VmError> {
+        let i = self.find(name)?;
+        while !self.vms[i].exited() {
+            if self.vms[i].guest.is_none() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.vms[i].collect();
+        Ok(self.vm_report(i, self.services.numa_stats().as_ref()))
+    }
+
+    /// Runs `workload` as a new micro-guest on VM `name`'s guest space,
+    /// whose last guest has exited: the memory stays as that guest left it
+    /// (a second program on the same machine, as the sharing benchmark
+    /// rewrites what its fill guests wrote). Its report is the new guest's.
+    pub fn rerun(&mut self, name: &str, workload: crate::guest::Workload) -> Result<(), VmError> {
+        let i = self.find(name)?;
+        let state = self.vms[i].state();
+        let v = &mut self.vms[i];
+        let (Some(space), Some(base)) = (v.space, v.ram_base) else {
+            return Err(VmError::Failed(format!(
+                "VM `{name}` has no micro-guest space to run on"
+            )));
+        };
+        if !v.exited() {
+            return Err(VmError::State {
+                name: name.to_string(),
+                state,
+            });
+        }
+        v.collect();
+        let mut vc = v.config.clone();
+        vc.workload = workload;
+        let ram = crate::vm::GuestRam {
+            host_addr: base,
+            size: (vc.memory_mib * (1 << 20)) as usize,
+        };
+        let vm = crate::vm::MicroVm::create(&self.kvm, micro_vm_spec(&vc, &self.topology), ram)
+            .and_then(|vm| {
+                self.memory.set_pauser(space, vm.pauser())?;
+                Ok(vm)
+            })
+            .map_err(|e| VmError::Failed(format!("VM `{name}`: a new guest: {e:#}")))?;
+        let mut next = MonitorVm::new(vc);
+        next.space = Some(space);
+        next.ram_base = Some(base);
+        next.guest = Some(Guest::Micro(Box::new(vm)));
+        self.vms[i] = next;
+        self.start_vm(i).map_err(VmError::Failed)
+    }
+
+    /// The sharing scanner's figures so far (`None` when it does not run).
+    pub fn scanner_stats(&self) -> Option<crate::sharing::ScannerStats> {
+        self.services.scanner_stats()
     }
 
     /// Whether VM `name`'s vCPUs have all exited (it may not be collected
@@ -467,6 +538,7 @@ impl Monitor {
                 let _ = self.start_vm(i);
             }
         }
+        self.all_started = Some(Instant::now());
     }
     /// Starts VM `i` (an index [`Self::create_vm`] gave); one that cannot
     /// start is failed with the reason, which is returned too.
@@ -735,6 +807,30 @@ impl Monitor {
                 };
                 self.events.push(kind, Some(&name), detail);
             }
+        }
+        self.note_rates();
+    }
+
+    /// Once a second: a `rates` event when merges, copy-on-write breaks,
+    /// migrations or replications happened since the last reading.
+    fn note_rates(&mut self) {
+        let now = Instant::now();
+        if !self.rates.due(now) {
+            return;
+        }
+        let sharing = self.memory.sharing_stats();
+        let numa = self.services.numa_stats();
+        let counts = events::Counts {
+            merges: sharing.merges,
+            cow_breaks: sharing.cow_breaks,
+            migrations: numa.as_ref().map_or(0, |n| n.migrations),
+            frames_moved: numa
+                .as_ref()
+                .map_or(0, |n| n.migrations + n.region_migrations),
+            replications: numa.as_ref().map_or(0, |n| n.replicas_made),
+        };
+        if let Some(rates) = self.rates.reading(now, counts) {
+            self.events.push_rates(rates);
         }
     }
 
@@ -1197,6 +1293,9 @@ impl Monitor {
             verify_ok: self.verify.errors.is_empty(),
             verify_errors: std::mem::take(&mut self.verify.errors),
             create_ms,
+            started_ms: self
+                .all_started
+                .map_or(0.0, |t| t.duration_since(self.ready).as_secs_f64() * 1e3),
             total_ms: self.started.elapsed().as_secs_f64() * 1e3,
         })
     }
@@ -1272,6 +1371,8 @@ impl std::fmt::Display for VmError {
         }
     }
 }
+
+impl std::error::Error for VmError {}
 
 /// What sampling, copy-on-write and remap pauses cost VM `space`.
 fn vm_costs(

@@ -95,6 +95,11 @@ pub fn run_with(
     } else {
         ProgressBar::hidden()
     };
+    // With the API open, a VM that finished shows as finished with its
+    // result (checksums checked against the host model, on a thread of its
+    // own) while the others still run; without it nobody looks before the
+    // end, so the host model's work waits until the guests are done.
+    monitor.collect_finished(api.is_some());
     let monitor = Arc::new(Mutex::new(monitor));
     let server = match api {
         Some(path) => Some(crate::api::Server::start(path, monitor.clone())?),
@@ -162,6 +167,18 @@ pub fn serve(
     api: &Path,
     options: &RunOptions,
 ) -> Result<RunReport> {
+    serve_until(topology, policy, api, options, crate::signals::interrupted)
+}
+
+/// [`serve`] until `stop` names a reason (a signal's name for `disco
+/// serve`; the API benchmark stops its own monitor this way).
+pub fn serve_until(
+    topology: crate::topology::Topology,
+    policy: crate::config::Policy,
+    api: &Path,
+    options: &RunOptions,
+    stop: impl Fn() -> Option<&'static str>,
+) -> Result<RunReport> {
     let mut monitor = Monitor::new(topology, policy, "<api>", options.verify_every)?;
     // VMs come and go: each one's result as soon as it is done.
     monitor.collect_finished(true);
@@ -171,8 +188,8 @@ pub fn serve(
     let server = crate::api::Server::start(api, monitor.clone())?;
     loop {
         let mut m = monitor.lock();
-        if let Some(signal) = crate::signals::interrupted() {
-            m.interrupt(signal);
+        if let Some(why) = stop() {
+            m.interrupt(why);
             break;
         }
         m.tick();

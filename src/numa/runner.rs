@@ -139,6 +139,9 @@ pub struct NumaStats {
     pub freezes: u64,
     /// Per VM (monitor space id order): locality samples and local ones.
     pub per_vm: Vec<(u64, u64)>,
+    /// Per VM (monitor space id order): guest frames moved to another
+    /// node, the pages decided on and their regions together.
+    pub moved_per_vm: Vec<u64>,
     pub series: Vec<EpochLocality>,
     /// The page sampler's own counters, with page-fault sampling.
     pub sampler: Option<SamplerStats>,
@@ -545,9 +548,9 @@ impl Worker {
     /// Carries out `Migrate` decisions with one `Memory::move_pages` call
     /// per VM and target node (runs of consecutive frames move with one
     /// remap each), each page with its region (see [`Self::region_of`]);
-    /// returns (migrations, failures), one per decision, and the frames
-    /// that moved along with them.
-    fn migrate(&self, decisions: &[Decision]) -> (u64, u64, u64) {
+    /// returns (migrations, failures), one per decision, the frames that
+    /// moved along with them, and the frames moved per VM.
+    fn migrate(&self, decisions: &[Decision]) -> (u64, u64, u64, Vec<(VmId, u64)>) {
         let params = self.engine.params();
         let mut spare = params
             .copy_budget_pages
@@ -581,9 +584,11 @@ impl Worker {
             }
         }
         let (mut moved, mut failed) = (0, 0);
+        let mut per_vm = Vec::new();
         for ((vm, to), gfns) in groups {
             match self.memory.move_pages(vm, &gfns, to) {
                 Ok(report) => {
+                    per_vm.push((vm, report.moved.len() as u64));
                     let done: HashSet<u64> = report.moved.iter().copied().collect();
                     let there: HashSet<u64> = report.unchanged.iter().copied().collect();
                     for gfn in gfns.into_iter().filter(|&g| decided.contains(&(vm, g))) {
@@ -603,7 +608,7 @@ impl Worker {
                 }
             }
         }
-        (moved, failed, along)
+        (moved, failed, along, per_vm)
     }
 
     /// The frames that move along with frame `gfn` of `vm` going to node
@@ -645,7 +650,14 @@ impl Worker {
 
     fn apply(&mut self, decisions: Vec<Decision>, mut point: EpochLocality) {
         let mut s = self.out.lock();
-        let (moved, failed, along) = self.migrate(&decisions);
+        let (moved, failed, along, per_vm) = self.migrate(&decisions);
+        for (vm, frames) in per_vm {
+            let vm = vm as usize;
+            if s.moved_per_vm.len() <= vm {
+                s.moved_per_vm.resize(vm + 1, 0);
+            }
+            s.moved_per_vm[vm] += frames;
+        }
         s.migrations += moved;
         s.region_migrations += along;
         s.migration_failures += failed;
