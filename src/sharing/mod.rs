@@ -100,7 +100,8 @@
 //! At most `pages_per_second` pages are hashed per second, host-wide, in
 //! ticks of 10 ms; the pace follows the yield (`Pace`: faster while pages
 //! merge, down to 1/64 of that while none do), and the thread runs at
-//! nice 5. Its own CPU time is measured and reported.
+//! nice 5 (-10 while VMs wait for memory). Its own CPU time is measured and
+//! reported.
 
 mod cpu_share;
 
@@ -716,20 +717,30 @@ fn thread_cpu_ms() -> f64 {
     ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6
 }
 
-/// Puts the calling thread at nice 5, as Linux does for ksmd: the vCPU
-/// threads come first when the CPUs are busy. Not lower: at nice 19 the
-/// scanner starved whenever the vCPUs outnumbered the CPUs (four 1-vCPU
-/// guests on the 2-core build host shared almost nothing while they ran),
-/// and sharing that lags the guests is memory the host must hold. What
-/// keeps the scanner cheap is its pace (`Pace`). Hashing runs without the
-/// memory lock (`Memory::scan_page`), so a descheduled scanner seldom holds
-/// what a fault handler needs; merges do take the lock, briefly.
-fn low_priority() {
+/// The scanner's nice level while guests run: 5, as Linux gives ksmd, so
+/// the vCPU threads come first when the CPUs are busy. Not lower: at nice
+/// 19 the scanner starved whenever the vCPUs outnumbered the CPUs (four
+/// 1-vCPU guests on the 2-core build host shared almost nothing while they
+/// ran), and sharing that lags the guests is memory the host must hold.
+/// What keeps the scanner cheap is its pace (`Pace`) and its share of a
+/// busy host (`cpu_share`). Hashing runs without the memory lock
+/// (`Memory::scan_page`), so a descheduled scanner seldom holds what a
+/// fault handler needs; merges do take the lock, briefly.
+const NICE: i32 = 5;
+/// Its nice level while VMs wait for memory (`Scanner::memory_wanted`):
+/// above the vCPUs. At nice 5 against 15 busy 1-vCPU guests on 2 cores it
+/// got a few percent of a CPU, and 32 x 1 GiB of overcommitted guests
+/// merged nothing until the first wave had finished (about 100 s).
+const NICE_MEMORY_WANTED: i32 = -10;
+
+/// Sets the calling thread's nice level (raising priority needs root or
+/// CAP_SYS_NICE; without, the thread keeps its level).
+fn set_nice(level: i32) {
     // SAFETY: setpriority on the calling thread (tid 0 = caller) has no
     // memory-safety preconditions.
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 5) } != 0 {
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, level) } != 0 {
         tracing::debug!(
-            "scanner: setpriority(5): {}",
+            "scanner: setpriority({level}): {}",
             std::io::Error::last_os_error()
         );
     }
@@ -840,7 +851,8 @@ impl Scanner {
         let thread = std::thread::Builder::new()
             .name("disco-scanner".into())
             .spawn(move || {
-                low_priority();
+                set_nice(NICE);
+                let mut nice = NICE;
                 let mut pace = Pace::new(config.pages_per_second as f64);
                 let mut share = CpuShare::new(config.busy_cpu_share, thread_cpu_ms());
                 let mut state = ScanState::new(config);
@@ -848,7 +860,13 @@ impl Scanner {
                 let mut last = Instant::now();
                 while !flag.load(Ordering::Relaxed) {
                     let quiescent = still.load(Ordering::Relaxed);
-                    let urgent = quiescent || want.load(Ordering::Relaxed);
+                    let wanted = want.load(Ordering::Relaxed);
+                    let urgent = quiescent || wanted;
+                    let level = if wanted { NICE_MEMORY_WANTED } else { NICE };
+                    if level != nice {
+                        set_nice(level);
+                        nice = level;
+                    }
                     if !share.may_run(thread_cpu_ms(), urgent) {
                         state.stats.busy_wait_ms = share.held_back.as_secs_f64() * 1e3;
                         *out.lock() = state.stats.clone();
