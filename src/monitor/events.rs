@@ -19,9 +19,9 @@ pub struct Event {
     pub seq: u64,
     /// Milliseconds since the monitor started.
     pub ms: u64,
-    /// `vm-added`, `vm-started`, `vm-finished`, `vm-failed`, `vm-paused`,
-    /// `vm-resumed`, `vm-stopped`, `vm-removed`, `vm-moved`, `policy-changed`,
-    /// `rates`.
+    /// `vm-waiting` (queued for memory), `vm-added`, `vm-started`,
+    /// `vm-finished`, `vm-failed`, `vm-paused`, `vm-resumed`, `vm-stopped`,
+    /// `vm-removed`, `vm-moved`, `policy-changed`, `rates`.
     pub kind: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vm: Option<String>,
