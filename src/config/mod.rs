@@ -269,6 +269,29 @@ pub struct VmConfig {
     pub linux: Option<linux::LinuxGuestConfig>,
 }
 
+impl VmConfig {
+    /// Pages each node's pool gives out while the VM is built (`nodes`:
+    /// the topology's node count): a micro-VM's RAM comes from its
+    /// memory_node; a Linux VM's is taken whole from its first guest node,
+    /// then each other guest node's slice from that node (counted twice: an
+    /// upper bound). `Config::validate` and the monitor's admission of
+    /// waiting VMs both count with it.
+    pub fn pages_per_node(&self, nodes: usize) -> Vec<u64> {
+        let mut need = vec![0u64; nodes];
+        let frames = (self.memory_mib << 20) / crate::PAGE_SIZE as u64;
+        if self.linux.is_some() {
+            let slices = linux::split_ram(&self.vcpu_nodes, self.memory_mib << 20);
+            need[slices[0].topology_node] += frames;
+            for n in slices.iter().skip(1) {
+                need[n.topology_node] += n.frames().end - n.frames().start;
+            }
+        } else {
+            need[self.memory_node] += frames;
+        }
+        need
+    }
+}
+
 /// What a micro-guest `[[vm]]` without a `workload` key runs.
 pub const DEFAULT_WORKLOAD: &str = "{ kind = \"fill\", seed = 1 }";
 
@@ -453,28 +476,18 @@ impl Config {
             .topology()
             .map_err(|e| err("host.topology", format!("cannot load it: {e:#}")))?;
         let mib = |pages: u64| (pages * crate::PAGE_SIZE as u64) >> 20;
-        // Pages each node's pool gives out while the VMs are built: a
-        // micro-VM's RAM comes from its memory_node; a Linux VM's is taken
-        // whole from its first guest node, then each other guest node's
-        // slice from that node (counted twice here: an upper bound).
+        // Pages each node's pool gives out while the VMs are built.
         let mut need = vec![0u64; topology.node_count()];
         let mut users: Vec<Vec<&str>> = vec![Vec::new(); topology.node_count()];
-        for vm in &self.vms {
-            let frames = (vm.memory_mib << 20) / crate::PAGE_SIZE as u64;
-            let mut take = |node: usize, pages: u64| {
-                need[node] += pages;
-                if !users[node].contains(&vm.name.as_str()) {
-                    users[node].push(&vm.name);
-                }
-            };
-            if vm.linux.is_some() {
-                let slices = linux::split_ram(&vm.vcpu_nodes, vm.memory_mib << 20);
-                take(slices[0].topology_node, frames);
-                for n in slices.iter().skip(1) {
-                    take(n.topology_node, n.frames().end - n.frames().start);
-                }
-            } else {
-                take(vm.memory_node, frames);
+        let per_vm: Vec<Vec<u64>> = self
+            .vms
+            .iter()
+            .map(|vm| vm.pages_per_node(topology.node_count()))
+            .collect();
+        for (vm, pages) in self.vms.iter().zip(&per_vm) {
+            for (node, &p) in pages.iter().enumerate().filter(|(_, &p)| p > 0) {
+                need[node] += p;
+                users[node].push(&vm.name);
             }
         }
         let host = crate::memory::mapper::host_pages();
@@ -497,19 +510,14 @@ impl Config {
         if self.overcommit {
             // VMs wait for room in turn; each must fit alone, with the
             // headroom the monitor keeps free when it lets one in.
-            for vm in &self.vms {
-                let frames = (vm.memory_mib << 20) / crate::PAGE_SIZE as u64;
-                let node = if vm.linux.is_some() {
-                    vm.vcpu_nodes.first().copied().unwrap_or(0)
-                } else {
-                    vm.memory_node
-                };
-                let room =
-                    caps[node] as u64 - caps[node] as u64 / crate::monitor::ADMISSION_HEADROOM;
-                if frames > room {
-                    return Err(err(
-                        "vm",
-                        format!(
+            for (vm, pages) in self.vms.iter().zip(&per_vm) {
+                for (node, &frames) in pages.iter().enumerate() {
+                    let room =
+                        caps[node] as u64 - caps[node] as u64 / crate::monitor::ADMISSION_HEADROOM;
+                    if frames > room {
+                        return Err(err(
+                            "vm",
+                            format!(
                             "VM `{}` needs {} MiB, more than node {node}'s pool can ever give it \
                              under overcommit ({} MiB: the pool's {} MiB less the 1/{} kept \
                              free for copy-on-write); allowed: at most {} MiB per VM (lower its \
@@ -521,7 +529,8 @@ impl Config {
                             crate::monitor::ADMISSION_HEADROOM,
                             mib(room)
                         ),
-                    ));
+                        ));
+                    }
                 }
             }
         }

@@ -584,29 +584,6 @@ impl Monitor {
         self.waiting.queue.len()
     }
 
-    /// Pages VM `vc` takes from each node's pool when it is built: a
-    /// micro-VM's RAM from its memory_node; a Linux VM's whole from its
-    /// first guest node, then each other guest node's slice (counted
-    /// twice: an upper bound, as `Config::validate` counts).
-    fn pages_needed(&self, vc: &VmConfig) -> Vec<u64> {
-        let mut need = vec![0u64; self.topology.node_count()];
-        let frames = (vc.memory_mib << 20) / PAGE_SIZE as u64;
-        match &vc.linux {
-            Some(_) => {
-                let plan =
-                    crate::linux::NumaPlan::new(&vc.vcpu_nodes, vc.memory_mib << 20, |a, b| {
-                        self.topology.distance(a, b)
-                    });
-                need[plan.nodes[0].topology_node] += frames;
-                for (i, n) in plan.nodes.iter().enumerate().skip(1) {
-                    need[n.topology_node] += plan.frames(i).end - plan.frames(i).start;
-                }
-            }
-            None => need[vc.memory_node] += frames,
-        }
-        need
-    }
-
     /// Lets waiting VMs in, in order, while the first one's memory fits;
     /// tells the scanner whether memory is wanted back (then it runs at its
     /// ceiling, whatever the guests' CPUs). A queue that cannot move while
@@ -616,7 +593,11 @@ impl Monitor {
             scanner.memory_wanted(!self.waiting.queue.is_empty());
         }
         while let Some((vc, since, _)) = self.waiting.queue.front() {
-            let (need, memory_mib, since) = (self.pages_needed(vc), vc.memory_mib, *since);
+            let (need, memory_mib, since) = (
+                vc.pages_per_node(self.topology.node_count()),
+                vc.memory_mib,
+                *since,
+            );
             let pools = self.memory.pool_stats();
             let fits = need.iter().zip(&pools).all(|(&n, p)| {
                 n == 0 || n + p.capacity_pages as u64 / ADMISSION_HEADROOM <= p.free_pages as u64
