@@ -270,13 +270,16 @@ impl Memory {
         Memory::new(&pools)
     }
 
-    /// Pages the pool of `node` can still hand out.
-    pub fn pool_available(&self, node: NodeId) -> u64 {
+    /// Per node, the pool's capacity and the pages it can still hand out
+    /// (no system call, unlike [`Memory::pool_stats`]: the monitor asks
+    /// every tick while VMs wait for memory).
+    pub fn pool_room(&self) -> Vec<(u64, u64)> {
         self.inner
             .lock()
             .pools
-            .get(node)
-            .map_or(0, |p| p.available() as u64)
+            .iter()
+            .map(|p| (p.capacity() as u64, p.available() as u64))
+            .collect()
     }
 
     /// Pools given as `(node, host node, capacity in pages)`, nodes 0..n in order.

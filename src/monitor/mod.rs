@@ -598,10 +598,11 @@ impl Monitor {
                 vc.memory_mib,
                 *since,
             );
-            let pools = self.memory.pool_stats();
-            let fits = need.iter().zip(&pools).all(|(&n, p)| {
-                n == 0 || n + p.capacity_pages as u64 / ADMISSION_HEADROOM <= p.free_pages as u64
-            });
+            let pools = self.memory.pool_room();
+            let fits = need
+                .iter()
+                .zip(&pools)
+                .all(|(&n, &(capacity, free))| n == 0 || n + capacity / ADMISSION_HEADROOM <= free);
             if fits {
                 let (vc, since, refused) = self.waiting.queue.pop_front().expect("front");
                 self.waiting.stalled = None;
@@ -626,7 +627,7 @@ impl Monitor {
             if idle < WAIT_FOR_MEMORY_LIMIT || !scanned {
                 break;
             }
-            let free: u64 = pools.iter().map(|p| p.free_pages as u64).sum();
+            let free: u64 = pools.iter().map(|p| p.1).sum();
             let reason = format!(
                 "not started: its {} MiB never fit the pools (waited {:.1} s; {} MiB free, \
                  {} MiB kept free for copy-on-write; nothing ran for {:.1} s{}); allowed: \
@@ -634,8 +635,7 @@ impl Monitor {
                 memory_mib,
                 since.elapsed().as_secs_f64(),
                 (free * PAGE_SIZE as u64) >> 20,
-                (pools.iter().map(|p| p.capacity_pages as u64).sum::<u64>() / ADMISSION_HEADROOM
-                    * PAGE_SIZE as u64)
+                (pools.iter().map(|p| p.0).sum::<u64>() / ADMISSION_HEADROOM * PAGE_SIZE as u64)
                     >> 20,
                 idle.as_secs_f64(),
                 match passes {
