@@ -83,4 +83,11 @@ pub trait GuestPause: Send + Sync {
     fn pause(&self) -> bool;
     /// Ends a successful `pause`.
     fn resume(&self);
+    /// No vCPU of the VM runs guest code for now (all exited, or paused by
+    /// the monitor), so its memory cannot change under the scanner: the
+    /// scanner may merge its content on first sight. A hint, read without
+    /// locks; the default (for pausers that cannot tell) is `false`.
+    fn still(&self) -> bool {
+        false
+    }
 }

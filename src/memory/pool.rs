@@ -525,7 +525,9 @@ impl Pool {
     /// allocate it (docs/host-facts.md, "Memory and mappings"), so the
     /// sharing scanner asks this first.
     pub fn page_resident(&self, index: u32) -> bool {
-        view_page_resident(self.page_ptr(index))
+        let mut out = Vec::with_capacity(1);
+        view_pages_resident(self.page_ptr(index), 1, &mut out);
+        out[0]
     }
 
     /// Host memory the pool really holds (resident pages of the memfd), in
@@ -552,13 +554,14 @@ impl Drop for Pool {
     }
 }
 
-/// Whether the page of a pool view at `ptr` (page-aligned) holds data in its
-/// memfd, by `mincore`, which does not touch the page. On an error it says
-/// resident: the caller then reads the page (safe, only not as cheap).
-pub(crate) fn view_page_resident(ptr: *const u8) -> bool {
-    let mut vec = [0u8; 1];
-    // SAFETY: mincore only reads the page tables of one page-aligned page;
-    // `vec` has room for its one byte.
-    let r = unsafe { libc::mincore(ptr as *mut libc::c_void, PAGE_SIZE, vec.as_mut_ptr()) };
-    r != 0 || vec[0] & 1 != 0
+/// Whether each of the `n` pages of a pool view from `ptr` (page-aligned)
+/// holds data in its memfd, appended to `out`: one `mincore`, which does
+/// not touch the pages. On an error they count as resident: the caller
+/// then reads them (safe, only not as cheap).
+pub(crate) fn view_pages_resident(ptr: *const u8, n: usize, out: &mut Vec<bool>) {
+    let mut vec = vec![0u8; n];
+    // SAFETY: mincore only reads the page tables of `n` page-aligned pages
+    // of one view; `vec` has room for a byte per page.
+    let r = unsafe { libc::mincore(ptr as *mut libc::c_void, n * PAGE_SIZE, vec.as_mut_ptr()) };
+    out.extend(vec.iter().map(|&v| r != 0 || v & 1 != 0));
 }

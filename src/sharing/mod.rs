@@ -115,7 +115,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::memory::{
-    Gfn, MachinePage, Memory, MergeOutcome, MergePair, RunAllowance, VmId, MERGE_BATCH_MAX,
+    Gfn, MachinePage, Memory, MergeOutcome, MergePair, PageScan, RunAllowance, VmId,
+    MERGE_BATCH_MAX,
 };
 use cpu_share::CpuShare;
 
@@ -311,15 +312,15 @@ struct Seen {
 pub struct ScanState {
     config: ScannerConfig,
     started: Instant,
-    candidates: HashMap<Key, (VmId, Gfn, MachinePage)>,
+    candidates: FastMap<Key, (VmId, Gfn, MachinePage)>,
     /// Per space, per frame: the content seen and since when (see
     /// "Settled content").
-    seen: HashMap<VmId, Vec<Seen>>,
+    seen: FastMap<VmId, Vec<Seen>>,
     /// Frames found private after a merge (a write broke the sharing):
     /// merged again only once their content has held still long enough.
-    unstable: HashMap<(VmId, Gfn), Unstable>,
+    unstable: FastMap<(VmId, Gfn), Unstable>,
     /// How often each frame was found broken after a merge.
-    breaks: HashMap<(VmId, Gfn), u32>,
+    breaks: FastMap<(VmId, Gfn), u32>,
     domains: Vec<String>,
     /// No guest writes any more: skip the settling and volatile-page waits.
     pub quiescent: bool,
@@ -335,7 +336,7 @@ pub struct ScanState {
     mappings: HashMap<VmId, u64>,
     counted_at: Option<Instant>,
     /// Frames of each space, from the last `step`.
-    frames: HashMap<VmId, u64>,
+    frames: FastMap<VmId, u64>,
     /// Position: index into the current list of spaces, and frame.
     space_index: usize,
     gfn: Gfn,
@@ -347,10 +348,10 @@ impl ScanState {
         ScanState {
             config,
             started: Instant::now(),
-            candidates: HashMap::new(),
-            seen: HashMap::new(),
-            unstable: HashMap::new(),
-            breaks: HashMap::new(),
+            candidates: FastMap::default(),
+            seen: FastMap::default(),
+            unstable: FastMap::default(),
+            breaks: FastMap::default(),
             quiescent: false,
             domains: Vec::new(),
             window: None,
@@ -358,7 +359,7 @@ impl ScanState {
             pending_zero: Vec::new(),
             mappings: HashMap::new(),
             counted_at: None,
-            frames: HashMap::new(),
+            frames: FastMap::default(),
             space_index: 0,
             gfn: 0,
             stats: ScannerStats::default(),
@@ -397,7 +398,9 @@ impl ScanState {
             return;
         }
         self.frames = spaces.iter().map(|s| (s.0, s.1)).collect();
-        for _ in 0..budget {
+        let mut left = budget;
+        let mut scans = Vec::with_capacity(SCAN_CHUNK as usize);
+        while left > 0 {
             if self.space_index >= spaces.len() {
                 self.space_index = 0;
                 self.gfn = 0;
@@ -405,19 +408,31 @@ impl ScanState {
                 self.forget_gone_spaces(&spaces);
             }
             let (vm, frames, domain) = &spaces[self.space_index];
-            let (vm, frames, gfn) = (*vm, *frames, self.gfn);
-            self.gfn += 1;
+            let (vm, frames, start) = (*vm, *frames, self.gfn);
+            // A chunk: within one merge window, at most SCAN_CHUNK frames.
+            let window_end = (start / MERGE_WINDOW + 1) * MERGE_WINDOW;
+            let end = frames.min(window_end).min(start + left.min(SCAN_CHUNK));
+            left -= end - start;
+            self.gfn = end;
             if self.gfn >= frames {
                 self.space_index += 1;
                 self.gfn = 0;
             }
             let domain = self.domain_id(domain);
-            let window = (vm, gfn / MERGE_WINDOW);
+            let window = (vm, start / MERGE_WINDOW);
             if self.window.is_some_and(|w| w != window) {
                 self.flush(memory);
             }
             self.window = Some(window);
-            self.scan_one(memory, vm, gfn, domain);
+            self.stats.pages_scanned += end - start;
+            let still = match memory.scan_frames(vm, start..end, &mut scans) {
+                Ok(still) => still,
+                Err(_) => continue, // the space went away during the pass
+            };
+            let now = Instant::now();
+            for (gfn, scan) in scans.drain(..) {
+                self.scan_one(memory, vm, gfn, domain, scan, still, now);
+            }
         }
         self.flush(memory);
     }
@@ -544,11 +559,11 @@ impl ScanState {
 
     /// Whether a private frame's content has held still long enough to be
     /// merged or released (see "Settled content"); records what was seen.
-    fn settled(&mut self, vm: VmId, gfn: Gfn, hash: u64, zero: bool) -> bool {
+    fn settled(&mut self, vm: VmId, gfn: Gfn, hash: u64, zero: bool, now: Instant) -> bool {
         // Milliseconds since the start, wrapping every 49 days (ages are
         // taken modulo that too: a frame unchanged for longer may look young
         // once); 0 means "not seen".
-        let now_ms = (self.started.elapsed().as_millis() as u32).max(1);
+        let now_ms = ((now - self.started).as_millis() as u32).max(1);
         let age = if zero {
             self.config.zero_page_age
         } else {
@@ -568,21 +583,28 @@ impl ScanState {
         settled
     }
 
-    fn scan_one(&mut self, memory: &Memory, vm: VmId, gfn: Gfn, domain: usize) {
-        self.stats.pages_scanned += 1;
-        let scan = match memory.scan_page(vm, gfn) {
-            Ok(Some(s)) if s.hole => {
-                self.stats.holes_skipped += 1;
-                self.forget_seen(vm, gfn);
-                return;
-            }
-            Ok(Some(s)) => s,
-            Ok(None) => return,
-            Err(_) => return, // the space went away during the pass
-        };
+    /// Takes in what the scan of one frame found. `still`: the VM runs no
+    /// guest code now (exited or paused), so its content cannot change
+    /// under the scanner and is merged on first sight, as once every guest
+    /// has stopped (`quiescent`).
+    #[allow(clippy::too_many_arguments)]
+    fn scan_one(
+        &mut self,
+        memory: &Memory,
+        vm: VmId,
+        gfn: Gfn,
+        domain: usize,
+        scan: PageScan,
+        still: bool,
+        now: Instant,
+    ) {
+        if scan.hole {
+            self.stats.holes_skipped += 1;
+            self.forget_seen(vm, gfn);
+            return;
+        }
         let frame = (vm, gfn);
-        let now = Instant::now();
-        if !scan.shared && !self.quiescent {
+        if !scan.shared && !self.quiescent && !still {
             if self.take_merged(vm, gfn) {
                 // Merged before, private now: a write broke it.
                 let breaks = self.breaks.entry(frame).or_default();
@@ -619,7 +641,7 @@ impl ScanState {
                 }
                 self.unstable.remove(&frame);
             }
-            if !self.config.first_sight && !self.settled(vm, gfn, scan.hash, scan.zero) {
+            if !self.config.first_sight && !self.settled(vm, gfn, scan.hash, scan.zero, now) {
                 if scan.zero {
                     self.stats.young_zero_skips += 1;
                 } else {
@@ -704,8 +726,15 @@ pub struct Scanner {
 }
 
 const TICK: Duration = Duration::from_millis(10);
+/// The scanner's tables are looked up several times per frame scanned;
+/// std's SipHash (built against hash flooding, which keys chosen by the
+/// scanner itself do not need) was about a tenth of its CPU time.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Frames hashed per hold of the memory lock (`Memory::scan_frames`).
+const SCAN_CHUNK: Gfn = 64;
 /// Most pages scanned between two looks at the stop flag.
-const MAX_BATCH: u64 = 16384;
+const MAX_BATCH: u64 = 2048;
 
 fn thread_cpu_ms() -> f64 {
     let mut ts = libc::timespec {

@@ -289,4 +289,7 @@ impl crate::memory::GuestPause for VmControl {
     fn resume(&self) {
         VmControl::resume(self)
     }
+    fn still(&self) -> bool {
+        self.all_exited() || self.pause.lock().requested > 0
+    }
 }
