@@ -410,8 +410,14 @@ pub struct Comparison {
     /// Saved / predicted, each side.
     pub disco_saved_fraction: f64,
     pub ksm_saved_fraction: f64,
-    /// The issue's goal: the same savings as KSM (of each one's prediction)
-    /// in at most a tenth of its time and of its CPU.
+    /// The goals (issue 14): the same savings as KSM (of each one's
+    /// prediction), in at most 1/`goal_time_ratio` of its time and
+    /// 1/`goal_cpu_ratio` of its CPU: 1/3 and 1/5 where VMs hold shared
+    /// content in runs, at most KSM's own on the scattered layout.
+    #[serde(default)]
+    pub goal_time_ratio: f64,
+    #[serde(default)]
+    pub goal_cpu_ratio: f64,
     pub goal_time_met: bool,
     pub goal_cpu_met: bool,
     pub goal_savings_met: bool,
@@ -1042,7 +1048,12 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
 }
 
 impl Comparison {
-    pub fn of(disco: &DiscoSide, ksm: &KsmResult) -> Comparison {
+    pub fn of(disco: &DiscoSide, ksm: &KsmResult, shared_run: u32) -> Comparison {
+        let (goal_time_ratio, goal_cpu_ratio) = if shared_run > 1 {
+            (3.0, 5.0)
+        } else {
+            (1.0, 1.0)
+        };
         let fraction = |saved: u64, expected: u64| {
             if expected == 0 {
                 1.0
@@ -1071,8 +1082,10 @@ impl Comparison {
             cpu_ratio_steady,
             disco_saved_fraction,
             ksm_saved_fraction,
-            goal_time_met: time_ratio_steady.is_some_and(|r| r >= 10.0),
-            goal_cpu_met: cpu_ratio_steady.is_some_and(|r| r >= 10.0),
+            goal_time_ratio,
+            goal_cpu_ratio,
+            goal_time_met: time_ratio_steady.is_some_and(|r| r >= goal_time_ratio),
+            goal_cpu_met: cpu_ratio_steady.is_some_and(|r| r >= goal_cpu_ratio),
             goal_savings_met: disco.reached_steady && disco_saved_fraction >= ksm_saved_fraction,
         }
     }
@@ -1111,7 +1124,7 @@ pub fn run(options: &SharingOptions) -> Result<SharingResult> {
         }
     })
     .context("KSM's side of the sharing benchmark")?;
-    let comparison = Comparison::of(&disco, &ksm);
+    let comparison = Comparison::of(&disco, &ksm, options.shared_run);
     Ok(SharingResult {
         host: HostInfo::detect(),
         load_before,
@@ -1386,7 +1399,10 @@ impl SharingResult {
                 String::new(),
             ],
             vec![
-                "goal: same savings in <= 1/10 of KSM's time and CPU".into(),
+                format!(
+                    "goal: same savings in <= 1/{} of KSM's time and 1/{} of its CPU",
+                    c.goal_time_ratio, c.goal_cpu_ratio
+                ),
                 format!(
                     "savings {}, time {}, CPU {}",
                     if c.goal_savings_met { "met" } else { "NOT met" },

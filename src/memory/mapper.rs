@@ -1458,7 +1458,7 @@ impl Inner {
                 if let Some(info) = self.memmap.get(page) {
                     errors.push(format!(
                         "warm page {page} is owned by {:?} (stale content mapped)",
-                        info.owners
+                        info.owners.to_vec()
                     ));
                 }
                 if self.replicas.contains(page) {
@@ -1485,7 +1485,7 @@ impl Inner {
             return Ok(());
         }
         if let Some(info) = self.memmap.get(page) {
-            let (last_vm, last_gfn) = info.owners[0];
+            let (last_vm, last_gfn) = info.owners.first();
             // A frame whose pmap entry is already gone belongs to a space
             // being destroyed, and one whose entry names another page was
             // remapped by a batch (`merge_batch`) that drops its old

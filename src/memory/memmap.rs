@@ -8,33 +8,93 @@
 //! updates two entries per page moved, and with a tree map that bookkeeping
 //! cost as much as the copy itself.
 
-use smallvec::SmallVec;
+use std::collections::HashMap;
 
 use super::{Gfn, MachinePage, VmId};
 
-/// The (vm, gfn) frames that map a page; one inline.
-pub type Owners = SmallVec<[(VmId, Gfn); 1]>;
-
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PageInfo {
-    /// Kept separately from `owners.len()` on purpose: `verify` checks that
-    /// the two agree, which catches a mapper bug that updates one only.
-    pub refcount: u32,
-    pub owners: Owners,
+/// One machine page's slot: its refcount and first owner, 12 bytes. A
+/// page's further owners (it is shared) live in `Memmap::more`. The memmap
+/// has a slot for every pool page up to the highest used, so at 4 KiB
+/// pages each byte of a slot is 0.024 % of the machine's memory: a slot
+/// with a small-vector of `(VmId, Gfn)` owners was 32 bytes, the largest
+/// part of the monitor's own memory (heaptrack, 4 x 256 MiB guests).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Slot {
+    /// Kept separately from the owner count on purpose: `verify` checks
+    /// that the two agree, which catches a mapper bug that updates one
+    /// only.
+    refcount: u32,
+    /// The first owner's VM, `NO_VM` in a free slot.
+    vm: VmId,
+    /// The first owner's guest frame (guest frames fit 32 bits: 16 TiB).
+    gfn: u32,
 }
 
-impl PageInfo {
-    /// The slot describes a page in use (a free slot is all zero).
+const NO_VM: VmId = VmId::MAX;
+
+impl Default for Slot {
+    fn default() -> Self {
+        Slot {
+            refcount: 0,
+            vm: NO_VM,
+            gfn: 0,
+        }
+    }
+}
+
+impl Slot {
+    /// The slot describes a page in use (a free slot has no owner and a
+    /// refcount of 0).
     fn in_use(&self) -> bool {
-        self.refcount != 0 || !self.owners.is_empty()
+        self.refcount != 0 || self.vm != NO_VM
+    }
+}
+
+/// A page in use: its refcount and owners.
+#[derive(Clone, Copy, Debug)]
+pub struct PageInfo<'a> {
+    pub refcount: u32,
+    pub owners: Owners<'a>,
+}
+
+/// The `(vm, gfn)` frames that map a page: the first, then the rest.
+#[derive(Clone, Copy, Debug)]
+pub struct Owners<'a> {
+    first: (VmId, u32),
+    more: &'a [(VmId, u32)],
+}
+
+impl<'a> Owners<'a> {
+    pub fn len(&self) -> usize {
+        1 + self.more.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+    /// The first owner recorded (of a page with one owner: the owner).
+    pub fn first(&self) -> (VmId, Gfn) {
+        (self.first.0, self.first.1 as Gfn)
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (VmId, Gfn)> + 'a {
+        std::iter::once(self.first)
+            .chain(self.more.iter().copied())
+            .map(|(vm, gfn)| (vm, gfn as Gfn))
+    }
+    pub fn contains(&self, owner: &(VmId, Gfn)) -> bool {
+        self.iter().any(|o| o == *owner)
+    }
+    pub fn to_vec(&self) -> Vec<(VmId, Gfn)> {
+        self.iter().collect()
     }
 }
 
 /// Machine pages in use. A page with no owner is free.
 #[derive(Debug, Default)]
 pub struct Memmap {
-    /// `nodes[node][index]`; a slot with refcount 0 and no owners is free.
-    nodes: Vec<Vec<PageInfo>>,
+    /// `nodes[node][index]`.
+    nodes: Vec<Vec<Slot>>,
+    /// The owners after the first of every page with more than one.
+    more: HashMap<MachinePage, Vec<(VmId, u32)>, foldhash::fast::RandomState>,
     in_use: usize,
     /// Pages with two owners or more, and the owners of those pages: kept
     /// as owners come and go, so sharing figures cost nothing to read
@@ -44,15 +104,35 @@ pub struct Memmap {
 }
 
 impl Memmap {
-    pub fn get(&self, page: MachinePage) -> Option<&PageInfo> {
-        self.nodes
+    fn info(&self, page: MachinePage, slot: &Slot) -> PageInfo<'_> {
+        let more = if slot.refcount > 1 {
+            self.more.get(&page).map_or(&[][..], Vec::as_slice)
+        } else {
+            &[]
+        };
+        PageInfo {
+            refcount: slot.refcount,
+            owners: Owners {
+                first: (slot.vm, slot.gfn),
+                more,
+            },
+        }
+    }
+
+    pub fn get(&self, page: MachinePage) -> Option<PageInfo<'_>> {
+        let slot = self
+            .nodes
             .get(page.node())
             .and_then(|n| n.get(page.index as usize))
-            .filter(|info| info.in_use())
+            .filter(|slot| slot.in_use())?;
+        Some(self.info(page, slot))
     }
 
     /// Records that `(vm, gfn)` maps `page`.
     pub fn add_owner(&mut self, page: MachinePage, vm: VmId, gfn: Gfn) {
+        let short = u32::try_from(gfn)
+            .unwrap_or_else(|_| panic!("memmap: guest frame {gfn:#x} beyond 32 bits"));
+        assert_ne!(vm, NO_VM, "memmap: VM id {vm} is reserved");
         if self.nodes.len() <= page.node() {
             self.nodes.resize_with(page.node() + 1, Vec::new);
         }
@@ -65,15 +145,19 @@ impl Memmap {
             // guest's memmap unused (heaptrack: 10.5 MB for 262,144 pages).
             let want = (index + 1).max(slots.len() + slots.len() / 4).max(1024);
             slots.reserve_exact(want - slots.len());
-            slots.resize_with(want, PageInfo::default);
+            slots.resize_with(want, Slot::default);
         }
-        let info = &mut slots[index];
-        if !info.in_use() {
+        let slot = &mut slots[index];
+        if !slot.in_use() {
             self.in_use += 1;
         }
-        info.refcount += 1;
-        info.owners.push((vm, gfn));
-        match info.owners.len() {
+        slot.refcount += 1;
+        if slot.vm == NO_VM {
+            (slot.vm, slot.gfn) = (vm, short);
+        } else {
+            self.more.entry(page).or_default().push((vm, short));
+        }
+        match slot.refcount {
             2 => {
                 self.shared_pages += 1;
                 self.sharing_frames += 2;
@@ -86,20 +170,23 @@ impl Memmap {
     /// Removes `(vm, gfn)` from `page`'s owners. Returns `true` when that was
     /// the last owner (the caller must then free the page).
     pub fn remove_owner(&mut self, page: MachinePage, vm: VmId, gfn: Gfn) -> bool {
-        let info = self
+        let owned = |slot: &Slot| slot.vm != NO_VM;
+        let slot = self
             .nodes
             .get_mut(page.node())
             .and_then(|n| n.get_mut(page.index as usize))
-            .filter(|info| !info.owners.is_empty())
+            .filter(|slot| owned(slot))
             .unwrap_or_else(|| {
                 panic!("memmap: {page} has no owners, cannot remove ({vm}, {gfn:#x})")
             });
-        let pos = info
-            .owners
-            .iter()
-            .position(|&o| o == (vm, gfn))
-            .unwrap_or_else(|| panic!("memmap: ({vm}, {gfn:#x}) does not own {page}"));
-        match info.owners.len() {
+        let owner = (vm, gfn as u32);
+        fn no_owner(page: MachinePage, vm: VmId, gfn: Gfn) -> ! {
+            panic!("memmap: ({vm}, {gfn:#x}) does not own {page}")
+        }
+        if u32::try_from(gfn).is_err() {
+            no_owner(page, vm, gfn);
+        }
+        match slot.refcount {
             2 => {
                 self.shared_pages -= 1;
                 self.sharing_frames -= 2;
@@ -107,11 +194,31 @@ impl Memmap {
             n if n > 2 => self.sharing_frames -= 1,
             _ => {}
         }
-        info.owners.swap_remove(pos);
-        info.refcount -= 1;
-        if info.refcount == 0 {
-            // Back to an empty slot (a shared page's heap list goes too).
-            *info = PageInfo::default();
+        if (slot.vm, slot.gfn) == owner {
+            // The first owner leaves: the next one (if any) takes its place.
+            match self.more.get_mut(&page) {
+                Some(rest) => {
+                    (slot.vm, slot.gfn) = rest.swap_remove(0);
+                    if rest.is_empty() {
+                        self.more.remove(&page);
+                    }
+                }
+                None => (slot.vm, slot.gfn) = (NO_VM, 0),
+            }
+        } else {
+            let rest = self.more.get_mut(&page).unwrap_or_else(|| no_owner(page, vm, gfn));
+            let pos = rest
+                .iter()
+                .position(|&o| o == owner)
+                .unwrap_or_else(|| no_owner(page, vm, gfn));
+            rest.swap_remove(pos);
+            if rest.is_empty() {
+                self.more.remove(&page);
+            }
+        }
+        slot.refcount -= 1;
+        if slot.refcount == 0 {
+            *slot = Slot::default();
             self.in_use -= 1;
             true
         } else {
@@ -120,16 +227,14 @@ impl Memmap {
     }
 
     /// Pages in use, by node then index.
-    pub fn iter(&self) -> impl Iterator<Item = (MachinePage, &PageInfo)> {
-        self.nodes.iter().enumerate().flat_map(|(node, slots)| {
-            slots.iter().enumerate().filter_map(move |(index, info)| {
-                info.in_use().then_some((
-                    MachinePage {
-                        node: node as u16,
-                        index: index as u32,
-                    },
-                    info,
-                ))
+    pub fn iter(&self) -> impl Iterator<Item = (MachinePage, PageInfo<'_>)> {
+        self.nodes.iter().enumerate().flat_map(move |(node, slots)| {
+            slots.iter().enumerate().filter_map(move |(index, slot)| {
+                let page = MachinePage {
+                    node: node as u16,
+                    index: index as u32,
+                };
+                slot.in_use().then(|| (page, self.info(page, slot)))
             })
         })
     }
@@ -149,22 +254,20 @@ impl Memmap {
         &self,
         node: usize,
         indices: std::ops::Range<u32>,
-    ) -> impl Iterator<Item = (MachinePage, &PageInfo)> {
+    ) -> impl Iterator<Item = (MachinePage, PageInfo<'_>)> {
         let slots = self.nodes.get(node).map_or(&[][..], Vec::as_slice);
         let end = (indices.end as usize).min(slots.len());
         let start = (indices.start as usize).min(end);
         slots[start..end]
             .iter()
             .enumerate()
-            .filter(|(_, info)| info.in_use())
-            .map(move |(k, info)| {
-                (
-                    MachinePage {
-                        node: node as u16,
-                        index: (start + k) as u32,
-                    },
-                    info,
-                )
+            .filter(|(_, slot)| slot.in_use())
+            .map(move |(k, slot)| {
+                let page = MachinePage {
+                    node: node as u16,
+                    index: (start + k) as u32,
+                };
+                (page, self.info(page, slot))
             })
     }
 
@@ -176,5 +279,47 @@ impl Memmap {
 
     pub fn is_empty(&self) -> bool {
         self.in_use == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: MachinePage = MachinePage { node: 1, index: 5 };
+
+    #[test]
+    fn owners_come_and_go_in_any_order() {
+        let mut memmap = Memmap::default();
+        assert!(memmap.get(PAGE).is_none());
+        for owner in [(1, 10), (2, 20), (3, 30)] {
+            memmap.add_owner(PAGE, owner.0, owner.1);
+        }
+        let info = memmap.get(PAGE).unwrap();
+        assert_eq!((info.refcount, info.owners.len()), (3, 3));
+        assert_eq!(info.owners.to_vec(), vec![(1, 10), (2, 20), (3, 30)]);
+        assert_eq!(memmap.sharing(), (1, 3));
+        // The first owner leaves: another takes its place.
+        assert!(!memmap.remove_owner(PAGE, 1, 10));
+        let info = memmap.get(PAGE).unwrap();
+        assert_eq!(info.refcount, 2);
+        assert!(info.owners.contains(&(2, 20)) && info.owners.contains(&(3, 30)));
+        assert_eq!(memmap.sharing(), (1, 2));
+        assert!(!memmap.remove_owner(PAGE, 3, 30));
+        assert_eq!(memmap.get(PAGE).unwrap().owners.first(), (2, 20));
+        assert_eq!(memmap.sharing(), (0, 0));
+        assert!(memmap.remove_owner(PAGE, 2, 20), "the last owner frees it");
+        assert!(memmap.get(PAGE).is_none() && memmap.is_empty());
+        assert!(memmap.more.is_empty(), "no list left behind");
+        assert_eq!(std::mem::size_of::<Slot>(), 12);
+    }
+
+    #[test]
+    #[should_panic(expected = "does not own")]
+    fn removing_a_stranger_is_refused() {
+        let mut memmap = Memmap::default();
+        memmap.add_owner(PAGE, 1, 10);
+        memmap.add_owner(PAGE, 2, 20);
+        memmap.remove_owner(PAGE, 3, 30);
     }
 }

@@ -32,7 +32,9 @@ pub struct PmapEntry {
 /// host range there is an inaccessible hole.
 #[derive(Debug, Default)]
 pub struct Pmap {
-    entries: Vec<Option<PmapEntry>>,
+    /// Packed entries (`pack`): 8 bytes a frame, where an
+    /// `Option<PmapEntry>` takes 12.
+    entries: Vec<u64>,
     /// Entries with `flags.released` (kept as entries change, so reports
     /// need not walk the pmap).
     released: u64,
@@ -41,7 +43,7 @@ pub struct Pmap {
 impl Pmap {
     pub fn new(frames: u64) -> Pmap {
         Pmap {
-            entries: vec![None; frames as usize],
+            entries: vec![pack(None); frames as usize],
             released: 0,
         }
     }
@@ -49,13 +51,13 @@ impl Pmap {
         self.entries.len() as u64
     }
     pub fn get(&self, gfn: Gfn) -> Option<PmapEntry> {
-        self.entries.get(gfn as usize).copied().flatten()
+        self.entries.get(gfn as usize).copied().and_then(unpack)
     }
     pub fn set(&mut self, gfn: Gfn, entry: Option<PmapEntry>) {
         let released = |e: &Option<PmapEntry>| e.is_some_and(|e| e.flags.released) as u64;
         let slot = &mut self.entries[gfn as usize];
-        self.released = self.released - released(slot) + released(&entry);
-        *slot = entry;
+        self.released = self.released - released(&unpack(*slot)) + released(&entry);
+        *slot = pack(entry);
     }
     /// Frames whose zero page was released to the host (`PageFlags::released`).
     pub fn released(&self) -> u64 {
@@ -66,6 +68,66 @@ impl Pmap {
         self.entries
             .iter()
             .enumerate()
-            .filter_map(|(g, e)| e.map(|e| (g as Gfn, e)))
+            .filter_map(|(g, &e)| unpack(e).map(|e| (g as Gfn, e)))
+    }
+}
+
+/// Bit 63: the frame has an entry; bits 48-50: the flags; bits 32-47: the
+/// node; bits 0-31: the page index.
+const PRESENT: u64 = 1 << 63;
+const SHARED: u64 = 1 << 48;
+const WRITE_PROTECTED: u64 = 1 << 49;
+const RELEASED: u64 = 1 << 50;
+
+fn pack(entry: Option<PmapEntry>) -> u64 {
+    let Some(e) = entry else { return 0 };
+    let flag = |on: bool, bit: u64| if on { bit } else { 0 };
+    PRESENT
+        | e.page.index as u64
+        | (e.page.node as u64) << 32
+        | flag(e.flags.shared, SHARED)
+        | flag(e.flags.write_protected, WRITE_PROTECTED)
+        | flag(e.flags.released, RELEASED)
+}
+
+fn unpack(packed: u64) -> Option<PmapEntry> {
+    (packed & PRESENT != 0).then_some(PmapEntry {
+        page: MachinePage {
+            node: (packed >> 32) as u16,
+            index: packed as u32,
+        },
+        flags: PageFlags {
+            shared: packed & SHARED != 0,
+            write_protected: packed & WRITE_PROTECTED != 0,
+            released: packed & RELEASED != 0,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_pack_into_eight_bytes_and_back() {
+        let mut pmap = Pmap::new(4);
+        for bits in 0..8u8 {
+            for (node, index) in [(0u16, 0u32), (7, 12345), (u16::MAX, u32::MAX)] {
+                let entry = PmapEntry {
+                    page: MachinePage { node, index },
+                    flags: PageFlags {
+                        shared: bits & 1 != 0,
+                        write_protected: bits & 2 != 0,
+                        released: bits & 4 != 0,
+                    },
+                };
+                pmap.set(2, Some(entry));
+                assert_eq!(pmap.get(2), Some(entry));
+                assert_eq!(pmap.released(), entry.flags.released as u64);
+            }
+        }
+        pmap.set(2, None);
+        assert_eq!((pmap.get(2), pmap.get(0), pmap.released()), (None, None, 0));
+        assert_eq!(std::mem::size_of_val(&pmap.entries[0]), 8);
     }
 }

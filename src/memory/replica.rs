@@ -201,7 +201,7 @@ impl Memory {
                     inner
                         .memmap
                         .get(p)
-                        .map(|i| i.owners.clone())
+                        .map(|i| i.owners.to_vec())
                         .unwrap_or_default()
                         .into_iter()
                         .map(move |(v, g)| (v, g, p))
@@ -268,7 +268,7 @@ impl Memory {
             let owners = inner
                 .memmap
                 .get(old)
-                .map(|i| i.owners.clone())
+                .map(|i| i.owners.to_vec())
                 .unwrap_or_default();
             for (v, g) in owners {
                 let node = inner.space(v)?.cpu_node;
@@ -357,7 +357,7 @@ impl super::mapper::Inner {
         let owners = self
             .memmap
             .get(page)
-            .map(|i| i.owners.clone())
+            .map(|i| i.owners.to_vec())
             .unwrap_or_default();
         // A copy target: `copy_page` fills it before anyone maps it.
         let index = self.pools[node].alloc_for_copy(1)?[0];

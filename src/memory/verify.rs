@@ -146,14 +146,14 @@ impl Memory {
                     info.owners.len()
                 ));
             }
-            for &(vm, gfn) in &info.owners {
+            for (vm, gfn) in info.owners.iter() {
                 let actual = inner.spaces.get(&vm).and_then(|s| s.pmap.get(gfn));
                 if actual.map(|e| e.page) != Some(page) {
                     errors.push(format!("{page}: owner ({vm}, {gfn:#x}) does not map it"));
                 }
             }
             let shared = info.owners.len() > 1 || inner.replicas.contains(page);
-            for &(vm, gfn) in &info.owners {
+            for (vm, gfn) in info.owners.iter() {
                 let entry = inner.spaces.get(&vm).and_then(|s| s.pmap.get(gfn));
                 if let Some(e) = entry {
                     if e.flags.shared != shared || e.flags.write_protected != shared {
