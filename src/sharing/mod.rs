@@ -276,10 +276,47 @@ struct Unstable {
 /// Most consecutive stable passes an unstable frame must show.
 const MAX_STABLE_PASSES: u32 = 64;
 
+/// The candidate table's key: a content hash within a sharing domain. The
+/// domain is folded into the hash (an odd multiplier maps distinct domains
+/// to distinct offsets), so equal contents of two domains never share a
+/// key, and a key is 8 bytes, not 16. Different contents whose keys
+/// collide only cost a failed compare, as any hash collision does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct Key {
-    domain: usize,
-    hash: u64,
+struct Key(u64);
+
+impl Key {
+    fn new(domain: usize, hash: u64) -> Key {
+        Key(hash ^ (domain as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    }
+}
+
+/// A candidate: the frame that first showed a content, and its page,
+/// packed in 16 bytes (a `(VmId, Gfn, MachinePage)` takes 24).
+#[derive(Clone, Copy, Debug)]
+struct Candidate {
+    vm: VmId,
+    gfn: u32,
+    index: u32,
+    node: u16,
+}
+
+impl Candidate {
+    fn new((vm, gfn, page): (VmId, Gfn, MachinePage)) -> Candidate {
+        Candidate {
+            vm,
+            // Guest frames fit 32 bits (the memmap holds them so too).
+            gfn: gfn as u32,
+            index: page.index,
+            node: page.node,
+        }
+    }
+    fn frame(self) -> (VmId, Gfn, MachinePage) {
+        let page = MachinePage {
+            node: self.node,
+            index: self.index,
+        };
+        (self.vm, self.gfn as Gfn, page)
+    }
 }
 
 /// Frames a merge batch covers: the scanner issues the merges and zero
@@ -294,17 +331,34 @@ struct Pending {
     key: Key,
 }
 
-/// What the scanner last saw of a frame: the low bits of its content hash,
-/// when that content was first seen (milliseconds since the scanner
-/// started, plus one; 0 = not seen), and whether this scanner merged the
-/// frame (either side of a merge: see "Volatile pages"). Twelve bytes a
-/// frame, kept densely per space: 3 MiB per GiB of guest memory (a hash
-/// set of merged frames cost about 30 bytes per merged frame).
+/// What the scanner last saw of a frame: the low 31 bits of its content
+/// hash, whether this scanner merged the frame (either side of a merge:
+/// see "Volatile pages"; the top bit), and when that content was first
+/// seen (milliseconds since the scanner started, plus one; 0 = not seen).
+/// Eight bytes a frame, kept densely per space: 2 MiB per GiB of guest
+/// memory (a hash set of merged frames cost about 30 bytes per merged
+/// frame).
 #[derive(Clone, Copy, Debug, Default)]
 struct Seen {
-    hash: u32,
+    hash_and_merged: u32,
     since_ms: u32,
-    merged: bool,
+}
+
+const MERGED_BIT: u32 = 1 << 31;
+
+impl Seen {
+    fn hash(&self) -> u32 {
+        self.hash_and_merged & !MERGED_BIT
+    }
+    fn merged(&self) -> bool {
+        self.hash_and_merged & MERGED_BIT != 0
+    }
+    fn set_merged(&mut self, merged: bool) {
+        self.hash_and_merged = self.hash() | if merged { MERGED_BIT } else { 0 };
+    }
+    fn set_hash(&mut self, hash: u64) {
+        self.hash_and_merged = (hash as u32 & !MERGED_BIT) | (self.hash_and_merged & MERGED_BIT);
+    }
 }
 
 /// The scanner's state, separate from its thread so tests can drive it
@@ -312,7 +366,7 @@ struct Seen {
 pub struct ScanState {
     config: ScannerConfig,
     started: Instant,
-    candidates: FastMap<Key, (VmId, Gfn, MachinePage)>,
+    candidates: FastMap<Key, Candidate>,
     /// Per space, per frame: the content seen and since when (see
     /// "Settled content").
     seen: FastMap<VmId, Vec<Seen>>,
@@ -383,7 +437,7 @@ impl ScanState {
         self.seen.retain(|vm, _| live.contains(vm));
         self.unstable.retain(|f, _| live.contains(&f.0));
         self.breaks.retain(|f, _| live.contains(&f.0));
-        self.candidates.retain(|_, c| live.contains(&c.0));
+        self.candidates.retain(|_, c| live.contains(&c.vm));
     }
 
     /// Scans up to `budget` frames, continuing where the last call stopped,
@@ -494,11 +548,11 @@ impl ScanState {
                 }
                 MergeOutcome::Differ => {
                     self.stats.compare_failures += 1;
-                    self.candidates.insert(p.key, me);
+                    self.candidates.insert(p.key, Candidate::new(me));
                 }
                 MergeOutcome::Stale => {
                     self.stats.stale_candidates += 1;
-                    self.candidates.insert(p.key, me);
+                    self.candidates.insert(p.key, Candidate::new(me));
                 }
             }
         }
@@ -543,12 +597,15 @@ impl ScanState {
     }
 
     fn mark_merged(&mut self, vm: VmId, gfn: Gfn) {
-        self.seen_mut(vm, gfn).merged = true;
+        self.seen_mut(vm, gfn).set_merged(true);
     }
 
     /// Whether the frame was merged by this scanner, forgetting it.
     fn take_merged(&mut self, vm: VmId, gfn: Gfn) -> bool {
-        std::mem::take(&mut self.seen_mut(vm, gfn).merged)
+        let seen = self.seen_mut(vm, gfn);
+        let merged = seen.merged();
+        seen.set_merged(false);
+        merged
     }
 
     fn forget_seen(&mut self, vm: VmId, gfn: Gfn) {
@@ -570,10 +627,10 @@ impl ScanState {
             self.config.settle_age
         };
         let s = self.seen_mut(vm, gfn);
-        let hash = hash as u32;
         let first = s.since_ms == 0;
-        if first || s.hash != hash {
-            (s.hash, s.since_ms) = (hash, now_ms);
+        if first || s.hash() != hash as u32 & !MERGED_BIT {
+            s.set_hash(hash);
+            s.since_ms = now_ms;
             // A first sighting is waiting, not churning (see `Pace`).
             self.stats.settling_skips += first as u64;
             return false;
@@ -656,13 +713,10 @@ impl ScanState {
             }
             return;
         }
-        let key = Key {
-            domain,
-            hash: scan.hash,
-        };
+        let key = Key::new(domain, scan.hash);
         let me = (vm, gfn, scan.page);
-        let Some(&candidate) = self.candidates.get(&key) else {
-            self.candidates.insert(key, me);
+        let Some(candidate) = self.candidates.get(&key).map(|c| c.frame()) else {
+            self.candidates.insert(key, Candidate::new(me));
             return;
         };
         if candidate.2 == scan.page {
