@@ -721,6 +721,7 @@ fn shipped_scenarios_are_listed() {
         "density",
         "overhead",
         "sharing",
+        "sharing-runs",
         "locality",
         "locality-8node",
         "replication",
