@@ -626,6 +626,14 @@ fn bad_scenario_files_are_rejected_naming_file_key_and_allowed() {
         "kind = \"density\"\npolicy = \"fastest\"\n",
         &["key `policy`", "allowed: a shipped policy (disco, static"],
     );
+    case(
+        "limit.toml",
+        "kind = \"scale\"\nvms = 4\nmemory_mib = 32\nmemory_limit_mib = 64\n",
+        &[
+            "key `policies`: policy `static` shares nothing",
+            "allowed with a limit: policies with [sharing] enabled",
+        ],
+    );
     case("toml.toml", "kind = \n", &["not valid TOML"]);
     // A policy file with a wrong key: the error names the scenario's
     // `policy`/`policies` key, the policy file and its wrong key (it used to

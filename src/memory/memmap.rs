@@ -206,7 +206,10 @@ impl Memmap {
                 None => (slot.vm, slot.gfn) = (NO_VM, 0),
             }
         } else {
-            let rest = self.more.get_mut(&page).unwrap_or_else(|| no_owner(page, vm, gfn));
+            let rest = self
+                .more
+                .get_mut(&page)
+                .unwrap_or_else(|| no_owner(page, vm, gfn));
             let pos = rest
                 .iter()
                 .position(|&o| o == owner)
@@ -228,15 +231,18 @@ impl Memmap {
 
     /// Pages in use, by node then index.
     pub fn iter(&self) -> impl Iterator<Item = (MachinePage, PageInfo<'_>)> {
-        self.nodes.iter().enumerate().flat_map(move |(node, slots)| {
-            slots.iter().enumerate().filter_map(move |(index, slot)| {
-                let page = MachinePage {
-                    node: node as u16,
-                    index: index as u32,
-                };
-                slot.in_use().then(|| (page, self.info(page, slot)))
+        self.nodes
+            .iter()
+            .enumerate()
+            .flat_map(move |(node, slots)| {
+                slots.iter().enumerate().filter_map(move |(index, slot)| {
+                    let page = MachinePage {
+                        node: node as u16,
+                        index: index as u32,
+                    };
+                    slot.in_use().then(|| (page, self.info(page, slot)))
+                })
             })
-        })
     }
 
     pub fn len(&self) -> usize {
