@@ -196,3 +196,77 @@ fn restore_in_a_second_monitor() {
     second.memory().verify().unwrap();
     first.memory().verify().unwrap();
 }
+
+#[test]
+fn sixteen_clones_share_one_copy() {
+    if !require_kvm("sixteen_clones_share_one_copy") {
+        return;
+    }
+    let dir = Dir::new("clones");
+    let path = dir.file("vm.snap");
+    // A sweep of a 32 MiB guest, snapshotted once its fill is done and
+    // the sweeps are under way: the clones then rewrite every data page.
+    let vc = vm(
+        "origin",
+        1,
+        32,
+        "{ kind = \"sweep\", seed = 13, passes = 12 }",
+    );
+    let mut m = monitor();
+    m.add_vm(&vc).unwrap();
+    wait_mid_run(&mut m, 0.3);
+    let snap = m.snapshot_vm("origin", &path, AfterSnapshot::Stop).unwrap();
+    m.wait_vm("origin").unwrap();
+    m.remove("origin").unwrap();
+    assert_eq!(used_pages(&m), 0);
+
+    let names: Vec<String> = (0..16).map(|i| format!("clone{i}")).collect();
+    let report = m.clone_vms(&path, &names, &[0]).unwrap();
+    assert_eq!(report.names, names);
+    assert_eq!(
+        report.pages_per_node,
+        [snap.file.pages],
+        "one copy on node 0"
+    );
+    assert_eq!(report.frames_mapped, 16 * snap.file.frames_stored);
+    // Right after the load (the clones may have started writing): one
+    // copy of the image, the frames it left out (fresh pages, holes in
+    // the pool until written) and what copy-on-write broke so far.
+    m.memory().verify().unwrap();
+    let holes = snap.file.frames - snap.file.frames_stored;
+    let breaks_at_load = m.memory().sharing_stats().cow_breaks;
+    let used = used_pages(&m);
+    assert!(
+        used <= snap.file.pages + 16 * holes + breaks_at_load,
+        "{used} pages used, more than one copy ({}) + 16 x {holes} fresh + {breaks_at_load} copies",
+        snap.file.pages
+    );
+    // Every page of the image is shared by the 16 clones.
+    let memory = m.memory().clone();
+    let (space, _) = m.space_of("clone0").unwrap();
+    let first = memory
+        .pmap_chunk(space, 0..snap.file.frames)
+        .unwrap()
+        .into_iter()
+        .find(|f| f.flags.shared)
+        .expect("a shared frame");
+    assert!(first.flags.write_protected);
+    let owners = memory.memmap_chunk(first.page.node(), first.page.index..first.page.index + 1);
+    assert!(owners[0].refcount >= 16, "refcount {}", owners[0].refcount);
+    for name in &names {
+        let r = m.wait_vm(name).unwrap();
+        assert_checksums(&r);
+    }
+    m.memory().verify().unwrap();
+    let stats = m.memory().sharing_stats();
+    assert_eq!(
+        used_pages(&m),
+        snap.file.pages + 16 * holes + stats.cow_breaks,
+        "pages in use: one copy, the fresh frames and one page per copy-on-write break"
+    );
+    for name in &names {
+        m.remove(name).unwrap();
+    }
+    m.memory().verify().unwrap();
+    assert_eq!(used_pages(&m), 0);
+}
