@@ -1307,6 +1307,9 @@ pub enum AddError {
     Invalid(crate::config::ConfigError),
     /// The host refused (building the guest space or the KVM VM).
     Host(anyhow::Error),
+    /// A snapshot file was refused (foreign, wrong version, truncated,
+    /// corrupted, unreadable): the message names the file and the fault.
+    Snapshot(anyhow::Error),
 }
 
 impl std::fmt::Display for AddError {
@@ -1317,7 +1320,7 @@ impl std::fmt::Display for AddError {
                 "a VM named `{name}` exists; names must be unique (remove it first)"
             ),
             AddError::Invalid(e) => write!(f, "{e}"),
-            AddError::Host(e) => write!(f, "{e:#}"),
+            AddError::Host(e) | AddError::Snapshot(e) => write!(f, "{e:#}"),
         }
     }
 }

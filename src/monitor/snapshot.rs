@@ -152,18 +152,22 @@ impl Monitor {
         options: &RestoreOptions,
     ) -> Result<CloneReport, AddError> {
         let started = Instant::now();
-        let (meta, pages) = snapshot::open(path).map_err(AddError::Host)?;
+        let (meta, pages) = snapshot::open(path).map_err(AddError::Snapshot)?;
         let mut vc = vm_config(&meta.vm, &options.name);
         if let Some(node) = options.memory_node {
             vc.memory_node = node;
         }
         if let Some(nodes) = &options.vcpu_nodes {
             if nodes.len() != meta.vm.vcpu_nodes.len() {
-                return Err(AddError::Host(anyhow!(
-                    "vcpu_nodes: {} nodes given, the snapshot's VM has {} vCPUs",
-                    nodes.len(),
-                    meta.vm.vcpu_nodes.len()
-                )));
+                return Err(AddError::Invalid(crate::config::ConfigError {
+                    file: String::new(),
+                    key: "vcpu_nodes".into(),
+                    message: format!(
+                        "{} nodes given; allowed: one per vCPU of the snapshot's VM ({})",
+                        nodes.len(),
+                        meta.vm.vcpu_nodes.len()
+                    ),
+                }));
             }
             vc.vcpu_nodes = nodes.clone();
         }
@@ -185,9 +189,13 @@ impl Monitor {
     ) -> Result<CloneReport, AddError> {
         let started = Instant::now();
         if names.is_empty() {
-            return Err(AddError::Host(anyhow!("names: no clone asked for")));
+            return Err(AddError::Invalid(crate::config::ConfigError {
+                file: String::new(),
+                key: "names".into(),
+                message: "no clone asked for; allowed: at least one".into(),
+            }));
         }
-        let (meta, pages) = snapshot::open(path).map_err(AddError::Host)?;
+        let (meta, pages) = snapshot::open(path).map_err(AddError::Snapshot)?;
         let vcs = names
             .iter()
             .enumerate()
@@ -218,14 +226,14 @@ impl Monitor {
         let shown = path.display().to_string();
         let frames = (meta.vm.memory_mib << 20) / PAGE_SIZE as u64;
         if frames != meta.frames {
-            return Err(AddError::Host(anyhow!(
+            return Err(AddError::Snapshot(anyhow!(
                 "snapshot {shown}: corrupted: {} MiB of memory but {} frames",
                 meta.vm.memory_mib,
                 meta.frames
             )));
         }
         if meta.state.vcpus.len() != meta.vm.vcpu_nodes.len() {
-            return Err(AddError::Host(anyhow!(
+            return Err(AddError::Snapshot(anyhow!(
                 "snapshot {shown}: corrupted: {} vCPU states for {} vCPUs",
                 meta.state.vcpus.len(),
                 meta.vm.vcpu_nodes.len()
@@ -243,10 +251,20 @@ impl Monitor {
                 node: vc.memory_node,
             })
             .collect();
+        // A page the file could not give is the file's fault; anything
+        // else (a full pool) the host's.
+        let file_failed = std::cell::Cell::new(false);
+        let pages = pages.inspect(|p| file_failed.set(file_failed.get() || p.is_err()));
         let load = self
             .memory
             .create_spaces_from_image(frames, &requests, pages)
-            .map_err(|e| AddError::Host(e.context(format!("restoring from {shown}"))))?;
+            .map_err(|e| {
+                if file_failed.get() {
+                    AddError::Snapshot(e)
+                } else {
+                    AddError::Host(e.context(format!("restoring from {shown}")))
+                }
+            })?;
         let mut built: Vec<(VmId, MicroVm)> = Vec::with_capacity(vcs.len());
         let mut failure = None;
         for (vc, &(space, base)) in vcs.iter().zip(&load.spaces) {
