@@ -270,3 +270,135 @@ fn sixteen_clones_share_one_copy() {
     m.memory().verify().unwrap();
     assert_eq!(used_pages(&m), 0);
 }
+
+/// A damaged copy of `good` (made by `damage`) at `dir/name`.
+fn damaged(dir: &Dir, good: &Path, name: &str, damage: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
+    let mut bytes = std::fs::read(good).unwrap();
+    damage(&mut bytes);
+    let path = dir.file(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn bad_files_are_refused_and_leave_nothing() {
+    if !require_kvm("bad_files_are_refused_and_leave_nothing") {
+        return;
+    }
+    let dir = Dir::new("bad");
+    let good = dir.file("good.snap");
+    let mut m = monitor();
+    let vc = vm(
+        "source",
+        2,
+        16,
+        "{ kind = \"sweep\", seed = 14, passes = 60 }",
+    );
+    m.add_vm(&vc).unwrap();
+    wait_mid_run(&mut m, 0.1);
+    // A snapshot into a directory that does not exist fails and leaves
+    // the VM running.
+    let e = m
+        .snapshot_vm(
+            "source",
+            &dir.file("no/such/dir.snap"),
+            AfterSnapshot::Resume,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no/such/dir.snap"), "{e}");
+    let snap = m
+        .snapshot_vm("source", &good, AfterSnapshot::Resume)
+        .unwrap();
+    assert!(
+        snap.file.pages > 256,
+        "more than one block: {}",
+        snap.file.pages
+    );
+    let len = std::fs::metadata(&good).unwrap().len() as usize;
+    assert_eq!(len as u64, snap.file.bytes);
+    let names: Vec<String> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["good.snap"], "no temporary file left");
+
+    let cases: Vec<(PathBuf, &str)> = vec![
+        (
+            damaged(&dir, &good, "half.snap", |b| b.truncate(len / 2)),
+            "truncated",
+        ),
+        (
+            damaged(&dir, &good, "no-end.snap", |b| b.truncate(len - 24)),
+            "truncated",
+        ),
+        (
+            damaged(&dir, &good, "header.snap", |b| b.truncate(12)),
+            "truncated",
+        ),
+        (
+            damaged(&dir, &good, "flipped.snap", |b| b[len - 3000] ^= 0x40),
+            "checksum of block",
+        ),
+        (
+            damaged(&dir, &good, "meta.snap", |b| b[40] ^= 1),
+            "metadata's checksum",
+        ),
+        (
+            damaged(&dir, &good, "version.snap", |b| b[8] = 2),
+            "version 2, this disco reads version 1",
+        ),
+        (
+            damaged(&dir, &good, "tail.snap", |b| b.extend_from_slice(b"x")),
+            "data after the end marker",
+        ),
+        (
+            damaged(&dir, &good, "foreign.snap", |b| {
+                *b = b"[[vm]]\nname = \"not a snapshot\"\n".to_vec()
+            }),
+            "not a disco snapshot",
+        ),
+        (dir.0.clone(), "is a directory"),
+    ];
+    let before = used_pages(&m);
+    for (path, phrase) in &cases {
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        let restore = m.restore_vm(
+            path,
+            &RestoreOptions {
+                name: "restored".into(),
+                ..RestoreOptions::default()
+            },
+        );
+        let names: Vec<String> = (0..3).map(|i| format!("clone{i}")).collect();
+        let clone = m.clone_vms(path, &names, &[0]);
+        for (what, result) in [
+            ("restore", restore.map(|_| ())),
+            ("clone", clone.map(|_| ())),
+        ] {
+            let e = result
+                .err()
+                .unwrap_or_else(|| panic!("{what} of {file} was accepted"))
+                .to_string();
+            assert!(
+                e.contains(&file) && e.contains(phrase),
+                "{what} of {file}: expected the file and `{phrase}` in: {e}"
+            );
+        }
+        assert!(m.space_of("restored").is_none() && m.space_of("clone0").is_none());
+        assert_eq!(used_pages(&m), before, "{file}: pool pages taken");
+        m.memory().verify().unwrap();
+    }
+    // The good file still restores.
+    m.restore_vm(
+        &good,
+        &RestoreOptions {
+            name: "restored".into(),
+            ..RestoreOptions::default()
+        },
+    )
+    .unwrap();
+    assert_checksums(&m.wait_vm("restored").unwrap());
+    assert_checksums(&m.wait_vm("source").unwrap());
+    m.memory().verify().unwrap();
+}

@@ -262,17 +262,18 @@ async fn snapshot(
 ) -> Reply {
     let spec: SnapshotSpec = from_json(json_body(body)?, BODY)?;
     let path = snapshot_path(spec.path)?;
-    let then =
-        match spec.then.as_deref() {
-            None | Some("resume") => crate::monitor::AfterSnapshot::Resume,
-            Some("stop") => crate::monitor::AfterSnapshot::Stop,
-            Some(other) => return Err(ApiError::bad(
+    let then = match spec.then.as_deref() {
+        None | Some("resume") => crate::monitor::AfterSnapshot::Resume,
+        Some("stop") => crate::monitor::AfterSnapshot::Stop,
+        Some(other) => {
+            return Err(ApiError::bad(
                 "then",
                 format!(
                     "{BODY}: key `then`: \"{other}\" is not allowed; allowed: \"resume\", \"stop\""
                 ),
-            )),
-        };
+            ))
+        }
+    };
     ok(on_monitor(&m, move |m| Ok(m.snapshot_vm(&name, &path, then)?)).await?)
 }
 
