@@ -361,3 +361,120 @@ impl<R: Read> Iterator for SnapshotReader<R> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::VcpuSnapshot;
+
+    fn meta(frames: u64) -> Meta {
+        Meta {
+            written_by: "test".into(),
+            vm: VmMeta {
+                name: "t".into(),
+                vcpu_nodes: vec![0],
+                memory_mib: frames / 256,
+                memory_node: 0,
+                workload: Workload::Fill {
+                    seed: 1,
+                    private_seed: 1,
+                    shared_percent: 100,
+                    shared_run: 1,
+                },
+                time_limit_ms: 1000,
+                sharing_domain: "default".into(),
+            },
+            state: MicroVmState {
+                vcpus: vec![VcpuSnapshot::Done { result: 7 }],
+                log: vec!["vcpu0: hello".into()],
+                run_time_ns: 5,
+                progress: (1, 2),
+            },
+            frames,
+        }
+    }
+
+    /// 300 pages (two blocks), some shared by several frames.
+    fn pages() -> Vec<PageImage> {
+        (0..300u64)
+            .map(|i| PageImage {
+                frames: if i % 7 == 0 {
+                    vec![i, 1000 + i]
+                } else {
+                    vec![i]
+                },
+                bytes: vec![(i % 251) as u8 + 1; PAGE_SIZE],
+            })
+            .collect()
+    }
+
+    fn file() -> Vec<u8> {
+        let mut w = SnapshotWriter::new(Vec::new(), &meta(2048)).unwrap();
+        for p in pages() {
+            w.push(p).unwrap();
+        }
+        let (out, n, bytes) = w.finish().unwrap();
+        assert_eq!((n, bytes), (300, out.len() as u64));
+        out
+    }
+
+    fn read(bytes: &[u8]) -> Result<(Meta, Vec<PageImage>)> {
+        let (meta, reader) = SnapshotReader::open(bytes, "snapshot t.snap")?;
+        let pages = reader.collect::<Result<Vec<_>>>()?;
+        Ok((meta, pages))
+    }
+
+    #[test]
+    fn round_trip() {
+        let (meta, got) = read(&file()).unwrap();
+        assert_eq!(meta.vm, self::meta(2048).vm);
+        assert_eq!(meta.state.log, ["vcpu0: hello"]);
+        assert_eq!(got, pages());
+    }
+
+    #[test]
+    fn every_cut_is_truncated() {
+        let f = file();
+        for len in (0..f.len()).step_by(997).chain([8, 19, 20, f.len() - 1]) {
+            let e = read(&f[..len]).err().expect("a cut file is refused");
+            let text = format!("{e:#}");
+            assert!(text.starts_with("snapshot t.snap: "), "{text}");
+            assert!(
+                text.contains("truncated") || (len < 8 && text.contains("not a disco snapshot")),
+                "cut at {len}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_flipped_byte_is_caught() {
+        let f = file();
+        for at in (0..f.len()).step_by(4099) {
+            let mut bad = f.clone();
+            bad[at] ^= 0x10;
+            let e = read(&bad)
+                .err()
+                .unwrap_or_else(|| panic!("byte {at} flipped"));
+            let text = format!("{e:#}");
+            assert!(
+                text.contains("corrupted")
+                    || text.contains("not a disco snapshot")
+                    || text.contains("version"),
+                "byte {at}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn frames_outside_the_guest_are_refused() {
+        let mut w = SnapshotWriter::new(Vec::new(), &meta(256)).unwrap();
+        w.push(PageImage {
+            frames: vec![300],
+            bytes: vec![1; PAGE_SIZE],
+        })
+        .unwrap();
+        let (out, _, _) = w.finish().unwrap();
+        let e = format!("{:#}", read(&out).err().unwrap());
+        assert!(e.contains("outside the guest's 256 frames"), "{e}");
+    }
+}
