@@ -436,7 +436,7 @@ mod tests {
     fn every_cut_is_truncated() {
         let f = file();
         for len in (0..f.len()).step_by(997).chain([8, 19, 20, f.len() - 1]) {
-            let e = read(&f[..len]).err().expect("a cut file is refused");
+            let e = read(&f[..len]).expect_err("a cut file is refused");
             let text = format!("{e:#}");
             assert!(text.starts_with("snapshot t.snap: "), "{text}");
             assert!(
