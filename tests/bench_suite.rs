@@ -729,19 +729,22 @@ fn clone_scenario_tiny() {
         return;
     }
     let out = temp("clone");
-    let file = scenario_dir().join("clone.toml");
+    let dir = temp("clone-scenarios");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(scenario_dir().join("clone.toml"), dir.join("clone.toml")).unwrap();
     let o = disco(&[
         "bench",
-        "run",
-        file.to_str().unwrap(),
+        "all",
         "--quick",
         "--quiet",
+        "--dir",
+        dir.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
     ]);
     assert!(
         o.status.success(),
-        "disco bench run clone.toml failed:\n{}",
+        "disco bench all (clone.toml) failed:\n{}",
         text(&o)
     );
     let records = disco::bench::suite::read_records(&out).unwrap();
