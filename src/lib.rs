@@ -19,6 +19,7 @@ pub mod numa;
 pub mod report;
 pub mod sharing;
 pub mod signals;
+pub mod snapshot;
 pub mod topology;
 pub mod vm;
 

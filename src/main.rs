@@ -65,7 +65,8 @@ enum Command {
     /// Send one command to a running monitor's API (`disco serve --api PATH`,
     /// `disco run --api PATH`) and print the answer: status, show VM, add VM
     /// FILE.json, pause / resume / stop / delete VM, move VM NODE [VCPU], pmap
-    /// VM, memmap, stats, policy [FILE.json]. Against the control socket of
+    /// VM, memmap, stats, policy [FILE.json], snapshot VM FILE [resume|stop],
+    /// restore FILE NAME [MEMORY_NODE], clone FILE COUNT|NAMES [NODES]. Against the control socket of
     /// `disco run --control PATH`: `status` or `move VM NODE [VCPU]`.
     Ctl {
         /// The control socket of the run.

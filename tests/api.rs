@@ -1029,3 +1029,105 @@ fn disco_run_with_the_api_shows_a_finished_vm_while_another_runs() {
     assert_eq!(report["vms"][1]["name"], "quick");
     assert_eq!(report["vms"][1]["status"], "ok");
 }
+
+/// Snapshot, restore and clone through the API and `disco ctl`: a VM
+/// snapshotted mid-run and stopped, restored under a new name and cloned
+/// twice (once by `disco ctl`), every copy finishing with the model's
+/// checksum; bad requests and a foreign file answered with the field at
+/// fault.
+#[test]
+fn snapshot_restore_clone_over_the_api() {
+    if !require_kvm("snapshot_restore_clone_over_the_api") {
+        return;
+    }
+    let s = Serve::start("snapshot", "static");
+    let file = s.dir.join("vm.snap");
+    let body = json!({"vcpu_nodes": [0], "memory_mib": 16, "time_limit_s": 120,
+        "workload": {"kind": "sweep", "seed": 21, "passes": 60}});
+    s.expect("PUT", "/v1/vms/origin", Some(body), 201);
+    let began = Instant::now();
+    while s.vm("origin")["progress"][0] == 0 {
+        assert!(began.elapsed() < Duration::from_secs(30), "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Bad requests first: each names its field.
+    let e = s.expect(
+        "POST",
+        "/v1/vms/origin/snapshot",
+        Some(json!({"path": "vm.snap"})),
+        400,
+    );
+    assert_eq!(e["field"], "path", "{e}");
+    let e = s.expect(
+        "POST",
+        "/v1/vms/origin/snapshot",
+        Some(json!({"path": file, "then": "later"})),
+        400,
+    );
+    assert_eq!(e["field"], "then", "{e}");
+    let snap = s.expect(
+        "POST",
+        "/v1/vms/origin/snapshot",
+        Some(json!({"path": file, "then": "stop"})),
+        200,
+    );
+    assert!(snap["pages"].as_u64().unwrap() > 0, "{snap}");
+    assert!(file.is_file());
+    let origin = s.wait_finished("origin", Duration::from_secs(60));
+    assert_eq!(origin["result"]["status"], "stopped", "{origin}");
+
+    let restored = s.expect(
+        "POST",
+        "/v1/vms/restore",
+        Some(json!({"path": file, "name": "again"})),
+        201,
+    );
+    assert_eq!(restored["vm"]["name"], "again", "{restored}");
+    let clones = s.expect(
+        "POST",
+        "/v1/vms/clone",
+        Some(json!({"path": file, "count": 2, "prefix": "c", "nodes": [1, 2]})),
+        201,
+    );
+    assert_eq!(clones["names"], json!(["c-0", "c-1"]), "{clones}");
+    let out = Command::new(env!("CARGO_BIN_EXE_disco"))
+        .arg("ctl")
+        .arg(&s.socket)
+        .arg("clone")
+        .arg(&file)
+        .arg("d0,d1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "disco ctl clone: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in ["again", "c-0", "c-1", "d0", "d1"] {
+        let v = s.wait_finished(name, Duration::from_secs(120));
+        assert!(checksums_verified(&v), "{name}: {v}");
+    }
+    assert_eq!(
+        s.vm("c-1")["pages_per_node"][2],
+        16 * 256,
+        "clone c-1 on node 2"
+    );
+
+    // A file that is no snapshot: 422, the path named, nothing added.
+    let foreign = s.dir.join("foreign.snap");
+    std::fs::write(&foreign, b"just some text, not a snapshot\n").unwrap();
+    let e = s.expect(
+        "POST",
+        "/v1/vms/restore",
+        Some(json!({"path": foreign, "name": "never"})),
+        422,
+    );
+    assert_eq!(e["field"], "path", "{e}");
+    let message = e["error"].as_str().unwrap();
+    assert!(
+        message.contains("foreign.snap") && message.contains("not a disco snapshot"),
+        "{message}"
+    );
+    s.expect("GET", "/v1/vms/never", None, 404);
+    verify_holds(&s);
+}

@@ -115,6 +115,14 @@ fn required_figures(kind: &str) -> &'static [&'static str] {
             "PUT /v1/vms/{name} p50 (4 VMs running)",
             "PUT /v1/vms/{name} p99 (4 VMs running)",
         ],
+        // tests/bench-scenarios/clone.toml makes 4 clones of an 8 MiB VM.
+        "clone" => &[
+            "clones started per second",
+            "ms per clone",
+            "new host memory per clone before it writes",
+            "monitor memory (RssAnon) per clone",
+            "restore of one VM",
+        ],
         other => panic!("unexpected kind {other}"),
     }
 }
@@ -307,6 +315,7 @@ fn bench_all_quick_writes_results_and_compare_finds_a_planted_regression() {
         kinds,
         [
             "api",
+            "clone",
             "density",
             "locality",
             "migration",
@@ -361,6 +370,7 @@ fn bench_all_quick_writes_results_and_compare_finds_a_planted_regression() {
         "the whole process's mappings, with 3 x 16 MiB of guests"
     );
     assert!(fig("api", "VMs created and started per second through the API") > 0.0);
+    assert!(fig("clone", "clones started per second") > 0.0);
     assert!(
         fig("api", "GET /v1/vms p99 (4 VMs running)")
             >= fig("api", "GET /v1/vms p50 (4 VMs running)")
@@ -719,6 +729,53 @@ fn bad_scenario_files_are_rejected_naming_file_key_and_allowed() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// The clone scenario alone (the suite test above runs it with the rest):
+/// its record, figures and plot, clones that share their memory.
+#[test]
+fn clone_scenario_tiny() {
+    if !require_kvm("clone_scenario_tiny") {
+        return;
+    }
+    let out = temp("clone");
+    let dir = temp("clone-scenarios");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(scenario_dir().join("clone.toml"), dir.join("clone.toml")).unwrap();
+    let o = disco(&[
+        "bench",
+        "all",
+        "--quick",
+        "--quiet",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        o.status.success(),
+        "disco bench all (clone.toml) failed:\n{}",
+        text(&o)
+    );
+    let records = disco::bench::suite::read_records(&out).unwrap();
+    assert_eq!(records.len(), 1);
+    check_record(&out, &records[0]);
+    let fig = |name: &str| -> f64 {
+        records[0]
+            .figure(name)
+            .and_then(|f| f.stats.as_ref())
+            .unwrap_or_else(|| panic!("{name} not measured"))
+            .median
+    };
+    assert!(fig("clones started per second") > 0.0);
+    // Four clones of an 8 MiB VM share one copy: each holds (far) less
+    // than a MiB of guest memory of its own before it writes.
+    assert!(fig("new host memory per clone before it writes") < 1024.0);
+    assert!(
+        fig("pool memory once all finished") < 16.0,
+        "one copy, not four"
+    );
+    std::fs::remove_dir_all(&out).ok();
+}
+
 #[test]
 fn shipped_scenarios_are_listed() {
     let o = disco(&["bench", "list"]);
@@ -726,6 +783,7 @@ fn shipped_scenarios_are_listed() {
     let out = String::from_utf8_lossy(&o.stdout);
     for name in [
         "api",
+        "clone",
         "density",
         "overhead",
         "sharing",

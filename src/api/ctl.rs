@@ -14,7 +14,8 @@ use super::client::{request, Answer};
 /// The commands, for errors.
 pub const USAGE: &str = "commands: status, show VM, add VM FILE.json (- for stdin), pause VM, \
     resume VM, stop VM, delete VM, move VM NODE [VCPU], pmap VM, memmap, stats, \
-    policy [FILE.json]";
+    policy [FILE.json], snapshot VM FILE [resume|stop], restore FILE NAME [MEMORY_NODE], \
+    clone FILE COUNT|NAME,NAME.. [NODE,NODE..]";
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -73,6 +74,47 @@ pub fn run(socket: &Path, words: &[String]) -> Result<(String, bool)> {
                     .into_bytes(),
             ),
         ),
+        ["snapshot", vm, file, rest @ ..] if rest.len() <= 1 => {
+            let mut body = serde_json::json!({ "path": absolute(file)? });
+            if let [then] = rest {
+                body["then"] = (*then).into();
+            }
+            (
+                "POST",
+                format!("/v1/vms/{vm}/snapshot"),
+                Some(body.to_string().into_bytes()),
+            )
+        }
+        ["restore", file, name, rest @ ..] if rest.len() <= 1 => {
+            let mut body = serde_json::json!({ "path": absolute(file)?, "name": name });
+            if let [node] = rest {
+                body["memory_node"] = number("MEMORY_NODE", node)?.into();
+            }
+            (
+                "POST",
+                "/v1/vms/restore".into(),
+                Some(body.to_string().into_bytes()),
+            )
+        }
+        ["clone", file, who, rest @ ..] if rest.len() <= 1 => {
+            let mut body = serde_json::json!({ "path": absolute(file)? });
+            match who.parse::<u64>() {
+                Ok(count) => body["count"] = count.into(),
+                Err(_) => body["names"] = who.split(',').collect::<Vec<_>>().into(),
+            }
+            if let [nodes] = rest {
+                body["nodes"] = nodes
+                    .split(',')
+                    .map(|n| number("NODE", n))
+                    .collect::<Result<Vec<_>>>()?
+                    .into();
+            }
+            (
+                "POST",
+                "/v1/vms/clone".into(),
+                Some(body.to_string().into_bytes()),
+            )
+        }
         ["pmap", vm] => ("GET", format!("/v1/vms/{vm}/pmap"), None),
         ["memmap"] => ("GET", "/v1/memmap".into(), None),
         ["stats"] => ("GET", "/v1/stats".into(), None),
@@ -94,6 +136,12 @@ pub fn run(socket: &Path, words: &[String]) -> Result<(String, bool)> {
     } else {
         (error_text(&a), false)
     })
+}
+
+/// `file` as an absolute path (the monitor may run elsewhere in the tree).
+fn absolute(file: &str) -> Result<String> {
+    let p = std::path::absolute(file).with_context(|| format!("the path `{file}`"))?;
+    Ok(p.display().to_string())
 }
 
 /// `error: MESSAGE` of an error answer.

@@ -74,6 +74,11 @@ impl From<AddError> for ApiError {
                 (!c.key.is_empty()).then_some(c.key.as_str()),
                 c.to_string(),
             ),
+            AddError::Snapshot(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Some("path"),
+                e.to_string(),
+            ),
             AddError::Host(_) => ApiError::internal(e.to_string()),
         }
     }

@@ -19,7 +19,9 @@ use serde_json::{json, Value};
 
 use super::{ApiError, MAX_BODY};
 use crate::config::schema::from_json;
-use crate::config::{policy_from_spec, vm_from_spec, PolicySpec, VmSpec};
+use crate::config::{
+    policy_from_spec, vm_from_spec, CloneSpec, PolicySpec, RestoreSpec, SnapshotSpec, VmSpec,
+};
 use crate::monitor::{Monitor, PmapRuns, MEMMAP_CHUNK, PMAP_CHUNK};
 
 type Shared = Arc<Mutex<Monitor>>;
@@ -36,6 +38,9 @@ pub fn router(monitor: Shared) -> Router {
         .route("/v1/vms/{name}/resume", post(resume))
         .route("/v1/vms/{name}/stop", post(stop))
         .route("/v1/vms/{name}/move", post(move_vcpus))
+        .route("/v1/vms/{name}/snapshot", post(snapshot))
+        .route("/v1/vms/restore", post(restore))
+        .route("/v1/vms/clone", post(clone))
         .route("/v1/vms/{name}/pmap", get(pmap))
         .route("/v1/memmap", get(memmap))
         .route("/v1/stats", get(stats))
@@ -208,6 +213,164 @@ async fn move_vcpus(
         Ok(json!({ "moved": note, "vm": m.vm_info(&name)? }))
     })
     .await?)
+}
+
+/// A snapshot file's path from a request: given, absolute (the monitor's
+/// working directory is nobody's business).
+fn snapshot_path(path: Option<String>) -> Result<std::path::PathBuf, ApiError> {
+    let path = path.ok_or_else(|| {
+        ApiError::bad(
+            "path",
+            format!("{BODY}: key `path` is required (the snapshot file)"),
+        )
+    })?;
+    let p = std::path::PathBuf::from(&path);
+    if !p.is_absolute() {
+        return Err(ApiError::bad(
+            "path",
+            format!("{BODY}: key `path`: \"{path}\" is relative; allowed: an absolute path"),
+        ));
+    }
+    Ok(p)
+}
+
+/// A list of node indices from a request, each below `nodes`.
+fn node_list(key: &str, list: &[i64], nodes: usize) -> Result<Vec<usize>, ApiError> {
+    list.iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            if n < 0 || n as usize >= nodes {
+                Err(ApiError::bad(
+                    key,
+                    format!(
+                        "{BODY}: key `{key}[{i}]`: {n} is not allowed; allowed: a node, 0 to {}",
+                        nodes - 1
+                    ),
+                ))
+            } else {
+                Ok(n as usize)
+            }
+        })
+        .collect()
+}
+
+/// `POST /v1/vms/{name}/snapshot`: `{"path": ..., "then": "resume"|"stop"}`.
+async fn snapshot(
+    State(m): State<Shared>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Reply {
+    let spec: SnapshotSpec = from_json(json_body(body)?, BODY)?;
+    let path = snapshot_path(spec.path)?;
+    let then = match spec.then.as_deref() {
+        None | Some("resume") => crate::monitor::AfterSnapshot::Resume,
+        Some("stop") => crate::monitor::AfterSnapshot::Stop,
+        Some(other) => {
+            return Err(ApiError::bad(
+                "then",
+                format!(
+                    "{BODY}: key `then`: \"{other}\" is not allowed; allowed: \"resume\", \"stop\""
+                ),
+            ))
+        }
+    };
+    ok(on_monitor(&m, move |m| Ok(m.snapshot_vm(&name, &path, then)?)).await?)
+}
+
+/// `POST /v1/vms/restore`: `{"path": ..., "name": ..., "memory_node": N,
+/// "vcpu_nodes": [...]}`; the VM is built and started.
+async fn restore(State(m): State<Shared>, body: Result<Bytes, BytesRejection>) -> Reply {
+    let spec: RestoreSpec = from_json(json_body(body)?, BODY)?;
+    let path = snapshot_path(spec.path)?;
+    let name = spec.name.filter(|n| !n.is_empty()).ok_or_else(|| {
+        ApiError::bad(
+            "name",
+            format!("{BODY}: key `name` is required (the restored VM's name)"),
+        )
+    })?;
+    let info = on_monitor(&m, move |m| {
+        let nodes = m.topology().node_count();
+        let memory_node = match spec.memory_node {
+            Some(n) => Some(node_list("memory_node", &[n], nodes)?[0]),
+            None => None,
+        };
+        let vcpu_nodes = match &spec.vcpu_nodes {
+            Some(list) => Some(node_list("vcpu_nodes", list, nodes)?),
+            None => None,
+        };
+        let options = crate::monitor::RestoreOptions {
+            name: name.clone(),
+            memory_node,
+            vcpu_nodes,
+        };
+        let report = m.restore_vm(&path, &options)?;
+        Ok(json!({ "restored": report, "vm": m.vm_info(&name)? }))
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+/// Most clones one request makes.
+pub const MAX_CLONES: i64 = 1024;
+
+/// `POST /v1/vms/clone`: `{"path": ..., "count": N | "names": [...],
+/// "prefix": ..., "nodes": [...]}`; the clones are built and started.
+async fn clone(State(m): State<Shared>, body: Result<Bytes, BytesRejection>) -> Reply {
+    let spec: CloneSpec = from_json(json_body(body)?, BODY)?;
+    let path = snapshot_path(spec.path)?;
+    let names = match (spec.count, spec.names) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad(
+                "count",
+                format!("{BODY}: keys `count` and `names` go apart; allowed: one of them"),
+            ))
+        }
+        (None, None) => {
+            return Err(ApiError::bad(
+                "count",
+                format!("{BODY}: key `count` or `names` is required (how many clones)"),
+            ))
+        }
+        (Some(count), None) => {
+            if !(1..=MAX_CLONES).contains(&count) {
+                return Err(ApiError::bad(
+                    "count",
+                    format!(
+                        "{BODY}: key `count`: {count} is not allowed; allowed: 1 to {MAX_CLONES}"
+                    ),
+                ));
+            }
+            let prefix = match spec.prefix {
+                Some(p) => p,
+                None => crate::snapshot::open(&path)
+                    .map(|(meta, _)| format!("{}-clone", meta.vm.name))
+                    .map_err(crate::monitor::AddError::Snapshot)?,
+            };
+            (0..count).map(|k| format!("{prefix}-{k}")).collect()
+        }
+        (None, Some(names)) => {
+            if names.is_empty() || names.len() as i64 > MAX_CLONES {
+                return Err(ApiError::bad(
+                    "names",
+                    format!(
+                        "{BODY}: key `names`: {} names; allowed: 1 to {MAX_CLONES}",
+                        names.len()
+                    ),
+                ));
+            }
+            names
+        }
+    };
+    let report = on_monitor(&m, move |m| {
+        let nodes = node_list(
+            "nodes",
+            spec.nodes.as_deref().unwrap_or(&[]),
+            m.topology().node_count(),
+        )?;
+        Ok(m.clone_vms(&path, &names, &nodes)?)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(report)).into_response())
 }
 
 #[derive(Deserialize)]

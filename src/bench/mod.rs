@@ -13,7 +13,9 @@
 //! * [`replication`]: VMs on different nodes reading one shared table:
 //!   replicas, their memory cost, the write break;
 //! * [`api`]: the REST API with many VMs running: request latencies, VMs
-//!   started per second through it against `disco run`.
+//!   started per second through it against `disco run`;
+//! * [`clone`]: K VMs cloned from one snapshot: clones started per second,
+//!   new host memory per clone before it writes.
 //!
 //! Every scenario checks the guests' checksums: a run with a wrong checksum
 //! is an error, never a figure. Results are serde structs (JSON) with a
@@ -21,6 +23,7 @@
 
 pub mod api;
 pub mod bare;
+pub mod clone;
 pub mod compare;
 pub mod density;
 pub mod ksm;

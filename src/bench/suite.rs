@@ -240,6 +240,11 @@ pub const KINDS: &[Kind] = &[
         prepare: super::api::prepare,
     },
     Kind {
+        name: "clone",
+        about: "K micro-VMs cloned from one snapshot, each running: clones started per second against Firecracker's 5-8 ms restore, new host memory per clone before it writes",
+        prepare: super::clone::prepare,
+    },
+    Kind {
         name: "replication",
         about: "VMs on different nodes reading one shared table, under each policy: locality over time, replicas, their memory, the write break",
         prepare: super::replication::prepare,

@@ -112,6 +112,43 @@ pub struct NumaSpec {
     pub trace_file: Option<String>,
 }
 
+/// The body of `POST /v1/vms/{name}/snapshot`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotSpec {
+    /// Where the snapshot file goes (an absolute path on the monitor's host).
+    pub path: Option<String>,
+    /// `"resume"` (the default) or `"stop"`: what the VM does afterwards.
+    pub then: Option<String>,
+}
+
+/// The body of `POST /v1/vms/restore`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreSpec {
+    /// The snapshot file (an absolute path on the monitor's host).
+    pub path: Option<String>,
+    /// The restored VM's name (new to the monitor).
+    pub name: Option<String>,
+    /// The node whose pool takes its memory (default: the snapshot's).
+    pub memory_node: Option<i64>,
+    /// The node of each vCPU (default: the snapshot's).
+    pub vcpu_nodes: Option<Vec<i64>>,
+}
+
+/// The body of `POST /v1/vms/clone`: `count` clones named
+/// `PREFIX-0..` or the clones `names`; clone k on `nodes[k % len]`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneSpec {
+    pub path: Option<String>,
+    pub count: Option<i64>,
+    pub names: Option<Vec<String>>,
+    /// Name prefix with `count` (default: the snapshot's VM name + `-clone`).
+    pub prefix: Option<String>,
+    pub nodes: Option<Vec<i64>>,
+}
+
 /// One `[[vm]]` (or the body of `PUT /v1/vms/{name}`).
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

@@ -15,7 +15,7 @@ pub mod programs;
 use serde::Serialize;
 
 /// What a micro-guest does. Chosen per VM in the config.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Workload {
     /// Fill each vCPU's private slice; checksum of all words written. Data

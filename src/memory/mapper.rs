@@ -40,7 +40,7 @@ use std::sync::Arc;
 
 /// Process-wide budget of memory mappings (`vm.max_map_count`) reserved for
 /// things other than guest RAM (libraries, thread stacks, pool views).
-const MAP_COUNT_MARGIN: u64 = 4096;
+pub(super) const MAP_COUNT_MARGIN: u64 = 4096;
 
 /// One VM's guest-physical space: a host virtual range and its pmap.
 pub(super) struct GuestSpace {
@@ -74,7 +74,7 @@ pub(super) struct Inner {
     pub(super) pools: Vec<Pool>,
     pub(super) memmap: Memmap,
     pub(super) spaces: BTreeMap<VmId, GuestSpace>,
-    next_vm: VmId,
+    pub(super) next_vm: VmId,
     /// Write-protection of shared pages; `None` when userfaultfd could not
     /// be opened (then sharing is refused with `uffd_error`).
     pub(super) uffd: Option<Arc<Userfault>>,
@@ -784,7 +784,13 @@ impl Inner {
 
     /// Maps `count` frames from `first` to fresh pages of `node`, one mmap per
     /// run of consecutive pool pages.
-    fn map_fresh(&mut self, vm: VmId, first: Gfn, count: u64, node: NodeId) -> Result<()> {
+    pub(super) fn map_fresh(
+        &mut self,
+        vm: VmId,
+        first: Gfn,
+        count: u64,
+        node: NodeId,
+    ) -> Result<()> {
         ensure!(node < self.pools.len(), "node {node} does not exist");
         let frames = self.space(vm)?.frames();
         ensure!(
@@ -1508,7 +1514,7 @@ impl Inner {
         unsafe { std::ptr::copy_nonoverlapping(src, dst, PAGE_SIZE) };
     }
 
-    fn destroy(&mut self, vm: VmId) -> Result<()> {
+    pub(super) fn destroy(&mut self, vm: VmId) -> Result<()> {
         let space = self.space_mut(vm)?;
         let (base, len) = (space.base, space.frames() as usize * PAGE_SIZE);
         let owned: Vec<(Gfn, MachinePage)> = space.pmap.iter().map(|(g, e)| (g, e.page)).collect();

@@ -18,6 +18,7 @@
 //! really maps (read back from `/proc/self/maps`).
 
 pub mod cow;
+pub mod image;
 pub mod inspect;
 pub mod mapper;
 pub mod memmap;
@@ -34,6 +35,7 @@ pub use cow::{
     FaultOutcome, GuestCosts, MergeOutcome, MergePair, PageScan, RunAllowance, SharingStats,
     MERGE_BATCH_MAX,
 };
+pub use image::{ImageLoad, PageImage, SpaceRequest};
 pub use inspect::{FrameView, NodeSharing, PageView};
 pub use mapper::{GuestSpaceStats, Memory, MoveReport, MoveTimes, PoolStats, MOVE_RUN_MAX};
 pub use replica::{FrameLocation, ReplicaStats};

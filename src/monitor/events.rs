@@ -21,7 +21,8 @@ pub struct Event {
     pub ms: u64,
     /// `vm-waiting` (queued for memory), `vm-added`, `vm-started`,
     /// `vm-finished`, `vm-failed`, `vm-paused`, `vm-resumed`, `vm-stopped`,
-    /// `vm-removed`, `vm-moved`, `policy-changed`, `rates`.
+    /// `vm-removed`, `vm-moved`, `vm-snapshot`, `vm-restored`, `vm-cloned`,
+    /// `policy-changed`, `rates`.
     pub kind: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vm: Option<String>,

@@ -15,6 +15,7 @@ mod guest;
 mod info;
 mod run;
 mod services;
+mod snapshot;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +39,7 @@ pub use info::{
 };
 pub use run::{run, run_with, run_with_control, serve, serve_until, RunOptions};
 pub use services::settle_limit;
+pub use snapshot::{AfterSnapshot, CloneReport, RestoreOptions, SnapshotReport};
 
 use guest::{apply_move, count_vcpu_threads, register_vcpu_threads, Guest};
 use services::Services;
@@ -670,19 +672,25 @@ impl Monitor {
         }
     }
 
-    /// Adds a VM while the monitor runs and starts it: the name must be
-    /// new, the VM must fit next to the others (pools, host memory,
-    /// mappings: `Config::validate`). Returns the VM's index.
-    pub fn add_vm(&mut self, vc: &VmConfig) -> Result<usize, AddError> {
-        if self.index_of(&vc.name).is_some() {
-            return Err(AddError::Exists(vc.name.clone()));
+    /// Checks that VMs `new` can join the monitor as `add_vm` requires
+    /// (new names, room next to the others: `Config::validate`), reserves
+    /// their mappings and starts the service threads if none runs yet.
+    /// `shared_memory`: the new VMs map one copy of their pages (clones of
+    /// a snapshot), so their guest memory is not added up against the
+    /// pools as separate VMs' is (`overcommit` in the check); a clone
+    /// that finds a pool full fails as a whole, undone.
+    fn admit(&mut self, new: &[VmConfig], shared_memory: bool) -> Result<(), AddError> {
+        for (k, vc) in new.iter().enumerate() {
+            if self.index_of(&vc.name).is_some() || new[..k].iter().any(|o| o.name == vc.name) {
+                return Err(AddError::Exists(vc.name.clone()));
+            }
         }
         let live: Vec<VmConfig> = self
             .vms
             .iter()
             .filter(|v| v.space.is_some())
             .map(|v| v.config.clone())
-            .chain([vc.clone()])
+            .chain(new.iter().cloned())
             .collect();
         let check = Config {
             source: self.source.clone(),
@@ -699,7 +707,7 @@ impl Monitor {
                 ..self.services.policy.clone()
             },
             vms: live.clone(),
-            overcommit: false,
+            overcommit: shared_memory,
             memory_limit_mib: self.memory_limit.map(|b| b >> 20),
         };
         check.validate().map_err(AddError::Invalid)?;
@@ -707,6 +715,14 @@ impl Monitor {
         if self.services.numa.is_none() && self.services.scanner.is_none() {
             self.start_services(0).map_err(AddError::Host)?;
         }
+        Ok(())
+    }
+
+    /// Adds a VM while the monitor runs and starts it: the name must be
+    /// new, the VM must fit next to the others (pools, host memory,
+    /// mappings: `Config::validate`). Returns the VM's index.
+    pub fn add_vm(&mut self, vc: &VmConfig) -> Result<usize, AddError> {
+        self.admit(std::slice::from_ref(vc), false)?;
         let i = match self.create_vm(vc) {
             Ok(i) => i,
             Err(e) => {
@@ -1291,6 +1307,9 @@ pub enum AddError {
     Invalid(crate::config::ConfigError),
     /// The host refused (building the guest space or the KVM VM).
     Host(anyhow::Error),
+    /// A snapshot file was refused (foreign, wrong version, truncated,
+    /// corrupted, unreadable): the message names the file and the fault.
+    Snapshot(anyhow::Error),
 }
 
 impl std::fmt::Display for AddError {
@@ -1301,7 +1320,7 @@ impl std::fmt::Display for AddError {
                 "a VM named `{name}` exists; names must be unique (remove it first)"
             ),
             AddError::Invalid(e) => write!(f, "{e}"),
-            AddError::Host(e) => write!(f, "{e:#}"),
+            AddError::Host(e) | AddError::Snapshot(e) => write!(f, "{e:#}"),
         }
     }
 }

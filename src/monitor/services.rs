@@ -183,6 +183,20 @@ impl Services {
         Ok(())
     }
 
+    /// Starts the fault handler whatever the policy: VMs built from a
+    /// snapshot map shared, write-protected pages from the start, and
+    /// their writes wait for copy-on-write even under a policy that shares
+    /// nothing itself. Kept across policy swaps, as every fault handler is.
+    pub fn require_fault_handler(&mut self, memory: &Arc<Memory>) -> Result<()> {
+        if self.fault_handler.is_none() {
+            self.fault_handler = Some(FaultHandler::start(memory.clone()).context(
+                "VMs restored from a snapshot share pages copy-on-write, which needs \
+                 userfaultfd (run as root)",
+            )?);
+        }
+        Ok(())
+    }
+
     /// Starts the NUMA runner (sized for `vms` VMs; it grows with more)
     /// and the sharing scanner.
     pub fn start_threads(

@@ -15,6 +15,8 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use kvm_bindings::kvm_run;
+
+use super::state::VcpuState;
 use parking_lot::{Condvar, Mutex};
 
 /// The kick signal is `SIGRTMIN() + KICK_SIGNAL_OFFSET`; the rest of the
@@ -85,6 +87,8 @@ struct Threads {
     running: usize,
     /// When the last vCPU thread exited.
     finished_at: Option<Instant>,
+    /// The DONE hypercall's result of each vCPU that made it.
+    done: Vec<Option<u64>>,
 }
 
 /// Shared control state of one VM.
@@ -95,6 +99,20 @@ struct Pause {
     requested: u32,
     /// vCPU threads waiting outside `KVM_RUN` until the pause ends.
     parked: usize,
+    /// The latest state capture asked of the parked vCPUs (0: none yet).
+    capture: u64,
+    /// Per vCPU, the capture it answered last and its answer.
+    answers: Vec<Option<(u64, Result<VcpuState, String>)>>,
+}
+
+/// What a parked vCPU thread is to do when [`VmControl::park_if_paused`]
+/// returns.
+pub(crate) enum Parked {
+    /// Run the guest (no pause in force, or a stop was requested).
+    Go,
+    /// Capture the vCPU's state for request `0`, answer with
+    /// [`VmControl::answer_capture`], then park again.
+    Capture(u64),
 }
 
 /// Whether kernel thread `tid` of this process sleeps in a userfaultfd
@@ -126,9 +144,13 @@ impl VmControl {
                 tids: vec![None; nvcpus],
                 running: nvcpus,
                 finished_at: None,
+                done: vec![None; nvcpus],
             }),
             exited: Condvar::new(),
-            pause: Mutex::new(Pause::default()),
+            pause: Mutex::new(Pause {
+                answers: (0..nvcpus).map(|_| None).collect(),
+                ..Pause::default()
+            }),
             pause_changed: Condvar::new(),
         }
     }
@@ -194,20 +216,101 @@ impl VmControl {
         }
     }
 
-    /// Called by a vCPU thread before each `KVM_RUN`: waits while the VM is
-    /// paused (or until a stop is requested).
-    pub fn park_if_paused(&self) {
+    /// Called by vCPU `index`'s thread before each `KVM_RUN`: waits while
+    /// the VM is paused (or until a stop is requested). Returns early with
+    /// [`Parked::Capture`] when a state capture is asked of it.
+    pub fn park_if_paused(&self, index: usize) -> Parked {
         let mut pause = self.pause.lock();
         if pause.requested == 0 {
-            return;
+            return Parked::Go;
         }
         pause.parked += 1;
         self.pause_changed.notify_all();
+        let mut next = Parked::Go;
         while pause.requested > 0 && !self.stopping() {
+            let answered = pause.answers[index].as_ref().map(|a| a.0);
+            if pause.capture > 0 && answered != Some(pause.capture) {
+                next = Parked::Capture(pause.capture);
+                break;
+            }
             self.pause_changed
                 .wait_for(&mut pause, std::time::Duration::from_millis(10));
         }
         pause.parked -= 1;
+        next
+    }
+
+    /// A parked vCPU's answer to capture request `capture`.
+    pub fn answer_capture(&self, index: usize, capture: u64, state: Result<VcpuState, String>) {
+        let mut pause = self.pause.lock();
+        pause.answers[index] = Some((capture, state));
+        self.pause_changed.notify_all();
+    }
+
+    /// Records vCPU `index`'s DONE result (before its thread exits).
+    pub fn set_done(&self, index: usize, result: u64) {
+        self.threads.lock().done[index] = Some(result);
+    }
+
+    /// Captures the state of every vCPU of a VM its caller has paused
+    /// ([`VmControl::pause`]): each live vCPU thread, once parked, reads
+    /// its own state (a vCPU that slept in a userfaultfd fault parks once
+    /// the fault is resolved; it is kicked until then). Per vCPU: its
+    /// state, or the DONE result of a vCPU whose thread has exited. Fails
+    /// when a vCPU neither answers within the pause limit nor is done.
+    pub fn capture_parked(&self) -> Result<Vec<super::state::VcpuSnapshot>, String> {
+        use super::state::VcpuSnapshot;
+        let deadline = Instant::now() + PAUSE_LIMIT;
+        let mut pause = self.pause.lock();
+        if pause.requested == 0 {
+            return Err("the VM is not paused".into());
+        }
+        pause.capture += 1;
+        let capture = pause.capture;
+        self.pause_changed.notify_all();
+        loop {
+            let (live, done) = {
+                let threads = self.threads.lock();
+                (threads.live.clone(), threads.done.clone())
+            };
+            let mut missing = Vec::new();
+            for (i, thread) in live.iter().enumerate() {
+                let answered = matches!(&pause.answers[i], Some((c, _)) if *c == capture);
+                if !answered && done[i].is_none() {
+                    missing.push((i, *thread));
+                }
+            }
+            if missing.is_empty() {
+                let mut out = Vec::with_capacity(live.len());
+                for (i, result) in done.iter().enumerate() {
+                    match (result, pause.answers[i].take()) {
+                        (_, Some((c, state))) if c == capture => out.push(VcpuSnapshot::Running(
+                            Box::new(state.map_err(|e| format!("vCPU {i}: {e}"))?),
+                        )),
+                        (Some(result), _) => out.push(VcpuSnapshot::Done { result: *result }),
+                        (None, _) => return Err(format!("vCPU {i} gave no state")),
+                    }
+                }
+                return Ok(out);
+            }
+            if self.stopping() {
+                return Err("the VM was stopped during the capture".into());
+            }
+            if Instant::now() >= deadline {
+                let which: Vec<usize> = missing.iter().map(|m| m.0).collect();
+                return Err(format!(
+                    "vCPUs {which:?} did not park within {PAUSE_LIMIT:?} to give their state"
+                ));
+            }
+            for (_, thread) in &missing {
+                if let Some(thread) = thread {
+                    // SAFETY: as in `request_stop`: a registered thread is live.
+                    unsafe { libc::pthread_kill(*thread, kick_signal()) };
+                }
+            }
+            self.pause_changed
+                .wait_for(&mut pause, std::time::Duration::from_micros(500));
+        }
     }
 
     /// Whether a stop was requested.

@@ -18,6 +18,7 @@ pub mod control;
 pub mod cpu_setup;
 pub mod hypercall;
 pub mod ram;
+pub mod state;
 pub mod vcpu;
 
 use std::sync::Arc;
@@ -33,6 +34,7 @@ use crate::guest::layout::{self, VcpuParams, CODE_ADDR, CODE_MAX, PAGE, PARAMS_A
 use crate::guest::{model, programs, Workload};
 use control::VmControl;
 pub use ram::GuestRam;
+pub use state::{MicroVmState, VcpuSnapshot, VcpuState};
 use vcpu::VcpuThread;
 pub use vcpu::{RegisterDump, VcpuOutcome};
 
@@ -96,6 +98,12 @@ pub struct MicroVm {
     threads: Vec<JoinHandle<VcpuOutcome>>,
     watchdog: Option<JoinHandle<()>>,
     started_at: Option<Instant>,
+    /// Time run before this VM was restored from a snapshot (zero for a
+    /// VM created fresh): counted in its time limit and run time.
+    ran_before: Duration,
+    /// Per vCPU, the DONE result it had made before a snapshot (it does
+    /// not run again).
+    done_before: Vec<Option<u64>>,
 }
 
 impl MicroVm {
@@ -103,6 +111,31 @@ impl MicroVm {
     /// keeps mapped until this VM is dropped or waited for) as slot 0, writes
     /// page tables, GDT, parameter blocks and code, and creates the vCPUs.
     pub fn create(kvm: &Kvm, spec: MicroVmSpec, ram: GuestRam) -> anyhow::Result<MicroVm> {
+        MicroVm::build(kvm, spec, ram, None)
+    }
+
+    /// A VM that goes on from `state` on `ram`, which already holds the
+    /// snapshot's memory (page tables, parameters, code and data as the
+    /// captured VM left them): nothing is written to RAM; the fresh vCPUs
+    /// get the saved states. vCPUs that were done stay done.
+    pub fn restore(
+        kvm: &Kvm,
+        spec: MicroVmSpec,
+        ram: GuestRam,
+        state: &MicroVmState,
+    ) -> anyhow::Result<MicroVm> {
+        let mut vm = MicroVm::build(kvm, spec, ram, Some(state))?;
+        vm.ran_before = Duration::from_nanos(state.run_time_ns);
+        *vm.log.lock() = state.log.clone();
+        Ok(vm)
+    }
+
+    fn build(
+        kvm: &Kvm,
+        spec: MicroVmSpec,
+        ram: GuestRam,
+        restored: Option<&MicroVmState>,
+    ) -> anyhow::Result<MicroVm> {
         let name = spec.name.clone();
         let ctx = || format!("creating micro-VM {name}");
         if !ram.host_addr.is_multiple_of(PAGE as usize) {
@@ -126,16 +159,26 @@ impl MicroVm {
             );
         }
         control::install_kick_handler()?;
-
-        cpu_setup::write_tables(&ram, ram.size as u64);
-        ram.zero(PARAMS_ADDR, PAGE);
-        for p in &params {
-            ram.write_words(p.block_addr(), &p.block());
-        }
-        ram.zero(SYNC_ADDR, PAGE);
-        ram.write(CODE_ADDR, &code);
-        if let Some(p) = params.first() {
-            ram.zero(p.shared_base, p.base - p.shared_base);
+        if let Some(state) = restored {
+            if state.vcpus.len() != params.len() {
+                bail!(
+                    "{}: the saved state has {} vCPUs, the spec {}",
+                    ctx(),
+                    state.vcpus.len(),
+                    params.len()
+                );
+            }
+        } else {
+            cpu_setup::write_tables(&ram, ram.size as u64);
+            ram.zero(PARAMS_ADDR, PAGE);
+            for p in &params {
+                ram.write_words(p.block_addr(), &p.block());
+            }
+            ram.zero(SYNC_ADDR, PAGE);
+            ram.write(CODE_ADDR, &code);
+            if let Some(p) = params.first() {
+                ram.zero(p.shared_base, p.base - p.shared_base);
+            }
         }
 
         let vm = kvm.create_vm().context("KVM_CREATE_VM").with_context(ctx)?;
@@ -160,8 +203,14 @@ impl MicroVm {
                 let vcpu = vm
                     .create_vcpu(i as u64)
                     .with_context(|| format!("creating vCPU {i}"))?;
-                cpu_setup::setup_vcpu(&vcpu, &cpuid, i)
-                    .with_context(|| format!("setting up vCPU {i}"))?;
+                match restored.map(|s| &s.vcpus[i]) {
+                    None => cpu_setup::setup_vcpu(&vcpu, &cpuid, i)
+                        .with_context(|| format!("setting up vCPU {i}"))?,
+                    Some(VcpuSnapshot::Running(state)) => state
+                        .apply(&vcpu, &cpuid)
+                        .map_err(|e| anyhow::anyhow!("restoring vCPU {i}: {e}"))?,
+                    Some(VcpuSnapshot::Done { .. }) => {}
+                }
                 Ok(vcpu)
             })
             .collect::<anyhow::Result<Vec<_>>>()
@@ -183,6 +232,18 @@ impl MicroVm {
             threads: Vec::new(),
             watchdog: None,
             started_at: None,
+            ran_before: Duration::ZERO,
+            done_before: match restored {
+                Some(state) => state
+                    .vcpus
+                    .iter()
+                    .map(|v| match v {
+                        VcpuSnapshot::Done { result } => Some(*result),
+                        VcpuSnapshot::Running(_) => None,
+                    })
+                    .collect(),
+                None => Vec::new(),
+            },
         })
     }
 
@@ -194,7 +255,17 @@ impl MicroVm {
         }
         self.started_at = Some(Instant::now());
         let vcpus = std::mem::take(&mut self.vcpus);
+        // vCPUs done before a snapshot have no thread.
+        for (index, done) in self.done_before.iter().enumerate() {
+            if let Some(result) = done {
+                self.control.set_done(index, *result);
+                self.control.unregister(index);
+            }
+        }
         for (index, vcpu) in vcpus.into_iter().enumerate() {
+            if self.done_before.get(index).is_some_and(Option::is_some) {
+                continue;
+            }
             let thread = VcpuThread {
                 index,
                 vcpu,
@@ -214,7 +285,9 @@ impl MicroVm {
                     self.control
                         .request_stop(format!("spawning vCPU {index}'s thread failed: {e}"));
                     for never in index..self.params.len() {
-                        self.control.unregister(never);
+                        if self.done_before.get(never).is_none_or(Option::is_none) {
+                            self.control.unregister(never);
+                        }
                     }
                     bail!(
                         "micro-VM {}: spawning vCPU {index}'s thread: {e}",
@@ -224,7 +297,7 @@ impl MicroVm {
             }
         }
         let control = self.control.clone();
-        let deadline = Instant::now() + self.spec.time_limit;
+        let deadline = Instant::now() + self.spec.time_limit.saturating_sub(self.ran_before);
         let limit = self.spec.time_limit;
         self.watchdog = Some(
             std::thread::Builder::new()
@@ -285,8 +358,8 @@ impl MicroVm {
             }
         }
         let run_time = match (self.started_at, self.control.finished_at()) {
-            (Some(start), Some(end)) => end.saturating_duration_since(start),
-            _ => Duration::ZERO,
+            (Some(start), Some(end)) => end.saturating_duration_since(start) + self.ran_before,
+            _ => self.ran_before,
         };
         VmOutcome {
             name: self.spec.name.clone(),
@@ -296,9 +369,48 @@ impl MicroVm {
         }
     }
 
-    /// Joins the vCPU threads and the watchdog.
+    /// Joins the vCPU threads and the watchdog; vCPUs done before a
+    /// snapshot report their result from then.
     fn join(&mut self) -> Vec<VcpuOutcome> {
-        crate::vm::vcpu::join_vcpu_threads(std::mem::take(&mut self.threads), self.watchdog.take())
+        let mut ran = crate::vm::vcpu::join_vcpu_threads(
+            std::mem::take(&mut self.threads),
+            self.watchdog.take(),
+        )
+        .into_iter();
+        (0..self.params.len())
+            .map(|i| match self.done_before.get(i).copied().flatten() {
+                Some(result) => VcpuOutcome::Done {
+                    result,
+                    expected: None,
+                },
+                None => ran.next().unwrap_or(VcpuOutcome::NotRun),
+            })
+            .collect()
+    }
+
+    /// The VM's state apart from its memory, for a snapshot. The caller
+    /// has paused the VM (`pauser().pause()`) and keeps it paused while it
+    /// reads the memory.
+    pub fn capture_state(&self) -> anyhow::Result<MicroVmState> {
+        let name = &self.spec.name;
+        let Some(started) = self.started_at else {
+            bail!("micro-VM {name} has not started");
+        };
+        let vcpus = self
+            .control
+            .capture_parked()
+            .map_err(|e| anyhow::anyhow!("micro-VM {name}: capturing its vCPUs: {e}"))?;
+        Ok(MicroVmState {
+            vcpus,
+            log: self.log.lock().clone(),
+            run_time_ns: (self.ran_before + started.elapsed()).as_nanos() as u64,
+            progress: self.progress(),
+        })
+    }
+
+    /// The VM's spec (name, vCPU placement, workload, time limit).
+    pub fn spec(&self) -> &MicroVmSpec {
+        &self.spec
     }
 
     /// The vCPUs' parameters, in vCPU order.

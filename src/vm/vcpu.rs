@@ -14,9 +14,10 @@ use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::Serialize;
 
-use super::control::{KickTarget, VmControl};
+use super::control::{KickTarget, Parked, VmControl};
 use super::hypercall::{read_log_line, Hypercall};
 use super::ram::GuestRam;
+use super::state::VcpuState;
 use super::VcpuPlacement;
 
 /// How one vCPU ended.
@@ -287,7 +288,12 @@ fn steps<L: VcpuLoop>(thread: &mut L) -> Ended<L::End> {
         if thread.control().stopping() {
             return Ended::Stopped;
         }
-        thread.control().park_if_paused();
+        let index = thread.index();
+        if let Parked::Capture(capture) = thread.control().park_if_paused(index) {
+            let state = VcpuState::capture(thread.vcpu_mut());
+            thread.control().answer_capture(index, capture, state);
+            continue;
+        }
         if thread.control().stopping() {
             return Ended::Stopped;
         }
@@ -390,10 +396,13 @@ impl VcpuThread {
     pub fn run(mut self) -> VcpuOutcome {
         self.control.register(self.index);
         let outcome = match run_vcpu_loop(&mut self) {
-            Ended::Guest(result) => VcpuOutcome::Done {
-                result,
-                expected: None,
-            },
+            Ended::Guest(result) => {
+                self.control.set_done(self.index, result);
+                VcpuOutcome::Done {
+                    result,
+                    expected: None,
+                }
+            }
             Ended::Failed(reason) => failed_outcome(&self, reason),
             Ended::Stopped => stopped_outcome(&self),
         };

@@ -1,0 +1,480 @@
+//! The snapshot file (described for users in `docs/snapshot-format.md`).
+//!
+//! ```text
+//! header   "DISCOSNP"  version u32  meta_len u32  meta_crc u32   (20 bytes, little-endian)
+//! meta     meta_len bytes of JSON (serde_json of `Meta`), CRC-32 meta_crc
+//! blocks   "PAGE" count u32 index_len u32 crc u32  index  count x 4096 bytes
+//! end      "END!" 0 u32 8 u32 crc u32  total_pages u64
+//! ```
+//!
+//! * The metadata (the VM's spec and its vCPU and micro-VM state) is JSON:
+//!   a few KiB per vCPU, self-describing (the workload keeps the tagged
+//!   form the config and the API use), and readable with `jq` after
+//!   skipping the 20-byte header.
+//! * Memory is stored **by machine page**: each page once, with the list of
+//!   guest frames that map it (the block's `index`, postcard of
+//!   `Vec<Vec<u64>>`: one list of frames per page, varint-coded, so a
+//!   run of private pages costs a few bytes each). Holes and pages of zeros
+//!   are not stored: a restore maps fresh (zero) pages there.
+//! * Page bytes are raw, in blocks of at most [`BLOCK_PAGES`] pages after
+//!   their index, not inside a serde structure: a page is 4096 opaque
+//!   bytes, so a serialiser adds nothing but a length prefix, and raw
+//!   blocks can be written and read in a stream with bounded memory (a
+//!   256 MiB guest is never held whole), straight from and into pool pages,
+//!   which is also what a migration stream needs.
+//! * Each part is checked: the metadata by its CRC-32, each block by one
+//!   CRC-32 over its index and pages (crc32fast), so a corrupted byte is
+//!   reported with the block it is in. The end marker carries the number of
+//!   pages, so a file cut anywhere (even between blocks) is reported as
+//!   truncated, and bytes after it are refused.
+//! * The version is checked before anything else is read: a reader refuses
+//!   a file of another version rather than guessing.
+
+use std::io::{Read, Write};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::guest::Workload;
+use crate::memory::PageImage;
+use crate::vm::MicroVmState;
+use crate::PAGE_SIZE;
+
+/// The first bytes of every snapshot.
+pub const MAGIC: &[u8; 8] = b"DISCOSNP";
+/// The format this build writes and reads.
+pub const VERSION: u32 = 1;
+/// Most pages in one block.
+pub const BLOCK_PAGES: usize = 256;
+/// Largest metadata accepted (a VM of 64 vCPUs needs about 1 MiB).
+pub const MAX_META_BYTES: u32 = 16 << 20;
+/// Largest block index accepted (every frame of a 256-page block listed:
+/// generous for pages shared by many frames).
+pub const MAX_INDEX_BYTES: u32 = 64 << 20;
+
+const BLOCK_TAG: &[u8; 4] = b"PAGE";
+const END_TAG: &[u8; 4] = b"END!";
+
+/// The VM a snapshot was taken of, as the monitor built it (a micro-VM:
+/// Linux guests are not snapshotted).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmMeta {
+    pub name: String,
+    pub vcpu_nodes: Vec<usize>,
+    pub memory_mib: u64,
+    pub memory_node: usize,
+    pub workload: Workload,
+    pub time_limit_ms: u64,
+    pub sharing_domain: String,
+}
+
+/// Everything in a snapshot but its memory.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Meta {
+    /// The program that wrote it (`disco 0.1.0`), for messages.
+    pub written_by: String,
+    pub vm: VmMeta,
+    pub state: MicroVmState,
+    /// Guest frames (the VM's memory in pages).
+    pub frames: u64,
+}
+
+/// Writes a snapshot to `W` as pages come: [`SnapshotWriter::push`] each
+/// page, then [`SnapshotWriter::finish`].
+pub struct SnapshotWriter<W: Write> {
+    out: W,
+    block: Vec<PageImage>,
+    pages: u64,
+    bytes: u64,
+}
+
+impl<W: Write> SnapshotWriter<W> {
+    /// Writes the header and the metadata.
+    pub fn new(mut out: W, meta: &Meta) -> Result<SnapshotWriter<W>> {
+        let json = serde_json::to_vec(meta).context("encoding the snapshot's metadata")?;
+        let mut header = Vec::with_capacity(20);
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&VERSION.to_le_bytes());
+        header.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        header.extend_from_slice(&crc32fast::hash(&json).to_le_bytes());
+        out.write_all(&header)?;
+        out.write_all(&json)?;
+        Ok(SnapshotWriter {
+            out,
+            block: Vec::with_capacity(BLOCK_PAGES),
+            pages: 0,
+            bytes: (header.len() + json.len()) as u64,
+        })
+    }
+
+    /// Adds one page (written once its block is full).
+    pub fn push(&mut self, page: PageImage) -> Result<()> {
+        anyhow::ensure!(page.bytes.len() == PAGE_SIZE, "a page is {PAGE_SIZE} bytes");
+        anyhow::ensure!(!page.frames.is_empty(), "a page needs a frame");
+        self.block.push(page);
+        if self.block.len() == BLOCK_PAGES {
+            self.flush_block()?;
+        }
+        Ok(())
+    }
+
+    fn flush_block(&mut self) -> Result<()> {
+        if self.block.is_empty() {
+            return Ok(());
+        }
+        let frames: Vec<&[u64]> = self.block.iter().map(|p| p.frames.as_slice()).collect();
+        let index = postcard::to_allocvec(&frames).context("encoding a page block's index")?;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&index);
+        for p in &self.block {
+            crc.update(&p.bytes);
+        }
+        let mut head = Vec::with_capacity(16);
+        head.extend_from_slice(BLOCK_TAG);
+        head.extend_from_slice(&(self.block.len() as u32).to_le_bytes());
+        head.extend_from_slice(&(index.len() as u32).to_le_bytes());
+        head.extend_from_slice(&crc.finalize().to_le_bytes());
+        self.out.write_all(&head)?;
+        self.out.write_all(&index)?;
+        for p in &self.block {
+            self.out.write_all(&p.bytes)?;
+        }
+        self.pages += self.block.len() as u64;
+        self.bytes += (head.len() + index.len() + self.block.len() * PAGE_SIZE) as u64;
+        self.block.clear();
+        Ok(())
+    }
+
+    /// Writes the last block and the end marker; returns the output, the
+    /// pages written and the bytes written.
+    pub fn finish(mut self) -> Result<(W, u64, u64)> {
+        self.flush_block()?;
+        let total = self.pages.to_le_bytes();
+        let mut end = Vec::with_capacity(24);
+        end.extend_from_slice(END_TAG);
+        end.extend_from_slice(&0u32.to_le_bytes());
+        end.extend_from_slice(&8u32.to_le_bytes());
+        end.extend_from_slice(&crc32fast::hash(&total).to_le_bytes());
+        end.extend_from_slice(&total);
+        self.out.write_all(&end)?;
+        self.out.flush()?;
+        Ok((self.out, self.pages, self.bytes + end.len() as u64))
+    }
+}
+
+/// Reads a snapshot from `R`: [`SnapshotReader::open`] checks the header
+/// and returns the metadata; the reader then yields the pages, each block
+/// checked before its pages come out, and ends after the end marker.
+/// Every error names `source` (the file) and what is wrong.
+pub struct SnapshotReader<R: Read> {
+    input: R,
+    source: String,
+    frames: u64,
+    /// Pages of the current block not handed out yet, in order.
+    pending: std::collections::VecDeque<PageImage>,
+    blocks: u64,
+    pages: u64,
+    done: bool,
+    failed: bool,
+}
+
+/// Reads exactly `buf.len()` bytes, or says the file is truncated (`what`:
+/// where it ended).
+fn read_exact_or_truncated<R: Read>(
+    input: &mut R,
+    buf: &mut [u8],
+    source: &str,
+    what: &str,
+) -> Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        match input.read(&mut buf[got..]) {
+            Ok(0) => bail!("{source}: truncated: the file ends inside {what}"),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).with_context(|| format!("{source}: reading {what}")),
+        }
+    }
+    Ok(())
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+impl<R: Read> SnapshotReader<R> {
+    /// Reads and checks the header and the metadata.
+    pub fn open(mut input: R, source: &str) -> Result<(Meta, SnapshotReader<R>)> {
+        let mut header = [0u8; 20];
+        let mut got = 0;
+        while got < header.len() {
+            match input.read(&mut header[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e).with_context(|| format!("{source}: reading its header")),
+            }
+        }
+        if got < MAGIC.len() || &header[..8] != MAGIC {
+            bail!(
+                "{source}: not a disco snapshot (it does not start with {:?})",
+                std::str::from_utf8(MAGIC).expect("ASCII")
+            );
+        }
+        if got < header.len() {
+            bail!("{source}: truncated: the file ends inside its header");
+        }
+        let version = u32_at(&header, 8);
+        if version != VERSION {
+            bail!(
+                "{source}: snapshot format version {version}, this disco reads version {VERSION} only"
+            );
+        }
+        let (len, crc) = (u32_at(&header, 12), u32_at(&header, 16));
+        if len > MAX_META_BYTES {
+            bail!(
+                "{source}: corrupted: metadata of {len} bytes, more than the {MAX_META_BYTES} allowed"
+            );
+        }
+        let mut json = vec![0u8; len as usize];
+        read_exact_or_truncated(&mut input, &mut json, source, "its metadata")?;
+        if crc32fast::hash(&json) != crc {
+            bail!("{source}: corrupted: the metadata's checksum does not match");
+        }
+        let meta: Meta = serde_json::from_slice(&json)
+            .with_context(|| format!("{source}: corrupted: its metadata does not decode"))?;
+        let frames = meta.frames;
+        Ok((
+            meta,
+            SnapshotReader {
+                input,
+                source: source.to_string(),
+                frames,
+                pending: Default::default(),
+                blocks: 0,
+                pages: 0,
+                done: false,
+                failed: false,
+            },
+        ))
+    }
+
+    /// Reads the next block (or the end marker) into `pending`.
+    fn next_block(&mut self) -> Result<()> {
+        let source = self.source.clone();
+        let block = self.blocks + 1;
+        let mut head = [0u8; 16];
+        read_exact_or_truncated(
+            &mut self.input,
+            &mut head,
+            &source,
+            &format!(
+                "the header of block {block} (no end marker after {} pages)",
+                self.pages
+            ),
+        )?;
+        let (count, index_len, crc) = (u32_at(&head, 4), u32_at(&head, 8), u32_at(&head, 12));
+        if &head[..4] == END_TAG {
+            if count != 0 || index_len != 8 {
+                bail!("{source}: corrupted: a malformed end marker");
+            }
+            let mut total = [0u8; 8];
+            read_exact_or_truncated(&mut self.input, &mut total, &source, "the end marker")?;
+            if crc32fast::hash(&total) != crc {
+                bail!("{source}: corrupted: the end marker's checksum does not match");
+            }
+            let total = u64::from_le_bytes(total);
+            if total != self.pages {
+                bail!(
+                    "{source}: corrupted: the end marker counts {total} pages, the blocks held {}",
+                    self.pages
+                );
+            }
+            let mut extra = [0u8; 1];
+            if self.input.read(&mut extra)? != 0 {
+                bail!("{source}: corrupted: data after the end marker");
+            }
+            self.done = true;
+            return Ok(());
+        }
+        if &head[..4] != BLOCK_TAG {
+            bail!("{source}: corrupted: block {block} does not start with a block tag");
+        }
+        if count == 0 || count as usize > BLOCK_PAGES || index_len > MAX_INDEX_BYTES {
+            bail!(
+                "{source}: corrupted: block {block} claims {count} pages and a {index_len}-byte index"
+            );
+        }
+        let what = format!("block {block} (pages {}..)", self.pages);
+        let mut index = vec![0u8; index_len as usize];
+        read_exact_or_truncated(&mut self.input, &mut index, &source, &what)?;
+        let mut bytes = vec![0u8; count as usize * PAGE_SIZE];
+        read_exact_or_truncated(&mut self.input, &mut bytes, &source, &what)?;
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&index);
+        hasher.update(&bytes);
+        if hasher.finalize() != crc {
+            bail!("{source}: corrupted: the checksum of {what} does not match");
+        }
+        let frames: Vec<Vec<u64>> = postcard::from_bytes(&index)
+            .with_context(|| format!("{source}: corrupted: the index of {what} does not decode"))?;
+        if frames.len() != count as usize {
+            bail!(
+                "{source}: corrupted: {what} indexes {} pages, holds {count}",
+                frames.len()
+            );
+        }
+        for (i, f) in frames.into_iter().enumerate() {
+            if f.is_empty() || f.iter().any(|&g| g >= self.frames) {
+                bail!(
+                    "{source}: corrupted: a page of {what} names no frame or one outside the \
+                     guest's {} frames",
+                    self.frames
+                );
+            }
+            self.pending.push_back(PageImage {
+                frames: f,
+                bytes: bytes[i * PAGE_SIZE..(i + 1) * PAGE_SIZE].to_vec(),
+            });
+        }
+        self.blocks += 1;
+        self.pages += count as u64;
+        Ok(())
+    }
+}
+
+impl<R: Read> Iterator for SnapshotReader<R> {
+    type Item = Result<PageImage>;
+
+    fn next(&mut self) -> Option<Result<PageImage>> {
+        loop {
+            if let Some(p) = self.pending.pop_front() {
+                return Some(Ok(p));
+            }
+            if self.done || self.failed {
+                return None;
+            }
+            if let Err(e) = self.next_block() {
+                self.failed = true;
+                return Some(Err(e));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::VcpuSnapshot;
+
+    fn meta(frames: u64) -> Meta {
+        Meta {
+            written_by: "test".into(),
+            vm: VmMeta {
+                name: "t".into(),
+                vcpu_nodes: vec![0],
+                memory_mib: frames / 256,
+                memory_node: 0,
+                workload: Workload::Fill {
+                    seed: 1,
+                    private_seed: 1,
+                    shared_percent: 100,
+                    shared_run: 1,
+                },
+                time_limit_ms: 1000,
+                sharing_domain: "default".into(),
+            },
+            state: MicroVmState {
+                vcpus: vec![VcpuSnapshot::Done { result: 7 }],
+                log: vec!["vcpu0: hello".into()],
+                run_time_ns: 5,
+                progress: (1, 2),
+            },
+            frames,
+        }
+    }
+
+    /// 300 pages (two blocks), some shared by several frames.
+    fn pages() -> Vec<PageImage> {
+        (0..300u64)
+            .map(|i| PageImage {
+                frames: if i % 7 == 0 {
+                    vec![i, 1000 + i]
+                } else {
+                    vec![i]
+                },
+                bytes: vec![(i % 251) as u8 + 1; PAGE_SIZE],
+            })
+            .collect()
+    }
+
+    fn file() -> Vec<u8> {
+        let mut w = SnapshotWriter::new(Vec::new(), &meta(2048)).unwrap();
+        for p in pages() {
+            w.push(p).unwrap();
+        }
+        let (out, n, bytes) = w.finish().unwrap();
+        assert_eq!((n, bytes), (300, out.len() as u64));
+        out
+    }
+
+    fn read(bytes: &[u8]) -> Result<(Meta, Vec<PageImage>)> {
+        let (meta, reader) = SnapshotReader::open(bytes, "snapshot t.snap")?;
+        let pages = reader.collect::<Result<Vec<_>>>()?;
+        Ok((meta, pages))
+    }
+
+    #[test]
+    fn round_trip() {
+        let (meta, got) = read(&file()).unwrap();
+        assert_eq!(meta.vm, self::meta(2048).vm);
+        assert_eq!(meta.state.log, ["vcpu0: hello"]);
+        assert_eq!(got, pages());
+    }
+
+    #[test]
+    fn every_cut_is_truncated() {
+        let f = file();
+        for len in (0..f.len()).step_by(997).chain([8, 19, 20, f.len() - 1]) {
+            let e = read(&f[..len]).expect_err("a cut file is refused");
+            let text = format!("{e:#}");
+            assert!(text.starts_with("snapshot t.snap: "), "{text}");
+            assert!(
+                text.contains("truncated") || (len < 8 && text.contains("not a disco snapshot")),
+                "cut at {len}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_flipped_byte_is_caught() {
+        let f = file();
+        for at in (0..f.len()).step_by(4099) {
+            let mut bad = f.clone();
+            bad[at] ^= 0x10;
+            let e = read(&bad)
+                .err()
+                .unwrap_or_else(|| panic!("byte {at} flipped"));
+            let text = format!("{e:#}");
+            assert!(
+                text.contains("corrupted")
+                    || text.contains("not a disco snapshot")
+                    || text.contains("version"),
+                "byte {at}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn frames_outside_the_guest_are_refused() {
+        let mut w = SnapshotWriter::new(Vec::new(), &meta(256)).unwrap();
+        w.push(PageImage {
+            frames: vec![300],
+            bytes: vec![1; PAGE_SIZE],
+        })
+        .unwrap();
+        let (out, _, _) = w.finish().unwrap();
+        let e = format!("{:#}", read(&out).err().unwrap());
+        assert!(e.contains("outside the guest's 256 frames"), "{e}");
+    }
+}

@@ -1,0 +1,127 @@
+//! Snapshots of micro-VMs: one file holds a VM's spec, its vCPU and
+//! micro-VM state ([`crate::vm::MicroVmState`]) and its memory by machine
+//! page ([`format`]). This module is the glue between the file and the
+//! memory layer: [`write`] streams a paused VM's pages
+//! ([`crate::memory::Memory::image_chunk`]) into a temporary file that is
+//! renamed into place only once complete, and [`open`] checks a file's
+//! header and metadata and hands back a reader whose pages feed
+//! [`crate::memory::Memory::create_spaces_from_image`]. The monitor's
+//! operations (`Monitor::snapshot_vm`, `restore_vm`, `clone_vms`) are built
+//! on these.
+
+pub mod format;
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+pub use format::{Meta, SnapshotReader, SnapshotWriter, VmMeta, VERSION};
+
+use crate::memory::{Gfn, Memory, VmId};
+
+/// Largest snapshot file a restore opens (a 64 GiB guest with every page
+/// distinct, plus its metadata).
+pub const MAX_SNAPSHOT_BYTES: u64 = 65 << 30;
+
+/// Frames read per hold of the memory lock while a snapshot is written.
+const CHUNK_FRAMES: u64 = 4096;
+
+/// What writing a snapshot did.
+#[derive(Clone, Debug, Serialize)]
+pub struct WriteStats {
+    pub path: String,
+    /// Guest frames.
+    pub frames: u64,
+    /// Machine pages stored (each once, whatever number of frames map it).
+    pub pages: u64,
+    /// Frames that map a stored page (the others were holes or zeros).
+    pub frames_stored: u64,
+    pub bytes: u64,
+}
+
+/// The temporary name a snapshot is written under before it is renamed:
+/// `.NAME.partial-PID` in the same directory (a rename within one file
+/// system is atomic).
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "snapshot".into());
+    path.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+}
+
+/// Writes a snapshot of `vm` (paused by the caller, with `meta` captured)
+/// to `path`: header and metadata, then every machine page the VM maps
+/// once, read `CHUNK_FRAMES` frames per hold of the memory lock. Written
+/// to a temporary file, synced, then renamed to `path`; on any error the
+/// temporary file is removed and `path` is untouched.
+pub fn write(memory: &Memory, vm: VmId, meta: &Meta, path: &Path) -> Result<WriteStats> {
+    let shown = path.display().to_string();
+    let temp = temp_path(path);
+    let result = (|| -> Result<WriteStats> {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .with_context(|| format!("creating {}", temp.display()))?;
+        let mut writer = SnapshotWriter::new(BufWriter::with_capacity(1 << 20, file), meta)?;
+        let mut recorded = vec![false; meta.frames as usize];
+        let mut frames_stored = 0;
+        let mut first: Gfn = 0;
+        while first < meta.frames {
+            let end = (first + CHUNK_FRAMES).min(meta.frames);
+            for page in memory.image_chunk(vm, first..end, &mut recorded)? {
+                frames_stored += page.frames.len() as u64;
+                writer.push(page)?;
+            }
+            first = end;
+        }
+        let (out, pages, bytes) = writer.finish()?;
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        Ok(WriteStats {
+            path: shown.clone(),
+            frames: meta.frames,
+            pages,
+            frames_stored,
+            bytes,
+        })
+    })();
+    match result {
+        Ok(stats) => {
+            std::fs::rename(&temp, path).with_context(|| {
+                let _ = std::fs::remove_file(&temp);
+                format!("renaming {} to {shown}", temp.display())
+            })?;
+            Ok(stats)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&temp);
+            Err(e.context(format!("writing snapshot {shown}")))
+        }
+    }
+}
+
+/// Opens snapshot `path` (a regular file of at most
+/// [`MAX_SNAPSHOT_BYTES`], opened with `crate::files`), checks its header
+/// and metadata, and returns them with a reader of its pages. Errors name
+/// the file and what is wrong with it.
+pub fn open(path: &Path) -> Result<(Meta, SnapshotReader<BufReader<File>>)> {
+    let shown = path.display().to_string();
+    let (file, size) = crate::files::open(path, crate::files::Kind::Regular, false)
+        .map_err(|e| anyhow::anyhow!("snapshot {shown} {e}"))?;
+    if size > MAX_SNAPSHOT_BYTES {
+        anyhow::bail!(
+            "snapshot {shown} is {}, more than the {} allowed",
+            crate::files::fmt_size(size),
+            crate::files::fmt_size(MAX_SNAPSHOT_BYTES)
+        );
+    }
+    SnapshotReader::open(
+        BufReader::with_capacity(1 << 20, file),
+        &format!("snapshot {shown}"),
+    )
+}

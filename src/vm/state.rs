@@ -1,0 +1,158 @@
+//! A micro-VM's state outside its memory: each vCPU's KVM state and the
+//! micro-VM's own book-keeping, captured with the VM paused and applied to
+//! the fresh vCPUs of a fresh VM (snapshots, clones; later migration).
+//!
+//! What a micro-VM's vCPU holds (see `cpu_setup`): general registers,
+//! segment and control registers (long mode, CPL 3, no IDT), the FPU/SSE
+//! state (XSAVE area), XCR0, the debug registers, a few MSRs and the
+//! pending-event state. A micro-VM has no in-kernel irqchip (no LAPIC,
+//! IOAPIC or PIT: `MicroVm::create` makes none) and no devices, so there is
+//! nothing else to carry. Linux guests (LAPIC, serial, virtio queues) are
+//! not covered: the monitor refuses to snapshot them.
+//!
+//! A vCPU is captured by its own thread while it is parked (see
+//! `VmControl::capture_parked`): the thread first completes an exit left
+//! half-done (a port I/O read whose data KVM copies into RAX on the next
+//! `KVM_RUN`) by entering `KVM_RUN` with `immediate_exit` set, as the KVM
+//! API asks before state is saved; then it reads the registers.
+
+use kvm_bindings::{
+    kvm_debugregs, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave, CpuId, Msrs,
+};
+use kvm_ioctls::VcpuFd;
+use serde::{Deserialize, Serialize};
+
+/// MSRs a micro-guest's vCPU state depends on (the rest are either in the
+/// segment registers, like EFER and the FS/GS bases, or unused at CPL 3
+/// without interrupts). The time stamp counter is among them so `rdtsc`
+/// goes on from where it was.
+const MSRS: [u32; 9] = [
+    0x10,        // IA32_TSC
+    0x174,       // IA32_SYSENTER_CS
+    0x175,       // IA32_SYSENTER_ESP
+    0x176,       // IA32_SYSENTER_EIP
+    0x277,       // IA32_PAT
+    0xc000_0081, // STAR
+    0xc000_0082, // LSTAR
+    0xc000_0084, // SYSCALL_MASK
+    0xc000_0102, // KERNEL_GS_BASE
+];
+
+/// One vCPU's KVM state (the kvm-bindings structures, serialised as their
+/// raw bytes by kvm-bindings' serde support).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub debugregs: kvm_debugregs,
+    pub mp_state: kvm_mp_state,
+    pub events: kvm_vcpu_events,
+    /// `(index, value)` of the MSRs in [`MSRS`] that KVM could read.
+    pub msrs: Vec<(u32, u64)>,
+}
+
+fn ioctl<T>(what: &str, r: Result<T, kvm_ioctls::Error>) -> Result<T, String> {
+    r.map_err(|e| format!("{what}: {e}"))
+}
+
+impl VcpuState {
+    /// Reads `vcpu`'s state. The caller is the vCPU's own thread, outside
+    /// `KVM_RUN`; a pending port I/O completion is carried out first.
+    pub fn capture(vcpu: &mut VcpuFd) -> Result<VcpuState, String> {
+        vcpu.set_kvm_immediate_exit(1);
+        let completed = vcpu.run().map(|_| ());
+        vcpu.set_kvm_immediate_exit(0);
+        match completed {
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => return Err(format!("completing the last exit (KVM_RUN): {e}")),
+            Ok(()) => return Err("KVM_RUN with immediate_exit ran the guest".into()),
+        }
+        let mut msrs = Msrs::from_entries(
+            &MSRS
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect::<Vec<_>>(),
+        )
+        .map_err(|e| format!("MSR list: {e:?}"))?;
+        // KVM reads the MSRs in order and stops at the first it cannot.
+        let read = ioctl("KVM_GET_MSRS", vcpu.get_msrs(&mut msrs))?;
+        Ok(VcpuState {
+            regs: ioctl("KVM_GET_REGS", vcpu.get_regs())?,
+            sregs: ioctl("KVM_GET_SREGS", vcpu.get_sregs())?,
+            xsave: ioctl("KVM_GET_XSAVE", vcpu.get_xsave())?,
+            xcrs: ioctl("KVM_GET_XCRS", vcpu.get_xcrs())?,
+            debugregs: ioctl("KVM_GET_DEBUGREGS", vcpu.get_debug_regs())?,
+            mp_state: ioctl("KVM_GET_MP_STATE", vcpu.get_mp_state())?,
+            events: ioctl("KVM_GET_VCPU_EVENTS", vcpu.get_vcpu_events())?,
+            msrs: msrs.as_slice()[..read]
+                .iter()
+                .map(|e| (e.index, e.data))
+                .collect(),
+        })
+    }
+
+    /// Puts the state into a fresh vCPU (never run), after `cpuid`.
+    pub fn apply(&self, vcpu: &VcpuFd, cpuid: &CpuId) -> Result<(), String> {
+        ioctl("KVM_SET_CPUID2", vcpu.set_cpuid2(cpuid))?;
+        ioctl("KVM_SET_MP_STATE", vcpu.set_mp_state(self.mp_state))?;
+        ioctl("KVM_SET_SREGS", vcpu.set_sregs(&self.sregs))?;
+        ioctl("KVM_SET_REGS", vcpu.set_regs(&self.regs))?;
+        // SAFETY: the area was read by KVM_GET_XSAVE (4 KiB), whose
+        // features a micro-guest cannot extend (XCR0 is set at CPL 0 only).
+        ioctl("KVM_SET_XSAVE", unsafe { vcpu.set_xsave(&self.xsave) })?;
+        ioctl("KVM_SET_XCRS", vcpu.set_xcrs(&self.xcrs))?;
+        ioctl("KVM_SET_DEBUGREGS", vcpu.set_debug_regs(&self.debugregs))?;
+        let entries: Vec<kvm_msr_entry> = self
+            .msrs
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).map_err(|e| format!("MSR list: {e:?}"))?;
+        let set = ioctl("KVM_SET_MSRS", vcpu.set_msrs(&msrs))?;
+        if set != entries.len() {
+            return Err(format!(
+                "KVM_SET_MSRS set {set} of {} MSRs (refused: {:#x})",
+                entries.len(),
+                entries[set].index
+            ));
+        }
+        ioctl("KVM_SET_VCPU_EVENTS", vcpu.set_vcpu_events(&self.events))?;
+        Ok(())
+    }
+}
+
+/// Where one vCPU of a captured micro-VM was.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum VcpuSnapshot {
+    /// Running (parked): its state.
+    Running(Box<VcpuState>),
+    /// It had made the DONE hypercall with this result; it does not run
+    /// again after a restore.
+    Done { result: u64 },
+}
+
+/// A micro-VM's state apart from its memory: what a restore needs to go
+/// on where the VM stopped. The workload, vCPU placement and time limit
+/// are the VM's spec, which the monitor keeps with it (see
+/// `crate::snapshot::VmMeta`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MicroVmState {
+    pub vcpus: Vec<VcpuSnapshot>,
+    /// The lines the guest had logged.
+    pub log: Vec<String>,
+    /// How long it had run (counts against its time limit and in its run
+    /// time after a restore).
+    pub run_time_ns: u64,
+    /// (done, total) progress when captured, for reports.
+    pub progress: (u64, u64),
+}
