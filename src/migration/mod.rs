@@ -58,6 +58,8 @@ pub struct MigrationReport {
     pub distinct_pages: u64,
     /// `bytes_sent` / (`distinct_pages` x 4096).
     pub bytes_per_distinct_page: f64,
+    /// Pages the guests wrote per second before round 0 (watched 40 ms).
+    pub dirty_pages_per_s: f64,
     /// Highest throttle (share of time the guests were held) used.
     pub throttle_percent: u32,
     pub total_ms: f64,
@@ -92,8 +94,8 @@ impl MigrationReport {
                 self.pages_carried, self.pages_referenced, self.pages_target_had, self.zero_frames
             ),
             format!(
-                "total {:.0} ms, downtime {:.1} ms, throttle up to {} %",
-                self.total_ms, self.downtime_ms, self.throttle_percent
+                "total {:.0} ms, downtime {:.1} ms, guests wrote {:.0} pages/s, throttle up to {} %",
+                self.total_ms, self.downtime_ms, self.dirty_pages_per_s, self.throttle_percent
             ),
         ]
     }

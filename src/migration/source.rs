@@ -258,6 +258,17 @@ struct Throttle {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// The throttle's levels: percent of the time the guests are held.
+const LEVELS: [u32; 6] = [0, 50, 75, 90, 95, 99];
+
+/// How long the guests' write rate is watched before round 0.
+const PROBE: Duration = Duration::from_millis(40);
+
+/// What the stream moves, pages per second, for the throttle's first
+/// level (measured on localhost here: about 1 GB/s; a slower link only
+/// makes the later rounds raise the throttle).
+const STREAM_PAGES_PER_S: f64 = 250_000.0;
+
 /// One throttle period: the guests are held `percent` of it.
 const THROTTLE_PERIOD: Duration = Duration::from_millis(20);
 
@@ -293,6 +304,18 @@ impl Throttle {
             stop,
             thread: Some(thread),
         })
+    }
+
+    /// Starts at the lowest level that lets the guests run at most
+    /// `keep` of the time (0 when `keep` >= 1).
+    fn start_at(&self, keep: f64) -> u32 {
+        let level = LEVELS
+            .iter()
+            .copied()
+            .find(|&p| (100 - p) as f64 / 100.0 <= keep)
+            .unwrap_or(99);
+        self.percent.store(level, Ordering::Relaxed);
+        level
     }
 
     /// Holds the guests longer: 50, 75, 90, 95, 99 %.
@@ -387,6 +410,30 @@ fn run(
     })?;
     s.ask = indexed > 0;
 
+    // How fast the guests write, before round 0: the throttle starts where
+    // their writes stay under a tenth of what the stream moves.
+    let throttle = if options.throttle {
+        Some(Throttle::start(out)?)
+    } else {
+        None
+    };
+    let probed = {
+        std::thread::sleep(PROBE);
+        let m = monitor.lock();
+        out.iter()
+            .map(|o| m.migration_dirty(&o.name))
+            .collect::<Result<Vec<_>>>()?
+            .iter()
+            .flatten()
+            .map(|w| w.count_ones() as u64)
+            .sum::<u64>()
+    };
+    report.dirty_pages_per_s = probed as f64 / PROBE.as_secs_f64();
+    if let Some(t) = &throttle {
+        let keep = 0.1 * STREAM_PAGES_PER_S / report.dirty_pages_per_s.max(1.0);
+        report.throttle_percent = t.start_at(keep);
+    }
+
     // Round 0: every page that holds data.
     let mut distinct: HashSet<u128> = HashSet::new();
     for (k, o) in out.iter().enumerate() {
@@ -411,11 +458,6 @@ fn run(
     report.rounds = 1;
 
     // Later rounds: the pages written meanwhile, until few are.
-    let throttle = if options.throttle {
-        Some(Throttle::start(out)?)
-    } else {
-        None
-    };
     let mut last = u64::MAX;
     loop {
         let bitmaps = {
