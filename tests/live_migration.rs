@@ -134,6 +134,27 @@ impl Serve {
         }
     }
 
+    /// Waits until VM `name` has done `share` of its work (a sweeper past
+    /// its fill: every page holds data); returns its progress.
+    fn progress_share(&self, name: &str, share: f64) -> u64 {
+        let began = Instant::now();
+        loop {
+            let v = self.vm(name);
+            let (done, total) = (
+                v["progress"][0].as_u64().unwrap(),
+                v["progress"][1].as_u64().unwrap(),
+            );
+            if done as f64 >= share * total as f64 {
+                return done;
+            }
+            assert!(
+                began.elapsed() < Duration::from_secs(30),
+                "{name} makes no progress: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn wait_finished(&self, name: &str, limit: Duration) -> Value {
         let began = Instant::now();
         loop {
@@ -197,7 +218,7 @@ fn a_running_guest_moves_to_another_monitor_and_finishes_there() {
     let source = Serve::start("one-src", false);
     let target = Serve::start("one-dst", true);
     source.add("mover", sweeper(32, 5));
-    let before = source.progress_past("mover", 0);
+    let before = source.progress_share("mover", 0.01);
     let report = source.expect(
         "POST",
         "/v1/migrate",
@@ -384,7 +405,7 @@ fn a_cut_connection_leaves_the_vm_running_on_the_source_and_nothing_on_the_targe
     let target = Serve::start("cut-dst", true);
     // A full migration's size, from a twin that goes all the way.
     source.add("twin", sweeper(16, 3));
-    source.progress_past("twin", 0);
+    source.progress_share("twin", 0.01);
     let twin = source.expect(
         "POST",
         "/v1/migrate",
@@ -400,7 +421,7 @@ fn a_cut_connection_leaves_the_vm_running_on_the_source_and_nothing_on_the_targe
     let target_vms: Vec<String> = Vec::new();
 
     source.add("stayer", sweeper(16, 4));
-    let mut progress = source.progress_past("stayer", 0);
+    let mut progress = source.progress_share("stayer", 0.01);
     // Fixed points (inside the handshake, the first frame, the VMs'
     // description) and seeded random ones across the whole stream.
     let mut points = vec![0u64, 5, 12, 40, 200, 5_000];
