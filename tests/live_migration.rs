@@ -301,8 +301,8 @@ fn a_sharing_pair_migrates_together_and_shares_on_the_target() {
     };
     source.add("left", reader(9));
     source.add("right", reader(9));
-    source.progress_past("left", 0);
-    source.progress_past("right", 0);
+    source.progress_share("left", 0.01);
+    source.progress_share("right", 0.01);
     let report = source.expect(
         "POST",
         "/v1/migrate",

@@ -229,6 +229,9 @@ impl Session {
         let mut bytes: HashMap<u128, Vec<u8>> = HashMap::new();
         let mut staged: Vec<(u128, Vec<(usize, Gfn)>)> = Vec::new();
         let mut staged_at: HashMap<u128, usize> = HashMap::new();
+        // Where each content was last placed: a later frame with the same
+        // content maps that page shared.
+        let mut placed: HashMap<u128, (usize, Gfn)> = HashMap::new();
         loop {
             let (msg, body) = wire::recv(r)?;
             match msg {
@@ -279,7 +282,7 @@ impl Session {
                             staged[at].1.extend(owners);
                         } else {
                             for (k, g) in owners {
-                                self.write(k, g, page)?;
+                                self.place(&mut placed, p.hash, k, g, page)?;
                             }
                         }
                     }
@@ -297,6 +300,10 @@ impl Session {
                 Msg::RoundEnd { round } => {
                     if round == 0 {
                         self.build(&frames, &staged, &bytes)?;
+                        placed = staged
+                            .iter()
+                            .filter_map(|(h, owners)| owners.first().map(|&o| (*h, o)))
+                            .collect();
                         staged = Vec::new();
                         staged_at = HashMap::new();
                     }
@@ -411,6 +418,32 @@ impl Session {
             .create_spaces_with_owners(frames, &requests, pages)
             .context("building the guest spaces")?;
         self.spaces = load.spaces;
+        Ok(())
+    }
+
+    /// Frame `gfn` of VM `k` now holds `page` of hash `h`: mapped shared
+    /// onto the frame `placed` last gave that content, when that frame is
+    /// on the same node and still holds these bytes (compared), else
+    /// written.
+    fn place(
+        &self,
+        placed: &mut HashMap<u128, (usize, Gfn)>,
+        h: u128,
+        k: usize,
+        gfn: Gfn,
+        page: &[u8],
+    ) -> Result<()> {
+        if let Some(&(k0, g0)) = placed.get(&h) {
+            let (space0, space) = (self.spaces[k0].0, self.spaces[k].0);
+            if (k0, g0) != (k, gfn)
+                && self.vcs[k0].memory_node == self.vcs[k].memory_node
+                && self.memory.read_guest_page(space0, g0).ok().as_deref() == Some(page)
+            {
+                return self.memory.share_page(space0, g0, space, gfn);
+            }
+        }
+        self.write(k, gfn, page)?;
+        placed.insert(h, (k, gfn));
         Ok(())
     }
 
