@@ -115,6 +115,11 @@ fn required_figures(kind: &str) -> &'static [&'static str] {
             "PUT /v1/vms/{name} p50 (4 VMs running)",
             "PUT /v1/vms/{name} p99 (4 VMs running)",
         ],
+        "live-migration" => &[
+            "sweeper: downtime",
+            "sweeper: bytes sent / distinct non-zero pages",
+            "pair: bytes together / separately",
+        ],
         other => panic!("unexpected kind {other}"),
     }
 }

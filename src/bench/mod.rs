@@ -24,6 +24,7 @@ pub mod bare;
 pub mod compare;
 pub mod density;
 pub mod ksm;
+pub mod live_migration;
 pub mod locality;
 pub mod machine;
 pub mod migration;
