@@ -38,7 +38,7 @@ struct LiveMigration {
 }
 
 /// Sweep passes: more than any run lasts (the VM is removed at the end).
-const PASSES: u64 = 1_000_000;
+const PASSES: u64 = 10_000;
 
 impl LiveMigration {
     fn config_text(&self) -> String {

@@ -65,6 +65,9 @@ pub struct MigrationReport {
     pub total_ms: f64,
     /// From pausing the VMs here until the target said they run.
     pub downtime_ms: f64,
+    /// Within the downtime, ms from the pause: the VMs held; the last
+    /// pages and the states sent; the target's VMs built.
+    pub downtime_parts_ms: Vec<f64>,
 }
 
 impl MigrationReport {

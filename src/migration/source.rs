@@ -355,6 +355,10 @@ impl Drop for Held<'_> {
     }
 }
 
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
 fn connect(to: &str, timeout: Duration) -> Result<TcpStream> {
     let mut last = None;
     for addr in to
@@ -515,6 +519,7 @@ fn run(
         }
         held.paused += 1;
     }
+    report.downtime_parts_ms.push(ms(paused_at));
     let mut last_dirty = 0;
     for (k, o) in out.iter().enumerate() {
         let bitmap = m.migration_dirty(&o.name)?;
@@ -528,9 +533,11 @@ fn run(
     };
     s.send(report, &fin, &[])?;
     s.flush()?;
+    report.downtime_parts_ms.push(ms(paused_at));
     wire::expect(&mut s.r, "the target's ready", |m, _| {
         matches!(m, Msg::Ready).then_some(())
     })?;
+    report.downtime_parts_ms.push(ms(paused_at));
     s.send(report, &Msg::Commit, &[])?;
     s.flush()?;
     wire::expect(&mut s.r, "the target's start", |m, _| {
