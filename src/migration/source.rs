@@ -119,6 +119,16 @@ struct Stream {
 }
 
 impl Stream {
+    /// Ends round `round` and waits until the target has applied it.
+    fn end_round(&mut self, report: &mut MigrationReport, round: u32) -> Result<()> {
+        self.send(report, &Msg::RoundEnd { round }, &[])?;
+        self.flush()?;
+        wire::expect(&mut self.r, "the target to apply a round", |m, _| match m {
+            Msg::Applied { round: r } if r == round => Some(()),
+            _ => None,
+        })
+    }
+
     fn send(&mut self, report: &mut MigrationReport, msg: &Msg, body: &[u8]) -> Result<()> {
         report.bytes_sent += wire::send(&mut self.w, msg, body)?;
         Ok(())
@@ -457,8 +467,7 @@ fn run(
         report.zero_frames += o.frames - stored;
     }
     report.distinct_pages = distinct.len() as u64;
-    s.send(report, &Msg::RoundEnd { round: 0 }, &[])?;
-    s.flush()?;
+    s.end_round(report, 0)?;
     report.rounds = 1;
 
     // Later rounds: the pages written meanwhile, until few are.
@@ -486,14 +495,7 @@ fn run(
         for ((k, o), b) in out.iter().enumerate().zip(&bitmaps) {
             s.dirty(report, memory, k as u32, o, b)?;
         }
-        s.send(
-            report,
-            &Msg::RoundEnd {
-                round: report.rounds,
-            },
-            &[],
-        )?;
-        s.flush()?;
+        s.end_round(report, report.rounds)?;
         report.dirty_pages.push(dirty);
         report.rounds += 1;
         if let Some(t) = &throttle {

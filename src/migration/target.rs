@@ -307,6 +307,8 @@ impl Session {
                         staged = Vec::new();
                         staged_at = HashMap::new();
                     }
+                    wire::send(w, &Msg::Applied { round }, &[])?;
+                    w.flush()?;
                 }
                 Msg::Final { states_json } => {
                     ensure!(

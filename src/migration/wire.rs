@@ -71,6 +71,10 @@ pub enum Msg {
     /// Round `round` is over; after round 0 the target builds the guest
     /// spaces and applies later rounds to them.
     RoundEnd { round: u32 },
+    /// Target: round `round` is applied (after round 0: the spaces are
+    /// built). The source waits for it, so the target never lags a round
+    /// behind and the stop-and-copy does not wait for its backlog.
+    Applied { round: u32 },
     /// The VMs are paused and every page sent: their states
     /// (`Vec<crate::vm::MicroVmState>` as JSON, in VM order).
     Final { states_json: Vec<u8> },
@@ -96,6 +100,7 @@ impl Msg {
             Msg::Pages { .. } => "Pages",
             Msg::Zero { .. } => "Zero",
             Msg::RoundEnd { .. } => "RoundEnd",
+            Msg::Applied { .. } => "Applied",
             Msg::Final { .. } => "Final",
             Msg::Ready => "Ready",
             Msg::Commit => "Commit",
