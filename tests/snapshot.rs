@@ -119,7 +119,7 @@ fn snapshot_and_restore(vc: VmConfig) {
             },
         )
         .unwrap();
-    assert_eq!(restored.names, [name.clone()]);
+    assert_eq!(restored.names, std::slice::from_ref(&name));
     m.memory().verify().unwrap();
     let report = m.wait_vm(&name).unwrap();
     assert_checksums(&report);

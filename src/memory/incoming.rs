@@ -7,8 +7,8 @@
 //! one image): each page names `(space, frame)` owners; it is loaded once
 //! into the pool of each node whose spaces own it and mapped into every
 //! owner there, write-protected and shared when it has more than one owner
-//! on that node (the mapper's rule `shared == write_protected == refcount
-//! > 1`). Frames no page names get fresh pages. Mapped in runs, as image.rs
+//! on that node (the mapper's rule `shared == write_protected ==
+//! refcount > 1`). Frames no page names get fresh pages. Mapped in runs, as image.rs
 //! does: one `mmap` per run of consecutive frames onto consecutive pool
 //! pages, one ranged write-protect per shared run.
 
