@@ -313,6 +313,7 @@ fn bench_all_quick_writes_results_and_compare_finds_a_planted_regression() {
         [
             "api",
             "density",
+            "live-migration",
             "locality",
             "migration",
             "overhead",
