@@ -14,6 +14,7 @@ pub mod kvm_check;
 pub mod leftovers;
 pub mod linux;
 pub mod memory;
+pub mod migration;
 pub mod monitor;
 pub mod numa;
 pub mod report;

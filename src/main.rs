@@ -61,12 +61,16 @@ enum Command {
         /// Print the final report as JSON.
         #[arg(long)]
         json: bool,
+        /// Take live migrations from other monitors on this TCP address
+        /// (HOST:PORT; `disco ctl SOCKET migrate VM HOST:PORT` sends one).
+        #[arg(long, value_name = "ADDR")]
+        migrate_listen: Option<String>,
     },
     /// Send one command to a running monitor's API (`disco serve --api PATH`,
     /// `disco run --api PATH`) and print the answer: status, show VM, add VM
     /// FILE.json, pause / resume / stop / delete VM, move VM NODE [VCPU], pmap
     /// VM, memmap, stats, policy [FILE.json], snapshot VM FILE [resume|stop],
-    /// restore FILE NAME [MEMORY_NODE], clone FILE COUNT|NAMES [NODES]. Against the control socket of
+    /// restore FILE NAME [MEMORY_NODE], clone FILE COUNT|NAMES [NODES], migrate VM[,VM..] HOST:PORT. Against the control socket of
     /// `disco run --control PATH`: `status` or `move VM NODE [VCPU]`.
     Ctl {
         /// The control socket of the run.
@@ -280,6 +284,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             topology,
             policy,
             json,
+            migrate_listen,
         } => {
             disco::signals::install()?;
             let topology = match topology.as_str() {
@@ -306,8 +311,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 api.display(),
                 api.display()
             );
+            if let Some(addr) = &migrate_listen {
+                eprintln!("disco serve: taking live migrations on {addr}");
+            }
             let options = RunOptions {
                 progress: false,
+                migrate_listen,
                 ..RunOptions::default()
             };
             let report = monitor::serve(topology, policy, &api, &options)?;

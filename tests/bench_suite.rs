@@ -123,6 +123,11 @@ fn required_figures(kind: &str) -> &'static [&'static str] {
             "monitor memory (RssAnon) per clone",
             "restore of one VM",
         ],
+        "live-migration" => &[
+            "sweeper: downtime",
+            "sweeper: bytes sent / distinct non-zero pages",
+            "pair: bytes together / separately",
+        ],
         other => panic!("unexpected kind {other}"),
     }
 }
@@ -317,6 +322,7 @@ fn bench_all_quick_writes_results_and_compare_finds_a_planted_regression() {
             "api",
             "clone",
             "density",
+            "live-migration",
             "locality",
             "migration",
             "overhead",

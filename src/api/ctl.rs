@@ -15,7 +15,7 @@ use super::client::{request, Answer};
 pub const USAGE: &str = "commands: status, show VM, add VM FILE.json (- for stdin), pause VM, \
     resume VM, stop VM, delete VM, move VM NODE [VCPU], pmap VM, memmap, stats, \
     policy [FILE.json], snapshot VM FILE [resume|stop], restore FILE NAME [MEMORY_NODE], \
-    clone FILE COUNT|NAME,NAME.. [NODE,NODE..]";
+    clone FILE COUNT|NAME,NAME.. [NODE,NODE..], migrate VM[,VM..] HOST:PORT";
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -114,6 +114,25 @@ pub fn run(socket: &Path, words: &[String]) -> Result<(String, bool)> {
                 "/v1/vms/clone".into(),
                 Some(body.to_string().into_bytes()),
             )
+        }
+        ["migrate", vms, to] => {
+            let body = serde_json::json!({ "vms": vms.split(',').collect::<Vec<_>>(), "to": to });
+            let a = request(
+                socket,
+                "POST",
+                "/v1/migrate",
+                Some(body.to_string().as_bytes()),
+                Duration::from_secs(600),
+            )?;
+            return Ok(match a.status {
+                200 => {
+                    match serde_json::from_value::<crate::migration::MigrationReport>(a.json()) {
+                        Ok(r) => (r.lines().join("\n"), true),
+                        Err(e) => (format!("cannot read the migration's report: {e}"), false),
+                    }
+                }
+                _ => (error_text(&a), false),
+            });
         }
         ["pmap", vm] => ("GET", format!("/v1/vms/{vm}/pmap"), None),
         ["memmap"] => ("GET", "/v1/memmap".into(), None),

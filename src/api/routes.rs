@@ -20,7 +20,8 @@ use serde_json::{json, Value};
 use super::{ApiError, MAX_BODY};
 use crate::config::schema::from_json;
 use crate::config::{
-    policy_from_spec, vm_from_spec, CloneSpec, PolicySpec, RestoreSpec, SnapshotSpec, VmSpec,
+    policy_from_spec, vm_from_spec, CloneSpec, MigrateSpec, PolicySpec, RestoreSpec, SnapshotSpec,
+    VmSpec,
 };
 use crate::monitor::{Monitor, PmapRuns, MEMMAP_CHUNK, PMAP_CHUNK};
 
@@ -41,6 +42,7 @@ pub fn router(monitor: Shared) -> Router {
         .route("/v1/vms/{name}/snapshot", post(snapshot))
         .route("/v1/vms/restore", post(restore))
         .route("/v1/vms/clone", post(clone))
+        .route("/v1/migrate", post(migrate))
         .route("/v1/vms/{name}/pmap", get(pmap))
         .route("/v1/memmap", get(memmap))
         .route("/v1/stats", get(stats))
@@ -308,6 +310,52 @@ async fn restore(State(m): State<Shared>, body: Result<Bytes, BytesRejection>) -
     })
     .await?;
     Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+/// `POST /v1/migrate`: `{"vms": [...], "to": "HOST:PORT", "max_rounds": N,
+/// "throttle": bool}`; answers the migration's report once the target runs
+/// the VMs (they are gone here then). The monitor's lock is not held
+/// through the pre-copy rounds (`crate::migration::migrate`).
+async fn migrate(State(m): State<Shared>, body: Result<Bytes, BytesRejection>) -> Reply {
+    let spec: MigrateSpec = from_json(json_body(body)?, BODY)?;
+    let vms = spec.vms.filter(|v| !v.is_empty()).ok_or_else(|| {
+        ApiError::bad(
+            "vms",
+            format!("{BODY}: key `vms` is required (the VMs to migrate, at least one)"),
+        )
+    })?;
+    let to = spec.to.filter(|t| !t.is_empty()).ok_or_else(|| {
+        ApiError::bad(
+            "to",
+            format!("{BODY}: key `to` is required (HOST:PORT of the target's migration listener)"),
+        )
+    })?;
+    let mut options = crate::migration::MigrateOptions::default();
+    if let Some(n) = spec.max_rounds {
+        if !(1..=1000).contains(&n) {
+            return Err(ApiError::bad(
+                "max_rounds",
+                format!("{BODY}: key `max_rounds`: {n} is not allowed; allowed: 1 to 1000"),
+            ));
+        }
+        options.max_rounds = n as u32;
+    }
+    if let Some(t) = spec.throttle {
+        options.throttle = t;
+    }
+    let report =
+        tokio::task::spawn_blocking(move || crate::migration::migrate(&m, &vms, &to, &options))
+            .await
+            .map_err(|e| ApiError::internal(format!("the request's task failed: {e}")))?;
+    match report {
+        Ok(r) => ok(r),
+        Err(crate::migration::MigrateError::Vm(e)) => Err(e.into()),
+        Err(e @ crate::migration::MigrateError::Failed(_)) => Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            Some("to"),
+            e.to_string(),
+        )),
+    }
 }
 
 /// Most clones one request makes.

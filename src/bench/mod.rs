@@ -27,6 +27,7 @@ pub mod clone;
 pub mod compare;
 pub mod density;
 pub mod ksm;
+pub mod live_migration;
 pub mod locality;
 pub mod machine;
 pub mod migration;

@@ -245,6 +245,11 @@ pub const KINDS: &[Kind] = &[
         prepare: super::clone::prepare,
     },
     Kind {
+        name: "live-migration",
+        about: "a running micro-VM moved between two monitors over TCP: downtime, bytes sent over distinct pages, a sharing pair together against one at a time",
+        prepare: super::live_migration::prepare,
+    },
+    Kind {
         name: "replication",
         about: "VMs on different nodes reading one shared table, under each policy: locality over time, replicas, their memory, the write break",
         prepare: super::replication::prepare,

@@ -21,8 +21,8 @@ use serde::Serialize;
 pub use error::At;
 pub use error::{ConfigError, Result};
 pub use schema::{
-    CloneSpec, ConfigFile, DiskSpec, HostSpec, MoveSpec, NumaSpec, PolicyRef, PolicySpec,
-    RestoreSpec, SharingSpec, SnapshotSpec, VmSpec, WorkloadSpec,
+    CloneSpec, ConfigFile, DiskSpec, HostSpec, MigrateSpec, MoveSpec, NumaSpec, PolicyRef,
+    PolicySpec, RestoreSpec, SharingSpec, SnapshotSpec, VmSpec, WorkloadSpec,
 };
 
 use crate::guest::{layout, Workload};

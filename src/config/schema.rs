@@ -122,6 +122,22 @@ pub struct SnapshotSpec {
     pub then: Option<String>,
 }
 
+/// The body of `POST /v1/migrate`: VMs of this monitor to move, running,
+/// to the monitor listening at `to` (`disco serve --migrate-listen`).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateSpec {
+    /// The VMs (migrated together: pages they share go once).
+    pub vms: Option<Vec<String>>,
+    /// `HOST:PORT` of the target's migration listener.
+    pub to: Option<String>,
+    /// Most pre-copy rounds before stop-and-copy (default 30).
+    pub max_rounds: Option<i64>,
+    /// Hold the guests part of the time when rounds stop shrinking
+    /// (default true).
+    pub throttle: Option<bool>,
+}
+
 /// The body of `POST /v1/vms/restore`.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

@@ -19,6 +19,7 @@
 
 pub mod cow;
 pub mod image;
+pub mod incoming;
 pub mod inspect;
 pub mod mapper;
 pub mod memmap;
@@ -36,6 +37,7 @@ pub use cow::{
     MERGE_BATCH_MAX,
 };
 pub use image::{ImageLoad, PageImage, SpaceRequest};
+pub use incoming::OwnedPage;
 pub use inspect::{FrameView, NodeSharing, PageView};
 pub use mapper::{GuestSpaceStats, Memory, MoveReport, MoveTimes, PoolStats, MOVE_RUN_MAX};
 pub use replica::{FrameLocation, ReplicaStats};

@@ -22,6 +22,7 @@ pub struct Event {
     /// `vm-waiting` (queued for memory), `vm-added`, `vm-started`,
     /// `vm-finished`, `vm-failed`, `vm-paused`, `vm-resumed`, `vm-stopped`,
     /// `vm-removed`, `vm-moved`, `vm-snapshot`, `vm-restored`, `vm-cloned`,
+    /// `vm-migrated`, `vm-migrated-in`, `vm-migration-failed`,
     /// `policy-changed`, `rates`.
     pub kind: String,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -13,6 +13,7 @@
 mod events;
 mod guest;
 mod info;
+mod migrate;
 mod run;
 mod services;
 mod snapshot;
@@ -37,6 +38,7 @@ pub use guest::{build_vm, micro_vm_spec};
 pub use info::{
     MemmapNode, MonitorStats, PmapRun, PmapRuns, VerifySummary, VmInfo, MEMMAP_CHUNK, PMAP_CHUNK,
 };
+pub use migrate::Outgoing;
 pub use run::{run, run_with, run_with_control, serve, serve_until, RunOptions};
 pub use services::settle_limit;
 pub use snapshot::{AfterSnapshot, CloneReport, RestoreOptions, SnapshotReport};

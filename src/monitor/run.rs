@@ -25,6 +25,9 @@ pub struct RunOptions {
     /// Longest wait for the sharing scanner's final passes once the guests
     /// are done; `None`: [`super::settle_limit`] of the guests' memory.
     pub settle_limit: Option<Duration>,
+    /// `disco serve`: take live migrations on this TCP address
+    /// (`crate::migration::Listener`).
+    pub migrate_listen: Option<String>,
 }
 
 impl Default for RunOptions {
@@ -33,6 +36,7 @@ impl Default for RunOptions {
             progress: true,
             verify_every: Duration::from_millis(500),
             settle_limit: None,
+            migrate_listen: None,
         }
     }
 }
@@ -186,6 +190,10 @@ pub fn serve_until(
     monitor.start_services(0)?;
     let monitor = Arc::new(Mutex::new(monitor));
     let server = crate::api::Server::start(api, monitor.clone())?;
+    let listener = match &options.migrate_listen {
+        Some(addr) => Some(crate::migration::Listener::start(addr, monitor.clone())?),
+        None => None,
+    };
     loop {
         let mut m = monitor.lock();
         if let Some(why) = stop() {
@@ -200,6 +208,7 @@ pub fn serve_until(
         drop(m);
         std::thread::sleep(Duration::from_millis(10));
     }
+    drop(listener);
     drop(server);
     let monitor = Arc::into_inner(monitor)
         .expect("the API server has stopped")

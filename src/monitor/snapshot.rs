@@ -335,7 +335,7 @@ impl Monitor {
 
     /// One micro-VM on a space built from an image, with the snapshot's
     /// state; registered with the memory as `build_vm` does.
-    fn restore_one(
+    pub(super) fn restore_one(
         &self,
         vc: &VmConfig,
         space: VmId,
@@ -356,7 +356,7 @@ impl Monitor {
 }
 
 /// The part of a VM's config a snapshot keeps.
-fn vm_meta(vc: &VmConfig) -> VmMeta {
+pub(super) fn vm_meta(vc: &VmConfig) -> VmMeta {
     VmMeta {
         name: vc.name.clone(),
         vcpu_nodes: vc.vcpu_nodes.clone(),
@@ -369,7 +369,7 @@ fn vm_meta(vc: &VmConfig) -> VmMeta {
 }
 
 /// The config of a VM restored from `meta` under `name`.
-fn vm_config(meta: &VmMeta, name: &str) -> VmConfig {
+pub(super) fn vm_config(meta: &VmMeta, name: &str) -> VmConfig {
     VmConfig {
         name: name.to_string(),
         vcpu_nodes: meta.vcpu_nodes.clone(),

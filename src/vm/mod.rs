@@ -462,6 +462,43 @@ impl MicroVm {
     pub fn ram(&self) -> GuestRam {
         self.ram
     }
+
+    /// Turns KVM's dirty logging of guest RAM (slot 0) on or off: slot 0
+    /// registered again with or without `KVM_MEM_LOG_DIRTY_PAGES`. While
+    /// on, KVM write-protects the guest's mappings in its own page tables
+    /// and records each frame the guest writes (live migration's dirty
+    /// tracking, `crate::migration`); the monitor's mappings are untouched.
+    pub fn set_dirty_logging(&self, on: bool) -> anyhow::Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: if on {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
+            guest_phys_addr: 0,
+            memory_size: self.ram.size as u64,
+            userspace_addr: self.ram.host_addr as u64,
+        };
+        // SAFETY: the same mapping as slot 0 was registered with, which
+        // the caller keeps valid for the VM's life.
+        unsafe { self.vm.set_user_memory_region(region) }.with_context(|| {
+            format!(
+                "micro-VM {}: turning dirty logging {}",
+                self.spec.name,
+                if on { "on" } else { "off" }
+            )
+        })
+    }
+
+    /// The frames the guest wrote since dirty logging was turned on or
+    /// since the last call (`KVM_GET_DIRTY_LOG`, which also clears the
+    /// log): one bit per frame, 64 frames a word.
+    pub fn take_dirty_log(&self) -> anyhow::Result<Vec<u64>> {
+        self.vm
+            .get_dirty_log(0, self.ram.size)
+            .with_context(|| format!("micro-VM {}: reading the dirty log", self.spec.name))
+    }
 }
 
 impl Drop for MicroVm {
