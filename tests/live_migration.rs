@@ -430,10 +430,15 @@ fn a_cut_connection_leaves_the_vm_running_on_the_source_and_nothing_on_the_targe
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        points.push(x % total);
+        // Within the first half: the stayer's stream may be shorter.
+        points.push(x % (total / 2));
     }
-    points.push(total * 9 / 10);
+    points.push(total * 45 / 100);
     let mut cuts = 0;
+    // A stream can be shorter than the twin's (fewer pages dirtied between
+    // rounds, which depends on the host's load): a point past its end cuts
+    // nothing, and the VM has then moved.
+    let mut moved = false;
     for &n in &points {
         let proxy = Proxy::start(&target.addr(), n);
         let answer = source.migrate(&["stayer"], &proxy.addr());
@@ -441,6 +446,7 @@ fn a_cut_connection_leaves_the_vm_running_on_the_source_and_nothing_on_the_targe
         if !cut {
             // The stream was shorter than `n`: it must have gone through.
             assert_eq!(answer.status, 200, "cut at {n} of {total}: {}", answer.body);
+            moved = true;
             break;
         }
         cuts += 1;
@@ -475,12 +481,14 @@ fn a_cut_connection_leaves_the_vm_running_on_the_source_and_nothing_on_the_targe
         points.len()
     );
     // After all that it still migrates, and finishes right on the target.
-    source.expect(
-        "POST",
-        "/v1/migrate",
-        Some(json!({"vms": ["stayer"], "to": target.addr()})),
-        200,
-    );
+    if !moved {
+        source.expect(
+            "POST",
+            "/v1/migrate",
+            Some(json!({"vms": ["stayer"], "to": target.addr()})),
+            200,
+        );
+    }
     let done = target.wait_finished("stayer", Duration::from_secs(120));
     assert!(checksums_verified(&done), "{done}");
     assert!(source.names().is_empty());
