@@ -39,7 +39,7 @@ fn start_sweeper(
             })
             .collect(),
         workload: Workload::Sweep { seed, passes: 400 },
-        time_limit: Duration::from_secs(120),
+        time_limit: Duration::from_secs(300),
     };
     let ram = GuestRam {
         host_addr: base,
