@@ -211,6 +211,48 @@ impl Memory {
 }
 
 impl Inner {
+    /// Maps `vm`'s frames `first..first+n` onto pool pages
+    /// `index..index+n` of `node` with one `mmap`, write-protected and
+    /// flagged shared when `shared`, and records each frame in the pmap and
+    /// as its page's owner in the memmap. Restores, clones and incoming
+    /// migrations build their spaces with it.
+    pub(super) fn map_owned_run(
+        &mut self,
+        vm: VmId,
+        first: Gfn,
+        node: NodeId,
+        index: u32,
+        n: usize,
+        shared: bool,
+    ) -> Result<()> {
+        let addr = self.space(vm)?.addr(first);
+        self.map_run(addr, node, index, n, true)?;
+        if shared {
+            self.require_uffd()?
+                .write_protect(addr, n * PAGE_SIZE, true)
+                .context("write-protecting shared guest pages")?;
+        }
+        let flags = PageFlags {
+            shared,
+            write_protected: shared,
+            released: false,
+        };
+        for k in 0..n {
+            let (gfn, page) = (
+                first + k as Gfn,
+                MachinePage {
+                    node: node as u16,
+                    index: index + k as u32,
+                },
+            );
+            self.space_mut(vm)?
+                .pmap
+                .set(gfn, Some(PmapEntry { page, flags }));
+            self.memmap.add_owner(page, vm, gfn);
+        }
+        Ok(())
+    }
+
     /// A new guest space with no frame mapped: the reserved range only.
     pub(super) fn reserve_space(
         &mut self,
@@ -332,31 +374,7 @@ impl Inner {
                     {
                         n += 1;
                     }
-                    let addr = self.space(vm)?.addr(first);
-                    self.map_run(addr, node, index, n, true)?;
-                    if shared {
-                        self.require_uffd()?
-                            .write_protect(addr, n * PAGE_SIZE, true)
-                            .context("write-protecting shared guest pages")?;
-                    }
-                    let flags = PageFlags {
-                        shared,
-                        write_protected: shared,
-                        released: false,
-                    };
-                    for k in 0..n {
-                        let (gfn, page) = (
-                            first + k as Gfn,
-                            MachinePage {
-                                node: node as u16,
-                                index: index + k as u32,
-                            },
-                        );
-                        self.space_mut(vm)?
-                            .pmap
-                            .set(gfn, Some(PmapEntry { page, flags }));
-                        self.memmap.add_owner(page, vm, gfn);
-                    }
+                    self.map_owned_run(vm, first, node, index, n, shared)?;
                     mapped += n as u64;
                     i += n;
                 }

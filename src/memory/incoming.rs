@@ -16,7 +16,6 @@ use anyhow::{bail, ensure, Result};
 
 use super::image::{ImageLoad, SpaceRequest, IMAGE_BATCH};
 use super::mapper::{Inner, Memory};
-use super::pmap::{PageFlags, PmapEntry};
 use super::{Gfn, MachinePage, NodeId, VmId};
 use crate::PAGE_SIZE;
 
@@ -207,32 +206,7 @@ impl Inner {
                 {
                     n += 1;
                 }
-                let vm = spaces[k].0;
-                let addr = self.space(vm)?.addr(first);
-                self.map_run(addr, node, index, n, true)?;
-                if shared {
-                    self.require_uffd()?
-                        .write_protect(addr, n * PAGE_SIZE, true)
-                        .map_err(|e| anyhow::anyhow!("write-protecting shared guest pages: {e}"))?;
-                }
-                let flags = PageFlags {
-                    shared,
-                    write_protected: shared,
-                    released: false,
-                };
-                for j in 0..n {
-                    let (gfn, page) = (
-                        first + j as Gfn,
-                        MachinePage {
-                            node: node as u16,
-                            index: index + j as u32,
-                        },
-                    );
-                    self.space_mut(vm)?
-                        .pmap
-                        .set(gfn, Some(PmapEntry { page, flags }));
-                    self.memmap.add_owner(page, vm, gfn);
-                }
+                self.map_owned_run(spaces[k].0, first, node, index, n, shared)?;
                 mapped += n as u64;
                 i += n;
             }
