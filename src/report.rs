@@ -130,6 +130,15 @@ pub struct VmCosts {
     pub pause_timeouts: u64,
     /// Run time x vCPUs, in milliseconds.
     pub vcpu_ms: f64,
+    /// CPU time the vCPU threads used, ms: in user mode (which includes
+    /// guest mode) and in the host kernel (exits, page faults). Unlike
+    /// `vcpu_ms`, it leaves out time descheduled or blocked, so it shows
+    /// what the policy made the vCPUs execute apart from what other
+    /// threads took from them on a busy host.
+    #[serde(default)]
+    pub vcpu_user_ms: f64,
+    #[serde(default)]
+    pub vcpu_system_ms: f64,
     /// (sampling + copy-on-write + paused x vCPUs) / vCPU time.
     pub overhead: f64,
     /// Sampling rounds, and those in which the cap zapped fewer pages than
@@ -263,14 +272,15 @@ impl RunReport {
             .any(|v| v.costs.overhead > 0.0 || v.costs.sampling_rounds > 0)
         {
             out += &format!(
-                "\nmonitor cost per VM (share of its vCPU time; sampling capped at {:.1}%):\n{:<14} {:>14} {:>12} {:>10} {:>9} {:>8} {:>10} {:>8} {:>17}\n",
+                "\nmonitor cost per VM (share of its vCPU time; sampling capped at {:.1}%):\n{:<14} {:>14} {:>12} {:>10} {:>9} {:>8} {:>10} {:>8} {:>17} {:>22}\n",
                 100.0 * self.numa.as_ref().map_or(0.0, |n| n.max_sampling_overhead),
-                "VM", "sampled faults", "sampling ms", "COW breaks", "COW ms", "pauses", "paused ms", "total %", "sampled pages/s"
+                "VM", "sampled faults", "sampling ms", "COW breaks", "COW ms", "pauses", "paused ms", "total %", "sampled pages/s",
+                "vCPU CPU ms (system)"
             );
             for vm in &self.vms {
                 let c = &vm.costs;
                 out += &format!(
-                    "{:<14} {:>14} {:>12.1} {:>10} {:>9.1} {:>8} {:>10.1} {:>8.2} {:>17}\n",
+                    "{:<14} {:>14} {:>12.1} {:>10} {:>9.1} {:>8} {:>10.1} {:>8.2} {:>17} {:>22}\n",
                     vm.name,
                     c.sampled_faults,
                     c.sampling_ms,
@@ -286,7 +296,12 @@ impl RunReport {
                         )
                     } else {
                         format!("{:.0}", c.sampled_pages_per_s)
-                    }
+                    },
+                    format!(
+                        "{:.0} ({:.0})",
+                        c.vcpu_user_ms + c.vcpu_system_ms,
+                        c.vcpu_system_ms
+                    )
                 );
             }
             for vm in self.vms.iter().filter(|v| v.costs.pause_timeouts > 0) {

@@ -95,5 +95,15 @@ fn every_vm_gets_samples_and_none_pays_more_than_the_cap() {
             c.vcpu_ms,
             report.render_text()
         );
+        // The vCPU threads' CPU time is measured (getrusage per thread) and
+        // cannot exceed their wall-clock time (a few ms of slack for the
+        // kernel's accounting granularity).
+        let cpu = c.vcpu_user_ms + c.vcpu_system_ms;
+        assert!(
+            cpu > 0.0 && cpu <= c.vcpu_ms + 10.0,
+            "{}: vCPU CPU time {cpu:.1} ms against {:.1} ms of vCPU wall time",
+            vm.name,
+            c.vcpu_ms
+        );
     }
 }

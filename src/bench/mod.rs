@@ -49,7 +49,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Config, ConfigFile, HostSpec, PolicyRef, VmSpec};
 
 /// Summary of repeated measurements of one quantity.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Stats {
     /// Number of measurements.
     pub n: usize,

@@ -238,6 +238,10 @@ pub struct Measured {
     pub create: f64,
     /// Start to last vCPU exit (longest over the VMs).
     pub guest_run: f64,
+    /// CPU time of every VM's vCPU threads, user (with guest mode) plus
+    /// system, and the system part alone.
+    pub vcpu_cpu: f64,
+    pub vcpu_system: f64,
     /// disco only: what the policy cost the (first) VM, from the report.
     pub costs: Option<VmCosts>,
 }
@@ -251,6 +255,13 @@ pub struct SideResult {
     pub create_ms: Stats,
     /// Guest run time (start to last vCPU exit), ms.
     pub guest_run_ms: Stats,
+    /// CPU time of the vCPU threads (user, which includes guest mode, plus
+    /// system), and its system part (VM exits, page faults), ms. Time a
+    /// vCPU thread was descheduled or blocked is not in it.
+    #[serde(default)]
+    pub vcpu_cpu_ms: Stats,
+    #[serde(default)]
+    pub vcpu_system_ms: Stats,
     /// Wall minus create minus guest run, per run, ms: starting, noticing
     /// the end, the checksum model, joining, (disco: verify, report,)
     /// teardown.
@@ -287,6 +298,8 @@ impl SideResult {
             wall_ms: s(|m| m.wall),
             create_ms: s(|m| m.create),
             guest_run_ms: s(|m| m.guest_run),
+            vcpu_cpu_ms: s(|m| m.vcpu_cpu),
+            vcpu_system_ms: s(|m| m.vcpu_system),
             rest_ms: s(|m| m.wall - m.create - m.guest_run),
             policy_cost: cost(|c| c.overhead),
             sampling_ms: cost(|c| c.sampling_ms),
@@ -313,6 +326,9 @@ pub struct CaseResult {
     pub ratio_wall_without_model: f64,
     /// disco guest-run median / bare guest-run median.
     pub ratio_guest_run: f64,
+    /// disco vCPU CPU-time median / bare vCPU CPU-time median.
+    #[serde(default)]
+    pub ratio_vcpu_cpu: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -338,6 +354,12 @@ pub fn run_disco(config: &Config) -> Result<Measured> {
         wall,
         create: report.create_ms,
         guest_run: report.vms.iter().map(|v| v.run_ms).fold(0.0, f64::max),
+        vcpu_cpu: report
+            .vms
+            .iter()
+            .map(|v| v.costs.vcpu_user_ms + v.costs.vcpu_system_ms)
+            .sum(),
+        vcpu_system: report.vms.iter().map(|v| v.costs.vcpu_system_ms).sum(),
         costs: report.vms.first().map(|v| v.costs.clone()),
     })
 }
@@ -366,6 +388,16 @@ pub fn run_bare(config: &Config) -> Result<Measured> {
         wall,
         create: run.create.as_secs_f64() * 1e3,
         guest_run: run.guest_run().as_secs_f64() * 1e3,
+        vcpu_cpu: run
+            .outcomes
+            .iter()
+            .map(|o| o.vcpu_cpu.total().as_secs_f64() * 1e3)
+            .sum(),
+        vcpu_system: run
+            .outcomes
+            .iter()
+            .map(|o| o.vcpu_cpu.system.as_secs_f64() * 1e3)
+            .sum(),
         costs: None,
     })
 }
@@ -434,6 +466,7 @@ pub fn run(options: &OverheadOptions) -> Result<OverheadResult> {
             ratio_wall_without_model: (disco.wall_ms.median - model.median)
                 / (bare.wall_ms.median - model.median),
             ratio_guest_run: disco.guest_run_ms.median / bare.guest_run_ms.median,
+            ratio_vcpu_cpu: disco.vcpu_cpu_ms.median / bare.vcpu_cpu_ms.median,
             checksum_model_ms: model,
             disco,
             bare,
@@ -470,12 +503,16 @@ impl OverheadResult {
                     r.wall_ms.show(1),
                     r.create_ms.show(1),
                     r.guest_run_ms.show(1),
+                    r.vcpu_cpu_ms.show(1),
+                    r.vcpu_system_ms.show(1),
                     r.rest_ms.show(1),
                 ]);
             }
             rows.push(vec![
                 c.case.name.clone(),
                 "(checksum model alone)".into(),
+                String::new(),
+                String::new(),
                 String::new(),
                 String::new(),
                 String::new(),
@@ -489,6 +526,8 @@ impl OverheadResult {
                 "wall",
                 "create",
                 "guest run",
+                "vCPU CPU",
+                "of it system",
                 "rest (incl. checksum model)",
             ],
             2,
@@ -505,6 +544,7 @@ impl OverheadResult {
                     format!("{:.2}", c.ratio_wall),
                     format!("{:.2}", c.ratio_wall_without_model),
                     format!("{:.2}", c.ratio_guest_run),
+                    format!("{:.2}", c.ratio_vcpu_cpu),
                 ]
             })
             .collect();
@@ -515,6 +555,7 @@ impl OverheadResult {
                 "disco/bare wall",
                 "disco/bare wall without the checksum model",
                 "disco/bare guest run",
+                "disco/bare vCPU CPU",
             ],
             2,
             &rows,
@@ -568,7 +609,9 @@ impl OverheadResult {
              pools, VM build, verify before/during/after, 10 ms progress polling, report, teardown; \
              bare: mmap, create, start, 1 ms exit polling, join, munmap); both compute the host \
              model's checksums once per run after the guests exit. Guest run: start to last vCPU \
-             exit. Host: {}.\n",
+             exit. vCPU CPU: CPU time of the vCPU threads (user, which includes guest mode, plus \
+             system: exits, page faults), which leaves out time they were descheduled or blocked. \
+             Host: {}.\n",
             self.host.describe()
         );
         out
@@ -700,6 +743,25 @@ impl ScenarioResult for OverheadResult {
                 )
                 .headline(),
                 Figure::new(
+                    &format!("{n}: disco/bare vCPU CPU time"),
+                    "ratio",
+                    Better::Lower,
+                    paired(&c.disco.vcpu_cpu_ms, &c.bare.vcpu_cpu_ms),
+                )
+                .headline(),
+                Figure::new(
+                    &format!("{n}: disco vCPU system time"),
+                    "ms",
+                    Better::Lower,
+                    c.disco.vcpu_system_ms.clone(),
+                ),
+                Figure::new(
+                    &format!("{n}: bare vCPU system time"),
+                    "ms",
+                    Better::Neither,
+                    c.bare.vcpu_system_ms.clone(),
+                ),
+                Figure::new(
                     &format!("{n}: disco wall"),
                     "ms",
                     Better::Lower,
@@ -775,6 +837,7 @@ impl ScenarioResult for OverheadResult {
         };
         let (wall, wall_spread) = series(|c| paired(&c.disco.wall_ms, &c.bare.wall_ms));
         let (guest, guest_spread) = series(|c| paired(&c.disco.guest_run_ms, &c.bare.guest_run_ms));
+        let (cpu, cpu_spread) = series(|c| paired(&c.disco.vcpu_cpu_ms, &c.bare.vcpu_cpu_ms));
         let plot = BarPlot::new(
             "Overhead: disco / bare KVM (median, min-max over repetitions)",
             "disco time / bare time",
@@ -782,6 +845,7 @@ impl ScenarioResult for OverheadResult {
         )
         .series("wall", wall, wall_spread)
         .series("guest run", guest, guest_spread)
+        .series("vCPU CPU time", cpu, cpu_spread)
         .reference_line(1.0, "no overhead");
         vec![Plot {
             name: "ratios".into(),

@@ -377,6 +377,7 @@ impl LinuxVm {
             name: self.spec.name.clone(),
             vcpus,
             run_time,
+            vcpu_cpu: self.control.vcpu_cpu(),
             log,
         }
     }

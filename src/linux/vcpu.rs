@@ -57,7 +57,7 @@ impl LinuxVcpu {
             Ended::Failed(reason) => failed_outcome(&self, reason),
             Ended::Stopped => stopped_outcome(&self),
         };
-        self.control.unregister(self.index);
+        self.control.thread_exits(self.index);
         outcome
     }
 }

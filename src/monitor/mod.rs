@@ -1129,7 +1129,11 @@ impl Monitor {
         let run_ms = outcome
             .map(|o| o.run_time.as_secs_f64() * 1e3)
             .unwrap_or(0.0);
-        let costs = vm_costs(&self.memory, v.space, numa, run_ms, vcpus.len());
+        let mut costs = vm_costs(&self.memory, v.space, numa, run_ms, vcpus.len());
+        if let Some(o) = outcome {
+            costs.vcpu_user_ms = o.vcpu_cpu.user.as_secs_f64() * 1e3;
+            costs.vcpu_system_ms = o.vcpu_cpu.system.as_secs_f64() * 1e3;
+        }
         VmReport {
             name: vc.name.clone(),
             workload: vc.workload.clone(),

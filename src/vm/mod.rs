@@ -32,6 +32,7 @@ use serde::Serialize;
 
 use crate::guest::layout::{self, VcpuParams, CODE_ADDR, CODE_MAX, PAGE, PARAMS_ADDR, SYNC_ADDR};
 use crate::guest::{model, programs, Workload};
+pub use control::ThreadCpu;
 use control::VmControl;
 pub use ram::GuestRam;
 pub use state::{MicroVmState, VcpuSnapshot, VcpuState};
@@ -64,6 +65,9 @@ pub struct VmOutcome {
     pub vcpus: Vec<VcpuOutcome>,
     /// From `start` until the last vCPU thread exited.
     pub run_time: Duration,
+    /// CPU time of the vCPU threads (of this run; a restored VM's earlier
+    /// runs are not included).
+    pub vcpu_cpu: ThreadCpu,
     /// The lines the guest logged, `vcpu<i>: <text>`.
     pub log: Vec<String>,
 }
@@ -365,6 +369,7 @@ impl MicroVm {
             name: self.spec.name.clone(),
             vcpus,
             run_time,
+            vcpu_cpu: self.control.vcpu_cpu(),
             log: std::mem::take(&mut *self.log.lock()),
         }
     }

@@ -406,7 +406,7 @@ impl VcpuThread {
             Ended::Failed(reason) => failed_outcome(&self, reason),
             Ended::Stopped => stopped_outcome(&self),
         };
-        self.control.unregister(self.index);
+        self.control.thread_exits(self.index);
         outcome
     }
 
