@@ -107,6 +107,7 @@
 //! nice 5 (-10 while VMs wait for memory). Its own CPU time is measured and
 //! reported.
 
+mod candidates;
 mod cpu_share;
 
 use std::collections::{HashMap, HashSet};
@@ -122,6 +123,7 @@ use crate::memory::{
     Gfn, MachinePage, Memory, MergeOutcome, MergePair, PageScan, RunAllowance, VmId,
     MERGE_BATCH_MAX,
 };
+use candidates::{Candidate, CandidateTable, Key};
 use cpu_share::CpuShare;
 
 /// What the scanner does; from the policy's `[sharing]` section.
@@ -280,49 +282,6 @@ struct Unstable {
 /// Most consecutive stable passes an unstable frame must show.
 const MAX_STABLE_PASSES: u32 = 64;
 
-/// The candidate table's key: a content hash within a sharing domain. The
-/// domain is folded into the hash (an odd multiplier maps distinct domains
-/// to distinct offsets), so equal contents of two domains never share a
-/// key, and a key is 8 bytes, not 16. Different contents whose keys
-/// collide only cost a failed compare, as any hash collision does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct Key(u64);
-
-impl Key {
-    fn new(domain: usize, hash: u64) -> Key {
-        Key(hash ^ (domain as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
-    }
-}
-
-/// A candidate: the frame that first showed a content, and its page,
-/// packed in 16 bytes (a `(VmId, Gfn, MachinePage)` takes 24).
-#[derive(Clone, Copy, Debug)]
-struct Candidate {
-    vm: VmId,
-    gfn: u32,
-    index: u32,
-    node: u16,
-}
-
-impl Candidate {
-    fn new((vm, gfn, page): (VmId, Gfn, MachinePage)) -> Candidate {
-        Candidate {
-            vm,
-            // Guest frames fit 32 bits (the memmap holds them so too).
-            gfn: gfn as u32,
-            index: page.index,
-            node: page.node,
-        }
-    }
-    fn frame(self) -> (VmId, Gfn, MachinePage) {
-        let page = MachinePage {
-            node: self.node,
-            index: self.index,
-        };
-        (self.vm, self.gfn as Gfn, page)
-    }
-}
-
 /// Frames a merge batch covers: the scanner issues the merges and zero
 /// releases it finds in aligned windows of this many frames of one VM
 /// (2 MiB), one `Memory::merge_batch` per window.
@@ -370,7 +329,7 @@ impl Seen {
 pub struct ScanState {
     config: ScannerConfig,
     started: Instant,
-    candidates: FastMap<Key, Candidate>,
+    candidates: CandidateTable,
     /// Per space, per frame: the content seen and since when (see
     /// "Settled content").
     seen: FastMap<VmId, Vec<Seen>>,
@@ -406,7 +365,7 @@ impl ScanState {
         ScanState {
             config,
             started: Instant::now(),
-            candidates: FastMap::default(),
+            candidates: CandidateTable::default(),
             seen: FastMap::default(),
             unstable: FastMap::default(),
             breaks: FastMap::default(),
@@ -441,7 +400,7 @@ impl ScanState {
         self.seen.retain(|vm, _| live.contains(vm));
         self.unstable.retain(|f, _| live.contains(&f.0));
         self.breaks.retain(|f, _| live.contains(&f.0));
-        self.candidates.retain(|_, c| live.contains(&c.vm));
+        self.candidates.retain(|c| live.contains(&c.vm));
     }
 
     /// Scans up to `budget` frames, continuing where the last call stopped,
@@ -487,6 +446,11 @@ impl ScanState {
                 Ok(still) => still,
                 Err(_) => continue, // the space went away during the pass
             };
+            // The lookups of the batch miss the cache; start them all now
+            // (see `candidates`).
+            for (_, scan) in scans.iter().filter(|(_, s)| !s.hole && !s.zero) {
+                self.candidates.prefetch(Key::new(domain, scan.hash));
+            }
             let now = Instant::now();
             for (gfn, scan) in scans.drain(..) {
                 self.scan_one(memory, vm, gfn, domain, scan, still, now);
@@ -719,7 +683,7 @@ impl ScanState {
         }
         let key = Key::new(domain, scan.hash);
         let me = (vm, gfn, scan.page);
-        let Some(candidate) = self.candidates.get(&key).map(|c| c.frame()) else {
+        let Some(candidate) = self.candidates.get(key).map(|c| c.frame()) else {
             self.candidates.insert(key, Candidate::new(me));
             return;
         };
