@@ -11,79 +11,22 @@
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use disco::api::client::{request, Answer};
+use disco::api::client::request;
 use disco::kvm_check::require_kvm;
 use serde_json::{json, Value};
 
 mod common;
+use common::serve::{checksums_verified, Serve};
 
-/// A `disco serve` process; killed (and its socket removed) when dropped.
-struct Serve {
-    child: Child,
-    socket: PathBuf,
-    dir: PathBuf,
-}
-
+/// `disco serve` on the 4-node fixture with a JSON report (see
+/// `common::serve`).
 impl Serve {
     fn start(name: &str, policy: &str) -> Serve {
-        let dir = std::env::temp_dir().join(format!("disco-api-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("api.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_disco"))
-            .args(["serve", "--api"])
-            .arg(&socket)
-            .args(["--topology", "4-node", "--policy", policy, "--json"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("disco serve starts");
-        let serve = Serve { child, socket, dir };
-        let began = Instant::now();
-        while !serve.socket.exists() {
-            assert!(began.elapsed() < Duration::from_secs(20), "no API socket");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        serve
-    }
-
-    fn call(&self, method: &str, uri: &str, body: Option<Value>) -> Answer {
-        let body = body.map(|b| b.to_string());
-        request(
-            &self.socket,
-            method,
-            uri,
-            body.as_deref().map(str::as_bytes),
-            Duration::from_secs(30),
-        )
-        .unwrap_or_else(|e| panic!("{method} {uri}: {e:#}"))
-    }
-
-    /// `call`, expecting `status`; returns the JSON body.
-    fn expect(&self, method: &str, uri: &str, body: Option<Value>, status: u16) -> Value {
-        let a = self.call(method, uri, body);
-        assert_eq!(a.status, status, "{method} {uri}: {}", a.body);
-        a.json()
-    }
-
-    fn vm(&self, name: &str) -> Value {
-        self.expect("GET", &format!("/v1/vms/{name}"), None, 200)
-    }
-
-    /// Waits until VM `name` has finished; returns its info.
-    fn wait_finished(&self, name: &str, limit: Duration) -> Value {
-        let began = Instant::now();
-        loop {
-            let v = self.vm(name);
-            // `exited` until its outcome is collected and checked.
-            if v["state"] == "finished" && v["result"]["status"] != "exited" {
-                return v;
-            }
-            assert!(began.elapsed() < limit, "{name} did not finish: {v}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let args = ["--topology", "4-node", "--policy", policy, "--json"];
+        Serve::spawn("api", name, &args, false, true)
     }
 
     /// SIGINT: the monitor stops, reports (JSON) and exits; returns the report.
@@ -102,29 +45,6 @@ impl Serve {
         assert!(!self.socket.exists(), "the API socket is removed");
         report
     }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Every vCPU of a finished VM returned the checksum the host model predicts.
-fn checksums_verified(v: &Value) -> bool {
-    let vcpus = v["result"]["vcpus"].as_array().unwrap();
-    !vcpus.is_empty()
-        && vcpus.iter().all(|c| {
-            c["outcome"]["status"] == "done" && c["outcome"]["result"] == c["outcome"]["expected"]
-        })
-}
-
-fn verify_holds(s: &Serve) -> Value {
-    let stats = s.expect("GET", "/v1/stats?verify=true", None, 200);
-    assert_eq!(stats["verify"]["ok"], true, "{}", stats["verify"]);
-    stats
 }
 
 #[test]
@@ -150,7 +70,7 @@ fn vms_come_and_go_through_the_api_and_memory_stays_consistent() {
     s.expect("PUT", "/v1/vms/short", Some(short), 201);
     let listed = s.expect("GET", "/v1/vms", None, 200);
     assert_eq!(listed["vms"].as_array().unwrap().len(), 2);
-    verify_holds(&s);
+    s.verified();
 
     // Paused, the guest makes no progress; resumed, it goes on.
     let p = s.expect("POST", "/v1/vms/long/pause", None, 200);
@@ -207,10 +127,10 @@ fn vms_come_and_go_through_the_api_and_memory_stays_consistent() {
             .map(|p| p["used_pages"].as_u64().unwrap())
             .sum()
     };
-    let before = used(&verify_holds(&s));
+    let before = used(&s.verified());
     let removed = s.expect("DELETE", "/v1/vms/third", None, 200);
     assert_eq!(removed["status"], "ok");
-    let after = verify_holds(&s);
+    let after = s.verified();
     let third_pages: u64 = removed["pages_per_node"]
         .as_array()
         .unwrap()
@@ -239,7 +159,7 @@ fn vms_come_and_go_through_the_api_and_memory_stays_consistent() {
         s.expect("GET", "/v1/policy", None, 200)["policy"]["numa"]["migrate"],
         true
     );
-    verify_holds(&s);
+    s.verified();
 
     // A running VM removed mid-run.
     let spinner = json!({"memory_mib": 4, "time_limit_s": 120, "workload": {"kind": "spin"}});
@@ -247,7 +167,7 @@ fn vms_come_and_go_through_the_api_and_memory_stays_consistent() {
     std::thread::sleep(Duration::from_millis(200));
     let gone = s.expect("DELETE", "/v1/vms/spinner", None, 200);
     assert_eq!(gone["status"], "stopped", "{gone}");
-    verify_holds(&s);
+    s.verified();
 
     let events = request(
         &s.socket,
@@ -939,7 +859,7 @@ fn page_sampling_goes_on_and_off_while_a_vm_runs() {
         .as_u64()
         .unwrap();
     assert!(samples > 0);
-    verify_holds(&s);
+    s.verified();
 
     // Off again: the NUMA runner stops; the guest goes on.
     let off = s.expect(
@@ -962,7 +882,7 @@ fn page_sampling_goes_on_and_off_while_a_vm_runs() {
         s.vm("walker")["progress"][0].as_u64().unwrap() > before,
         "the guest stalled"
     );
-    verify_holds(&s);
+    s.verified();
     s.expect("POST", "/v1/vms/walker/stop", None, 200);
     let v = s.wait_finished("walker", Duration::from_secs(30));
     assert_eq!(v["result"]["status"], "stopped", "{v}");
@@ -1129,5 +1049,5 @@ fn snapshot_restore_clone_over_the_api() {
         "{message}"
     );
     s.expect("GET", "/v1/vms/never", None, 404);
-    verify_holds(&s);
+    s.verified();
 }

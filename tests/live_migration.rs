@@ -8,100 +8,31 @@
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use disco::api::client::{request, Answer};
+use disco::api::client::Answer;
 use disco::kvm_check::require_kvm;
 use disco::migration::wire::{self, Msg};
 use serde_json::{json, Value};
 
-/// A `disco serve` process (taking migrations on `port` when given);
-/// killed when dropped.
-struct Serve {
-    child: Child,
-    socket: PathBuf,
-    dir: PathBuf,
-    port: Option<u16>,
-}
+mod common;
+use common::serve::{checksums_verified, free_port, Serve};
 
-/// A TCP port nobody listens on now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
+/// `disco serve` under the static policy on the 4-node fixture, taking
+/// migrations when `listen` (see `common::serve`).
 impl Serve {
     fn start(name: &str, listen: bool) -> Serve {
-        let dir = std::env::temp_dir().join(format!("disco-mig-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("api.sock");
-        let port = listen.then(free_port);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_disco"));
-        cmd.args(["serve", "--api"]).arg(&socket).args([
-            "--topology",
-            "4-node",
-            "--policy",
-            "static",
-        ]);
-        if let Some(p) = port {
-            cmd.arg("--migrate-listen").arg(format!("127.0.0.1:{p}"));
-        }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("disco serve starts");
-        let serve = Serve {
-            child,
-            socket,
-            dir,
-            port,
-        };
-        let began = Instant::now();
-        while !serve.socket.exists()
-            || port.is_some_and(|p| TcpStream::connect(("127.0.0.1", p)).is_err())
-        {
-            assert!(
-                began.elapsed() < Duration::from_secs(20),
-                "disco serve not up"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let args = ["--topology", "4-node", "--policy", "static"];
+        let mut serve = Serve::spawn("mig", name, &args, listen, false);
+        serve.call_limit = Duration::from_secs(120);
         serve
     }
 
     fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port.expect("a listening monitor"))
-    }
-
-    fn call(&self, method: &str, uri: &str, body: Option<Value>) -> Answer {
-        let body = body.map(|b| b.to_string());
-        request(
-            &self.socket,
-            method,
-            uri,
-            body.as_deref().map(str::as_bytes),
-            Duration::from_secs(120),
-        )
-        .unwrap_or_else(|e| panic!("{method} {uri}: {e:#}"))
-    }
-
-    fn expect(&self, method: &str, uri: &str, body: Option<Value>, status: u16) -> Value {
-        let a = self.call(method, uri, body);
-        assert_eq!(a.status, status, "{method} {uri}: {}", a.body);
-        a.json()
-    }
-
-    fn vm(&self, name: &str) -> Value {
-        self.expect("GET", &format!("/v1/vms/{name}"), None, 200)
     }
 
     fn names(&self) -> Vec<String> {
@@ -155,25 +86,6 @@ impl Serve {
         }
     }
 
-    fn wait_finished(&self, name: &str, limit: Duration) -> Value {
-        let began = Instant::now();
-        loop {
-            let v = self.vm(name);
-            if v["state"] == "finished" && v["result"]["status"] != "exited" {
-                return v;
-            }
-            assert!(began.elapsed() < limit, "{name} did not finish: {v}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// `verify()` holds; returns the stats.
-    fn verified(&self) -> Value {
-        let stats = self.expect("GET", "/v1/stats?verify=true", None, 200);
-        assert_eq!(stats["verify"]["ok"], true, "{}", stats["verify"]);
-        stats
-    }
-
     fn used_pages(&self) -> u64 {
         self.verified()["pools"]
             .as_array()
@@ -186,22 +98,6 @@ impl Serve {
     fn migrate(&self, vms: &[&str], to: &str) -> Answer {
         self.call("POST", "/v1/migrate", Some(json!({"vms": vms, "to": to})))
     }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn checksums_verified(v: &Value) -> bool {
-    let vcpus = v["result"]["vcpus"].as_array().unwrap();
-    !vcpus.is_empty()
-        && vcpus.iter().all(|c| {
-            c["outcome"]["status"] == "done" && c["outcome"]["result"] == c["outcome"]["expected"]
-        })
 }
 
 /// A micro-VM sweeping its memory for a good few seconds.

@@ -3,6 +3,8 @@
 //! Each test crate uses only some of them.
 #![allow(dead_code)]
 
+pub mod serve;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
