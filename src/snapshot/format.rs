@@ -36,7 +36,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::guest::Workload;
-use crate::memory::PageImage;
+use crate::memory::{Gfn, ImageSource, PageImage};
 use crate::vm::MicroVmState;
 use crate::PAGE_SIZE;
 
@@ -163,19 +163,32 @@ impl<W: Write> SnapshotWriter<W> {
 }
 
 /// Reads a snapshot from `R`: [`SnapshotReader::open`] checks the header
-/// and returns the metadata; the reader then yields the pages, each block
-/// checked before its pages come out, and ends after the end marker.
-/// Every error names `source` (the file) and what is wrong.
+/// and returns the metadata; the reader is then an [`ImageSource`] (each
+/// block's pages read straight into the caller's pages and checked there,
+/// `None` after the end marker) or an iterator of pages (each block
+/// checked before its pages come out). Every error names `source` (the
+/// file) and what is wrong. `R` is read without a buffer of its own: page
+/// bytes go straight into their destination (give it a `BufReader` only
+/// for small reads).
 pub struct SnapshotReader<R: Read> {
     input: R,
     source: String,
     frames: u64,
-    /// Pages of the current block not handed out yet, in order.
+    /// The block whose header and index were read, its pages not yet.
+    current: Option<BlockHead>,
+    /// Pages of the current block not handed out yet, in order (iterator).
     pending: std::collections::VecDeque<PageImage>,
     blocks: u64,
     pages: u64,
     done: bool,
     failed: bool,
+}
+
+/// A block's header and index, read ahead of its pages.
+struct BlockHead {
+    count: usize,
+    index: Vec<u8>,
+    crc: u32,
 }
 
 /// Reads exactly `buf.len()` bytes, or says the file is truncated (`what`:
@@ -250,6 +263,7 @@ impl<R: Read> SnapshotReader<R> {
                 input,
                 source: source.to_string(),
                 frames,
+                current: None,
                 pending: Default::default(),
                 blocks: 0,
                 pages: 0,
@@ -259,8 +273,9 @@ impl<R: Read> SnapshotReader<R> {
         ))
     }
 
-    /// Reads the next block (or the end marker) into `pending`.
-    fn next_block(&mut self) -> Result<()> {
+    /// Reads the next block's header and index, or the end marker
+    /// (checked; then `None`).
+    fn read_head(&mut self) -> Result<Option<usize>> {
         let source = self.source.clone();
         let block = self.blocks + 1;
         let mut head = [0u8; 16];
@@ -295,7 +310,7 @@ impl<R: Read> SnapshotReader<R> {
                 bail!("{source}: corrupted: data after the end marker");
             }
             self.done = true;
-            return Ok(());
+            return Ok(None);
         }
         if &head[..4] != BLOCK_TAG {
             bail!("{source}: corrupted: block {block} does not start with a block tag");
@@ -305,41 +320,92 @@ impl<R: Read> SnapshotReader<R> {
                 "{source}: corrupted: block {block} claims {count} pages and a {index_len}-byte index"
             );
         }
-        let what = format!("block {block} (pages {}..)", self.pages);
         let mut index = vec![0u8; index_len as usize];
+        let what = self.block_name();
         read_exact_or_truncated(&mut self.input, &mut index, &source, &what)?;
-        let mut bytes = vec![0u8; count as usize * PAGE_SIZE];
-        read_exact_or_truncated(&mut self.input, &mut bytes, &source, &what)?;
+        self.current = Some(BlockHead {
+            count: count as usize,
+            index,
+            crc,
+        });
+        Ok(Some(count as usize))
+    }
+
+    fn block_name(&self) -> String {
+        format!("block {} (pages {}..)", self.blocks + 1, self.pages)
+    }
+
+    /// Reads the pages of the block `read_head` announced into `dest`
+    /// (runs of whole pages, as many as the block holds), checks the
+    /// block's CRC over its index and `dest`, and decodes its index.
+    fn read_pages(&mut self, dest: &mut [&mut [u8]]) -> Result<Vec<Vec<Gfn>>> {
+        let source = self.source.clone();
+        let what = self.block_name();
+        let head = self
+            .current
+            .take()
+            .with_context(|| format!("{source}: pages read before their block's header"))?;
+        let len: usize = dest.iter().map(|d| d.len()).sum();
+        anyhow::ensure!(
+            len == head.count * PAGE_SIZE && dest.iter().all(|d| d.len() % PAGE_SIZE == 0),
+            "{source}: {what} holds {} pages, the destination {len} bytes",
+            head.count
+        );
         let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&index);
-        hasher.update(&bytes);
-        if hasher.finalize() != crc {
+        hasher.update(&head.index);
+        for d in dest.iter_mut() {
+            read_exact_or_truncated(&mut self.input, d, &source, &what)?;
+            hasher.update(d);
+        }
+        if hasher.finalize() != head.crc {
             bail!("{source}: corrupted: the checksum of {what} does not match");
         }
-        let frames: Vec<Vec<u64>> = postcard::from_bytes(&index)
+        let frames: Vec<Vec<u64>> = postcard::from_bytes(&head.index)
             .with_context(|| format!("{source}: corrupted: the index of {what} does not decode"))?;
-        if frames.len() != count as usize {
+        if frames.len() != head.count {
             bail!(
-                "{source}: corrupted: {what} indexes {} pages, holds {count}",
-                frames.len()
+                "{source}: corrupted: {what} indexes {} pages, holds {}",
+                frames.len(),
+                head.count
             );
         }
-        for (i, f) in frames.into_iter().enumerate() {
-            if f.is_empty() || f.iter().any(|&g| g >= self.frames) {
-                bail!(
-                    "{source}: corrupted: a page of {what} names no frame or one outside the \
-                     guest's {} frames",
-                    self.frames
-                );
-            }
-            self.pending.push_back(PageImage {
-                frames: f,
-                bytes: bytes[i * PAGE_SIZE..(i + 1) * PAGE_SIZE].to_vec(),
-            });
+        if frames
+            .iter()
+            .any(|f| f.is_empty() || f.iter().any(|&g| g >= self.frames))
+        {
+            bail!(
+                "{source}: corrupted: a page of {what} names no frame or one outside the \
+                 guest's {} frames",
+                self.frames
+            );
         }
         self.blocks += 1;
-        self.pages += count as u64;
-        Ok(())
+        self.pages += head.count as u64;
+        Ok(frames)
+    }
+
+    /// Records a failure: the reader yields nothing more.
+    fn failing<T>(&mut self, r: Result<T>) -> Result<T> {
+        if r.is_err() {
+            self.failed = true;
+        }
+        r
+    }
+}
+
+impl<R: Read> ImageSource for SnapshotReader<R> {
+    fn next_block(&mut self) -> Result<Option<usize>> {
+        if self.done {
+            return Ok(None);
+        }
+        anyhow::ensure!(!self.failed, "{}: read after an error", self.source);
+        let r = self.read_head();
+        self.failing(r)
+    }
+
+    fn read_block(&mut self, dest: &mut [&mut [u8]]) -> Result<Vec<Vec<Gfn>>> {
+        let r = self.read_pages(dest);
+        self.failing(r)
     }
 }
 
@@ -354,9 +420,22 @@ impl<R: Read> Iterator for SnapshotReader<R> {
             if self.done || self.failed {
                 return None;
             }
-            if let Err(e) = self.next_block() {
-                self.failed = true;
-                return Some(Err(e));
+            let count = match self.next_block() {
+                Ok(Some(count)) => count,
+                Ok(None) => return None,
+                Err(e) => return Some(Err(e)),
+            };
+            let mut bytes = vec![0u8; count * PAGE_SIZE];
+            match self.read_block(&mut [&mut bytes[..]]) {
+                Ok(frames) => {
+                    for (f, b) in frames.into_iter().zip(bytes.chunks_exact(PAGE_SIZE)) {
+                        self.pending.push_back(PageImage {
+                            frames: f,
+                            bytes: b.to_vec(),
+                        });
+                    }
+                }
+                Err(e) => return Some(Err(e)),
             }
         }
     }
