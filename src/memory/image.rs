@@ -72,16 +72,55 @@ pub const IMAGE_BATCH: usize = 512;
 /// Most pages a source may put in one block.
 pub const IMAGE_BLOCK_MAX: usize = 4096;
 
+/// Where a block's pages go: a run of consecutive pages of a pool's
+/// memfd, written with file I/O (`splice`, `pwrite`), not through a
+/// mapping (installing 65,536 page-table entries in the pool's view cost
+/// more than the copy itself: about 2 us each on these `kvm_pvm` hosts).
+#[derive(Clone, Copy, Debug)]
+pub struct PoolRun {
+    pub fd: std::os::fd::RawFd,
+    /// Byte offset of the run's first page in the memfd.
+    pub offset: u64,
+    pub pages: usize,
+}
+
 /// An image read block by block, each block's pages straight into the
 /// pool pages that will hold them.
 pub trait ImageSource {
     /// The number of pages in the next block (1 to [`IMAGE_BLOCK_MAX`]),
     /// or `None` once the image is complete and checked to its end.
     fn next_block(&mut self) -> Result<Option<usize>>;
-    /// Reads the block [`ImageSource::next_block`] announced into `dest`
-    /// (runs of whole pages, in order, as many pages as announced), checks
-    /// it there, and returns each page's frames (at least one each).
-    fn read_block(&mut self, dest: &mut [&mut [u8]]) -> Result<Vec<Vec<Gfn>>>;
+    /// Writes the block [`ImageSource::next_block`] announced into `dest`
+    /// (runs of pool pages, in order, as many pages as announced), checks
+    /// it there (reading the destination back), and returns each page's
+    /// frames (at least one each).
+    fn read_block(&mut self, dest: &[PoolRun]) -> Result<Vec<Vec<Gfn>>>;
+}
+
+/// Writes all of `bytes` into `fd` at `offset` (`pwrite`).
+pub fn write_pool_bytes(fd: std::os::fd::RawFd, offset: u64, bytes: &[u8]) -> Result<()> {
+    let mut done = 0;
+    while done < bytes.len() {
+        // SAFETY: a valid buffer and length; `fd` is a pool's memfd.
+        let n = unsafe {
+            libc::pwrite(
+                fd,
+                bytes[done..].as_ptr() as *const libc::c_void,
+                bytes.len() - done,
+                (offset + done as u64) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e).context("writing image pages into a pool");
+        }
+        ensure!(n > 0, "writing image pages into a pool: no progress");
+        done += n as usize;
+    }
+    Ok(())
 }
 
 /// An [`ImageSource`] of pages in memory (tests, and anything that has
@@ -120,13 +159,15 @@ impl<I: Iterator<Item = Result<PageImage>>> ImageSource for ImagePages<I> {
         Ok((!self.block.is_empty()).then_some(self.block.len()))
     }
 
-    fn read_block(&mut self, dest: &mut [&mut [u8]]) -> Result<Vec<Vec<Gfn>>> {
+    fn read_block(&mut self, dest: &[PoolRun]) -> Result<Vec<Vec<Gfn>>> {
         let mut pages = self.block.iter();
-        for chunk in dest.iter_mut().flat_map(|run| run.chunks_mut(PAGE_SIZE)) {
-            let page = pages
-                .next()
-                .context("a destination larger than the block")?;
-            chunk.copy_from_slice(&page.bytes);
+        for run in dest {
+            for k in 0..run.pages {
+                let page = pages
+                    .next()
+                    .context("a destination larger than the block")?;
+                write_pool_bytes(run.fd, run.offset + (k * PAGE_SIZE) as u64, &page.bytes)?;
+            }
         }
         ensure!(
             pages.next().is_none(),
@@ -224,6 +265,11 @@ impl Memory {
         Ok(out)
     }
 
+    /// Clone groups in the memmap and their members (see `memmap.rs`).
+    pub fn clone_groups(&self) -> (usize, usize) {
+        self.inner.lock().memmap.clone_groups()
+    }
+
     /// Builds one guest space of `frames` frames per request from
     /// `source` (see the module doc). On any error, from the source (a bad
     /// file, found at any block or at its end) or the mapper (a full pool),
@@ -248,9 +294,25 @@ impl Memory {
             multi: Vec::new(),
             copies: Vec::new(),
         };
+        let started = std::time::Instant::now();
         let result = self
             .read_image(frames, requests, source, &mut load, &mut loaded)
-            .and_then(|()| self.map_image(frames, requests, &mut load, &loaded));
+            .and_then(|()| {
+                tracing::debug!(
+                    "image of {} pages read into {} node(s) in {:.1} ms",
+                    loaded.multi.len(),
+                    loaded.copies.len(),
+                    started.elapsed().as_secs_f64() * 1e3
+                );
+                let t = std::time::Instant::now();
+                let mapped = self.map_image(frames, requests, &mut load, &loaded);
+                tracing::debug!(
+                    "image mapped into {} space(s) in {:.1} ms",
+                    requests.len(),
+                    t.elapsed().as_secs_f64() * 1e3
+                );
+                mapped
+            });
         if let Err(e) = result {
             let mut inner = self.inner.lock();
             for &(vm, _) in &load.spaces {
@@ -308,23 +370,32 @@ impl Memory {
             }
         }
         let mut named = vec![false; frames as usize];
-        while let Some(count) = source.next_block()? {
+        let (mut alloc_ns, mut read_ns) = (0u128, 0u128);
+        loop {
+            let t = std::time::Instant::now();
+            let Some(count) = source.next_block()? else {
+                break;
+            };
             ensure!(
                 (1..=IMAGE_BLOCK_MAX).contains(&count),
                 "a block of {count} pages"
             );
             let first = loaded.copies[0].0;
+            let ta = std::time::Instant::now();
             let runs = self.inner.lock().load_pages(first, count as u32)?;
-            let mut slices: Vec<&mut [u8]> = runs
+            alloc_ns += ta.elapsed().as_nanos();
+            // The pages were just handed to this load (`Inner::loading`):
+            // nothing maps or writes them but this reader.
+            let dest: Vec<PoolRun> = runs
                 .iter()
-                .map(|&(_, n, ptr)| {
-                    // SAFETY: a run of pool pages just handed to this load
-                    // (`Inner::loading`): nothing maps or writes them but
-                    // this reader, and the pool's view outlives it.
-                    unsafe { std::slice::from_raw_parts_mut(ptr, n as usize * PAGE_SIZE) }
+                .map(|&(index, n, fd)| PoolRun {
+                    fd,
+                    offset: index as u64 * PAGE_SIZE as u64,
+                    pages: n as usize,
                 })
                 .collect();
-            let frames_of = source.read_block(&mut slices)?;
+            let frames_of = source.read_block(&dest)?;
+            read_ns += t.elapsed().as_nanos();
             ensure!(
                 frames_of.len() == count,
                 "a block of {count} pages names the frames of {}",
@@ -354,11 +425,14 @@ impl Memory {
                 let runs = inner.load_pages(node, count as u32)?;
                 let mut at = 0;
                 for (index, n, _) in runs {
+                    inner.pools[node].populate_view(index, n, true);
                     for k in 0..n {
+                        let from = indices[at];
+                        inner.pools[first].populate_view(from, 1, false);
                         inner.copy_page(
                             MachinePage {
                                 node: first as u16,
-                                index: indices[at],
+                                index: from,
                             },
                             MachinePage {
                                 node: node as u16,
@@ -373,6 +447,11 @@ impl Memory {
             }
         }
         loaded.layout.sort_unstable();
+        tracing::debug!(
+            "image read: {:.1} ms taking and populating pool pages, {:.1} ms reading and checking",
+            alloc_ns as f64 / 1e6,
+            (read_ns - alloc_ns) as f64 / 1e6
+        );
         Ok(())
     }
 
@@ -386,6 +465,8 @@ impl Memory {
         load: &mut ImageLoad,
         loaded: &Loaded,
     ) -> Result<()> {
+        // Time in the kernel's mappings, the pmap and memmap, fresh frames.
+        let mut times = [0u128; 3];
         for (node, vms, copy) in &loaded.copies {
             let runs = loaded.runs(copy);
             let together = if vms.len() >= 2 { 2 } else { 1 };
@@ -394,13 +475,18 @@ impl Memory {
             while k < vms.len() {
                 let hold = if k == 0 { together } else { 1 };
                 let mut inner = self.inner.lock();
+                let t = std::time::Instant::now();
                 for &vm in &vms[k..k + hold] {
                     inner.map_image_runs(vm, *node, &runs, vms.len() > 1)?;
                 }
+                times[0] += t.elapsed().as_nanos();
+                let t = std::time::Instant::now();
                 for &vm in &vms[k..k + hold] {
                     inner.record_image_runs(vm, *node, &runs, vms, &mut group);
                     load.frames_mapped += loaded.layout.len() as u64;
                 }
+                times[1] += t.elapsed().as_nanos();
+                let t = std::time::Instant::now();
                 if k == 0 {
                     inner.loaded(*node, copy);
                 }
@@ -415,9 +501,17 @@ impl Memory {
                         inner.map_fresh(vm, first, count, r.node)?;
                     }
                 }
+                times[2] += t.elapsed().as_nanos();
                 k += hold;
             }
         }
+        tracing::debug!(
+            "image mapping: {:.1} ms mmap/register/write-protect, {:.1} ms pmap and memmap, \
+             {:.1} ms fresh frames",
+            times[0] as f64 / 1e6,
+            times[1] as f64 / 1e6,
+            times[2] as f64 / 1e6
+        );
         Ok(())
     }
 }
@@ -511,18 +605,21 @@ impl Inner {
     }
 
     /// Hands `count` pool pages of `node` to the image load in progress
-    /// (`loading`), populated in the monitor's view for the reader's
-    /// write: runs `(first page, length, its address in the view)`.
-    fn load_pages(&mut self, node: NodeId, count: u32) -> Result<Vec<(u32, u32, *mut u8)>> {
+    /// (`loading`): runs `(first page, length, the pool's memfd)`.
+    fn load_pages(
+        &mut self,
+        node: NodeId,
+        count: u32,
+    ) -> Result<Vec<(u32, u32, std::os::fd::RawFd)>> {
         let indices = self.pools[node].alloc_for_copy(count)?;
         if self.loading.len() < self.pools.len() {
             self.loading.resize_with(self.pools.len(), Default::default);
         }
+        let fd = self.pools[node].fd();
         let mut runs = Vec::new();
         for (start, n) in super::runs::runs_of(&indices) {
             self.loading[node].insert(start, n);
-            self.pools[node].populate_view(start, n, true);
-            runs.push((start, n, self.pools[node].page_ptr(start)));
+            runs.push((start, n, fd));
         }
         Ok(runs)
     }

@@ -327,6 +327,11 @@ impl Monitor {
         for pauser in &held {
             pauser.resume();
         }
+        tracing::debug!(
+            "{shown}: {} VMs started at {:.1} ms",
+            vcs.len(),
+            started.elapsed().as_secs_f64() * 1e3
+        );
         Ok(CloneReport {
             path: shown,
             names: vcs.iter().map(|v| v.name.clone()).collect(),
@@ -371,7 +376,7 @@ impl<S: ImageSource> ImageSource for Watched<'_, S> {
         self.failed.set(self.failed.get() || r.is_err());
         r
     }
-    fn read_block(&mut self, dest: &mut [&mut [u8]]) -> Result<Vec<Vec<Gfn>>> {
+    fn read_block(&mut self, dest: &[crate::memory::PoolRun]) -> Result<Vec<Vec<Gfn>>> {
         let r = self.source.read_block(dest);
         self.failed.set(self.failed.get() || r.is_err());
         r
