@@ -120,6 +120,7 @@ fn required_figures(kind: &str) -> &'static [&'static str] {
             "clones started per second",
             "ms per clone",
             "new host memory per clone before it writes",
+            "all new host memory per clone before it writes (pool, monitor RssAnon, page tables)",
             "monitor memory (RssAnon) per clone",
             "restore of one VM",
         ],

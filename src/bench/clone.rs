@@ -18,8 +18,9 @@
 //!   started, less one copy of the image and less the pages copy-on-write
 //!   had already copied, over K; the pool pages handed out (fresh frames
 //!   the image left out count there but hold no memory until written);
-//!   `RssShmem` and the monitor's own `RssAnon` (pmaps, memmap, VM
-//!   structures) per clone;
+//!   `RssShmem`, the monitor's own `RssAnon` (pmaps, memmap, VM
+//!   structures) and the page tables (`VmPTE`: write-protect markers) per
+//!   clone, and their sum with the pool's as the headline;
 //! * once every clone finished (checksums checked against the host model,
 //!   `Memory::verify` after): copy-on-write breaks per clone and the
 //!   pools' resident bytes, sampled over time for the plot.
@@ -79,6 +80,15 @@ pub struct CloneResult {
     pub rss_shmem_kib_per_clone: f64,
     /// The monitor's `RssAnon` growth per clone (pmap, memmap, VM).
     pub monitor_anon_kib_per_clone: f64,
+    /// The process's page tables (`VmPTE`) growth per clone: the
+    /// userfaultfd write-protect markers of a clone's shared pages live in
+    /// page-table entries, 8 bytes a frame.
+    pub page_tables_kib_per_clone: f64,
+    /// Everything above that is new host memory, per clone, before it
+    /// writes: pool memory beyond one copy and the copy-on-write copies,
+    /// the monitor's `RssAnon`, page tables. (Not counted: KVM's own
+    /// kernel structures, which `/proc/self/status` does not show.)
+    pub all_new_kib_per_clone: f64,
     pub cow_breaks_at_start: u64,
     pub cow_breaks_per_clone_at_end: f64,
     /// Pools' resident memory once all finished, MiB (one copy + breaks).
@@ -256,6 +266,10 @@ impl CloneScenario {
                 / k;
         let monitor_anon_kib_per_clone =
             (proc1.rss_anon_kib as f64 - proc0.rss_anon_kib as f64) / k;
+        let page_tables_kib_per_clone = (proc1.pte_kib as f64 - proc0.pte_kib as f64) / k;
+        let all_new_kib_per_clone = new_pool_kib_per_clone.max(0.0)
+            + monitor_anon_kib_per_clone
+            + page_tables_kib_per_clone;
 
         let bar = progress.bar(self.clones as u64);
         let mut memory_over_time = vec![(clone_all_ms, resident1 as f64 / (1 << 20) as f64)];
@@ -311,6 +325,8 @@ impl CloneScenario {
             pool_pages_kib_per_clone,
             rss_shmem_kib_per_clone,
             monitor_anon_kib_per_clone,
+            page_tables_kib_per_clone,
+            all_new_kib_per_clone,
             cow_breaks_at_start: breaks1,
             cow_breaks_per_clone_at_end: breaks_end as f64 / k,
             pool_resident_end_mib: pool_resident_end as f64 / (1 << 20) as f64,
@@ -338,12 +354,24 @@ impl ScenarioResult for CloneResult {
                 self.ms_per_clone / FIRECRACKER_RESTORE_MS,
             ),
             Figure::value(
+                "all new host memory per clone before it writes (pool, monitor RssAnon, page tables)",
+                "KiB",
+                Better::Lower,
+                self.all_new_kib_per_clone,
+            )
+            .headline(),
+            Figure::value(
                 "new host memory per clone before it writes",
                 "KiB",
                 Better::Lower,
                 self.new_pool_kib_per_clone,
-            )
-            .headline(),
+            ),
+            Figure::value(
+                "page tables (VmPTE) per clone",
+                "KiB",
+                Better::Lower,
+                self.page_tables_kib_per_clone,
+            ),
             Figure::value(
                 "monitor memory (RssAnon) per clone",
                 "KiB",
@@ -439,6 +467,15 @@ impl ScenarioResult for CloneResult {
                 vec![
                     "monitor RssAnon per clone, KiB".into(),
                     f(self.monitor_anon_kib_per_clone),
+                ],
+                vec![
+                    "page tables (VmPTE) per clone, KiB".into(),
+                    f(self.page_tables_kib_per_clone),
+                ],
+                vec![
+                    "all new host memory per clone before it writes (pool + RssAnon + page tables), KiB"
+                        .into(),
+                    f(self.all_new_kib_per_clone),
                 ],
                 vec![
                     "RssShmem per clone beyond one copy, KiB".into(),

@@ -90,6 +90,10 @@ pub(super) struct Inner {
     /// This memory's claim on a raised `vm.max_map_count`, released (and
     /// the value set back) when the memory is dropped.
     pub(super) map_count: Option<crate::leftovers::MapCountLease>,
+    /// Per node, pool pages an image load holds that no frame maps yet
+    /// (read from a snapshot, not mapped until the whole image checked:
+    /// image.rs); `verify` counts them as neither free nor leaked.
+    pub(super) loading: Vec<super::runs::RunSet>,
 }
 
 /// All machine memory of one monitor, behind one lock.
@@ -310,6 +314,7 @@ impl Memory {
                 sampler: None,
                 replicas: Replicas::default(),
                 map_count: None,
+                loading: Vec::new(),
             }),
         })
     }
@@ -1540,6 +1545,7 @@ impl Inner {
         for (node, mut pages) in to_free.into_iter().enumerate() {
             self.pools[node].free_many(&mut pages)?;
         }
+        self.memmap.forget_vm(vm);
         self.spaces.remove(&vm);
         self.pausers.remove(&vm);
         self.cow.per_vm.remove(&vm);

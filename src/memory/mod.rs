@@ -36,7 +36,9 @@ pub use cow::{
     FaultOutcome, GuestCosts, MergeOutcome, MergePair, PageScan, RunAllowance, SharingStats,
     MERGE_BATCH_MAX,
 };
-pub use image::{ImageLoad, PageImage, SpaceRequest};
+pub use image::{
+    write_pool_bytes, ImageLoad, ImagePages, ImageSource, PageImage, PoolRun, SpaceRequest,
+};
 pub use incoming::OwnedPage;
 pub use inspect::{FrameView, NodeSharing, PageView};
 pub use mapper::{GuestSpaceStats, Memory, MoveReport, MoveTimes, PoolStats, MOVE_RUN_MAX};

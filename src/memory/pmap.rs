@@ -59,6 +59,26 @@ impl Pmap {
         self.released = self.released - released(&unpack(*slot)) + released(&entry);
         *slot = pack(entry);
     }
+    /// Maps frames `first..first+n` onto consecutive pages from `page`
+    /// (same node), all with `flags`: the bulk form of [`Pmap::set`] that
+    /// restores and clones fill a space with.
+    pub fn fill(&mut self, first: Gfn, page: MachinePage, n: u64, flags: PageFlags) {
+        let range = first as usize..(first + n) as usize;
+        let was: u64 = self.entries[range.clone()]
+            .iter()
+            .filter(|&&e| e & RELEASED != 0)
+            .count() as u64;
+        self.released = self.released - was + if flags.released { n } else { 0 };
+        for (k, slot) in self.entries[range].iter_mut().enumerate() {
+            *slot = pack(Some(PmapEntry {
+                page: MachinePage {
+                    node: page.node,
+                    index: page.index + k as u32,
+                },
+                flags,
+            }));
+        }
+    }
     /// Frames whose zero page was released to the host (`PageFlags::released`).
     pub fn released(&self) -> u64 {
         self.released
@@ -128,6 +148,17 @@ mod tests {
         }
         pmap.set(2, None);
         assert_eq!((pmap.get(2), pmap.get(0), pmap.released()), (None, None, 0));
+        let flags = PageFlags {
+            shared: true,
+            write_protected: true,
+            released: false,
+        };
+        pmap.fill(1, MachinePage { node: 3, index: 9 }, 3, flags);
+        let got: Vec<_> = pmap
+            .iter()
+            .map(|(g, e)| (g, e.page.index, e.flags))
+            .collect();
+        assert_eq!(got, vec![(1, 9, flags), (2, 10, flags), (3, 11, flags)]);
         assert_eq!(std::mem::size_of_val(&pmap.entries[0]), 8);
     }
 }

@@ -24,7 +24,11 @@ impl Memory {
     ///    is shared and write-protected exactly when its page has several
     ///    owners, so no guest can see another guest's write;
     /// 3. no page is both free in its pool and used in the memmap, every page
-    ///    handed out by a pool is used (no leak), and pool counters agree.
+    ///    handed out by a pool is used or held by an image load in progress
+    ///    (no leak), and pool counters agree;
+    /// 4. clone groups (`memmap.rs`) agree with the slots that name them,
+    ///    and their members are live spaces (the owners they stand for are
+    ///    checked against the pmaps with every other owner, in 2).
     ///
     /// Returns every violation found, not just the first.
     pub fn verify(&self) -> Result<()> {
@@ -174,6 +178,9 @@ impl Memory {
                 (shared_pages, sharing_frames)
             ));
         }
+        inner
+            .memmap
+            .verify_groups(|vm| inner.spaces.contains_key(&vm), &mut errors);
         inner.verify_replicas(&mut errors);
         for pool in &inner.pools {
             let mut used = 0u32;
@@ -184,6 +191,20 @@ impl Memory {
                 };
                 let in_use = inner.memmap.get(page).is_some();
                 let free = pool.is_free(index);
+                let loading = inner
+                    .loading
+                    .get(pool.node())
+                    .is_some_and(|l| l.contains(index));
+                if loading {
+                    if in_use || free {
+                        errors.push(format!(
+                            "{page} is held by an image load but also {}",
+                            if free { "free" } else { "in the memmap" }
+                        ));
+                    }
+                    used += 1;
+                    continue;
+                }
                 match (in_use, free) {
                     (true, true) => errors.push(format!("{page} is both free and in use")),
                     (false, false) => {

@@ -15,7 +15,7 @@ use super::guest::{main_node, micro_vm_spec, Guest};
 use super::{AddError, Monitor, MonitorVm, VmError};
 use crate::config::VmConfig;
 use crate::guest::layout;
-use crate::memory::{SpaceRequest, VmId};
+use crate::memory::{Gfn, ImageSource, SpaceRequest, VmId};
 use crate::snapshot::{self, Meta, VmMeta, WriteStats};
 use crate::vm::{GuestRam, MicroVm, MicroVmState};
 use crate::PAGE_SIZE;
@@ -218,7 +218,7 @@ impl Monitor {
         &mut self,
         path: &Path,
         meta: &Meta,
-        pages: impl Iterator<Item = Result<crate::memory::PageImage>>,
+        pages: impl ImageSource,
         vcs: Vec<VmConfig>,
         clones: bool,
         started: Instant,
@@ -254,10 +254,13 @@ impl Monitor {
         // A page the file could not give is the file's fault; anything
         // else (a full pool) the host's.
         let file_failed = std::cell::Cell::new(false);
-        let pages = pages.inspect(|p| file_failed.set(file_failed.get() || p.is_err()));
+        let mut pages = Watched {
+            source: pages,
+            failed: &file_failed,
+        };
         let load = self
             .memory
-            .create_spaces_from_image(frames, &requests, pages)
+            .create_spaces_from_image(frames, &requests, &mut pages)
             .map_err(|e| {
                 if file_failed.get() {
                     AddError::Snapshot(e)
@@ -324,6 +327,11 @@ impl Monitor {
         for pauser in &held {
             pauser.resume();
         }
+        tracing::debug!(
+            "{shown}: {} VMs started at {:.1} ms",
+            vcs.len(),
+            started.elapsed().as_secs_f64() * 1e3
+        );
         Ok(CloneReport {
             path: shown,
             names: vcs.iter().map(|v| v.name.clone()).collect(),
@@ -352,6 +360,26 @@ impl Monitor {
         self.memory.set_pauser(space, vm.pauser())?;
         self.memory.set_cpu_node(space, main_node(&vc.vcpu_nodes))?;
         Ok(vm)
+    }
+}
+
+/// An image source that remembers whether it failed: a restore's error is
+/// then the file's, not the host's.
+struct Watched<'a, S> {
+    source: S,
+    failed: &'a std::cell::Cell<bool>,
+}
+
+impl<S: ImageSource> ImageSource for Watched<'_, S> {
+    fn next_block(&mut self) -> Result<Option<usize>> {
+        let r = self.source.next_block();
+        self.failed.set(self.failed.get() || r.is_err());
+        r
+    }
+    fn read_block(&mut self, dest: &[crate::memory::PoolRun]) -> Result<Vec<Vec<Gfn>>> {
+        let r = self.source.read_block(dest);
+        self.failed.set(self.failed.get() || r.is_err());
+        r
     }
 }
 

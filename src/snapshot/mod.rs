@@ -4,15 +4,16 @@
 //! memory layer: [`write`] streams a paused VM's pages
 //! ([`crate::memory::Memory::image_chunk`]) into a temporary file that is
 //! renamed into place only once complete, and [`open`] checks a file's
-//! header and metadata and hands back a reader whose pages feed
-//! [`crate::memory::Memory::create_spaces_from_image`]. The monitor's
+//! header and metadata and hands back a reader that
+//! [`crate::memory::Memory::create_spaces_from_image`] reads block by
+//! block straight into pool pages. The monitor's
 //! operations (`Monitor::snapshot_vm`, `restore_vm`, `clone_vms`) are built
 //! on these.
 
 pub mod format;
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -109,7 +110,7 @@ pub fn write(memory: &Memory, vm: VmId, meta: &Meta, path: &Path) -> Result<Writ
 /// [`MAX_SNAPSHOT_BYTES`], opened with `crate::files`), checks its header
 /// and metadata, and returns them with a reader of its pages. Errors name
 /// the file and what is wrong with it.
-pub fn open(path: &Path) -> Result<(Meta, SnapshotReader<BufReader<File>>)> {
+pub fn open(path: &Path) -> Result<(Meta, SnapshotReader<File>)> {
     let shown = path.display().to_string();
     let (file, size) = crate::files::open(path, crate::files::Kind::Regular, false)
         .map_err(|e| anyhow::anyhow!("snapshot {shown} {e}"))?;
@@ -120,8 +121,8 @@ pub fn open(path: &Path) -> Result<(Meta, SnapshotReader<BufReader<File>>)> {
             crate::files::fmt_size(MAX_SNAPSHOT_BYTES)
         );
     }
-    SnapshotReader::open(
-        BufReader::with_capacity(1 << 20, file),
-        &format!("snapshot {shown}"),
-    )
+    // Unbuffered: page bytes are read straight into pool pages (a buffer
+    // would copy them twice); headers and indexes are a few small reads
+    // per 256 pages.
+    SnapshotReader::open(file, &format!("snapshot {shown}"))
 }
