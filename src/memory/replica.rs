@@ -305,9 +305,13 @@ impl Memory {
 
 impl super::mapper::Inner {
     /// Maps `(vm, gfn)` onto `page` (shared, write-protected) with the VM
-    /// paused; `false` when it could not be paused in time (nothing done).
+    /// paused; `false` when it could not be paused in time or the remap
+    /// would take it over its budget of mappings (nothing done).
     /// The caller drops the frame's previous page.
     pub(super) fn remap_paused(&mut self, vm: VmId, gfn: Gfn, page: MachinePage) -> Result<bool> {
+        if !self.remap_fits(vm, gfn, page) {
+            return Ok(false); // over the VM's budget of mappings: it stays
+        }
         let pauser = self.pausers.get(&vm).cloned();
         let started = std::time::Instant::now();
         if let Some(p) = &pauser {
@@ -383,7 +387,9 @@ impl super::mapper::Inner {
         }
         if moved == 0 {
             self.pools[node].free(index)?;
-            bail!("no owner of {page} could be paused to move it");
+            bail!(
+                "no owner of {page} could be moved (paused in time, within its budget of mappings)"
+            );
         }
         // The new page may have a single owner (others could not be paused
         // and stayed behind): then it is private.
