@@ -291,6 +291,14 @@ impl Inner {
         fits
     }
 
+    /// [`Inner::move_fits`] for a run whose target is not known yet (as
+    /// if its pages were next to no neighbour's): asked before the run is
+    /// taken from the guest.
+    pub(super) fn move_fits_anywhere(&mut self, vm: VmId, first: Gfn, len: u64) -> bool {
+        let far = far_page().expect("a page").page;
+        self.move_fits(vm, first, len, far)
+    }
+
     /// Whether remapping a merge run of `vm` (frames from `first` onto `len`
     /// consecutive pages from `page`) keeps the VM within its cap; counts a
     /// deferred run when it does not.

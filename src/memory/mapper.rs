@@ -1154,6 +1154,16 @@ impl Inner {
         report: &mut MoveReport,
     ) -> Result<()> {
         let addr = self.space(vm)?.addr(first);
+        if !self.move_fits_anywhere(vm, first, count as u64) {
+            let why = format!(
+                "deferred: moving {count} frames from {first:#x} would take vm {vm} over its \
+                 budget of kernel mappings"
+            );
+            for gfn in first..first + count as Gfn {
+                report.failed.push((gfn, why.clone()));
+            }
+            return Ok(());
+        }
         let t = Instant::now();
         if let Err(e) = self.detach_run(addr, count * PAGE_SIZE) {
             let why = format!("taking frames to migrate away from the guest: {e:#}");

@@ -370,6 +370,7 @@ impl super::mapper::Inner {
             index,
         };
         self.copy_page(page, new);
+        let deferred_before = self.budget.stats.deferred_remaps;
         let mut moved = 0;
         for (v, g) in owners {
             match self.remap_paused(v, g, new) {
@@ -387,9 +388,12 @@ impl super::mapper::Inner {
         }
         if moved == 0 {
             self.pools[node].free(index)?;
-            bail!(
-                "no owner of {page} could be moved (paused in time, within its budget of mappings)"
-            );
+            if self.budget.stats.deferred_remaps > deferred_before {
+                bail!(
+                    "deferred: moving {page} would take its owners over their budget of mappings"
+                );
+            }
+            bail!("no owner of {page} could be paused to move it");
         }
         // The new page may have a single owner (others could not be paused
         // and stayed behind): then it is private.
