@@ -658,3 +658,122 @@ fn constant_writers_never_lose_a_write_while_batches_merge() {
     );
     memory.verify().unwrap();
 }
+
+/// A guest that writes into every merged run of its memory while its VM
+/// sits at its budget of kernel mappings: the duplicate space's data frames
+/// are merged onto a twin's in runs of three with a private frame between
+/// (two mappings a run: the budget defers most), a third space takes the
+/// pool pages the merges freed (so no copy can go back to its frame's old
+/// page), then a 2-vCPU guest fills its memory, breaking every merged run.
+/// Its mappings, counted from `/proc/self/maps` while it runs and after,
+/// stay within its cap and reserve (copies go next to a neighbour's page,
+/// or a unit is unshared), and its checksums are right.
+#[test]
+fn a_guest_writing_into_every_merged_run_stays_within_its_budget() {
+    if !require_kvm("a_guest_writing_into_every_merged_run_stays_within_its_budget") {
+        return;
+    }
+    const FRAMES: u64 = 8192;
+    const PER: u64 = 16;
+    let system = layout::system_frames().end;
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let memory = Arc::new(Memory::new(&[(0, 0, 4 * FRAMES as u32)]).unwrap());
+    let _handler = FaultHandler::start(memory.clone()).unwrap();
+    memory.set_frames_per_mapping(PER).unwrap();
+    let (keep, _) = memory.create_space("keep", FRAMES, 0).unwrap();
+    let (dup, base) = memory.create_space("dup", FRAMES, 0).unwrap();
+    memory.exclude_from_sharing(dup, 0..system).unwrap();
+    for gfn in system..FRAMES {
+        let mut page = vec![3u8; PAGE_SIZE];
+        page[..8].copy_from_slice(&gfn.to_le_bytes());
+        memory.write_guest_page(keep, gfn, &page).unwrap();
+        if gfn % 4 == 3 {
+            page[8] = 1; // private to dup
+        }
+        memory.write_guest_page(dup, gfn, &page).unwrap();
+    }
+    let mut merged = 0;
+    let mut first = system;
+    while first < FRAMES {
+        let len = 512 - first % 512;
+        let pairs = run_pairs(&memory, (dup, first), (keep, first), len, FRAMES);
+        let outcomes = memory.merge_batch(dup, &pairs).unwrap();
+        merged += outcomes
+            .iter()
+            .filter(|&&o| o == MergeOutcome::Merged)
+            .count() as u64;
+        first += len;
+    }
+    let (at_merge, cap) = memory.space_mappings(dup).unwrap();
+    let cap = cap.unwrap();
+    let bound = cap + disco::memory::budget::overrun_reserve(FRAMES);
+    assert!(
+        merged > 0 && at_merge <= cap,
+        "{merged} merged, {at_merge} mappings, cap {cap}"
+    );
+    assert!(
+        at_merge + 8 >= cap,
+        "the merges spent the budget: {at_merge} of {cap}"
+    );
+    // The freed pages go to another space: breaks cannot go home.
+    let (other, _) = memory.create_space("other", merged, 0).unwrap();
+    memory.verify().unwrap();
+
+    let workload = Workload::Fill {
+        seed: 11,
+        private_seed: 12,
+        shared_percent: 100,
+        shared_run: 1,
+    };
+    let limit = Duration::from_secs(300);
+    let mut vm = micro_vm_on_space(
+        &kvm,
+        &memory,
+        (dup, base),
+        FRAMES,
+        "dup".into(),
+        workload,
+        limit,
+    );
+    vm.start().unwrap();
+    let mut peak = 0;
+    while !vm.is_finished() {
+        peak = peak.max(vma_count(base, FRAMES) as u64);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = vm.wait();
+    for v in &out.vcpus {
+        match v {
+            disco::vm::VcpuOutcome::Done { result, expected } => {
+                assert_eq!(Some(*result), *expected, "a write was lost: {out:?}")
+            }
+            other => panic!("the guest did not finish: {other:?}"),
+        }
+    }
+    memory.verify().unwrap();
+    let end = vma_count(base, FRAMES) as u64;
+    let (counted, _) = memory.space_mappings(dup).unwrap();
+    let budget = memory.budget_stats();
+    let sharing = memory.sharing_stats();
+    eprintln!(
+        "{merged} frames merged into {at_merge} mappings (cap {cap}, bound {bound}); guest \
+         writes: peak {peak}, end {end} mappings; {sharing:?}; {budget:?}"
+    );
+    assert_eq!(end, counted, "the pmap's count is the kernel's");
+    assert!(
+        peak.max(end) <= bound,
+        "mappings {peak} at peak, {end} at the end, above cap {cap} + reserve"
+    );
+    assert!(
+        sharing.cow_breaks > 0 && budget.breaks_joined > 0,
+        "the guest broke merged runs, copies placed next to their neighbours: {budget:?}"
+    );
+    assert_eq!(
+        sharing.shared_machine_pages, 0,
+        "every merged run was written"
+    );
+    for id in [keep, dup, other] {
+        memory.destroy_space(id).unwrap();
+    }
+    assert_eq!(memory.pool_stats()[0].used_pages, 0, "no page leaked");
+}

@@ -1259,6 +1259,7 @@ impl Monitor {
             settled,
             settle_note,
             memory: self.memory.sharing_stats(),
+            budget: self.memory.budget_stats(),
         });
         let replicas = self.memory.replica_stats();
         for v in &self.vms {
