@@ -393,7 +393,9 @@ impl Inner {
     /// pages are freed (kept warm). Private frames are write-protected
     /// while their pages are copied, so a guest write waits in the fault
     /// handler (which needs the lock held here) and lands in the copy.
-    fn relocate_own(&mut self, vm: VmId, range: Range<Gfn>, target: MachinePage) -> Result<()> {
+    /// Returns the copies of shared pages made (new pages in use: a
+    /// private frame's old page is freed).
+    fn relocate_own(&mut self, vm: VmId, range: Range<Gfn>, target: MachinePage) -> Result<u64> {
         let len = range.end - range.start;
         let space = self.space(vm)?;
         let mut olds = Vec::with_capacity(len as usize);
@@ -438,6 +440,10 @@ impl Inner {
             self.give_back(target, len)?;
             return Err(e);
         }
+        let copies = olds
+            .iter()
+            .filter(|e| self.memmap.get(e.page).is_some_and(|i| i.owners.len() > 1))
+            .count() as u64;
         let mut dropped = Vec::with_capacity(len as usize);
         for (i, (gfn, old)) in range.zip(&olds).enumerate() {
             let page = page_at(target, i as u64);
@@ -452,24 +458,26 @@ impl Inner {
             dropped.push((old.page, vm, gfn));
         }
         dropped.sort_unstable();
-        self.drop_owners(&dropped, true)
+        self.drop_owners(&dropped, true)?;
+        Ok(copies)
     }
 
     /// A copy-on-write break of `vm`'s shared frame `gfn` within the VM's
     /// budget (see the module docs): next to a neighbour's page, else any
-    /// page of `home` if the cap allows, else the unit unshared.
-    pub(super) fn break_within_budget(&mut self, vm: VmId, gfn: Gfn, home: NodeId) -> Result<()> {
+    /// page of `home` if the cap allows, else the unit unshared. Returns
+    /// the copies of shared pages made (one, or a unit's shared frames).
+    pub(super) fn break_within_budget(&mut self, vm: VmId, gfn: Gfn, home: NodeId) -> Result<u64> {
         let single = gfn..gfn + 1;
         if self.budget.frames_per_mapping > 0 {
             if let Some(target) = self.take_near(vm, &single) {
-                self.relocate_own(vm, single, target)?;
+                let copies = self.relocate_own(vm, single, target)?;
                 self.budget.stats.breaks_joined += 1;
-                return Ok(());
+                return Ok(copies);
             }
         }
         if self.fits_budget(vm, &[(gfn, far_page())]) {
             self.replace_with_copy(vm, gfn, home)?;
-            return Ok(());
+            return Ok(1);
         }
         let unit = self.unshare_unit(vm, gfn)?;
         let len = unit.end - unit.start;
@@ -480,7 +488,7 @@ impl Inner {
             // No run that long anywhere: the single copy, over the cap.
             self.budget.stats.overruns += 1;
             self.replace_with_copy(vm, gfn, home)?;
-            return Ok(());
+            return Ok(1);
         };
         let changes: Vec<(Gfn, Option<PmapEntry>)> = unit
             .clone()
@@ -498,10 +506,10 @@ impl Inner {
         if !self.fits_budget(vm, &changes) {
             self.budget.stats.overruns += 1;
         }
-        self.relocate_own(vm, unit, target)?;
+        let copies = self.relocate_own(vm, unit, target)?;
         self.budget.stats.unit_breaks += 1;
         self.budget.stats.unit_frames += len;
-        Ok(())
+        Ok(copies)
     }
 
     /// The frames a break of `gfn` over budget unshares: its mapping,

@@ -130,6 +130,8 @@ pub struct SharingStats {
     pub saved_bytes: u64,
     pub merges: u64,
     pub compare_failures: u64,
+    /// Copies copy-on-write made: one per break, and one per shared frame
+    /// of a unit a break over the mapping budget unshared (`budget.rs`).
     pub cow_breaks: u64,
     pub cow_break_median_us: f64,
     pub cow_break_p99_us: f64,
@@ -535,12 +537,14 @@ impl Memory {
                             inner.cow.starved.insert(vm);
                             FaultOutcome::PoolsFull
                         } else if owners > 1 {
-                            inner.break_within_budget(vm, gfn, home)?;
-                            inner.cow.breaks += 1;
+                            // A unit unshared over budget makes a copy per
+                            // shared frame: each counts as a break.
+                            let copies = inner.break_within_budget(vm, gfn, home)?;
+                            inner.cow.breaks += copies;
                             let ns = started.elapsed().as_nanos() as u64;
                             inner.cow.break_ns.0.saturating_record(ns.max(1));
                             let c = inner.cow.per_vm.entry(vm).or_default();
-                            c.cow_breaks += 1;
+                            c.cow_breaks += copies;
                             c.cow_break_ms += ns as f64 / 1e6;
                             FaultOutcome::Copied
                         } else {
