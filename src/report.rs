@@ -54,6 +54,8 @@ pub struct SharingReport {
     /// Why not, when it did not: how far it got within the time limit.
     pub settle_note: Option<String>,
     pub memory: SharingStats,
+    /// What the mapper's budget of kernel mappings did (`memory::budget`).
+    pub budget: crate::memory::BudgetStats,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -349,10 +351,24 @@ impl RunReport {
             }
             if sh.scanner.max_vm_mappings > 0 {
                 out += &format!(
-                    "  kernel mappings: at most {} in one VM's guest range at a recount; {} equal frames left unmerged by the mapping budget (policy frames_per_mapping = {})\n",
+                    "  kernel mappings: at most {} in one VM's guest range when a batch was issued; {} equal frames left unmerged by the mapping budget (policy frames_per_mapping = {})\n",
                     sh.scanner.max_vm_mappings,
                     sh.scanner.budget_deferrals,
                     self.policy.policy.sharing.frames_per_mapping
+                );
+            }
+            let b = &sh.budget;
+            if b.frames_per_mapping > 0 {
+                out += &format!(
+                    "  mapping budget: {} copy-on-write copies next to a neighbour, {} breaks unsharing a unit ({} frames, {} over the cap), {} compactions saving {} mappings, {} migrated frames and {} remaps deferred\n",
+                    b.breaks_joined,
+                    b.unit_breaks,
+                    b.unit_frames,
+                    b.overruns,
+                    b.compactions,
+                    b.compaction_saved,
+                    b.deferred_moves,
+                    b.deferred_remaps
                 );
             }
             out += &format!(

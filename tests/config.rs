@@ -633,7 +633,10 @@ fn run_refuses_what_check_refuses_before_changing_anything() {
     assert_contains(&err, &["key `vm`", "more than"]);
     // Raising it for these VMs would take it to at least `needed` (another
     // test process on the machine may change it meanwhile, not that far).
-    let needed = disco::memory::mapper::map_count_needed(c.vms.iter().map(|v| v.memory_mib * 256));
+    let needed = disco::memory::mapper::map_count_needed(
+        c.vms.iter().map(|v| v.memory_mib * 256),
+        c.policy.sharing.frames_per_mapping,
+    );
     let after = map_count();
     assert!(
         after == before || after < needed,

@@ -196,3 +196,49 @@ fn max_map_count_raised_for_guest_memory_is_set_back_when_the_last_monitor_ends(
     assert_eq!(map_count(), before, "set back when the last monitor ends");
     assert!(!state.exists(), "the state file is removed");
 }
+
+/// Under a budget of kernel mappings the mapper raises `vm.max_map_count`
+/// to what the budget allows (each VM's cap plus its reserve), not to one
+/// mapping per guest page: a space of four times the limit in pages needs
+/// no raise. Turning the budget off (0 frames per mapping, the old rule)
+/// raises it for one mapping per page, and the value found comes back
+/// when the memory goes.
+#[test]
+fn max_map_count_is_raised_for_the_mapping_budget_not_for_every_page() {
+    let _serial = serial();
+    let state = state_dir().join(MAP_COUNT_STATE);
+    assert!(
+        !state.exists(),
+        "{} exists before the test",
+        state.display()
+    );
+    let before = map_count();
+    let frames = before * 4;
+    let needed = disco::memory::mapper::map_count_needed([frames], 16);
+    let per_page = disco::memory::mapper::map_count_needed([frames], 0);
+    eprintln!(
+        "{frames} frames: {needed} mappings needed under a budget of 1 per 16 frames, \
+         {per_page} without; vm.max_map_count {before}"
+    );
+    assert!(
+        needed < before && per_page > before,
+        "{needed} / {per_page} / {before}"
+    );
+    let capacity = u32::try_from(frames + 1024).expect("the pool fits");
+    let memory = Memory::new(&[(0, 0, capacity)]).unwrap();
+    memory.set_frames_per_mapping(16).unwrap();
+    memory.create_space("big", frames, 0).unwrap();
+    assert_eq!(map_count(), before, "no raise needed under the budget");
+    assert!(!state.exists(), "nothing raised, nothing recorded");
+
+    memory.set_frames_per_mapping(0).unwrap();
+    let raised = map_count();
+    assert!(
+        raised >= per_page,
+        "raised from {before} to {raised} for one mapping a page"
+    );
+    assert_eq!(holders(&state), 1);
+    drop(memory);
+    assert_eq!(map_count(), before, "set back when the memory goes");
+    assert!(!state.exists(), "the state file is removed");
+}

@@ -1,7 +1,9 @@
 //! Batched merges (`Memory::merge_batch`), really remapped: random batches
 //! of runs and single pages interleaved with guest writes through the
 //! mapping (copy-on-write breaks inside merged runs), single merges,
-//! migrations and rebuilds keep `verify()` and every frame's content; real
+//! migrations, compactions and rebuilds, without and under a budget of
+//! kernel mappings, keep `verify()`, every frame's content and each VM's
+//! mappings within its cap and reserve; real
 //! guests that write all the time lose no write while batches merge their
 //! memory; and a batch of consecutive frames onto consecutive kept pages
 //! adds a handful of kernel mappings (VMAs), not one per page, and an idle
@@ -53,7 +55,7 @@ fn random_batches_writes_migrations_and_rebuilds_keep_contents() {
     use proptest::test_runner::{Config, TestRunner};
 
     const VMS: usize = 3;
-    const FRAMES: u64 = 24;
+    const FRAMES: u64 = 40;
     const NODES: usize = 2;
     #[derive(Clone, Debug)]
     enum Op {
@@ -88,6 +90,12 @@ fn random_batches_writes_migrations_and_rebuilds_keep_contents() {
             vm: usize,
             node: usize,
         },
+        /// `Memory::compact` of frames `first..first+len` of `vm`.
+        Compact {
+            vm: usize,
+            first: u64,
+            len: u64,
+        },
     }
     let op = prop_oneof![
         5 => (0..VMS, 0..FRAMES, 0u8..3).prop_map(|(vm, gfn, value)| Op::Write { vm, gfn, value }),
@@ -98,147 +106,219 @@ fn random_batches_writes_migrations_and_rebuilds_keep_contents() {
         1 => (0..VMS, 0..FRAMES, 1..FRAMES, 0..NODES)
             .prop_map(|(vm, first, len, node)| Op::MoveBatch { vm, first, len, node }),
         1 => (0..VMS, 0..NODES).prop_map(|(vm, node)| Op::Rebuild { vm, node }),
+        2 => (0..VMS, 0..FRAMES, 2..FRAMES)
+            .prop_map(|(vm, first, len)| Op::Compact { vm, first, len }),
     ];
+    // Without a budget, and with one that binds (16 mappings for 40
+    // frames: single merges and breaks reach it).
+    let budget = prop_oneof![Just(0u64), Just(8u64)];
     let mut runner = TestRunner::new(Config {
-        cases: 48,
+        cases: 64,
         ..Config::default()
     });
+    // What the budget did over all cases: each mechanism must have run.
+    let totals = std::sync::Mutex::new(disco::memory::BudgetStats::default());
     runner
-        .run(&proptest::collection::vec(op, 1..50), |ops| {
-            let pages = (VMS as u64 * FRAMES * 2) as u32;
-            let memory = Arc::new(Memory::new(&[(0, 0, pages), (1, 0, pages)]).unwrap());
-            let handler = FaultHandler::start(memory.clone()).unwrap();
-            let mut spaces: Vec<(VmId, usize)> = (0..VMS)
-                .map(|v| {
-                    memory
-                        .create_space(&format!("p{v}"), FRAMES, v % NODES)
-                        .unwrap()
-                })
-                .collect();
-            // Model: the value each frame is filled with (0: never written).
-            let mut model: Vec<BTreeMap<u64, u8>> = vec![BTreeMap::new(); VMS];
-            let value = |model: &[BTreeMap<u64, u8>], vm: usize, gfn: u64| {
-                model[vm].get(&gfn).copied().unwrap_or(0)
-            };
-            for op in ops {
-                match op {
-                    Op::Write { vm, gfn, value } => {
-                        guest_write(spaces[vm].1, gfn, value);
-                        model[vm].insert(gfn, value);
-                    }
-                    Op::Batch {
-                        dup,
-                        keep,
-                        runs,
-                        stale,
-                    } => {
-                        let mut pairs = Vec::new();
-                        for (d, k, len) in runs {
-                            let room = 512 - pairs.len() as u64;
-                            let run = run_pairs(
-                                &memory,
-                                (spaces[dup].0, d),
-                                (spaces[keep].0, k),
-                                len.min(room),
-                                FRAMES,
+        .run(
+            &(proptest::collection::vec(op, 1..50), budget),
+            |(ops, per)| {
+                let pages = (VMS as u64 * FRAMES * 2) as u32;
+                let memory = Arc::new(Memory::new(&[(0, 0, pages), (1, 0, pages)]).unwrap());
+                memory.set_frames_per_mapping(per).unwrap();
+                let handler = FaultHandler::start(memory.clone()).unwrap();
+                let mut spaces: Vec<(VmId, usize)> = (0..VMS)
+                    .map(|v| {
+                        memory
+                            .create_space(&format!("p{v}"), FRAMES, v % NODES)
+                            .unwrap()
+                    })
+                    .collect();
+                // Model: the value each frame is filled with (0: never written).
+                let mut model: Vec<BTreeMap<u64, u8>> = vec![BTreeMap::new(); VMS];
+                let value = |model: &[BTreeMap<u64, u8>], vm: usize, gfn: u64| {
+                    model[vm].get(&gfn).copied().unwrap_or(0)
+                };
+                for op in ops {
+                    match op {
+                        Op::Write { vm, gfn, value } => {
+                            guest_write(spaces[vm].1, gfn, value);
+                            model[vm].insert(gfn, value);
+                        }
+                        Op::Batch {
+                            dup,
+                            keep,
+                            runs,
+                            stale,
+                        } => {
+                            let mut pairs = Vec::new();
+                            for (d, k, len) in runs {
+                                let room = 512 - pairs.len() as u64;
+                                let run = run_pairs(
+                                    &memory,
+                                    (spaces[dup].0, d),
+                                    (spaces[keep].0, k),
+                                    len.min(room),
+                                    FRAMES,
+                                );
+                                pairs.extend(run);
+                            }
+                            if stale {
+                                pairs[0].dup_page.index ^= 1 << 20;
+                            }
+                            let outcomes = memory.merge_batch(spaces[dup].0, &pairs).unwrap();
+                            prop_assert_eq!(outcomes.len(), pairs.len());
+                            let mut seen = std::collections::HashSet::new();
+                            for (i, (p, o)) in pairs.iter().zip(&outcomes).enumerate() {
+                                let (kv, kg, _) = p.keep;
+                                let kvm = spaces.iter().position(|s| s.0 == kv).unwrap();
+                                let same = value(&model, dup, p.dup_gfn) == value(&model, kvm, kg);
+                                let first_time = seen.insert(p.dup_gfn);
+                                if stale && i == 0 {
+                                    prop_assert_eq!(*o, MergeOutcome::Stale);
+                                }
+                                match o {
+                                    MergeOutcome::Merged => {
+                                        prop_assert!(same, "pair {:?} merged different content", p);
+                                        prop_assert!(first_time);
+                                    }
+                                    MergeOutcome::Differ => {
+                                        prop_assert!(!same, "equal pair {:?} differs", p)
+                                    }
+                                    MergeOutcome::Stale | MergeOutcome::Deferred => {}
+                                }
+                            }
+                            // A merged duplicate maps its kept page (a kept
+                            // frame is never a duplicate of the same batch).
+                            for (p, o) in pairs.iter().zip(&outcomes) {
+                                if *o == MergeOutcome::Merged {
+                                    let now =
+                                        memory.lookup(spaces[dup].0, p.dup_gfn).unwrap().unwrap();
+                                    prop_assert_eq!(now.page, p.keep.2);
+                                    prop_assert!(now.flags.write_protected);
+                                }
+                            }
+                        }
+                        Op::Single {
+                            dup,
+                            dgfn,
+                            keep,
+                            kgfn,
+                        } => {
+                            let d = memory.lookup(spaces[dup].0, dgfn).unwrap().unwrap().page;
+                            let k = memory.lookup(spaces[keep].0, kgfn).unwrap().unwrap().page;
+                            let o = memory
+                                .merge((spaces[dup].0, dgfn, d), (spaces[keep].0, kgfn, k))
+                                .unwrap();
+                            let same = value(&model, dup, dgfn) == value(&model, keep, kgfn);
+                            prop_assert!(o != MergeOutcome::Merged || same);
+                            prop_assert!(o != MergeOutcome::Differ || !same);
+                        }
+                        Op::MoveBatch {
+                            vm,
+                            first,
+                            len,
+                            node,
+                        } => {
+                            let gfns: Vec<u64> = (first..(first + len).min(FRAMES)).collect();
+                            let report = memory.move_pages(spaces[vm].0, &gfns, node).unwrap();
+                            // Only the budget may hold a migration back.
+                            prop_assert!(
+                                report
+                                    .failed
+                                    .iter()
+                                    .all(|(_, why)| per > 0 && why.starts_with("deferred")),
+                                "{:?}",
+                                report.failed
                             );
-                            pairs.extend(run);
                         }
-                        if stale {
-                            pairs[0].dup_page.index ^= 1 << 20;
-                        }
-                        let outcomes = memory.merge_batch(spaces[dup].0, &pairs).unwrap();
-                        prop_assert_eq!(outcomes.len(), pairs.len());
-                        let mut seen = std::collections::HashSet::new();
-                        for (i, (p, o)) in pairs.iter().zip(&outcomes).enumerate() {
-                            let (kv, kg, _) = p.keep;
-                            let kvm = spaces.iter().position(|s| s.0 == kv).unwrap();
-                            let same = value(&model, dup, p.dup_gfn) == value(&model, kvm, kg);
-                            let first_time = seen.insert(p.dup_gfn);
-                            if stale && i == 0 {
-                                prop_assert_eq!(*o, MergeOutcome::Stale);
-                            }
-                            match o {
-                                MergeOutcome::Merged => {
-                                    prop_assert!(same, "pair {:?} merged different content", p);
-                                    prop_assert!(first_time);
-                                }
-                                MergeOutcome::Differ => {
-                                    prop_assert!(!same, "equal pair {:?} differs", p)
-                                }
-                                MergeOutcome::Stale | MergeOutcome::Deferred => {}
+                        Op::Compact { vm, first, len } => {
+                            let end = (first + len).min(FRAMES);
+                            let before = memory.space_mappings(spaces[vm].0).unwrap().0;
+                            let saved = memory.compact(spaces[vm].0, first..end).unwrap();
+                            let after = memory.space_mappings(spaces[vm].0).unwrap().0;
+                            if let Some(saved) = saved {
+                                prop_assert!(
+                                    saved > 0 && after < before,
+                                    "a compaction saves: {} -> {}",
+                                    before,
+                                    after
+                                );
+                            } else {
+                                prop_assert_eq!(
+                                    before,
+                                    after,
+                                    "a refused compaction changes nothing"
+                                );
                             }
                         }
-                        // A merged duplicate maps its kept page (a kept
-                        // frame is never a duplicate of the same batch).
-                        for (p, o) in pairs.iter().zip(&outcomes) {
-                            if *o == MergeOutcome::Merged {
-                                let now = memory.lookup(spaces[dup].0, p.dup_gfn).unwrap().unwrap();
-                                prop_assert_eq!(now.page, p.keep.2);
-                                prop_assert!(now.flags.write_protected);
-                            }
+                        Op::Rebuild { vm, node } => {
+                            memory.destroy_space(spaces[vm].0).unwrap();
+                            spaces[vm] = memory.create_space("again", FRAMES, node).unwrap();
+                            model[vm].clear();
                         }
                     }
-                    Op::Single {
-                        dup,
-                        dgfn,
-                        keep,
-                        kgfn,
-                    } => {
-                        let d = memory.lookup(spaces[dup].0, dgfn).unwrap().unwrap().page;
-                        let k = memory.lookup(spaces[keep].0, kgfn).unwrap().unwrap().page;
-                        let o = memory
-                            .merge((spaces[dup].0, dgfn, d), (spaces[keep].0, kgfn, k))
-                            .unwrap();
-                        let same = value(&model, dup, dgfn) == value(&model, keep, kgfn);
-                        prop_assert!(o != MergeOutcome::Merged || same);
-                        prop_assert!(o != MergeOutcome::Differ || !same);
+                    memory
+                        .verify()
+                        .map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
+                    for &(id, base) in &spaces {
+                        // The pmap's count is the kernel's (verify) and this
+                        // test's own count of /proc/self/maps agrees.
+                        let (mappings, cap) = memory.space_mappings(id).unwrap();
+                        prop_assert_eq!(vma_count_overlapping(base, FRAMES) as u64, mappings);
+                        if let Some(cap) = cap {
+                            let bound = cap + disco::memory::budget::overrun_reserve(FRAMES);
+                            prop_assert!(
+                                mappings <= bound,
+                                "{} mappings, cap {} + reserve",
+                                mappings,
+                                cap
+                            );
+                        }
                     }
-                    Op::MoveBatch {
-                        vm,
-                        first,
-                        len,
-                        node,
-                    } => {
-                        let gfns: Vec<u64> = (first..(first + len).min(FRAMES)).collect();
-                        let report = memory.move_pages(spaces[vm].0, &gfns, node).unwrap();
-                        prop_assert!(report.failed.is_empty(), "{:?}", report.failed);
+                    for (v, &(id, base)) in spaces.iter().enumerate() {
+                        for gfn in 0..FRAMES {
+                            let want = value(&model, v, gfn);
+                            let page = memory.read_guest_page(id, gfn).unwrap();
+                            prop_assert!(
+                                page.iter().all(|&x| x == want),
+                                "vm {} frame {} lost its content",
+                                v,
+                                gfn
+                            );
+                            prop_assert_eq!(
+                                guest_read(base, gfn),
+                                page,
+                                "the guest sees its frame"
+                            );
+                        }
                     }
-                    Op::Rebuild { vm, node } => {
-                        memory.destroy_space(spaces[vm].0).unwrap();
-                        spaces[vm] = memory.create_space("again", FRAMES, node).unwrap();
-                        model[vm].clear();
-                    }
+                }
+                for (id, _) in spaces {
+                    memory.destroy_space(id).unwrap();
                 }
                 memory
                     .verify()
                     .map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
-                for (v, &(id, base)) in spaces.iter().enumerate() {
-                    for gfn in 0..FRAMES {
-                        let want = value(&model, v, gfn);
-                        let page = memory.read_guest_page(id, gfn).unwrap();
-                        prop_assert!(
-                            page.iter().all(|&x| x == want),
-                            "vm {} frame {} lost its content",
-                            v,
-                            gfn
-                        );
-                        prop_assert_eq!(guest_read(base, gfn), page, "the guest sees its frame");
-                    }
-                }
-            }
-            for (id, _) in spaces {
-                memory.destroy_space(id).unwrap();
-            }
-            memory
-                .verify()
-                .map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
-            let used: u32 = memory.pool_stats().iter().map(|p| p.used_pages).sum();
-            prop_assert_eq!(used, 0, "no machine page leaked");
-            drop(handler);
-            Ok(())
-        })
+                let used: u32 = memory.pool_stats().iter().map(|p| p.used_pages).sum();
+                prop_assert_eq!(used, 0, "no machine page leaked");
+                drop(handler);
+                let b = memory.budget_stats();
+                let mut t = totals.lock().unwrap();
+                t.compactions += b.compactions;
+                t.breaks_joined += b.breaks_joined;
+                t.unit_breaks += b.unit_breaks;
+                t.deferred_merge_runs += b.deferred_merge_runs;
+                t.deferred_moves += b.deferred_moves;
+                Ok(())
+            },
+        )
         .unwrap();
+    let t = totals.into_inner().unwrap();
+    eprintln!("budget over all cases: {t:?}");
+    assert!(
+        t.compactions > 0 && t.breaks_joined > 0 && t.unit_breaks > 0 && t.deferred_merge_runs > 0,
+        "every budget mechanism ran: {t:?}"
+    );
 }
 
 /// Kernel mappings (lines of `/proc/self/maps`) that start inside the
@@ -253,6 +333,25 @@ fn vma_count(base: usize, frames: u64) -> usize {
             let start = l.split('-').next().unwrap();
             let start = usize::from_str_radix(start, 16).unwrap();
             (base..end).contains(&start)
+        })
+        .count()
+}
+
+/// Kernel mappings that overlap the guest mapping of `frames` frames at
+/// `base` (a hole at its start may have joined a hole before it).
+fn vma_count_overlapping(base: usize, frames: u64) -> usize {
+    let end = base + frames as usize * PAGE_SIZE;
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            let range = l.split_whitespace().next().unwrap();
+            let (s, e) = range.split_once('-').unwrap();
+            let (s, e) = (
+                usize::from_str_radix(s, 16).unwrap(),
+                usize::from_str_radix(e, 16).unwrap(),
+            );
+            s < end && e > base
         })
         .count()
 }
@@ -558,4 +657,123 @@ fn constant_writers_never_lose_a_write_while_batches_merge() {
         "the race was exercised (merges while the guests ran, and breaks): {stats:?}"
     );
     memory.verify().unwrap();
+}
+
+/// A guest that writes into every merged run of its memory while its VM
+/// sits at its budget of kernel mappings: the duplicate space's data frames
+/// are merged onto a twin's in runs of three with a private frame between
+/// (two mappings a run: the budget defers most), a third space takes the
+/// pool pages the merges freed (so no copy can go back to its frame's old
+/// page), then a 2-vCPU guest fills its memory, breaking every merged run.
+/// Its mappings, counted from `/proc/self/maps` while it runs and after,
+/// stay within its cap and reserve (copies go next to a neighbour's page,
+/// or a unit is unshared), and its checksums are right.
+#[test]
+fn a_guest_writing_into_every_merged_run_stays_within_its_budget() {
+    if !require_kvm("a_guest_writing_into_every_merged_run_stays_within_its_budget") {
+        return;
+    }
+    const FRAMES: u64 = 8192;
+    const PER: u64 = 16;
+    let system = layout::system_frames().end;
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let memory = Arc::new(Memory::new(&[(0, 0, 4 * FRAMES as u32)]).unwrap());
+    let _handler = FaultHandler::start(memory.clone()).unwrap();
+    memory.set_frames_per_mapping(PER).unwrap();
+    let (keep, _) = memory.create_space("keep", FRAMES, 0).unwrap();
+    let (dup, base) = memory.create_space("dup", FRAMES, 0).unwrap();
+    memory.exclude_from_sharing(dup, 0..system).unwrap();
+    for gfn in system..FRAMES {
+        let mut page = vec![3u8; PAGE_SIZE];
+        page[..8].copy_from_slice(&gfn.to_le_bytes());
+        memory.write_guest_page(keep, gfn, &page).unwrap();
+        if gfn % 4 == 3 {
+            page[8] = 1; // private to dup
+        }
+        memory.write_guest_page(dup, gfn, &page).unwrap();
+    }
+    let mut merged = 0;
+    let mut first = system;
+    while first < FRAMES {
+        let len = 512 - first % 512;
+        let pairs = run_pairs(&memory, (dup, first), (keep, first), len, FRAMES);
+        let outcomes = memory.merge_batch(dup, &pairs).unwrap();
+        merged += outcomes
+            .iter()
+            .filter(|&&o| o == MergeOutcome::Merged)
+            .count() as u64;
+        first += len;
+    }
+    let (at_merge, cap) = memory.space_mappings(dup).unwrap();
+    let cap = cap.unwrap();
+    let bound = cap + disco::memory::budget::overrun_reserve(FRAMES);
+    assert!(
+        merged > 0 && at_merge <= cap,
+        "{merged} merged, {at_merge} mappings, cap {cap}"
+    );
+    assert!(
+        at_merge + 8 >= cap,
+        "the merges spent the budget: {at_merge} of {cap}"
+    );
+    // The freed pages go to another space: breaks cannot go home.
+    let (other, _) = memory.create_space("other", merged, 0).unwrap();
+    memory.verify().unwrap();
+
+    let workload = Workload::Fill {
+        seed: 11,
+        private_seed: 12,
+        shared_percent: 100,
+        shared_run: 1,
+    };
+    let limit = Duration::from_secs(300);
+    let mut vm = micro_vm_on_space(
+        &kvm,
+        &memory,
+        (dup, base),
+        FRAMES,
+        "dup".into(),
+        workload,
+        limit,
+    );
+    vm.start().unwrap();
+    let mut peak = 0;
+    while !vm.is_finished() {
+        peak = peak.max(vma_count(base, FRAMES) as u64);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = vm.wait();
+    for v in &out.vcpus {
+        match v {
+            disco::vm::VcpuOutcome::Done { result, expected } => {
+                assert_eq!(Some(*result), *expected, "a write was lost: {out:?}")
+            }
+            other => panic!("the guest did not finish: {other:?}"),
+        }
+    }
+    memory.verify().unwrap();
+    let end = vma_count(base, FRAMES) as u64;
+    let (counted, _) = memory.space_mappings(dup).unwrap();
+    let budget = memory.budget_stats();
+    let sharing = memory.sharing_stats();
+    eprintln!(
+        "{merged} frames merged into {at_merge} mappings (cap {cap}, bound {bound}); guest \
+         writes: peak {peak}, end {end} mappings; {sharing:?}; {budget:?}"
+    );
+    assert_eq!(end, counted, "the pmap's count is the kernel's");
+    assert!(
+        peak.max(end) <= bound,
+        "mappings {peak} at peak, {end} at the end, above cap {cap} + reserve"
+    );
+    assert!(
+        sharing.cow_breaks > 0 && budget.breaks_joined > 0,
+        "the guest broke merged runs, copies placed next to their neighbours: {budget:?}"
+    );
+    assert_eq!(
+        sharing.shared_machine_pages, 0,
+        "every merged run was written"
+    );
+    for id in [keep, dup, other] {
+        memory.destroy_space(id).unwrap();
+    }
+    assert_eq!(memory.pool_stats()[0].used_pages, 0, "no page leaked");
 }

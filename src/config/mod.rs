@@ -581,6 +581,7 @@ impl Config {
             self.vms
                 .iter()
                 .map(|v| (v.memory_mib << 20) / crate::PAGE_SIZE as u64),
+            self.policy.sharing.frames_per_mapping,
         );
         crate::memory::mapper::check_map_count(maps).map_err(|e| err("vm", format!("{e:#}")))?;
         Ok(())

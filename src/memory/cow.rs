@@ -130,6 +130,8 @@ pub struct SharingStats {
     pub saved_bytes: u64,
     pub merges: u64,
     pub compare_failures: u64,
+    /// Copies copy-on-write made: one per break, and one per shared frame
+    /// of a unit a break over the mapping budget unshared (`budget.rs`).
     pub cow_breaks: u64,
     pub cow_break_median_us: f64,
     pub cow_break_p99_us: f64,
@@ -535,12 +537,14 @@ impl Memory {
                             inner.cow.starved.insert(vm);
                             FaultOutcome::PoolsFull
                         } else if owners > 1 {
-                            inner.replace_with_copy(vm, gfn, home)?;
-                            inner.cow.breaks += 1;
+                            // A unit unshared over budget makes a copy per
+                            // shared frame: each counts as a break.
+                            let copies = inner.break_within_budget(vm, gfn, home)?;
+                            inner.cow.breaks += copies;
                             let ns = started.elapsed().as_nanos() as u64;
                             inner.cow.break_ns.0.saturating_record(ns.max(1));
                             let c = inner.cow.per_vm.entry(vm).or_default();
-                            c.cow_breaks += 1;
+                            c.cow_breaks += copies;
                             c.cow_break_ms += ns as f64 / 1e6;
                             FaultOutcome::Copied
                         } else {
@@ -717,20 +721,20 @@ impl Inner {
         // The allowance goes to the longest runs; beyond it only long runs.
         let mut by_length: Vec<usize> = (0..runs.len()).collect();
         by_length.sort_by_key(|&r| std::cmp::Reverse(runs[r].1));
-        let mut remap = vec![false; runs.len()];
-        for (rank, &r) in by_length.iter().enumerate() {
-            remap[r] = rank < allowance.free_runs || runs[r].1 >= allowance.long_run;
-        }
+        // Remapped longest first, so the mapper's own cap (`budget.rs`),
+        // checked on the pmap as it is after the runs before, goes to them.
         let mut merged = Vec::with_capacity(equal.len());
         let mut failure = None;
-        for (&(at, len), remap) in runs.iter().zip(remap) {
-            if !remap {
+        for (rank, &r) in by_length.iter().enumerate() {
+            let (at, len) = runs[r];
+            let first = &pairs[equal[at]];
+            let allowed = rank < allowance.free_runs || len >= allowance.long_run;
+            if !allowed || !self.merge_run_fits(dup_vm, first.dup_gfn, first.keep.2, len) {
                 for &i in &equal[at..at + len] {
                     outcomes[i] = MergeOutcome::Deferred;
                 }
                 continue;
             }
-            let first = &pairs[equal[at]];
             if let Err(e) = self.map_onto_run(dup_vm, first.dup_gfn, first.keep.2, len) {
                 failure = Some(e);
                 break;

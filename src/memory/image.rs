@@ -354,12 +354,8 @@ impl Memory {
                 "another image is being loaded"
             );
             load.pages_per_node = vec![0; nodes];
-            let budget: u64 = inner.spaces.values().map(|s| s.frames() + 1).sum::<u64>()
-                + (frames + 1) * requests.len() as u64;
-            crate::leftovers::ensure_map_count(
-                budget + super::mapper::MAP_COUNT_MARGIN,
-                &mut inner.map_count,
-            )?;
+            let needed = inner.map_count_for(&vec![frames; requests.len()]);
+            crate::leftovers::ensure_map_count(needed, &mut inner.map_count)?;
             for r in requests {
                 let (vm, base) = inner.reserve_space(&r.name, &r.domain, r.node, frames)?;
                 load.spaces.push((vm, base));

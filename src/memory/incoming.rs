@@ -82,12 +82,8 @@ impl Memory {
                 );
             }
             load.pages_per_node = vec![0; nodes];
-            let budget: u64 = inner.spaces.values().map(|s| s.frames() + 1).sum::<u64>()
-                + frames.iter().map(|f| f + 1).sum::<u64>();
-            crate::leftovers::ensure_map_count(
-                budget + super::mapper::MAP_COUNT_MARGIN,
-                &mut inner.map_count,
-            )?;
+            let needed = inner.map_count_for(frames);
+            crate::leftovers::ensure_map_count(needed, &mut inner.map_count)?;
             for (r, &f) in requests.iter().zip(frames) {
                 let (vm, base) = inner.reserve_space(&r.name, &r.domain, r.node, f)?;
                 load.spaces.push((vm, base));

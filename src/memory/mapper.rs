@@ -94,6 +94,8 @@ pub(super) struct Inner {
     /// (read from a snapshot, not mapped until the whole image checked:
     /// image.rs); `verify` counts them as neither free nor leaked.
     pub(super) loading: Vec<super::runs::RunSet>,
+    /// The budget of kernel mappings per VM (see `budget.rs`).
+    pub(super) budget: super::budget::Budget,
 }
 
 /// All machine memory of one monitor, behind one lock.
@@ -315,6 +317,7 @@ impl Memory {
                 replicas: Replicas::default(),
                 map_count: None,
                 loading: Vec::new(),
+                budget: Default::default(),
             }),
         })
     }
@@ -351,10 +354,10 @@ impl Memory {
             "node {node} does not exist (this topology has {} nodes)",
             inner.pools.len()
         );
-        // Worst case every guest page ends up in its own VMA (after sharing
-        // or migration), so budget for that now rather than fail later.
-        let budget: u64 = inner.spaces.values().map(|s| s.frames() + 1).sum::<u64>() + frames + 1;
-        crate::leftovers::ensure_map_count(budget + MAP_COUNT_MARGIN, &mut inner.map_count)?;
+        // The most mappings the spaces can hold under the budget (one per
+        // guest page without one), so a remap never fails for want of one.
+        let needed = inner.map_count_for(&[frames]);
+        crate::leftovers::ensure_map_count(needed, &mut inner.map_count)?;
 
         let len = frames as usize * PAGE_SIZE;
         // SAFETY: a fresh reservation; nothing else uses this range.
@@ -1156,6 +1159,16 @@ impl Inner {
         report: &mut MoveReport,
     ) -> Result<()> {
         let addr = self.space(vm)?.addr(first);
+        if !self.move_fits_anywhere(vm, first, count as u64) {
+            let why = format!(
+                "deferred: moving {count} frames from {first:#x} would take vm {vm} over its \
+                 budget of kernel mappings"
+            );
+            for gfn in first..first + count as Gfn {
+                report.failed.push((gfn, why.clone()));
+            }
+            return Ok(());
+        }
         let t = Instant::now();
         if let Err(e) = self.detach_run(addr, count * PAGE_SIZE) {
             let why = format!("taking frames to migrate away from the guest: {e:#}");
@@ -1268,6 +1281,18 @@ impl Inner {
         let (start, len, warm) =
             self.pools[node].alloc_run_for_copy(want.min(u32::MAX as usize) as u32)?;
         let len = len as usize;
+        let target = MachinePage {
+            node: node as u16,
+            index: start,
+        };
+        if !self.move_fits(vm, first, len as u64, target) {
+            let mut fresh: Vec<u32> = (start..start + len as u32).collect();
+            self.pools[node].free_many(&mut fresh)?;
+            bail!(
+                "deferred: moving {len} frames from {first:#x} would take vm {vm} over its \
+                 budget of kernel mappings"
+            );
+        }
         let olds: Vec<MachinePage> = {
             let pmap = &self.space(vm)?.pmap;
             (0..len)
@@ -1325,7 +1350,7 @@ impl Inner {
     /// through the pool views instead, with memcpy: no allocation, and no
     /// page fault per page (`Pool::populate_view` maps the runs the views
     /// do not map yet with one `madvise` each, and skips the rest).
-    fn copy_to_run(
+    pub(super) fn copy_to_run(
         &mut self,
         olds: &[MachinePage],
         node: NodeId,
@@ -1610,10 +1635,11 @@ const MAP_COUNT_PATH: &str = "/proc/sys/vm/max_map_count";
 const MAP_COUNT_CEILING: u64 = i32::MAX as u64;
 
 /// Memory mappings (`vm.max_map_count`) that guest spaces of these frame
-/// counts may need at worst: one VMA per guest page, one per space, plus
-/// [`MAP_COUNT_MARGIN`].
-pub fn map_count_needed(frames: impl IntoIterator<Item = u64>) -> u64 {
-    frames.into_iter().map(|f| f + 1).sum::<u64>() + MAP_COUNT_MARGIN
+/// counts may need at worst under a budget of one mapping per
+/// `frames_per_mapping` frames (0: one per guest page): see
+/// [`super::budget::map_count_needed`].
+pub fn map_count_needed(frames: impl IntoIterator<Item = u64>, frames_per_mapping: u64) -> u64 {
+    super::budget::map_count_needed(frames, frames_per_mapping)
 }
 
 fn current_map_count() -> Result<u64> {

@@ -17,6 +17,7 @@
 //! [`Memory::verify`] checks that all of them agree with what the kernel
 //! really maps (read back from `/proc/self/maps`).
 
+pub mod budget;
 pub mod cow;
 pub mod image;
 pub mod incoming;
@@ -32,6 +33,7 @@ pub mod sampler;
 mod verify;
 pub mod watch;
 
+pub use budget::BudgetStats;
 pub use cow::{
     FaultOutcome, GuestCosts, MergeOutcome, MergePair, PageScan, RunAllowance, SharingStats,
     MERGE_BATCH_MAX,

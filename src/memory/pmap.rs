@@ -38,6 +38,23 @@ pub struct Pmap {
     /// Entries with `flags.released` (kept as entries change, so reports
     /// need not walk the pmap).
     released: u64,
+    /// Places where the kernel cannot join two neighbouring frames into one
+    /// mapping (see [`Pmap::mappings`]), kept as entries change.
+    splits: u64,
+}
+
+/// Whether the kernel can hold frames `a` and `a + 1` in one mapping (VMA):
+/// two holes (inaccessible anonymous memory), or two consecutive pages of
+/// one pool (one file, consecutive offsets). Protection does not matter:
+/// userfaultfd write-protects page-table entries, not mappings.
+fn joinable(a: Option<PmapEntry>, b: Option<PmapEntry>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => {
+            a.page.node == b.page.node && a.page.index.checked_add(1) == Some(b.page.index)
+        }
+        _ => false,
+    }
 }
 
 impl Pmap {
@@ -45,6 +62,7 @@ impl Pmap {
         Pmap {
             entries: vec![pack(None); frames as usize],
             released: 0,
+            splits: 0,
         }
     }
     pub fn frames(&self) -> u64 {
@@ -55,14 +73,76 @@ impl Pmap {
     }
     pub fn set(&mut self, gfn: Gfn, entry: Option<PmapEntry>) {
         let released = |e: &Option<PmapEntry>| e.is_some_and(|e| e.flags.released) as u64;
-        let slot = &mut self.entries[gfn as usize];
-        self.released = self.released - released(&unpack(*slot)) + released(&entry);
-        *slot = pack(entry);
+        let old = self.get(gfn);
+        self.released = self.released - released(&old) + released(&entry);
+        let splits_around = |pmap: &Pmap| pmap.split_at(gfn) as u64 + pmap.split_at(gfn + 1) as u64;
+        self.splits -= splits_around(self);
+        self.entries[gfn as usize] = pack(entry);
+        self.splits += splits_around(self);
+    }
+
+    /// Whether frames `gfn - 1` and `gfn` fall in different kernel mappings
+    /// (false at the space's edges).
+    fn split_at(&self, gfn: Gfn) -> bool {
+        gfn > 0 && gfn < self.frames() && !joinable(self.get(gfn - 1), self.get(gfn))
+    }
+
+    /// The kernel mappings (VMAs) this space's host range is made of, as
+    /// the kernel joins them: one per maximal run of frames that map
+    /// consecutive pages of one pool, and one per run of holes. `verify`
+    /// checks it against `/proc/self/maps`; the mapper holds each VM to its
+    /// budget of mappings with it (`super::budget`).
+    pub fn mappings(&self) -> u64 {
+        self.splits + 1
+    }
+
+    /// How [`Pmap::mappings`] would change if each `(gfn, entry)` of
+    /// `changes` (sorted by frame, each frame once) were set.
+    pub fn mappings_delta(&self, changes: &[(Gfn, Option<PmapEntry>)]) -> i64 {
+        let after = |gfn: Gfn| match changes.binary_search_by_key(&gfn, |c| c.0) {
+            Ok(i) => changes[i].1,
+            Err(_) => self.get(gfn),
+        };
+        let mut places: Vec<Gfn> = changes.iter().flat_map(|c| [c.0, c.0 + 1]).collect();
+        places.dedup();
+        let mut delta = 0i64;
+        for gfn in places {
+            if gfn == 0 || gfn >= self.frames() {
+                continue;
+            }
+            delta += !joinable(after(gfn - 1), after(gfn)) as i64;
+            delta -= !joinable(self.get(gfn - 1), self.get(gfn)) as i64;
+        }
+        delta
+    }
+
+    /// The frames around `gfn` that one kernel mapping holds (see
+    /// [`Pmap::mappings`]), clipped to `within` (which holds `gfn`): the
+    /// walk costs a step per frame, so callers bound it.
+    pub fn mapping_around(&self, gfn: Gfn, within: std::ops::Range<Gfn>) -> std::ops::Range<Gfn> {
+        let mut start = gfn;
+        while start > within.start && !self.split_at(start) {
+            start -= 1;
+        }
+        let mut end = gfn + 1;
+        while end < within.end.min(self.frames()) && !self.split_at(end) {
+            end += 1;
+        }
+        start..end
     }
     /// Maps frames `first..first+n` onto consecutive pages from `page`
     /// (same node), all with `flags`: the bulk form of [`Pmap::set`] that
     /// restores and clones fill a space with.
     pub fn fill(&mut self, first: Gfn, page: MachinePage, n: u64, flags: PageFlags) {
+        // The mapping count changes only at the places this run touches.
+        let splits_within =
+            |pmap: &Pmap| (first..=first + n).filter(|&g| pmap.split_at(g)).count() as u64;
+        self.splits -= splits_within(self);
+        self.fill_entries(first, page, n, flags);
+        self.splits += splits_within(self);
+    }
+
+    fn fill_entries(&mut self, first: Gfn, page: MachinePage, n: u64, flags: PageFlags) {
         let range = first as usize..(first + n) as usize;
         let was: u64 = self.entries[range.clone()]
             .iter()
@@ -148,6 +228,7 @@ mod tests {
         }
         pmap.set(2, None);
         assert_eq!((pmap.get(2), pmap.get(0), pmap.released()), (None, None, 0));
+        assert_eq!(pmap.mappings(), 1, "one run of holes");
         let flags = PageFlags {
             shared: true,
             write_protected: true,
@@ -159,6 +240,52 @@ mod tests {
             .map(|(g, e)| (g, e.page.index, e.flags))
             .collect();
         assert_eq!(got, vec![(1, 9, flags), (2, 10, flags), (3, 11, flags)]);
+        // Frames 1-3 on consecutive pages, holes at 0: two mappings.
+        assert_eq!(pmap.mappings(), 2, "fill keeps the mapping count");
         assert_eq!(std::mem::size_of_val(&pmap.entries[0]), 8);
+    }
+
+    fn at(index: u32) -> Option<PmapEntry> {
+        Some(PmapEntry {
+            page: MachinePage { node: 0, index },
+            flags: PageFlags::default(),
+        })
+    }
+
+    #[test]
+    fn mappings_follow_runs_of_consecutive_pages_and_holes() {
+        let mut pmap = Pmap::new(8);
+        for g in 0..8 {
+            pmap.set(g, at(100 + g as u32));
+        }
+        assert_eq!(pmap.mappings(), 1);
+        // A page elsewhere in the middle: three mappings.
+        let change = [(3, at(7))];
+        assert_eq!(pmap.mappings_delta(&change), 2);
+        pmap.set(3, at(7));
+        assert_eq!(pmap.mappings(), 3);
+        assert_eq!(pmap.mapping_around(3, 0..8), 3..4);
+        assert_eq!(pmap.mapping_around(5, 0..8), 4..8);
+        assert_eq!(pmap.mapping_around(5, 5..7), 5..7);
+        // Its home page back: one again.
+        assert_eq!(pmap.mappings_delta(&[(3, at(103))]), -2);
+        pmap.set(3, at(103));
+        assert_eq!(pmap.mappings(), 1);
+        // Holes next to each other join; a hole splits a run.
+        pmap.set(0, None);
+        pmap.set(1, None);
+        assert_eq!(pmap.mappings(), 2);
+        pmap.set(5, None);
+        assert_eq!(pmap.mappings(), 4);
+        // Another node's page with the next index does not join.
+        let other = Some(PmapEntry {
+            page: MachinePage {
+                node: 1,
+                index: 105,
+            },
+            flags: PageFlags::default(),
+        });
+        assert_eq!(pmap.mappings_delta(&[(5, other)]), 0);
+        assert_eq!(pmap.mappings_delta(&[(5, at(105))]), -2);
     }
 }

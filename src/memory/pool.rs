@@ -370,6 +370,38 @@ impl Pool {
         Ok((start, len, false))
     }
 
+    /// Takes pages `start..start+len` for a copy (the caller overwrites
+    /// every byte before a guest maps them, as for
+    /// [`Pool::alloc_run_for_copy`]) if every one of them is free; `false`
+    /// (nothing taken) otherwise. The mapping budget asks for the pages
+    /// next to a frame's neighbours, so the kernel joins the copy with them
+    /// into one mapping (`super::budget`).
+    pub fn take_exact_for_copy(&mut self, start: u32, len: u32) -> bool {
+        let Some(end) = start.checked_add(len) else {
+            return false;
+        };
+        if len == 0 || end > self.capacity || !(start..end).all(|i| self.is_free(i)) {
+            return false;
+        }
+        for i in start..end.min(self.next) {
+            if self.cold.contains(i) {
+                self.cold.remove(i, 1);
+            } else {
+                self.warm.remove(i, 1);
+                self.warm_reused += 1;
+            }
+        }
+        if end > self.next {
+            // Never-used pages between the high-water mark and the run
+            // become free holes below the new mark.
+            if start > self.next {
+                self.cold.insert(self.next, start - self.next);
+            }
+            self.next = end;
+        }
+        true
+    }
+
     /// Returns a page to the pool and its memory to the host.
     pub fn free(&mut self, index: u32) -> Result<()> {
         self.free_many(&mut [index])

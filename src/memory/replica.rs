@@ -305,9 +305,13 @@ impl Memory {
 
 impl super::mapper::Inner {
     /// Maps `(vm, gfn)` onto `page` (shared, write-protected) with the VM
-    /// paused; `false` when it could not be paused in time (nothing done).
+    /// paused; `false` when it could not be paused in time or the remap
+    /// would take it over its budget of mappings (nothing done).
     /// The caller drops the frame's previous page.
     pub(super) fn remap_paused(&mut self, vm: VmId, gfn: Gfn, page: MachinePage) -> Result<bool> {
+        if !self.remap_fits(vm, gfn, page) {
+            return Ok(false); // over the VM's budget of mappings: it stays
+        }
         let pauser = self.pausers.get(&vm).cloned();
         let started = std::time::Instant::now();
         if let Some(p) = &pauser {
@@ -366,6 +370,7 @@ impl super::mapper::Inner {
             index,
         };
         self.copy_page(page, new);
+        let deferred_before = self.budget.stats.deferred_remaps;
         let mut moved = 0;
         for (v, g) in owners {
             match self.remap_paused(v, g, new) {
@@ -383,6 +388,11 @@ impl super::mapper::Inner {
         }
         if moved == 0 {
             self.pools[node].free(index)?;
+            if self.budget.stats.deferred_remaps > deferred_before {
+                bail!(
+                    "deferred: moving {page} would take its owners over their budget of mappings"
+                );
+            }
             bail!("no owner of {page} could be paused to move it");
         }
         // The new page may have a single owner (others could not be paused

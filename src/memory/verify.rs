@@ -45,7 +45,9 @@ impl Memory {
                 None => None,
             };
             let mut covered = space.base;
+            let mut kernel_mappings = 0u64;
             for m in maps.iter().filter(|m| m.end > space.base && m.start < end) {
+                kernel_mappings += 1;
                 // Neighbouring spaces' holes may merge into one VMA, so a
                 // mapping can start before this space and end after it.
                 if m.start.max(space.base) != covered {
@@ -104,6 +106,13 @@ impl Memory {
             }
             if covered != end {
                 errors.push(format!("vm {vm}: host range ends unmapped at {covered:#x}"));
+            }
+            if kernel_mappings != space.pmap.mappings() {
+                errors.push(format!(
+                    "vm {vm}: the kernel holds the range in {kernel_mappings} mappings, the pmap's \
+                     runs make {}",
+                    space.pmap.mappings()
+                ));
             }
             let mut released = 0;
             for (gfn, e) in space.pmap.iter() {

@@ -300,6 +300,9 @@ impl Monitor {
             "cannot open /dev/kvm: disco needs KVM (run as root or in group kvm on a host with KVM)",
         )?;
         let memory = Arc::new(Memory::for_topology_limited(&topology, memory_limit)?);
+        // The policy's budget of kernel mappings per VM, held by the mapper;
+        // `vm.max_map_count` is raised for it, not for one mapping a page.
+        memory.set_frames_per_mapping(policy.sharing.frames_per_mapping)?;
         let services = Services::plan(policy, source, &topology, &memory)?;
         Ok(Monitor {
             topology,
@@ -357,6 +360,8 @@ impl Monitor {
     pub fn set_policy(&mut self, policy: Policy) -> Result<()> {
         let name = policy.name.clone();
         let vms = self.expected_vms.max(self.vms.len());
+        self.memory
+            .set_frames_per_mapping(policy.sharing.frames_per_mapping)?;
         self.services
             .swap(policy, &self.source, &self.topology, &self.memory, vms)?;
         self.events.push(
@@ -381,6 +386,7 @@ impl Monitor {
             .reserve_map_count(crate::memory::mapper::map_count_needed(
                 vms.into_iter()
                     .map(|v| v.memory_mib * 1024 * 1024 / PAGE_SIZE as u64),
+                self.memory.frames_per_mapping(),
             ))
     }
     /// Builds a VM (guest space, KVM VM) without starting it and returns
@@ -1257,6 +1263,7 @@ impl Monitor {
             settled,
             settle_note,
             memory: self.memory.sharing_stats(),
+            budget: self.memory.budget_stats(),
         });
         let replicas = self.memory.replica_stats();
         for v in &self.vms {

@@ -57,12 +57,17 @@
 //! them, each costing kernel memory and time in every `/proc/self/maps`
 //! read. So each VM has a budget: one mapping per `frames_per_mapping`
 //! guest frames (policy `[sharing]`, default 16; at least 16 mappings). The
-//! scanner recounts each VM's mappings from `/proc/self/maps` at most once
-//! a second (and adds two per run it merges in between); a batch may remap
-//! as many runs as the budget has left, longest first, and beyond that
-//! only runs of at least twice `frames_per_mapping` frames. Equal frames
-//! left out are `budget_deferrals`, tried again on later passes.
-//! Copy-on-write breaks and migrations are not held to the budget.
+//! mapper counts each VM's mappings as its pmap changes
+//! (`Memory::space_mappings`, checked against `/proc/self/maps` by
+//! `verify`); a batch may remap as many runs as the budget has left,
+//! longest first, and beyond that only runs of at least twice
+//! `frames_per_mapping` frames; the monitor's mapper holds the same budget
+//! and defers any run that would take the VM over its cap
+//! (`memory::budget`). Equal frames left out are `budget_deferrals`, tried
+//! again on later passes; a batch with deferrals has the mapper compact its
+//! window (`Memory::compact_window`: scattered pages copied into one pool
+//! run when that saves mappings). Copy-on-write breaks, migrations and
+//! replicas are held to the mapper's budget too (see `memory::budget`).
 //!
 //! ## Holes and zero pages
 //! Fresh guest memory is a hole in its pool until the guest first writes
@@ -162,8 +167,6 @@ pub const ZERO_PAGE_AGE: Duration = Duration::from_secs(2);
 pub const SETTLE_AGE: Duration = Duration::from_millis(200);
 /// The default budget of kernel mappings: one per this many guest frames.
 pub const FRAMES_PER_MAPPING: u64 = 16;
-/// How often the scanner recounts each VM's kernel mappings.
-const MAPPING_RECOUNT: Duration = Duration::from_secs(1);
 /// An unstable frame asked for `n` stable passes must also have held still
 /// for `n` times this long.
 pub const STABLE_PASS_TIME: Duration = Duration::from_millis(250);
@@ -253,9 +256,14 @@ pub struct ScannerStats {
     /// that had spent its budget of kernel mappings.
     #[serde(default)]
     pub budget_deferrals: u64,
-    /// Most kernel mappings one VM's guest range had, at a recount.
+    /// Most kernel mappings one VM's guest range had when a batch of it
+    /// was issued.
     #[serde(default)]
     pub max_vm_mappings: u64,
+    /// Mappings saved by compacting windows of VMs that had spent their
+    /// budget (`Memory::compact_window`).
+    #[serde(default)]
+    pub compaction_saved: u64,
     /// CPU time of the scanner thread.
     pub cpu_ms: f64,
     /// The scanner's current pace, pages per second (see `Pace`).
@@ -347,11 +355,6 @@ pub struct ScanState {
     pending: Vec<Pending>,
     /// Zero frames found and not released yet.
     pending_zero: Vec<(Gfn, MachinePage)>,
-    /// Kernel mappings per VM at the last recount, plus two for every run
-    /// merged since (a run inside a mapping splits it in three), and when
-    /// that recount was.
-    mappings: HashMap<VmId, u64>,
-    counted_at: Option<Instant>,
     /// Frames of each space, from the last `step`.
     frames: FastMap<VmId, u64>,
     /// Position: index into the current list of spaces, and frame.
@@ -374,8 +377,6 @@ impl ScanState {
             window: None,
             pending: Vec::new(),
             pending_zero: Vec::new(),
-            mappings: HashMap::new(),
-            counted_at: None,
             frames: FastMap::default(),
             space_index: 0,
             gfn: 0,
@@ -498,15 +499,10 @@ impl ScanState {
                 return;
             }
         };
-        let mut last_merged: Option<Gfn> = None;
+        let window = pending[0].pair.dup_gfn / MERGE_WINDOW * MERGE_WINDOW;
+        let deferred = outcomes.contains(&MergeOutcome::Deferred);
         for (p, outcome) in pending.into_iter().zip(outcomes) {
             let me = (vm, p.pair.dup_gfn, p.pair.dup_page);
-            if outcome == MergeOutcome::Merged {
-                if last_merged.is_none_or(|g| g + 1 != p.pair.dup_gfn) {
-                    *self.mappings.entry(vm).or_default() += 2;
-                }
-                last_merged = Some(p.pair.dup_gfn);
-            }
             match outcome {
                 MergeOutcome::Deferred => self.stats.budget_deferrals += 1,
                 MergeOutcome::Merged => {
@@ -524,29 +520,35 @@ impl ScanState {
                 }
             }
         }
+        if deferred {
+            // The VM has spent its budget: pages of this window scattered
+            // in the pool may fit in fewer mappings (`Memory::compact`).
+            let end = (window + MERGE_WINDOW).min(self.frames.get(&vm).copied().unwrap_or(0));
+            match memory.compact_window(vm, window..end) {
+                Ok(saved) => self.stats.compaction_saved += saved,
+                Err(e) => {
+                    self.stats.errors += 1;
+                    tracing::warn!("compacting frames of vm {vm}: {e:#}");
+                }
+            }
+        }
     }
 
     /// What a batch of `vm` may remap: as many runs as the VM's budget of
     /// kernel mappings has left (two mappings a run), and beyond that runs
-    /// of at least twice the frames per mapping, which keep the VM at about
-    /// one mapping per that many frames (see "A budget of kernel mappings").
+    /// of at least twice the frames per mapping (see "A budget of kernel
+    /// mappings"; a mapper with a budget of its own also defers every run
+    /// that would take the VM over it).
     fn allowance(&mut self, memory: &Memory, vm: VmId) -> RunAllowance {
         let per = self.config.frames_per_mapping;
         if per == 0 {
             return RunAllowance::UNLIMITED;
         }
-        if self
-            .counted_at
-            .is_none_or(|t| t.elapsed() >= MAPPING_RECOUNT)
-        {
-            if let Ok(counts) = memory.mappings_per_space() {
-                self.stats.max_vm_mappings = counts.values().copied().max().unwrap_or(0);
-                self.mappings = counts;
-            }
-            self.counted_at = Some(Instant::now());
-        }
-        let budget = (self.frames.get(&vm).copied().unwrap_or(0) / per).max(16);
-        let used = self.mappings.get(&vm).copied().unwrap_or(0);
+        let used = memory.space_mappings(vm).map_or(0, |(used, _)| used);
+        self.stats.max_vm_mappings = self.stats.max_vm_mappings.max(used);
+        let budget =
+            crate::memory::budget::mapping_cap(self.frames.get(&vm).copied().unwrap_or(0), per)
+                .unwrap_or(u64::MAX);
         RunAllowance {
             free_runs: (budget.saturating_sub(used) / 2) as usize,
             long_run: (2 * per) as usize,
