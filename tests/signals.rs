@@ -58,10 +58,14 @@ fn sigint_stops_the_guests_prints_the_report_and_removes_the_socket() {
 }
 
 /// 4 GiB VMs, enough of them that the run must raise `vm.max_map_count`
-/// (the mapper budgets a mapping per guest page), the first spinning.
+/// (the mapper reserves each VM's bound of kernel mappings, derived from
+/// the default budget: `memory::budget::mapping_bound`), the first
+/// spinning.
 fn config_raising_map_count(current: u64) -> String {
     const FRAMES_PER_VM: u64 = 4096 * 256;
-    let vms = (current + 8192) / FRAMES_PER_VM + 1;
+    let per_vm =
+        disco::memory::budget::mapping_bound(FRAMES_PER_VM, disco::sharing::FRAMES_PER_MAPPING);
+    let vms = (current + 8192) / per_vm + 1;
     let mut config = String::from("policy = \"static\"\n[host]\ntopology = \"host\"\n");
     for i in 0..vms {
         let workload = if i == 0 {
