@@ -139,11 +139,14 @@ mod tests {
     fn reads_this_process_and_the_system() {
         let p = ProcessMem::read().unwrap();
         assert!(p.rss_anon_kib > 0 && p.threads >= 1);
+        // The count is process-wide and other tests run beside this one,
+        // allocating and freeing: a large block and half its size as the
+        // bound keep their churn from deciding the outcome.
         let before = ProcessMem::read().unwrap().heap_in_use_kib;
-        let block = std::hint::black_box(vec![1u8; 4 << 20]);
+        let block = std::hint::black_box(vec![1u8; 64 << 20]);
         let during = ProcessMem::read().unwrap().heap_in_use_kib;
         drop(block);
-        assert!(during >= before + 4096, "{before} -> {during} KiB");
+        assert!(during >= before + (32 << 10), "{before} -> {during} KiB");
         release_free_heap();
         let m = MemInfo::read().unwrap();
         assert!(m.mem_total_kib > 0 && m.mem_available_kib > 0);
