@@ -205,7 +205,7 @@ fn locality_and_migration_benches_produce_finite_figures_and_a_plot() {
         vcpus: 1,
         memory_mib: 4,
         workload: "{ kind = \"sweep\" }".into(),
-        passes: 1200,
+        passes: 2400,
         topology: "4-node".into(),
         policies: vec!["static".into(), "migrate-only".into()],
         placement: "opposite".into(),
