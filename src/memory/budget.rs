@@ -419,11 +419,9 @@ impl Inner {
         let uffd = self.uffd.clone();
         let hold = |on: bool| -> Result<()> {
             if let Some(u) = &uffd {
-                for (first, n) in super::runs::runs_of(&writable) {
-                    let at = addr + (first - first_gfn) as usize * PAGE_SIZE;
-                    u.write_protect(at, n as usize * PAGE_SIZE, on)
-                        .context("holding writers of frames being copied")?;
-                }
+                let offsets: Vec<Gfn> = writable.iter().map(|g| g - first_gfn).collect();
+                protect_runs(u, addr, &offsets, on)
+                    .context("holding writers of frames being copied")?;
             }
             Ok(())
         };
@@ -696,36 +694,18 @@ impl Inner {
             .filter(|&i| owners[i as usize].len() == 1)
             .collect();
         let shared: Vec<Gfn> = (0..len).filter(|&i| owners[i as usize].len() > 1).collect();
-        for (first, n) in super::runs::runs_of(&private) {
-            uffd.write_protect(
-                addr + first as usize * PAGE_SIZE,
-                n as usize * PAGE_SIZE,
-                true,
-            )
+        protect_runs(&uffd, addr, &private, true)
             .context("holding writers of frames being compacted")?;
-        }
         let copied = self
             .copy_to_run(pages, target.node(), target.index, false)
             .and_then(|()| self.map_run(addr, target.node(), target.index, len as usize, true));
         if let Err(e) = copied {
-            for (first, n) in super::runs::runs_of(&private) {
-                uffd.write_protect(
-                    addr + first as usize * PAGE_SIZE,
-                    n as usize * PAGE_SIZE,
-                    false,
-                )?;
-            }
+            protect_runs(&uffd, addr, &private, false)?;
             self.give_back(target, len)?;
             return Err(e);
         }
-        for (first, n) in super::runs::runs_of(&shared) {
-            uffd.write_protect(
-                addr + first as usize * PAGE_SIZE,
-                n as usize * PAGE_SIZE,
-                true,
-            )
+        protect_runs(&uffd, addr, &shared, true)
             .context("write-protecting compacted shared frames")?;
-        }
         let mut olds = Vec::new();
         for (i, list) in owners.iter().enumerate() {
             let page = page_at(target, i as u64);
@@ -749,6 +729,24 @@ impl Inner {
         olds.sort_unstable();
         self.drop_owners(&olds, false)
     }
+}
+
+/// Sets or lifts userfaultfd write-protection on the frames at `offsets`
+/// (sorted) from the host address `addr`, one call per run.
+fn protect_runs(
+    uffd: &crate::faults::uffd::Userfault,
+    addr: usize,
+    offsets: &[Gfn],
+    on: bool,
+) -> std::io::Result<()> {
+    for (first, n) in super::runs::runs_of(offsets) {
+        uffd.write_protect(
+            addr + first as usize * PAGE_SIZE,
+            n as usize * PAGE_SIZE,
+            on,
+        )?;
+    }
+    Ok(())
 }
 
 fn ensure_frames(ok: bool, vm: VmId, range: &Range<Gfn>) -> Result<()> {
