@@ -14,7 +14,15 @@
 //! `Memory::merge_batch` does the same for many frames of one VM at once,
 //! each step over the whole batch (ranged protection, compares, one remap
 //! per run of frames onto consecutive kept pages, frees), so the argument
-//! holds for each frame; `merge` is a batch of one.
+//! holds for each frame; `merge` is a batch of one. The batch pauses the
+//! duplicates' VM for its remaps (`GuestPause`); while it is paused no
+//! vCPU of it can write (a vCPU blocked in a fault waits for the memory
+//! lock the batch holds, and the monitor's own writes to guest memory take
+//! that lock too), so its frames skip the protection and only the kept
+//! frames, whose VMs run on, are protected before the compare. In the
+//! sharing bench's scattered layout (runs of one or two frames) that saved
+//! one `UFFDIO_WRITEPROTECT`, with its MMU-notifier round through every
+//! KVM VM of the process, per run.
 //!
 //! Breaking (`Memory::resolve_write_fault`): the handler copies the shared
 //! page into a fresh page of the writer's home node, maps the copy writable
@@ -408,10 +416,10 @@ impl Memory {
                 return Ok(vec![MergeOutcome::Stale; pairs.len()]);
             }
         }
-        let outcomes = self
-            .inner
-            .lock()
-            .merge_batch_paused(dup_vm, pairs, allowance);
+        let outcomes =
+            self.inner
+                .lock()
+                .merge_batch_paused(dup_vm, pairs, allowance, pauser.is_some());
         if let Some(p) = &pauser {
             p.resume();
             self.inner.lock().count_pause(dup_vm, started, true);
@@ -651,12 +659,18 @@ impl RunAllowance {
 pub const MERGE_BATCH_MAX: usize = 512;
 
 impl Inner {
-    /// `merge_batch` once `dup_vm` is paused, under the lock.
+    /// `merge_batch` once `dup_vm` is paused, under the lock. `dup_paused`:
+    /// its vCPUs are held outside `KVM_RUN` (or blocked in a fault that
+    /// waits for this lock), so nothing writes its frames until the batch
+    /// ends and they need no write protection for the compare (see the
+    /// module comment); without a pauser they are protected like the kept
+    /// frames.
     fn merge_batch_paused(
         &mut self,
         dup_vm: VmId,
         pairs: &[MergePair],
         allowance: RunAllowance,
+        dup_paused: bool,
     ) -> Result<Vec<MergeOutcome>> {
         let mut outcomes = vec![MergeOutcome::Stale; pairs.len()];
         let live = self.live_pairs(dup_vm, pairs)?;
@@ -667,12 +681,14 @@ impl Inner {
         let dup_frame = |p: &MergePair| (dup_vm, p.dup_gfn);
         let keep_frame = |p: &MergePair| (p.keep.0, p.keep.1);
 
-        // 1. protect every frame of the live pairs, remembering which were
-        // protected already (those stay protected whatever happens).
+        // 1. protect every frame of the live pairs (the duplicates only if
+        // their VM is not paused), remembering which were protected already
+        // (those stay protected whatever happens).
         let mut was_protected: HashMap<(VmId, Gfn), bool> = HashMap::new();
         let mut by_vm: BTreeMap<VmId, Vec<Gfn>> = BTreeMap::new();
         for &i in &live {
-            for (vm, gfn) in [dup_frame(&pairs[i]), keep_frame(&pairs[i])] {
+            let dup = (!dup_paused).then(|| dup_frame(&pairs[i]));
+            for (vm, gfn) in dup.into_iter().chain([keep_frame(&pairs[i])]) {
                 let protected = self.space(vm)?.pmap.get(gfn).expect("a live frame");
                 was_protected.insert((vm, gfn), protected.flags.write_protected);
                 by_vm.entry(vm).or_default().push(gfn);
