@@ -438,10 +438,10 @@ mod tests {
                         }
                         _ => {
                             let n = n.min(frames - gfn);
-                            let page = entry.unwrap().page;
+                            let page = one.page;
                             pmap.fill(gfn, page, n, flags);
                             for k in 0..n {
-                                let mut e = entry.unwrap();
+                                let mut e = one;
                                 e.page.index += k as u32;
                                 model[(gfn + k) as usize] = Some(e);
                             }
