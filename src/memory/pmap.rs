@@ -420,13 +420,14 @@ mod tests {
                         write_protected: bits & 2 != 0,
                         released: bits & 4 != 0,
                     };
-                    let entry = Some(PmapEntry {
+                    let one = PmapEntry {
                         page: MachinePage {
                             node: (bits % 2) as u16,
                             index,
                         },
                         flags,
-                    });
+                    };
+                    let entry = Some(one);
                     match kind {
                         0 => {
                             pmap.set(gfn, None);
