@@ -30,8 +30,8 @@
 
 use anyhow::{ensure, Context, Result};
 
-use super::mapper::{GuestSpace, Inner, Memory};
-use super::pmap::{PageFlags, Pmap, PmapEntry};
+use super::mapper::{Inner, Memory};
+use super::pmap::{PageFlags, PmapEntry};
 use super::{Gfn, MachinePage, NodeId, VmId};
 use crate::PAGE_SIZE;
 
@@ -553,51 +553,6 @@ impl Inner {
             self.memmap.add_owner(page, vm, gfn);
         }
         Ok(())
-    }
-
-    /// A new guest space with no frame mapped: the reserved range only.
-    pub(super) fn reserve_space(
-        &mut self,
-        name: &str,
-        domain: &str,
-        node: NodeId,
-        frames: u64,
-    ) -> Result<(VmId, usize)> {
-        let len = frames as usize * PAGE_SIZE;
-        // SAFETY: a fresh reservation; nothing else uses this range.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error())
-                .context("reserving guest RAM address space");
-        }
-        let base = base as usize;
-        let vm = self.next_vm;
-        self.next_vm += 1;
-        self.spaces.insert(
-            vm,
-            GuestSpace {
-                name: name.to_string(),
-                domain: domain.to_string(),
-                home_node: node,
-                cpu_node: node,
-                base,
-                pmap: Pmap::new(frames),
-                unmergeable: Vec::new(),
-            },
-        );
-        if let Some(sampler) = &self.sampler {
-            sampler.register_space(vm, base, len);
-        }
-        Ok((vm, base))
     }
 
     /// Hands `count` pool pages of `node` to the image load in progress

@@ -359,37 +359,7 @@ impl Memory {
         let needed = inner.map_count_for(&[frames]);
         crate::leftovers::ensure_map_count(needed, &mut inner.map_count)?;
 
-        let len = frames as usize * PAGE_SIZE;
-        // SAFETY: a fresh reservation; nothing else uses this range.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        check_mmap(base, "reserving guest RAM address space")?;
-        let base = base as usize;
-        let vm = inner.next_vm;
-        inner.next_vm += 1;
-        inner.spaces.insert(
-            vm,
-            GuestSpace {
-                name: name.to_string(),
-                domain: domain.to_string(),
-                home_node: node,
-                cpu_node: node,
-                base,
-                pmap: Pmap::new(frames),
-                unmergeable: Vec::new(),
-            },
-        );
-        if let Some(sampler) = &inner.sampler {
-            sampler.register_space(vm, base, len);
-        }
+        let (vm, base) = inner.reserve_space(name, domain, node, frames)?;
         let result = inner.map_fresh(vm, 0, frames, node);
         if let Err(e) = result {
             inner.destroy(vm).ok();
@@ -843,6 +813,48 @@ impl Inner {
                 }),
             );
         }
+    }
+
+    /// A new guest space with no frame mapped: the reserved range only.
+    pub(super) fn reserve_space(
+        &mut self,
+        name: &str,
+        domain: &str,
+        node: NodeId,
+        frames: u64,
+    ) -> Result<(VmId, usize)> {
+        let len = frames as usize * PAGE_SIZE;
+        // SAFETY: a fresh reservation; nothing else uses this range.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        check_mmap(base, "reserving guest RAM address space")?;
+        let base = base as usize;
+        let vm = self.next_vm;
+        self.next_vm += 1;
+        self.spaces.insert(
+            vm,
+            GuestSpace {
+                name: name.to_string(),
+                domain: domain.to_string(),
+                home_node: node,
+                cpu_node: node,
+                base,
+                pmap: Pmap::new(frames),
+                unmergeable: Vec::new(),
+            },
+        );
+        if let Some(sampler) = &self.sampler {
+            sampler.register_space(vm, base, len);
+        }
+        Ok((vm, base))
     }
 
     /// Maps a run of pool pages read-write and registers it for
