@@ -159,16 +159,6 @@ impl Chunks {
             }
         }
     }
-
-    /// Chunks stored as one entry, and all chunks.
-    fn linear_chunks(&self) -> (usize, usize) {
-        let linear = self
-            .chunks
-            .iter()
-            .filter(|c| matches!(c, Chunk::Linear(_)))
-            .count();
-        (linear, self.chunks.len())
-    }
 }
 
 /// Whether the kernel can hold frames `a` and `a + 1` in one mapping (VMA):
@@ -288,11 +278,18 @@ impl Pmap {
     }
     /// Chunks of [`CHUNK`] frames stored as one entry (they map a run, or
     /// are holes), and all chunks: what the pmap costs in memory.
-    pub fn linear_chunks(&self) -> (usize, usize) {
-        self.entries.linear_chunks()
+    #[cfg(test)]
+    fn linear_chunks(&self) -> (usize, usize) {
+        let chunks = &self.entries.chunks;
+        let linear = chunks
+            .iter()
+            .filter(|c| matches!(c, Chunk::Linear(_)))
+            .count();
+        (linear, chunks.len())
     }
     /// Heap bytes the pmap holds (its chunks, 4 KiB for an explicit one).
-    pub fn heap_bytes(&self) -> usize {
+    #[cfg(test)]
+    fn heap_bytes(&self) -> usize {
         let (linear, all) = self.linear_chunks();
         all * std::mem::size_of::<Chunk>() + (all - linear) * CHUNK as usize * 8
     }
