@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use disco::bench::ksm::{Ksm, KsmSetting, KsmSettings};
@@ -153,6 +153,18 @@ fn max_map_count_left_raised_by_a_killed_monitor_is_set_back_at_any_start() {
     assert_eq!(map_count(), before);
 }
 
+/// The `vm.max_map_count` state file, which no monitor may hold when a
+/// test starts.
+fn absent_map_count_state() -> PathBuf {
+    let state = state_dir().join(MAP_COUNT_STATE);
+    assert!(
+        !state.exists(),
+        "{} exists before the test",
+        state.display()
+    );
+    state
+}
+
 /// The holders recorded in the state file.
 fn holders(state: &Path) -> usize {
     let text = std::fs::read_to_string(state).unwrap();
@@ -163,12 +175,7 @@ fn holders(state: &Path) -> usize {
 #[test]
 fn max_map_count_raised_for_guest_memory_is_set_back_when_the_last_monitor_ends() {
     let _serial = serial();
-    let state = state_dir().join(MAP_COUNT_STATE);
-    assert!(
-        !state.exists(),
-        "{} exists before the test",
-        state.display()
-    );
+    let state = absent_map_count_state();
     let before = map_count();
     // A guest space of `before` pages needs more mappings than allowed:
     // the mapper budgets one per page. Pools are sparse, so this costs
@@ -206,12 +213,7 @@ fn max_map_count_raised_for_guest_memory_is_set_back_when_the_last_monitor_ends(
 #[test]
 fn max_map_count_is_raised_for_the_mapping_budget_not_for_every_page() {
     let _serial = serial();
-    let state = state_dir().join(MAP_COUNT_STATE);
-    assert!(
-        !state.exists(),
-        "{} exists before the test",
-        state.display()
-    );
+    let state = absent_map_count_state();
     let before = map_count();
     let frames = before * 4;
     let needed = disco::memory::mapper::map_count_needed([frames], 16);
