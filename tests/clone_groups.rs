@@ -8,6 +8,8 @@
 //! mapper, exactly what the model says. No KVM needed: the host side of
 //! guest RAM, really remapped and really write-protected.
 
+mod common;
+
 use disco::memory::{ImagePages, Memory, PageImage, SpaceRequest, VmId};
 use disco::PAGE_SIZE;
 use proptest::prelude::*;
@@ -252,11 +254,7 @@ proptest! {
             }
             check(&memory, &spaces)?;
         }
-        for s in spaces {
-            memory.destroy_space(s.id).unwrap();
-        }
-        memory.verify().unwrap();
-        let used: u32 = memory.pool_stats().iter().map(|p| p.used_pages).sum();
+        let used = common::destroy_all(&memory, spaces.into_iter().map(|s| s.id)).unwrap();
         prop_assert_eq!(used, 0, "every machine page is returned once all clones are gone");
     }
 }

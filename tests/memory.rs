@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 
+mod common;
+
 use disco::memory::{Memory, VmId};
 use disco::PAGE_SIZE;
 use proptest::prelude::*;
@@ -203,11 +205,7 @@ proptest! {
             check(&memory, &ids, &model);
         }
 
-        for id in ids {
-            memory.destroy_space(id).unwrap();
-        }
-        memory.verify().unwrap();
-        let used: u32 = memory.pool_stats().iter().map(|p| p.used_pages).sum();
+        let used = common::destroy_all(&memory, ids).unwrap();
         prop_assert_eq!(used, 0, "every machine page is returned once all VMs are gone");
     }
 }

@@ -293,13 +293,8 @@ fn random_batches_writes_migrations_and_rebuilds_keep_contents() {
                         }
                     }
                 }
-                for (id, _) in spaces {
-                    memory.destroy_space(id).unwrap();
-                }
-                memory
-                    .verify()
+                let used = common::destroy_all(&memory, spaces.into_iter().map(|(id, _)| id))
                     .map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
-                let used: u32 = memory.pool_stats().iter().map(|p| p.used_pages).sum();
                 prop_assert_eq!(used, 0, "no machine page leaked");
                 drop(handler);
                 let b = memory.budget_stats();

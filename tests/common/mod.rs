@@ -292,3 +292,14 @@ pub fn micro_vm_on_space(
     memory.set_pauser(space, vm.pauser()).unwrap();
     vm
 }
+
+/// The end of a random-sequence test: destroys every space of `ids`,
+/// checks the memory invariants (`verify`), and returns how many machine
+/// pages the pools still hand out (0 when every page came back once).
+pub fn destroy_all(memory: &Memory, ids: impl IntoIterator<Item = VmId>) -> anyhow::Result<u32> {
+    for id in ids {
+        memory.destroy_space(id)?;
+    }
+    memory.verify()?;
+    Ok(memory.pool_stats().iter().map(|p| p.used_pages).sum())
+}
