@@ -19,28 +19,14 @@
 //!   resets; it needs hardware virtualisation (vmx/svm in /proc/cpuinfo)
 //!   and is skipped loudly without it.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use disco::config::Config;
 use disco::linux::layout::{e820_map, E820_RAM};
 use disco::memory::Memory;
 
-/// Where scripts/fetch-linux-guest.sh put the kernel, initramfs and disk.
-fn guest_dir() -> PathBuf {
-    let dir = std::env::var_os("DISCO_LINUX_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/linux-guest"));
-    for f in ["vmlinux", "bzImage", "initramfs.cpio.gz", "disk.img"] {
-        assert!(
-            dir.join(f).exists(),
-            "{} is missing: run scripts/fetch-linux-guest.sh (scripts/test.sh does) to fetch \
-             the Debian kernel and build the initramfs",
-            dir.join(f).display()
-        );
-    }
-    dir
-}
+mod common;
+use common::linux_guest_dir as guest_dir;
 
 fn config(text: &str) -> Config {
     Config::parse(text, "<linux test>", std::path::Path::new("/")).expect("valid config")

@@ -345,8 +345,8 @@ fn bad_files_are_refused_and_leave_nothing() {
             "metadata's checksum",
         ),
         (
-            damaged(&dir, &good, "version.snap", |b| b[8] = 2),
-            "version 2, this disco reads version 1",
+            damaged(&dir, &good, "version.snap", |b| b[8] = 3),
+            "version 3, this disco reads version 2",
         ),
         (
             damaged(&dir, &good, "tail.snap", |b| b.extend_from_slice(b"x")),

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::PAGE_SIZE;
 
@@ -19,7 +19,7 @@ pub const MIN_MEMORY_MIB: u64 = 64;
 pub const MAX_MEMORY_MIB: u64 = 3 << 10;
 
 /// Where the serial console's output goes.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SerialOutput {
     /// The monitor's stdout, each line prefixed with `<vm>| `.
@@ -31,14 +31,14 @@ pub enum SerialOutput {
 }
 
 /// A virtio-mmio block device backed by a file.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
 }
 
 /// The Linux-guest keys of a `[[vm]]`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinuxGuestConfig {
     pub kernel: PathBuf,
     pub initramfs: Option<PathBuf>,

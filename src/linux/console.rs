@@ -53,6 +53,14 @@ impl VirtioDevice for Console {
         data.fill(0);
     }
 
+    /// The input not yet given to the guest.
+    fn saved_state(&self) -> Vec<u8> {
+        self.input.lock().iter().copied().collect()
+    }
+    fn load_state(&mut self, state: &[u8]) -> Result<(), String> {
+        *self.input.lock() = state.iter().copied().collect();
+        Ok(())
+    }
     fn process(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used = false;
         if index == TX_QUEUE {

@@ -36,7 +36,7 @@ pub fn guest_memory(ram: &GuestRam) -> Result<GuestMemoryMmap> {
 }
 
 /// Where the kernel was loaded and how to enter it.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Loaded {
     /// 64-bit entry point (guest-physical, paging identity-maps it).
     pub entry: u64,

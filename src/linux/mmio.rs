@@ -7,7 +7,8 @@
 //! has new input, [`VirtioMmio::host_notify`]) and raises the used-buffer
 //! interrupt when the device used buffers and the driver wants to hear.
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -65,6 +66,53 @@ pub trait VirtioDevice: Send {
     /// Consumes queue `index`'s available buffers; returns whether it put
     /// any on the used ring.
     fn process(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
+    /// What the device holds besides its queues, for a snapshot (nothing
+    /// by default: a block device's state is its file).
+    fn saved_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Takes back what [`Self::saved_state`] gave.
+    fn load_state(&mut self, state: &[u8]) -> Result<(), String> {
+        match state.is_empty() {
+            true => Ok(()),
+            false => Err(format!(
+                "{} bytes of state for a device that keeps none",
+                state.len()
+            )),
+        }
+    }
+}
+
+/// One virtqueue's registers and ring positions (`virtio_queue::QueueState`,
+/// which has no serde support, field for field).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueRegisters {
+    pub max_size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+/// A virtio-mmio device's transport registers, queues and device state,
+/// for a snapshot. Taken with the vCPUs parked: a device works only in a
+/// vCPU's exit, so no request is half-served.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioMmioState {
+    pub device_type: u32,
+    pub queue_sel: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub status: u32,
+    pub interrupt_status: u32,
+    pub config_generation: u32,
+    pub queues: Vec<QueueRegisters>,
+    pub device: Vec<u8>,
 }
 
 /// One virtio-mmio device: registers, queues, interrupt line.
@@ -261,6 +309,90 @@ impl VirtioMmio {
     /// processes it as if the driver had notified.
     pub fn host_notify(&mut self, index: usize) {
         self.notify(index)
+    }
+
+    /// The transport's and the device's state, for a snapshot.
+    pub fn state(&self) -> VirtioMmioState {
+        VirtioMmioState {
+            device_type: self.device.device_type(),
+            queue_sel: self.queue_sel,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            status: self.status,
+            interrupt_status: self.interrupt_status,
+            config_generation: self.config_generation,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| {
+                    let s = q.state();
+                    QueueRegisters {
+                        max_size: s.max_size,
+                        next_avail: s.next_avail,
+                        next_used: s.next_used,
+                        event_idx_enabled: s.event_idx_enabled,
+                        size: s.size,
+                        ready: s.ready,
+                        desc_table: s.desc_table,
+                        avail_ring: s.avail_ring,
+                        used_ring: s.used_ring,
+                    }
+                })
+                .collect(),
+            device: self.device.saved_state(),
+        }
+    }
+
+    /// Puts a saved state into this fresh device, which must be of the
+    /// same kind with the same queues.
+    pub fn set_state(&mut self, state: &VirtioMmioState) -> Result<(), String> {
+        let kind = self.device.device_type();
+        if state.device_type != kind {
+            return Err(format!(
+                "a virtio device of type {} saved where this VM has type {kind}",
+                state.device_type
+            ));
+        }
+        let sizes = self.device.queue_sizes();
+        let saved: Vec<u16> = state.queues.iter().map(|q| q.max_size).collect();
+        if saved != sizes {
+            return Err(format!(
+                "virtio device of type {kind}: queues of {saved:?} entries saved, the device has \
+                 {sizes:?}"
+            ));
+        }
+        let queues = state
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                Queue::try_from(QueueState {
+                    max_size: q.max_size,
+                    next_avail: q.next_avail,
+                    next_used: q.next_used,
+                    event_idx_enabled: q.event_idx_enabled,
+                    size: q.size,
+                    ready: q.ready,
+                    desc_table: q.desc_table,
+                    avail_ring: q.avail_ring,
+                    used_ring: q.used_ring,
+                })
+                .map_err(|e| format!("virtio device of type {kind}, queue {i}: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.device
+            .load_state(&state.device)
+            .map_err(|e| format!("virtio device of type {kind}: {e}"))?;
+        self.queues = queues;
+        self.queue_sel = state.queue_sel;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.status = state.status;
+        self.interrupt_status = state.interrupt_status;
+        self.config_generation = state.config_generation;
+        Ok(())
     }
 
     /// The device, e.g. to hand input to a console.

@@ -8,11 +8,13 @@
 //! * [`cpu`]: CPUID, MSRs, LAPIC, 64-bit entry state;
 //! * [`serial`]: COM1 (vm-superio 16550) and the console sink;
 //! * [`mmio`]: the virtio-mmio transport; [`block`] and [`console`]: devices;
-//! * [`vcpu`]: the vCPU thread and its exits.
+//! * [`vcpu`]: the vCPU thread and its exits;
+//! * [`state`]: the VM's state besides memory, for snapshots and clones.
 //!
 //! [`build`] makes a VM from a `[[vm]]` config: guest space in the pools,
 //! each guest NUMA node's slice of RAM moved to its node's pool, then
-//! [`LinuxVm::create`]. Start, stop and wait work as for micro-VMs.
+//! [`LinuxVm::create`]. Start, stop and wait work as for micro-VMs;
+//! [`LinuxVm::restore`] makes a VM that goes on from a captured state.
 
 pub mod acpi;
 pub mod block;
@@ -22,6 +24,7 @@ pub mod layout;
 pub mod loader;
 pub mod mmio;
 pub mod serial;
+pub mod state;
 pub mod vcpu;
 
 use std::sync::atomic::AtomicBool;
@@ -42,7 +45,8 @@ use crate::vm::control::VmControl;
 use crate::vm::{GuestRam, VcpuOutcome, VcpuPlacement, VmOutcome};
 pub use layout::{NumaPlan, MAX_CMDLINE};
 use mmio::VirtioMmio;
-use serial::{ConsoleSink, SerialPort, COM1, COM1_LEN};
+use serial::{ConsoleSink, IrqLine, SerialPort, COM1, COM1_LEN};
+pub use state::LinuxVmState;
 
 pub use crate::config::linux::{
     DiskConfig, LinuxGuestConfig, SerialOutput, MAX_MEMORY_MIB, MIN_MEMORY_MIB, SECTOR_BYTES,
@@ -121,8 +125,13 @@ pub struct LinuxVm {
     threads: Vec<JoinHandle<VcpuOutcome>>,
     watchdog: Option<JoinHandle<()>>,
     started_at: Option<Instant>,
+    /// Run time before a restore (counts against the time limit).
+    ran_before: Duration,
     cmdline: String,
     loaded: loader::Loaded,
+    /// The MSRs KVM saves (`KVM_GET_MSR_INDEX_LIST`), which a snapshot
+    /// reads from each vCPU.
+    msrs: Arc<[u32]>,
 }
 
 /// The command line the guest gets: the configured one or
@@ -142,8 +151,35 @@ impl LinuxVm {
     /// RAM as slot 0, kernel, initramfs, boot tables and ACPI loaded,
     /// devices, vCPUs.
     pub fn create(kvm: &Kvm, spec: LinuxVmSpec, ram: GuestRam) -> Result<LinuxVm> {
+        LinuxVm::build(kvm, spec, ram, None)
+    }
+
+    /// A VM that goes on from `state` on `ram`, which already holds the
+    /// snapshot's memory (kernel, page tables, rings as the captured VM
+    /// left them): nothing is loaded; the irqchip, PIT, clock, devices and
+    /// vCPUs get the saved states.
+    pub fn restore(
+        kvm: &Kvm,
+        spec: LinuxVmSpec,
+        ram: GuestRam,
+        state: &LinuxVmState,
+    ) -> Result<LinuxVm> {
+        let mut vm = LinuxVm::build(kvm, spec, ram, Some(state))?;
+        vm.ran_before = Duration::from_nanos(state.run_time_ns);
+        Ok(vm)
+    }
+
+    fn build(
+        kvm: &Kvm,
+        spec: LinuxVmSpec,
+        ram: GuestRam,
+        restored: Option<&LinuxVmState>,
+    ) -> Result<LinuxVm> {
         let name = spec.name.clone();
-        let ctx = || format!("creating Linux VM {name}");
+        let ctx = || match restored {
+            None => format!("creating Linux VM {name}"),
+            Some(_) => format!("restoring Linux VM {name}"),
+        };
         let size = ram.size as u64;
         if !(MIN_MEMORY_MIB << 20..=layout::RAM_LIMIT).contains(&size) {
             bail!(
@@ -160,19 +196,31 @@ impl LinuxVm {
                 layout::MAX_VIRTIO
             );
         }
+        if let Some(state) = restored {
+            state
+                .check_fits(spec.vcpus.len(), nvirtio, &spec.guest.disks)
+                .with_context(ctx)?;
+        }
         crate::vm::control::install_kick_handler()?;
         let mem = loader::guest_memory(&ram).with_context(ctx)?;
-        let cmdline = full_cmdline(&spec.guest);
-        let tables = acpi::build(spec.vcpus.len(), &spec.numa, nvirtio).with_context(ctx)?;
-        let loaded = loader::load(
-            &mem,
-            size,
-            &spec.guest.kernel,
-            spec.guest.initramfs.as_deref(),
-            &cmdline,
-            &tables,
-        )
-        .with_context(ctx)?;
+        let (cmdline, loaded) = match restored {
+            Some(state) => (state.cmdline.clone(), state.loaded),
+            None => {
+                let cmdline = full_cmdline(&spec.guest);
+                let tables =
+                    acpi::build(spec.vcpus.len(), &spec.numa, nvirtio).with_context(ctx)?;
+                let loaded = loader::load(
+                    &mem,
+                    size,
+                    &spec.guest.kernel,
+                    spec.guest.initramfs.as_deref(),
+                    &cmdline,
+                    &tables,
+                )
+                .with_context(ctx)?;
+                (cmdline, loaded)
+            }
+        };
 
         let vm = kvm.create_vm().context("KVM_CREATE_VM").with_context(ctx)?;
         vm.set_tss_address(0xfffb_d000)
@@ -200,6 +248,9 @@ impl LinuxVm {
             .with_context(ctx)?;
 
         let sink = ConsoleSink::new(&spec.name, &spec.guest.serial).with_context(ctx)?;
+        if let Some(state) = restored {
+            sink.preload(&state.console);
+        }
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
         vm.register_irqfd(&serial_irq, layout::SERIAL_IRQ)
             .context("KVM_IRQFD for the serial port")
@@ -209,7 +260,13 @@ impl LinuxVm {
             let irq = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
             vm.register_irqfd(&irq, layout::VIRTIO_IRQ_BASE + virtio.len() as u32)
                 .context("KVM_IRQFD for a virtio device")?;
-            virtio.push(Mutex::new(VirtioMmio::new(dev, mem.clone(), irq)));
+            let mut device = VirtioMmio::new(dev, mem.clone(), irq);
+            if let Some(state) = restored {
+                device
+                    .set_state(&state.virtio[virtio.len()])
+                    .map_err(anyhow::Error::msg)?;
+            }
+            virtio.push(Mutex::new(device));
             Ok(())
         };
         for d in &spec.guest.disks {
@@ -218,10 +275,26 @@ impl LinuxVm {
         if spec.guest.virtio_console {
             add(Box::new(console::Console::new(sink.clone()))).with_context(ctx)?;
         }
+        let serial = match restored {
+            None => serial::serial_port(serial_irq, sink.clone()),
+            Some(state) => SerialPort::from_state(
+                &(&state.serial).into(),
+                IrqLine(serial_irq),
+                vm_superio::serial::NoEvents,
+                sink.clone(),
+            )
+            .map_err(|e| anyhow::anyhow!("{}: the serial port's saved state: {e:?}", ctx()))?,
+        };
         let devices = Arc::new(Devices {
-            serial: Mutex::new(serial::serial_port(serial_irq, sink.clone())),
+            serial: Mutex::new(serial),
             virtio,
         });
+        let msrs: Arc<[u32]> = kvm
+            .get_msr_index_list()
+            .context("KVM_GET_MSR_INDEX_LIST")
+            .with_context(ctx)?
+            .as_slice()
+            .into();
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -233,16 +306,36 @@ impl LinuxVm {
                 let vcpu = vm
                     .create_vcpu(i as u64)
                     .with_context(|| format!("creating vCPU {i}"))?;
-                cpu::setup_common(&vcpu, &cpu::cpuid_for(&supported, i, n))
-                    .with_context(|| format!("setting up vCPU {i}"))?;
-                if i == 0 {
+                let cpuid = cpu::cpuid_for(&supported, i, n);
+                cpu::setup_common(&vcpu, &cpuid).with_context(|| format!("setting up vCPU {i}"))?;
+                if restored.is_none() && i == 0 {
                     cpu::setup_boot_vcpu(&vcpu, loaded.entry)
                         .context("setting up the boot vCPU")?;
                 }
-                Ok(vcpu)
+                Ok((vcpu, cpuid))
             })
             .collect::<Result<Vec<_>>>()
             .with_context(ctx)?;
+        if let Some(state) = restored {
+            // VM-wide state first, then each vCPU (its LAPIC and MSRs on
+            // top of the irqchip).
+            vm.set_pit2(&state.pit)
+                .context("KVM_SET_PIT2")
+                .with_context(ctx)?;
+            vm.set_clock(&state.clock)
+                .context("KVM_SET_CLOCK")
+                .with_context(ctx)?;
+            for chip in &state.irqchip {
+                vm.set_irqchip(chip)
+                    .with_context(|| format!("KVM_SET_IRQCHIP {}", chip.chip_id))
+                    .with_context(ctx)?;
+            }
+            for (i, ((vcpu, cpuid), saved)) in vcpus.iter().zip(&state.vcpus).enumerate() {
+                saved
+                    .apply(vcpu, cpuid)
+                    .map_err(|e| anyhow::anyhow!("{}: vCPU {i}: {e}", ctx()))?;
+            }
+        }
         Ok(LinuxVm {
             control: Arc::new(VmControl::new(n)),
             spec,
@@ -251,12 +344,14 @@ impl LinuxVm {
             devices,
             sink,
             guest_ended: Arc::default(),
-            vcpus,
+            vcpus: vcpus.into_iter().map(|(v, _)| v).collect(),
             threads: Vec::new(),
             watchdog: None,
             started_at: None,
+            ran_before: Duration::ZERO,
             cmdline,
             loaded,
+            msrs,
         })
     }
 
@@ -278,6 +373,7 @@ impl LinuxVm {
                 control: self.control.clone(),
                 devices: self.devices.clone(),
                 guest_ended: self.guest_ended.clone(),
+                msrs: self.msrs.clone(),
             };
             match std::thread::Builder::new()
                 .name(format!("disco-{}-vcpu{index}", self.spec.name))
@@ -296,7 +392,7 @@ impl LinuxVm {
         }
         let control = self.control.clone();
         let limit = self.spec.time_limit;
-        let deadline = Instant::now() + limit;
+        let deadline = Instant::now() + limit.saturating_sub(self.ran_before);
         self.watchdog = Some(
             std::thread::Builder::new()
                 .name(format!("disco-{}-watchdog", self.spec.name))
@@ -363,10 +459,11 @@ impl LinuxVm {
         } else {
             self.join()
         };
-        let run_time = match (self.started_at, self.control.finished_at()) {
-            (Some(s), Some(e)) => e.saturating_duration_since(s),
-            _ => Duration::ZERO,
-        };
+        let run_time = self.ran_before
+            + match (self.started_at, self.control.finished_at()) {
+                (Some(s), Some(e)) => e.saturating_duration_since(s),
+                _ => Duration::ZERO,
+            };
         let text = self.sink.text();
         let lines: Vec<&str> = text.lines().collect();
         let log = lines[lines.len().saturating_sub(20)..]

@@ -85,6 +85,14 @@ impl ConsoleSink {
         }
     }
 
+    /// Puts output a VM printed before a restore in the capture (not in
+    /// the output: it went there before).
+    pub fn preload(&self, bytes: &[u8]) {
+        let mut s = self.0.lock();
+        let keep = bytes.len().min(CAPTURE_LIMIT);
+        s.capture.extend_from_slice(&bytes[bytes.len() - keep..]);
+    }
+
     /// Everything the guest printed so far (up to the capture limit).
     pub fn captured(&self) -> Vec<u8> {
         self.0.lock().capture.clone()

@@ -21,7 +21,7 @@ use crate::vm::vcpu::{
     failed_outcome, internal_error, run_failure, run_vcpu_loop, stopped_outcome, unexpected_exit,
     Ended, VcpuLoop,
 };
-use crate::vm::{GuestRam, VcpuOutcome, VcpuPlacement};
+use crate::vm::{GuestRam, VcpuOutcome, VcpuPlacement, VcpuState};
 
 /// The keyboard controller's command port; writing 0xfe pulses reset.
 const I8042_COMMAND: u16 = 0x64;
@@ -36,6 +36,8 @@ pub(crate) struct LinuxVcpu {
     pub devices: Arc<Devices>,
     /// Set when the guest asked for reset/power-off: the stop is a clean end.
     pub guest_ended: Arc<AtomicBool>,
+    /// The MSRs a snapshot reads (KVM's list of MSRs to save).
+    pub msrs: Arc<[u32]>,
 }
 
 impl LinuxVcpu {
@@ -83,6 +85,11 @@ impl VcpuLoop for LinuxVcpu {
     }
     fn ram(&self) -> &GuestRam {
         &self.ram
+    }
+
+    /// Registers, LAPIC and every MSR KVM saves.
+    fn capture_state(&mut self) -> Result<VcpuState, String> {
+        VcpuState::capture(&mut self.vcpu, &self.msrs, true)
     }
 
     fn step(&mut self) -> Result<Option<String>, String> {

@@ -2,8 +2,10 @@
 //! file ([`Monitor::snapshot_vm`]), build a VM that goes on from a file
 //! ([`Monitor::restore_vm`]), and build N clones of one file whose pages
 //! are loaded once per node and shared copy-on-write
-//! ([`Monitor::clone_vms`]). The file format is `crate::snapshot::format`;
-//! Linux guests are refused (their devices' state is not captured).
+//! ([`Monitor::clone_vms`]). The file format is `crate::snapshot::format`.
+//! Micro-VMs and Linux guests both: a Linux guest's state adds the
+//! irqchip, PIT, clock and devices (`crate::linux::state`); one with a
+//! writable disk is refused (a snapshot holds memory, not disks).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -15,8 +17,9 @@ use super::guest::{main_node, micro_vm_spec, Guest};
 use super::{AddError, Monitor, MonitorVm, VmError};
 use crate::config::VmConfig;
 use crate::guest::layout;
+use crate::linux::{LinuxVm, LinuxVmState, SerialOutput};
 use crate::memory::{Gfn, ImageSource, SpaceRequest, VmId};
-use crate::snapshot::{self, Meta, VmMeta, WriteStats};
+use crate::snapshot::{self, GuestState, Meta, VmMeta, WriteStats};
 use crate::vm::{GuestRam, MicroVm, MicroVmState};
 use crate::PAGE_SIZE;
 
@@ -70,11 +73,12 @@ pub struct CloneReport {
 }
 
 impl Monitor {
-    /// Writes a snapshot of micro-VM `name` to `path`, then resumes or
-    /// stops it. The VM is paused for the whole capture: its vCPUs' KVM
-    /// state (taken by each vCPU's thread while parked) and every machine
-    /// page it maps, each once. The file appears under `path` only when
-    /// complete. An operator's pause in force stays in force.
+    /// Writes a snapshot of VM `name` to `path`, then resumes or stops it.
+    /// The VM is paused for the whole capture: its vCPUs' KVM state (taken
+    /// by each vCPU's thread while parked), a Linux guest's irqchip, PIT,
+    /// clock and devices, and every machine page it maps, each once. The
+    /// file appears under `path` only when complete. An operator's pause in
+    /// force stays in force.
     pub fn snapshot_vm(
         &mut self,
         name: &str,
@@ -83,14 +87,13 @@ impl Monitor {
     ) -> Result<SnapshotReport, VmError> {
         let i = self.live(name)?;
         let v = &self.vms[i];
-        let (Some(Guest::Micro(vm)), Some(space)) = (v.guest.as_ref(), v.space) else {
+        let (Some(guest), Some(space)) = (v.guest.as_ref(), v.space) else {
             return Err(VmError::Failed(format!(
-                "VM `{name}` is a Linux guest: snapshots are for micro-VMs only (a Linux \
-                 guest's devices, serial port and virtio queues, are not captured)"
+                "VM `{name}` has no guest to snapshot (it was never built)"
             )));
         };
         let held = Instant::now();
-        let pauser = vm.pauser();
+        let pauser = guest.pauser();
         let operator_paused = v.paused;
         if !operator_paused && !pauser.pause() {
             return Err(VmError::Failed(format!(
@@ -98,8 +101,14 @@ impl Monitor {
             )));
         }
         let written = (|| -> Result<SnapshotReport> {
-            let state = vm.capture_state()?;
-            let progress = state.progress;
+            let state = match guest {
+                Guest::Micro(vm) => GuestState::Micro(vm.capture_state()?),
+                Guest::Linux(vm) => GuestState::Linux(Box::new(vm.capture_state()?)),
+            };
+            let progress = match &state {
+                GuestState::Micro(s) => s.progress,
+                GuestState::Linux(_) => guest.progress(),
+            };
             let meta = Meta {
                 written_by: format!("disco {}", env!("CARGO_PKG_VERSION")),
                 vm: vm_meta(&v.config),
@@ -232,11 +241,17 @@ impl Monitor {
                 meta.frames
             )));
         }
-        if meta.state.vcpus.len() != meta.vm.vcpu_nodes.len() {
+        if meta.state.vcpus() != meta.vm.vcpu_nodes.len() {
             return Err(AddError::Snapshot(anyhow!(
                 "snapshot {shown}: corrupted: {} vCPU states for {} vCPUs",
-                meta.state.vcpus.len(),
+                meta.state.vcpus(),
                 meta.vm.vcpu_nodes.len()
+            )));
+        }
+        if meta.vm.linux.is_some() != matches!(meta.state, GuestState::Linux(_)) {
+            return Err(AddError::Snapshot(anyhow!(
+                "snapshot {shown}: corrupted: the VM's spec and its state disagree on whether \
+                 it is a Linux guest"
             )));
         }
         self.admit(&vcs, clones)?;
@@ -273,11 +288,19 @@ impl Monitor {
             vcs.len(),
             started.elapsed().as_secs_f64() * 1e3
         );
-        let mut built: Vec<(VmId, MicroVm)> = Vec::with_capacity(vcs.len());
+        let mut built: Vec<(VmId, Guest)> = Vec::with_capacity(vcs.len());
         let mut failure = None;
         for (vc, &(space, base)) in vcs.iter().zip(&load.spaces) {
-            match self.restore_one(vc, space, base, &meta.state) {
-                Ok(vm) => built.push((space, vm)),
+            let guest = match &meta.state {
+                GuestState::Micro(state) => self
+                    .restore_one(vc, space, base, state)
+                    .map(|vm| Guest::Micro(Box::new(vm))),
+                GuestState::Linux(state) => self
+                    .restore_linux(vc, space, base, state, !clones)
+                    .map(|vm| Guest::Linux(Box::new(vm))),
+            };
+            match guest {
+                Ok(guest) => built.push((space, guest)),
                 Err(e) => {
                     failure = Some(e.context(format!("restoring {} from {shown}", vc.name)));
                     break;
@@ -297,11 +320,13 @@ impl Monitor {
             started.elapsed().as_secs_f64() * 1e3
         );
         let first = self.vms.len();
-        for (vc, (space, vm)) in vcs.iter().zip(built) {
+        for (vc, (space, guest)) in vcs.iter().zip(built) {
             let mut v = MonitorVm::new(vc.clone());
-            v.ram_base = Some(vm.ram().host_addr);
+            if let Guest::Micro(vm) = &guest {
+                v.ram_base = Some(vm.ram().host_addr);
+            }
             v.space = Some(space);
-            v.guest = Some(Guest::Micro(Box::new(vm)));
+            v.guest = Some(guest);
             self.vms.push(v);
             self.events.push(
                 if clones { "vm-cloned" } else { "vm-restored" },
@@ -363,6 +388,38 @@ impl Monitor {
     }
 }
 
+impl Monitor {
+    /// One Linux VM on a space built from an image, with the snapshot's
+    /// state. With `place`, each guest NUMA node's slice of RAM (beyond the
+    /// first) moves to its node's pool first, as `crate::linux::build`
+    /// places it, so the SRAT the guest read stays true; clones share
+    /// their pages and leave them where they were loaded.
+    fn restore_linux(
+        &self,
+        vc: &VmConfig,
+        space: VmId,
+        base: usize,
+        state: &LinuxVmState,
+        place: bool,
+    ) -> Result<LinuxVm> {
+        let spec = crate::linux::spec_for(vc, &self.topology)?;
+        if place {
+            for i in 1..spec.numa.nodes.len() {
+                let node = spec.numa.nodes[i].topology_node;
+                let gfns: Vec<Gfn> = spec.numa.frames(i).collect();
+                self.memory.move_pages(space, &gfns, node)?;
+            }
+        }
+        let ram = GuestRam {
+            host_addr: base,
+            size: (vc.memory_mib << 20) as usize,
+        };
+        let vm = LinuxVm::restore(&self.kvm, spec, ram, state)?;
+        self.memory.set_pauser(space, vm.pauser())?;
+        Ok(vm)
+    }
+}
+
 /// An image source that remembers whether it failed: a restore's error is
 /// then the file's, not the host's.
 struct Watched<'a, S> {
@@ -393,11 +450,23 @@ pub(super) fn vm_meta(vc: &VmConfig) -> VmMeta {
         workload: vc.workload.clone(),
         time_limit_ms: vc.time_limit.as_millis() as u64,
         sharing_domain: vc.sharing_domain.clone(),
+        linux: vc.linux.clone(),
     }
 }
 
-/// The config of a VM restored from `meta` under `name`.
+/// The config of a VM restored from `meta` under `name`. A Linux guest
+/// whose console went to a file writes to `NAME.FILE` beside it (the
+/// snapshot's VM may still be writing its own).
 pub(super) fn vm_config(meta: &VmMeta, name: &str) -> VmConfig {
+    let linux = meta.linux.clone().map(|mut l| {
+        if let SerialOutput::File(p) = &l.serial {
+            let file = p
+                .file_name()
+                .map_or_else(|| "serial.log".into(), |f| f.to_string_lossy().into_owned());
+            l.serial = SerialOutput::File(p.with_file_name(format!("{name}.{file}")));
+        }
+        l
+    });
     VmConfig {
         name: name.to_string(),
         vcpu_nodes: meta.vcpu_nodes.clone(),
@@ -408,6 +477,6 @@ pub(super) fn vm_config(meta: &VmMeta, name: &str) -> VmConfig {
         time_limit: Duration::from_millis(meta.time_limit_ms),
         sharing_domain: meta.sharing_domain.clone(),
         moves: Vec::new(),
-        linux: None,
+        linux,
     }
 }

@@ -7,7 +7,9 @@
 //! end      "END!" 0 u32 8 u32 crc u32  total_pages u64
 //! ```
 //!
-//! * The metadata (the VM's spec and its vCPU and micro-VM state) is JSON:
+//! * The metadata (the VM's spec and its state: vCPUs and micro-VM
+//!   book-keeping, or for a Linux guest vCPUs, irqchip, PIT, clock and
+//!   devices, see [`GuestState`]) is JSON:
 //!   a few KiB per vCPU, self-describing (the workload keeps the tagged
 //!   form the config and the API use), and readable with `jq` after
 //!   skipping the 20-byte header.
@@ -37,14 +39,16 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::guest::Workload;
+use crate::linux::{LinuxGuestConfig, LinuxVmState};
 use crate::memory::{write_pool_bytes, Gfn, ImageSource, PageImage, PoolRun};
 use crate::vm::MicroVmState;
 use crate::PAGE_SIZE;
 
 /// The first bytes of every snapshot.
 pub const MAGIC: &[u8; 8] = b"DISCOSNP";
-/// The format this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The format this build writes and reads (2: Linux guests' state;
+/// version 1 held micro-VMs only).
+pub const VERSION: u32 = 2;
 /// Most pages in one block.
 pub const BLOCK_PAGES: usize = 256;
 /// Largest metadata accepted (a VM of 64 vCPUs needs about 1 MiB).
@@ -56,8 +60,7 @@ pub const MAX_INDEX_BYTES: u32 = 64 << 20;
 const BLOCK_TAG: &[u8; 4] = b"PAGE";
 const END_TAG: &[u8; 4] = b"END!";
 
-/// The VM a snapshot was taken of, as the monitor built it (a micro-VM:
-/// Linux guests are not snapshotted).
+/// The VM a snapshot was taken of, as the monitor built it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmMeta {
     pub name: String,
@@ -67,6 +70,27 @@ pub struct VmMeta {
     pub workload: Workload,
     pub time_limit_ms: u64,
     pub sharing_domain: String,
+    /// A Linux guest's kernel, disks and console (None: a micro-VM).
+    #[serde(default)]
+    pub linux: Option<LinuxGuestConfig>,
+}
+
+/// A VM's state apart from its memory.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestState {
+    Micro(MicroVmState),
+    Linux(Box<LinuxVmState>),
+}
+
+impl GuestState {
+    /// The number of vCPUs whose state it holds.
+    pub fn vcpus(&self) -> usize {
+        match self {
+            GuestState::Micro(s) => s.vcpus.len(),
+            GuestState::Linux(s) => s.vcpus.len(),
+        }
+    }
 }
 
 /// Everything in a snapshot but its memory.
@@ -75,7 +99,7 @@ pub struct Meta {
     /// The program that wrote it (`disco 0.1.0`), for messages.
     pub written_by: String,
     pub vm: VmMeta,
-    pub state: MicroVmState,
+    pub state: GuestState,
     /// Guest frames (the VM's memory in pages).
     pub frames: u64,
 }
@@ -636,13 +660,14 @@ mod tests {
                 },
                 time_limit_ms: 1000,
                 sharing_domain: "default".into(),
+                linux: None,
             },
-            state: MicroVmState {
+            state: GuestState::Micro(MicroVmState {
                 vcpus: vec![VcpuSnapshot::Done { result: 7 }],
                 log: vec!["vcpu0: hello".into()],
                 run_time_ns: 5,
                 progress: (1, 2),
-            },
+            }),
             frames,
         }
     }
@@ -681,7 +706,10 @@ mod tests {
     fn round_trip() {
         let (meta, got) = read(&file()).unwrap();
         assert_eq!(meta.vm, self::meta(2048).vm);
-        assert_eq!(meta.state.log, ["vcpu0: hello"]);
+        let GuestState::Micro(state) = meta.state else {
+            panic!("a micro-VM's state")
+        };
+        assert_eq!(state.log, ["vcpu0: hello"]);
         assert_eq!(got, pages());
     }
 

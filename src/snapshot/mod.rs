@@ -1,5 +1,6 @@
-//! Snapshots of micro-VMs: one file holds a VM's spec, its vCPU and
-//! micro-VM state ([`crate::vm::MicroVmState`]) and its memory by machine
+//! Snapshots of VMs: one file holds a VM's spec, its state apart from
+//! memory ([`GuestState`]: a micro-VM's vCPUs and book-keeping, or a Linux
+//! guest's vCPUs, irqchip, clock and devices) and its memory by machine
 //! page ([`format`]). This module is the glue between the file and the
 //! memory layer: [`write`] streams a paused VM's pages
 //! ([`crate::memory::Memory::image_chunk`]) into a temporary file that is
@@ -19,7 +20,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-pub use format::{Meta, SnapshotReader, SnapshotWriter, VmMeta, VERSION};
+pub use format::{GuestState, Meta, SnapshotReader, SnapshotWriter, VmMeta, VERSION};
 
 use crate::memory::{Gfn, Memory, VmId};
 

@@ -7,8 +7,9 @@
 //! state (XSAVE area), XCR0, the debug registers, a few MSRs and the
 //! pending-event state. A micro-VM has no in-kernel irqchip (no LAPIC,
 //! IOAPIC or PIT: `MicroVm::create` makes none) and no devices, so there is
-//! nothing else to carry. Linux guests (LAPIC, serial, virtio queues) are
-//! not covered: the monitor refuses to snapshot them.
+//! nothing else to carry. A Linux guest's vCPUs add their LAPIC and every
+//! MSR KVM saves (`crate::linux::state` adds the VM-wide state: irqchip,
+//! PIT, clock, devices).
 //!
 //! A vCPU is captured by its own thread while it is parked (see
 //! `VmControl::capture_parked`): the thread first completes an exit left
@@ -17,8 +18,8 @@
 //! API asks before state is saved; then it reads the registers.
 
 use kvm_bindings::{
-    kvm_debugregs, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
-    kvm_xsave, CpuId, Msrs,
+    kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
 };
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
@@ -27,7 +28,7 @@ use serde::{Deserialize, Serialize};
 /// segment registers, like EFER and the FS/GS bases, or unused at CPL 3
 /// without interrupts). The time stamp counter is among them so `rdtsc`
 /// goes on from where it was.
-const MSRS: [u32; 9] = [
+pub const MICRO_MSRS: [u32; 9] = [
     0x10,        // IA32_TSC
     0x174,       // IA32_SYSENTER_CS
     0x175,       // IA32_SYSENTER_ESP
@@ -50,28 +51,23 @@ pub struct VcpuState {
     pub debugregs: kvm_debugregs,
     pub mp_state: kvm_mp_state,
     pub events: kvm_vcpu_events,
-    /// `(index, value)` of the MSRs in [`MSRS`] that KVM could read.
+    /// `(index, value)` of the MSRs asked for that KVM could read.
     pub msrs: Vec<(u32, u64)>,
+    /// The local APIC's registers (a Linux guest's vCPU; a micro-VM has
+    /// no in-kernel irqchip).
+    #[serde(default)]
+    pub lapic: Option<kvm_lapic_state>,
 }
 
-fn ioctl<T>(what: &str, r: Result<T, kvm_ioctls::Error>) -> Result<T, String> {
-    r.map_err(|e| format!("{what}: {e}"))
-}
-
-impl VcpuState {
-    /// Reads `vcpu`'s state. The caller is the vCPU's own thread, outside
-    /// `KVM_RUN`; a pending port I/O completion is carried out first.
-    pub fn capture(vcpu: &mut VcpuFd) -> Result<VcpuState, String> {
-        vcpu.set_kvm_immediate_exit(1);
-        let completed = vcpu.run().map(|_| ());
-        vcpu.set_kvm_immediate_exit(0);
-        match completed {
-            Err(e) if e.errno() == libc::EINTR => {}
-            Err(e) => return Err(format!("completing the last exit (KVM_RUN): {e}")),
-            Ok(()) => return Err("KVM_RUN with immediate_exit ran the guest".into()),
-        }
+/// Reads the MSRs `indices` of `vcpu`: `(index, value)` of each KVM could
+/// read. KVM_GET_MSRS stops at the first MSR it cannot read (one the
+/// guest's CPUID does not offer); that one is skipped and the rest read on.
+fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>, String> {
+    let mut out = Vec::with_capacity(indices.len());
+    let mut rest = indices;
+    while !rest.is_empty() {
         let mut msrs = Msrs::from_entries(
-            &MSRS
+            &rest
                 .iter()
                 .map(|&index| kvm_msr_entry {
                     index,
@@ -80,8 +76,31 @@ impl VcpuState {
                 .collect::<Vec<_>>(),
         )
         .map_err(|e| format!("MSR list: {e:?}"))?;
-        // KVM reads the MSRs in order and stops at the first it cannot.
         let read = ioctl("KVM_GET_MSRS", vcpu.get_msrs(&mut msrs))?;
+        out.extend(msrs.as_slice()[..read].iter().map(|e| (e.index, e.data)));
+        rest = &rest[(read + 1).min(rest.len())..];
+    }
+    Ok(out)
+}
+
+fn ioctl<T>(what: &str, r: Result<T, kvm_ioctls::Error>) -> Result<T, String> {
+    r.map_err(|e| format!("{what}: {e}"))
+}
+
+impl VcpuState {
+    /// Reads `vcpu`'s state: its registers, the MSRs `msrs` (those KVM can
+    /// read) and, with `lapic`, its local APIC. The caller is the vCPU's
+    /// own thread, outside `KVM_RUN`; a pending port I/O completion is
+    /// carried out first.
+    pub fn capture(vcpu: &mut VcpuFd, msrs: &[u32], lapic: bool) -> Result<VcpuState, String> {
+        vcpu.set_kvm_immediate_exit(1);
+        let completed = vcpu.run().map(|_| ());
+        vcpu.set_kvm_immediate_exit(0);
+        match completed {
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => return Err(format!("completing the last exit (KVM_RUN): {e}")),
+            Ok(()) => return Err("KVM_RUN with immediate_exit ran the guest".into()),
+        }
         Ok(VcpuState {
             regs: ioctl("KVM_GET_REGS", vcpu.get_regs())?,
             sregs: ioctl("KVM_GET_SREGS", vcpu.get_sregs())?,
@@ -90,14 +109,16 @@ impl VcpuState {
             debugregs: ioctl("KVM_GET_DEBUGREGS", vcpu.get_debug_regs())?,
             mp_state: ioctl("KVM_GET_MP_STATE", vcpu.get_mp_state())?,
             events: ioctl("KVM_GET_VCPU_EVENTS", vcpu.get_vcpu_events())?,
-            msrs: msrs.as_slice()[..read]
-                .iter()
-                .map(|e| (e.index, e.data))
-                .collect(),
+            msrs: read_msrs(vcpu, msrs)?,
+            lapic: match lapic {
+                true => Some(ioctl("KVM_GET_LAPIC", vcpu.get_lapic())?),
+                false => None,
+            },
         })
     }
 
-    /// Puts the state into a fresh vCPU (never run), after `cpuid`.
+    /// Puts the state into a fresh vCPU (never run), after `cpuid`. Every
+    /// saved MSR must take.
     pub fn apply(&self, vcpu: &VcpuFd, cpuid: &CpuId) -> Result<(), String> {
         ioctl("KVM_SET_CPUID2", vcpu.set_cpuid2(cpuid))?;
         ioctl("KVM_SET_MP_STATE", vcpu.set_mp_state(self.mp_state))?;
@@ -108,6 +129,11 @@ impl VcpuState {
         ioctl("KVM_SET_XSAVE", unsafe { vcpu.set_xsave(&self.xsave) })?;
         ioctl("KVM_SET_XCRS", vcpu.set_xcrs(&self.xcrs))?;
         ioctl("KVM_SET_DEBUGREGS", vcpu.set_debug_regs(&self.debugregs))?;
+        // The LAPIC before the MSRs: its TSC deadline is an MSR that only
+        // takes with the timer in that mode.
+        if let Some(lapic) = &self.lapic {
+            ioctl("KVM_SET_LAPIC", vcpu.set_lapic(lapic))?;
+        }
         let entries: Vec<kvm_msr_entry> = self
             .msrs
             .iter()

@@ -17,7 +17,7 @@ use serde::Serialize;
 use super::control::{KickTarget, Parked, VmControl};
 use super::hypercall::{read_log_line, Hypercall};
 use super::ram::GuestRam;
-use super::state::VcpuState;
+use super::state::{VcpuState, MICRO_MSRS};
 use super::VcpuPlacement;
 
 /// How one vCPU ended.
@@ -249,6 +249,11 @@ pub(crate) trait VcpuLoop {
     fn ram(&self) -> &GuestRam;
     /// One `KVM_RUN` and the handling of its exit: `None` to go on.
     fn step(&mut self) -> Result<Option<Self::End>, String>;
+    /// The vCPU's state for a snapshot, read by its own parked thread (a
+    /// micro-VM's: registers and [`MICRO_MSRS`]).
+    fn capture_state(&mut self) -> Result<VcpuState, String> {
+        VcpuState::capture(self.vcpu_mut(), &MICRO_MSRS, false)
+    }
 }
 
 /// How a vCPU's run loop ended.
@@ -290,7 +295,7 @@ fn steps<L: VcpuLoop>(thread: &mut L) -> Ended<L::End> {
         }
         let index = thread.index();
         if let Parked::Capture(capture) = thread.control().park_if_paused(index) {
-            let state = VcpuState::capture(thread.vcpu_mut());
+            let state = thread.capture_state();
             thread.control().answer_capture(index, capture, state);
             continue;
         }

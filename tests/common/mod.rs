@@ -303,3 +303,19 @@ pub fn destroy_all(memory: &Memory, ids: impl IntoIterator<Item = VmId>) -> anyh
     memory.verify()?;
     Ok(memory.pool_stats().iter().map(|p| p.used_pages).sum())
 }
+
+/// Where scripts/fetch-linux-guest.sh put the kernel, initramfs and disk.
+pub fn linux_guest_dir() -> PathBuf {
+    let dir = std::env::var_os("DISCO_LINUX_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/linux-guest"));
+    for f in ["vmlinux", "bzImage", "initramfs.cpio.gz", "disk.img"] {
+        assert!(
+            dir.join(f).exists(),
+            "{} is missing: run scripts/fetch-linux-guest.sh (scripts/test.sh does) to fetch \
+             the Debian kernel and build the initramfs",
+            dir.join(f).display()
+        );
+    }
+    dir
+}
