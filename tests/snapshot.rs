@@ -337,6 +337,17 @@ fn bad_files_are_refused_and_leave_nothing() {
             "truncated",
         ),
         (
+            // The first block's index length (after the 20-byte header and
+            // the metadata) made larger than the file: a wrong length, not
+            // a cut (the file still ends with its end marker).
+            damaged(&dir, &good, "length.snap", |b| {
+                let meta = u32::from_le_bytes(b[12..16].try_into().unwrap()) as usize;
+                let at = 20 + meta + 8;
+                b[at..at + 4].copy_from_slice(&(60u32 << 20).to_le_bytes());
+            }),
+            "corrupted: block 1 (pages 0..) runs past the end of the file",
+        ),
+        (
             damaged(&dir, &good, "flipped.snap", |b| b[len - 3000] ^= 0x40),
             "checksum of block",
         ),

@@ -4,7 +4,8 @@
 //! setup), writes real split-queue descriptors and rings into guest RAM
 //! taken from the monitor's pools, notifies, and checks the used ring, the
 //! interrupt (an eventfd, as KVM's irqfd would see it) and the data that
-//! went through the device to a file and back. No KVM needed.
+//! went through the device to a file and back, and that a device's saved
+//! state (as a snapshot keeps it) lets a fresh device go on. No KVM needed.
 
 use std::path::PathBuf;
 
@@ -377,4 +378,71 @@ fn a_legacy_driver_is_refused() {
         STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
     );
     assert_eq!(d.r32(reg::STATUS) & STATUS_FEATURES_OK, 0);
+}
+
+#[test]
+fn a_block_device_goes_on_from_its_saved_state_in_a_fresh_device() {
+    let ram = Ram::new();
+    let path = temp_path("state.img");
+    let original = pattern(11, 64 * 1024);
+    std::fs::write(&path, &original).unwrap();
+    let mut d = Driver::new(Box::new(Block::open(&path, true).unwrap()), &ram.mem);
+    d.init(0, 1);
+    for sector in 0..3u64 {
+        let (status, _) = block_request(&mut d, block::T_IN, sector * 8, &[(0x8000, 4096)], true);
+        assert_eq!(status, block::S_OK);
+    }
+    // The state as a snapshot keeps it (JSON), into a fresh device on the
+    // same guest memory, as a restore builds it.
+    let state = d.dev.state();
+    assert_eq!(state.queues[0].next_avail, 3);
+    assert_eq!(state.queues[0].next_used, 3);
+    let json = serde_json::to_string(&state).unwrap();
+    let mut fresh = Driver::new(Box::new(Block::open(&path, true).unwrap()), &ram.mem);
+    fresh
+        .dev
+        .set_state(&serde_json::from_str(&json).unwrap())
+        .unwrap();
+    assert_eq!(fresh.dev.state(), state);
+    assert_eq!(
+        fresh.r32(reg::STATUS) & STATUS_DRIVER_OK,
+        STATUS_DRIVER_OK,
+        "the driver's handshake is carried over"
+    );
+    fresh.queues = d.queues.clone();
+    // The fourth request lands in the used ring's fourth slot.
+    let (status, len) = block_request(&mut fresh, block::T_IN, 24, &[(0x8000, 4096)], true);
+    assert_eq!((status, len), (block::S_OK, 4096 + 1));
+    let mut back = vec![0u8; 4096];
+    ram.mem.read_slice(&mut back, GuestAddress(0x8000)).unwrap();
+    assert_eq!(&back[..], &original[24 * 512..24 * 512 + 4096]);
+
+    // A state saved from another kind of device is refused.
+    let sink = ConsoleSink::new("t", &SerialOutput::None).unwrap();
+    let mut console = VirtioMmio::new(
+        Box::new(Console::new(sink)),
+        ram.mem.clone(),
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    );
+    let e = console.set_state(&state).unwrap_err();
+    assert!(e.contains("type 2 saved where this VM has type 3"), "{e}");
+}
+
+#[test]
+fn console_input_not_yet_read_is_carried_in_the_saved_state() {
+    let ram = Ram::new();
+    let sink = ConsoleSink::new("t", &SerialOutput::None).unwrap();
+    let console = Console::new(sink.clone());
+    console.input().lock().extend(b"pending");
+    let d = Driver::new(Box::new(console), &ram.mem);
+    let state = d.dev.state();
+    assert_eq!(state.device, b"pending");
+    let fresh_console = Console::new(sink);
+    let input = fresh_console.input();
+    let mut fresh = Driver::new(Box::new(fresh_console), &ram.mem);
+    fresh.dev.set_state(&state).unwrap();
+    assert_eq!(
+        input.lock().iter().copied().collect::<Vec<u8>>(),
+        b"pending"
+    );
 }

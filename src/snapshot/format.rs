@@ -324,6 +324,9 @@ pub struct SnapshotReader<R: PageInput> {
     pages: u64,
     done: bool,
     failed: bool,
+    /// The file is known to end with a valid end marker, so running out of
+    /// bytes inside a part means a wrong length, not a cut.
+    complete: bool,
 }
 
 /// A block's header and index, read ahead of its pages.
@@ -333,18 +336,45 @@ struct BlockHead {
     crc: u32,
 }
 
-/// Reads exactly `buf.len()` bytes, or says the file is truncated (`what`:
-/// where it ended).
+/// What it means that the file ended inside `what`: it was cut short, or,
+/// when it is known to end with a valid end marker (`complete`), a length
+/// in it is wrong.
+fn ran_out(source: &str, what: &str, complete: bool) -> anyhow::Error {
+    match complete {
+        false => anyhow::anyhow!("{source}: truncated: the file ends inside {what}"),
+        true => anyhow::anyhow!(
+            "{source}: corrupted: {what} runs past the end of the file, which ends with a valid \
+             end marker (a length in it is wrong)"
+        ),
+    }
+}
+
+/// Whether `tail`, a file's last [`END_BYTES`] bytes, is a valid end
+/// marker (its checksum matches; the page count is checked later).
+pub fn is_end_marker(tail: &[u8]) -> bool {
+    tail.len() == END_BYTES
+        && &tail[..4] == END_TAG
+        && u32_at(tail, 4) == 0
+        && u32_at(tail, 8) == 8
+        && crc32fast::hash(&tail[16..]) == u32_at(tail, 12)
+}
+
+/// Bytes of the end marker.
+pub const END_BYTES: usize = 24;
+
+/// Reads exactly `buf.len()` bytes, or says why the file ended (`what`:
+/// where it ended; see [`ran_out`]).
 fn read_exact_or_truncated<R: Read>(
     input: &mut R,
     buf: &mut [u8],
     source: &str,
     what: &str,
+    complete: bool,
 ) -> Result<()> {
     let mut got = 0;
     while got < buf.len() {
         match input.read(&mut buf[got..]) {
-            Ok(0) => bail!("{source}: truncated: the file ends inside {what}"),
+            Ok(0) => return Err(ran_out(source, what, complete)),
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e).with_context(|| format!("{source}: reading {what}")),
@@ -358,8 +388,11 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 }
 
 impl<R: PageInput> SnapshotReader<R> {
-    /// Reads and checks the header and the metadata.
-    pub fn open(mut input: R, source: &str) -> Result<(Meta, SnapshotReader<R>)> {
+    /// Reads and checks the header and the metadata. `complete`: the
+    /// caller saw a valid end marker at the end of the file
+    /// ([`is_end_marker`]), so a part that runs past the end is reported as
+    /// a wrong length (corrupted) rather than a cut (truncated).
+    pub fn open(mut input: R, source: &str, complete: bool) -> Result<(Meta, SnapshotReader<R>)> {
         let mut header = [0u8; 20];
         let mut got = 0;
         while got < header.len() {
@@ -392,7 +425,7 @@ impl<R: PageInput> SnapshotReader<R> {
             );
         }
         let mut json = vec![0u8; len as usize];
-        read_exact_or_truncated(&mut input, &mut json, source, "its metadata")?;
+        read_exact_or_truncated(&mut input, &mut json, source, "its metadata", complete)?;
         if crc32fast::hash(&json) != crc {
             bail!("{source}: corrupted: the metadata's checksum does not match");
         }
@@ -412,6 +445,7 @@ impl<R: PageInput> SnapshotReader<R> {
                 pages: 0,
                 done: false,
                 failed: false,
+                complete,
             },
         ))
     }
@@ -430,6 +464,7 @@ impl<R: PageInput> SnapshotReader<R> {
                 "the header of block {block} (no end marker after {} pages)",
                 self.pages
             ),
+            self.complete,
         )?;
         let (count, index_len, crc) = (u32_at(&head, 4), u32_at(&head, 8), u32_at(&head, 12));
         if &head[..4] == END_TAG {
@@ -437,7 +472,13 @@ impl<R: PageInput> SnapshotReader<R> {
                 bail!("{source}: corrupted: a malformed end marker");
             }
             let mut total = [0u8; 8];
-            read_exact_or_truncated(&mut self.input, &mut total, &source, "the end marker")?;
+            read_exact_or_truncated(
+                &mut self.input,
+                &mut total,
+                &source,
+                "the end marker",
+                self.complete,
+            )?;
             if crc32fast::hash(&total) != crc {
                 bail!("{source}: corrupted: the end marker's checksum does not match");
             }
@@ -465,7 +506,7 @@ impl<R: PageInput> SnapshotReader<R> {
         }
         let mut index = vec![0u8; index_len as usize];
         let what = self.block_name();
-        read_exact_or_truncated(&mut self.input, &mut index, &source, &what)?;
+        read_exact_or_truncated(&mut self.input, &mut index, &source, &what, self.complete)?;
         self.current = Some(BlockHead {
             count: count as usize,
             index,
@@ -497,7 +538,7 @@ impl<R: PageInput> SnapshotReader<R> {
         );
         for d in dest {
             if !self.input.move_to(d.fd, d.offset, d.pages * PAGE_SIZE)? {
-                bail!("{source}: truncated: the file ends inside {what}");
+                return Err(ran_out(&source, &what, self.complete));
             }
         }
         let mut hasher = crc32fast::Hasher::new();
@@ -697,7 +738,7 @@ mod tests {
     }
 
     fn read(bytes: &[u8]) -> Result<(Meta, Vec<PageImage>)> {
-        let (meta, reader) = SnapshotReader::open(bytes, "snapshot t.snap")?;
+        let (meta, reader) = SnapshotReader::open(bytes, "snapshot t.snap", false)?;
         let pages = reader.collect::<Result<Vec<_>>>()?;
         Ok((meta, pages))
     }

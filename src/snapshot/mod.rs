@@ -122,8 +122,19 @@ pub fn open(path: &Path) -> Result<(Meta, SnapshotReader<File>)> {
             crate::files::fmt_size(MAX_SNAPSHOT_BYTES)
         );
     }
+    // A file that ends with a valid end marker was not cut short: a part
+    // that runs past its end has a wrong length in it.
+    let mut tail = [0u8; format::END_BYTES];
+    let complete = size >= tail.len() as u64
+        && std::os::unix::fs::FileExt::read_exact_at(
+            &file,
+            &mut tail,
+            size - format::END_BYTES as u64,
+        )
+        .is_ok()
+        && format::is_end_marker(&tail);
     // Unbuffered: page bytes are read straight into pool pages (a buffer
     // would copy them twice); headers and indexes are a few small reads
     // per 256 pages.
-    SnapshotReader::open(file, &format!("snapshot {shown}"))
+    SnapshotReader::open(file, &format!("snapshot {shown}"), complete)
 }
