@@ -4,11 +4,12 @@
 //! `a_booting_linux_guest_restored_from_a_snapshot_prints_what_the_original_printed`:
 //! a 2-vCPU, 2-node, 256 MiB guest is snapshotted mid-boot (the boot vCPU
 //! running the kernel, the second waiting for its start-up IPI) and left
-//! running; the snapshot is restored in the same monitor. The restored
+//! running; the snapshot is restored in a second monitor. The restored
 //! guest must print, line for line (timestamps aside), what the original
 //! printed after the snapshot up to the SRAT's NUMA nodes: ACPI tables read
 //! from its memory, the irqchip, clock and serial port carried over. Two
-//! clones of the snapshot, sharing one loaded copy, must print it too. This
+//! clones of the snapshot in the first monitor, sharing one loaded copy,
+//! must print it too. This
 //! runs on the build hosts whose KVM emulates guest kernel mode
 //! (FACTS.md): the early boot is slow there but far enough in 60 s.
 //!
@@ -148,7 +149,9 @@ fn a_booting_linux_guest_restored_from_a_snapshot_prints_what_the_original_print
     m.remove("lx").unwrap();
     m.memory().verify().expect("invariants after the original");
 
-    let restored = m
+    // Restored in a second monitor (its own pools, as another process's).
+    let mut m2 = monitor();
+    let restored = m2
         .restore_vm(
             &snap,
             &RestoreOptions {
@@ -162,21 +165,22 @@ fn a_booting_linux_guest_restored_from_a_snapshot_prints_what_the_original_print
     // Its console goes beside the original's file, under its own name.
     let restored_serial = dir.0.join("lx-restored.lx.log");
     let after = wait_for(
-        &mut m,
+        &mut m2,
         &restored_serial,
         LAST_LINE,
         Duration::from_secs(600),
     );
-    m.stop("lx-restored", "the test has what it needs").unwrap();
-    let report = m.wait_vm("lx-restored").unwrap();
+    m2.stop("lx-restored", "the test has what it needs")
+        .unwrap();
+    let report = m2.wait_vm("lx-restored").unwrap();
     assert_eq!(report.status, "stopped", "{report:?}");
     assert!(
         report.log.iter().any(|l| l.contains(LAST_LINE)),
         "the report's console lines: {:?}",
         report.log
     );
-    m.remove("lx-restored").unwrap();
-    m.memory()
+    m2.remove("lx-restored").unwrap();
+    m2.memory()
         .verify()
         .expect("invariants after the restored guest");
 
