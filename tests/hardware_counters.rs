@@ -375,8 +375,11 @@ fn config_with_policy(dir: &Path, sampling: &str) -> Config {
         format!("name = \"hw\"\n[numa]\nmigrate = true\nsampling = \"{sampling}\"\n"),
     )
     .unwrap();
+    // Two nodes: on one, "auto" samples nothing (every page is local).
     let text = r#"
 policy = "hw.toml"
+[host]
+topology = "2-socket"
 [[vm]]
 name = "vm0"
 vcpus = 1

@@ -63,8 +63,11 @@ fn every_vm_gets_samples_and_none_pays_more_than_the_cap() {
         return;
     }
     let report = run_config(
-        "policy = \"disco\"\n\n[[vm]]\nname = \"r\"\ncount = 4\nvcpus = 1\nmemory_mib = 32\n\
-         time_limit_s = 120\nworkload = { kind = \"random\", seed = 5, touches = 10000000 }\n",
+        // Two nodes: on one, the disco policy samples nothing (every page
+        // is local).
+        "policy = \"disco\"\n[host]\ntopology = \"2-socket\"\n\n[[vm]]\nname = \"r\"\ncount = 4\n\
+         vcpus = 1\nmemory_mib = 32\ntime_limit_s = 120\n\
+         workload = { kind = \"random\", seed = 5, touches = 10000000 }\n",
     );
     assert!(report.all_ok(), "{}", report.render_text());
     let numa = report.numa.as_ref().expect("the NUMA engine ran");

@@ -23,6 +23,8 @@ pub(crate) enum NumaPlan {
     Off,
     Run(Feed, String, Option<Arc<MissCounters>>),
     Unavailable(String),
+    /// Asked for, but with nothing to do here (why).
+    Idle(String),
 }
 
 /// Chooses the NUMA engine's sample source. Page-fault sampling must be
@@ -40,6 +42,17 @@ pub(crate) fn numa_plan(
     // asked for explicitly: it then measures locality and moves nothing.
     if !numa.migrate && !numa.replicate && numa.sampling == crate::numa::Sampling::Auto {
         return Ok(NumaPlan::Off);
+    }
+    // On one node every page is local: nothing can migrate or replicate,
+    // and page-fault samples would cost the guests up to
+    // `max_sampling_overhead` for nothing. So "auto" samples nothing there,
+    // as Linux keeps its automatic NUMA balancing off on a one-node
+    // machine; an explicit source still runs (to measure, or to test).
+    if topology.node_count() == 1 && numa.sampling == crate::numa::Sampling::Auto {
+        return Ok(NumaPlan::Idle(
+            "the topology has one node: every page is local, nothing to migrate or replicate"
+                .into(),
+        ));
     }
     let choice = choose_source(
         numa.sampling,
@@ -108,6 +121,7 @@ pub(crate) fn policy_status(p: &Policy, numa: &NumaPlan) -> String {
         NumaPlan::Unavailable(why) => parts.push(format!(
             "migration/replication requested but the NUMA engine is idle: {why}"
         )),
+        NumaPlan::Idle(why) => parts.push(format!("NUMA engine off ({why})")),
     }
     if parts.is_empty() {
         "static placement; nothing requested beyond it".to_string()
