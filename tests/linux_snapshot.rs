@@ -15,6 +15,9 @@
 //!
 //! `a_linux_guest_with_a_writable_disk_is_refused`: its snapshot is refused
 //! with the reason, and it runs on.
+//!
+//! `a_restore_refuses_a_read_only_disk_changed_since_the_snapshot`: the
+//! restore names the disk, and leaves no VM and no page behind.
 
 mod common;
 
@@ -266,4 +269,62 @@ fn a_linux_guest_with_a_writable_disk_is_refused() {
     assert!(!m.has_exited("lx"));
     m.stop("lx", "done").unwrap();
     m.wait_vm("lx").unwrap();
+}
+
+#[test]
+fn a_restore_refuses_a_read_only_disk_changed_since_the_snapshot() {
+    if !require_kvm("a_restore_refuses_a_read_only_disk_changed_since_the_snapshot") {
+        return;
+    }
+    let dir = Dir::new("ro-disk");
+    let disk = dir.0.join("disk.img");
+    std::fs::copy(common::linux_guest_dir().join("disk.img"), &disk).unwrap();
+    let serial = dir.0.join("lx.log");
+    let snap = dir.0.join("lx.snap");
+    let mut m = monitor();
+    let vc = linux_vm(
+        "lx",
+        &serial,
+        &format!(
+            "disk = [{{ path = \"{}\", read_only = true }}]",
+            disk.display()
+        ),
+    );
+    m.add_vm(&vc).unwrap();
+    wait_for(&mut m, &serial, "Linux version", Duration::from_secs(120));
+    m.snapshot_vm("lx", &snap, AfterSnapshot::Stop)
+        .expect("a VM with read-only disks is snapshotted");
+    assert_eq!(m.wait_vm("lx").unwrap().status, "stopped");
+    m.remove("lx").unwrap();
+    let used = |m: &Monitor| -> u64 {
+        m.memory()
+            .pool_stats()
+            .iter()
+            .map(|p| p.used_pages as u64)
+            .sum()
+    };
+    let before = used(&m);
+
+    // The disk grows by a sector: the restore is refused, and nothing of
+    // the VM is left.
+    let mut bytes = std::fs::read(&disk).unwrap();
+    bytes.extend_from_slice(&[0u8; 512]);
+    std::fs::write(&disk, &bytes).unwrap();
+    let e = m
+        .restore_vm(
+            &snap,
+            &RestoreOptions {
+                name: "again".into(),
+                ..RestoreOptions::default()
+            },
+        )
+        .expect_err("a changed disk is refused");
+    let text = format!("{e:#}");
+    assert!(
+        text.contains("changed since the snapshot") && text.contains("disk.img"),
+        "{text}"
+    );
+    assert!(m.space_of("again").is_none(), "no VM is left");
+    assert_eq!(used(&m), before, "no page is kept");
+    m.memory().verify().unwrap();
 }
