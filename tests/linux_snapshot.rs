@@ -319,6 +319,10 @@ fn a_restore_refuses_a_read_only_disk_changed_since_the_snapshot() {
             },
         )
         .expect_err("a changed disk is refused");
+    assert!(
+        matches!(e, disco::monitor::AddError::Snapshot(_)),
+        "the snapshot's fault, not the host's (the API answers 422): {e:?}"
+    );
     let text = format!("{e:#}");
     assert!(
         text.contains("changed since the snapshot") && text.contains("disk.img"),

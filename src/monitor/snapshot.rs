@@ -254,6 +254,15 @@ impl Monitor {
                  it is a Linux guest"
             )));
         }
+        if let (GuestState::Linux(state), Some(linux)) = (&meta.state, &meta.vm.linux) {
+            // The disks a Linux guest's memory refers to must be as they
+            // were: the snapshot's fault (or its environment's), not the
+            // host's.
+            let virtio = linux.disks.len() + linux.virtio_console as usize;
+            state
+                .check_fits(meta.vm.vcpu_nodes.len(), virtio, &linux.disks)
+                .map_err(|e| AddError::Snapshot(e.context(format!("snapshot {shown}"))))?;
+        }
         self.admit(&vcs, clones)?;
         self.services
             .require_fault_handler(&self.memory)
