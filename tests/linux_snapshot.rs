@@ -230,23 +230,32 @@ fn a_booting_linux_guest_restored_from_a_snapshot_prints_what_the_original_print
     );
 }
 
+/// A monitor running VM `lx` with a copy of the test disk (read-only or
+/// not) in `dir`: (monitor, disk, serial file, snapshot path).
+fn with_disk(dir: &Dir, read_only: bool) -> (Monitor, PathBuf, PathBuf, PathBuf) {
+    let disk = dir.0.join("disk.img");
+    std::fs::copy(common::linux_guest_dir().join("disk.img"), &disk).unwrap();
+    let serial = dir.0.join("lx.log");
+    let mut m = monitor();
+    let vc = linux_vm(
+        "lx",
+        &serial,
+        &format!(
+            "disk = [{{ path = \"{}\", read_only = {read_only} }}]",
+            disk.display()
+        ),
+    );
+    m.add_vm(&vc).unwrap();
+    (m, disk, serial, dir.0.join("lx.snap"))
+}
+
 #[test]
 fn a_linux_guest_with_a_writable_disk_is_refused() {
     if !require_kvm("a_linux_guest_with_a_writable_disk_is_refused") {
         return;
     }
     let dir = Dir::new("disk");
-    let disk = dir.0.join("disk.img");
-    std::fs::copy(common::linux_guest_dir().join("disk.img"), &disk).unwrap();
-    let serial = dir.0.join("lx.log");
-    let snap = dir.0.join("lx.snap");
-    let mut m = monitor();
-    let vc = linux_vm(
-        "lx",
-        &serial,
-        &format!("disk = [{{ path = \"{}\" }}]", disk.display()),
-    );
-    m.add_vm(&vc).unwrap();
+    let (mut m, _, serial, snap) = with_disk(&dir, false);
     let e = m
         .snapshot_vm("lx", &snap, AfterSnapshot::Resume)
         .expect_err("a writable disk is refused");
@@ -277,20 +286,7 @@ fn a_restore_refuses_a_read_only_disk_changed_since_the_snapshot() {
         return;
     }
     let dir = Dir::new("ro-disk");
-    let disk = dir.0.join("disk.img");
-    std::fs::copy(common::linux_guest_dir().join("disk.img"), &disk).unwrap();
-    let serial = dir.0.join("lx.log");
-    let snap = dir.0.join("lx.snap");
-    let mut m = monitor();
-    let vc = linux_vm(
-        "lx",
-        &serial,
-        &format!(
-            "disk = [{{ path = \"{}\", read_only = true }}]",
-            disk.display()
-        ),
-    );
-    m.add_vm(&vc).unwrap();
+    let (mut m, disk, serial, snap) = with_disk(&dir, true);
     wait_for(&mut m, &serial, "Linux version", Duration::from_secs(120));
     m.snapshot_vm("lx", &snap, AfterSnapshot::Stop)
         .expect("a VM with read-only disks is snapshotted");
