@@ -292,14 +292,7 @@ fn a_restore_refuses_a_read_only_disk_changed_since_the_snapshot() {
         .expect("a VM with read-only disks is snapshotted");
     assert_eq!(m.wait_vm("lx").unwrap().status, "stopped");
     m.remove("lx").unwrap();
-    let used = |m: &Monitor| -> u64 {
-        m.memory()
-            .pool_stats()
-            .iter()
-            .map(|p| p.used_pages as u64)
-            .sum()
-    };
-    let before = used(&m);
+    let before = common::used_pages(&m);
 
     // The disk grows by a sector: the restore is refused, and nothing of
     // the VM is left.
@@ -325,6 +318,6 @@ fn a_restore_refuses_a_read_only_disk_changed_since_the_snapshot() {
         "{text}"
     );
     assert!(m.space_of("again").is_none(), "no VM is left");
-    assert_eq!(used(&m), before, "no page is kept");
+    assert_eq!(common::used_pages(&m), before, "no page is kept");
     m.memory().verify().unwrap();
 }

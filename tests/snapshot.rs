@@ -83,14 +83,6 @@ fn assert_checksums(report: &VmReport) {
     }
 }
 
-fn used_pages(m: &Monitor) -> u64 {
-    m.memory()
-        .pool_stats()
-        .iter()
-        .map(|p| p.used_pages as u64)
-        .sum()
-}
-
 /// Snapshots `vc` mid-run (stopping it), restores it as `<name>-restored`
 /// in the same monitor and checks the restored guest's checksums.
 fn snapshot_and_restore(vc: VmConfig) {
@@ -129,7 +121,7 @@ fn snapshot_and_restore(vc: VmConfig) {
     );
     m.memory().verify().unwrap();
     m.remove(&name).unwrap();
-    assert_eq!(used_pages(&m), 0, "every page back in the pools");
+    assert_eq!(common::used_pages(&m), 0, "every page back in the pools");
 }
 
 #[test]
@@ -218,7 +210,7 @@ fn sixteen_clones_share_one_copy() {
     let snap = m.snapshot_vm("origin", &path, AfterSnapshot::Stop).unwrap();
     m.wait_vm("origin").unwrap();
     m.remove("origin").unwrap();
-    assert_eq!(used_pages(&m), 0);
+    assert_eq!(common::used_pages(&m), 0);
 
     let names: Vec<String> = (0..16).map(|i| format!("clone{i}")).collect();
     let report = m.clone_vms(&path, &names, &[0]).unwrap();
@@ -235,7 +227,7 @@ fn sixteen_clones_share_one_copy() {
     m.memory().verify().unwrap();
     let holes = snap.file.frames - snap.file.frames_stored;
     let breaks_at_load = m.memory().sharing_stats().cow_breaks;
-    let used = used_pages(&m);
+    let used = common::used_pages(&m);
     assert!(
         used <= snap.file.pages + 16 * holes + breaks_at_load,
         "{used} pages used, more than one copy ({}) + 16 x {holes} fresh + {breaks_at_load} copies",
@@ -260,7 +252,7 @@ fn sixteen_clones_share_one_copy() {
     m.memory().verify().unwrap();
     let stats = m.memory().sharing_stats();
     assert_eq!(
-        used_pages(&m),
+        common::used_pages(&m),
         snap.file.pages + 16 * holes + stats.cow_breaks,
         "pages in use: one copy, the fresh frames and one page per copy-on-write break"
     );
@@ -268,7 +260,7 @@ fn sixteen_clones_share_one_copy() {
         m.remove(name).unwrap();
     }
     m.memory().verify().unwrap();
-    assert_eq!(used_pages(&m), 0);
+    assert_eq!(common::used_pages(&m), 0);
 }
 
 /// A damaged copy of `good` (made by `damage`) at `dir/name`.
@@ -371,7 +363,7 @@ fn bad_files_are_refused_and_leave_nothing() {
         ),
         (dir.0.clone(), "is a directory"),
     ];
-    let before = used_pages(&m);
+    let before = common::used_pages(&m);
     for (path, phrase) in &cases {
         let file = path.file_name().unwrap().to_string_lossy().into_owned();
         let restore = m.restore_vm(
@@ -397,7 +389,7 @@ fn bad_files_are_refused_and_leave_nothing() {
             );
         }
         assert!(m.space_of("restored").is_none() && m.space_of("clone0").is_none());
-        assert_eq!(used_pages(&m), before, "{file}: pool pages taken");
+        assert_eq!(common::used_pages(&m), before, "{file}: pool pages taken");
         m.memory().verify().unwrap();
     }
     // The good file still restores.

@@ -51,6 +51,11 @@ pub struct LinuxGuestConfig {
 }
 
 impl LinuxGuestConfig {
+    /// Its virtio-mmio devices: the disks, then the console if any.
+    pub fn virtio_devices(&self) -> usize {
+        self.disks.len() + self.virtio_console as usize
+    }
+
     /// The config of copy `vm` (a `{vm}` in the serial file path becomes
     /// the VM's name).
     pub fn for_vm(&self, vm: &str) -> LinuxGuestConfig {

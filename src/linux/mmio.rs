@@ -83,19 +83,40 @@ pub trait VirtioDevice: Send {
     }
 }
 
-/// One virtqueue's registers and ring positions (`virtio_queue::QueueState`,
-/// which has no serde support, field for field).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QueueRegisters {
-    pub max_size: u16,
-    pub next_avail: u16,
-    pub next_used: u16,
-    pub event_idx_enabled: bool,
-    pub size: u16,
-    pub ready: bool,
-    pub desc_table: u64,
-    pub avail_ring: u64,
-    pub used_ring: u64,
+/// serde for one virtqueue's registers and ring positions
+/// (`virtio_queue::QueueState` has none): its fields, by name.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "QueueState")]
+struct QueueStateDef {
+    max_size: u16,
+    next_avail: u16,
+    next_used: u16,
+    event_idx_enabled: bool,
+    size: u16,
+    ready: bool,
+    desc_table: u64,
+    avail_ring: u64,
+    used_ring: u64,
+}
+
+/// `#[serde(with)]` for a list of queue states, through [`QueueStateDef`].
+mod queue_states {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use virtio_queue::QueueState;
+
+    #[derive(Serialize, Deserialize)]
+    struct Each(#[serde(with = "super::QueueStateDef")] QueueState);
+
+    pub fn serialize<S: Serializer>(queues: &[QueueState], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(queues.iter().map(|&q| Each(q)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<QueueState>, D::Error> {
+        Ok(Vec::<Each>::deserialize(d)?
+            .into_iter()
+            .map(|e| e.0)
+            .collect())
+    }
 }
 
 /// A virtio-mmio device's transport registers, queues and device state,
@@ -111,7 +132,8 @@ pub struct VirtioMmioState {
     pub status: u32,
     pub interrupt_status: u32,
     pub config_generation: u32,
-    pub queues: Vec<QueueRegisters>,
+    #[serde(with = "queue_states")]
+    pub queues: Vec<QueueState>,
     pub device: Vec<u8>,
 }
 
@@ -322,24 +344,7 @@ impl VirtioMmio {
             status: self.status,
             interrupt_status: self.interrupt_status,
             config_generation: self.config_generation,
-            queues: self
-                .queues
-                .iter()
-                .map(|q| {
-                    let s = q.state();
-                    QueueRegisters {
-                        max_size: s.max_size,
-                        next_avail: s.next_avail,
-                        next_used: s.next_used,
-                        event_idx_enabled: s.event_idx_enabled,
-                        size: s.size,
-                        ready: s.ready,
-                        desc_table: s.desc_table,
-                        avail_ring: s.avail_ring,
-                        used_ring: s.used_ring,
-                    }
-                })
-                .collect(),
+            queues: self.queues.iter().map(|q| q.state()).collect(),
             device: self.device.saved_state(),
         }
     }
@@ -367,18 +372,8 @@ impl VirtioMmio {
             .iter()
             .enumerate()
             .map(|(i, q)| {
-                Queue::try_from(QueueState {
-                    max_size: q.max_size,
-                    next_avail: q.next_avail,
-                    next_used: q.next_used,
-                    event_idx_enabled: q.event_idx_enabled,
-                    size: q.size,
-                    ready: q.ready,
-                    desc_table: q.desc_table,
-                    avail_ring: q.avail_ring,
-                    used_ring: q.used_ring,
-                })
-                .map_err(|e| format!("virtio device of type {kind}, queue {i}: {e}"))
+                Queue::try_from(*q)
+                    .map_err(|e| format!("virtio device of type {kind}, queue {i}: {e}"))
             })
             .collect::<Result<Vec<_>, _>>()?;
         self.device

@@ -188,7 +188,7 @@ impl LinuxVm {
                 size >> 20
             );
         }
-        let nvirtio = spec.guest.disks.len() + spec.guest.virtio_console as usize;
+        let nvirtio = spec.guest.virtio_devices();
         if nvirtio > layout::MAX_VIRTIO {
             bail!(
                 "{}: {nvirtio} virtio devices; at most {}",
@@ -198,7 +198,7 @@ impl LinuxVm {
         }
         if let Some(state) = restored {
             state
-                .check_fits(spec.vcpus.len(), nvirtio, &spec.guest.disks)
+                .check_fits(spec.vcpus.len(), &spec.guest)
                 .with_context(ctx)?;
         }
         crate::vm::control::install_kick_handler()?;
@@ -278,7 +278,7 @@ impl LinuxVm {
         let serial = match restored {
             None => serial::serial_port(serial_irq, sink.clone()),
             Some(state) => SerialPort::from_state(
-                &(&state.serial).into(),
+                &state.serial,
                 IrqLine(serial_irq),
                 vm_superio::serial::NoEvents,
                 sink.clone(),

@@ -93,6 +93,12 @@ impl ConsoleSink {
         s.capture.extend_from_slice(&bytes[bytes.len() - keep..]);
     }
 
+    /// The last `max` bytes of the capture.
+    pub fn tail(&self, max: usize) -> Vec<u8> {
+        let s = self.0.lock();
+        s.capture[s.capture.len().saturating_sub(max)..].to_vec()
+    }
+
     /// Everything the guest printed so far (up to the capture limit).
     pub fn captured(&self) -> Vec<u8> {
         self.0.lock().capture.clone()

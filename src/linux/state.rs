@@ -25,7 +25,7 @@ use vm_superio::serial::SerialState;
 
 use super::loader::Loaded;
 use super::mmio::VirtioMmioState;
-use super::{DiskConfig, LinuxVm};
+use super::{DiskConfig, LinuxGuestConfig, LinuxVm};
 use crate::vm::{VcpuSnapshot, VcpuState};
 
 /// The console output a snapshot keeps (its last bytes), so a restored
@@ -37,54 +37,21 @@ pub const PIC_MASTER: u32 = 0;
 pub const PIC_SLAVE: u32 = 1;
 pub const IOAPIC: u32 = 2;
 
-/// The 16550's registers and receive FIFO (`vm_superio::SerialState`,
-/// which has no serde support, field for field).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SerialRegisters {
-    pub baud_divisor_low: u8,
-    pub baud_divisor_high: u8,
-    pub interrupt_enable: u8,
-    pub interrupt_identification: u8,
-    pub line_control: u8,
-    pub line_status: u8,
-    pub modem_control: u8,
-    pub modem_status: u8,
-    pub scratch: u8,
-    pub in_buffer: Vec<u8>,
-}
-
-impl From<SerialState> for SerialRegisters {
-    fn from(s: SerialState) -> SerialRegisters {
-        SerialRegisters {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
-    }
-}
-
-impl From<&SerialRegisters> for SerialState {
-    fn from(s: &SerialRegisters) -> SerialState {
-        SerialState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        }
-    }
+/// serde for the 16550's registers and receive FIFO
+/// (`vm_superio::serial::SerialState` has none): its fields, by name.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "SerialState")]
+struct SerialStateDef {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
 }
 
 /// A read-only disk as the snapshot saw it.
@@ -120,7 +87,8 @@ pub struct LinuxVmState {
     pub irqchip: Vec<kvm_irqchip>,
     pub pit: kvm_pit_state2,
     pub clock: kvm_clock_data,
-    pub serial: SerialRegisters,
+    #[serde(with = "SerialStateDef")]
+    pub serial: SerialState,
     /// One per virtio-mmio slot, in slot order (disks, then the console).
     pub virtio: Vec<VirtioMmioState>,
     pub disks: Vec<DiskIdentity>,
@@ -201,13 +169,12 @@ impl LinuxVm {
         // takes no flags from KVM_GET_CLOCK's report (TSC_STABLE,
         // REALTIME and HOST_TSC describe this host's clock, not the VM's).
         clock.flags = 0;
-        let console = self.sink.captured();
         Ok(LinuxVmState {
             vcpus,
             irqchip,
             pit,
             clock,
-            serial: self.devices.serial.lock().state().into(),
+            serial: self.devices.serial.lock().state(),
             virtio: self
                 .devices
                 .virtio
@@ -217,16 +184,17 @@ impl LinuxVm {
             disks,
             cmdline: self.cmdline.clone(),
             loaded: self.loaded,
-            console: console[console.len().saturating_sub(CONSOLE_KEPT)..].to_vec(),
+            console: self.sink.tail(CONSOLE_KEPT),
             run_time_ns: (self.ran_before + started.elapsed()).as_nanos() as u64,
         })
     }
 }
 
 impl LinuxVmState {
-    /// Checks that the state fits a VM of `vcpus` vCPUs and `virtio`
-    /// devices whose read-only disks are `disks`, unchanged since.
-    pub fn check_fits(&self, vcpus: usize, virtio: usize, disks: &[DiskConfig]) -> Result<()> {
+    /// Checks that the state fits a VM of `vcpus` vCPUs with `guest`'s
+    /// devices, whose read-only disks are unchanged since.
+    pub fn check_fits(&self, vcpus: usize, guest: &LinuxGuestConfig) -> Result<()> {
+        let (virtio, disks) = (guest.virtio_devices(), &guest.disks);
         if self.vcpus.len() != vcpus {
             bail!("{} vCPU states saved for {vcpus} vCPUs", self.vcpus.len());
         }

@@ -105,10 +105,7 @@ impl Monitor {
                 Guest::Micro(vm) => GuestState::Micro(vm.capture_state()?),
                 Guest::Linux(vm) => GuestState::Linux(Box::new(vm.capture_state()?)),
             };
-            let progress = match &state {
-                GuestState::Micro(s) => s.progress,
-                GuestState::Linux(_) => guest.progress(),
-            };
+            let progress = guest.progress();
             let meta = Meta {
                 written_by: format!("disco {}", env!("CARGO_PKG_VERSION")),
                 vm: vm_meta(&v.config),
@@ -258,9 +255,8 @@ impl Monitor {
             // The disks a Linux guest's memory refers to must be as they
             // were: the snapshot's fault (or its environment's), not the
             // host's.
-            let virtio = linux.disks.len() + linux.virtio_console as usize;
             state
-                .check_fits(meta.vm.vcpu_nodes.len(), virtio, &linux.disks)
+                .check_fits(meta.vm.vcpu_nodes.len(), linux)
                 .map_err(|e| AddError::Snapshot(e.context(format!("snapshot {shown}"))))?;
         }
         self.admit(&vcs, clones)?;
@@ -395,9 +391,7 @@ impl Monitor {
         self.memory.set_cpu_node(space, main_node(&vc.vcpu_nodes))?;
         Ok(vm)
     }
-}
 
-impl Monitor {
     /// One Linux VM on a space built from an image, with the snapshot's
     /// state. With `place`, each guest NUMA node's slice of RAM (beyond the
     /// first) moves to its node's pool first, as `crate::linux::build`

@@ -124,8 +124,11 @@ impl VcpuState {
         ioctl("KVM_SET_MP_STATE", vcpu.set_mp_state(self.mp_state))?;
         ioctl("KVM_SET_SREGS", vcpu.set_sregs(&self.sregs))?;
         ioctl("KVM_SET_REGS", vcpu.set_regs(&self.regs))?;
-        // SAFETY: the area was read by KVM_GET_XSAVE (4 KiB), whose
-        // features a micro-guest cannot extend (XCR0 is set at CPL 0 only).
+        // SAFETY: the area was read by KVM_GET_XSAVE (4 KiB). Only
+        // dynamically enabled features (AMX) need more, and no guest gets
+        // them: disco never asks for their permission
+        // (ARCH_REQ_XCOMP_GUEST_PERM), so a micro-guest's and a Linux
+        // guest's state both fit.
         ioctl("KVM_SET_XSAVE", unsafe { vcpu.set_xsave(&self.xsave) })?;
         ioctl("KVM_SET_XCRS", vcpu.set_xcrs(&self.xcrs))?;
         ioctl("KVM_SET_DEBUGREGS", vcpu.set_debug_regs(&self.debugregs))?;

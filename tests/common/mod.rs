@@ -319,3 +319,12 @@ pub fn linux_guest_dir() -> PathBuf {
     }
     dir
 }
+
+/// Pool pages a monitor has handed out, over all nodes.
+pub fn used_pages(m: &disco::monitor::Monitor) -> u64 {
+    m.memory()
+        .pool_stats()
+        .iter()
+        .map(|p| p.used_pages as u64)
+        .sum()
+}
