@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
 
+use disco::bench::bare::BareMemory;
 use disco::bench::overhead::{run_bare, run_disco, Measured, OverheadCase, STATIC};
 use disco::bench::Stats;
 use disco::config::Config;
@@ -40,7 +41,10 @@ fn overhead(c: &mut Criterion) {
         // Per-iteration wall times of each call, to print the ratio of the
         // two runners' medians (the last SAMPLES calls are criterion's samples).
         let mut medians = Vec::new();
-        let runners: [(&str, Runner); 2] = [("disco", run_disco), ("bare", run_bare)];
+        let runners: [(&str, Runner); 2] = [
+            ("disco", run_disco),
+            ("bare", |config| run_bare(config, BareMemory::Anonymous)),
+        ];
         for (name, runner) in runners {
             let per_call = Mutex::new(Vec::new());
             group.bench_function(name, |b| {

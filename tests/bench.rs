@@ -3,6 +3,7 @@
 //! the tables name every figure, and the JSON round-trips. Speed is not
 //! checked here (benchmarks measure it; tests never time anything).
 
+use disco::bench::bare::{self, BareMemory};
 use disco::bench::density::{self, DensityOptions, DensityResult};
 use disco::bench::overhead::{self, OverheadOptions, OverheadResult};
 use disco::bench::Stats;
@@ -154,6 +155,10 @@ fn overhead_scenario_reports_every_figure() {
             assert_stats(&format!("{side} rest_ms"), &s.rest_ms, 2, false);
             assert!(s.wall_ms.min >= s.guest_run_ms.min, "{side}: {s:?}");
         }
+        let shmem = c.bare_shmem.as_ref().expect("the shmem baseline ran");
+        assert_stats("bare_shmem guest_run_ms", &shmem.guest_run_ms, 2, true);
+        assert_stats("bare_shmem vcpu_cpu_ms", &shmem.vcpu_cpu_ms, 2, true);
+        assert!(c.goal_check_shmem.is_some(), "{}", c.case.name);
         assert_stats("checksum_model_ms", &c.checksum_model_ms, 2, true);
         for (name, v) in [
             ("ratio_wall", c.ratio_wall),
@@ -166,14 +171,20 @@ fn overhead_scenario_reports_every_figure() {
     let table = r.render_table();
     for c in &r.cases {
         assert!(table.contains(&c.case.name), "table lacks {}", c.case.name);
+        // Two repetitions are too few for a 95 % interval: no verdict.
+        let check = c.goal_check.as_ref().expect("every case has a goal");
+        assert_eq!(check.interval_95, None, "{}", c.case.name);
+        assert_eq!(check.verdict, overhead::Verdict::Undecided);
     }
     assert!(table.contains("disco/bare wall"));
+    assert!(table.contains("[too few]") && table.contains("undecided"));
+    assert!(table.contains("bare on shmem") && table.contains("disco/shmem guest run"));
     round_trip(&r);
 }
 
 #[test]
-fn bare_runner_checks_checksums_on_anonymous_memory() {
-    if !require_kvm("bare_runner_checks_checksums_on_anonymous_memory") {
+fn bare_runner_checks_checksums_on_anonymous_and_shmem_memory() {
+    if !require_kvm("bare_runner_checks_checksums_on_anonymous_and_shmem_memory") {
         return;
     }
     let _serial = serial();
@@ -183,10 +194,12 @@ fn bare_runner_checks_checksums_on_anonymous_memory() {
     )
     .unwrap();
     let topology = config.topology().unwrap();
-    let run = disco::bench::bare::run_checked(&config, &topology).expect("bare run");
-    assert_eq!(run.outcomes.len(), 2);
-    assert!(run.all_ok());
-    assert!(run.outcomes.iter().all(|o| o.vcpus.len() == 2));
+    for memory in [BareMemory::Anonymous, BareMemory::Shmem] {
+        let run = bare::run_checked(&config, &topology, memory).expect("bare run");
+        assert_eq!(run.outcomes.len(), 2, "{memory:?}");
+        assert!(run.all_ok(), "{memory:?}");
+        assert!(run.outcomes.iter().all(|o| o.vcpus.len() == 2));
+    }
 }
 
 #[test]

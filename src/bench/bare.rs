@@ -22,42 +22,89 @@
 //!
 //! Anonymous memory follows the host's transparent huge page setting
 //! (`HostInfo::transparent_hugepages`); the runner does not `madvise` it.
+//!
+//! With [`BareMemory::Shmem`] the runner's guest RAM is one memfd mapped
+//! `MAP_SHARED`, the kind of memory disco's pools are made of (but one file
+//! per VM, no `mbind`, no userfaultfd). Comparing the two bare runs gives
+//! the price of the memory type alone; comparing disco with the shmem run
+//! gives what the monitor and its policy add on top.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::topology::Topology;
 use crate::vm::{GuestRam, MicroVm, VmOutcome};
 
-/// Guest RAM from plain anonymous memory; unmapped on drop.
-pub struct AnonRam {
-    addr: usize,
-    size: usize,
+/// What the bare runner's guest RAM is made of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BareMemory {
+    /// `mmap(MAP_PRIVATE | MAP_ANONYMOUS)`: what a plain KVM user has.
+    Anonymous,
+    /// A memfd mapped `MAP_SHARED`: the memory type of disco's pools.
+    Shmem,
 }
 
-impl AnonRam {
+/// Guest RAM of the bare runner; unmapped (and its memfd closed) on drop.
+pub struct BareRam {
+    addr: usize,
+    size: usize,
+    /// The memfd behind shmem RAM (closed after the unmap).
+    _file: Option<std::fs::File>,
+}
+
+impl BareRam {
     /// `size` bytes (a multiple of the page size) of private anonymous memory.
-    pub fn new(size: usize) -> Result<AnonRam> {
-        // SAFETY: a fresh private mapping; nothing else refers to it.
+    pub fn new(size: usize) -> Result<BareRam> {
+        BareRam::of(size, BareMemory::Anonymous)
+    }
+
+    /// `size` bytes of `kind` memory, untouched.
+    pub fn of(size: usize, kind: BareMemory) -> Result<BareRam> {
+        let file = match kind {
+            BareMemory::Anonymous => None,
+            BareMemory::Shmem => {
+                // SAFETY: memfd_create with a valid C string.
+                let fd =
+                    unsafe { libc::memfd_create(c"disco-bare-ram".as_ptr(), libc::MFD_CLOEXEC) };
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error())
+                        .context("memfd_create for the bare runner's guest RAM");
+                }
+                // SAFETY: a descriptor just returned to us and owned by nothing else.
+                let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+                file.set_len(size as u64)
+                    .context("sizing the bare runner's memfd")?;
+                Some(file)
+            }
+        };
+        let (flags, fd) = match &file {
+            None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1),
+            Some(f) => (libc::MAP_SHARED, std::os::fd::AsRawFd::as_raw_fd(f)),
+        };
+        // SAFETY: a fresh mapping of our own memory or memfd; nothing else
+        // refers to it.
         let addr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 size,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
+                flags,
+                fd,
                 0,
             )
         };
         if addr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("mmap of {size} bytes of anonymous guest RAM"));
+                .with_context(|| format!("mmap of {size} bytes of {kind:?} guest RAM"));
         }
-        Ok(AnonRam {
+        Ok(BareRam {
             addr: addr as usize,
             size,
+            _file: file,
         })
     }
 
@@ -69,7 +116,7 @@ impl AnonRam {
     }
 }
 
-impl Drop for AnonRam {
+impl Drop for BareRam {
     fn drop(&mut self) {
         // SAFETY: our own mapping; the VM on it was waited for or dropped
         // first (`run` keeps that order).
@@ -104,20 +151,20 @@ impl BareRun {
 /// How often the bare runner looks whether its guests are done.
 pub const POLL: Duration = Duration::from_millis(1);
 
-/// Runs every VM of `config` on the bare runner: for each VM anonymous RAM
-/// and a micro-VM on it; then start them all, wait until every vCPU thread
+/// Runs every VM of `config` on the bare runner: for each VM RAM of kind
+/// `memory` and a micro-VM on it; then start them all, wait until every vCPU thread
 /// has exited (checking every [`POLL`]), collect the outcomes
 /// (`MicroVm::wait`: the host model's checksums, then joining the threads),
 /// and unmap. Waiting for the exits first keeps the host model from
 /// competing with running guests for CPUs, as in `monitor::run`.
 /// The topology only gives the vCPUs' host CPUs (as for `disco`).
-pub fn run(config: &Config, topology: &Topology) -> Result<BareRun> {
+pub fn run(config: &Config, topology: &Topology, memory: BareMemory) -> Result<BareRun> {
     let t = Instant::now();
     let kvm = kvm_ioctls::Kvm::new().context("cannot open /dev/kvm")?;
     let mut rams = Vec::with_capacity(config.vms.len());
     let mut vms = Vec::with_capacity(config.vms.len());
     for vc in &config.vms {
-        let ram = AnonRam::new(vc.memory_mib as usize * 1024 * 1024)?;
+        let ram = BareRam::of(vc.memory_mib as usize * 1024 * 1024, memory)?;
         let vm = MicroVm::create(
             &kvm,
             crate::monitor::micro_vm_spec(vc, topology),
@@ -142,8 +189,8 @@ pub fn run(config: &Config, topology: &Topology) -> Result<BareRun> {
 }
 
 /// Like [`run`], but an error unless every checksum matches the model.
-pub fn run_checked(config: &Config, topology: &Topology) -> Result<BareRun> {
-    let run = run(config, topology)?;
+pub fn run_checked(config: &Config, topology: &Topology, memory: BareMemory) -> Result<BareRun> {
+    let run = run(config, topology, memory)?;
     if !run.all_ok() {
         let why: Vec<String> = run
             .outcomes

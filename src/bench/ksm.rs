@@ -891,16 +891,16 @@ fn group_saving(k: u64, max_sharing: u64) -> u64 {
 // ---------------------------------------------------------------------------
 
 /// Private anonymous memory marked `MADV_MERGEABLE`; unmapped on drop (by
-/// the bare runner's `AnonRam` it is made of).
+/// the bare runner's `BareRam` it is made of).
 struct MergeableRegion {
     addr: usize,
     size: usize,
-    _ram: super::bare::AnonRam,
+    _ram: super::bare::BareRam,
 }
 
 impl MergeableRegion {
     fn new(size: usize, transparent_hugepages: bool) -> Result<MergeableRegion> {
-        let ram = super::bare::AnonRam::new(size)?;
+        let ram = super::bare::BareRam::new(size)?;
         let addr = ram.guest().host_addr as *mut libc::c_void;
         let region = MergeableRegion {
             addr: addr as usize,

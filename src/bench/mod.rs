@@ -82,6 +82,41 @@ impl Stats {
         }
     }
 
+    /// A distribution-free 95 % confidence interval of the median: the
+    /// k-th smallest and k-th largest sample, k the largest order for which
+    /// a Binomial(n, 1/2) falls below k with probability at most 2.5 %
+    /// (the sign-test interval; no assumption about the noise's shape,
+    /// which on a shared host is anything but normal). `None` below 6
+    /// samples, where even [min, max] covers the median with less than 95 %.
+    pub fn median_interval_95(&self) -> Option<(f64, f64)> {
+        let n = self.n;
+        let k = if n <= 1000 {
+            // P(X <= i) for X ~ Binomial(n, 1/2), summed term by term
+            // (2^-1000 is still a normal f64).
+            let mut term = 0.5f64.powi(n as i32);
+            let mut below = 0.0;
+            let mut k = 0;
+            for i in 0..n {
+                below += term;
+                if below > 0.025 {
+                    break;
+                }
+                k = i + 1;
+                term *= (n - i) as f64 / (i + 1) as f64;
+            }
+            k
+        } else {
+            // The normal approximation, exact enough at this size.
+            ((n as f64 - 1.96 * (n as f64).sqrt()) / 2.0).floor() as usize
+        };
+        if k == 0 {
+            return None;
+        }
+        let mut sorted = self.samples.clone();
+        sorted.sort_by(f64::total_cmp);
+        Some((sorted[k - 1], sorted[n - k]))
+    }
+
     /// `median (min-max)` with `decimals` decimals.
     pub fn show(&self, decimals: usize) -> String {
         format!(
@@ -255,6 +290,24 @@ mod tests {
         assert_eq!((s.n, s.median, s.min, s.max), (3, 2.0, 1.0, 3.0));
         assert_eq!(Stats::of(&[4.0, 1.0, 2.0, 3.0]).median, 2.5);
         assert_eq!(s.samples, vec![3.0, 1.0, 2.0]);
+    }
+
+    #[test]
+    fn median_interval_is_the_sign_test_interval() {
+        // n = 5: even [min, max] covers the median with only 94 %.
+        assert_eq!(
+            Stats::of(&[1.0, 2.0, 3.0, 4.0, 5.0]).median_interval_95(),
+            None
+        );
+        // n = 6: P(X = 0) = 1/64 <= 2.5 %, P(X <= 1) = 7/64 > 2.5 %: [min, max].
+        let six = Stats::of(&[6.0, 1.0, 5.0, 2.0, 4.0, 3.0]);
+        assert_eq!(six.median_interval_95(), Some((1.0, 6.0)));
+        // n = 20: P(X <= 5) = 2.07 %, P(X <= 6) = 5.77 %: the 6th and 15th.
+        let twenty: Vec<f64> = (1..=20).rev().map(f64::from).collect();
+        assert_eq!(Stats::of(&twenty).median_interval_95(), Some((6.0, 15.0)));
+        // n = 100: the 40th and 61st (P(X <= 39) = 1.76 %, P(X <= 40) = 2.84 %).
+        let hundred: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(Stats::of(&hundred).median_interval_95(), Some((40.0, 61.0)));
     }
 
     #[test]
