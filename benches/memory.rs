@@ -15,14 +15,24 @@
 //! * `memmap_get`: `Memmap::get` of a machine page among 16 384 in use
 //!   (Disco's backmap: refcount and owners), random pages.
 //!
+//! * `first_touch/{anonymous,shmem,disco_space}`: the host's first write
+//!   to each page of 2 MiB of fresh memory (one byte per page, 512 page
+//!   faults): private anonymous memory (what a plain KVM user has), a
+//!   memfd mapped shared (disco's memory type, `bench::bare::BareMemory`),
+//!   and a guest space of the monitor (pool run, `mbind`, userfaultfd
+//!   write-protect registration). A guest's first touch of a page costs the
+//!   same fault plus KVM's, so the gap between these is the part of the
+//!   overhead bench's disco/bare ratio that is the memory type's.
+//!
 //! Page hash, compare, merge and copy-on-write break are in
 //! `benches/sharing.rs`. Migration under running guests is measured by the
 //! migration scenario of `disco bench`.
 
 use std::hint::black_box;
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
+use disco::bench::bare::{BareMemory, BareRam};
 use disco::memory::memmap::Memmap;
 use disco::memory::pmap::{PageFlags, Pmap, PmapEntry};
 use disco::memory::{MachinePage, Memory};
@@ -40,6 +50,61 @@ fn indexes(n: u64, count: usize) -> Vec<u64> {
             x % n
         })
         .collect()
+}
+
+/// Writes one byte to each page of `len` bytes at `addr`: one first-touch
+/// page fault per page.
+fn touch_pages(addr: usize, len: usize) {
+    for offset in (0..len).step_by(PAGE_SIZE) {
+        // SAFETY: `addr..addr + len` is a writable mapping the caller owns.
+        unsafe { std::ptr::write_volatile((addr + offset) as *mut u8, 1) };
+    }
+}
+
+fn first_touch(c: &mut Criterion) {
+    const PAGES: usize = 512;
+    const LEN: usize = PAGES * PAGE_SIZE;
+    let mut group = c.benchmark_group("memory/first_touch");
+    group.throughput(Throughput::Elements(PAGES as u64));
+    for (name, kind) in [
+        ("anonymous", BareMemory::Anonymous),
+        ("shmem", BareMemory::Shmem),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || BareRam::of(LEN, kind).expect("fresh memory"),
+                |ram| {
+                    touch_pages(ram.guest().host_addr, LEN);
+                    ram
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    /// A guest space, destroyed (outside the timing) when dropped.
+    struct Space<'a>(&'a Memory, u32);
+    impl Drop for Space<'_> {
+        fn drop(&mut self) {
+            self.0.destroy_space(self.1).expect("destroying the space");
+        }
+    }
+    let memory = Memory::new(&[(0, 0, 4 * PAGES as u32)]).expect("monitor memory, one pool");
+    group.bench_function("disco_space", |b| {
+        b.iter_batched(
+            || {
+                let (vm, addr) = memory
+                    .create_space("t", PAGES as u64, 0)
+                    .expect("a guest space");
+                (Space(&memory, vm), addr)
+            },
+            |(space, addr)| {
+                touch_pages(addr, LEN);
+                space
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    group.finish();
 }
 
 fn move_page(c: &mut Criterion) {
@@ -140,5 +205,5 @@ fn lookups(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, move_page, move_pages, lookups);
+criterion_group!(benches, first_touch, move_page, move_pages, lookups);
 criterion_main!(benches);

@@ -384,6 +384,8 @@ pub struct BarPlot {
     pub categories: Vec<String>,
     pub series: Vec<BarSeries>,
     pub reference_lines: Vec<ReferenceLine>,
+    /// Where bars start (0 unless [`BarPlot::base`] says otherwise).
+    pub base: f64,
     pub width: u32,
     pub height: u32,
 }
@@ -396,9 +398,17 @@ impl BarPlot {
             categories,
             series: Vec::new(),
             reference_lines: Vec::new(),
+            base: 0.0,
             width: 720,
             height: 420,
         }
+    }
+
+    /// Bars start at `y` instead of 0 and go up or down from it: for
+    /// ratios around 1, where a few percent would not show from 0.
+    pub fn base(mut self, y: f64) -> BarPlot {
+        self.base = y;
+        self
     }
 
     /// A series: one value per category (missing ones are not drawn) and
@@ -426,7 +436,7 @@ impl BarPlot {
         let (w, h) = (self.width as f64, self.height as f64);
         let (left, right, top, bottom) = (70.0, 30.0, 40.0, 80.0);
         let (pw, ph) = (w - left - right, h - top - bottom);
-        let mut ys: Vec<f64> = vec![0.0];
+        let mut ys: Vec<f64> = vec![self.base];
         for (_, values, spread) in &self.series {
             ys.extend(values.iter().copied().filter(|v| v.is_finite()));
             ys.extend(
@@ -482,9 +492,9 @@ impl BarPlot {
         let _ = writeln!(
             s,
             r#"<line x1="{left:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="black"/>"#,
-            sy(0.0),
+            sy(y0),
             left + pw,
-            sy(0.0)
+            sy(y0)
         );
         let _ = writeln!(
             s,
@@ -510,7 +520,7 @@ impl BarPlot {
                 };
                 let color = PALETTE[si % PALETTE.len()];
                 let x = gx + group_w * 0.15 + si as f64 * bar_w;
-                let (ya, yb) = (sy(v), sy(0.0));
+                let (ya, yb) = (sy(v), sy(self.base));
                 let _ = writeln!(
                     s,
                     r#"<rect class="bar" x="{x:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{color}"><title>{}: {}: {v}</title></rect>"#,
@@ -555,9 +565,22 @@ impl BarPlot {
                 escape(&r.label)
             );
         }
+        // The legend in rows under the plot, each entry as wide as its name
+        // (about 6.6 px per character at this font size).
+        let mut placed = Vec::new();
+        let (mut lx, mut row) = (left, 0.0);
+        for (name, _, _) in &self.series {
+            let entry = 20.0 + 6.6 * name.chars().count() as f64 + 18.0;
+            if lx > left && lx + entry > w - right {
+                lx = left;
+                row += 1.0;
+            }
+            placed.push((lx, row));
+            lx += entry;
+        }
         for (si, (name, _, _)) in self.series.iter().enumerate() {
-            let lx = left + si as f64 * 160.0;
-            let ly = h - 22.0;
+            let (lx, row) = placed[si];
+            let ly = h - 22.0 - 16.0 * (placed.last().map_or(0.0, |p| p.1) - row);
             let _ = writeln!(
                 s,
                 r#"<rect x="{lx:.1}" y="{:.1}" width="14" height="10" fill="{}"/>"#,
@@ -637,5 +660,26 @@ mod tests {
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<rect class=\"bar\"").count(), 3);
         assert!(svg.contains("b &amp; c") && !svg.contains("NaN"));
+    }
+
+    #[test]
+    fn bars_from_a_base_go_up_and_down_from_it() {
+        // Heights of the bars, in value units, from their <title> order.
+        let heights = |svg: &str| -> Vec<f64> {
+            svg.lines()
+                .filter(|l| l.contains("class=\"bar\""))
+                .map(|l| {
+                    let h = l.split("height=\"").nth(1).unwrap();
+                    h[..h.find('"').unwrap()].parse::<f64>().unwrap()
+                })
+                .collect()
+        };
+        let plot = BarPlot::new("r", "x", vec!["a".into(), "b".into()])
+            .series("s", vec![1.04, 0.98], vec![None, None]);
+        let from_zero = heights(&plot.clone().render());
+        let from_one = heights(&plot.base(1.0).render());
+        // From 0 the two bars differ by 6 %; from 1 the first is twice the second.
+        assert!((from_zero[0] / from_zero[1] - 1.04 / 0.98).abs() < 0.01);
+        assert!((from_one[0] / from_one[1] - 2.0).abs() < 0.05, "{from_one:?}");
     }
 }
