@@ -674,12 +674,18 @@ mod tests {
                 })
                 .collect()
         };
-        let plot = BarPlot::new("r", "x", vec!["a".into(), "b".into()])
-            .series("s", vec![1.04, 0.98], vec![None, None]);
+        let plot = BarPlot::new("r", "x", vec!["a".into(), "b".into()]).series(
+            "s",
+            vec![1.04, 0.98],
+            vec![None, None],
+        );
         let from_zero = heights(&plot.clone().render());
         let from_one = heights(&plot.base(1.0).render());
         // From 0 the two bars differ by 6 %; from 1 the first is twice the second.
         assert!((from_zero[0] / from_zero[1] - 1.04 / 0.98).abs() < 0.01);
-        assert!((from_one[0] / from_one[1] - 2.0).abs() < 0.05, "{from_one:?}");
+        assert!(
+            (from_one[0] / from_one[1] - 2.0).abs() < 0.05,
+            "{from_one:?}"
+        );
     }
 }
