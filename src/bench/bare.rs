@@ -67,15 +67,13 @@ impl BareRam {
         let file = match kind {
             BareMemory::Anonymous => None,
             BareMemory::Shmem => {
-                // SAFETY: memfd_create with a valid C string.
-                let fd =
-                    unsafe { libc::memfd_create(c"disco-bare-ram".as_ptr(), libc::MFD_CLOEXEC) };
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error())
-                        .context("memfd_create for the bare runner's guest RAM");
-                }
-                // SAFETY: a descriptor just returned to us and owned by nothing else.
-                let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+                let file = std::fs::File::from(
+                    nix::sys::memfd::memfd_create(
+                        "disco-bare-ram",
+                        nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+                    )
+                    .context("memfd_create for the bare runner's guest RAM")?,
+                );
                 file.set_len(size as u64)
                     .context("sizing the bare runner's memfd")?;
                 Some(file)

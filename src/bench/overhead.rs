@@ -612,24 +612,20 @@ impl OverheadResult {
             .cases
             .iter()
             .map(|c| {
-                let shmem = |f: fn(&SideResult) -> &Stats, over_anonymous: bool| {
-                    c.bare_shmem.as_ref().map_or("-".into(), |s| {
-                        if over_anonymous {
-                            with_interval(&paired(f(s), f(&c.bare)))
-                        } else {
-                            with_interval(&paired(f(&c.disco), f(s)))
-                        }
-                    })
+                let ratio = |a: &Stats, b: &Stats| with_interval(&paired(a, b));
+                // A column of the shmem side, "-" without one.
+                let with_shmem = |column: &dyn Fn(&SideResult) -> String| {
+                    c.bare_shmem.as_ref().map_or("-".into(), column)
                 };
                 vec![
                     c.case.name.clone(),
-                    with_interval(&paired(&c.disco.guest_run_ms, &c.bare.guest_run_ms)),
+                    ratio(&c.disco.guest_run_ms, &c.bare.guest_run_ms),
                     verdict(&c.goal_check),
-                    shmem(|s| &s.guest_run_ms, true),
-                    shmem(|s| &s.guest_run_ms, false),
+                    with_shmem(&|s| ratio(&s.guest_run_ms, &c.bare.guest_run_ms)),
+                    with_shmem(&|s| ratio(&c.disco.guest_run_ms, &s.guest_run_ms)),
                     verdict(&c.goal_check_shmem),
-                    with_interval(&paired(&c.disco.vcpu_cpu_ms, &c.bare.vcpu_cpu_ms)),
-                    shmem(|s| &s.vcpu_system_ms, true),
+                    ratio(&c.disco.vcpu_cpu_ms, &c.bare.vcpu_cpu_ms),
+                    with_shmem(&|s| ratio(&s.vcpu_system_ms, &c.bare.vcpu_system_ms)),
                 ]
             })
             .collect();
