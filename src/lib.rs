@@ -10,6 +10,7 @@ pub mod control;
 pub mod faults;
 pub mod files;
 pub mod guest;
+pub mod host_load;
 pub mod kvm_check;
 pub mod leftovers;
 pub mod linux;

@@ -121,6 +121,10 @@ pub struct VmCosts {
     /// each).
     pub sampled_faults: u64,
     pub sampling_ms: f64,
+    /// Of `sampling_ms`, the monitor's CPU time choosing and zapping the
+    /// VM's pages (taken from the vCPUs when no CPU is idle).
+    #[serde(default)]
+    pub sampling_zap_ms: f64,
     /// Copy-on-write breaks and their handler time.
     pub cow_breaks: u64,
     pub cow_break_ms: f64,
@@ -141,6 +145,14 @@ pub struct VmCosts {
     pub vcpu_user_ms: f64,
     #[serde(default)]
     pub vcpu_system_ms: f64,
+    /// The vCPU threads' time off a CPU, ms: runnable but waiting for one
+    /// (what other threads, the monitor's included, took from them), and
+    /// blocked (userfaultfd waits, pauses, halts). From the kernel's
+    /// scheduler statistics; 0 where it keeps none.
+    #[serde(default)]
+    pub vcpu_waiting_ms: f64,
+    #[serde(default)]
+    pub vcpu_blocked_ms: f64,
     /// (sampling + copy-on-write + paused x vCPUs) / vCPU time.
     pub overhead: f64,
     /// Sampling rounds, and those in which the cap zapped fewer pages than
@@ -274,15 +286,15 @@ impl RunReport {
             .any(|v| v.costs.overhead > 0.0 || v.costs.sampling_rounds > 0)
         {
             out += &format!(
-                "\nmonitor cost per VM (share of its vCPU time; sampling capped at {:.1}%):\n{:<14} {:>14} {:>12} {:>10} {:>9} {:>8} {:>10} {:>8} {:>17} {:>22}\n",
+                "\nmonitor cost per VM (share of its vCPU time; sampling capped at {:.1}%):\n{:<14} {:>14} {:>12} {:>10} {:>9} {:>8} {:>10} {:>8} {:>17} {:>22} {:>26}\n",
                 100.0 * self.numa.as_ref().map_or(0.0, |n| n.max_sampling_overhead),
                 "VM", "sampled faults", "sampling ms", "COW breaks", "COW ms", "pauses", "paused ms", "total %", "sampled pages/s",
-                "vCPU CPU ms (system)"
+                "vCPU CPU ms (system)", "vCPU ms waiting / blocked"
             );
             for vm in &self.vms {
                 let c = &vm.costs;
                 out += &format!(
-                    "{:<14} {:>14} {:>12.1} {:>10} {:>9.1} {:>8} {:>10.1} {:>8.2} {:>17} {:>22}\n",
+                    "{:<14} {:>14} {:>12.1} {:>10} {:>9.1} {:>8} {:>10.1} {:>8.2} {:>17} {:>22} {:>26}\n",
                     vm.name,
                     c.sampled_faults,
                     c.sampling_ms,
@@ -303,7 +315,8 @@ impl RunReport {
                         "{:.0} ({:.0})",
                         c.vcpu_user_ms + c.vcpu_system_ms,
                         c.vcpu_system_ms
-                    )
+                    ),
+                    format!("{:.0} / {:.0}", c.vcpu_waiting_ms, c.vcpu_blocked_ms)
                 );
             }
             for vm in self.vms.iter().filter(|v| v.costs.pause_timeouts > 0) {
@@ -451,6 +464,15 @@ impl RunReport {
                     "  sampler: {} pages zapped, {} samples ({} writes, {} by a second vCPU), {} unattributed, handler median {:.1} us, p99 {:.1} us\n",
                     sm.zapped, sm.samples, sm.write_samples, sm.concurrent_samples, sm.unattributed, sm.handler_median_us, sm.handler_p99_us
                 );
+                let zap_ms: f64 = n.sampling_cost.iter().map(|c| c.zap_ms).sum();
+                let charged_ms: f64 = n.sampling_cost.iter().map(|c| c.zap_charged_ms).sum();
+                let zapped: u64 = n.sampling_cost.iter().map(|c| c.zapped).sum();
+                if zapped > 0 {
+                    out += &format!(
+                        "  zapping: {zap_ms:.1} ms of the monitor's CPU ({:.1} us per page); {charged_ms:.1} ms of it, spent while no host CPU was idle, charged to the VMs' sampling\n",
+                        zap_ms * 1e3 / zapped as f64
+                    );
+                }
             }
             let with_samples: Vec<_> = n.series.iter().filter(|e| e.locality_samples > 0).collect();
             if let (Some(f), Some(l)) = (with_samples.first(), with_samples.last()) {

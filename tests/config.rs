@@ -371,6 +371,32 @@ fn missing_file() {
 }
 
 #[test]
+fn bad_sample_run_lengths_name_the_key_and_the_range() {
+    for (value, found) in [("0", "0 is out of range"), ("513", "513 is out of range")] {
+        let err = error_of(
+            "runs.toml",
+            &format!(
+                "[policy]\nname = \"p\"\n[policy.numa]\nsample_run_pages = {value}\n{GOOD_VM}"
+            ),
+        );
+        assert_contains(
+            &err,
+            &[
+                "runs.toml",
+                "key `policy.numa.sample_run_pages`",
+                found,
+                "allowed: 1 to 512",
+            ],
+        );
+    }
+    let err = error_of(
+        "runs.toml",
+        &format!("[policy]\nname = \"p\"\n[policy.numa]\nsample_run_pages = 2.5\n{GOOD_VM}"),
+    );
+    assert_contains(&err, &["key `policy.numa.sample_run_pages`"]);
+}
+
+#[test]
 fn bad_sampling_cost_cap_values_name_the_key_and_the_range() {
     for (value, found) in [
         ("0", "0 is out of range"),

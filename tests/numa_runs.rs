@@ -235,10 +235,13 @@ fn a_vm_moved_to_another_node_has_its_pages_follow() {
     if !require_kvm("a_vm_moved_to_another_node_has_its_pages_follow") {
         return;
     }
-    // 4000 passes: about 14 s alone. At 2000 (7 s alone) the run ended in
-    // CI, beside the other tests of this file on 2 cores, with 320 of 2048
-    // pages moved: sampling is capped at 2 % of the vCPU's time, so pages
-    // follow at the pace the guest's own run time pays for.
+    // 8000 passes: a 5 s guest run, 23 s with the checksum model, alone.
+    // At 2000 the run ended in CI, beside
+    // the other tests of this file on 2 cores, with 320 of 2048 pages
+    // moved, and at 4000 with 192 once the sampler's zapping was charged
+    // while no host CPU is idle (`numa::cap`): sampling is capped at 2 % of
+    // the vCPU's time, so pages follow at the pace the guest's own run
+    // time pays for, and on a busy host a sample costs more.
     let report = run_config(
         r#"
 policy = "migrate-only"
@@ -249,7 +252,7 @@ name = "mover"
 vcpus = 1
 node = 0
 memory_mib = 8
-workload = { kind = "sweep", seed = 5, passes = 4000 }
+workload = { kind = "sweep", seed = 5, passes = 8000 }
 moves = [{ after_ms = 300, node = 3 }]
 "#,
     );

@@ -267,6 +267,10 @@ pub struct Measured {
     /// system, and the system part alone.
     pub vcpu_cpu: f64,
     pub vcpu_system: f64,
+    /// The vCPU threads' time waiting for a CPU, and blocked (see
+    /// `vm::ThreadCpu`).
+    pub vcpu_waiting: f64,
+    pub vcpu_blocked: f64,
     /// disco only: what the policy cost the (first) VM, from the report.
     pub costs: Option<VmCosts>,
 }
@@ -287,6 +291,13 @@ pub struct SideResult {
     pub vcpu_cpu_ms: Stats,
     #[serde(default)]
     pub vcpu_system_ms: Stats,
+    /// The vCPU threads' time runnable but waiting for a CPU, and blocked
+    /// (userfaultfd waits, pauses), ms; 0 where the kernel keeps no
+    /// scheduler statistics.
+    #[serde(default)]
+    pub vcpu_waiting_ms: Stats,
+    #[serde(default)]
+    pub vcpu_blocked_ms: Stats,
     /// Wall minus create minus guest run, per run, ms: starting, noticing
     /// the end, the checksum model, joining, (disco: verify, report,)
     /// teardown.
@@ -325,6 +336,8 @@ impl SideResult {
             guest_run_ms: s(|m| m.guest_run),
             vcpu_cpu_ms: s(|m| m.vcpu_cpu),
             vcpu_system_ms: s(|m| m.vcpu_system),
+            vcpu_waiting_ms: s(|m| m.vcpu_waiting),
+            vcpu_blocked_ms: s(|m| m.vcpu_blocked),
             rest_ms: s(|m| m.wall - m.create - m.guest_run),
             policy_cost: cost(|c| c.overhead),
             sampling_ms: cost(|c| c.sampling_ms),
@@ -450,6 +463,8 @@ pub fn run_disco(config: &Config) -> Result<Measured> {
             .map(|v| v.costs.vcpu_user_ms + v.costs.vcpu_system_ms)
             .sum(),
         vcpu_system: report.vms.iter().map(|v| v.costs.vcpu_system_ms).sum(),
+        vcpu_waiting: report.vms.iter().map(|v| v.costs.vcpu_waiting_ms).sum(),
+        vcpu_blocked: report.vms.iter().map(|v| v.costs.vcpu_blocked_ms).sum(),
         costs: report.vms.first().map(|v| v.costs.clone()),
     })
 }
@@ -487,6 +502,16 @@ pub fn run_bare(config: &Config, memory: BareMemory) -> Result<Measured> {
             .outcomes
             .iter()
             .map(|o| o.vcpu_cpu.system.as_secs_f64() * 1e3)
+            .sum(),
+        vcpu_waiting: run
+            .outcomes
+            .iter()
+            .map(|o| o.vcpu_cpu.waiting.as_secs_f64() * 1e3)
+            .sum(),
+        vcpu_blocked: run
+            .outcomes
+            .iter()
+            .map(|o| o.vcpu_cpu.blocked.as_secs_f64() * 1e3)
             .sum(),
         costs: None,
     })
@@ -682,12 +707,16 @@ impl OverheadResult {
                     r.guest_run_ms.show(1),
                     r.vcpu_cpu_ms.show(1),
                     r.vcpu_system_ms.show(1),
+                    r.vcpu_waiting_ms.show(1),
+                    r.vcpu_blocked_ms.show(1),
                     r.rest_ms.show(1),
                 ]);
             }
             rows.push(vec![
                 c.case.name.clone(),
                 "(checksum model alone)".into(),
+                String::new(),
+                String::new(),
                 String::new(),
                 String::new(),
                 String::new(),
@@ -705,6 +734,8 @@ impl OverheadResult {
                 "guest run",
                 "vCPU CPU",
                 "of it system",
+                "vCPU waiting for a CPU",
+                "vCPU blocked",
                 "rest (incl. checksum model)",
             ],
             2,
@@ -975,6 +1006,27 @@ impl ScenarioResult for OverheadResult {
                         "ratio",
                         Better::Neither,
                         paired(&shmem.guest_run_ms, &c.bare.guest_run_ms),
+                    ),
+                ]);
+            }
+            let sides = [
+                ("disco", Some(&c.disco)),
+                ("bare", Some(&c.bare)),
+                ("bare on shmem", c.bare_shmem.as_ref()),
+            ];
+            for (side, r) in sides.into_iter().filter_map(|(n, r)| Some((n, r?))) {
+                out.extend([
+                    Figure::new(
+                        &format!("{n}: {side} vCPU time waiting for a CPU"),
+                        "ms",
+                        Better::Lower,
+                        r.vcpu_waiting_ms.clone(),
+                    ),
+                    Figure::new(
+                        &format!("{n}: {side} vCPU time blocked"),
+                        "ms",
+                        Better::Lower,
+                        r.vcpu_blocked_ms.clone(),
                     ),
                 ]);
             }

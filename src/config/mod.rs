@@ -133,6 +133,11 @@ pub struct NumaPolicy {
     /// Page-fault sampling: rounds per epoch (a page touched in every round
     /// of every epoch settles at `sample_rounds / (1 - decay)`).
     pub sample_rounds: u64,
+    /// Page-fault sampling: fresh random samples come as aligned runs of
+    /// this many consecutive guest pages, zapped with one call (each call
+    /// costs the monitor and the guest a KVM invalidation, whatever its
+    /// length); 1 samples single pages.
+    pub sample_run_pages: u64,
     /// A page that migrates takes along the private frames of its aligned
     /// region of this many frames that sit on the node it leaves (within
     /// the copy budget); 1 moves sampled pages only.
@@ -228,6 +233,7 @@ impl Default for NumaPolicy {
             replica_idle_epochs: 50,
             sample_pages: 64,
             sample_rounds: 8,
+            sample_run_pages: 1,
             migrate_region_pages: 64,
             max_sampling_overhead: 0.02,
             sample_fault_cost_us: 90.0,

@@ -175,6 +175,13 @@ fn numa(s: &NumaSpec, at: At) -> Result<NumaPolicy> {
         )?,
         sample_pages: int("sample_pages", s.sample_pages, 1, 1_000_000, d.sample_pages)?,
         sample_rounds: int("sample_rounds", s.sample_rounds, 1, 1000, d.sample_rounds)?,
+        sample_run_pages: int(
+            "sample_run_pages",
+            s.sample_run_pages,
+            1,
+            512,
+            d.sample_run_pages,
+        )?,
         migrate_region_pages: int(
             "migrate_region_pages",
             s.migrate_region_pages,

@@ -105,6 +105,7 @@ pub struct NumaSpec {
     pub replica_idle_epochs: Option<i64>,
     pub sample_pages: Option<i64>,
     pub sample_rounds: Option<i64>,
+    pub sample_run_pages: Option<i64>,
     pub migrate_region_pages: Option<i64>,
     pub max_sampling_overhead: Option<f64>,
     pub sample_fault_cost_us: Option<f64>,

@@ -1139,6 +1139,8 @@ impl Monitor {
         if let Some(o) = outcome {
             costs.vcpu_user_ms = o.vcpu_cpu.user.as_secs_f64() * 1e3;
             costs.vcpu_system_ms = o.vcpu_cpu.system.as_secs_f64() * 1e3;
+            costs.vcpu_waiting_ms = o.vcpu_cpu.waiting.as_secs_f64() * 1e3;
+            costs.vcpu_blocked_ms = o.vcpu_cpu.blocked.as_secs_f64() * 1e3;
         }
         VmReport {
             name: vc.name.clone(),
@@ -1410,6 +1412,7 @@ fn vm_costs(
     if let Some(s) = numa.and_then(|n| n.sampling_cost.iter().find(|s| s.vm == space)) {
         c.sampled_faults = s.faults;
         c.sampling_ms = s.charged_ms;
+        c.sampling_zap_ms = s.zap_ms;
         c.sampling_rounds = s.rounds;
         c.sampling_capped_rounds = s.capped_rounds;
         if run_ms > 0.0 {

@@ -20,9 +20,14 @@
 //!   a page touched in every round collects `sample_rounds` samples per
 //!   epoch, enough to cross `hot_threshold` within an epoch or two;
 //! * the rest are fresh pages chosen uniformly at random (seeded, so a run
-//!   is repeatable): they find new hot pages, and, being unbiased, they
-//!   alone make the locality figures (a re-check of a remote page would
-//!   count the same remote page again and again).
+//!   is repeatable), in aligned runs of `sample_run_pages` consecutive
+//!   pages: they find new hot pages, and, being unbiased, they alone make
+//!   the locality figures (a re-check of a remote page would count the
+//!   same remote page again and again). Every page has the same chance of
+//!   being in a run, so the figures stay unbiased; runs make each zap call,
+//!   which costs a KVM invalidation whatever its length, buy several
+//!   samples (and a sweeping guest touches a run's pages together, which
+//!   is what `migrate_region_pages` moves on).
 //!
 //! With a replayed trace every sample is used for both.
 //!
@@ -52,6 +57,7 @@ use crate::config::NumaPolicy;
 use crate::memory::sampler::{PageSampler, SamplerStats};
 use crate::memory::{Memory, VmId};
 use crate::topology::Topology;
+use crate::vm::ThreadCpu;
 
 /// Locality of one epoch's samples.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -214,7 +220,15 @@ struct ZapPlan {
 impl ZapPlan {
     /// `budget`: pages per VM (index = VM id) when counters steer the
     /// effort, else `pages_per_vm` for every VM.
-    fn round(&mut self, memory: &Memory, pages_per_vm: u64, budget: Option<&[u64]>) {
+    /// Fresh pages come as aligned runs of `run_pages` (see
+    /// `NumaPolicy::sample_run_pages`).
+    fn round(
+        &mut self,
+        memory: &Memory,
+        pages_per_vm: u64,
+        run_pages: u64,
+        budget: Option<&[u64]>,
+    ) {
         let spaces = memory.spaces();
         let vms: Vec<VmId> = spaces.iter().map(|s| s.0).collect();
         self.cap.begin_round(&self.sampler, &vms);
@@ -226,6 +240,7 @@ impl ZapPlan {
             if pages_per_vm == 0 {
                 continue;
             }
+            let cpu_before = ThreadCpu::clock();
             let rechecks: Vec<u64> = self
                 .recheck
                 .range((vm, 0)..=(vm, u64::MAX))
@@ -234,15 +249,27 @@ impl ZapPlan {
                 .collect();
             let fresh = pages_per_vm - rechecks.len() as u64;
             let mut gfns = rechecks;
-            for _ in 0..fresh {
-                let gfn = self.rng.below(frames);
-                self.explored.insert((vm, gfn));
-                gfns.push(gfn);
+            // Whole runs only: an allowance too small for one is left in
+            // the VM's bucket, which grows until a later round can afford
+            // a run (re-checks, which make pages hot, go first meanwhile).
+            let run = run_pages.clamp(1, frames.max(1));
+            let runs = fresh / run;
+            for _ in 0..runs {
+                let first = self.rng.below(frames.div_ceil(run)) * run;
+                for gfn in first..(first + run).min(frames) {
+                    self.explored.insert((vm, gfn));
+                    gfns.push(gfn);
+                }
             }
-            match memory.zap_frames(vm, &gfns) {
-                Ok(n) => self.cap.zapped(vm, n as u64),
-                Err(e) => tracing::debug!("zapping pages of vm {vm}: {e:#}"),
-            }
+            let zapped = match memory.zap_frames(vm, &gfns) {
+                Ok(n) => n as u64,
+                Err(e) => {
+                    tracing::debug!("zapping pages of vm {vm}: {e:#}");
+                    0
+                }
+            };
+            self.cap
+                .zapped(vm, zapped, ThreadCpu::clock().saturating_sub(cpu_before));
         }
         self.recheck.clear();
     }
@@ -448,7 +475,12 @@ impl Worker {
             };
             for round in 0..rounds {
                 if let Some(plan) = plan.as_mut() {
-                    plan.round(&self.memory, policy.sample_pages, budget.as_deref());
+                    plan.round(
+                        &self.memory,
+                        policy.sample_pages,
+                        policy.sample_run_pages,
+                        budget.as_deref(),
+                    );
                 }
                 let until = tick + epoch * (round + 1) / rounds;
                 let now = Instant::now();

@@ -6,8 +6,8 @@
 //! rewrites its memory (the overhead bench's `sweep`) ran 1.17-1.30x its
 //! bare-KVM time with sharing alone on, because the first full pass at the
 //! pace's ceiling takes about a quarter of a CPU, all of it from the vCPUs.
-//! So the scanner looks at the host's idle time (`/proc/stat`, every
-//! [`LOOK`]): while at least half a CPU would be idle without the scanner,
+//! So the scanner looks at the host's idle time (`crate::host_load`):
+//! while at least half a CPU would be idle without the scanner,
 //! its work costs no guest anything and only the pace applies; while less
 //! is, it may use at most `share` of all CPUs' time (a bucket of CPU time
 //! filled at that rate, holding at most [`BURST`] of it, charged with the
@@ -20,54 +20,20 @@
 
 use std::time::{Duration, Instant};
 
-/// How often the host's idle time is looked at.
-const LOOK: Duration = Duration::from_millis(200);
+use crate::host_load::HostLoad;
+
 /// The most CPU time the bucket holds, as a multiple of one second's
 /// allowance: bounds the burst after a quiet spell.
 const BURST: f64 = 0.5;
-/// A host is busy when less than this many CPUs would be idle without the
-/// scanner.
-const SPARE_CPUS: f64 = 0.5;
-
-/// Aggregate CPU times of the host, in clock ticks.
-#[derive(Clone, Copy, Debug, Default)]
-struct CpuTimes {
-    idle: u64,
-    total: u64,
-}
-
-/// Reads the first line of `/proc/stat` (`cpu  user nice system idle
-/// iowait irq softirq steal ...`); `None` if it cannot be read.
-fn read_cpu_times() -> Option<CpuTimes> {
-    let text = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = text.lines().next()?;
-    let fields: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .map(|f| f.parse().ok())
-        .collect::<Option<_>>()?;
-    if fields.len() < 5 {
-        return None;
-    }
-    Some(CpuTimes {
-        idle: fields[3] + fields[4],
-        total: fields.iter().sum(),
-    })
-}
 
 /// The bucket of CPU time the scanner may spend while the host is busy.
 pub struct CpuShare {
     /// Fraction of all CPUs' time the scanner may take while none is idle
     /// (1 or more: no cap).
     share: f64,
-    cpus: f64,
-    last_times: Option<CpuTimes>,
-    last_look: Instant,
-    /// The scanner thread's CPU time at the last look and the last charge.
-    cpu_at_look_ms: f64,
+    load: HostLoad,
+    /// The scanner thread's CPU time at the last charge.
     cpu_at_charge_ms: f64,
-    busy: bool,
     tokens_ms: f64,
     last_fill: Instant,
     /// Time spent waiting for the bucket, for the report.
@@ -78,16 +44,11 @@ impl CpuShare {
     /// A cap of `share` of the host's CPUs (1 lifts it); `cpu_ms` is
     /// the scanner thread's CPU time now.
     pub fn new(share: f64, cpu_ms: f64) -> CpuShare {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         let now = Instant::now();
         CpuShare {
             share,
-            cpus,
-            last_times: read_cpu_times(),
-            last_look: now,
-            cpu_at_look_ms: cpu_ms,
+            load: HostLoad::new(cpu_ms),
             cpu_at_charge_ms: cpu_ms,
-            busy: false,
             tokens_ms: 0.0,
             last_fill: now,
             held_back: Duration::ZERO,
@@ -95,7 +56,7 @@ impl CpuShare {
     }
 
     fn capacity_ms(&self) -> f64 {
-        self.share * self.cpus * 1e3 * BURST
+        self.share * self.load.cpus() * 1e3 * BURST
     }
 
     /// Charges the CPU time used since the last call (`cpu_ms`: the thread's
@@ -105,30 +66,16 @@ impl CpuShare {
         let now = Instant::now();
         self.tokens_ms -= cpu_ms - self.cpu_at_charge_ms;
         self.cpu_at_charge_ms = cpu_ms;
-        if now - self.last_look >= LOOK {
-            if let (Some(before), Some(after)) = (self.last_times, read_cpu_times()) {
-                let total = after.total.saturating_sub(before.total);
-                if total > 0 {
-                    let idle = after.idle.saturating_sub(before.idle) as f64 / total as f64;
-                    // The scanner's own CPU time counts as idle: without it
-                    // that time would have been.
-                    let wall_ms = (now - self.last_look).as_secs_f64() * 1e3;
-                    let mine = (cpu_ms - self.cpu_at_look_ms) / wall_ms;
-                    self.busy = idle * self.cpus + mine < SPARE_CPUS;
-                }
-                self.last_times = Some(after);
-            }
-            self.last_look = now;
-            self.cpu_at_look_ms = cpu_ms;
-        }
+        let busy = self.load.busy(cpu_ms);
         let fill = (now - self.last_fill).as_secs_f64() * 1e3;
         self.last_fill = now;
-        if uncapped || self.share >= 1.0 || !self.busy {
+        if uncapped || self.share >= 1.0 || !busy {
             // Not capped now; a busy spell starts with a full bucket.
             self.tokens_ms = self.capacity_ms();
             return true;
         }
-        self.tokens_ms = (self.tokens_ms + fill * self.share * self.cpus).min(self.capacity_ms());
+        self.tokens_ms =
+            (self.tokens_ms + fill * self.share * self.load.cpus()).min(self.capacity_ms());
         if self.tokens_ms > 0.0 {
             true
         } else {
@@ -143,26 +90,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn proc_stat_is_read() {
-        let t = read_cpu_times().expect("/proc/stat");
-        assert!(t.total >= t.idle && t.total > 0);
-    }
-
-    #[test]
     fn an_idle_host_does_not_cap() {
         let mut c = CpuShare::new(0.01, 0.0);
         // Not busy before the first look: the bucket is full and stays so.
         assert!(c.may_run(0.0, false));
         assert!(c.may_run(1000.0, false));
-        assert!(!c.busy);
     }
 
     #[test]
     fn a_busy_host_caps_at_the_share() {
         let mut c = CpuShare::new(0.01, 0.0);
-        c.busy = true;
+        c.load.assume_busy(); // no look in this test
         c.tokens_ms = 1.0;
-        c.last_look = Instant::now(); // no look in this test
         assert!(c.may_run(0.5, false));
         // 5 ms of CPU used against about 0.5 ms left: held back.
         assert!(!c.may_run(5.5, false));

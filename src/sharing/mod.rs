@@ -761,13 +761,7 @@ const SCAN_CHUNK: Gfn = 64;
 const MAX_BATCH: u64 = 2048;
 
 fn thread_cpu_ms() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6
+    crate::vm::ThreadCpu::clock().as_secs_f64() * 1e3
 }
 
 /// The scanner's nice level while guests run: 5, as Linux gives ksmd, so

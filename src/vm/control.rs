@@ -91,6 +91,10 @@ struct Threads {
     done: Vec<Option<u64>>,
     /// CPU time of the vCPU threads that exited, summed.
     cpu: ThreadCpu,
+    /// When each live vCPU thread registered, with its scheduler
+    /// statistics then (its life since splits into on a CPU, waiting for
+    /// one, and blocked).
+    since: Vec<Option<(Instant, Option<Schedstat>)>>,
 }
 
 /// CPU time of threads, split as the kernel accounts it: `user` includes
@@ -100,10 +104,18 @@ struct Threads {
 /// runnable but descheduled, or blocked (a userfaultfd wait); CPU time does
 /// not, so on a busy host it separates what a policy makes the vCPU
 /// *execute* from what the host's other threads take from it.
+///
+/// The off-CPU rest of a thread's life splits in two (from the kernel's
+/// scheduler statistics, `/proc/thread-self/schedstat`, where the kernel
+/// keeps them; zero where it does not): `waiting`, runnable but with no
+/// CPU to run on (other threads, the monitor's included, had them), and
+/// `blocked`, asleep (a userfaultfd wait, a pause, a halted vCPU).
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct ThreadCpu {
     pub user: std::time::Duration,
     pub system: std::time::Duration,
+    pub waiting: std::time::Duration,
+    pub blocked: std::time::Duration,
 }
 
 impl ThreadCpu {
@@ -124,11 +136,37 @@ impl ThreadCpu {
         ThreadCpu {
             user: d(usage.ru_utime),
             system: d(usage.ru_stime),
+            ..ThreadCpu::default()
         }
+    }
+
+    /// The calling thread's CPU time, with its off-CPU time since
+    /// `since` (an instant and the thread's scheduler statistics then)
+    /// split into waiting and blocked.
+    fn of_this_thread_since(since: Option<(Instant, Option<Schedstat>)>) -> ThreadCpu {
+        let mut cpu = ThreadCpu::of_this_thread();
+        if let (Some((at, Some(then))), Some(now)) = (since, Schedstat::of_this_thread()) {
+            let on_cpu = now.on_cpu.saturating_sub(then.on_cpu);
+            cpu.waiting = now.waiting.saturating_sub(then.waiting);
+            cpu.blocked = at.elapsed().saturating_sub(on_cpu + cpu.waiting);
+        }
+        cpu
     }
 
     pub fn total(&self) -> std::time::Duration {
         self.user + self.system
+    }
+
+    /// The calling thread's CPU time so far, to the nanosecond
+    /// (`CLOCK_THREAD_CPUTIME_ID`): for timing a piece of a thread's work.
+    pub fn clock() -> std::time::Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes a timespec into a valid pointer.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
     }
 }
 
@@ -136,6 +174,30 @@ impl std::ops::AddAssign for ThreadCpu {
     fn add_assign(&mut self, other: ThreadCpu) {
         self.user += other.user;
         self.system += other.system;
+        self.waiting += other.waiting;
+        self.blocked += other.blocked;
+    }
+}
+
+/// A thread's time on a CPU and waiting on a run queue so far.
+#[derive(Clone, Copy, Debug)]
+struct Schedstat {
+    on_cpu: std::time::Duration,
+    waiting: std::time::Duration,
+}
+
+impl Schedstat {
+    /// The calling thread's, from `/proc/thread-self/schedstat` (`None`
+    /// where the kernel keeps no scheduler statistics).
+    fn of_this_thread() -> Option<Schedstat> {
+        let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+        let mut fields = text.split_whitespace().map(str::parse::<u64>);
+        let on_cpu = fields.next()?.ok()?;
+        let waiting = fields.next()?.ok()?;
+        Some(Schedstat {
+            on_cpu: std::time::Duration::from_nanos(on_cpu),
+            waiting: std::time::Duration::from_nanos(waiting),
+        })
     }
 }
 
@@ -193,6 +255,7 @@ impl VmControl {
                 running: nvcpus,
                 finished_at: None,
                 done: vec![None; nvcpus],
+                since: vec![None; nvcpus],
                 cpu: ThreadCpu::default(),
             }),
             exited: Condvar::new(),
@@ -391,6 +454,7 @@ impl VmControl {
         // SAFETY: pthread_self has no preconditions.
         threads.live[index] = Some(unsafe { libc::pthread_self() });
         threads.tids[index] = Some(nix::unistd::gettid().as_raw() as u32);
+        threads.since[index] = Some((Instant::now(), Schedstat::of_this_thread()));
     }
 
     /// Kernel thread id of each vCPU's thread while it runs.
@@ -414,7 +478,8 @@ impl VmControl {
     /// Called by vCPU `index`'s own thread as it ends: charges the
     /// thread's CPU time to the VM, then unregisters it.
     pub fn thread_exits(&self, index: usize) {
-        let cpu = ThreadCpu::of_this_thread();
+        let since = self.threads.lock().since[index].take();
+        let cpu = ThreadCpu::of_this_thread_since(since);
         self.threads.lock().cpu += cpu;
         self.unregister(index);
     }
