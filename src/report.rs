@@ -122,7 +122,7 @@ pub struct VmCosts {
     pub sampled_faults: u64,
     pub sampling_ms: f64,
     /// Of `sampling_ms`, the monitor's CPU time choosing and zapping the
-    /// VM's pages (taken from the vCPUs when no CPU is idle).
+    /// VM's pages while no host CPU was idle (then it is the vCPUs').
     #[serde(default)]
     pub sampling_zap_ms: f64,
     /// Copy-on-write breaks and their handler time.

@@ -310,6 +310,10 @@ pub struct SideResult {
     pub policy_cost: Option<Stats>,
     #[serde(default)]
     pub sampling_ms: Option<Stats>,
+    /// Of `sampling_ms`, the monitor's CPU time zapping the VM's pages
+    /// (charged while no host CPU was idle), ms.
+    #[serde(default)]
+    pub sampling_zap_ms: Option<Stats>,
     #[serde(default)]
     pub cow_break_ms: Option<Stats>,
     #[serde(default)]
@@ -341,6 +345,7 @@ impl SideResult {
             rest_ms: s(|m| m.wall - m.create - m.guest_run),
             policy_cost: cost(|c| c.overhead),
             sampling_ms: cost(|c| c.sampling_ms),
+            sampling_zap_ms: cost(|c| c.sampling_zap_ms),
             cow_break_ms: cost(|c| c.cow_break_ms),
             paused_ms: cost(|c| c.paused_ms),
             cow_breaks: cost(|c| c.cow_breaks as f64),
@@ -788,6 +793,7 @@ impl OverheadResult {
                         )
                     }),
                     show(&d.sampling_ms, 1),
+                    show(&d.sampling_zap_ms, 1),
                     show(&d.cow_breaks, 0),
                     show(&d.cow_break_ms, 1),
                     show(&d.paused_ms, 1),
@@ -798,12 +804,14 @@ impl OverheadResult {
         if !rows.is_empty() {
             out += "\nWhat the policy cost the guest, from each disco run's report (share of the VM's vCPU time: \
                     sampled faults charged as measured handler time plus `sample_fault_cost_us` each, \
+                    plus the monitor's CPU time zapping the VM's pages while no host CPU was idle; \
                     copy-on-write handler time, remap pauses x vCPUs):\n\n";
             out += &markdown_table_aligned(
                 &[
                     "workload",
                     "policy cost / vCPU time",
-                    "sampled faults ms",
+                    "sampling ms",
+                    "of it zapping",
                     "COW breaks",
                     "COW ms",
                     "paused ms",
@@ -1034,6 +1042,7 @@ impl ScenarioResult for OverheadResult {
             for (name, unit, stats) in [
                 ("policy cost / vCPU time", "ratio", &d.policy_cost),
                 ("sampled-fault time", "ms", &d.sampling_ms),
+                ("of it, zapping", "ms", &d.sampling_zap_ms),
                 ("copy-on-write break time", "ms", &d.cow_break_ms),
                 ("remap pause time", "ms", &d.paused_ms),
                 ("copy-on-write breaks", "breaks", &d.cow_breaks),

@@ -1412,7 +1412,7 @@ fn vm_costs(
     if let Some(s) = numa.and_then(|n| n.sampling_cost.iter().find(|s| s.vm == space)) {
         c.sampled_faults = s.faults;
         c.sampling_ms = s.charged_ms;
-        c.sampling_zap_ms = s.zap_ms;
+        c.sampling_zap_ms = s.zap_charged_ms;
         c.sampling_rounds = s.rounds;
         c.sampling_capped_rounds = s.capped_rounds;
         if run_ms > 0.0 {
