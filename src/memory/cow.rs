@@ -625,6 +625,17 @@ impl Memory {
             .map(|(&vm, s)| (vm, s.frames(), s.domain.clone()))
             .collect()
     }
+
+    /// Whether VM `vm` runs no guest code now: its vCPUs have all exited,
+    /// or it is paused (`GuestPause::still`). False for a VM without a
+    /// pauser (memory driven directly, as in tests).
+    pub fn guest_still(&self, vm: VmId) -> bool {
+        self.inner
+            .lock()
+            .pausers
+            .get(&vm)
+            .is_some_and(|p| p.still())
+    }
 }
 
 /// One candidate of [`Memory::merge_batch`]: frame `dup_gfn` of the

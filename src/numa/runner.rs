@@ -233,6 +233,11 @@ impl ZapPlan {
         let vms: Vec<VmId> = spaces.iter().map(|s| s.0).collect();
         self.cap.begin_round(&self.sampler, &vms);
         for (vm, frames, _) in spaces {
+            // A VM whose vCPUs have exited (or that is paused) would never
+            // touch what is zapped: no sample, only the zap's cost.
+            if memory.guest_still(vm) {
+                continue;
+            }
             let asked = budget
                 .and_then(|b| b.get(vm as usize).copied())
                 .unwrap_or(pages_per_vm);
