@@ -110,3 +110,64 @@ fn every_vm_gets_samples_and_none_pays_more_than_the_cap() {
         );
     }
 }
+
+/// A VM whose vCPUs have exited is no longer sampled (zapping its pages
+/// would cost the monitor and yield nothing), and each VM's vCPU time
+/// splits into on a CPU, waiting for one and blocked, which add up to its
+/// vCPU wall time.
+#[test]
+fn a_finished_vm_is_not_sampled_and_vcpu_time_adds_up() {
+    if !require_kvm("a_finished_vm_is_not_sampled_and_vcpu_time_adds_up") {
+        return;
+    }
+    let report = run_config(
+        "policy = \"disco\"\n[host]\ntopology = \"2-socket\"\n\n\
+         [[vm]]\nname = \"short\"\nvcpus = 1\nmemory_mib = 16\n\
+         workload = { kind = \"random\", seed = 3, touches = 300000 }\n\n\
+         [[vm]]\nname = \"long\"\nvcpus = 1\nmemory_mib = 16\ntime_limit_s = 120\n\
+         workload = { kind = \"random\", seed = 4, touches = 80000000 }\n",
+    );
+    assert!(report.all_ok(), "{}", report.render_text());
+    let (short, long) = (&report.vms[0], &report.vms[1]);
+    assert!(
+        long.run_ms > 3.0 * short.run_ms,
+        "the test needs the long VM to outlive the short one: {:.0} against {:.0} ms",
+        long.run_ms,
+        short.run_ms
+    );
+    // policies/disco.toml: 8 rounds per 100 ms epoch. Slack: the round in
+    // flight when the VM ends, and the engine starting before the VM.
+    let rounds_while_running = 80.0 * short.run_ms / 1e3;
+    assert!(
+        (short.costs.sampling_rounds as f64) <= rounds_while_running * 1.5 + 16.0,
+        "short ran {:.0} ms (about {rounds_while_running:.0} rounds) but was offered {} rounds \
+         (long: {}): {}",
+        short.run_ms,
+        short.costs.sampling_rounds,
+        long.costs.sampling_rounds,
+        report.render_text()
+    );
+    assert!(long.costs.sampled_faults > 0, "{}", report.render_text());
+    let schedstats = std::path::Path::new("/proc/thread-self/schedstat").exists();
+    for vm in &report.vms {
+        let c = &vm.costs;
+        let accounted = c.vcpu_user_ms + c.vcpu_system_ms + c.vcpu_waiting_ms + c.vcpu_blocked_ms;
+        // Wall time per vCPU counts from the start of the run, a thread's
+        // life from when its vCPU registered; the tick-based CPU time
+        // (getrusage) can differ from the scheduler's by a few ms.
+        assert!(
+            accounted <= c.vcpu_ms + 20.0,
+            "{}: {accounted:.1} ms accounted against {:.1} ms of vCPU wall time: {c:?}",
+            vm.name,
+            c.vcpu_ms
+        );
+        if schedstats {
+            assert!(
+                accounted >= 0.8 * c.vcpu_ms,
+                "{}: only {accounted:.1} of {:.1} ms of vCPU wall time accounted for: {c:?}",
+                vm.name,
+                c.vcpu_ms
+            );
+        }
+    }
+}
