@@ -22,12 +22,11 @@
 //! thread's CPU time choosing and zapping its pages (each `madvise` also
 //! makes KVM drop the pages from the VM's page tables). On a host with no
 //! idle CPU that time is taken from the vCPUs; with one idle it is not. On
-//! the
-//! 2-core build host, with a 2-vCPU guest on the 2-socket fixture, the
-//! vCPUs waited 46 ms more for a CPU than on bare KVM against 19 ms with
-//! one node (no sampling), while the charge without the zapping was 24 ms
-//! in all (docs/bench/overhead-history.md). The allowance per page counts
-//! the zap's measured cost per page along with the fault's.
+//! the 2-core build host, with a 2-vCPU guest on the 2-socket fixture, the
+//! vCPUs waited 40-50 ms more for a CPU than on bare KVM against 19 ms
+//! with one node (no sampling), while the charge without the zapping was
+//! 24 ms in all (README, "Overhead"). The allowance per page counts the
+//! zap's measured cost per page along with the fault's.
 //!
 //! ## The budget
 //! Each VM has a bucket of vCPU time: every round adds
