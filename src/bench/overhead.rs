@@ -28,7 +28,7 @@
 //! when the whole interval says so. A wrong checksum on any side is an
 //! error.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -42,6 +42,7 @@ use crate::config::{Config, ConfigFile, HostSpec, PolicyRef, VmSpec};
 use crate::guest::{layout, model, Workload};
 use crate::monitor::{self, RunOptions};
 use crate::report::{RunReport, VmCosts, VmReport};
+use crate::vm::ThreadCpu;
 
 /// The policy of the cases that measure the monitor itself: memory stays
 /// where it was placed, no sharing scanner, no copy-on-write.
@@ -385,6 +386,20 @@ pub struct CaseResult {
     pub goal_check_shmem: Option<GoalCheck>,
 }
 
+impl CaseResult {
+    /// The sides that ran, named: disco, bare, and bare on shmem when it
+    /// ran.
+    fn sides(&self) -> impl Iterator<Item = (&'static str, &SideResult)> {
+        [
+            ("disco", Some(&self.disco)),
+            ("bare", Some(&self.bare)),
+            ("bare on shmem", self.bare_shmem.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(name, side)| Some((name, side?)))
+    }
+}
+
 /// Whether disco's guest run, as a paired ratio to bare KVM's, keeps to a
 /// goal. One run of a noisy host says little; the verdict rests on the 95 %
 /// interval of the paired ratios' median, so "met" and "missed" are claims
@@ -494,30 +509,21 @@ pub fn run_bare(config: &Config, memory: BareMemory) -> Result<Measured> {
     let t = Instant::now();
     let run = bare::run_checked(config, &topology, memory)?;
     let wall = t.elapsed().as_secs_f64() * 1e3;
+    // One part of the vCPU threads' time, summed over the VMs, ms.
+    let vcpu_ms = |part: fn(&ThreadCpu) -> Duration| -> f64 {
+        run.outcomes
+            .iter()
+            .map(|o| part(&o.vcpu_cpu).as_secs_f64() * 1e3)
+            .sum()
+    };
     Ok(Measured {
         wall,
         create: run.create.as_secs_f64() * 1e3,
         guest_run: run.guest_run().as_secs_f64() * 1e3,
-        vcpu_cpu: run
-            .outcomes
-            .iter()
-            .map(|o| o.vcpu_cpu.total().as_secs_f64() * 1e3)
-            .sum(),
-        vcpu_system: run
-            .outcomes
-            .iter()
-            .map(|o| o.vcpu_cpu.system.as_secs_f64() * 1e3)
-            .sum(),
-        vcpu_waiting: run
-            .outcomes
-            .iter()
-            .map(|o| o.vcpu_cpu.waiting.as_secs_f64() * 1e3)
-            .sum(),
-        vcpu_blocked: run
-            .outcomes
-            .iter()
-            .map(|o| o.vcpu_cpu.blocked.as_secs_f64() * 1e3)
-            .sum(),
+        vcpu_cpu: vcpu_ms(|c| c.total()),
+        vcpu_system: vcpu_ms(|c| c.system),
+        vcpu_waiting: vcpu_ms(|c| c.waiting),
+        vcpu_blocked: vcpu_ms(|c| c.blocked),
         costs: None,
     })
 }
@@ -698,12 +704,7 @@ impl OverheadResult {
         );
         let mut rows = Vec::new();
         for c in &self.cases {
-            let sides = [
-                ("disco", Some(&c.disco)),
-                ("bare", Some(&c.bare)),
-                ("bare on shmem", c.bare_shmem.as_ref()),
-            ];
-            for (side, r) in sides.into_iter().filter_map(|(n, r)| Some((n, r?))) {
+            for (side, r) in c.sides() {
                 rows.push(vec![
                     c.case.name.clone(),
                     side.to_string(),
@@ -1017,12 +1018,7 @@ impl ScenarioResult for OverheadResult {
                     ),
                 ]);
             }
-            let sides = [
-                ("disco", Some(&c.disco)),
-                ("bare", Some(&c.bare)),
-                ("bare on shmem", c.bare_shmem.as_ref()),
-            ];
-            for (side, r) in sides.into_iter().filter_map(|(n, r)| Some((n, r?))) {
+            for (side, r) in c.sides() {
                 out.extend([
                     Figure::new(
                         &format!("{n}: {side} vCPU time waiting for a CPU"),
