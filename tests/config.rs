@@ -7,8 +7,15 @@ mod common;
 
 use disco::config::Config;
 
+/// Writes `text` to a file called `name` in a directory of its own: the
+/// tests run side by side and some reuse names, and one makes FIFOs, so a
+/// shared directory let a test write into another's FIFO and block forever.
 fn write_temp(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("disco-config-test-{}", std::process::id()));
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir()
+        .join(format!("disco-config-test-{}", std::process::id()))
+        .join(NEXT.fetch_add(1, Ordering::Relaxed).to_string());
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
