@@ -31,6 +31,9 @@ pub struct RunReport {
     /// Replicas of read-shared pages at the end of the run (before teardown).
     pub replicas: ReplicaStats,
     pub pools: Vec<PoolStats>,
+    /// Large shmem folios for guest RAM: what the host allows and whether
+    /// guest RAM asked for them (`crate::memory::folios`).
+    pub large_folios: String,
     /// How many times `Memory::verify` ran during the run, and whether all passed.
     pub verify_runs: u32,
     /// Of those, how many ran while guests were running.
@@ -216,6 +219,7 @@ impl RunReport {
             self.policy.policy.source
         );
         out += &format!("policy status: {}\n", self.policy.status);
+        out += &format!("large folios: {}\n", self.large_folios);
         if let Some(signal) = &self.interrupted {
             out +=
                 &format!("INTERRUPTED by {signal}: the run was ended early (guests still running were stopped)\n");

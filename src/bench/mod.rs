@@ -140,6 +140,10 @@ pub struct HostInfo {
     /// `/sys/kernel/mm/transparent_hugepage/enabled` (the selected value):
     /// with `always`, the bare runner's anonymous memory may get huge pages.
     pub transparent_hugepages: String,
+    /// The shmem folio sizes (kB) above 4 kB the host allowed, which
+    /// disco's guest RAM may get (`crate::memory::folios`).
+    #[serde(default)]
+    pub shmem_folio_kib: Vec<u32>,
 }
 
 impl HostInfo {
@@ -163,13 +167,22 @@ impl HostInfo {
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             mem_total_mib,
             transparent_hugepages: thp,
+            shmem_folio_kib: crate::memory::folios::host_sizes_kib(),
         }
     }
 
     /// One line for table footers.
     pub fn describe(&self) -> String {
+        let folios = match self.shmem_folio_kib.as_slice() {
+            [] => "none".to_string(),
+            kib => kib
+                .iter()
+                .map(|k| format!("{k} kB"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
         format!(
-            "Linux {}, {} CPUs, {} MiB RAM, THP {}",
+            "Linux {}, {} CPUs, {} MiB RAM, THP {}, large shmem folios {folios}",
             self.kernel, self.cpus, self.mem_total_mib, self.transparent_hugepages
         )
     }

@@ -185,11 +185,23 @@ impl OverheadCase {
     /// The case on a topology (`host`, a fixture name or an hwloc XML path).
     pub fn on_topology(mut self, topology: &str) -> OverheadCase {
         if topology != "host" {
-            self.config.host = Some(HostSpec {
-                topology: Some(topology.to_string()),
-                ..HostSpec::default()
-            });
+            self.config
+                .host
+                .get_or_insert_with(HostSpec::default)
+                .topology = Some(topology.to_string());
         }
+        self
+    }
+
+    /// The case with guest RAM in 4 KiB shmem folios only (`[host]
+    /// large_folios = false`), named `.../4k-folios`.
+    pub fn with_small_folios(mut self) -> OverheadCase {
+        self.config
+            .host
+            .get_or_insert_with(HostSpec::default)
+            .large_folios = Some(false);
+        self.name += "/4k-folios";
+        self.description += "; 4 KiB shmem folios only";
         self
     }
 }
@@ -208,6 +220,10 @@ pub struct OverheadOptions {
     pub shmem_baseline: bool,
     /// Progress bar on stderr.
     pub progress: bool,
+    /// A shmem folio size (kB) the host allows for the run (its
+    /// `shmem_enabled` set to `advise`, put back after); 0 leaves the
+    /// host as it is. See `crate::memory::folios`.
+    pub shmem_folio_kib: u32,
 }
 
 impl OverheadOptions {
@@ -235,6 +251,7 @@ impl OverheadOptions {
             warmup: true,
             shmem_baseline: true,
             progress: false,
+            shmem_folio_kib: 0,
         }
     }
 
@@ -250,6 +267,7 @@ impl OverheadOptions {
             warmup: false,
             shmem_baseline: true,
             progress: false,
+            shmem_folio_kib: 0,
         }
     }
 }
@@ -565,6 +583,10 @@ pub fn run(options: &OverheadOptions) -> Result<OverheadResult> {
     if options.reps == 0 {
         bail!("the overhead scenario needs at least one repetition");
     }
+    let _folios = match options.shmem_folio_kib {
+        0 => None,
+        kib => Some(crate::memory::folios::KnobGuard::set(kib, "advise")?),
+    };
     // The sides of a repetition, in the order of the first; each
     // repetition starts one further along, so that slow drift of a noisy
     // host hits every side alike.
@@ -855,6 +877,10 @@ struct OverheadScenario {
     reps: usize,
     warmup: bool,
     shmem_baseline: bool,
+    /// `"large"` (the default: guest RAM may ask for large shmem folios)
+    /// and/or `"4k"` (`[host] large_folios = false`): one case each.
+    folios: Vec<String>,
+    shmem_folio_kib: u32,
 }
 
 impl OverheadScenario {
@@ -879,7 +905,14 @@ impl OverheadScenario {
                     ),
                     _ => OverheadCase::fill_seeded(self.memory_mib, self.vcpus, p, seed),
                 };
-                cases.push(case.on_topology(&self.topology));
+                for f in &self.folios {
+                    let case = case.clone().on_topology(&self.topology);
+                    cases.push(if f == "4k" {
+                        case.with_small_folios()
+                    } else {
+                        case
+                    });
+                }
             }
         }
         OverheadOptions {
@@ -888,6 +921,7 @@ impl OverheadScenario {
             warmup: self.warmup,
             shmem_baseline: self.shmem_baseline,
             progress: false,
+            shmem_folio_kib: self.shmem_folio_kib,
         }
     }
 }
@@ -895,7 +929,9 @@ impl OverheadScenario {
 /// Reads a `kind = "overhead"` scenario file: `workloads` (sweep, fill,
 /// random), `memory_mib`, `vcpus`, `passes` (sweep), `touches` (random),
 /// `policies` (disco's side),
-/// `topology`, `reps`, `warmup`, `shmem_baseline`.
+/// `topology`, `reps`, `warmup`, `shmem_baseline`, `folios` (`large`,
+/// `4k`), `shmem_folio_kib` (0, or a size from 16 to 2048 the host allows
+/// for the run).
 pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
     let quick = p.quick();
     let s = OverheadScenario {
@@ -909,7 +945,19 @@ pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
         reps: p.usize("reps", 1, 1000, if quick { 3 } else { 10 })?,
         warmup: p.bool("warmup", true)?,
         shmem_baseline: p.bool("shmem_baseline", true)?,
+        folios: p.str_list("folios", Some(&["large", "4k"]), &["large"])?,
+        shmem_folio_kib: p.u64("shmem_folio_kib", 0, 2048, 0)? as u32,
     };
+    if s.shmem_folio_kib != 0 && (s.shmem_folio_kib < 16 || !s.shmem_folio_kib.is_power_of_two()) {
+        return Err(p.error(
+            "shmem_folio_kib",
+            format!(
+                "{} is not a folio size; allowed: 0 (leave the host as it is) or 16, 32, 64, \
+                 128, 256, 512, 1024, 2048",
+                s.shmem_folio_kib
+            ),
+        ));
+    }
     for case in s.options(1).cases {
         case.parse().map_err(|e| {
             let mut err = super::blame_config_error(p, &e, &case.policy, "policies", "memory_mib");

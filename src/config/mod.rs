@@ -328,6 +328,10 @@ pub struct Config {
     /// `[host] memory_limit_mib`: the most memory the pools may hold in all
     /// (default: the nodes' memory, capped at the host's).
     pub memory_limit_mib: Option<u64>,
+    /// `[host] large_folios` (default true): guest RAM asks the kernel for
+    /// large shmem folios where the host allows a size and page sampling is
+    /// off (see `crate::memory::folios`).
+    pub large_folios: bool,
 }
 
 impl Config {
@@ -363,11 +367,12 @@ impl Config {
     /// names it in errors; relative paths are resolved against `dir`.
     pub fn from_file(doc: ConfigFile, file: &str, dir: &Path) -> Result<Config> {
         let top = At::new(file, "");
-        let (mut overcommit, mut memory_limit_mib) = (false, None);
+        let (mut overcommit, mut memory_limit_mib, mut large_folios) = (false, None, true);
         let (topology, topology_loaded) = match &doc.host {
             Some(host) => {
                 let at = At::new(file, "host");
                 overcommit = host.overcommit.unwrap_or(false);
+                large_folios = host.large_folios.unwrap_or(true);
                 memory_limit_mib =
                     at.int("memory_limit_mib", host.memory_limit_mib, 16, 1 << 40)?;
                 let choice = match host.topology.as_deref() {
@@ -438,6 +443,7 @@ impl Config {
             vms,
             overcommit,
             memory_limit_mib,
+            large_folios,
         };
         config.validate()?;
         Ok(config)

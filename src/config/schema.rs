@@ -31,6 +31,8 @@ pub struct HostSpec {
     pub overcommit: Option<bool>,
     /// The most memory the pools may hold in all, MiB.
     pub memory_limit_mib: Option<i64>,
+    /// Guest RAM asks for large shmem folios (`Config::large_folios`).
+    pub large_folios: Option<bool>,
 }
 
 /// The `policy` key: a shipped policy's name or a policy file's path, or an

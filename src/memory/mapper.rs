@@ -96,6 +96,15 @@ pub(super) struct Inner {
     pub(super) loading: Vec<super::runs::RunSet>,
     /// The budget of kernel mappings per VM (see `budget.rs`).
     pub(super) budget: super::budget::Budget,
+    /// Guest mappings may ask the kernel for large shmem folios
+    /// (`[host] large_folios`, see `folios.rs` and `ask_large_folios`).
+    pub(super) large_folios: bool,
+    /// The shmem folio sizes (kB) the host allowed when this memory was
+    /// made (`folios::host_sizes_kib`).
+    pub(super) host_folio_kib: Vec<u32>,
+    /// Some guest mapping asked for them: sampling can no longer start
+    /// (see [`Memory::enable_sampling`]).
+    pub(super) folios_asked: std::cell::Cell<bool>,
 }
 
 /// All machine memory of one monitor, behind one lock.
@@ -212,6 +221,14 @@ fn pool_runs(pages: &[MachinePage]) -> impl Iterator<Item = (usize, usize)> + '_
     })
 }
 
+/// Folio sizes for messages: "16, 64".
+fn join_sizes(kib: &[u32]) -> String {
+    kib.iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Makes `[addr, addr+len)` an inaccessible hole (no machine page).
 fn map_hole(addr: usize, len: usize) -> Result<()> {
     // SAFETY: addr lies inside a guest range this module reserved.
@@ -229,8 +246,17 @@ fn map_hole(addr: usize, len: usize) -> Result<()> {
 }
 
 /// Maps `pages` consecutive pool pages starting at `index` at `addr`,
-/// read-write (write protection is userfaultfd's job).
-fn map_pool_run(addr: usize, pool: &Pool, index: u32, pages: usize) -> Result<()> {
+/// read-write (write protection is userfaultfd's job), asking for large
+/// shmem folios with `large_folios` (see `folios.rs`). All guest mappings
+/// of a memory ask alike (see `Inner::ask_large_folios`), so neighbouring
+/// mappings still merge into one kernel mapping.
+fn map_pool_run(
+    addr: usize,
+    pool: &Pool,
+    index: u32,
+    pages: usize,
+    large_folios: bool,
+) -> Result<()> {
     let prot = libc::PROT_READ | libc::PROT_WRITE;
     // SAFETY: addr lies inside a guest range this module reserved; the pool
     // fd is valid and the run is inside its capacity.
@@ -244,7 +270,19 @@ fn map_pool_run(addr: usize, pool: &Pool, index: u32, pages: usize) -> Result<()
             index as libc::off_t * PAGE_SIZE as libc::off_t,
         )
     };
-    check_mmap(ret, "mapping pool pages into guest RAM")
+    check_mmap(ret, "mapping pool pages into guest RAM")?;
+    let len = pages * PAGE_SIZE;
+    if large_folios {
+        // SAFETY: advice on the mapping made just above.
+        if unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_HUGEPAGE) } != 0 {
+            // Only advice: a kernel without it maps 4 KiB folios.
+            tracing::debug!(
+                "MADV_HUGEPAGE {addr:#x}+{len:#x}: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
 }
 
 impl Memory {
@@ -318,6 +356,9 @@ impl Memory {
                 map_count: None,
                 loading: Vec::new(),
                 budget: Default::default(),
+                large_folios: true,
+                host_folio_kib: super::folios::host_sizes_kib(),
+                folios_asked: Default::default(),
             }),
         })
     }
@@ -572,6 +613,15 @@ impl Memory {
                 inner.uffd_error
             ),
         };
+        if inner.folios_asked.get() {
+            bail!(
+                "page sampling cannot start once guest RAM is mapped with large shmem folios \
+                 ([host] large_folios, the host allows {} kB): a sampled page's touch must \
+                 fault, and a large folio's other pages would all fault too; start the monitor \
+                 with the sampling policy, or set [host] large_folios = false",
+                join_sizes(&inner.host_folio_kib)
+            );
+        }
         let sampler = Arc::new(PageSampler::new(uffd.clone())?);
         // Registering a registered range again with the same userfaultfd
         // changes its modes and keeps its page tables (write-protected
@@ -597,6 +647,33 @@ impl Memory {
         }
         inner.sampler = Some(sampler.clone());
         Ok(sampler)
+    }
+
+    /// Whether guest mappings may ask for large shmem folios (`[host]
+    /// large_folios`, on by default); set before any VM is made.
+    pub fn set_large_folios(&self, on: bool) {
+        self.inner.lock().large_folios = on;
+    }
+
+    /// One line on large shmem folios for the run report: what the host
+    /// allows and whether guest RAM asked for them.
+    pub fn large_folio_status(&self) -> String {
+        let inner = self.inner.lock();
+        if !inner.large_folios {
+            return "off ([host] large_folios = false)".into();
+        }
+        if inner.host_folio_kib.is_empty() {
+            return "none: the host allows no shmem folio size above 4 kB (see \
+                    /sys/kernel/mm/transparent_hugepage/hugepages-*kB/shmem_enabled; \
+                    `advise` lets disco use one)"
+                .into();
+        }
+        let sizes = join_sizes(&inner.host_folio_kib);
+        if inner.sampler.is_some() {
+            format!("not asked: page sampling is on (the host allows {sizes} kB)")
+        } else {
+            format!("asked for ({sizes} kB allowed by the host)")
+        }
     }
 
     /// The sampler, when sampling is on.
@@ -824,19 +901,32 @@ impl Inner {
         frames: u64,
     ) -> Result<(VmId, usize)> {
         let len = frames as usize * PAGE_SIZE;
+        // Aligned to 2 MiB, so that a pool run at a like-aligned offset can
+        // be mapped with large folios (the kernel needs the address and the
+        // file offset aligned alike): reserve more, trim both ends.
+        let align = 2 << 20;
         // SAFETY: a fresh reservation; nothing else uses this range.
-        let base = unsafe {
+        let raw = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                len,
+                len + align,
                 libc::PROT_NONE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
                 0,
             )
         };
-        check_mmap(base, "reserving guest RAM address space")?;
-        let base = base as usize;
+        check_mmap(raw, "reserving guest RAM address space")?;
+        let raw = raw as usize;
+        let base = raw.next_multiple_of(align);
+        // SAFETY: both ends lie inside the reservation just made and
+        // outside the range kept.
+        unsafe {
+            if base > raw {
+                libc::munmap(raw as *mut libc::c_void, base - raw);
+            }
+            libc::munmap((base + len) as *mut libc::c_void, raw + align - base);
+        }
         let vm = self.next_vm;
         self.next_vm += 1;
         self.spaces.insert(
@@ -857,6 +947,14 @@ impl Inner {
         Ok((vm, base))
     }
 
+    /// Whether a new guest mapping asks for large shmem folios: when
+    /// `[host] large_folios` allows it, the host allows some size (else
+    /// asking changes nothing but the mappings' flags) and page sampling
+    /// is off (a sampled page's touch must fault; see `folios.rs`).
+    fn ask_large_folios(&self) -> bool {
+        self.large_folios && !self.host_folio_kib.is_empty() && self.sampler.is_none()
+    }
+
     /// Maps a run of pool pages read-write and registers it for
     /// write-protect faults (the mmap dropped any earlier registration), and
     /// for minor faults when sampling is on.
@@ -874,7 +972,9 @@ impl Inner {
         pages: usize,
         holds_data: bool,
     ) -> Result<()> {
-        map_pool_run(addr, &self.pools[node], index, pages)?;
+        let ask = self.ask_large_folios();
+        self.folios_asked.set(self.folios_asked.get() || ask);
+        map_pool_run(addr, &self.pools[node], index, pages, ask)?;
         let len = pages * PAGE_SIZE;
         if let Some(sampler) = &self.sampler {
             sampler.forget_pending(addr, len);

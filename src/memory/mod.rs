@@ -19,6 +19,7 @@
 
 pub mod budget;
 pub mod cow;
+pub mod folios;
 pub mod image;
 pub mod incoming;
 pub mod inspect;

@@ -332,13 +332,15 @@ impl Monitor {
     /// a config may have been built or changed in code).
     pub fn for_config(config: &Config, verify_every: Duration) -> Result<Monitor> {
         config.validate()?;
-        Monitor::with_memory_limit(
+        let monitor = Monitor::with_memory_limit(
             config.topology()?,
             config.policy.clone(),
             &config.source,
             verify_every,
             config.memory_limit_mib.map(|m| m << 20),
-        )
+        )?;
+        monitor.memory.set_large_folios(config.large_folios);
+        Ok(monitor)
     }
 
     pub fn topology(&self) -> &Topology {
@@ -717,6 +719,7 @@ impl Monitor {
             vms: live.clone(),
             overcommit: shared_memory,
             memory_limit_mib: self.memory_limit.map(|b| b >> 20),
+            large_folios: true,
         };
         check.validate().map_err(AddError::Invalid)?;
         self.reserve_for(&live).map_err(AddError::Host)?;
@@ -1293,6 +1296,7 @@ impl Monitor {
                 status: self.services.status.clone(),
             },
             vms: reports,
+            large_folios: self.memory.large_folio_status(),
             interrupted: self.interrupted.map(str::to_string),
             sharing: sharing_report,
             kernel_mappings,
