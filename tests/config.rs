@@ -744,3 +744,19 @@ fn a_busy_cpu_share_out_of_range_is_refused() {
     );
     assert_contains(&err, &["allowed: 0.0001 to 1"]);
 }
+
+#[test]
+fn large_folios_is_true_by_default_and_must_be_a_bool() {
+    let path = write_temp("folios-default.toml", GOOD_VM);
+    assert!(Config::load(&path).unwrap().large_folios);
+    let off = write_temp(
+        "folios-off.toml",
+        &GOOD_VM.replace("[host]\n", "[host]\nlarge_folios = false\n"),
+    );
+    assert!(!Config::load(&off).unwrap().large_folios);
+    let err = error_of(
+        "folios-bad.toml",
+        &GOOD_VM.replace("[host]\n", "[host]\nlarge_folios = 64\n"),
+    );
+    assert_contains(&err, &["key `host.large_folios`", "expected true or false"]);
+}

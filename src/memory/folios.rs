@@ -17,6 +17,11 @@
 //! what the host allows. [`KnobGuard`] sets a size for a while and puts
 //! the old value back; the overhead bench and the tests use it.
 //!
+//! Merging, moving or releasing one page of a large folio punches that
+//! page out of the pool: the kernel splits the folio and only that page
+//! goes back to the host. A guest that touches one page of a folio holds
+//! the whole folio in host memory, the usual price of large pages.
+//!
 //! Page sampling and large folios do not mix: a sampled page is zapped and
 //! its next touch must be a userfaultfd minor fault, and after a large
 //! folio's first fault its other pages are in the page cache but not
