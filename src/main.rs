@@ -65,6 +65,12 @@ enum Command {
         /// (HOST:PORT; `disco ctl SOCKET migrate VM HOST:PORT` sends one).
         #[arg(long, value_name = "ADDR")]
         migrate_listen: Option<String>,
+        /// Guest RAM asks for large shmem folios where the host allows a
+        /// size and page sampling is off; `false` keeps 4 KiB folios, so
+        /// a policy that samples pages can be swapped in later (README,
+        /// "Large folios").
+        #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+        large_folios: bool,
     },
     /// Send one command to a running monitor's API (`disco serve --api PATH`,
     /// `disco run --api PATH`) and print the answer: status, show VM, add VM
@@ -285,6 +291,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             policy,
             json,
             migrate_listen,
+            large_folios,
         } => {
             disco::signals::install()?;
             let topology = match topology.as_str() {
@@ -317,6 +324,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let options = RunOptions {
                 progress: false,
                 migrate_listen,
+                large_folios,
                 ..RunOptions::default()
             };
             let report = monitor::serve(topology, policy, &api, &options)?;

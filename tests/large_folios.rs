@@ -131,3 +131,42 @@ fn sampling_and_large_folios_exclude_each_other() {
         .verify()
         .expect("memory agrees with itself");
 }
+
+/// The same over the API: `disco serve` asks for large folios by default,
+/// so a sampling policy swapped in after a VM came is refused its
+/// sampling, with the reason; `--large-folios false` keeps 4 KiB folios
+/// and the swap turns sampling on.
+#[test]
+fn a_served_monitor_keeps_small_folios_when_told_so_for_a_later_sampling_policy() {
+    if !require_kvm("a_served_monitor_keeps_small_folios_when_told_so_for_a_later_sampling_policy")
+    {
+        return;
+    }
+    let (_lock, _knob) = allow_64k();
+    let vm = serde_json::json!({"vcpus": 1, "memory_mib": 8, "time_limit_s": 60,
+        "workload": {"kind": "sweep", "seed": 4, "passes": 2000}});
+    let sampling = serde_json::json!({"numa": {"migrate": true, "sampling": "page-faults"}});
+    for (name, large) in [("large", true), ("small", false)] {
+        let mut args = vec!["--topology", "2-socket", "--policy", "static"];
+        if !large {
+            args.extend(["--large-folios", "false"]);
+        }
+        let s = common::serve::Serve::spawn("folios", name, &args, false, false);
+        s.expect("PUT", "/v1/vms/walker", Some(vm.clone()), 201);
+        let swapped = s.expect("PUT", "/v1/policy", Some(sampling.clone()), 200);
+        let status = swapped["status"].as_str().unwrap();
+        if large {
+            assert!(
+                status.contains("page sampling is unavailable")
+                    && status.contains("large shmem folios"),
+                "{status}"
+            );
+        } else {
+            assert!(
+                status.contains("NUMA engine active") && !status.contains("unavailable"),
+                "{status}"
+            );
+        }
+        s.verified();
+    }
+}

@@ -28,6 +28,10 @@ pub struct RunOptions {
     /// `disco serve`: take live migrations on this TCP address
     /// (`crate::migration::Listener`).
     pub migrate_listen: Option<String>,
+    /// `disco serve`: guest RAM may ask for large shmem folios
+    /// (`crate::memory::folios`; `disco run` takes `[host] large_folios`
+    /// from its config instead).
+    pub large_folios: bool,
 }
 
 impl Default for RunOptions {
@@ -37,6 +41,7 @@ impl Default for RunOptions {
             verify_every: Duration::from_millis(500),
             settle_limit: None,
             migrate_listen: None,
+            large_folios: true,
         }
     }
 }
@@ -184,6 +189,7 @@ pub fn serve_until(
     stop: impl Fn() -> Option<&'static str>,
 ) -> Result<RunReport> {
     let mut monitor = Monitor::new(topology, policy, "<api>", options.verify_every)?;
+    monitor.memory().set_large_folios(options.large_folios);
     // VMs come and go: each one's result as soon as it is done.
     monitor.collect_finished(true);
     monitor.check("before start");
