@@ -3,7 +3,10 @@
 //! only shortened `epoch_ms` to 10 ms did not finish within 30 s (6 runs of
 //! 6): the sampler zapped about 2 M pages and the guests spent their time
 //! in minor faults. Alone in its test binary so no sibling test competes for
-//! the CPUs while the two runs are compared.
+//! the CPUs while the runs are compared. Each side runs three times and the
+//! fastest runs are compared: on this noisy host one run of these 0.2 s
+//! guests can take 1.5x another under the same policy (seen in CI: 352
+//! against 222 ms, with 47 samples in all).
 
 mod common;
 
@@ -22,26 +25,30 @@ fn an_aggressive_sampling_policy_costs_the_guests_a_bounded_share() {
     if !require_kvm("an_aggressive_sampling_policy_costs_the_guests_a_bounded_share") {
         return;
     }
-    let static_run = run_config(&two_random_guests("policy = \"static\""));
-    assert!(
-        static_run.all_ok(),
-        "static run: {}",
-        static_run.render_text()
-    );
     // Every knob at its default but the epoch: 10 ms epochs of 8 rounds of
     // 64 pages per VM ask for 51,200 zaps per second per VM.
-    let aggressive = run_config(&two_random_guests(
-        "[policy]\nname = \"fast-epochs\"\n[policy.numa]\nmigrate = true\nreplicate = true\n\
-         sampling = \"page-faults\"\nepoch_ms = 10",
-    ));
-    assert!(
-        aggressive.all_ok(),
-        "capped run: {}",
-        aggressive.render_text()
-    );
+    let fast_epochs = "[policy]\nname = \"fast-epochs\"\n[policy.numa]\nmigrate = true\n\
+                       replicate = true\nsampling = \"page-faults\"\nepoch_ms = 10";
     let slowest = |r: &disco::report::RunReport| r.vms.iter().map(|v| v.run_ms).fold(0.0, f64::max);
-    let (base, capped) = (slowest(&static_run), slowest(&aggressive));
-    eprintln!("static {base:.0} ms, epoch_ms = 10 {capped:.0} ms");
+    let (mut base, mut capped) = (f64::INFINITY, f64::INFINITY);
+    let mut aggressive = None;
+    for _ in 0..3 {
+        let static_run = run_config(&two_random_guests("policy = \"static\""));
+        assert!(
+            static_run.all_ok(),
+            "static run: {}",
+            static_run.render_text()
+        );
+        base = base.min(slowest(&static_run));
+        let run = run_config(&two_random_guests(fast_epochs));
+        assert!(run.all_ok(), "capped run: {}", run.render_text());
+        if slowest(&run) < capped {
+            capped = slowest(&run);
+            aggressive = Some(run);
+        }
+    }
+    let aggressive = aggressive.unwrap();
+    eprintln!("static {base:.0} ms, epoch_ms = 10 {capped:.0} ms (fastest of 3 each)");
     assert!(
         capped <= 1.5 * base,
         "the capped guests took {capped:.0} ms against {base:.0} ms under static: {}",

@@ -30,7 +30,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::bare::{self, BareMemory};
@@ -585,7 +585,14 @@ pub fn run(options: &OverheadOptions) -> Result<OverheadResult> {
     }
     let _folios = match options.shmem_folio_kib {
         0 => None,
-        kib => Some(crate::memory::folios::KnobGuard::set(kib, "advise")?),
+        kib => Some(
+            crate::memory::folios::KnobGuard::set(kib, "advise").with_context(|| {
+                format!(
+                    "shmem_folio_kib = {kib}: the host must allow {kib} kB shmem folios for the \
+                     run (--set shmem_folio_kib=0 leaves the host as it is)"
+                )
+            })?,
+        ),
     };
     // The sides of a repetition, in the order of the first; each
     // repetition starts one further along, so that slow drift of a noisy
