@@ -136,15 +136,9 @@ pub struct Ksm {
 /// `[none] scan-time` become the selected word.
 fn normalise(raw: &str) -> String {
     let raw = raw.trim();
-    if raw.contains('[') {
-        if let Some(sel) = raw
-            .split_whitespace()
-            .find(|w| w.starts_with('[') && w.ends_with(']'))
-        {
-            return sel.trim_matches(['[', ']']).to_string();
-        }
-    }
-    raw.to_string()
+    crate::memory::folios::selected(raw)
+        .unwrap_or(raw)
+        .to_string()
 }
 
 impl Ksm {

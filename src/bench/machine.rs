@@ -51,10 +51,9 @@ fn read(path: &str) -> Option<String> {
 }
 
 fn selected(raw: &str) -> String {
-    raw.split_whitespace()
-        .find(|w| w.starts_with('[') && w.ends_with(']'))
-        .map(|w| w.trim_matches(['[', ']']).to_string())
-        .unwrap_or_else(|| raw.to_string())
+    crate::memory::folios::selected(raw)
+        .unwrap_or(raw)
+        .to_string()
 }
 
 /// KVM vendor modules known to the kernel, most specific first.

@@ -153,11 +153,7 @@ impl HostInfo {
             .unwrap_or_else(|_| "unknown".into());
         let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
             .ok()
-            .and_then(|s| {
-                s.split_whitespace()
-                    .find(|w| w.starts_with('['))
-                    .map(|w| w.trim_matches(['[', ']']).to_string())
-            })
+            .and_then(|s| crate::memory::folios::selected(&s).map(str::to_string))
             .unwrap_or_else(|| "unknown".into());
         let mem_total_mib = procmem::MemInfo::read()
             .map(|m| m.mem_total_kib / 1024)
@@ -173,14 +169,7 @@ impl HostInfo {
 
     /// One line for table footers.
     pub fn describe(&self) -> String {
-        let folios = match self.shmem_folio_kib.as_slice() {
-            [] => "none".to_string(),
-            kib => kib
-                .iter()
-                .map(|k| format!("{k} kB"))
-                .collect::<Vec<_>>()
-                .join(", "),
-        };
+        let folios = crate::memory::folios::sizes_text(&self.shmem_folio_kib);
         format!(
             "Linux {}, {} CPUs, {} MiB RAM, THP {}, large shmem folios {folios}",
             self.kernel, self.cpus, self.mem_total_mib, self.transparent_hugepages

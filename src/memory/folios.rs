@@ -44,13 +44,27 @@ pub fn host_sizes_kib() -> Vec<u32> {
     sizes_under(Path::new(THP))
 }
 
+/// The value a sysfs choice file has selected: the word in brackets
+/// (`always [madvise] never` -> `madvise`).
+pub fn selected(text: &str) -> Option<&str> {
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))
+}
+
+/// Folio sizes for messages: `16, 64 kB`, or `none`.
+pub fn sizes_text(kib: &[u32]) -> String {
+    match kib {
+        [] => "none".into(),
+        _ => {
+            let list: Vec<String> = kib.iter().map(u32::to_string).collect();
+            format!("{} kB", list.join(", "))
+        }
+    }
+}
+
 fn sizes_under(root: &Path) -> Vec<u32> {
     let setting = |path: PathBuf| -> Option<String> {
-        let text = std::fs::read_to_string(path).ok()?;
-        // The chosen value is the one in brackets.
-        let start = text.find('[')?;
-        let end = text[start..].find(']')? + start;
-        Some(text[start + 1..end].to_string())
+        selected(&std::fs::read_to_string(path).ok()?).map(str::to_string)
     };
     let allows = |s: &str| matches!(s, "always" | "within_size" | "advise" | "force");
     let global = setting(root.join("shmem_enabled")).unwrap_or_default();
@@ -98,9 +112,7 @@ impl KnobGuard {
                 path.display()
             )
         })?;
-        let old = text
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))
+        let old = selected(&text)
             .with_context(|| format!("{}: no chosen value in {text:?}", path.display()))?
             .to_string();
         std::fs::write(&path, value)
@@ -158,6 +170,10 @@ mod tests {
             "inherit follows the global"
         );
         assert!(sizes_under(&root.join("absent")).is_empty());
+        assert_eq!(selected("always [madvise] never\n"), Some("madvise"));
+        assert_eq!(selected("no choice"), None);
+        assert_eq!(sizes_text(&[16, 64]), "16, 64 kB");
+        assert_eq!(sizes_text(&[]), "none");
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

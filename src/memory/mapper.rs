@@ -221,14 +221,6 @@ fn pool_runs(pages: &[MachinePage]) -> impl Iterator<Item = (usize, usize)> + '_
     })
 }
 
-/// Folio sizes for messages: "16, 64".
-fn join_sizes(kib: &[u32]) -> String {
-    kib.iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// Makes `[addr, addr+len)` an inaccessible hole (no machine page).
 fn map_hole(addr: usize, len: usize) -> Result<()> {
     // SAFETY: addr lies inside a guest range this module reserved.
@@ -616,10 +608,10 @@ impl Memory {
         if inner.folios_asked.get() {
             bail!(
                 "page sampling cannot start once guest RAM is mapped with large shmem folios \
-                 ([host] large_folios, the host allows {} kB): a sampled page's touch must \
+                 ([host] large_folios, the host allows {}): a sampled page's touch must \
                  fault, and a large folio's other pages would all fault too; start the monitor \
                  with the sampling policy, or set [host] large_folios = false",
-                join_sizes(&inner.host_folio_kib)
+                super::folios::sizes_text(&inner.host_folio_kib)
             );
         }
         let sampler = Arc::new(PageSampler::new(uffd.clone())?);
@@ -668,11 +660,11 @@ impl Memory {
                     `advise` lets disco use one)"
                 .into();
         }
-        let sizes = join_sizes(&inner.host_folio_kib);
+        let sizes = super::folios::sizes_text(&inner.host_folio_kib);
         if inner.sampler.is_some() {
-            format!("not asked: page sampling is on (the host allows {sizes} kB)")
+            format!("not asked: page sampling is on (the host allows {sizes})")
         } else {
-            format!("asked for ({sizes} kB allowed by the host)")
+            format!("asked for ({sizes} allowed by the host)")
         }
     }
 
