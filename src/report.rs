@@ -165,6 +165,12 @@ pub struct VmCosts {
     /// Pages the cap allowed per second of run time, and the policy's ask.
     pub sampled_pages_per_s: f64,
     pub asked_pages_per_s: f64,
+    /// Epochs judged, and those in which the VM was settled, so that its
+    /// sampling allowance backed off towards `settled_sampling_overhead`.
+    #[serde(default)]
+    pub sampling_epochs: u64,
+    #[serde(default)]
+    pub sampling_settled_epochs: u64,
 }
 
 impl VmCosts {
@@ -290,15 +296,16 @@ impl RunReport {
             .any(|v| v.costs.overhead > 0.0 || v.costs.sampling_rounds > 0)
         {
             out += &format!(
-                "\nmonitor cost per VM (share of its vCPU time; sampling capped at {:.1}%):\n{:<14} {:>14} {:>12} {:>10} {:>9} {:>8} {:>10} {:>8} {:>17} {:>22} {:>26}\n",
+                "\nmonitor cost per VM (share of its vCPU time; sampling capped at {:.1}%, {:.1}% while settled):\n{:<14} {:>14} {:>12} {:>10} {:>9} {:>8} {:>10} {:>8} {:>17} {:>15} {:>22} {:>26}\n",
                 100.0 * self.numa.as_ref().map_or(0.0, |n| n.max_sampling_overhead),
+                100.0 * self.numa.as_ref().map_or(0.0, |n| n.settled_sampling_overhead),
                 "VM", "sampled faults", "sampling ms", "COW breaks", "COW ms", "pauses", "paused ms", "total %", "sampled pages/s",
-                "vCPU CPU ms (system)", "vCPU ms waiting / blocked"
+                "settled epochs", "vCPU CPU ms (system)", "vCPU ms waiting / blocked"
             );
             for vm in &self.vms {
                 let c = &vm.costs;
                 out += &format!(
-                    "{:<14} {:>14} {:>12.1} {:>10} {:>9.1} {:>8} {:>10.1} {:>8.2} {:>17} {:>22} {:>26}\n",
+                    "{:<14} {:>14} {:>12.1} {:>10} {:>9.1} {:>8} {:>10.1} {:>8.2} {:>17} {:>15} {:>22} {:>26}\n",
                     vm.name,
                     c.sampled_faults,
                     c.sampling_ms,
@@ -315,6 +322,7 @@ impl RunReport {
                     } else {
                         format!("{:.0}", c.sampled_pages_per_s)
                     },
+                    format!("{} of {}", c.sampling_settled_epochs, c.sampling_epochs),
                     format!(
                         "{:.0} ({:.0})",
                         c.vcpu_user_ms + c.vcpu_system_ms,

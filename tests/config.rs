@@ -1,7 +1,7 @@
 //! Config validation: every mistake names the file, the key and what is
 //! allowed. No KVM needed.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 mod common;
 
@@ -446,6 +446,64 @@ fn bad_sampling_cost_cap_values_name_the_key_and_the_range() {
         &[
             "key `policy.numa.sample_fault_cost_us`",
             "allowed: 0.1 to 100000",
+        ],
+    );
+}
+
+#[test]
+fn the_settled_sampling_allowance_is_checked_against_the_cap() {
+    let parse = |numa: &str| {
+        Config::parse(
+            &format!("[policy]\nname = \"p\"\n[policy.numa]\n{numa}\n{GOOD_VM}"),
+            "<t>",
+            Path::new("."),
+        )
+        .map(|c| {
+            let n = &c.policy.numa;
+            (n.max_sampling_overhead, n.settled_sampling_overhead)
+        })
+    };
+    assert_eq!(parse("").unwrap(), (0.02, 0.004), "the defaults");
+    assert_eq!(
+        parse("max_sampling_overhead = 0.001").unwrap(),
+        (0.001, 0.001),
+        "a cap below the default floor lowers the floor with it"
+    );
+    assert_eq!(
+        parse("settled_sampling_overhead = 0.02").unwrap(),
+        (0.02, 0.02),
+        "equal to the cap: no back-off"
+    );
+    for (value, found) in [("0", "0 is out of range"), ("2", "2 is out of range")] {
+        let err = error_of(
+            "settled.toml",
+            &format!(
+                "[policy]\nname = \"p\"\n[policy.numa]\nsettled_sampling_overhead = {value}\n{GOOD_VM}"
+            ),
+        );
+        assert_contains(
+            &err,
+            &[
+                "settled.toml",
+                "key `policy.numa.settled_sampling_overhead`",
+                found,
+                "allowed: 0.0001 to 1",
+            ],
+        );
+    }
+    let err = error_of(
+        "settled.toml",
+        &format!(
+            "[policy]\nname = \"p\"\n[policy.numa]\nmax_sampling_overhead = 0.01\nsettled_sampling_overhead = 0.05\n{GOOD_VM}"
+        ),
+    );
+    assert_contains(
+        &err,
+        &[
+            "settled.toml",
+            "key `policy.numa.settled_sampling_overhead`",
+            "0.05 is above max_sampling_overhead (0.01)",
+            "allowed: 0.0001 to max_sampling_overhead",
         ],
     );
 }

@@ -272,6 +272,66 @@ moves = [{ after_ms = 300, node = 3 }]
 }
 
 #[test]
+fn a_settled_vm_samples_less_until_its_vcpu_moves() {
+    if !require_kvm("a_settled_vm_samples_less_until_its_vcpu_moves") {
+        return;
+    }
+    // Memory and vCPU on node 0: every sample is local, the engine has
+    // nothing to do, and the VM's allowance backs off from 2 % of its vCPU
+    // time to 0.4 % (policies/migrate-only.toml; numa::cap, "Backing off").
+    // At 1.5 s the vCPU moves to node 3: its samples turn remote and the
+    // full allowance is back within an epoch, so its pages still follow.
+    let report = run_config(
+        r#"
+policy = "migrate-only"
+[host]
+topology = "4-node"
+[[vm]]
+name = "settler"
+vcpus = 1
+node = 0
+memory_mib = 8
+workload = { kind = "sweep", seed = 5, passes = 10000 }
+moves = [{ after_ms = 1500, node = 3 }]
+"#,
+    );
+    let vm = &report.vms[0];
+    assert_eq!(vm.vcpus[0].node, 3, "{:?}", vm.moves);
+    let costs = &vm.costs;
+    assert!(
+        costs.sampling_settled_epochs >= 5 && costs.sampling_settled_epochs < costs.sampling_epochs,
+        "settled before the move, not after it: {} of {} epochs\n{}",
+        costs.sampling_settled_epochs,
+        costs.sampling_epochs,
+        report.render_text()
+    );
+    // Samples per second of run time: backed off before the move (the
+    // first 0.5 s, from the cap down to the floor, left out) against the
+    // second after it (the first 0.2 s after it left out).
+    let numa = report.numa.as_ref().unwrap();
+    let rate = |from: f64, to: f64| {
+        let n: u64 = numa
+            .series
+            .iter()
+            .filter(|e| e.ms >= from && e.ms < to)
+            .map(|e| e.samples)
+            .sum();
+        n as f64 / ((to - from) / 1e3)
+    };
+    let (settled, moved) = (rate(500.0, 1500.0), rate(1700.0, 2700.0));
+    assert!(
+        moved > 2.0 * settled,
+        "samples/s settled {settled:.0} against {moved:.0} after the move\n{}",
+        report.render_text()
+    );
+    assert!(
+        vm.pages_per_node[3] >= 400,
+        "pages should follow the vCPU to node 3: {:?}",
+        vm.pages_per_node
+    );
+}
+
+#[test]
 fn static_moves_nothing_and_every_shipped_policy_runs() {
     if !require_kvm("static_moves_nothing_and_every_shipped_policy_runs") {
         return;

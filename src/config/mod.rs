@@ -147,6 +147,11 @@ pub struct NumaPolicy {
     /// when a VM is over it, whatever `epoch_ms`, `sample_pages` and
     /// `sample_rounds` ask for.
     pub max_sampling_overhead: f64,
+    /// Page-fault sampling: the allowance a VM backs off to, a fraction of
+    /// its vCPU time, while its samples find its pages where they belong
+    /// (halved each such epoch, from `max_sampling_overhead`; see
+    /// `numa::cap`). At most `max_sampling_overhead`.
+    pub settled_sampling_overhead: f64,
     /// Page-fault sampling: what one sampled fault costs the faulting vCPU
     /// beyond the handler's own (measured) time, in microseconds: the
     /// exit, the kernel's fault path and the wake-up, which the monitor
@@ -236,6 +241,7 @@ impl Default for NumaPolicy {
             sample_run_pages: 1,
             migrate_region_pages: 64,
             max_sampling_overhead: 0.02,
+            settled_sampling_overhead: 0.004,
             sample_fault_cost_us: 90.0,
             sampling: Sampling::Auto,
             trace_file: None,

@@ -104,7 +104,7 @@ fn numa(s: &NumaSpec, at: At) -> Result<NumaPolicy> {
     let int = |key, v, min, max, default| at.int(key, v, min, max).map(|v| v.unwrap_or(default));
     let float =
         |key, v, min, max, default| at.float(key, v, min, max).map(|v| v.unwrap_or(default));
-    let p = NumaPolicy {
+    let mut p = NumaPolicy {
         migrate: s.migrate.unwrap_or(d.migrate),
         replicate: s.replicate.unwrap_or(d.replicate),
         epoch_ms: int("epoch_ms", s.epoch_ms, 1, 60_000, d.epoch_ms)?,
@@ -196,6 +196,15 @@ fn numa(s: &NumaSpec, at: At) -> Result<NumaPolicy> {
             1.0,
             d.max_sampling_overhead,
         )?,
+        // At most max_sampling_overhead: checked below, where a policy
+        // that lowers only the cap gets a floor no higher than it.
+        settled_sampling_overhead: float(
+            "settled_sampling_overhead",
+            s.settled_sampling_overhead,
+            0.0001,
+            1.0,
+            d.settled_sampling_overhead,
+        )?,
         sample_fault_cost_us: float(
             "sample_fault_cost_us",
             s.sample_fault_cost_us,
@@ -206,6 +215,18 @@ fn numa(s: &NumaSpec, at: At) -> Result<NumaPolicy> {
         sampling,
         trace_file,
     };
+    if p.settled_sampling_overhead > p.max_sampling_overhead {
+        if s.settled_sampling_overhead.is_some() {
+            return Err(at.error(
+                "settled_sampling_overhead",
+                format!(
+                    "{} is above max_sampling_overhead ({}); allowed: 0.0001 to max_sampling_overhead (the settled allowance is what the sampler backs off to from the cap)",
+                    p.settled_sampling_overhead, p.max_sampling_overhead
+                ),
+            ));
+        }
+        p.settled_sampling_overhead = p.max_sampling_overhead;
+    }
     if p.reader_threshold > p.hot_threshold {
         return Err(at.error(
             "reader_threshold",

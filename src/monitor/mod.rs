@@ -1419,6 +1419,8 @@ fn vm_costs(
         c.sampling_zap_ms = s.zap_charged_ms;
         c.sampling_rounds = s.rounds;
         c.sampling_capped_rounds = s.capped_rounds;
+        c.sampling_epochs = s.epochs;
+        c.sampling_settled_epochs = s.settled_epochs;
         if run_ms > 0.0 {
             c.sampled_pages_per_s = s.zapped as f64 / (run_ms / 1e3);
             c.asked_pages_per_s = s.pages_asked as f64 / (run_ms / 1e3);

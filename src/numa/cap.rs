@@ -74,6 +74,15 @@ pub struct VmSamplingCost {
     /// Pages asked for and allowed over the run.
     pub pages_asked: u64,
     pub pages_allowed: u64,
+    /// Epochs judged, and those in which the VM was settled (its allowance
+    /// backed off towards `settled_sampling_overhead`).
+    #[serde(default)]
+    pub epochs: u64,
+    #[serde(default)]
+    pub settled_epochs: u64,
+    /// The allowance in force now, a fraction of the VM's vCPU time.
+    #[serde(default)]
+    pub overhead_now: f64,
 }
 
 #[derive(Default)]
@@ -85,6 +94,9 @@ struct Bucket {
     handler_ns: u64,
     /// Per round of the last epoch: pages zapped, and faults seen since.
     window: VecDeque<(u64, u64)>,
+    /// The allowance in force, a fraction of vCPU time: between the
+    /// settled floor and the cap (see "Backing off" above).
+    overhead: f64,
     report: VmSamplingCost,
 }
 
@@ -111,6 +123,8 @@ struct VmFaultCounts {
 /// The per-VM buckets of one NUMA runner.
 pub struct SamplingCap {
     overhead: f64,
+    /// The allowance of a VM that has been settled for a few epochs.
+    settled_overhead: f64,
     fault_cost_ns: f64,
     /// The monitor's CPU time per zapped page, a running mean.
     zap_ns_per_page: f64,
@@ -125,12 +139,14 @@ pub struct SamplingCap {
 impl SamplingCap {
     pub fn new(
         max_overhead: f64,
+        settled_overhead: f64,
         fault_cost_us: f64,
         epoch: Duration,
         rounds_per_epoch: usize,
     ) -> SamplingCap {
         SamplingCap {
             overhead: max_overhead,
+            settled_overhead: settled_overhead.min(max_overhead),
             fault_cost_ns: fault_cost_us * 1e3,
             zap_ns_per_page: 0.0,
             load: HostLoad::new(ThreadCpu::clock().as_secs_f64() * 1e3),
@@ -172,16 +188,19 @@ impl SamplingCap {
         } in counts
         {
             let vcpus = vcpus.max(1) as f64;
-            let ceiling = self.overhead * self.epoch.as_nanos() as f64 * vcpus;
+            let full = self.overhead;
             let b = self.buckets.entry(vm).or_insert_with(|| Bucket {
                 // One epoch's allowance to start with.
-                tokens_ns: ceiling,
+                tokens_ns: full * self.epoch.as_nanos() as f64 * vcpus,
+                overhead: full,
                 report: VmSamplingCost {
                     vm,
+                    overhead_now: full,
                     ..VmSamplingCost::default()
                 },
                 ..Bucket::default()
             });
+            let ceiling = b.overhead * self.epoch.as_nanos() as f64 * vcpus;
             let new_faults = faults.saturating_sub(b.faults);
             let cost = new_faults as f64 * self.fault_cost_ns
                 + handler_ns.saturating_sub(b.handler_ns) as f64;
@@ -201,8 +220,24 @@ impl SamplingCap {
             while b.window.len() > self.rounds_per_epoch {
                 b.window.pop_front();
             }
-            b.tokens_ns = (b.tokens_ns + self.overhead * dt_ns * vcpus - cost).min(ceiling);
+            b.tokens_ns = (b.tokens_ns + b.overhead * dt_ns * vcpus - cost).min(ceiling);
         }
+    }
+
+    /// The end of an epoch for VM `vm`: a settled VM's allowance halves,
+    /// down to the settled floor; an unsettled one's is the cap again.
+    pub fn end_epoch(&mut self, vm: VmId, settled: bool) {
+        let Some(b) = self.buckets.get_mut(&vm) else {
+            return;
+        };
+        b.overhead = if settled {
+            (b.overhead / 2.0).max(self.settled_overhead)
+        } else {
+            self.overhead
+        };
+        b.report.epochs += 1;
+        b.report.settled_epochs += settled as u64;
+        b.report.overhead_now = b.overhead;
     }
 
     /// How many of the `asked` pages VM `vm` may zap this round.
@@ -287,7 +322,7 @@ mod tests {
     #[test]
     fn zapping_is_charged_and_makes_each_page_dearer() {
         // 2 % of a 1 s epoch of one vCPU: 20 ms; 100 us per fault.
-        let mut cap = SamplingCap::new(0.02, 100.0, Duration::from_secs(1), 1);
+        let mut cap = SamplingCap::new(0.02, 0.02, 100.0, Duration::from_secs(1), 1);
         cap.load.assume_busy();
         cap.begin_round_with(&counts(0));
         assert_eq!(cap.allow(0, 1000), 200, "20 ms at 100 us per fault");
@@ -312,7 +347,7 @@ mod tests {
 
     #[test]
     fn a_page_costs_its_fault_and_its_zap() {
-        let mut cap = SamplingCap::new(0.02, 100.0, Duration::from_secs(1), 1);
+        let mut cap = SamplingCap::new(0.02, 0.02, 100.0, Duration::from_secs(1), 1);
         cap.load.assume_busy();
         cap.begin_round_with(&counts(0));
         // Learn a zap cost of 100 us a page from a free round (0 pages
@@ -327,12 +362,37 @@ mod tests {
     #[test]
     fn zapping_on_a_host_with_an_idle_cpu_is_reported_not_charged() {
         // Not busy until the first look at /proc/stat, 200 ms away.
-        let mut cap = SamplingCap::new(0.02, 100.0, Duration::from_secs(1), 1);
+        let mut cap = SamplingCap::new(0.02, 0.02, 100.0, Duration::from_secs(1), 1);
         cap.begin_round_with(&counts(0));
         assert_eq!(cap.allow(0, 1000), 200);
         cap.zapped(0, 200, Duration::from_millis(10));
         let r = &cap.report()[0];
         assert!((r.zap_ms - 10.0).abs() < 1e-9, "{r:?}");
         assert_eq!((r.zap_charged_ms, r.charged_ms), (0.0, 0.0));
+    }
+
+    #[test]
+    fn a_settled_vm_backs_off_to_the_floor_and_comes_back_at_once() {
+        // 2 % of 1 s of one vCPU is 20 ms: 200 faults at 100 us; the
+        // settled floor, 0.5 %, is 50.
+        let mut cap = SamplingCap::new(0.02, 0.005, 100.0, Duration::from_secs(1), 1);
+        cap.begin_round_with(&counts(0));
+        assert_eq!(cap.allow(0, 1000), 200);
+        cap.zapped(0, 0, Duration::ZERO);
+        // Settled twice: 1 %, then 0.5 %; a third time stays at the floor.
+        for want in [0.01, 0.005, 0.005] {
+            cap.end_epoch(0, true);
+            assert_eq!(cap.report()[0].overhead_now, want);
+        }
+        // The bucket is cut to the floor's ceiling at the next round.
+        cap.begin_round_with(&counts(0));
+        assert_eq!(cap.allow(0, 1000), 50, "5 ms at 100 us per fault");
+        // Samples turned remote: the whole cap again, from now on.
+        cap.end_epoch(0, false);
+        let r = &cap.report()[0];
+        assert_eq!((r.epochs, r.settled_epochs, r.overhead_now), (4, 3, 0.02));
+        // An unknown VM is ignored.
+        cap.end_epoch(7, true);
+        assert_eq!(cap.report().len(), 1);
     }
 }

@@ -342,6 +342,20 @@ impl PolicyEngine {
             .is_some_and(|s| self.epoch < s.frozen_until)
     }
 
+    /// Whether the engine leaves `(vm, gfn)` where it is, whichever node
+    /// uses it: frozen, or written from two nodes (write-shared) by its own
+    /// counts.
+    pub fn leaves_alone(&self, vm: u32, gfn: u64) -> bool {
+        self.is_frozen(vm, gfn)
+            || self.counts(vm, gfn).is_some_and(|c| {
+                c.writes
+                    .iter()
+                    .filter(|&&w| w >= self.params.writer_threshold)
+                    .count()
+                    >= 2
+            })
+    }
+
     /// Figures of the last decided epoch.
     pub fn last_epoch(&self) -> &EpochStats {
         &self.last

@@ -154,6 +154,9 @@ pub struct NumaStats {
     /// The policy's cap on what sampling may cost each VM, a fraction of
     /// its vCPU time, and how each VM's sampling fared under it.
     pub max_sampling_overhead: f64,
+    /// What a settled VM's allowance backs off to.
+    #[serde(default)]
+    pub settled_sampling_overhead: f64,
     pub sampling_cost: Vec<VmSamplingCost>,
 }
 
@@ -326,6 +329,7 @@ impl NumaRunner {
             }),
             per_vm: vec![(0, 0); vms],
             max_sampling_overhead: policy.max_sampling_overhead,
+            settled_sampling_overhead: policy.settled_sampling_overhead,
             ..NumaStats::default()
         }));
         let distances = topology.distances.clone();
@@ -461,6 +465,7 @@ impl Worker {
                 explored: HashSet::new(),
                 cap: SamplingCap::new(
                     policy.max_sampling_overhead,
+                    policy.settled_sampling_overhead,
                     policy.sample_fault_cost_us,
                     epoch,
                     rounds as usize,
@@ -540,11 +545,61 @@ impl Worker {
             point.samples = samples.len() as u64;
             self.engine.observe(&samples);
             let decisions = self.engine.decide(&MemoryFacts(&self.memory));
+            if let Some(plan) = plan.as_mut() {
+                for (vm, settled) in self.settled_vms(&samples, &decisions) {
+                    plan.cap.end_epoch(vm, settled);
+                }
+            }
             self.apply(decisions, point);
             if let Some(plan) = &plan {
                 self.out.lock().sampling_cost = plan.cap.report();
             }
         }
+    }
+
+    /// Whether each VM was settled this epoch, so that its sampling backs
+    /// off (`numa::cap`, "Backing off"): the engine decided no migration
+    /// or replication for it, and of the pages its samples named, at most
+    /// a tenth were used from a node other than theirs
+    /// while the engine could still move them (not frozen, not
+    /// write-shared). Re-checks count: a page the engine is still watching
+    /// keeps its VM unsettled. A VM with no samples is settled (an idle
+    /// guest should not pay to be watched); one whose vCPUs move finds its
+    /// samples remote in the next epoch, and is back at the full rate.
+    fn settled_vms(&self, samples: &[AccessSample], decisions: &[Decision]) -> Vec<(VmId, bool)> {
+        let mut pages: BTreeMap<VmId, (HashSet<u64>, HashSet<u64>)> = self
+            .memory
+            .spaces()
+            .iter()
+            .map(|s| (s.0, Default::default()))
+            .collect();
+        for s in samples {
+            let Some((named, remote)) = pages.get_mut(&s.vm) else {
+                continue;
+            };
+            named.insert(s.gfn);
+            let elsewhere = self
+                .memory
+                .frame_location(s.vm, s.gfn)
+                .is_some_and(|l| l.page.node() != s.node);
+            if elsewhere && !self.engine.leaves_alone(s.vm, s.gfn) {
+                remote.insert(s.gfn);
+            }
+        }
+        let acted: HashSet<VmId> = decisions
+            .iter()
+            .filter(|d| matches!(d, Decision::Migrate { .. } | Decision::Replicate { .. }))
+            .map(|d| d.page().0)
+            .collect();
+        pages
+            .into_iter()
+            .map(|(vm, (named, remote))| {
+                // One remote page is enough when few were sampled: a
+                // lenient rule here lets a VM at the floor stay there.
+                let busy = !remote.is_empty() && remote.len() * 10 > named.len();
+                (vm, !acted.contains(&vm) && !busy)
+            })
+            .collect()
     }
 
     /// Locality figures of `samples`, against where their pages are now.
