@@ -663,8 +663,10 @@ impl Memory {
         let sizes = super::folios::sizes_text(&inner.host_folio_kib);
         if inner.sampler.is_some() {
             format!("not asked: page sampling is on (the host allows {sizes})")
-        } else {
+        } else if inner.folios_asked.get() {
             format!("asked for ({sizes} allowed by the host)")
+        } else {
+            format!("to be asked for ({sizes} allowed by the host); no guest memory mapped yet")
         }
     }
 
