@@ -249,6 +249,37 @@ fn a_reader_that_turns_writer_after_replication_keeps_its_write_private() {
     );
 }
 
+/// A 1-vCPU sweep of 8 MiB on node 0 (memory there too), its vCPU moved
+/// to node 3 after `after_ms`; checks that the move is reported and that
+/// at least 400 of its 2048 pages followed.
+fn run_moved_sweeper(name: &str, after_ms: u64) -> RunReport {
+    let report = run_config(&format!(
+        r#"
+{MIGRATE_ONLY_10PCT}
+[host]
+topology = "4-node"
+[[vm]]
+name = "{name}"
+vcpus = 1
+node = 0
+memory_mib = 8
+workload = {{ kind = "sweep", seed = 5, passes = 10000 }}
+moves = [{{ after_ms = {after_ms}, node = 3 }}]
+"#
+    ));
+    let vm = &report.vms[0];
+    assert_eq!(vm.moves.len(), 1, "{:?}", vm.moves);
+    assert!(vm.moves[0].contains("moved to node 3"), "{:?}", vm.moves);
+    assert_eq!(vm.vcpus[0].node, 3, "the report shows where the vCPU ended");
+    assert!(
+        vm.pages_per_node[3] >= 400,
+        "pages should follow the vCPU to node 3: {:?}\n{}",
+        vm.pages_per_node,
+        report.render_text()
+    );
+    report
+}
+
 #[test]
 fn a_vm_moved_to_another_node_has_its_pages_follow() {
     if !require_kvm("a_vm_moved_to_another_node_has_its_pages_follow") {
@@ -264,29 +295,7 @@ fn a_vm_moved_to_another_node_has_its_pages_follow() {
     // of the vCPU's time, so pages follow at the pace the guest's own run
     // time pays for, and on a busy host a sample costs more (now 10 %,
     // MIGRATE_ONLY_10PCT).
-    let report = run_config(&format!(
-        r#"
-{MIGRATE_ONLY_10PCT}
-[host]
-topology = "4-node"
-[[vm]]
-name = "mover"
-vcpus = 1
-node = 0
-memory_mib = 8
-workload = {{ kind = "sweep", seed = 5, passes = 10000 }}
-moves = [{{ after_ms = 300, node = 3 }}]
-"#
-    ));
-    let vm = &report.vms[0];
-    assert_eq!(vm.moves.len(), 1, "{:?}", vm.moves);
-    assert!(vm.moves[0].contains("moved to node 3"), "{:?}", vm.moves);
-    assert_eq!(vm.vcpus[0].node, 3, "the report shows where the vCPU ended");
-    assert!(
-        vm.pages_per_node[3] >= 400,
-        "pages should follow the vCPU to node 3: {:?}",
-        vm.pages_per_node
-    );
+    run_moved_sweeper("mover", 300);
 }
 
 #[test]
@@ -298,24 +307,10 @@ fn a_settled_vm_samples_less_until_its_vcpu_moves() {
     // nothing to do, and the VM's allowance backs off from 10 % of its vCPU
     // time to 0.4 % (MIGRATE_ONLY_10PCT; numa::cap, "Backing off").
     // At 1.5 s the vCPU moves to node 3: its samples turn remote and the
-    // full allowance is back within an epoch, so its pages still follow.
-    let report = run_config(&format!(
-        r#"
-{MIGRATE_ONLY_10PCT}
-[host]
-topology = "4-node"
-[[vm]]
-name = "settler"
-vcpus = 1
-node = 0
-memory_mib = 8
-workload = {{ kind = "sweep", seed = 5, passes = 10000 }}
-moves = [{{ after_ms = 1500, node = 3 }}]
-"#
-    ));
-    let vm = &report.vms[0];
-    assert_eq!(vm.vcpus[0].node, 3, "{:?}", vm.moves);
-    let costs = &vm.costs;
+    // full allowance is back within an epoch, so its pages still follow
+    // (checked by `run_moved_sweeper`).
+    let report = run_moved_sweeper("settler", 1500);
+    let costs = &report.vms[0].costs;
     assert!(
         costs.sampling_settled_epochs >= 5 && costs.sampling_settled_epochs < costs.sampling_epochs,
         "settled before the move, not after it: {} of {} epochs\n{}",
@@ -340,12 +335,6 @@ moves = [{{ after_ms = 1500, node = 3 }}]
     assert!(
         moved > 2.0 * settled,
         "samples/s settled {settled:.0} against {moved:.0} after the move\n{}",
-        report.render_text()
-    );
-    assert!(
-        vm.pages_per_node[3] >= 400,
-        "pages should follow the vCPU to node 3: {:?}\n{}",
-        vm.pages_per_node,
         report.render_text()
     );
 }
