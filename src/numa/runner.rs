@@ -562,7 +562,8 @@ impl Worker {
     /// or replication for it, and of the pages its samples named, at most
     /// a tenth were used from a node other than theirs
     /// while the engine could still move them (not frozen, not
-    /// write-shared). Re-checks count: a page the engine is still watching
+    /// write-shared, and, under a policy that only replicates, shared).
+    /// Re-checks count: a page the engine is still watching
     /// keeps its VM unsettled. A VM with no samples is settled (an idle
     /// guest should not pay to be watched); one whose vCPUs move finds its
     /// samples remote in the next epoch, and is back at the full rate.
@@ -578,10 +579,14 @@ impl Worker {
                 continue;
             };
             named.insert(s.gfn);
+            let params = self.engine.params();
+            // Could the engine move it? Private pages only migrate; shared
+            // ones may also be replicated.
+            let movable = |shared: bool| params.migrate || (params.replicate && shared);
             let elsewhere = self
                 .memory
                 .frame_location(s.vm, s.gfn)
-                .is_some_and(|l| l.page.node() != s.node);
+                .is_some_and(|l| l.page.node() != s.node && !l.excluded && movable(l.shared));
             if elsewhere && !self.engine.leaves_alone(s.vm, s.gfn) {
                 remote.insert(s.gfn);
             }
