@@ -563,6 +563,7 @@ impl Worker {
     /// a tenth were used from a node other than theirs
     /// while the engine could still move them (not frozen, not
     /// write-shared, and, under a policy that only replicates, shared).
+    /// A run that only measures locality never settles.
     /// Re-checks count: a page the engine is still watching
     /// keeps its VM unsettled. A VM with no samples is settled (an idle
     /// guest should not pay to be watched); one whose vCPUs move finds its
@@ -591,6 +592,11 @@ impl Worker {
                 remote.insert(s.gfn);
             }
         }
+        // With neither migration nor replication on, the engine runs only
+        // to measure locality (an explicit `sampling` under `static`): the
+        // samples are then the product, and nothing backs off.
+        let params = self.engine.params();
+        let measuring = !params.migrate && !params.replicate;
         let acted: HashSet<VmId> = decisions
             .iter()
             .filter(|d| matches!(d, Decision::Migrate { .. } | Decision::Replicate { .. }))
@@ -602,7 +608,7 @@ impl Worker {
                 // One remote page is enough when few were sampled: a
                 // lenient rule here lets a VM at the floor stay there.
                 let busy = !remote.is_empty() && remote.len() * 10 > named.len();
-                (vm, !acted.contains(&vm) && !busy)
+                (vm, !measuring && !acted.contains(&vm) && !busy)
             })
             .collect()
     }
