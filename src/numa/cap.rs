@@ -80,7 +80,8 @@ pub struct VmSamplingCost {
     pub epochs: u64,
     #[serde(default)]
     pub settled_epochs: u64,
-    /// The allowance in force now, a fraction of the VM's vCPU time.
+    /// The allowance in force now, a fraction of the VM's vCPU time (set
+    /// by `SamplingCap::report` from the bucket).
     #[serde(default)]
     pub overhead_now: f64,
 }
@@ -195,7 +196,6 @@ impl SamplingCap {
                 overhead: full,
                 report: VmSamplingCost {
                     vm,
-                    overhead_now: full,
                     ..VmSamplingCost::default()
                 },
                 ..Bucket::default()
@@ -237,7 +237,6 @@ impl SamplingCap {
         };
         b.report.epochs += 1;
         b.report.settled_epochs += settled as u64;
-        b.report.overhead_now = b.overhead;
     }
 
     /// How many of the `asked` pages VM `vm` may zap this round.
@@ -302,7 +301,13 @@ impl SamplingCap {
 
     /// Every VM's figures so far.
     pub fn report(&self) -> Vec<VmSamplingCost> {
-        self.buckets.values().map(|b| b.report.clone()).collect()
+        self.buckets
+            .values()
+            .map(|b| VmSamplingCost {
+                overhead_now: b.overhead,
+                ..b.report.clone()
+            })
+            .collect()
     }
 }
 

@@ -347,13 +347,17 @@ impl PolicyEngine {
     /// counts.
     pub fn leaves_alone(&self, vm: u32, gfn: u64) -> bool {
         self.is_frozen(vm, gfn)
-            || self.counts(vm, gfn).is_some_and(|c| {
-                c.writes
-                    .iter()
-                    .filter(|&&w| w >= self.params.writer_threshold)
-                    .count()
-                    >= 2
-            })
+            || self
+                .counts(vm, gfn)
+                .is_some_and(|c| self.writers(&c.writes) >= 2)
+    }
+
+    /// Nodes whose write count (one per node) reaches `writer_threshold`.
+    fn writers(&self, writes: &[f64]) -> usize {
+        writes
+            .iter()
+            .filter(|&&w| w >= self.params.writer_threshold)
+            .count()
     }
 
     /// Figures of the last decided epoch.
@@ -586,13 +590,11 @@ impl PolicyEngine {
             shared |= loc.shared_across_vms;
         }
         let uses: Vec<f64> = (0..n).map(|i| reads[i] + writes[i]).collect();
+        let writers = self.writers(&writes);
         View {
             total: uses.iter().sum(),
-            writers: writes
-                .iter()
-                .filter(|&&w| w >= self.params.writer_threshold)
-                .count(),
-            written: writes.iter().any(|&w| w >= self.params.writer_threshold),
+            writers,
+            written: writers > 0,
             uses,
             copies: copies.into_iter().collect(),
             home: members[0].1.node,

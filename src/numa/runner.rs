@@ -569,6 +569,14 @@ impl Worker {
     /// guest should not pay to be watched); one whose vCPUs move finds its
     /// samples remote in the next epoch, and is back at the full rate.
     fn settled_vms(&self, samples: &[AccessSample], decisions: &[Decision]) -> Vec<(VmId, bool)> {
+        // With neither migration nor replication on, the engine runs only
+        // to measure locality (an explicit `sampling` under `static`): the
+        // samples are then the product, and nothing backs off.
+        let params = self.engine.params();
+        let measuring = !params.migrate && !params.replicate;
+        // Could the engine move it? Private pages only migrate; shared
+        // ones may also be replicated.
+        let movable = |shared: bool| params.migrate || (params.replicate && shared);
         let mut pages: BTreeMap<VmId, (HashSet<u64>, HashSet<u64>)> = self
             .memory
             .spaces()
@@ -580,10 +588,6 @@ impl Worker {
                 continue;
             };
             named.insert(s.gfn);
-            let params = self.engine.params();
-            // Could the engine move it? Private pages only migrate; shared
-            // ones may also be replicated.
-            let movable = |shared: bool| params.migrate || (params.replicate && shared);
             let elsewhere = self
                 .memory
                 .frame_location(s.vm, s.gfn)
@@ -592,11 +596,6 @@ impl Worker {
                 remote.insert(s.gfn);
             }
         }
-        // With neither migration nor replication on, the engine runs only
-        // to measure locality (an explicit `sampling` under `static`): the
-        // samples are then the product, and nothing backs off.
-        let params = self.engine.params();
-        let measuring = !params.migrate && !params.replicate;
         let acted: HashSet<VmId> = decisions
             .iter()
             .filter(|d| matches!(d, Decision::Migrate { .. } | Decision::Replicate { .. }))
