@@ -562,7 +562,9 @@ impl Worker {
     /// or replication for it, and of the pages its samples named, at most
     /// a tenth were used from a node other than theirs
     /// while the engine could still move them (not frozen, not
-    /// write-shared, and, under a policy that only replicates, shared).
+    /// write-shared, not excluded). Under a policy that only replicates, a
+    /// private remote page counts too: it may be merged and shared later,
+    /// and backing off before that starved replication (bench_suite).
     /// A run that only measures locality never settles.
     /// Re-checks count: a page the engine is still watching
     /// keeps its VM unsettled. A VM with no samples is settled (an idle
@@ -574,9 +576,6 @@ impl Worker {
         // samples are then the product, and nothing backs off.
         let params = self.engine.params();
         let measuring = !params.migrate && !params.replicate;
-        // Could the engine move it? Private pages only migrate; shared
-        // ones may also be replicated.
-        let movable = |shared: bool| params.migrate || (params.replicate && shared);
         let mut pages: BTreeMap<VmId, (HashSet<u64>, HashSet<u64>)> = self
             .memory
             .spaces()
@@ -591,7 +590,7 @@ impl Worker {
             let elsewhere = self
                 .memory
                 .frame_location(s.vm, s.gfn)
-                .is_some_and(|l| l.page.node() != s.node && !l.excluded && movable(l.shared));
+                .is_some_and(|l| l.page.node() != s.node && !l.excluded);
             if elsewhere && !self.engine.leaves_alone(s.vm, s.gfn) {
                 remote.insert(s.gfn);
             }
