@@ -56,6 +56,9 @@ pub struct CloneResult {
     pub host: HostInfo,
     pub clones: usize,
     pub memory_mib: u64,
+    /// The origin's table reads: the scenario's `lookups`, times four for
+    /// each time the origin finished before its snapshot.
+    pub lookups: u64,
     pub policy: String,
     pub topology: String,
     /// Machine pages in the snapshot (each once), its size in bytes.
@@ -121,6 +124,10 @@ impl CloneScenario {
     }
 
     fn config_text(&self, seed: u64) -> String {
+        self.config_text_with(seed, self.lookups)
+    }
+
+    fn config_text_with(&self, seed: u64, lookups: u64) -> String {
         format!(
             "policy = \"{}\"\n[host]\ntopology = \"{}\"\n[[vm]]\nname = \"origin\"\nvcpus = 1\n\
              memory_mib = {}\ntime_limit_s = 3600\nworkload = {{ kind = \"table_scan\", seed = {seed}, \
@@ -129,7 +136,7 @@ impl CloneScenario {
             self.topology,
             self.memory_mib,
             self.table_pages(),
-            self.lookups
+            lookups
         )
     }
 }
@@ -171,7 +178,7 @@ impl Scenario for CloneScenario {
         let dir = std::env::temp_dir().join(format!("disco-bench-clone-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let path = dir.join("origin.snap");
-        let result = self.measure(&mut m, &config.vms[0], &path, progress);
+        let result = self.measure(&mut m, seed, &path, progress);
         let _ = std::fs::remove_dir_all(&dir);
         result.map(|r| Box::new(r) as Box<dyn ScenarioResult>)
     }
@@ -182,33 +189,64 @@ impl Scenario for CloneScenario {
 }
 
 impl CloneScenario {
-    fn measure(
+    /// Starts the origin with `lookups` reads and waits until its table is
+    /// written and a tenth of the reads are done. False when it finished
+    /// before that (too few lookups for this host).
+    fn start_origin_and_wait(
         &self,
         m: &mut Monitor,
-        vc: &crate::config::VmConfig,
-        path: &std::path::Path,
+        seed: u64,
+        lookups: u64,
         progress: &Progress,
-    ) -> Result<CloneResult> {
+    ) -> Result<bool> {
+        let config = config_from_toml(&self.config_text_with(seed, lookups))?;
         progress.say("origin: writing its table");
-        m.add_vm(vc).map_err(|e| anyhow::anyhow!("{e}"))?;
-        // Once the table is written and a tenth of the reads are done.
-        let want = self.table_pages() + self.lookups / 10;
+        m.add_vm(&config.vms[0])
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let want = self.table_pages() + lookups / 10;
         let began = Instant::now();
         loop {
             m.tick();
             let (done, _, finished, _) = m.progress();
-            ensure!(
-                finished == 0,
-                "the origin finished before its snapshot: raise lookups"
-            );
+            if finished != 0 {
+                return Ok(false);
+            }
             if done >= want {
-                break;
+                return Ok(true);
             }
             ensure!(
                 began.elapsed() < Duration::from_secs(600),
                 "the origin made no progress"
             );
             std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn measure(
+        &self,
+        m: &mut Monitor,
+        seed: u64,
+        path: &std::path::Path,
+        progress: &Progress,
+    ) -> Result<CloneResult> {
+        // The snapshot must catch the origin mid-read. How long its reads
+        // last depends on the host (a fast one did 360,000 lookups between
+        // two polls), so an origin that finishes first is run again with
+        // four times the lookups rather than failing the run.
+        let mut lookups = self.lookups;
+        let mut attempt = 1;
+        while !self.start_origin_and_wait(m, seed, lookups, progress)? {
+            m.remove("origin").map_err(|e| anyhow::anyhow!("{e}"))?;
+            ensure!(
+                attempt < 4,
+                "the origin finished before its snapshot {attempt} times, the last with \
+                 {lookups} lookups: raise lookups"
+            );
+            attempt += 1;
+            lookups = lookups.saturating_mul(4);
+            progress.say(&format!(
+                "origin finished before its snapshot: again with {lookups} lookups"
+            ));
         }
         let t = Instant::now();
         let snap = m
@@ -312,6 +350,7 @@ impl CloneScenario {
             host: HostInfo::detect(),
             clones: self.clones,
             memory_mib: self.memory_mib,
+            lookups,
             policy: self.policy.clone(),
             topology: self.topology.clone(),
             snapshot_pages: snap.file.pages,
