@@ -78,11 +78,15 @@ pub fn overrun_reserve(frames: u64) -> u64 {
 }
 
 /// The most mappings a space of `frames` frames can hold: its cap plus the
-/// reserve with a budget, one per frame without (never more than that).
+/// reserve with a budget, and two for each run armed for a page sample
+/// (`mapper::MAX_ARMED_FRAMES`), one per frame without (never more than
+/// that).
 pub fn mapping_bound(frames: u64, frames_per_mapping: u64) -> u64 {
     let per_page = frames + 1;
     match mapping_cap(frames, frames_per_mapping) {
-        Some(cap) => (cap + overrun_reserve(frames)).min(per_page),
+        Some(cap) => {
+            (cap + overrun_reserve(frames) + 2 * super::mapper::MAX_ARMED_FRAMES).min(per_page)
+        }
         None => per_page,
     }
 }
@@ -432,7 +436,7 @@ impl Inner {
         let pages: Vec<MachinePage> = olds.iter().map(|e| e.page).collect();
         let copied = self
             .copy_to_run(&pages, target.node(), target.index, false)
-            .and_then(|()| self.map_run(addr, target.node(), target.index, len as usize, true));
+            .and_then(|()| self.map_run(addr, target.node(), target.index, len as usize));
         if let Err(e) = copied {
             hold(false)?;
             self.give_back(target, len)?;
@@ -698,7 +702,7 @@ impl Inner {
             .context("holding writers of frames being compacted")?;
         let copied = self
             .copy_to_run(pages, target.node(), target.index, false)
-            .and_then(|()| self.map_run(addr, target.node(), target.index, len as usize, true));
+            .and_then(|()| self.map_run(addr, target.node(), target.index, len as usize));
         if let Err(e) = copied {
             protect_runs(&uffd, addr, &private, false)?;
             self.give_back(target, len)?;

@@ -22,12 +22,11 @@
 //! goes back to the host. A guest that touches one page of a folio holds
 //! the whole folio in host memory, the usual price of large pages.
 //!
-//! Page sampling and large folios do not mix: a sampled page is zapped and
-//! its next touch must be a userfaultfd minor fault, and after a large
-//! folio's first fault its other pages are in the page cache but not
-//! mapped, so every one of their touches would be a minor fault too. The
-//! mapper asks for large folios only while sampling is off (see
-//! `Memory::enable_sampling`).
+//! Page sampling works with large folios: only the pages zapped for a
+//! sample are registered for minor faults, until their touch
+//! (`Memory::zap_frames`). Were the whole guest range in minor mode, a
+//! large folio's first touch would map only the touched page and every
+//! other page of it would fault to the monitor's handler.
 
 use std::path::{Path, PathBuf};
 

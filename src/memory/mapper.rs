@@ -42,6 +42,16 @@ use std::sync::Arc;
 /// things other than guest RAM (libraries, thread stacks, pool views).
 pub(super) const MAP_COUNT_MARGIN: u64 = 4096;
 
+/// Most frames of one VM armed for a sample at once (see
+/// `Memory::zap_frames`); each armed run may split a kernel mapping in
+/// three.
+pub const MAX_ARMED_FRAMES: u64 = 128;
+
+/// How long a frame zapped for a sample stays armed waiting for its touch:
+/// a page nobody touched for this long is cold, and its sample is dropped
+/// (its next touch is an ordinary fault the kernel handles).
+pub const ARM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// One VM's guest-physical space: a host virtual range and its pmap.
 pub(super) struct GuestSpace {
     pub(super) name: String,
@@ -56,6 +66,9 @@ pub(super) struct GuestSpace {
     pub(super) pmap: Pmap,
     /// Frames never merged (see `Memory::exclude_from_sharing`).
     pub(super) unmergeable: Vec<std::ops::Range<Gfn>>,
+    /// Runs of frames armed for a sample (registered for minor faults
+    /// too, see `Memory::zap_frames`): first frame, frames, when armed.
+    pub(super) armed: Vec<(Gfn, u64, std::time::Instant)>,
 }
 
 impl GuestSpace {
@@ -82,8 +95,9 @@ pub(super) struct Inner {
     pub(super) cow: CowCounters,
     /// How to pause each VM's vCPUs (see `GuestPause`).
     pub(super) pausers: BTreeMap<VmId, Arc<dyn super::GuestPause>>,
-    /// Page-access sampling (minor faults), when enabled: every pool
-    /// mapping is then registered in minor mode too.
+    /// Page-access sampling (minor faults), when enabled: only the pages
+    /// zapped for a sample are registered in minor mode, while they wait
+    /// for their touch (`GuestSpace::armed`).
     pub(super) sampler: Option<Arc<PageSampler>>,
     /// Replica sets of read-shared pages (see `replica.rs`).
     pub(super) replicas: Replicas,
@@ -102,8 +116,7 @@ pub(super) struct Inner {
     /// The shmem folio sizes (kB) the host allowed when this memory was
     /// made (`folios::host_sizes_kib`).
     pub(super) host_folio_kib: Vec<u32>,
-    /// Some guest mapping asked for them: sampling can no longer start
-    /// (see [`Memory::enable_sampling`]).
+    /// Some guest mapping asked for them (for the report).
     pub(super) folios_asked: std::cell::Cell<bool>,
 }
 
@@ -131,8 +144,7 @@ pub struct MoveTimes {
     pub alloc_ns: u64,
     /// Copying the contents.
     pub copy_ns: u64,
-    /// `mmap(MAP_FIXED)` and userfaultfd registration (and, with sampling,
-    /// populating) of each piece.
+    /// `mmap(MAP_FIXED)` and userfaultfd registration of each piece.
     pub map_ns: u64,
     /// pmap and memmap updates, freeing (punching) the old pages.
     pub free_ns: u64,
@@ -589,10 +601,10 @@ impl Memory {
         Ok(self.inner.lock().space(vm)?.pmap.get(gfn))
     }
 
-    /// Turns page-access sampling on (see `super::sampler`): every
-    /// guest mapping made from now on is registered for minor faults too,
-    /// and so are those of the guest spaces that exist (a policy swapped in
-    /// while VMs run may need sampling).
+    /// Turns page-access sampling on (see `super::sampler`). Nothing is
+    /// registered for minor faults until a page is zapped for a sample
+    /// (`zap_frames`), so it may start at any time, also with guest RAM in
+    /// large folios.
     pub fn enable_sampling(&self) -> Result<Arc<PageSampler>> {
         let mut inner = self.inner.lock();
         if let Some(s) = &inner.sampler {
@@ -605,37 +617,9 @@ impl Memory {
                 inner.uffd_error
             ),
         };
-        if inner.folios_asked.get() {
-            bail!(
-                "page sampling cannot start once guest RAM is mapped with large shmem folios \
-                 ([host] large_folios, the host allows {}): a sampled page's touch must \
-                 fault, and a large folio's other pages would all fault too; start the monitor \
-                 with the sampling policy, or set [host] large_folios = false",
-                super::folios::sizes_text(&inner.host_folio_kib)
-            );
-        }
-        let sampler = Arc::new(PageSampler::new(uffd.clone())?);
-        // Registering a registered range again with the same userfaultfd
-        // changes its modes and keeps its page tables (write-protected
-        // pages stay so). Only mapped frames: a hole of the space is
-        // anonymous memory, which minor mode refuses. Not populated first
-        // (unlike `map_run`): that would allocate the pools' holes, so a
-        // page the guest mapped but has not touched since costs one
-        // unsampled minor fault.
+        let sampler = Arc::new(PageSampler::new(uffd)?);
         for (&vm, space) in &inner.spaces {
             sampler.register_space(vm, space.base, space.frames() as usize * PAGE_SIZE);
-            let mut runs: Vec<(Gfn, Gfn)> = Vec::new();
-            for (gfn, _) in space.pmap.iter() {
-                match runs.last_mut() {
-                    Some((_, end)) if *end == gfn => *end += 1,
-                    _ => runs.push((gfn, gfn + 1)),
-                }
-            }
-            for (first, end) in runs {
-                let len = (end - first) as usize * PAGE_SIZE;
-                uffd.register(space.addr(first), len, true, true)
-                    .context("registering guest pages for page sampling")?;
-            }
         }
         inner.sampler = Some(sampler.clone());
         Ok(sampler)
@@ -661,9 +645,7 @@ impl Memory {
                 .into();
         }
         let sizes = super::folios::sizes_text(&inner.host_folio_kib);
-        if inner.sampler.is_some() {
-            format!("not asked: page sampling is on (the host allows {sizes})")
-        } else if inner.folios_asked.get() {
+        if inner.folios_asked.get() {
             format!("asked for ({sizes} allowed by the host)")
         } else {
             format!("to be asked for ({sizes} allowed by the host); no guest memory mapped yet")
@@ -679,13 +661,24 @@ impl Memory {
     /// guest access to each is reported once. Unmapped frames and frames
     /// excluded from sharing (the micro-guest's system area: page tables
     /// that KVM itself walks) are skipped. Returns the frames zapped.
+    ///
+    /// Only the zapped frames are registered for minor faults ("armed"),
+    /// and only until their touch came or [`ARM_TIMEOUT`] passed: the rest
+    /// of guest RAM is registered for write-protect faults alone, so a
+    /// guest touching a page of a large shmem folio that is not mapped yet
+    /// has the kernel map it, as without sampling (with the whole range in
+    /// minor mode every such touch was an exit to the fault handler, which
+    /// kept sampled guests in 4 KiB folios). Arming splits the kernel
+    /// mapping around the run; disarming, at the VM's next zap, merges it
+    /// back. At most [`MAX_ARMED_FRAMES`] frames of a VM are armed at once,
+    /// which bounds the extra mappings (`budget::mapping_bound`).
     pub fn zap_frames(&self, vm: VmId, gfns: &[Gfn]) -> Result<usize> {
-        let inner = self.inner.lock();
-        let Some(sampler) = &inner.sampler else {
-            bail!("page sampling is not enabled");
-        };
+        self.disarm_sampled(vm)?;
+        let mut inner = self.inner.lock();
+        let (sampler, uffd) = inner.sampling_parts()?;
         let space = inner.space(vm)?;
-        let mut zapped = 0;
+        let mut room =
+            MAX_ARMED_FRAMES.saturating_sub(space.armed.iter().map(|a| a.1).sum::<u64>());
         // One `madvise` per run of consecutive frames: on the build hosts
         // (docs/host-facts.md, "KVM") every
         // call makes KVM invalidate the guest's mappings (and kick its
@@ -708,11 +701,84 @@ impl Memory {
             .collect();
         sorted.sort_unstable();
         sorted.dedup();
+        let mut armed = Vec::new();
         for (first, len) in super::runs::runs_of(&sorted) {
-            sampler.zap(space.addr(first), len as usize * PAGE_SIZE)?;
-            zapped += len as usize;
+            if len > room {
+                continue;
+            }
+            let (addr, bytes) = (space.addr(first), len as usize * PAGE_SIZE);
+            // Armed before the zap, so its touch is a minor fault. Keeps
+            // the write-protect mode and the pages' uffd-wp bits.
+            uffd.register(addr, bytes, true, true)
+                .context("arming guest pages for a sample (minor faults)")?;
+            armed.push((first, len, std::time::Instant::now()));
+            room -= len;
+            if let Err(e) = sampler.zap(addr, bytes) {
+                inner
+                    .spaces
+                    .get_mut(&vm)
+                    .expect("checked")
+                    .armed
+                    .extend(armed);
+                return Err(e.into());
+            }
         }
+        let zapped = armed.iter().map(|a| a.1 as usize).sum();
+        inner
+            .spaces
+            .get_mut(&vm)
+            .expect("checked")
+            .armed
+            .extend(armed);
         Ok(zapped)
+    }
+
+    /// Takes the frames of `vm` armed for samples whose touch came (or
+    /// timed out) out of minor mode (see [`Memory::zap_frames`]); the
+    /// sampler calls it every round, also for VMs it zaps nothing of. Runs
+    /// holding shared (write-protected) frames are left armed until half of
+    /// [`MAX_ARMED_FRAMES`] are, and then disarmed together under one pause
+    /// of the VM.
+    pub fn disarm_sampled(&self, vm: VmId) -> Result<()> {
+        let crowded = {
+            let mut inner = self.inner.lock();
+            if inner.space(vm)?.armed.is_empty() {
+                return Ok(());
+            }
+            let (sampler, uffd) = inner.sampling_parts()?;
+            inner.disarm(vm, &sampler, &uffd, false)?;
+            inner.space(vm)?.armed.iter().map(|a| a.1).sum::<u64>() >= MAX_ARMED_FRAMES / 2
+        };
+        if crowded {
+            self.disarm_paused(vm)?;
+        }
+        Ok(())
+    }
+
+    /// Disarms every armed run of `vm` whose touch came or timed out,
+    /// write-protected ones too, with its vCPUs paused: a protected page
+    /// leaves minor mode by being mapped again (see `Inner::disarm`), and
+    /// a running vCPU must not write it between the `mmap` and the
+    /// protection. Paused before the lock is taken, as a merge batch is.
+    /// A VM without a pauser, or one that does not stop in time, keeps
+    /// them armed.
+    fn disarm_paused(&self, vm: VmId) -> Result<()> {
+        let Some(pauser) = self.inner.lock().pausers.get(&vm).cloned() else {
+            return Ok(());
+        };
+        let started = std::time::Instant::now();
+        if !pauser.pause() {
+            self.inner.lock().count_pause(vm, started, false);
+            return Ok(());
+        }
+        let done = {
+            let mut inner = self.inner.lock();
+            let (sampler, uffd) = inner.sampling_parts()?;
+            inner.disarm(vm, &sampler, &uffd, true)
+        };
+        pauser.resume();
+        self.inner.lock().count_pause(vm, started, true);
+        done
     }
 
     /// Resolves a minor fault (a zapped page touched again): records the
@@ -854,7 +920,7 @@ impl Inner {
             while i + run < pages.len() && pages[i + run] == pages[i] + run as u32 {
                 run += 1;
             }
-            if let Err(e) = self.map_run(base + i * PAGE_SIZE, node, pages[i], run, false) {
+            if let Err(e) = self.map_run(base + i * PAGE_SIZE, node, pages[i], run) {
                 // Give back what is not mapped yet; mapped frames are recorded below.
                 for &p in &pages[i..] {
                     self.pools[node].free(p)?;
@@ -933,6 +999,7 @@ impl Inner {
                 base,
                 pmap: Pmap::new(frames),
                 unmergeable: Vec::new(),
+                armed: Vec::new(),
             },
         );
         if let Some(sampler) = &self.sampler {
@@ -946,25 +1013,18 @@ impl Inner {
     /// asking changes nothing but the mappings' flags) and page sampling
     /// is off (a sampled page's touch must fault; see `folios.rs`).
     fn ask_large_folios(&self) -> bool {
-        self.large_folios && !self.host_folio_kib.is_empty() && self.sampler.is_none()
+        self.large_folios && !self.host_folio_kib.is_empty()
     }
 
     /// Maps a run of pool pages read-write and registers it for
-    /// write-protect faults (the mmap dropped any earlier registration), and
-    /// for minor faults when sampling is on.
-    ///
-    /// `holds_data`: the pool pages already hold data (a copy, a shared
-    /// page). With sampling on, such a mapping is populated before it is
-    /// registered: otherwise its first touch would be a minor fault (page in
-    /// the file, not mapped), an exit to the fault handler that samples
-    /// nothing. Fresh pages are holes in the file and fault normally.
+    /// write-protect faults (the mmap dropped any earlier registration,
+    /// including a page armed for a sample: its sample is forgotten).
     pub(super) fn map_run(
         &self,
         addr: usize,
         node: NodeId,
         index: u32,
         pages: usize,
-        holds_data: bool,
     ) -> Result<()> {
         let ask = self.ask_large_folios();
         self.folios_asked.set(self.folios_asked.get() || ask);
@@ -972,23 +1032,92 @@ impl Inner {
         let len = pages * PAGE_SIZE;
         if let Some(sampler) = &self.sampler {
             sampler.forget_pending(addr, len);
-            if holds_data {
-                // SAFETY: populating page tables of a mapping made just above.
-                let r = unsafe {
-                    libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_READ)
-                };
-                if r != 0 {
-                    tracing::debug!(
-                        "MADV_POPULATE_READ {addr:#x}+{len:#x}: {}",
-                        io::Error::last_os_error()
-                    );
+        }
+        if let Some(uffd) = &self.uffd {
+            uffd.register_wp(addr, len)
+                .context("registering guest pages with userfaultfd")?;
+        }
+        Ok(())
+    }
+
+    /// The sampler and the userfaultfd, when sampling is on.
+    fn sampling_parts(&self) -> Result<(Arc<PageSampler>, Arc<Userfault>)> {
+        let Some(sampler) = self.sampler.clone() else {
+            bail!("page sampling is not enabled");
+        };
+        Ok((sampler, self.require_uffd()?.clone()))
+    }
+
+    /// Takes the armed runs of `vm` whose touch came, or that waited
+    /// [`ARM_TIMEOUT`] in vain, out of minor mode (see `Memory::zap_frames`).
+    ///
+    /// A run of private frames is unregistered and registered again for
+    /// write-protect faults alone (registering fewer modes over more does
+    /// nothing, and unregistering clears the range's uffd-wp bits, of
+    /// which private frames have none). A run with a write-protected frame
+    /// is mapped again instead, as a merge maps its pages, and protected
+    /// again: only with `paused` (its vCPUs held), else it stays armed.
+    /// Frames that are holes now are left alone (not a pool mapping).
+    fn disarm(
+        &mut self,
+        vm: VmId,
+        sampler: &PageSampler,
+        uffd: &Userfault,
+        paused: bool,
+    ) -> Result<()> {
+        let now = std::time::Instant::now();
+        let armed = std::mem::take(&mut self.space_mut(vm)?.armed);
+        let mut keep = Vec::new();
+        for (first, len, when) in armed {
+            let space = self.space(vm)?;
+            let (addr, bytes) = (space.addr(first), len as usize * PAGE_SIZE);
+            let mapped: Vec<(Gfn, PmapEntry)> = (first..first + len)
+                .filter_map(|g| space.pmap.get(g).map(|e| (g, e)))
+                .collect();
+            let protected = mapped.iter().any(|(_, e)| e.flags.write_protected);
+            let waiting = now - when < ARM_TIMEOUT && sampler.any_pending(addr, bytes);
+            if waiting || (protected && !paused) {
+                keep.push((first, len, when));
+                continue;
+            }
+            sampler.forget_pending(addr, bytes);
+            if protected {
+                let mut i = 0;
+                while i < mapped.len() {
+                    // A run of frames on consecutive pages of one pool.
+                    let (g, e) = mapped[i];
+                    let mut n = 1;
+                    while i + n < mapped.len()
+                        && mapped[i + n].0 == g + n as Gfn
+                        && mapped[i + n].1.page.node == e.page.node
+                        && mapped[i + n].1.page.index == e.page.index + n as u32
+                    {
+                        n += 1;
+                    }
+                    self.map_run(space.addr(g), e.page.node(), e.page.index, n)?;
+                    i += n;
+                }
+                let space = self.space(vm)?;
+                let wp: Vec<Gfn> = mapped
+                    .iter()
+                    .filter(|(_, e)| e.flags.write_protected)
+                    .map(|&(g, _)| g)
+                    .collect();
+                for (g, n) in super::runs::runs_of(&wp) {
+                    uffd.write_protect(space.addr(g), n as usize * PAGE_SIZE, true)
+                        .context("write-protecting shared pages after their sample")?;
+                }
+            } else {
+                let gfns: Vec<Gfn> = mapped.iter().map(|&(g, _)| g).collect();
+                for (g, n) in super::runs::runs_of(&gfns) {
+                    let (a, l) = (space.addr(g), n as usize * PAGE_SIZE);
+                    uffd.unregister(a, l)
+                        .and_then(|()| uffd.register_wp(a, l))
+                        .context("taking guest pages out of minor mode after their sample")?;
                 }
             }
         }
-        if let Some(uffd) = &self.uffd {
-            uffd.register(addr, len, true, self.sampler.is_some())
-                .context("registering guest pages with userfaultfd")?;
-        }
+        self.space_mut(vm)?.armed.extend(keep);
         Ok(())
     }
 
@@ -1123,7 +1252,7 @@ impl Inner {
         len: usize,
     ) -> Result<()> {
         let addr = self.space(vm)?.addr(first);
-        self.map_run(addr, page.node(), page.index, len, true)?;
+        self.map_run(addr, page.node(), page.index, len)?;
         self.require_uffd()?
             .write_protect(addr, len * PAGE_SIZE, true)
             .context("write-protecting shared guest pages")?;
@@ -1178,7 +1307,7 @@ impl Inner {
         };
         self.copy_page(old.page, new);
         let addr = self.space(vm)?.addr(gfn);
-        if let Err(e) = self.map_run(addr, node, index, 1, true) {
+        if let Err(e) = self.map_run(addr, node, index, 1) {
             self.pools[node].free(index)?;
             return Err(e);
         }
@@ -1358,7 +1487,7 @@ impl Inner {
             return;
         };
         let undone = if uffd.supports_minor() {
-            uffd.register(addr, len, true, self.sampler.is_some())
+            uffd.register_wp(addr, len)
                 .and_then(|()| uffd.wake(addr, len))
         } else {
             // Un-protecting also wakes a writer that faulted meanwhile: its
@@ -1416,7 +1545,7 @@ impl Inner {
         let t2 = Instant::now();
         times.copy_ns += (t2 - t1).as_nanos() as u64;
         let addr = self.space(vm)?.addr(first);
-        if let Err(e) = self.map_run(addr, node, start, len, true) {
+        if let Err(e) = self.map_run(addr, node, start, len) {
             let mut fresh: Vec<u32> = (start..start + len as u32).collect();
             self.pools[node].free_many(&mut fresh)?;
             return Err(e);

@@ -9,8 +9,9 @@
 //! # Mechanism
 //!
 //! Guest RAM is shmem (pool memfds mapped `MAP_SHARED`) registered with
-//! `UFFDIO_REGISTER_MODE_MINOR` (together with `MODE_WP`, one registration
-//! on one userfaultfd). To sample a page the monitor [`zap`](PageSampler::zap)s
+//! `UFFDIO_REGISTER_MODE_WP` for copy-on-write. To sample a page the
+//! monitor first arms it, registering just that page (or run) for
+//! `UFFDIO_REGISTER_MODE_MINOR` too, and then [`zap`](PageSampler::zap)s
 //! it: `madvise(MADV_DONTNEED)` drops the host page-table entry (and, through
 //! KVM's MMU notifier, the guest's mapping of it) while the memfd keeps the
 //! data. The next access, normally a vCPU thread inside `KVM_RUN`, finds the
@@ -60,12 +61,21 @@
 //! returns `false` for write-protect faults, which go on to
 //! `Memory::resolve_write_fault` as before.
 //!
-//! Minor faults also come from pages nobody zapped: a page freshly mapped
-//! with `mmap(MAP_FIXED)` over a memfd offset that already holds data (a
-//! copy-on-write copy, a migrated page) has no PTE yet, so its first touch
-//! is a minor fault too. The sampler resolves those (counting them as
-//! `unsolicited`) without recording a sample; the mapper can avoid them by
-//! populating such a mapping before it registers it.
+//! # Arming only what is sampled
+//!
+//! The monitor (`Memory::zap_frames`) keeps minor mode to the pages it
+//! zapped, and gives them back to write-protect mode alone once their touch
+//! came (or a second passed): with the whole guest range in minor mode,
+//! every page that is in the page cache but not mapped faults to the
+//! handler, and a large shmem folio's first touch maps only the touched
+//! page, so its other pages would each cost a handler round trip. Arming
+//! per sample lets sampled guests keep large folios. An armed run is a
+//! kernel mapping of its own until disarmed (userfaultfd modes are per
+//! mapping); the mapper bounds how many frames a VM has armed.
+//!
+//! Minor faults on pages nobody zapped (counted as `unsolicited`, resolved,
+//! not sampled) are then rare: a range the caller registered in minor mode
+//! itself, or another vCPU's touch of a page already answered.
 
 use std::collections::HashMap;
 use std::io;
@@ -268,7 +278,7 @@ impl PageSampler {
     }
 
     /// Takes the pages of `addr..addr+len` (page-aligned, inside guest RAM
-    /// registered in minor mode) away from the host page table with
+    /// the caller registered in minor mode) away from the host page table with
     /// `madvise(MADV_DONTNEED)`, so that the next access to each raises a
     /// minor fault. The memfd keeps the data (and a write-protected page
     /// keeps its protection as a PTE marker). Zapping a page already
@@ -337,6 +347,14 @@ impl PageSampler {
             s.pending.remove(&page);
             s.answered.remove(&page);
         }
+    }
+
+    /// Whether a page of `addr..addr+len` was zapped and not touched yet.
+    pub fn any_pending(&self, addr: usize, len: usize) -> bool {
+        let s = self.state.lock();
+        (addr..addr + len)
+            .step_by(PAGE_SIZE)
+            .any(|page| s.pending.contains_key(&page))
     }
 
     /// Re-declares vCPU thread `tid`'s node (after the vCPU moved).

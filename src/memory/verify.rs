@@ -46,8 +46,30 @@ impl Memory {
             };
             let mut covered = space.base;
             let mut kernel_mappings = 0u64;
+            let armed = |m: &HostMapping| {
+                space.armed.iter().any(|&(first, len, _)| {
+                    let (a, b) = (space.addr(first), space.addr(first + len));
+                    m.start < b && m.end > a
+                })
+            };
+            let mut previous: Option<&HostMapping> = None;
             for m in maps.iter().filter(|m| m.end > space.base && m.start < end) {
-                kernel_mappings += 1;
+                // A run armed for a sample is a mapping of its own until
+                // disarmed (`Memory::zap_frames`), which the pmap's runs do
+                // not count: a line that only arming split off its
+                // neighbour is the same mapping.
+                let split_by_arming = previous.is_some_and(|p| {
+                    p.end == m.start
+                        && p.inode == m.inode
+                        && m.inode != 0
+                        && p.offset + (p.end - p.start) as u64 == m.offset
+                        && p.perms == m.perms
+                        && (armed(p) || armed(m))
+                });
+                previous = Some(m);
+                if !split_by_arming {
+                    kernel_mappings += 1;
+                }
                 // Neighbouring spaces' holes may merge into one VMA, so a
                 // mapping can start before this space and end after it.
                 if m.start.max(space.base) != covered {

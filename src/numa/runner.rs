@@ -236,6 +236,10 @@ impl ZapPlan {
         let vms: Vec<VmId> = spaces.iter().map(|s| s.0).collect();
         self.cap.begin_round(&self.sampler, &vms);
         for (vm, frames, _) in spaces {
+            // Pages whose sample came go back to write-protect mode alone.
+            if let Err(e) = memory.disarm_sampled(vm) {
+                tracing::warn!("disarming sampled pages of vm {vm}: {e:#}");
+            }
             // A VM whose vCPUs have exited (or that is paused) would never
             // touch what is zapped: no sample, only the zap's cost.
             if memory.guest_still(vm) {
