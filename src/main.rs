@@ -66,9 +66,7 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         migrate_listen: Option<String>,
         /// Guest RAM asks for large shmem folios where the host allows a
-        /// size and page sampling is off; `false` keeps 4 KiB folios, so
-        /// a policy that samples pages can be swapped in later (README,
-        /// "Large folios").
+        /// size; `false` keeps 4 KiB folios (README, "Large folios").
         #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
         large_folios: bool,
     },

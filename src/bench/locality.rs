@@ -257,6 +257,10 @@ pub struct LocalityRun {
     pub freezes: u64,
     /// The NUMA engine's sample source, as the report gives it.
     pub source: String,
+    /// Sweep passes of this run: the scenario's, times four for each time
+    /// a run was too short to give samples from 4 epochs.
+    #[serde(default)]
+    pub passes: u64,
     /// Fraction of every VM's pages on its vCPUs' node at the end.
     pub pages_local_at_end: f64,
     /// Longest guest run, ms.
@@ -296,6 +300,7 @@ impl LocalityRun {
             replicas_collapsed: numa.replicas_collapsed,
             freezes: numa.freezes,
             source: numa.source.clone(),
+            passes: 0,
             pages_local_at_end: local as f64 / all.max(1) as f64,
             guest_run_ms: report.vms.iter().map(|v| v.run_ms).fold(0.0, f64::max),
             total_ms: report.total_ms,
@@ -320,17 +325,40 @@ pub fn run(o: &LocalityOptions, seed: u64, progress: &Progress) -> Result<Locali
     for rep in 0..o.reps {
         for policy in &o.policies {
             bar.set_message(format!("locality: {policy}, rep {}", rep + 1));
-            let doc = o.config(policy, seed + rep as u64, &topology)?;
-            let config = config_from_doc(doc)
-                .with_context(|| format!("the locality config for policy {policy}"))?;
-            let report = monitor::run(
-                &config,
-                &RunOptions {
-                    progress: false,
-                    ..RunOptions::default()
-                },
-            )?;
-            runs.push(LocalityRun::of(policy, rep, &report, o.goal)?);
+            // The figures need samples from at least 4 epochs; on a fast
+            // host (or one where the sampler backs off early, its pages
+            // placed) the guests can finish sooner. Such a run is made
+            // again with four times the sweep passes, at most twice.
+            let mut opts = o.clone();
+            let mut attempt = 1;
+            let report = loop {
+                let doc = opts.config(policy, seed + rep as u64, &topology)?;
+                let config = config_from_doc(doc)
+                    .with_context(|| format!("the locality config for policy {policy}"))?;
+                let report = monitor::run(
+                    &config,
+                    &RunOptions {
+                        progress: false,
+                        ..RunOptions::default()
+                    },
+                )?;
+                let sampled = report.numa.as_ref().map_or(0, |n| {
+                    n.series.iter().filter(|e| e.locality_samples > 0).count()
+                });
+                if sampled >= 4 || attempt == 3 {
+                    break report;
+                }
+                attempt += 1;
+                opts.passes = opts.passes.saturating_mul(4);
+                bar.set_message(format!(
+                    "locality: {policy}, rep {}: {sampled} epochs with samples, again with {} passes",
+                    rep + 1,
+                    opts.passes
+                ));
+            };
+            let mut run = LocalityRun::of(policy, rep, &report, o.goal)?;
+            run.passes = opts.passes;
+            runs.push(run);
             bar.inc(1);
         }
     }
