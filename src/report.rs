@@ -476,6 +476,12 @@ impl RunReport {
                     "  sampler: {} pages zapped, {} samples ({} writes, {} by a second vCPU), {} unattributed, handler median {:.1} us, p99 {:.1} us\n",
                     sm.zapped, sm.samples, sm.write_samples, sm.concurrent_samples, sm.unattributed, sm.handler_median_us, sm.handler_p99_us
                 );
+                if sm.disarmed_runs > 0 {
+                    out += &format!(
+                        "  armed for minor faults and back: {} runs, {} of them with shared pages (mapped again under {} pauses)\n",
+                        sm.disarmed_runs, sm.disarmed_shared_runs, sm.disarm_pauses
+                    );
+                }
                 let zap_ms: f64 = n.sampling_cost.iter().map(|c| c.zap_ms).sum();
                 let charged_ms: f64 = n.sampling_cost.iter().map(|c| c.zap_charged_ms).sum();
                 let zapped: u64 = n.sampling_cost.iter().map(|c| c.zapped).sum();

@@ -115,6 +115,8 @@ fn sampled_guests_keep_large_folios_and_their_mappings() {
     let numa = sampled.numa.as_ref().expect("the NUMA engine ran");
     let sampler = numa.sampler.as_ref().expect("page-fault samples");
     assert!(sampler.samples >= 20, "{}", sampled.render_text());
+    // Its private pages left minor mode after their samples.
+    assert!(sampler.disarmed_runs >= 10, "{}", sampled.render_text());
     assert!(
         sampled.large_folios.starts_with("asked for") && sampled.large_folios.contains("64"),
         "{}",
@@ -174,9 +176,21 @@ fn shared_pages_sampled_in_large_folios_keep_each_guest_its_own_writes() {
         .expect("page-fault samples");
     let sharing = report.sharing.as_ref().expect("sharing ran");
     eprintln!(
-        "{} samples, {} of write-protected pages, {} merges, {} breaks",
-        sampler.samples, sampler.continued_wp, sharing.scanner.merges, sharing.memory.cow_breaks
+        "{} samples, {} of write-protected pages, {} merges, {} breaks, {} runs disarmed ({} shared, {} pauses)",
+        sampler.samples,
+        sampler.continued_wp,
+        sharing.scanner.merges,
+        sharing.memory.cow_breaks,
+        sampler.disarmed_runs,
+        sampler.disarmed_shared_runs,
+        sampler.disarm_pauses
     );
     assert!(sharing.scanner.merges > 0, "{}", report.render_text());
     assert!(sampler.continued_wp > 0, "{}", report.render_text());
+    // Shared pages left minor mode by being mapped again, under pauses.
+    assert!(
+        sampler.disarmed_shared_runs > 0 && sampler.disarm_pauses > 0,
+        "{}",
+        report.render_text()
+    );
 }

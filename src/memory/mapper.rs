@@ -774,6 +774,7 @@ impl Memory {
         let done = {
             let mut inner = self.inner.lock();
             let (sampler, uffd) = inner.sampling_parts()?;
+            sampler.count_disarm_pause();
             inner.disarm(vm, &sampler, &uffd, true)
         };
         pauser.resume();
@@ -1081,6 +1082,7 @@ impl Inner {
                 continue;
             }
             sampler.forget_pending(addr, bytes);
+            sampler.count_disarmed(protected);
             if protected {
                 let mut i = 0;
                 while i < mapped.len() {

@@ -182,6 +182,15 @@ pub struct SamplerStats {
     pub errors: u64,
     /// Pages continued write-protected.
     pub continued_wp: u64,
+    /// Runs armed for a sample and taken out of minor mode again
+    /// (`Memory::zap_frames`); of them, those holding shared pages, mapped
+    /// again under a pause of their VM; and those pauses.
+    #[serde(default)]
+    pub disarmed_runs: u64,
+    #[serde(default)]
+    pub disarmed_shared_runs: u64,
+    #[serde(default)]
+    pub disarm_pauses: u64,
     /// Handler time per minor fault (bookkeeping + `UFFDIO_CONTINUE`, which
     /// includes the wake), median and 99th percentile, microseconds.
     pub handler_median_us: f64,
@@ -203,6 +212,9 @@ pub struct PageSampler {
     already_mapped: AtomicU64,
     errors: AtomicU64,
     continued_wp: AtomicU64,
+    disarmed_runs: AtomicU64,
+    disarmed_shared_runs: AtomicU64,
+    disarm_pauses: AtomicU64,
 }
 
 impl PageSampler {
@@ -232,6 +244,9 @@ impl PageSampler {
             already_mapped: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             continued_wp: AtomicU64::new(0),
+            disarmed_runs: AtomicU64::new(0),
+            disarmed_shared_runs: AtomicU64::new(0),
+            disarm_pauses: AtomicU64::new(0),
         })
     }
 
@@ -347,6 +362,20 @@ impl PageSampler {
             s.pending.remove(&page);
             s.answered.remove(&page);
         }
+    }
+
+    /// Counts a run the mapper took out of minor mode (`shared`: mapped
+    /// again under a pause).
+    pub fn count_disarmed(&self, shared: bool) {
+        self.disarmed_runs.fetch_add(1, Ordering::Relaxed);
+        if shared {
+            self.disarmed_shared_runs.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a pause of a VM for disarming its shared runs.
+    pub fn count_disarm_pause(&self) {
+        self.disarm_pauses.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether a page of `addr..addr+len` was zapped and not touched yet.
@@ -538,6 +567,9 @@ impl PageSampler {
             already_mapped: self.already_mapped.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             continued_wp: self.continued_wp.load(Ordering::Relaxed),
+            disarmed_runs: self.disarmed_runs.load(Ordering::Relaxed),
+            disarmed_shared_runs: self.disarmed_shared_runs.load(Ordering::Relaxed),
+            disarm_pauses: self.disarm_pauses.load(Ordering::Relaxed),
             handler_median_us: pct(0.5),
             handler_p99_us: pct(0.99),
         }
