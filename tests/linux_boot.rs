@@ -247,14 +247,8 @@ time_limit_s = 900
             out.join(format!("linux{i}.log")).display()
         );
     }
-    let report = disco::monitor::run(
-        &config(&text),
-        &disco::monitor::RunOptions {
-            progress: false,
-            ..Default::default()
-        },
-    )
-    .expect("the monitor runs");
+    let report = disco::monitor::run(&config(&text), &disco::monitor::RunOptions::quiet())
+        .expect("the monitor runs");
     let rendered = report.render_text();
     eprintln!("{rendered}");
     assert!(report.verify_ok, "invariants: {:?}", report.verify_errors);

@@ -335,13 +335,7 @@ pub fn run(o: &LocalityOptions, seed: u64, progress: &Progress) -> Result<Locali
                 let doc = opts.config(policy, seed + rep as u64, &topology)?;
                 let config = config_from_doc(doc)
                     .with_context(|| format!("the locality config for policy {policy}"))?;
-                let report = monitor::run(
-                    &config,
-                    &RunOptions {
-                        progress: false,
-                        ..RunOptions::default()
-                    },
-                )?;
+                let report = monitor::run(&config, &RunOptions::quiet())?;
                 let sampled = report.numa.as_ref().map_or(0, |n| {
                     n.series.iter().filter(|e| e.locality_samples > 0).count()
                 });

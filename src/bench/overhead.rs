@@ -483,10 +483,7 @@ pub struct OverheadResult {
 /// One disco run. An error unless every VM is ok and every invariant check
 /// held.
 pub fn run_disco(config: &Config) -> Result<Measured> {
-    let options = RunOptions {
-        progress: false,
-        ..RunOptions::default()
-    };
+    let options = RunOptions::quiet();
     let t = Instant::now();
     let report = monitor::run(config, &options)?;
     let wall = t.elapsed().as_secs_f64() * 1e3;

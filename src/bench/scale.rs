@@ -103,13 +103,7 @@ pub struct ScaleResult {
 fn run_policy(s: &ScaleScenario, policy: &str, seed: u64) -> Result<PolicyRun> {
     let config = config_from_doc(s.config(policy, seed))?;
     let t = std::time::Instant::now();
-    let report = monitor::run(
-        &config,
-        &RunOptions {
-            progress: false,
-            ..RunOptions::default()
-        },
-    )?;
+    let report = monitor::run(&config, &RunOptions::quiet())?;
     let wall_ms = t.elapsed().as_secs_f64() * 1e3;
     anyhow::ensure!(
         report.all_ok(),

@@ -702,6 +702,7 @@ impl Memory {
         sorted.sort_unstable();
         sorted.dedup();
         let mut armed = Vec::new();
+        let mut failed = None;
         for (first, len) in super::runs::runs_of(&sorted) {
             if len > room {
                 continue;
@@ -709,28 +710,30 @@ impl Memory {
             let (addr, bytes) = (space.addr(first), len as usize * PAGE_SIZE);
             // Armed before the zap, so its touch is a minor fault. Keeps
             // the write-protect mode and the pages' uffd-wp bits.
-            uffd.register(addr, bytes, true, true)
-                .context("arming guest pages for a sample (minor faults)")?;
+            if let Err(e) = uffd.register(addr, bytes, true, true) {
+                failed = Some(anyhow::Error::from(e).context("arming guest pages for a sample"));
+                break;
+            }
             armed.push((first, len, std::time::Instant::now()));
             room -= len;
             if let Err(e) = sampler.zap(addr, bytes) {
-                inner
-                    .spaces
-                    .get_mut(&vm)
-                    .expect("checked")
-                    .armed
-                    .extend(armed);
-                return Err(e.into());
+                failed = Some(e.into());
+                break;
             }
         }
         let zapped = armed.iter().map(|a| a.1 as usize).sum();
+        // Recorded also after a failure, so that what was armed is
+        // disarmed later.
         inner
             .spaces
             .get_mut(&vm)
             .expect("checked")
             .armed
             .extend(armed);
-        Ok(zapped)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(zapped),
+        }
     }
 
     /// Takes the frames of `vm` armed for samples whose touch came (or

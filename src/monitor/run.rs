@@ -46,6 +46,16 @@ impl Default for RunOptions {
     }
 }
 
+impl RunOptions {
+    /// The defaults without the progress line (benchmarks, tests).
+    pub fn quiet() -> RunOptions {
+        RunOptions {
+            progress: false,
+            ..RunOptions::default()
+        }
+    }
+}
+
 /// Runs every VM of `config` to completion and reports.
 pub fn run(config: &Config, options: &RunOptions) -> Result<RunReport> {
     run_with(config, options, None, None)
