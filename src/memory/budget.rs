@@ -436,7 +436,7 @@ impl Inner {
         let pages: Vec<MachinePage> = olds.iter().map(|e| e.page).collect();
         let copied = self
             .copy_to_run(&pages, target.node(), target.index, false)
-            .and_then(|()| self.map_run(addr, target.node(), target.index, len as usize));
+            .and_then(|()| self.map_run(addr, target.node(), target.index, len as usize, true));
         if let Err(e) = copied {
             hold(false)?;
             self.give_back(target, len)?;
@@ -702,7 +702,7 @@ impl Inner {
             .context("holding writers of frames being compacted")?;
         let copied = self
             .copy_to_run(pages, target.node(), target.index, false)
-            .and_then(|()| self.map_run(addr, target.node(), target.index, len as usize));
+            .and_then(|()| self.map_run(addr, target.node(), target.index, len as usize, true));
         if let Err(e) = copied {
             protect_runs(&uffd, addr, &private, false)?;
             self.give_back(target, len)?;

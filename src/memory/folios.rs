@@ -22,11 +22,11 @@
 //! goes back to the host. A guest that touches one page of a folio holds
 //! the whole folio in host memory, the usual price of large pages.
 //!
-//! Page sampling works with large folios: only the pages zapped for a
-//! sample are registered for minor faults, until their touch
-//! (`Memory::zap_frames`). Were the whole guest range in minor mode, a
-//! large folio's first touch would map only the touched page and every
-//! other page of it would fault to the monitor's handler.
+//! Page sampling works with large folios: where guest RAM asks for them,
+//! only the pages zapped for a sample are registered for minor faults,
+//! until their touch (`Memory::zap_frames`). Were the whole guest range in
+//! minor mode, a large folio's first touch would map only the touched page
+//! and every other page of it would fault to the monitor's handler.
 
 use std::path::{Path, PathBuf};
 

@@ -528,7 +528,7 @@ impl Inner {
         shared: bool,
     ) -> Result<()> {
         let addr = self.space(vm)?.addr(first);
-        self.map_run(addr, node, index, n)?;
+        self.map_run(addr, node, index, n, true)?;
         if shared {
             self.require_uffd()?
                 .write_protect(addr, n * PAGE_SIZE, true)
@@ -610,7 +610,7 @@ impl Inner {
         let mut protect: Vec<(usize, usize)> = Vec::new();
         for &(gfn, index, n, multi) in runs {
             let addr = base + gfn as usize * PAGE_SIZE;
-            self.map_run(addr, node, index, n as usize)?;
+            self.map_run(addr, node, index, n as usize, true)?;
             if clones || multi {
                 match protect.last_mut() {
                     Some((a, len)) if *a + *len == addr => *len += n as usize * PAGE_SIZE,

@@ -617,11 +617,30 @@ impl Memory {
                 inner.uffd_error
             ),
         };
-        let sampler = Arc::new(PageSampler::new(uffd)?);
+        let sampler = Arc::new(PageSampler::new(uffd.clone())?);
+        inner.sampler = Some(sampler.clone());
+        let everywhere = inner.minor_everywhere();
         for (&vm, space) in &inner.spaces {
             sampler.register_space(vm, space.base, space.frames() as usize * PAGE_SIZE);
+            if !everywhere {
+                continue;
+            }
+            // Registering a registered range again with the same
+            // userfaultfd adds modes and keeps its page tables
+            // (write-protected pages stay so). Only mapped frames: a hole
+            // of the space is anonymous memory, which minor mode refuses.
+            // Not populated first (unlike `map_run`): that would allocate
+            // the pools' holes, so a page the guest mapped but has not
+            // touched since costs one unsampled minor fault.
+            let mapped: Vec<Gfn> = space.pmap.iter().map(|(g, _)| g).collect();
+            for (first, n) in super::runs::runs_of(&mapped) {
+                if let Err(e) = uffd.register(space.addr(first), n as usize * PAGE_SIZE, true, true)
+                {
+                    inner.sampler = None;
+                    return Err(e).context("registering guest pages for page sampling");
+                }
+            }
         }
-        inner.sampler = Some(sampler.clone());
         Ok(sampler)
     }
 
@@ -662,20 +681,22 @@ impl Memory {
     /// excluded from sharing (the micro-guest's system area: page tables
     /// that KVM itself walks) are skipped. Returns the frames zapped.
     ///
-    /// Only the zapped frames are registered for minor faults ("armed"),
+    /// Where guest RAM asks for large folios (not `minor_everywhere`),
+    /// only the zapped frames are registered for minor faults ("armed"),
     /// and only until their touch came or [`ARM_TIMEOUT`] passed: the rest
     /// of guest RAM is registered for write-protect faults alone, so a
     /// guest touching a page of a large shmem folio that is not mapped yet
     /// has the kernel map it, as without sampling (with the whole range in
     /// minor mode every such touch was an exit to the fault handler, which
     /// kept sampled guests in 4 KiB folios). Arming splits the kernel
-    /// mapping around the run; disarming, at the VM's next zap, merges it
-    /// back. At most [`MAX_ARMED_FRAMES`] frames of a VM are armed at once,
+    /// mapping around the run; disarming (every sampling round,
+    /// [`Memory::disarm_sampled`]) merges it back. At most [`MAX_ARMED_FRAMES`] frames of a VM are armed at once,
     /// which bounds the extra mappings (`budget::mapping_bound`).
     pub fn zap_frames(&self, vm: VmId, gfns: &[Gfn]) -> Result<usize> {
         self.disarm_sampled(vm)?;
         let mut inner = self.inner.lock();
         let (sampler, uffd) = inner.sampling_parts()?;
+        let arm = !inner.minor_everywhere();
         let space = inner.space(vm)?;
         let mut room =
             MAX_ARMED_FRAMES.saturating_sub(space.armed.iter().map(|a| a.1).sum::<u64>());
@@ -704,18 +725,23 @@ impl Memory {
         let mut armed = Vec::new();
         let mut failed = None;
         for (first, len) in super::runs::runs_of(&sorted) {
-            if len > room {
+            if arm && len > room {
                 continue;
             }
             let (addr, bytes) = (space.addr(first), len as usize * PAGE_SIZE);
             // Armed before the zap, so its touch is a minor fault. Keeps
             // the write-protect mode and the pages' uffd-wp bits.
-            if let Err(e) = uffd.register(addr, bytes, true, true) {
-                failed = Some(anyhow::Error::from(e).context("arming guest pages for a sample"));
-                break;
+            if arm {
+                if let Err(e) = uffd.register(addr, bytes, true, true) {
+                    failed =
+                        Some(anyhow::Error::from(e).context("arming guest pages for a sample"));
+                    break;
+                }
+                armed.push((first, len, std::time::Instant::now()));
+                room -= len;
+            } else {
+                armed.push((first, len, std::time::Instant::now()));
             }
-            armed.push((first, len, std::time::Instant::now()));
-            room -= len;
             if let Err(e) = sampler.zap(addr, bytes) {
                 failed = Some(e.into());
                 break;
@@ -724,12 +750,14 @@ impl Memory {
         let zapped = armed.iter().map(|a| a.1 as usize).sum();
         // Recorded also after a failure, so that what was armed is
         // disarmed later.
-        inner
-            .spaces
-            .get_mut(&vm)
-            .expect("checked")
-            .armed
-            .extend(armed);
+        if arm {
+            inner
+                .spaces
+                .get_mut(&vm)
+                .expect("checked")
+                .armed
+                .extend(armed);
+        }
         match failed {
             Some(e) => Err(e),
             None => Ok(zapped),
@@ -924,7 +952,7 @@ impl Inner {
             while i + run < pages.len() && pages[i + run] == pages[i] + run as u32 {
                 run += 1;
             }
-            if let Err(e) = self.map_run(base + i * PAGE_SIZE, node, pages[i], run) {
+            if let Err(e) = self.map_run(base + i * PAGE_SIZE, node, pages[i], run, false) {
                 // Give back what is not mapped yet; mapped frames are recorded below.
                 for &p in &pages[i..] {
                     self.pools[node].free(p)?;
@@ -1022,13 +1050,22 @@ impl Inner {
 
     /// Maps a run of pool pages read-write and registers it for
     /// write-protect faults (the mmap dropped any earlier registration,
-    /// including a page armed for a sample: its sample is forgotten).
+    /// including a page armed for a sample: its sample is forgotten), and
+    /// for minor faults when the whole guest range samples in minor mode
+    /// (`Inner::minor_everywhere`).
+    ///
+    /// `holds_data`: the pool pages already hold data (a copy, a shared
+    /// page). In that mode such a mapping is populated before it is
+    /// registered: otherwise its first touch would be a minor fault (page in
+    /// the file, not mapped), an exit to the fault handler that samples
+    /// nothing. Fresh pages are holes in the file and fault normally.
     pub(super) fn map_run(
         &self,
         addr: usize,
         node: NodeId,
         index: u32,
         pages: usize,
+        holds_data: bool,
     ) -> Result<()> {
         let ask = self.ask_large_folios();
         self.folios_asked.set(self.folios_asked.get() || ask);
@@ -1036,12 +1073,35 @@ impl Inner {
         let len = pages * PAGE_SIZE;
         if let Some(sampler) = &self.sampler {
             sampler.forget_pending(addr, len);
+            if holds_data && self.minor_everywhere() {
+                // SAFETY: populating page tables of a mapping made just above.
+                let r = unsafe {
+                    libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_READ)
+                };
+                if r != 0 {
+                    tracing::debug!(
+                        "MADV_POPULATE_READ {addr:#x}+{len:#x}: {}",
+                        io::Error::last_os_error()
+                    );
+                }
+            }
         }
         if let Some(uffd) = &self.uffd {
-            uffd.register_wp(addr, len)
+            uffd.register(addr, len, true, self.minor_everywhere())
                 .context("registering guest pages with userfaultfd")?;
         }
         Ok(())
+    }
+
+    /// Whether sampling keeps the whole guest range in minor mode: when
+    /// guest RAM does not ask for large folios. Arming only the sampled
+    /// pages (`Memory::zap_frames`) costs four mode changes per sample,
+    /// each taking the process's mmap lock for writing, and taking minor
+    /// mode away (`UFFDIO_UNREGISTER`) invalidates KVM's mapping of the
+    /// range: four 4 MiB guests on two nodes ran 40 % longer that way. It
+    /// is worth that only where it keeps large folios.
+    pub(super) fn minor_everywhere(&self) -> bool {
+        self.sampler.is_some() && !self.ask_large_folios()
     }
 
     /// The sampler and the userfaultfd, when sampling is on.
@@ -1099,7 +1159,7 @@ impl Inner {
                     {
                         n += 1;
                     }
-                    self.map_run(space.addr(g), e.page.node(), e.page.index, n)?;
+                    self.map_run(space.addr(g), e.page.node(), e.page.index, n, true)?;
                     i += n;
                 }
                 let space = self.space(vm)?;
@@ -1257,7 +1317,7 @@ impl Inner {
         len: usize,
     ) -> Result<()> {
         let addr = self.space(vm)?.addr(first);
-        self.map_run(addr, page.node(), page.index, len)?;
+        self.map_run(addr, page.node(), page.index, len, true)?;
         self.require_uffd()?
             .write_protect(addr, len * PAGE_SIZE, true)
             .context("write-protecting shared guest pages")?;
@@ -1312,7 +1372,7 @@ impl Inner {
         };
         self.copy_page(old.page, new);
         let addr = self.space(vm)?.addr(gfn);
-        if let Err(e) = self.map_run(addr, node, index, 1) {
+        if let Err(e) = self.map_run(addr, node, index, 1, true) {
             self.pools[node].free(index)?;
             return Err(e);
         }
@@ -1492,7 +1552,7 @@ impl Inner {
             return;
         };
         let undone = if uffd.supports_minor() {
-            uffd.register_wp(addr, len)
+            uffd.register(addr, len, true, self.minor_everywhere())
                 .and_then(|()| uffd.wake(addr, len))
         } else {
             // Un-protecting also wakes a writer that faulted meanwhile: its
@@ -1550,7 +1610,7 @@ impl Inner {
         let t2 = Instant::now();
         times.copy_ns += (t2 - t1).as_nanos() as u64;
         let addr = self.space(vm)?.addr(first);
-        if let Err(e) = self.map_run(addr, node, start, len) {
+        if let Err(e) = self.map_run(addr, node, start, len, true) {
             let mut fresh: Vec<u32> = (start..start + len as u32).collect();
             self.pools[node].free_many(&mut fresh)?;
             return Err(e);

@@ -9,9 +9,10 @@
 //! # Mechanism
 //!
 //! Guest RAM is shmem (pool memfds mapped `MAP_SHARED`) registered with
-//! `UFFDIO_REGISTER_MODE_WP` for copy-on-write. To sample a page the
-//! monitor first arms it, registering just that page (or run) for
-//! `UFFDIO_REGISTER_MODE_MINOR` too, and then [`zap`](PageSampler::zap)s
+//! `UFFDIO_REGISTER_MODE_WP` for copy-on-write, and with
+//! `UFFDIO_REGISTER_MODE_MINOR` too: the whole range, or (with large
+//! folios) just the page or run about to be sampled (see "Arming only what
+//! is sampled"). To sample a page the monitor [`zap`](PageSampler::zap)s
 //! it: `madvise(MADV_DONTNEED)` drops the host page-table entry (and, through
 //! KVM's MMU notifier, the guest's mapping of it) while the memfd keeps the
 //! data. The next access, normally a vCPU thread inside `KVM_RUN`, finds the
@@ -63,8 +64,8 @@
 //!
 //! # Arming only what is sampled
 //!
-//! The monitor (`Memory::zap_frames`) keeps minor mode to the pages it
-//! zapped, and gives them back to write-protect mode alone once their touch
+//! Where guest RAM asks for large folios, the monitor
+//! (`Memory::zap_frames`) keeps minor mode to the pages it zapped, and gives them back to write-protect mode alone once their touch
 //! came (or a second passed): with the whole guest range in minor mode,
 //! every page that is in the page cache but not mapped faults to the
 //! handler, and a large shmem folio's first touch maps only the touched
