@@ -363,7 +363,11 @@ fn bench_all_quick_writes_results_and_compare_finds_a_planted_regression() {
         fig("replication", "static: write: copy-on-write breaks"),
         0.0
     );
-    assert!(fig("replication", "replicate-only: replicas made") > 0.0);
+    assert!(
+        fig("replication", "replicate-only: replicas made") > 0.0,
+        "{}",
+        text(&o)
+    );
     assert_eq!(fig("scale", "static: memory saved"), 0.0, "sharing off");
     assert!(
         fig("scale", "disco: memory saved") > 16.0,
