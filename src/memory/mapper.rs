@@ -81,6 +81,10 @@ impl GuestSpace {
     pub(super) fn addr(&self, gfn: Gfn) -> usize {
         self.base + gfn as usize * PAGE_SIZE
     }
+    /// Frames armed for a sample now.
+    pub(super) fn armed_frames(&self) -> u64 {
+        self.armed.iter().map(|a| a.1).sum()
+    }
 }
 
 pub(super) struct Inner {
@@ -690,7 +694,8 @@ impl Memory {
     /// minor mode every such touch was an exit to the fault handler, which
     /// kept sampled guests in 4 KiB folios). Arming splits the kernel
     /// mapping around the run; disarming (every sampling round,
-    /// [`Memory::disarm_sampled`]) merges it back. At most [`MAX_ARMED_FRAMES`] frames of a VM are armed at once,
+    /// [`Memory::disarm_sampled`]) merges it back. At most
+    /// [`MAX_ARMED_FRAMES`] frames of a VM are armed at once,
     /// which bounds the extra mappings (`budget::mapping_bound`).
     pub fn zap_frames(&self, vm: VmId, gfns: &[Gfn]) -> Result<usize> {
         self.disarm_sampled(vm)?;
@@ -698,8 +703,7 @@ impl Memory {
         let (sampler, uffd) = inner.sampling_parts()?;
         let arm = !inner.minor_everywhere();
         let space = inner.space(vm)?;
-        let mut room =
-            MAX_ARMED_FRAMES.saturating_sub(space.armed.iter().map(|a| a.1).sum::<u64>());
+        let mut room = MAX_ARMED_FRAMES.saturating_sub(space.armed_frames());
         // One `madvise` per run of consecutive frames: on the build hosts
         // (docs/host-facts.md, "KVM") every
         // call makes KVM invalidate the guest's mappings (and kick its
@@ -737,11 +741,9 @@ impl Memory {
                         Some(anyhow::Error::from(e).context("arming guest pages for a sample"));
                     break;
                 }
-                armed.push((first, len, std::time::Instant::now()));
                 room -= len;
-            } else {
-                armed.push((first, len, std::time::Instant::now()));
             }
+            armed.push((first, len, std::time::Instant::now()));
             if let Err(e) = sampler.zap(addr, bytes) {
                 failed = Some(e.into());
                 break;
@@ -778,7 +780,7 @@ impl Memory {
             }
             let (sampler, uffd) = inner.sampling_parts()?;
             inner.disarm(vm, &sampler, &uffd, false)?;
-            inner.space(vm)?.armed.iter().map(|a| a.1).sum::<u64>() >= MAX_ARMED_FRAMES / 2
+            inner.space(vm)?.armed_frames() >= MAX_ARMED_FRAMES / 2
         };
         if crowded {
             self.disarm_paused(vm)?;
