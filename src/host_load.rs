@@ -4,6 +4,10 @@
 //! (`numa::cap`, which charges the sampler's zapping to the VMs only then)
 //! both ask.
 //!
+//! Monitor threads also choose their priority against the vCPUs' here
+//! ([`set_thread_nice`]): below them for background work (the scanner),
+//! above them for work a vCPU waits on (the fault handler).
+//!
 //! The answer comes from the host's idle time in `/proc/stat`, looked at
 //! every [`LOOK`]; the asking thread's own CPU time counts as idle, since
 //! without it that time would have been.
@@ -15,6 +19,20 @@ const LOOK: Duration = Duration::from_millis(200);
 /// A host is busy when less than this many CPUs would be idle without the
 /// asking thread.
 const SPARE_CPUS: f64 = 0.5;
+
+/// Sets the calling thread's nice level (raising priority needs root or
+/// CAP_SYS_NICE; without, the thread keeps its level). `who` names the
+/// thread in the debug log.
+pub fn set_thread_nice(level: i32, who: &str) {
+    // SAFETY: setpriority on the calling thread (tid 0 = caller) has no
+    // memory-safety preconditions.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, level) } != 0 {
+        tracing::debug!(
+            "{who}: setpriority({level}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
 
 /// Aggregate CPU times of the host, in clock ticks.
 #[derive(Clone, Copy, Debug, Default)]

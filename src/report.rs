@@ -403,13 +403,14 @@ impl RunReport {
         }
         if let Some(n) = &self.numa {
             out += &format!(
-                "\nnuma: {}\n  {} epochs, {} samples; {} pages migrated ({} failed) and {} more with their regions, {} replicas made, {} collapsed ({} failed), {} pages frozen; {} replica sets ({} pages) at the end\n",
+                "\nnuma: {}\n  {} epochs, {} samples; {} pages migrated ({} failed) and {} more with their regions, {} following their VM to its node, {} replicas made, {} collapsed ({} failed), {} pages frozen; {} replica sets ({} pages) at the end\n",
                 n.source,
                 n.epochs,
                 n.samples,
                 n.migrations,
                 n.migration_failures,
                 n.region_migrations,
+                n.follow_migrations,
                 n.replicas_made,
                 n.replicas_collapsed,
                 n.replication_failures,

@@ -451,6 +451,24 @@ fn bad_sampling_cost_cap_values_name_the_key_and_the_range() {
 }
 
 #[test]
+fn follow_vm_is_a_switch_on_by_default() {
+    let parse = |numa: &str| {
+        Config::parse(
+            &format!("[policy]\nname = \"p\"\n[policy.numa]\n{numa}\n{GOOD_VM}"),
+            "<t>",
+            Path::new("."),
+        )
+    };
+    assert!(parse("").unwrap().policy.numa.follow_vm);
+    assert!(!parse("follow_vm = false").unwrap().policy.numa.follow_vm);
+    let err = error_of(
+        "follow.toml",
+        &format!("[policy]\nname = \"p\"\n[policy.numa]\nfollow_vm = \"yes\"\n{GOOD_VM}"),
+    );
+    assert_contains(&err, &["follow.toml", "key `policy.numa.follow_vm`"]);
+}
+
+#[test]
 fn the_settled_sampling_allowance_is_checked_against_the_cap() {
     let parse = |numa: &str| {
         Config::parse(

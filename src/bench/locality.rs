@@ -251,6 +251,9 @@ pub struct LocalityRun {
     /// Frames that moved along with the sampled pages (their regions).
     #[serde(default)]
     pub region_migrations: u64,
+    /// Frames that moved following their VM to its node (policy rule 9).
+    #[serde(default)]
+    pub follow_migrations: u64,
     pub migration_failures: u64,
     pub replicas_made: u64,
     pub replicas_collapsed: u64,
@@ -295,6 +298,7 @@ impl LocalityRun {
             samples: numa.samples,
             migrations: numa.migrations,
             region_migrations: numa.region_migrations,
+            follow_migrations: numa.follow_migrations,
             migration_failures: numa.migration_failures,
             replicas_made: numa.replicas_made,
             replicas_collapsed: numa.replicas_collapsed,
@@ -494,6 +498,12 @@ impl ScenarioResult for LocalityResult {
                 s(|r| r.region_migrations as f64),
             ));
             out.push(Figure::new(
+                &format!("{policy}: frames moved following their VM"),
+                "pages",
+                Better::Neither,
+                s(|r| r.follow_migrations as f64),
+            ));
+            out.push(Figure::new(
                 &format!("{policy}: replicas made"),
                 "pages",
                 Better::Neither,
@@ -547,7 +557,10 @@ impl ScenarioResult for LocalityResult {
                     r.summary
                         .time_to_goal_ms
                         .map_or("not reached".into(), |t| format!("{t:.0}")),
-                    format!("{} + {}", r.migrations, r.region_migrations),
+                    format!(
+                        "{} + {} + {}",
+                        r.migrations, r.region_migrations, r.follow_migrations
+                    ),
                     r.replicas_made.to_string(),
                     r.freezes.to_string(),
                     format!("{:.0} %", 100.0 * r.pages_local_at_end),
@@ -579,7 +592,7 @@ impl ScenarioResult for LocalityResult {
                     "local (last)",
                     "modelled cost",
                     &format!("ms to {}", goal_name(o.goal)),
-                    "migrated (+ with their regions)",
+                    "migrated (+ with their regions + following their VM)",
                     "replicas",
                     "frozen",
                     "pages local",

@@ -190,6 +190,22 @@ pub fn config_from_doc(doc: ConfigFile) -> Result<Config> {
 
 /// A benchmark config's document: `policy` (a shipped name or a path) or
 /// an inline policy, a topology (`host`, a fixture, an XML path), VMs.
+/// Has the host allow `kib` kB shmem folios (`shmem_enabled` set to
+/// `advise`) until the guard drops; `0` leaves the host as it is.
+pub(crate) fn allow_shmem_folios(kib: u32) -> Result<Option<crate::memory::folios::KnobGuard>> {
+    if kib == 0 {
+        return Ok(None);
+    }
+    crate::memory::folios::KnobGuard::set(kib, "advise")
+        .with_context(|| {
+            format!(
+                "shmem_folio_kib = {kib}: the host must allow {kib} kB shmem folios for the run \
+                 (--set shmem_folio_kib=0 leaves the host as it is)"
+            )
+        })
+        .map(Some)
+}
+
 pub fn config_doc(policy: PolicyRef, topology: &str, vms: Vec<VmSpec>) -> ConfigFile {
     ConfigFile {
         host: (topology != "host").then(|| HostSpec {

@@ -30,7 +30,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::bare::{self, BareMemory};
@@ -580,17 +580,7 @@ pub fn run(options: &OverheadOptions) -> Result<OverheadResult> {
     if options.reps == 0 {
         bail!("the overhead scenario needs at least one repetition");
     }
-    let _folios = match options.shmem_folio_kib {
-        0 => None,
-        kib => Some(
-            crate::memory::folios::KnobGuard::set(kib, "advise").with_context(|| {
-                format!(
-                    "shmem_folio_kib = {kib}: the host must allow {kib} kB shmem folios for the \
-                     run (--set shmem_folio_kib=0 leaves the host as it is)"
-                )
-            })?,
-        ),
-    };
+    let _folios = super::allow_shmem_folios(options.shmem_folio_kib)?;
     // The sides of a repetition, in the order of the first; each
     // repetition starts one further along, so that slow drift of a noisy
     // host hits every side alike.
@@ -950,18 +940,8 @@ pub fn prepare(p: &Params) -> ParamResult<Box<dyn Scenario>> {
         warmup: p.bool("warmup", true)?,
         shmem_baseline: p.bool("shmem_baseline", true)?,
         folios: p.str_list("folios", Some(&["large", "4k"]), &["large"])?,
-        shmem_folio_kib: p.u64("shmem_folio_kib", 0, 2048, 0)? as u32,
+        shmem_folio_kib: p.folio_kib("shmem_folio_kib")?,
     };
-    if s.shmem_folio_kib != 0 && (s.shmem_folio_kib < 16 || !s.shmem_folio_kib.is_power_of_two()) {
-        return Err(p.error(
-            "shmem_folio_kib",
-            format!(
-                "{} is not a folio size; allowed: 0 (leave the host as it is) or 16, 32, 64, \
-                 128, 256, 512, 1024, 2048",
-                s.shmem_folio_kib
-            ),
-        ));
-    }
     for case in s.options(1).cases {
         case.parse().map_err(|e| {
             let mut err = super::blame_config_error(p, &e, &case.policy, "policies", "memory_mib");

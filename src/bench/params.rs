@@ -423,6 +423,22 @@ impl Params {
     }
 
     /// `host`, a shipped topology fixture, or a path to an hwloc XML file.
+    /// A shmem folio size the host is to allow for the run, kB (`0`: leave
+    /// the host as it is; else a power of two from 16 to 2048).
+    pub fn folio_kib(&self, key: &str) -> ParamResult<u32> {
+        let kib = self.u64(key, 0, 2048, 0)? as u32;
+        if kib != 0 && (kib < 16 || !kib.is_power_of_two()) {
+            return Err(self.error(
+                key,
+                format!(
+                    "{kib} is not a folio size; allowed: 0 (leave the host as it is) or 16, 32, \
+                     64, 128, 256, 512, 1024, 2048"
+                ),
+            ));
+        }
+        Ok(kib)
+    }
+
     pub fn topology(&self, key: &str, default: &str) -> ParamResult<String> {
         let v = self.opt_str(key)?.unwrap_or(default).to_string();
         let fixtures = crate::topology::Topology::fixture_names();

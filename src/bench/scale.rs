@@ -14,6 +14,14 @@
 //! second). The first policy is the baseline the others' run times are
 //! compared with (by default `static`: sharing off).
 //!
+//! On a topology of more than one node (`topology`, default `host`) the
+//! VMs are spread over the nodes in turn, their memory where `placement`
+//! says (`local` by default), so the full policy's NUMA engine samples,
+//! and may migrate, at this size too; each run then reports what sampling
+//! cost the guests and how local their accesses were. `shmem_folio_kib`
+//! has the host allow large shmem folios for the runs, as operators who
+//! want guest RAM in large folios set it.
+//!
 //! With `memory_limit_mib` (0: none) the pools may hold at most that much
 //! and VMs start in waves as sharing frees memory (`[host] overcommit`):
 //! more guest memory than the limit, as 32 VMs x 1 GiB in 16 GiB. Every
@@ -30,6 +38,7 @@ use crate::config::{ConfigFile, PolicyRef, VmSpec};
 use crate::guest::Workload;
 use crate::memory::MemorySample;
 use crate::monitor::{self, RunOptions};
+use crate::topology::Topology;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -42,6 +51,17 @@ struct ScaleScenario {
     /// The pools' limit, MiB, with overcommit; 0: no limit, no overcommit.
     memory_limit_mib: u64,
     policies: Vec<String>,
+    /// `host`, a fixture name or an hwloc XML path, and the topology.
+    topology_name: String,
+    topology: Topology,
+    /// Where each VM's memory starts (`locality::PLACEMENTS`).
+    placement: String,
+    /// The shmem folio size the host allows for the runs, kB (0: as it is).
+    shmem_folio_kib: u32,
+    /// 0: `fill` with shared content; otherwise each VM runs `random`
+    /// with this many touches (content of its own), which keeps the
+    /// NUMA engine's samples coming.
+    touches: u64,
 }
 
 impl ScaleScenario {
@@ -49,19 +69,40 @@ impl ScaleScenario {
     fn config(&self, policy: &str, seed: u64) -> ConfigFile {
         let vms = (0..self.vms)
             .map(|i| {
-                let workload = Workload::Fill {
-                    seed,
-                    private_seed: seed * 1000 + i + 1,
-                    shared_percent: self.shared_percent as u8,
-                    shared_run: self.shared_run as u32,
+                let workload = match self.touches {
+                    0 => Workload::Fill {
+                        seed,
+                        private_seed: seed * 1000 + i + 1,
+                        shared_percent: self.shared_percent as u8,
+                        shared_run: self.shared_run as u32,
+                    },
+                    touches => Workload::Random {
+                        seed: seed * 1000 + i + 1,
+                        touches,
+                    },
+                };
+                let nodes = self.topology.node_count();
+                let (node, memory_node) = if nodes > 1 {
+                    let node = i as usize % nodes;
+                    let memory =
+                        super::locality::memory_node(&self.placement, node, &self.topology);
+                    (Some(node as i64), Some(memory as i64))
+                } else {
+                    (None, None)
                 };
                 VmSpec {
                     time_limit_s: Some(1800.0),
+                    node,
+                    memory_node,
                     ..VmSpec::micro(&format!("vm{i}"), 1, self.memory_mib, (&workload).into())
                 }
             })
             .collect();
-        let mut doc = config_doc(PolicyRef::Named(policy.to_string()), "host", vms);
+        let mut doc = config_doc(
+            PolicyRef::Named(policy.to_string()),
+            &self.topology_name,
+            vms,
+        );
         if self.memory_limit_mib > 0 {
             let host = doc.host.get_or_insert_with(Default::default);
             host.overcommit = Some(true);
@@ -88,7 +129,58 @@ pub struct PolicyRun {
     pub vmas_end: u64,
     pub monitor_anon_peak_mib: f64,
     pub pool_resident_peak_mib: f64,
+    /// The NUMA engine's work, where it ran (more than one node).
+    pub numa: Option<NumaFigures>,
+    /// Large shmem folios: what the host allowed and whether guest RAM
+    /// asked for them (the run report's line).
+    pub large_folios: String,
     pub timeline: Vec<MemorySample>,
+}
+
+/// What the NUMA engine did in one policy's run, over all VMs.
+#[derive(Clone, Debug, Serialize)]
+pub struct NumaFigures {
+    pub samples: u64,
+    pub migrations: u64,
+    pub replicas_made: u64,
+    /// Locality samples that found the page on the vCPU's node, percent.
+    pub local_percent: f64,
+    /// Sampling's charged cost against the VMs' vCPU time (their sum).
+    pub sampling_share: f64,
+    /// Sampling, copy-on-write and remap pauses against vCPU time.
+    pub policy_share: f64,
+    /// Sampled runs armed for minor faults and taken back out of it, and
+    /// the VM pauses that took shared ones out.
+    pub disarmed_runs: u64,
+    pub disarm_pauses: u64,
+    /// The vCPUs' time waiting for a host CPU against their vCPU time.
+    pub vcpu_waiting_share: f64,
+}
+
+impl NumaFigures {
+    fn of(report: &crate::report::RunReport) -> Option<NumaFigures> {
+        let numa = report.numa.as_ref()?;
+        let (samples, local) = numa
+            .per_vm
+            .iter()
+            .fold((0, 0), |(s, l), (vs, vl)| (s + vs, l + vl));
+        let sum = |f: fn(&crate::report::VmCosts) -> f64| -> f64 {
+            report.vms.iter().map(|v| f(&v.costs)).sum()
+        };
+        let vcpu_ms = sum(|c| c.vcpu_ms).max(1e-9);
+        let sampler = numa.sampler.as_ref();
+        Some(NumaFigures {
+            samples: numa.samples,
+            migrations: numa.migrations + numa.region_migrations + numa.follow_migrations,
+            replicas_made: numa.replicas_made,
+            local_percent: 100.0 * local as f64 / samples.max(1) as f64,
+            sampling_share: sum(|c| c.sampling_ms) / vcpu_ms,
+            policy_share: sum(|c| c.overhead * c.vcpu_ms) / vcpu_ms,
+            disarmed_runs: sampler.map_or(0, |s| s.disarmed_runs),
+            disarm_pauses: sampler.map_or(0, |s| s.disarm_pauses),
+            vcpu_waiting_share: sum(|c| c.vcpu_waiting_ms) / vcpu_ms,
+        })
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -97,6 +189,11 @@ pub struct ScaleResult {
     pub memory_mib: u64,
     pub shared_percent: u64,
     pub shared_run: u64,
+    pub topology_name: String,
+    pub placement: String,
+    pub shmem_folio_kib: u32,
+    /// 0: `fill`; otherwise `random` with this many touches per VM.
+    pub touches: u64,
     pub runs: Vec<PolicyRun>,
 }
 
@@ -134,6 +231,8 @@ fn run_policy(s: &ScaleScenario, policy: &str, seed: u64) -> Result<PolicyRun> {
             .max()
             .unwrap_or(0) as f64
             / MIB,
+        numa: NumaFigures::of(&report),
+        large_folios: report.large_folios.clone(),
         timeline: report.memory_timeline,
     })
 }
@@ -142,6 +241,7 @@ fn run_policy(s: &ScaleScenario, policy: &str, seed: u64) -> Result<PolicyRun> {
 /// `shared_percent`, `policies` (the first is the baseline).
 pub fn prepare(p: &super::params::Params) -> super::params::ParamResult<Box<dyn Scenario>> {
     let quick = p.quick();
+    let topology_name = p.topology("topology", "host")?;
     let s = ScaleScenario {
         vms: p.u64("vms", 1, 512, if quick { 8 } else { 16 })?,
         memory_mib: p.u64(
@@ -151,9 +251,15 @@ pub fn prepare(p: &super::params::Params) -> super::params::ParamResult<Box<dyn 
             if quick { 256 } else { 1024 },
         )?,
         shared_percent: p.u64("shared_percent", 0, 100, 90)?,
+        touches: p.u64("touches", 0, 1 << 40, 0)?,
         shared_run: p.u64("shared_run", 1, 65536, 256)?,
         memory_limit_mib: p.u64("memory_limit_mib", 0, 1 << 30, 0)?,
         policies: p.policies("policies", &["static", "disco"])?,
+        topology: load_topology(&topology_name)
+            .map_err(|e| p.error("topology", format!("{e:#}")))?,
+        topology_name,
+        placement: p.choice("placement", super::locality::PLACEMENTS, "local")?,
+        shmem_folio_kib: p.folio_kib("shmem_folio_kib")?,
     };
     for policy in &s.policies {
         let config = config_from_doc(s.config(policy, 1))
@@ -176,8 +282,16 @@ pub fn prepare(p: &super::params::Params) -> super::params::ParamResult<Box<dyn 
     Ok(Box::new(s))
 }
 
+/// The topology a scenario's `topology` names.
+fn load_topology(name: &str) -> Result<Topology> {
+    crate::config::TopologyChoice::named(name, std::path::Path::new("."))
+        .with_context(|| format!("`{name}` is not a topology"))?
+        .load()
+}
+
 impl Scenario for ScaleScenario {
     fn run(&self, seed: u64, progress: &Progress) -> Result<Box<dyn ScenarioResult>> {
+        let _folios = super::allow_shmem_folios(self.shmem_folio_kib)?;
         let mut runs = Vec::new();
         for policy in &self.policies {
             progress.say(&format!(
@@ -191,6 +305,10 @@ impl Scenario for ScaleScenario {
             memory_mib: self.memory_mib,
             shared_percent: self.shared_percent,
             shared_run: self.shared_run,
+            topology_name: self.topology_name.clone(),
+            placement: self.placement.clone(),
+            shmem_folio_kib: self.shmem_folio_kib,
+            touches: self.touches,
             runs,
         }))
     }
@@ -267,6 +385,37 @@ impl ScenarioResult for ScaleResult {
                     r.pool_resident_peak_mib,
                 ),
             ]);
+            if let Some(n) = &r.numa {
+                out.extend([
+                    Figure::value(
+                        &format!("{p}: policy cost / vCPU time"),
+                        "fraction",
+                        Better::Lower,
+                        n.policy_share,
+                    )
+                    .headline(),
+                    Figure::value(
+                        &format!("{p}: page samples"),
+                        "samples",
+                        Better::Neither,
+                        n.samples as f64,
+                    ),
+                    Figure::value(
+                        &format!("{p}: vCPU time waiting for a host CPU / vCPU time"),
+                        "fraction",
+                        Better::Lower,
+                        n.vcpu_waiting_share,
+                    ),
+                ]);
+                if n.samples > 0 {
+                    out.push(Figure::value(
+                        &format!("{p}: local accesses (samples)"),
+                        "%",
+                        Better::Higher,
+                        n.local_percent,
+                    ));
+                }
+            }
             if r.merges > 0 {
                 out.push(Figure::value(
                     &format!("{p}: scanner CPU per merge"),
@@ -324,12 +473,61 @@ impl ScenarioResult for ScaleResult {
                 ]
             })
             .collect();
+        let numa_rows: Vec<Vec<String>> = self
+            .runs
+            .iter()
+            .filter_map(|r| {
+                let n = r.numa.as_ref()?;
+                Some(vec![
+                    r.policy.clone(),
+                    n.samples.to_string(),
+                    if n.samples == 0 {
+                        "-".to_string()
+                    } else {
+                        format!("{:.1}", n.local_percent)
+                    },
+                    format!("{} ({} replicas)", n.migrations, n.replicas_made),
+                    format!("{:.2}", 100.0 * n.sampling_share),
+                    format!("{:.2}", 100.0 * n.policy_share),
+                    format!("{} ({} pauses)", n.disarmed_runs, n.disarm_pauses),
+                    format!("{:.1}", 100.0 * n.vcpu_waiting_share),
+                ])
+            })
+            .collect();
+        let numa = if numa_rows.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "\n\nNUMA engine on `{}` (memory placed `{}`), all VMs together:\n\n{}",
+                self.topology_name,
+                self.placement,
+                markdown_table(
+                    &[
+                        "policy",
+                        "samples",
+                        "local %",
+                        "pages migrated",
+                        "sampling % of vCPU time",
+                        "policy cost % of vCPU time",
+                        "runs armed and back",
+                        "vCPU waiting for a CPU %",
+                    ],
+                    &numa_rows,
+                )
+            )
+        };
+        let workload = match self.touches {
+            0 => format!(
+                "`fill` with {} % of each VM's data pages identical across VMs, chosen in blocks of {} frames",
+                self.shared_percent, self.shared_run
+            ),
+            t => format!("`random` with {t} touches each, content of its own"),
+        };
         format!(
-            "{} VMs x {} MiB, `fill` with {} % of each VM's data pages identical across VMs, chosen in blocks of {} frames.\n\n{}",
+            "{} VMs x {} MiB on topology `{}`, {workload}.\n\n{}{numa}",
             self.vms,
             self.memory_mib,
-            self.shared_percent,
-            self.shared_run,
+            self.topology_name,
             markdown_table(
                 &[
                     "policy",

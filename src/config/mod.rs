@@ -63,6 +63,19 @@ pub enum TopologyChoice {
 }
 
 impl TopologyChoice {
+    /// The topology `name` names: `host`, a shipped fixture, or an hwloc
+    /// XML file (a path ending in `.xml`, relative to `dir`).
+    pub fn named(name: &str, dir: &Path) -> Option<TopologyChoice> {
+        match name {
+            "host" => Some(TopologyChoice::Host),
+            n if Topology::fixture_names().contains(&n) => {
+                Some(TopologyChoice::Fixture(n.to_string()))
+            }
+            p if p.ends_with(".xml") => Some(TopologyChoice::File(dir.join(p))),
+            _ => None,
+        }
+    }
+
     pub fn load(&self) -> anyhow::Result<Topology> {
         match self {
             TopologyChoice::Host => Topology::host(),
@@ -142,6 +155,9 @@ pub struct NumaPolicy {
     /// region of this many frames that sit on the node it leaves (within
     /// the copy budget); 1 moves sampled pages only.
     pub migrate_region_pages: u64,
+    /// With `migrate`: a VM's private memory follows it to the node its
+    /// samples come from, hot or not (`crate::numa::policy`, rule 9).
+    pub follow_vm: bool,
     /// Page-fault sampling: most of each VM's vCPU time its sampled faults
     /// may cost, a fraction (0.02 = 2 %); the sampler zaps fewer pages
     /// when a VM is over it, whatever `epoch_ms`, `sample_pages` and
@@ -240,6 +256,7 @@ impl Default for NumaPolicy {
             sample_rounds: 8,
             sample_run_pages: 1,
             migrate_region_pages: 64,
+            follow_vm: true,
             max_sampling_overhead: 0.02,
             settled_sampling_overhead: 0.004,
             sample_fault_cost_us: 90.0,
@@ -381,17 +398,14 @@ impl Config {
                 large_folios = host.large_folios.unwrap_or(true);
                 memory_limit_mib =
                     at.int("memory_limit_mib", host.memory_limit_mib, 16, 1 << 40)?;
-                let choice = match host.topology.as_deref() {
-                    None | Some("host") => TopologyChoice::Host,
-                    Some(name) if Topology::fixture_names().contains(&name) => {
-                        TopologyChoice::Fixture(name.to_string())
-                    }
-                    Some(p) if p.ends_with(".xml") => TopologyChoice::File(dir.join(p)),
-                    Some(other) => {
+                let name = host.topology.as_deref().unwrap_or("host");
+                let choice = match TopologyChoice::named(name, dir) {
+                    Some(choice) => choice,
+                    None => {
                         return Err(at.error(
                             "topology",
                             format!(
-                                "`{other}` is not a topology; allowed: \"host\", a shipped fixture ({}), or a path to an hwloc XML file ending in .xml",
+                                "`{name}` is not a topology; allowed: \"host\", a shipped fixture ({}), or a path to an hwloc XML file ending in .xml",
                                 Topology::fixture_names().join(", ")
                             ),
                         ))

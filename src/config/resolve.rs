@@ -189,6 +189,7 @@ fn numa(s: &NumaSpec, at: At) -> Result<NumaPolicy> {
             512,
             d.migrate_region_pages,
         )?,
+        follow_vm: s.follow_vm.unwrap_or(d.follow_vm),
         max_sampling_overhead: float(
             "max_sampling_overhead",
             s.max_sampling_overhead,

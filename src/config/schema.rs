@@ -109,6 +109,7 @@ pub struct NumaSpec {
     pub sample_rounds: Option<i64>,
     pub sample_run_pages: Option<i64>,
     pub migrate_region_pages: Option<i64>,
+    pub follow_vm: Option<bool>,
     pub max_sampling_overhead: Option<f64>,
     pub settled_sampling_overhead: Option<f64>,
     pub sample_fault_cost_us: Option<f64>,

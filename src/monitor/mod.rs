@@ -846,9 +846,9 @@ impl Monitor {
             merges: sharing.merges,
             cow_breaks: sharing.cow_breaks,
             migrations: numa.as_ref().map_or(0, |n| n.migrations),
-            frames_moved: numa
-                .as_ref()
-                .map_or(0, |n| n.migrations + n.region_migrations),
+            frames_moved: numa.as_ref().map_or(0, |n| {
+                n.migrations + n.region_migrations + n.follow_migrations
+            }),
             replications: numa.as_ref().map_or(0, |n| n.replicas_made),
         };
         if let Some(rates) = self.rates.reading(now, counts) {

@@ -225,18 +225,24 @@ impl SamplingCap {
     }
 
     /// The end of an epoch for VM `vm`: a settled VM's allowance halves,
-    /// down to the settled floor; an unsettled one's is the cap again.
-    pub fn end_epoch(&mut self, vm: VmId, settled: bool) {
+    /// down to the settled floor; an unsettled one's is the cap again;
+    /// `None` (no verdict) keeps it.
+    pub fn end_epoch(&mut self, vm: VmId, settled: Option<bool>) {
         let Some(b) = self.buckets.get_mut(&vm) else {
             return;
         };
-        b.overhead = if settled {
-            (b.overhead / 2.0).max(self.settled_overhead)
-        } else {
-            self.overhead
+        b.overhead = match settled {
+            Some(true) => (b.overhead / 2.0).max(self.settled_overhead),
+            Some(false) => self.overhead,
+            None => b.overhead,
         };
         b.report.epochs += 1;
-        b.report.settled_epochs += settled as u64;
+        b.report.settled_epochs += (settled == Some(true)) as u64;
+    }
+
+    /// Pages of VM `vm` zapped in the last epoch and not touched yet.
+    pub fn outstanding(&self, vm: VmId) -> u64 {
+        self.buckets.get(&vm).map_or(0, Bucket::outstanding)
     }
 
     /// How many of the `asked` pages VM `vm` may zap this round.
@@ -386,18 +392,22 @@ mod tests {
         cap.zapped(0, 0, Duration::ZERO);
         // Settled twice: 1 %, then 0.5 %; a third time stays at the floor.
         for want in [0.01, 0.005, 0.005] {
-            cap.end_epoch(0, true);
+            cap.end_epoch(0, Some(true));
             assert_eq!(cap.report()[0].overhead_now, want);
         }
         // The bucket is cut to the floor's ceiling at the next round.
         cap.begin_round_with(&counts(0));
         assert_eq!(cap.allow(0, 1000), 50, "5 ms at 100 us per fault");
         // Samples turned remote: the whole cap again, from now on.
-        cap.end_epoch(0, false);
+        cap.end_epoch(0, Some(false));
         let r = &cap.report()[0];
         assert_eq!((r.epochs, r.settled_epochs, r.overhead_now), (4, 3, 0.02));
+        // No verdict (its zapped pages still to be touched) keeps it.
+        cap.end_epoch(0, None);
+        let r = &cap.report()[0];
+        assert_eq!((r.epochs, r.settled_epochs, r.overhead_now), (5, 3, 0.02));
         // An unknown VM is ignored.
-        cap.end_epoch(7, true);
+        cap.end_epoch(7, Some(true));
         assert_eq!(cap.report().len(), 1);
     }
 }

@@ -41,7 +41,7 @@
 //! page samples, the total stays the same, none is starved. The counts and
 //! budgets per VM and epoch go to [`NumaStats::counters`].
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -52,12 +52,17 @@ use serde::Serialize;
 
 use super::cap::{SamplingCap, VmSamplingCost};
 use super::hardware::{budget_floor, scale_sample_budget, EventStatus, MissCounters};
+use super::policy::Follow;
 use super::{AccessSample, CounterSource, Decision, PageFacts, PageLocation, PolicyEngine};
 use crate::config::NumaPolicy;
 use crate::memory::sampler::{PageSampler, SamplerStats};
 use crate::memory::{Memory, VmId};
 use crate::topology::Topology;
 use crate::vm::ThreadCpu;
+
+/// Frames a look for memory that follows its VM may examine per frame it
+/// wants (`Worker::following_frames`).
+const FOLLOW_LOOK_FRAMES: u64 = 16;
 
 /// Locality of one epoch's samples.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -137,6 +142,10 @@ pub struct NumaStats {
     /// Frames that moved along with a migrated page (its region, see
     /// `migrate_region_pages`).
     pub region_migrations: u64,
+    /// Frames moved because their VM's memory follows it to its vCPUs'
+    /// node (policy rule 9: `PolicyEngine::follow`).
+    #[serde(default)]
+    pub follow_migrations: u64,
     /// Replicas made by `Replicate` decisions.
     pub replicas_made: u64,
     /// Replicas freed by `Collapse` decisions.
@@ -351,6 +360,7 @@ impl NumaRunner {
                     steer: counters,
                     read_us: Vec::new(),
                     regions: matches!(feed, Feed::Sampler(_)),
+                    follow_cursor: HashMap::new(),
                 };
                 worker.run(policy, feed, &flag);
             })?;
@@ -403,9 +413,12 @@ struct Worker {
     steer: Option<Arc<MissCounters>>,
     /// Every epoch's counter read time, for the median.
     read_us: Vec<f64>,
-    /// Migrating pages take their regions along (page-fault sampling only:
-    /// a replayed trace names every page it means).
+    /// Migrating pages take their regions along, and VMs' memory follows
+    /// them (policy rule 9) (page-fault sampling only: a replayed trace
+    /// names every page it means).
     regions: bool,
+    /// Per VM whose memory follows it: the frame its next look starts at.
+    follow_cursor: HashMap<VmId, u64>,
 }
 
 impl Worker {
@@ -550,7 +563,7 @@ impl Worker {
             self.engine.observe(&samples);
             let decisions = self.engine.decide(&MemoryFacts(&self.memory));
             if let Some(plan) = plan.as_mut() {
-                for (vm, settled) in self.settled_vms(&samples, &decisions) {
+                for (vm, settled) in self.settled_vms(&samples, &decisions, &plan.cap) {
                     plan.cap.end_epoch(vm, settled);
                 }
             }
@@ -574,7 +587,12 @@ impl Worker {
     /// keeps its VM unsettled. A VM with no samples is settled (an idle
     /// guest should not pay to be watched); one whose vCPUs move finds its
     /// samples remote in the next epoch, and is back at the full rate.
-    fn settled_vms(&self, samples: &[AccessSample], decisions: &[Decision]) -> Vec<(VmId, bool)> {
+    fn settled_vms(
+        &self,
+        samples: &[AccessSample],
+        decisions: &[Decision],
+        cap: &SamplingCap,
+    ) -> Vec<(VmId, Option<bool>)> {
         // With neither migration nor replication on, the engine runs only
         // to measure locality (an explicit `sampling` under `static`): the
         // samples are then the product, and nothing backs off.
@@ -603,14 +621,23 @@ impl Worker {
             .iter()
             .filter(|d| matches!(d, Decision::Migrate { .. } | Decision::Replicate { .. }))
             .map(|d| d.page().0)
+            .chain(self.engine.follow().iter().map(|f| f.vm))
             .collect();
         pages
             .into_iter()
             .map(|(vm, (named, remote))| {
+                if named.is_empty() && !acted.contains(&vm) && cap.outstanding(vm) > 0 {
+                    // No sample yet, but pages zapped in the last epoch
+                    // are still to be touched: a guest that shares its
+                    // host CPU with many others may not have run since.
+                    // No verdict (settling on it starved eight guests on
+                    // two host CPUs of samples).
+                    return (vm, None);
+                }
                 // One remote page is enough when few were sampled: a
                 // lenient rule here lets a VM at the floor stay there.
                 let busy = !remote.is_empty() && remote.len() * 10 > named.len();
-                (vm, !measuring && !acted.contains(&vm) && !busy)
+                (vm, Some(!measuring && !acted.contains(&vm) && !busy))
             })
             .collect()
     }
@@ -652,10 +679,12 @@ impl Worker {
 
     /// Carries out `Migrate` decisions with one `Memory::move_pages` call
     /// per VM and target node (runs of consecutive frames move with one
-    /// remap each), each page with its region (see [`Self::region_of`]);
-    /// returns (migrations, failures), one per decision, the frames that
-    /// moved along with them, and the frames moved per VM.
-    fn migrate(&self, decisions: &[Decision]) -> (u64, u64, u64, Vec<(VmId, u64)>) {
+    /// remap each), each page with its region (see [`Self::region_of`]),
+    /// and moves the memory that follows its VM (policy rule 9) with the
+    /// copy budget left; returns (migrations, failures), one per decision,
+    /// the frames that moved along with them, the frames that followed
+    /// their VM, and the frames moved per VM.
+    fn migrate(&mut self, decisions: &[Decision]) -> (u64, u64, u64, u64, Vec<(VmId, u64)>) {
         let params = self.engine.params();
         let mut spare = params
             .copy_budget_pages
@@ -688,6 +717,23 @@ impl Worker {
                 }
             }
         }
+        // Rule 9: what the budget has left goes to VMs whose memory
+        // follows them, shared out evenly.
+        let follow = if self.regions {
+            self.engine.follow().to_vec()
+        } else {
+            Vec::new()
+        };
+        let mut followed = 0;
+        for (i, f) in follow.iter().enumerate() {
+            let share = spare / (follow.len() - i) as u64;
+            for g in self.following_frames(*f, share, &moving) {
+                moving.insert((f.vm, g));
+                groups.entry((f.vm, f.to)).or_default().push(g);
+                spare -= 1;
+                followed += 1;
+            }
+        }
         let (mut moved, mut failed) = (0, 0);
         let mut per_vm = Vec::new();
         for ((vm, to), gfns) in groups {
@@ -713,7 +759,55 @@ impl Worker {
                 }
             }
         }
-        (moved, failed, along, per_vm)
+        (moved, failed, along, followed, per_vm)
+    }
+
+    /// Up to `most` frames of VM `f.vm` that follow it from node `f.from`
+    /// (rule 9): private, not excluded, left to the engine, not `moving`
+    /// already. The look walks the guest range in order from where the
+    /// last one stopped, so that the frames come in runs and every frame
+    /// is reached, and looks at no more than [`FOLLOW_LOOK_FRAMES`] per
+    /// page wanted (a VM with few frames left on `from` costs the monitor
+    /// a bounded look per epoch).
+    fn following_frames(
+        &mut self,
+        f: Follow,
+        most: u64,
+        moving: &HashSet<(VmId, u64)>,
+    ) -> Vec<u64> {
+        let Some(frames) = self
+            .memory
+            .spaces()
+            .iter()
+            .find(|s| s.0 == f.vm)
+            .map(|s| s.1)
+        else {
+            return Vec::new();
+        };
+        if most == 0 || frames == 0 {
+            return Vec::new();
+        }
+        let cursor = self.follow_cursor.entry(f.vm).or_insert(0);
+        let mut out = Vec::new();
+        let look = (most * FOLLOW_LOOK_FRAMES).min(frames);
+        for i in 0..look {
+            let g = (*cursor + i) % frames;
+            let follows = !moving.contains(&(f.vm, g))
+                && !self.engine.leaves_alone(f.vm, g)
+                && self
+                    .memory
+                    .frame_location(f.vm, g)
+                    .is_some_and(|l| !l.shared && !l.excluded && l.page.node() == f.from);
+            if follows {
+                out.push(g);
+                if out.len() as u64 == most {
+                    *cursor = (g + 1) % frames;
+                    return out;
+                }
+            }
+        }
+        *cursor = (*cursor + look) % frames;
+        out
     }
 
     /// The frames that move along with frame `gfn` of `vm` going to node
@@ -754,8 +848,9 @@ impl Worker {
     }
 
     fn apply(&mut self, decisions: Vec<Decision>, mut point: EpochLocality) {
-        let mut s = self.out.lock();
-        let (moved, failed, along, per_vm) = self.migrate(&decisions);
+        let (moved, failed, along, followed, per_vm) = self.migrate(&decisions);
+        let out = self.out.clone();
+        let mut s = out.lock();
         for (vm, frames) in per_vm {
             let vm = vm as usize;
             if s.moved_per_vm.len() <= vm {
@@ -765,6 +860,7 @@ impl Worker {
         }
         s.migrations += moved;
         s.region_migrations += along;
+        s.follow_migrations += followed;
         s.migration_failures += failed;
         point.migrations += moved;
         for d in decisions {

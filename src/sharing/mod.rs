@@ -780,19 +780,6 @@ const NICE: i32 = 5;
 /// merged nothing until the first wave had finished (about 100 s).
 const NICE_MEMORY_WANTED: i32 = -10;
 
-/// Sets the calling thread's nice level (raising priority needs root or
-/// CAP_SYS_NICE; without, the thread keeps its level).
-fn set_nice(level: i32) {
-    // SAFETY: setpriority on the calling thread (tid 0 = caller) has no
-    // memory-safety preconditions.
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, level) } != 0 {
-        tracing::debug!(
-            "scanner: setpriority({level}): {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
 /// The scanner's pace: `pages_per_second` is a ceiling, not a constant.
 ///
 /// Hashing a page costs about 2.5 us of CPU on the build hosts
@@ -898,7 +885,7 @@ impl Scanner {
         let thread = std::thread::Builder::new()
             .name("disco-scanner".into())
             .spawn(move || {
-                set_nice(NICE);
+                crate::host_load::set_thread_nice(NICE, "scanner");
                 let mut nice = NICE;
                 let mut pace = Pace::new(config.pages_per_second as f64);
                 let mut share = CpuShare::new(config.busy_cpu_share, thread_cpu_ms());
@@ -911,7 +898,7 @@ impl Scanner {
                     let urgent = quiescent || wanted;
                     let level = if wanted { NICE_MEMORY_WANTED } else { NICE };
                     if level != nice {
-                        set_nice(level);
+                        crate::host_load::set_thread_nice(level, "scanner");
                         nice = level;
                     }
                     if !share.may_run(thread_cpu_ms(), urgent) {
