@@ -410,6 +410,17 @@ impl PageSampler {
             .unwrap_or_default()
     }
 
+    /// Thread ids of the vCPU threads registered for VM `vm`.
+    pub fn vcpu_tids(&self, vm: u32) -> Vec<u32> {
+        self.state
+            .lock()
+            .threads
+            .iter()
+            .filter(|(_, t)| t.vm == vm)
+            .map(|(&tid, _)| tid)
+            .collect()
+    }
+
     /// vCPU threads registered for VM `vm`.
     pub fn vcpu_threads(&self, vm: u32) -> usize {
         self.state

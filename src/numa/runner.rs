@@ -64,6 +64,11 @@ use crate::vm::ThreadCpu;
 /// wants (`Worker::following_frames`).
 const FOLLOW_LOOK_FRAMES: u64 = 16;
 
+/// A VM whose vCPUs were on a CPU for less than this share of an epoch
+/// gets no settled verdict from an epoch without samples
+/// (`Worker::settled_vms`).
+const RAN_SHARE: f64 = 0.5;
+
 /// Locality of one epoch's samples.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct EpochLocality {
@@ -361,6 +366,7 @@ impl NumaRunner {
                     read_us: Vec::new(),
                     regions: matches!(feed, Feed::Sampler(_)),
                     follow_cursor: HashMap::new(),
+                    vcpu_on_cpu: HashMap::new(),
                 };
                 worker.run(policy, feed, &flag);
             })?;
@@ -419,6 +425,8 @@ struct Worker {
     regions: bool,
     /// Per VM whose memory follows it: the frame its next look starts at.
     follow_cursor: HashMap<VmId, u64>,
+    /// Per VM, its vCPU threads' time on a CPU at the last epoch's end.
+    vcpu_on_cpu: HashMap<VmId, Duration>,
 }
 
 impl Worker {
@@ -563,7 +571,7 @@ impl Worker {
             self.engine.observe(&samples);
             let decisions = self.engine.decide(&MemoryFacts(&self.memory));
             if let Some(plan) = plan.as_mut() {
-                for (vm, settled) in self.settled_vms(&samples, &decisions, &plan.cap) {
+                for (vm, settled) in self.settled_vms(&samples, &decisions, plan) {
                     plan.cap.end_epoch(vm, settled);
                 }
             }
@@ -588,11 +596,12 @@ impl Worker {
     /// guest should not pay to be watched); one whose vCPUs move finds its
     /// samples remote in the next epoch, and is back at the full rate.
     fn settled_vms(
-        &self,
+        &mut self,
         samples: &[AccessSample],
         decisions: &[Decision],
-        cap: &SamplingCap,
+        plan: &ZapPlan,
     ) -> Vec<(VmId, Option<bool>)> {
+        let ran = self.vcpus_ran(&plan.sampler);
         // With neither migration nor replication on, the engine runs only
         // to measure locality (an explicit `sampling` under `static`): the
         // samples are then the product, and nothing backs off.
@@ -626,12 +635,18 @@ impl Worker {
         pages
             .into_iter()
             .map(|(vm, (named, remote))| {
-                if named.is_empty() && !acted.contains(&vm) && cap.outstanding(vm) > 0 {
-                    // No sample yet, but pages zapped in the last epoch
-                    // are still to be touched: a guest that shares its
-                    // host CPU with many others may not have run since.
-                    // No verdict (settling on it starved eight guests on
-                    // two host CPUs of samples).
+                let hardly_ran = !ran.get(&vm).copied().unwrap_or(true);
+                if named.is_empty()
+                    && !acted.contains(&vm)
+                    && plan.cap.outstanding(vm) > 0
+                    && hardly_ran
+                {
+                    // No sample yet, pages zapped in the last epoch still
+                    // to be touched, and its vCPUs hardly ran: a guest
+                    // sharing its host CPU with many others. No verdict
+                    // (settling on it starved 16 guests on two host CPUs
+                    // of every sample). A guest that ran and touched none
+                    // of them is settled, as an idle one is.
                     return (vm, None);
                 }
                 // One remote page is enough when few were sampled: a
@@ -640,6 +655,29 @@ impl Worker {
                 (vm, Some(!measuring && !acted.contains(&vm) && !busy))
             })
             .collect()
+    }
+
+    /// Per VM, whether its vCPUs were on a CPU for at least
+    /// [`RAN_SHARE`] of the last epoch (one vCPU's worth counts per vCPU),
+    /// from their scheduler statistics; VMs whose statistics cannot be
+    /// read count as having run.
+    fn vcpus_ran(&mut self, sampler: &PageSampler) -> HashMap<VmId, bool> {
+        let epoch = Duration::from_millis(self.engine.params().epoch_ms);
+        let mut out = HashMap::new();
+        for (vm, _, _) in self.memory.spaces() {
+            let tids = sampler.vcpu_tids(vm);
+            let times: Option<Vec<Duration>> =
+                tids.iter().map(|&t| crate::vm::thread_on_cpu(t)).collect();
+            let Some(times) = times.filter(|t| !t.is_empty()) else {
+                continue;
+            };
+            let now: Duration = times.iter().sum();
+            if let Some(before) = self.vcpu_on_cpu.insert(vm, now) {
+                let wanted = epoch.mul_f64(RAN_SHARE * tids.len() as f64);
+                out.insert(vm, now.saturating_sub(before) >= wanted);
+            }
+        }
+        out
     }
 
     /// Locality figures of `samples`, against where their pages are now.
@@ -725,6 +763,9 @@ impl Worker {
             Vec::new()
         };
         let mut followed = 0;
+        if !follow.is_empty() {
+            tracing::debug!("memory follows {follow:?} with {spare} pages of the copy budget left");
+        }
         for (i, f) in follow.iter().enumerate() {
             let share = spare / (follow.len() - i) as u64;
             for g in self.following_frames(*f, share, &moving) {

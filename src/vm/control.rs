@@ -186,11 +186,22 @@ struct Schedstat {
     waiting: std::time::Duration,
 }
 
+/// Time thread `tid` of this process has spent on a CPU, from its
+/// scheduler statistics (`None` where the kernel keeps none, or once the
+/// thread has exited).
+pub fn thread_on_cpu(tid: u32) -> Option<std::time::Duration> {
+    Schedstat::read(&format!("/proc/self/task/{tid}/schedstat")).map(|s| s.on_cpu)
+}
+
 impl Schedstat {
     /// The calling thread's, from `/proc/thread-self/schedstat` (`None`
     /// where the kernel keeps no scheduler statistics).
     fn of_this_thread() -> Option<Schedstat> {
-        let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+        Schedstat::read("/proc/thread-self/schedstat")
+    }
+
+    fn read(path: &str) -> Option<Schedstat> {
+        let text = std::fs::read_to_string(path).ok()?;
         let mut fields = text.split_whitespace().map(str::parse::<u64>);
         let on_cpu = fields.next()?.ok()?;
         let waiting = fields.next()?.ok()?;

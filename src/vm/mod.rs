@@ -32,8 +32,8 @@ use serde::Serialize;
 
 use crate::guest::layout::{self, VcpuParams, CODE_ADDR, CODE_MAX, PAGE, PARAMS_ADDR, SYNC_ADDR};
 use crate::guest::{model, programs, Workload};
-pub use control::ThreadCpu;
 use control::VmControl;
+pub use control::{thread_on_cpu, ThreadCpu};
 pub use ram::GuestRam;
 pub use state::{MicroVmState, VcpuSnapshot, VcpuState};
 use vcpu::VcpuThread;
