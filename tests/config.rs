@@ -450,17 +450,26 @@ fn bad_sampling_cost_cap_values_name_the_key_and_the_range() {
     );
 }
 
+/// A config of one good VM under an inline policy with `numa` as its
+/// `[policy.numa]` section.
+fn with_numa(numa: &str) -> Result<Config, disco::config::ConfigError> {
+    Config::parse(
+        &format!("[policy]\nname = \"p\"\n[policy.numa]\n{numa}\n{GOOD_VM}"),
+        "<t>",
+        Path::new("."),
+    )
+}
+
 #[test]
 fn follow_vm_is_a_switch_on_by_default() {
-    let parse = |numa: &str| {
-        Config::parse(
-            &format!("[policy]\nname = \"p\"\n[policy.numa]\n{numa}\n{GOOD_VM}"),
-            "<t>",
-            Path::new("."),
-        )
-    };
-    assert!(parse("").unwrap().policy.numa.follow_vm);
-    assert!(!parse("follow_vm = false").unwrap().policy.numa.follow_vm);
+    assert!(with_numa("").unwrap().policy.numa.follow_vm);
+    assert!(
+        !with_numa("follow_vm = false")
+            .unwrap()
+            .policy
+            .numa
+            .follow_vm
+    );
     let err = error_of(
         "follow.toml",
         &format!("[policy]\nname = \"p\"\n[policy.numa]\nfollow_vm = \"yes\"\n{GOOD_VM}"),
@@ -471,12 +480,7 @@ fn follow_vm_is_a_switch_on_by_default() {
 #[test]
 fn the_settled_sampling_allowance_is_checked_against_the_cap() {
     let parse = |numa: &str| {
-        Config::parse(
-            &format!("[policy]\nname = \"p\"\n[policy.numa]\n{numa}\n{GOOD_VM}"),
-            "<t>",
-            Path::new("."),
-        )
-        .map(|c| {
+        with_numa(numa).map(|c| {
             let n = &c.policy.numa;
             (n.max_sampling_overhead, n.settled_sampling_overhead)
         })
