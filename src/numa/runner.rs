@@ -592,9 +592,12 @@ impl Worker {
     /// and backing off before that starved replication (bench_suite).
     /// A run that only measures locality never settles.
     /// Re-checks count: a page the engine is still watching
-    /// keeps its VM unsettled. A VM with no samples is settled (an idle
-    /// guest should not pay to be watched); one whose vCPUs move finds its
-    /// samples remote in the next epoch, and is back at the full rate.
+    /// keeps its VM unsettled, and so does memory following its VM (rule 9).
+    /// A VM with no samples is settled (an idle guest should not pay to be
+    /// watched), unless its vCPUs hardly ran while pages zapped for it are
+    /// still to be touched: no verdict then (`None`). One whose vCPUs move
+    /// finds its samples remote in the next epoch, and is back at the full
+    /// rate.
     fn settled_vms(
         &mut self,
         samples: &[AccessSample],
@@ -663,8 +666,14 @@ impl Worker {
     /// read count as having run.
     fn vcpus_ran(&mut self, sampler: &PageSampler) -> HashMap<VmId, bool> {
         let epoch = Duration::from_millis(self.engine.params().epoch_ms);
+        let spaces = self.memory.spaces();
+        // VMs that left (a monitor that lives takes VMs in and out).
+        self.vcpu_on_cpu
+            .retain(|vm, _| spaces.iter().any(|s| s.0 == *vm));
+        self.follow_cursor
+            .retain(|vm, _| spaces.iter().any(|s| s.0 == *vm));
         let mut out = HashMap::new();
-        for (vm, _, _) in self.memory.spaces() {
+        for (vm, _, _) in spaces {
             let tids = sampler.vcpu_tids(vm);
             let times: Option<Vec<Duration>> =
                 tids.iter().map(|&t| crate::vm::thread_on_cpu(t)).collect();
