@@ -143,8 +143,9 @@ pub struct NumaFigures {
     pub samples: u64,
     pub migrations: u64,
     pub replicas_made: u64,
-    /// Locality samples that found the page on the vCPU's node, percent.
-    pub local_percent: f64,
+    /// Locality samples that found the page on the vCPU's node, percent
+    /// (`None` without locality samples).
+    pub local_percent: Option<f64>,
     /// Sampling's charged cost against the VMs' vCPU time (their sum).
     pub sampling_share: f64,
     /// Sampling, copy-on-write and remap pauses against vCPU time.
@@ -173,7 +174,7 @@ impl NumaFigures {
             samples: numa.samples,
             migrations: numa.migrations + numa.region_migrations + numa.follow_migrations,
             replicas_made: numa.replicas_made,
-            local_percent: 100.0 * local as f64 / samples.max(1) as f64,
+            local_percent: (samples > 0).then(|| 100.0 * local as f64 / samples as f64),
             sampling_share: sum(|c| c.sampling_ms) / vcpu_ms,
             policy_share: sum(|c| c.overhead * c.vcpu_ms) / vcpu_ms,
             disarmed_runs: sampler.map_or(0, |s| s.disarmed_runs),
@@ -407,12 +408,12 @@ impl ScenarioResult for ScaleResult {
                         n.vcpu_waiting_share,
                     ),
                 ]);
-                if n.samples > 0 {
+                if let Some(local) = n.local_percent {
                     out.push(Figure::value(
                         &format!("{p}: local accesses (samples)"),
                         "%",
                         Better::Higher,
-                        n.local_percent,
+                        local,
                     ));
                 }
             }
@@ -481,11 +482,8 @@ impl ScenarioResult for ScaleResult {
                 Some(vec![
                     r.policy.clone(),
                     n.samples.to_string(),
-                    if n.samples == 0 {
-                        "-".to_string()
-                    } else {
-                        format!("{:.1}", n.local_percent)
-                    },
+                    n.local_percent
+                        .map_or("-".to_string(), |l| format!("{l:.1}")),
                     format!("{} ({} replicas)", n.migrations, n.replicas_made),
                     format!("{:.2}", 100.0 * n.sampling_share),
                     format!("{:.2}", 100.0 * n.policy_share),

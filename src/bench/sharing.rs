@@ -458,14 +458,8 @@ fn threads_named(prefix: &str) -> Vec<u32> {
 /// CPU time of thread `tid` of this process, ms: `schedstat` (ns) when the
 /// kernel has it, else `stat` utime + stime (clock ticks).
 fn thread_cpu_ms(tid: u32) -> Option<f64> {
-    if let Ok(s) = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")) {
-        if let Some(ns) = s
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            return Some(ns as f64 / 1e6);
-        }
+    if let Some(on_cpu) = crate::vm::thread_on_cpu(tid) {
+        return Some(on_cpu.as_secs_f64() * 1e3);
     }
     let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
     let ticks = super::ksm::parse_stat_ticks(&stat)?;
